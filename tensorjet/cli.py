@@ -1,0 +1,171 @@
+"""`tensorjet generate | chat`: the command line.
+
+Every engine option is a flag spelled as in the guide (`--max_batch_size`) or with dashes
+(`--max-batch-size`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+
+from tensorjet.config import EngineConfig
+
+# Options that are positional or set elsewhere.
+_NOT_FLAGS = {"model"}
+
+
+def _flag_type(annotation: str):
+    hint = {"int": int, "float": float, "str": str, "bool": bool}
+    base = annotation.replace(" | None", "").strip()
+    return hint.get(base, str)
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per EngineConfig field; booleans work bare (`--enable_chunked_context`) or with a value."""
+    group = parser.add_argument_group("engine options")
+    for f in dataclasses.fields(EngineConfig):
+        if f.name in _NOT_FLAGS:
+            continue
+        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        kind = _flag_type(str(f.type))
+        if kind is bool:
+            group.add_argument(*names, dest=f.name, type=_parse_bool, nargs="?", const=True, default=None)
+        else:
+            group.add_argument(*names, dest=f.name, type=kind, default=None)
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    """The engine options the user set (unset flags keep the LLM defaults)."""
+    names = set(EngineConfig.option_names()) - _NOT_FLAGS
+    options = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    options["model"] = getattr(args, "model", None)
+    return options
+
+
+def _sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max_tokens", "--max-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top_p", "--top-p", type=float, default=1.0)
+    parser.add_argument("--top_k", "--top-k", type=int, default=0)
+    parser.add_argument("--seed_request", type=int, default=None, help="per-request sampling seed")
+
+
+def _sampling_params(args):
+    from tensorjet.sampling_params import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed_request,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tensorjet", description="Fast, readable LLM inference.")
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate from prompts (streams a single prompt)")
+    gen.add_argument("prompts", nargs="+", help="one or more prompts")
+    gen.add_argument(
+        "--model", default=None, help="local HF dir, .gguf file, cached hub id; default: bundled"
+    )
+    gen.add_argument(
+        "--chat_template",
+        "--chat-template",
+        action="store_true",
+        help="wrap each prompt as a user message in the model's chat template",
+    )
+    _sampling_args(gen)
+    add_engine_args(gen)
+
+    chat = sub.add_parser("chat", help="interactive chat with the model's chat template")
+    chat.add_argument("--model", default=None)
+    chat.add_argument("--system", default=None, help="system message")
+    _sampling_args(chat)
+    add_engine_args(chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        if args.command == "generate":
+            return _generate(args)
+        return _chat(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _generate(args) -> int:
+    import asyncio
+
+    from tensorjet.llm import LLM
+
+    llm = LLM(**engine_options(args))
+    params = _sampling_params(args)
+    prompts = args.prompts
+    if args.chat_template:
+        prompts = [llm.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+    if len(prompts) == 1:
+        asyncio.run(_stream(llm, prompts[0], params))
+        return 0
+    for out in llm.generate(prompts, params, use_tqdm=True):
+        print(f"=== {out.prompt if out.prompt is not None else '(chat)'}\n{out.outputs[0].text}\n")
+    return 0
+
+
+async def _stream(llm, prompt, params) -> str:
+    text = ""
+    async for out in llm.generate_async(prompt, params, streaming=True):
+        delta = out.outputs[0].text_diff
+        text += delta
+        print(delta, end="", flush=True)
+    print()
+    return text
+
+
+def _chat(args) -> int:
+    import asyncio
+
+    from tensorjet.llm import LLM
+
+    llm = LLM(**engine_options(args))
+    params = _sampling_params(args)
+    messages: list[dict[str, str]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    print("tensorjet chat: type a message, an empty line or Ctrl-D to quit.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        reply = asyncio.run(_stream(llm, llm.apply_chat_template(messages), params))
+        messages.append({"role": "assistant", "content": reply})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""The KV block pool: per-sequence block tables, reference counts, and the prefix cache.
+
+A full block is keyed by a chained hash of (previous block's hash, its tokens), so equal keys mean
+equal whole prefixes; its tokens are kept and compared on every hit, so a hash collision can never
+serve wrong KV. Blocks whose reference count drops to zero keep their contents and stay findable
+(`evictable`, least recently used first) until an allocation needs them back.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from tensorjet.engine.sequence import Sequence
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None
+    token_ids: tuple[int, ...] = ()
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        if num_blocks < 1:
+            raise ValueError(f"the KV cache needs at least one block, got num_blocks={num_blocks}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free_ids: list[int] = list(range(num_blocks - 1, -1, -1))  # uncached, popped from the end
+        self.evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced; oldest first
+        self.hash_to_block: dict[int, int] = {}
+        self.prefix_queries_tokens = 0
+        self.prefix_hits_tokens = 0
+
+    # ---- accounting -------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_ids) + len(self.evictable)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - self.num_free_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ---- prefix cache -----------------------------------------------------------------------
+    def _full_block_hashes(self, token_ids: list[int], num_blocks: int) -> list[tuple[int, tuple[int, ...]]]:
+        out, prev = [], 0
+        for b in range(num_blocks):
+            tokens = tuple(token_ids[b * self.block_size : (b + 1) * self.block_size])
+            prev = hash((prev, tokens))
+            out.append((prev, tokens))
+        return out
+
+    def _lookup(self, seq: Sequence) -> list[int]:
+        """Cached blocks covering the longest prefix of `seq`, leaving at least one token to compute."""
+        max_blocks = (len(seq) - 1) // self.block_size
+        hits = []
+        for key, tokens in self._full_block_hashes(seq.token_ids, max_blocks):
+            block_id = self.hash_to_block.get(key)
+            if block_id is None or self.blocks[block_id].token_ids != tokens:
+                break
+            hits.append(block_id)
+        return hits
+
+    def cached_prefix_blocks(self, seq: Sequence) -> list[int]:
+        """Blocks a fresh allocation for `seq` would take from the cache (no side effects)."""
+        if not self.enable_prefix_caching or seq.block_table:
+            return []
+        return self._lookup(seq)
+
+    # ---- allocation -------------------------------------------------------------------------
+    def _take_block(self) -> int:
+        if self.free_ids:
+            block_id = self.free_ids.pop()
+        else:
+            block_id, _ = self.evictable.popitem(last=False)
+            block = self.blocks[block_id]
+            del self.hash_to_block[block.hash]
+            block.hash, block.token_ids = None, ()
+        self.blocks[block_id].ref_count = 1
+        return block_id
+
+    def _reuse_block(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            del self.evictable[block_id]
+        block.ref_count += 1
+
+    def allocate(self, seq: Sequence, num_new_tokens: int, hits: list[int] | None = None) -> bool:
+        """Grow `seq`'s block table to hold `num_new_tokens` more tokens, False if blocks run out.
+
+        On a first allocation `hits` (from `cached_prefix_blocks`) are reused and
+        `num_computed_tokens` advances past them; `num_new_tokens` counts from there.
+        """
+        hits = hits or []
+        start = len(hits) * self.block_size if hits else seq.num_computed_tokens
+        fresh = self.blocks_needed(start + num_new_tokens) - len(seq.block_table) - len(hits)
+        # Unreferenced hit blocks are counted as free but get reused, not taken.
+        revived = sum(1 for b in hits if self.blocks[b].ref_count == 0)
+        if fresh > self.num_free_blocks - revived:
+            return False
+        if hits:
+            for block_id in hits:
+                self._reuse_block(block_id)
+            seq.block_table = list(hits)
+            seq.num_computed_tokens = start
+        if not seq.prefix_looked_up:  # count each prompt once, not again after preemption
+            seq.prefix_looked_up = True
+            seq.num_cached_prompt_tokens = seq.num_computed_tokens
+            self.prefix_queries_tokens += seq.num_prompt_tokens
+            self.prefix_hits_tokens += seq.num_computed_tokens
+        for _ in range(max(fresh, 0)):
+            seq.block_table.append(self._take_block())
+        return True
+
+    def commit_computed_blocks(self, seq: Sequence) -> None:
+        """Make the blocks that `seq` has completely filled findable by later requests."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = seq.num_computed_tokens // self.block_size
+        for index, (key, tokens) in enumerate(self._full_block_hashes(seq.token_ids, num_full)):
+            block = self.blocks[seq.block_table[index]]
+            if block.hash is not None:
+                continue
+            if key in self.hash_to_block:  # the same prefix is already cached in another block
+                continue
+            block.hash, block.token_ids = key, tokens
+            self.hash_to_block[key] = block.block_id
+
+    def free(self, seq: Sequence) -> None:
+        """Drop `seq`'s references; its cached blocks stay findable, tail blocks evicted first."""
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            assert block.ref_count >= 0, f"block {block_id} freed twice"
+            if block.ref_count == 0:
+                if block.hash is not None:
+                    self.evictable[block_id] = None
+                else:
+                    self.free_ids.append(block_id)
+        seq.block_table = []
+        seq.num_computed_tokens = 0
+
+    # ---- invariants (used by tests) -----------------------------------------------------------
+    def check_integrity(self, live_seqs: list[Sequence]) -> None:
+        refs = [0] * self.num_blocks
+        for seq in live_seqs:
+            for block_id in seq.block_table:
+                refs[block_id] += 1
+        for block in self.blocks:
+            assert block.ref_count == refs[block.block_id], f"block {block.block_id} ref count wrong"
+        free, evictable = set(self.free_ids), set(self.evictable)
+        assert len(free) == len(self.free_ids), "a block is on the free list twice"
+        assert not free & evictable, "a block is both free and evictable"
+        for block in self.blocks:
+            in_pool = block.block_id in free or block.block_id in evictable
+            assert in_pool == (block.ref_count == 0), f"block {block.block_id} leaked or double-freed"
+            if block.block_id in free:
+                assert block.hash is None
+            if block.block_id in evictable:
+                assert block.hash is not None
+        for key, block_id in self.hash_to_block.items():
+            assert self.blocks[block_id].hash == key, "hash index points at a block that lost its hash"

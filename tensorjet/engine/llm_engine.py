@@ -1,0 +1,283 @@
+"""The engine loop: accept requests, schedule a step, run it, turn sampled tokens into outputs."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from tensorjet.config import EngineConfig
+from tensorjet.engine.block_manager import BlockManager
+from tensorjet.engine.detokenizer import IncrementalDetokenizer
+from tensorjet.engine.scheduler import Scheduler
+from tensorjet.engine.sequence import Sequence
+from tensorjet.models.llama import max_positions_of
+from tensorjet.models.loader import ModelSource, load_tokenizer, resolve_model
+from tensorjet.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from tensorjet.runtime.model_runner import ModelRunner
+from tensorjet.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    detokenizers: list[IncrementalDetokenizer]
+    arrival_time: float
+    sent_tokens: list[int] = field(default_factory=list)  # per seq: how many output tokens were reported
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.source: ModelSource = resolve_model(config.model, config.load_format)
+        self.tokenizer = load_tokenizer(self.source)
+        self.eos_token_ids = self._eos_token_ids()
+        self.runner = ModelRunner(config, self.source, self.eos_token_ids)
+        model_max = max_positions_of(self.source.hf_config)
+        self.max_seq_len = min(config.max_seq_len or model_max, model_max)
+        if config.max_seq_len is not None and config.max_seq_len > model_max:
+            logger.warning(
+                "max_seq_len=%d exceeds the model's %d positions; using %d",
+                config.max_seq_len,
+                model_max,
+                model_max,
+            )
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_seq_len)
+        self.requests: dict[str, Request] = {}
+        self.num_prompt_tokens_computed = 0
+        self.num_generated_tokens = 0
+        self.num_partial_prefills = 0  # steps in which a prompt was computed only in part (chunked context)
+        self.num_steps = 0
+        logger.info(
+            "tensorjet: model=%s dtype=%s device=%s kv_blocks=%d (block_size=%d, %d tokens) max_seq_len=%d",
+            self.source.name,
+            config.torch_dtype,
+            config.torch_device,
+            self.runner.num_blocks,
+            config.cache.block_size,
+            self.runner.num_blocks * config.cache.block_size,
+            self.max_seq_len,
+        )
+
+    def _eos_token_ids(self) -> set[int]:
+        ids: set[int] = set()
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        eos = getattr(self.source.hf_config, "eos_token_id", None)
+        if eos is not None:
+            ids.update(eos if isinstance(eos, list) else [eos])
+        return ids
+
+    # ---- requests ----------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Validate and queue a request; a bad one raises ValueError and leaves the engine untouched."""
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        prompt_text, prompt_ids = self.check_prompt(prompt, params)
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        seqs, detoks = [], []
+        for i in range(params.n):
+            generator = None
+            if params.seed is not None:
+                generator = torch.Generator(self.runner.device).manual_seed(params.seed + i)
+            seqs.append(Sequence(request_id, i, prompt_ids, params, arrival, generator))
+            detoks.append(
+                IncrementalDetokenizer(
+                    self.tokenizer,
+                    prompt_ids,
+                    skip_special_tokens=params.skip_special_tokens,
+                    stop=params.stop,
+                    include_stop_str_in_output=params.include_stop_str_in_output,
+                )
+            )
+        self.requests[request_id] = Request(
+            request_id, prompt_text, prompt_ids, params, seqs, detoks, arrival, [0] * params.n
+        )
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def check_prompt(self, prompt: str | list[int], params: SamplingParams) -> tuple[str | None, list[int]]:
+        """Tokenize and validate without queueing: (prompt text or None, prompt token ids)."""
+        text, ids = self._tokenize(prompt)
+        self._validate_length(ids, params)
+        return text, ids
+
+    def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            return prompt, self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        if not ids:
+            raise ValueError("prompt must not be empty (got an empty list of token ids)")
+        vocab = self.source.hf_config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        return None, ids
+
+    def _validate_length(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        n = len(prompt_ids)
+        if n >= self.max_seq_len:
+            raise ValueError(
+                f"prompt is {n} tokens long, the maximum sequence length is {self.max_seq_len} "
+                "(prompt plus at least one generated token)"
+            )
+        sched = self.config.scheduler
+        if not sched.enable_chunked_context and n > sched.max_num_tokens:
+            raise ValueError(
+                f"prompt is {n} tokens long, more than max_num_tokens={sched.max_num_tokens}; "
+                "enable_chunked_context or raise max_num_tokens"
+            )
+        capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        need = min(n + params.max_tokens, self.max_seq_len)
+        if need > capacity:
+            raise ValueError(
+                f"prompt ({n} tokens) plus max_tokens ({params.max_tokens}) needs {need} KV slots, "
+                f"more than the whole KV cache holds ({capacity} tokens, kv_cache_max_tokens)"
+            )
+
+    def abort_request(self, request_id: str) -> None:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        for seq in request.seqs:
+            if not seq.is_finished:
+                seq.finish("abort")
+            self.scheduler.finish(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- one step ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled step; return an update for every request that produced tokens or finished."""
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            if self.scheduler.has_work():
+                raise RuntimeError("scheduler made no progress: the KV cache cannot hold any waiting request")
+            return []
+        now = time.monotonic()
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
+            if seq.num_computed_tokens < seq.num_prompt_tokens:
+                self.num_prompt_tokens_computed += min(n, seq.num_prompt_tokens - seq.num_computed_tokens)
+            if seq.num_computed_tokens + n < len(seq):
+                self.num_partial_prefills += 1
+        sampled_seqs, out = self.runner.execute(batch.seqs, batch.num_new_tokens)
+        self.num_steps += 1
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+            self.block_manager.commit_computed_blocks(seq)
+        now = time.monotonic()
+        touched: dict[str, Request] = {}
+        for seq, token, logprobs in zip(sampled_seqs, out.token_ids, out.logprobs):
+            request = self.requests[seq.request_id]
+            self._append_token(request, seq, token, logprobs, now)
+            touched[request.request_id] = request
+            if seq.is_finished:
+                self.scheduler.finish(seq)
+        outputs = [self._make_output(r) for r in touched.values()]
+        for r in touched.values():
+            if r.finished:
+                del self.requests[r.request_id]
+        return outputs
+
+    def _append_token(self, request: Request, seq: Sequence, token: int, logprobs, now: float) -> None:
+        seq.token_ids.append(token)
+        self.num_generated_tokens += 1
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        if logprobs is not None:
+            seq.logprobs.append(logprobs)
+        params = seq.params
+        stop_string = request.detokenizers[seq.index].add_tokens([token])
+        # The sampler bans EOS and stop tokens until min_tokens, so reaching these means it is allowed.
+        if token in params.stop_token_ids:
+            seq.finish("stop", token)
+        elif token in self.eos_token_ids and not params.ignore_eos:
+            seq.finish("stop", None)
+        elif stop_string is not None:
+            seq.finish("stop", stop_string)
+        elif seq.num_output_tokens >= params.max_tokens or len(seq) >= self.max_seq_len:
+            seq.finish("length")
+
+    def _make_output(self, request: Request) -> RequestOutput:
+        completions = []
+        for i, (seq, detok) in enumerate(zip(request.seqs, request.detokenizers)):
+            out_ids = seq.output_token_ids
+            completions.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=detok.output_text,
+                    token_ids=out_ids,
+                    finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason,
+                    logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
+                    text_diff=detok.take_delta(),
+                    token_ids_diff=out_ids[request.sent_tokens[i] :],
+                )
+            )
+            request.sent_tokens[i] = len(out_ids)
+        seqs = request.seqs
+        first_tokens = [s.first_token_time for s in seqs if s.first_token_time is not None]
+        metrics = RequestMetrics(
+            arrival_time=request.arrival_time,
+            first_scheduled_time=min(
+                (s.first_scheduled_time for s in seqs if s.first_scheduled_time), default=None
+            ),
+            first_token_time=min(first_tokens) if first_tokens else None,
+            finished_time=max(s.finished_time for s in seqs) if request.finished else None,
+            num_cached_prompt_tokens=seqs[0].num_cached_prompt_tokens,
+        )
+        return RequestOutput(
+            request.request_id,
+            request.prompt,
+            request.prompt_token_ids,
+            completions,
+            request.finished,
+            metrics,
+        )
+
+    # ---- introspection -----------------------------------------------------------------------
+    def stats(self) -> dict:
+        bm = self.block_manager
+        return {
+            "kv_blocks_total": bm.num_blocks,
+            "kv_blocks_used": bm.num_used_blocks,
+            "kv_blocks_free": bm.num_free_blocks,
+            "kv_block_size": bm.block_size,
+            "kv_cache_usage": bm.num_used_blocks / bm.num_blocks,
+            "prefix_cache_queries_tokens": bm.prefix_queries_tokens,
+            "prefix_cache_hits_tokens": bm.prefix_hits_tokens,
+            "prefix_cache_hit_rate": bm.prefix_hits_tokens / max(bm.prefix_queries_tokens, 1),
+            "num_preemptions": self.scheduler.num_preemptions,
+            "num_partial_prefills": self.num_partial_prefills,
+            "prompt_tokens_computed": self.num_prompt_tokens_computed,
+            "generated_tokens": self.num_generated_tokens,
+            "num_requests_running": len(self.scheduler.running),
+            "num_requests_waiting": len(self.scheduler.waiting),
+            "num_steps": self.num_steps,
+        }

@@ -1,0 +1,133 @@
+"""Attention over the paged KV cache.
+
+One step's tokens arrive flattened: sequence i owns `query_lens[i]` consecutive query tokens, the
+last ones of its `context_lens[i]` tokens (cached prefix + new). Keys and values of the new tokens are
+first written into the cache at `slot_mapping` (slot = block * block_size + offset; -1 skips a padded
+row), then every query attends over its sequence's cache through the block table.
+
+`TorchAttentionBackend` is the reference: plain PyTorch, runs anywhere. Faster backends (Triton) take
+the same `AttentionMetadata` and must give the same result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class AttentionMetadata:
+    query_lens: list[int]
+    context_lens: list[int]
+    slot_mapping: torch.Tensor  # [num_tokens] int64
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32, -1 padded
+    block_size: int
+    # Derived index tensors, built once per step by the backend and shared by all layers.
+    cache: dict = field(default_factory=dict)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+
+class TorchAttentionBackend:
+    """Gathers each sequence's keys/values from the cache and runs masked softmax attention.
+
+    Decode rows (one query each) are batched into one padded gather; prefill/extend rows run one
+    sequence at a time with a causal mask offset by their cached prefix.
+    """
+
+    def prepare(self, meta: AttentionMetadata, device: torch.device) -> None:
+        if "decode_rows" in meta.cache:
+            return
+        decode_rows = [i for i, q in enumerate(meta.query_lens) if q == 1]
+        starts = [0]
+        for q in meta.query_lens:
+            starts.append(starts[-1] + q)
+        meta.cache["starts"] = starts
+        meta.cache["decode_rows"] = decode_rows
+        meta.cache["extend_rows"] = [i for i, q in enumerate(meta.query_lens) if q > 1]
+        bs = meta.block_size
+        if decode_rows:
+            lens = torch.tensor([meta.context_lens[i] for i in decode_rows], device=device)
+            max_len = int(lens.max())
+            pos = torch.arange(max_len, device=device)
+            tables = meta.block_tables[decode_rows].long()
+            blocks = tables.gather(1, (pos // bs).clamp(max=tables.shape[1] - 1).expand(len(decode_rows), -1))
+            meta.cache["decode_slots"] = blocks.clamp(min=0) * bs + pos % bs
+            meta.cache["decode_mask"] = pos[None, :] < lens[:, None]
+            meta.cache["decode_token_index"] = torch.tensor([starts[i] for i in decode_rows], device=device)
+        extend_slots = {}
+        for i in meta.cache["extend_rows"]:
+            pos = torch.arange(meta.context_lens[i], device=device)
+            extend_slots[i] = meta.block_tables[i, pos // bs].long() * bs + pos % bs
+        meta.cache["extend_slots"] = extend_slots
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """q: [T, Hq, D]; caches: [num_blocks, block_size, Hk, D]. Returns [T, Hq, D]."""
+        self.prepare(meta, q.device)
+        num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+        k_flat = k_cache.view(-1, num_kv_heads, head_dim)
+        v_flat = v_cache.view(-1, num_kv_heads, head_dim)
+        group = q.shape[1] // num_kv_heads
+        out = torch.empty_like(q)
+        c = meta.cache
+        if c["decode_rows"]:
+            idx = c["decode_token_index"]
+            k = k_flat[c["decode_slots"]].repeat_interleave(group, dim=2)  # [B, L, Hq, D]
+            v = v_flat[c["decode_slots"]].repeat_interleave(group, dim=2)
+            scores = torch.einsum("bhd,blhd->bhl", q[idx].float(), k.float()) * scale
+            scores.masked_fill_(~c["decode_mask"][:, None, :], float("-inf"))
+            out[idx] = torch.einsum("bhl,blhd->bhd", scores.softmax(-1), v.float()).to(q.dtype)
+        for i in c["extend_rows"]:
+            start, end = c["starts"][i], c["starts"][i + 1]
+            slots = c["extend_slots"][i]
+            k = k_flat[slots].transpose(0, 1)  # [Hk, L, D]
+            v = v_flat[slots].transpose(0, 1)
+            n, total = end - start, len(slots)
+            # Query j (absolute position total - n + j) sees keys at positions <= its own.
+            mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(diagonal=total - n)
+            o = F.scaled_dot_product_attention(
+                q[start:end].transpose(0, 1), k, v, attn_mask=mask, scale=scale, enable_gqa=group > 1
+            )
+            out[start:end] = o.transpose(0, 1)
+        return out
+
+
+def store_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Write new keys/values into their cache slots; slot -1 marks a padded row and is skipped."""
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid]
+    k_cache.view(-1, num_kv_heads, head_dim)[slots] = k[valid]
+    v_cache.view(-1, num_kv_heads, head_dim)[slots] = v[valid]
+
+
+class Attention(nn.Module):
+    """Stores this layer's new K/V and attends over the cache. The runner binds the cache tensors."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, backend=None) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim**-0.5
+        self.backend = backend or TorchAttentionBackend()
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        return self.backend.forward(q, self.k_cache, self.v_cache, meta, self.scale)

@@ -1,0 +1,73 @@
+"""Linear layers with a pluggable weight format.
+
+A `LinearMethod` owns how a layer's weights are stored and multiplied. Unquantized bf16/fp32 is the
+only method today; FP8 and INT4 slot in as further methods without touching the model code.
+Merged layers (q|k|v, gate|up) keep one weight and load each checkpoint shard into its rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LinearMethod:
+    def create_weights(self, layer: Linear, dtype: torch.dtype) -> None:
+        raise NotImplementedError
+
+    def load_shard(self, layer: Linear, name: str, shard: int, tensor: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class UnquantizedLinearMethod(LinearMethod):
+    def create_weights(self, layer: Linear, dtype: torch.dtype) -> None:
+        out_features = sum(layer.output_sizes)
+        layer.weight = nn.Parameter(
+            torch.empty(out_features, layer.input_size, dtype=dtype), requires_grad=False
+        )
+        if layer.has_bias:
+            layer.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False)
+
+    def load_shard(self, layer: Linear, name: str, shard: int, tensor: torch.Tensor) -> None:
+        param = layer.weight if name == "weight" else layer.bias
+        start = sum(layer.output_sizes[:shard])
+        rows = param.data[start : start + layer.output_sizes[shard]]
+        if rows.shape != tensor.shape:
+            raise ValueError(
+                f"checkpoint tensor {name} shard {shard} has shape {tuple(tensor.shape)}, "
+                f"expected {tuple(rows.shape)}"
+            )
+        rows.copy_(tensor)
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, layer.weight, layer.bias)
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b), W made of `output_sizes` row blocks that load from separate checkpoint tensors."""
+
+    def __init__(
+        self,
+        input_size: int,
+        output_sizes: int | list[int],
+        bias: bool = False,
+        dtype: torch.dtype = torch.float32,
+        method: LinearMethod | None = None,
+    ) -> None:
+        super().__init__()
+        self.input_size = input_size
+        self.output_sizes = [output_sizes] if isinstance(output_sizes, int) else list(output_sizes)
+        self.has_bias = bias
+        self.bias = None
+        self.method = method or UnquantizedLinearMethod()
+        self.method.create_weights(self, dtype)
+
+    def load_shard(self, name: str, tensor: torch.Tensor, shard: int = 0) -> None:
+        self.method.load_shard(self, name, shard, tensor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.method.apply(self, x)

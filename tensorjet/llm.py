@@ -1,0 +1,198 @@
+"""`LLM`: the public entry point, with the TensorRT-LLM guide's option names."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+from collections.abc import AsyncIterator, Sequence
+
+from tqdm import tqdm
+
+from tensorjet.config import EngineConfig
+from tensorjet.engine.engine_loop import EngineLoop
+from tensorjet.engine.llm_engine import LLMEngine
+from tensorjet.outputs import RequestOutput
+from tensorjet.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+Message = dict[str, str]
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str | None = None,
+        dtype: str = "auto",
+        quantization: str | None = None,
+        max_batch_size: int = 256,
+        max_num_tokens: int = 4096,
+        max_seq_len: int | None = None,
+        kv_cache_free_gpu_mem_fraction: float = 0.9,
+        kv_cache_max_tokens: int | None = None,
+        enable_prefix_caching: bool = True,
+        enable_chunked_context: bool = True,
+        max_chunked_prefill_length: int | None = None,
+        scheduler_policy: str = "max_utilization",
+        enable_cuda_graph: bool = True,
+        cuda_graph_cache_size: int | None = None,
+        speculative_model: str | None = None,
+        num_speculative_tokens: int = 5,
+        tensor_parallel_size: int = 1,
+        load_format: str = "auto",
+        device: str = "auto",
+        seed: int = 0,
+        **options,
+    ) -> None:
+        unknown = sorted(set(options) - set(EngineConfig.option_names()))
+        if unknown:
+            raise TypeError(
+                f"LLM got unknown options {unknown}; known: {sorted(EngineConfig.option_names())}"
+            )
+        self.config = EngineConfig(
+            model=model,
+            dtype=dtype,
+            quantization=quantization,
+            max_batch_size=max_batch_size,
+            max_num_tokens=max_num_tokens,
+            max_seq_len=max_seq_len,
+            kv_cache_free_gpu_mem_fraction=kv_cache_free_gpu_mem_fraction,
+            kv_cache_max_tokens=kv_cache_max_tokens,
+            enable_prefix_caching=enable_prefix_caching,
+            enable_chunked_context=enable_chunked_context,
+            max_chunked_prefill_length=max_chunked_prefill_length,
+            scheduler_policy=scheduler_policy,
+            enable_cuda_graph=enable_cuda_graph,
+            cuda_graph_cache_size=cuda_graph_cache_size,
+            speculative_model=speculative_model,
+            num_speculative_tokens=num_speculative_tokens,
+            tensor_parallel_size=tensor_parallel_size,
+            load_format=load_format,
+            device=device,
+            seed=seed,
+            **options,
+        )
+        self.engine = LLMEngine(self.config)
+        self.loop = EngineLoop(self.engine)
+        self._request_ids = itertools.count()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in prompt order.
+
+        All prompts are validated before any is queued, so a bad one raises ValueError with nothing
+        scheduled.
+        """
+        prompt_list = _as_prompt_list(prompts)
+        params_list = _as_params_list(sampling_params, len(prompt_list))
+        for prompt, params in zip(prompt_list, params_list):
+            with self.loop.lock:
+                self.engine.check_prompt(prompt, params)
+        results: queue.Queue = queue.Queue()
+        ids = [f"gen-{next(self._request_ids)}" for _ in prompt_list]
+        for request_id, prompt, params in zip(ids, prompt_list, params_list):
+            self.loop.submit(request_id, prompt, params, results.put)
+        finals: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm) as bar:
+            try:
+                while len(finals) < len(ids):
+                    out = results.get()
+                    if isinstance(out, BaseException):
+                        raise out
+                    if out.finished:
+                        finals[out.request_id] = out
+                        bar.update(1)
+            except BaseException:
+                for request_id in ids:
+                    if request_id not in finals:
+                        self.loop.abort(request_id)
+                raise
+        return [finals[i] for i in ids]
+
+    async def generate_async(
+        self, prompt: Prompt, sampling_params: SamplingParams | None = None, streaming: bool = True
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield incremental outputs (`text_diff`/`token_ids_diff` plus totals) as tokens arrive.
+
+        Leaving the iteration early (a closed client) aborts the request and frees its blocks.
+        """
+        loop = asyncio.get_running_loop()
+        updates: asyncio.Queue = asyncio.Queue()
+        request_id = f"async-{next(self._request_ids)}"
+        self.loop.submit(
+            request_id,
+            prompt,
+            sampling_params or SamplingParams(),
+            lambda out: loop.call_soon_threadsafe(updates.put_nowait, out),
+        )
+        finished = False
+        try:
+            while not finished:
+                out = await updates.get()
+                if isinstance(out, BaseException):
+                    raise out
+                finished = out.finished
+                if streaming or finished:
+                    yield out
+        finally:
+            if not finished:
+                self.loop.abort(request_id)
+
+    def chat(
+        self,
+        messages: list[Message] | list[list[Message]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation or a list of them, then generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.apply_chat_template(c, add_generation_prompt) for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True) -> list[int]:
+        if not messages:
+            raise ValueError("messages must not be empty")
+        if self.tokenizer.chat_template is None:
+            raise ValueError(
+                "this model's tokenizer has no chat template; use generate() with a plain prompt"
+            )
+        ids = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=True
+        )
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+    def stats(self) -> dict:
+        with self.loop.lock:
+            return self.engine.stats()
+
+    def shutdown(self) -> None:
+        self.loop.shutdown()
+
+
+def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]  # one prompt given as token ids
+    return prompts
+
+
+def _as_params_list(params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * n
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    params = list(params)
+    if len(params) != n:
+        raise ValueError(f"sampling_params has {len(params)} entries for {n} prompts")
+    return params

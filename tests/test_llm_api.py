@@ -1,0 +1,204 @@
+"""The public API end to end on the bundled model: outputs, streaming, chat, stats, sampling
+options through the engine, prefix caching, and bad input (acceptance 5, 6)."""
+
+import asyncio
+
+import pytest
+
+from tensorjet import LLM, SamplingParams
+from tensorjet.config import FeatureNotAvailableError
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12)
+
+
+def test_output_shape_and_metrics(llm):
+    (out,) = llm.generate("The capital of France is", GREEDY, use_tqdm=False)
+    assert out.prompt == "The capital of France is"
+    assert out.prompt_token_ids == llm.tokenizer.encode(out.prompt)
+    assert out.finished and len(out.outputs) == 1
+    c = out.outputs[0]
+    assert c.finish_reason in ("stop", "length") and 1 <= len(c.token_ids) <= 12
+    m = out.metrics
+    assert m.arrival_time <= m.first_token_time <= m.finished_time
+
+
+def test_prompt_as_token_ids_equals_prompt_as_text(llm):
+    text = "Water boils at a temperature of"
+    by_text = llm.generate(text, GREEDY, use_tqdm=False)[0].outputs[0]
+    by_ids = llm.generate(llm.tokenizer.encode(text), GREEDY, use_tqdm=False)[0].outputs[0]
+    assert by_text.token_ids == by_ids.token_ids and by_text.text == by_ids.text
+
+
+def test_streaming_diffs_add_up_to_the_final_output(llm):
+    async def collect():
+        text, ids, updates = "", [], []
+        async for out in llm.generate_async("Once upon a time", SamplingParams(temperature=0, max_tokens=20)):
+            text += out.outputs[0].text_diff
+            ids += out.outputs[0].token_ids_diff
+            updates.append(out)
+        return text, ids, updates
+
+    text, ids, updates = asyncio.run(collect())
+    final = updates[-1].outputs[0]
+    assert len(updates) > 1 and updates[-1].finished
+    assert text == final.text and ids == final.token_ids
+    expected = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)
+    assert expected[0].outputs[0].token_ids == final.token_ids
+
+
+def test_chat_applies_the_template(llm):
+    messages = [{"role": "user", "content": "What is 2 + 2?"}]
+    (out,) = llm.chat(messages, GREEDY, use_tqdm=False)
+    expected_ids = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    expected_ids = list(expected_ids["input_ids"] if hasattr(expected_ids, "keys") else expected_ids)
+    assert out.prompt_token_ids == expected_ids
+    assert "<|im_start|>assistant" in llm.tokenizer.decode(out.prompt_token_ids)
+
+
+def test_prefix_cache_hit_skips_prompt_tokens(llm):
+    shared = "You are a careful assistant. " * 12
+    llm.generate(shared + "First question: what is a river?", GREEDY, use_tqdm=False)
+    before = llm.stats()
+    (out,) = llm.generate(shared + "Second question: what is a forest?", GREEDY, use_tqdm=False)
+    after = llm.stats()
+    prompt_len = len(out.prompt_token_ids)
+    hits = after["prefix_cache_hits_tokens"] - before["prefix_cache_hits_tokens"]
+    computed = after["prompt_tokens_computed"] - before["prompt_tokens_computed"]
+    assert hits >= 64 and out.metrics.num_cached_prompt_tokens == hits
+    assert computed == prompt_len - hits
+    for key in (
+        "kv_blocks_total",
+        "kv_blocks_used",
+        "kv_blocks_free",
+        "kv_block_size",
+        "prefix_cache_queries_tokens",
+        "num_preemptions",
+    ):
+        assert key in after
+
+
+def test_stop_strings_and_stop_tokens(llm):
+    prompt = "Count: one, two, three, four, five, six,"
+    base = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=30), use_tqdm=False)[0].outputs[0]
+    assert len(base.text) > 8
+    stop = base.text[3:7]  # a stop string somewhere inside what greedy decoding produces
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=30, stop=[stop]), use_tqdm=False)[0]
+    c = out.outputs[0]
+    assert c.finish_reason == "stop" and c.stop_reason == stop
+    assert c.text == base.text[: base.text.index(stop)]
+    stop_token = base.token_ids[4]
+    out = llm.generate(
+        prompt, SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[stop_token]), use_tqdm=False
+    )[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_token
+    assert out.token_ids == base.token_ids[: base.token_ids.index(stop_token) + 1]
+
+
+def test_min_tokens_and_ignore_eos(llm):
+    questions = ["What is the capital of France?", "How many legs does a spider have?", "Say yes."]
+    conversations = [[{"role": "user", "content": q}] for q in questions]
+    replies = llm.chat(conversations, SamplingParams(temperature=0, max_tokens=64), use_tqdm=False)
+    ended = [
+        (c, r.outputs[0]) for c, r in zip(conversations, replies) if r.outputs[0].finish_reason == "stop"
+    ]
+    assert ended, "the model should end at least one short answer with EOS"
+    messages, short = ended[0]
+    assert short.token_ids[-1] == llm.tokenizer.eos_token_id
+    n = len(short.token_ids) + 5
+    longer = llm.chat(messages, SamplingParams(temperature=0, max_tokens=64, min_tokens=n), use_tqdm=False)[
+        0
+    ].outputs[0]
+    assert len(longer.token_ids) >= n
+    forced = llm.chat(messages, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), use_tqdm=False)[
+        0
+    ].outputs[0]
+    assert len(forced.token_ids) == n and forced.finish_reason == "length"
+
+
+def test_seeded_sampling_reproduces_and_n_completions(llm):
+    params = SamplingParams(temperature=1.0, top_p=0.95, max_tokens=16, seed=1234, n=2)
+    a = llm.generate("Tell me a story about", params, use_tqdm=False)[0]
+    b = llm.generate(["Tell me a story about", "Unrelated"], params, use_tqdm=False)[0]
+    assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
+    assert len(a.outputs) == 2 and a.outputs[0].token_ids != a.outputs[1].token_ids
+
+
+def test_logprobs_are_returned(llm):
+    out = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=5, logprobs=3), use_tqdm=False)[0]
+    c = out.outputs[0]
+    assert len(c.logprobs) == len(c.token_ids)
+    for token, lp in zip(c.token_ids, c.logprobs):
+        assert token in lp and len(lp) in (3, 4)
+        assert max(lp.values()) == lp[token]  # greedy picks the most likely token
+
+
+@pytest.mark.parametrize(
+    "make, field",
+    [
+        (lambda: SamplingParams(temperature=-0.5), "temperature"),
+        (lambda: SamplingParams(top_p=0.0), "top_p"),
+        (lambda: SamplingParams(top_p=1.5), "top_p"),
+        (lambda: SamplingParams(max_tokens=0), "max_tokens"),
+    ],
+)
+def test_bad_sampling_params_name_the_field(make, field):
+    with pytest.raises(ValueError, match=field):
+        make()
+
+
+def test_bad_prompts_fail_before_scheduling_and_leave_others_alone(llm):
+    async def scenario():
+        params = SamplingParams(temperature=0, max_tokens=16)
+        good = [llm.generate_async("The ocean is", params, streaming=False) for _ in range(2)]
+        tasks = [asyncio.ensure_future(_last(g)) for g in good]
+        await asyncio.sleep(0.05)
+        errors = []
+        for prompt in ("", [], "word " * 9000):
+            with pytest.raises(ValueError) as info:
+                llm.generate([prompt], params, use_tqdm=False)
+            errors.append(str(info.value))
+        with pytest.raises(ValueError, match="empty"):  # one bad prompt in a list: nothing is queued
+            llm.generate(["A fine prompt", ""], params, use_tqdm=False)
+        assert not [r for r in llm.engine.requests if r.startswith("gen-")]
+        return errors, await asyncio.gather(*tasks)
+
+    errors, outs = asyncio.run(scenario())
+    assert "empty" in errors[0] and "empty" in errors[1]
+    assert "maximum sequence length" in errors[2] and "8192" in errors[2]
+    expected = llm.generate("The ocean is", SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)[0]
+    assert all(o.outputs[0].token_ids == expected.outputs[0].token_ids for o in outs)
+    assert llm.stats()["kv_blocks_used"] == 0
+
+
+async def _last(agen):
+    last = None
+    async for out in agen:
+        last = out
+    return last
+
+
+def test_unknown_model_path_is_a_value_error(tmp_path):
+    with pytest.raises(ValueError, match="does-not-exist"):
+        LLM(model=str(tmp_path / "does-not-exist"))
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"quantization": "fp8"},
+        {"dtype": "fp8"},
+        {"dtype": "int4_awq", "quantization": "awq"},
+        {"speculative_model": "x"},
+        {"tensor_parallel_size": 2},
+    ],
+)
+def test_later_features_raise_a_clear_error(option):
+    with pytest.raises(FeatureNotAvailableError, match="not available in tensorjet yet"):
+        LLM(**option)
+
+
+def test_bad_engine_options_name_the_field():
+    with pytest.raises(ValueError, match="scheduler_policy"):
+        LLM(scheduler_policy="fastest")
+    with pytest.raises(ValueError, match="kv_cache_free_gpu_mem_fraction"):
+        LLM(kv_cache_free_gpu_mem_fraction=1.5)
