@@ -202,3 +202,19 @@ def test_bad_engine_options_name_the_field():
         LLM(scheduler_policy="fastest")
     with pytest.raises(ValueError, match="kv_cache_free_gpu_mem_fraction"):
         LLM(kv_cache_free_gpu_mem_fraction=1.5)
+
+
+def test_prompt_logprobs_match_a_full_forward(llm, hf_model):
+    import torch
+
+    text = "The quick brown fox jumps over the lazy dog"
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=2)
+    out = llm.generate(text, params, use_tqdm=False)[0]
+    ids = out.prompt_token_ids
+    assert len(out.prompt_logprobs) == len(ids) and out.prompt_logprobs[0] is None
+    with torch.no_grad():
+        ref = hf_model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    for pos in range(1, len(ids)):
+        entry = out.prompt_logprobs[pos]
+        assert abs(entry[ids[pos]] - ref[pos - 1, ids[pos]].item()) < 1e-3
+        assert len(entry) in (2, 3)

@@ -236,7 +236,7 @@ class LLMEngine:
                     finish_reason=seq.finish_reason,
                     stop_reason=seq.stop_reason,
                     logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
-                    text_diff=detok.take_delta(),
+                    text_diff=detok.take_delta(final=seq.is_finished),
                     token_ids_diff=out_ids[request.sent_tokens[i] :],
                 )
             )
@@ -252,6 +252,7 @@ class LLMEngine:
             finished_time=max(s.finished_time for s in seqs) if request.finished else None,
             num_cached_prompt_tokens=seqs[0].num_cached_prompt_tokens,
         )
+        first = seqs[0]
         return RequestOutput(
             request.request_id,
             request.prompt,
@@ -259,6 +260,7 @@ class LLMEngine:
             completions,
             request.finished,
             metrics,
+            prompt_logprobs=list(first.prompt_logprobs) if first.wants_prompt_logprobs else None,
         )
 
     # ---- introspection -----------------------------------------------------------------------

@@ -101,7 +101,8 @@ class Scheduler:
             seq = self.waiting[0]
             if static and seq.seq_id not in self.static_members:
                 break
-            hits = self.block_manager.cached_prefix_blocks(seq)
+            # Prompt logprobs need logits at every prompt position, so such requests skip the cache.
+            hits = [] if seq.wants_prompt_logprobs else self.block_manager.cached_prefix_blocks(seq)
             start = len(hits) * self.block_manager.block_size if hits else seq.num_computed_tokens
             remaining = len(seq) - start
             num = min(remaining, budget, self.config.chunk_size)

@@ -30,6 +30,10 @@ class StepInputs:
     meta: AttentionMetadata
     logits_indices: torch.Tensor  # rows of the flattened step whose logits are sampled
     sampling_seqs: list[Sequence]
+    # Prompt logprobs: flattened rows, the prompt token each row predicts, and whose it is.
+    prompt_rows: list[int]
+    prompt_targets: list[int]
+    prompt_seqs: list[Sequence]
 
 
 class ModelRunner:
@@ -125,9 +129,18 @@ class ModelRunner:
         logits_indices: list[int] = []
         sampling_seqs: list[Sequence] = []
         context_lens: list[int] = []
+        prompt_rows: list[int] = []
+        prompt_targets: list[int] = []
+        prompt_seqs: list[Sequence] = []
         for seq, n in zip(seqs, num_new_tokens):
             start = seq.num_computed_tokens
             end = start + n
+            if seq.wants_prompt_logprobs:
+                # Row p predicts prompt token p + 1; skip positions recorded before a preemption.
+                for p in range(max(start, len(seq.prompt_logprobs) - 1), min(end, seq.num_prompt_tokens - 1)):
+                    prompt_rows.append(len(input_ids) + p - start)
+                    prompt_targets.append(seq.token_ids[p + 1])
+                    prompt_seqs.append(seq)
             input_ids += seq.token_ids[start:end]
             positions += range(start, end)
             table = seq.block_table
@@ -152,6 +165,9 @@ class ModelRunner:
             meta=meta,
             logits_indices=torch.tensor(logits_indices, dtype=torch.long, device=dev),
             sampling_seqs=sampling_seqs,
+            prompt_rows=prompt_rows,
+            prompt_targets=prompt_targets,
+            prompt_seqs=prompt_seqs,
         )
 
     @torch.inference_mode()
@@ -161,11 +177,27 @@ class ModelRunner:
         """Compute the scheduled tokens; sample for the sequences whose slice completed them."""
         inputs = self.prepare(seqs, num_new_tokens)
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
+        if inputs.prompt_rows:
+            self._record_prompt_logprobs(hidden, inputs)
         if not inputs.sampling_seqs:
             return [], SamplerOutput(token_ids=[], logprobs=[])
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
         rows = [self._sampling_row(seq) for seq in inputs.sampling_seqs]
         return inputs.sampling_seqs, self.sampler(logits, rows)
+
+    def _record_prompt_logprobs(self, hidden: torch.Tensor, inputs: StepInputs) -> None:
+        rows = torch.tensor(inputs.prompt_rows, device=self.device)
+        logprobs = self.model.compute_logits(hidden[rows]).log_softmax(-1)
+        targets = torch.tensor(inputs.prompt_targets, device=self.device)
+        chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+        k = max(s.params.prompt_logprobs for s in inputs.prompt_seqs)
+        top_lp, top_ids = logprobs.topk(max(k, 1), dim=-1)
+        top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
+        for i, (seq, target) in enumerate(zip(inputs.prompt_seqs, inputs.prompt_targets)):
+            n = seq.params.prompt_logprobs
+            entry = dict(zip(top_ids[i][:n], top_lp[i][:n]))
+            entry[target] = chosen[i]
+            seq.prompt_logprobs.append(entry)
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
         params = seq.params
