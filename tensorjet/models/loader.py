@@ -118,7 +118,7 @@ def _from_hf_cache(repo_id: str) -> Path:
         home = os.environ.get("HF_HOME", "~/.cache/huggingface")
         raise ValueError(
             f"model {repo_id!r} is not a local path and is not in the local Hugging Face cache "
-            f"(HF_HOME={home}). tensorjet runs offline: put it in the cache, or pass a local directory or .gguf"
+            f"(HF_HOME={home}). tensorjet runs offline: put it in the cache, or pass a local path"
         ) from error
 
 
