@@ -161,7 +161,7 @@ class LLM:
     def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True) -> list[int]:
         if not messages:
             raise ValueError("messages must not be empty")
-        if self.tokenizer.chat_template is None:
+        if self.tokenizer is None or self.tokenizer.chat_template is None:
             raise ValueError(
                 "this model's tokenizer has no chat template; use generate() with a plain prompt"
             )

@@ -22,6 +22,18 @@ from tensorjet.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 
+class NoTextDetokenizer:
+    """Stands in when the model has no tokenizer: outputs carry token ids only."""
+
+    output_text = ""
+
+    def add_tokens(self, token_ids: list[int]) -> None:
+        return None
+
+    def take_delta(self, final: bool = False) -> str:
+        return ""
+
+
 @dataclass
 class Request:
     request_id: str
@@ -104,7 +116,9 @@ class LLMEngine:
                 generator = torch.Generator(self.runner.device).manual_seed(params.seed + i)
             seqs.append(Sequence(request_id, i, prompt_ids, params, arrival, generator))
             detoks.append(
-                IncrementalDetokenizer(
+                NoTextDetokenizer()
+                if self.tokenizer is None
+                else IncrementalDetokenizer(
                     self.tokenizer,
                     prompt_ids,
                     skip_special_tokens=params.skip_special_tokens,
@@ -128,6 +142,8 @@ class LLMEngine:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt must not be empty")
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer installed: give the prompt as token ids")
             return prompt, self.tokenizer.encode(prompt)
         ids = list(prompt)
         if not ids:
@@ -138,6 +154,10 @@ class LLMEngine:
         return None, ids
 
     def _validate_length(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if params.stop and self.tokenizer is None:
+            raise ValueError(
+                "stop strings need a tokenizer, and this model has none installed; use stop_token_ids"
+            )
         n = len(prompt_ids)
         if n >= self.max_seq_len:
             raise ValueError(

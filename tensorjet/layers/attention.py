@@ -62,6 +62,8 @@ class TorchAttentionBackend:
             meta.cache["decode_token_index"] = torch.tensor([starts[i] for i in decode_rows], device=device)
         extend_slots = {}
         for i in meta.cache["extend_rows"]:
+            if meta.context_lens[i] == meta.query_lens[i]:
+                continue  # a fresh prompt attends to its own new keys, not the cache
             pos = torch.arange(meta.context_lens[i], device=device)
             extend_slots[i] = meta.block_tables[i, pos // bs].long() * bs + pos % bs
         meta.cache["extend_slots"] = extend_slots
@@ -73,8 +75,13 @@ class TorchAttentionBackend:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        k_new: torch.Tensor | None = None,
+        v_new: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """q: [T, Hq, D]; caches: [num_blocks, block_size, Hk, D]. Returns [T, Hq, D]."""
+        """q: [T, Hq, D]; caches: [num_blocks, block_size, Hk, D]. Returns [T, Hq, D].
+
+        `k_new`/`v_new` ([T, Hk, D]) are this step's keys/values: a prompt with no cached prefix
+        attends to them directly (plain causal attention, no gather from the cache)."""
         self.prepare(meta, q.device)
         num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
         k_flat = k_cache.view(-1, num_kv_heads, head_dim)
@@ -91,15 +98,22 @@ class TorchAttentionBackend:
             out[idx] = torch.einsum("bhl,blhd->bhd", scores.softmax(-1), v.float()).to(q.dtype)
         for i in c["extend_rows"]:
             start, end = c["starts"][i], c["starts"][i + 1]
-            slots = c["extend_slots"][i]
-            k = k_flat[slots].transpose(0, 1)  # [Hk, L, D]
-            v = v_flat[slots].transpose(0, 1)
-            n, total = end - start, len(slots)
-            # Query j (absolute position total - n + j) sees keys at positions <= its own.
-            mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(diagonal=total - n)
-            o = F.scaled_dot_product_attention(
-                q[start:end].transpose(0, 1), k, v, attn_mask=mask, scale=scale, enable_gqa=group > 1
-            )
+            n, total = end - start, meta.context_lens[i]
+            qi = q[start:end].transpose(0, 1)
+            if i not in c["extend_slots"]:
+                k, v = k_new[start:end].transpose(0, 1), v_new[start:end].transpose(0, 1)
+                o = F.scaled_dot_product_attention(
+                    qi, k, v, is_causal=True, scale=scale, enable_gqa=group > 1
+                )
+            else:
+                slots = c["extend_slots"][i]
+                k = k_flat[slots].transpose(0, 1)  # [Hk, L, D]
+                v = v_flat[slots].transpose(0, 1)
+                # Query j (absolute position total - n + j) sees keys at positions <= its own.
+                mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(diagonal=total - n)
+                o = F.scaled_dot_product_attention(
+                    qi, k, v, attn_mask=mask, scale=scale, enable_gqa=group > 1
+                )
             out[start:end] = o.transpose(0, 1)
         return out
 
@@ -130,4 +144,4 @@ class Attention(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        return self.backend.forward(q, self.k_cache, self.v_cache, meta, self.scale)
+        return self.backend.forward(q, self.k_cache, self.v_cache, meta, self.scale, k_new=k, v_new=v)

@@ -134,9 +134,14 @@ def _preset_source(name: str) -> ModelSource:
 
 
 def load_tokenizer(source: ModelSource):
+    """The model's tokenizer; for a dummy preset the bundled one, or None where that is not installed
+    (then prompts must be token ids and outputs carry no text)."""
     if source.tokenizer_dir is None:
-        gguf = default_gguf()
-        return transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        try:
+            gguf = default_gguf()
+            return transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except (ValueError, ImportError):
+            return None
     if source.path.suffix == ".gguf":
         return transformers.AutoTokenizer.from_pretrained(source.path.parent, gguf_file=source.path.name)
     return transformers.AutoTokenizer.from_pretrained(source.tokenizer_dir)
