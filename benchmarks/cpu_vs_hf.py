@@ -56,8 +56,9 @@ def bench_tensorjet(prompts_1, prompts_32) -> dict:
 
 
 def bench_hf(prompts_1, prompts_32) -> dict:
-    from tensorjet.models.loader import resolve_model
     from transformers import AutoModelForCausalLM
+
+    from tensorjet.models.loader import resolve_model
 
     src = resolve_model(None)
     model = AutoModelForCausalLM.from_pretrained(

@@ -54,8 +54,12 @@ def decode_latency(llm, batch: int, in_len: int = 128, out_len: int = 256) -> di
     elapsed, outs = timed_generate(llm, prompts, params)
     ttft = max(o.metrics.first_token_time - o.metrics.arrival_time for o in outs)
     ms_per_step = (elapsed - ttft) / (out_len - 1) * 1e3
-    return {"batch": batch, "ms_per_step": ms_per_step, "ttft_ms": ttft * 1e3,
-            "output_tok_s": batch * out_len / elapsed}
+    return {
+        "batch": batch,
+        "ms_per_step": ms_per_step,
+        "ttft_ms": ttft * 1e3,
+        "output_tok_s": batch * out_len / elapsed,
+    }
 
 
 def throughput(llm, lengths: list[tuple[int, int]], seed: int = 0) -> dict:
@@ -66,8 +70,13 @@ def throughput(llm, lengths: list[tuple[int, int]], seed: int = 0) -> dict:
     params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in lengths]
     elapsed, outs = timed_generate(llm, prompts, params)
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    return {"requests": len(lengths), "seconds": elapsed, "output_tok_s": out_tokens / elapsed,
-            "total_tok_s": (out_tokens + sum(i for i, _ in lengths)) / elapsed, **llm.stats()}
+    return {
+        "requests": len(lengths),
+        "seconds": elapsed,
+        "output_tok_s": out_tokens / elapsed,
+        "total_tok_s": (out_tokens + sum(i for i, _ in lengths)) / elapsed,
+        **llm.stats(),
+    }
 
 
 def shared_prefix(llm, n: int = 64, prefix: int = 1000, suffix: int = 64, out: int = 64) -> dict:
@@ -80,8 +89,12 @@ def shared_prefix(llm, n: int = 64, prefix: int = 1000, suffix: int = 64, out: i
     llm.generate(prompts[:1], params, use_tqdm=False)  # the first request fills the cache
     elapsed, outs = timed_generate(llm, prompts[1:], params)
     ttft = sorted(o.metrics.first_token_time - o.metrics.arrival_time for o in outs)
-    return {"seconds": elapsed, "output_tok_s": sum(len(o.outputs[0].token_ids) for o in outs) / elapsed,
-            "ttft_p50_ms": ttft[len(ttft) // 2] * 1e3, "hit_rate": llm.stats()["prefix_cache_hit_rate"]}
+    return {
+        "seconds": elapsed,
+        "output_tok_s": sum(len(o.outputs[0].token_ids) for o in outs) / elapsed,
+        "ttft_p50_ms": ttft[len(ttft) // 2] * 1e3,
+        "hit_rate": llm.stats()["prefix_cache_hit_rate"],
+    }
 
 
 def main() -> None:
@@ -91,10 +104,14 @@ def main() -> None:
     parser.add_argument("--sections", default="latency,throughput,static,prefix")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
-    results: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": torch.cuda.get_device_name(),
-                     "torch": torch.__version__}
-    results["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                       text=True).stdout.strip()
+    results: dict = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+    }
+    results["commit"] = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     rows: list[tuple[str, str, str]] = []
     llm = make_llm(max_batch_size=256, max_num_tokens=8192)
     params_bytes = sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
@@ -105,21 +122,36 @@ def main() -> None:
         for batch in (1, 8, 64):
             r = decode_latency(llm, batch, out_len=128 if args.quick else 256)
             results[f"decode_b{batch}"] = r
-            rows.append((f"decode ms/step, batch {batch}", f"{r['ms_per_step']:.2f}",
-                         f"limit {limit_ms:.2f} (weights/4.25TB/s) -> {limit_ms / r['ms_per_step']:.0%}"))
+            rows.append(
+                (
+                    f"decode ms/step, batch {batch}",
+                    f"{r['ms_per_step']:.2f}",
+                    f"limit {limit_ms:.2f} (weights/4.25TB/s) -> {limit_ms / r['ms_per_step']:.0%}",
+                )
+            )
     if "throughput" in sections:
         n = 200 if args.quick else 1000
         r = throughput(llm, [(1000, 1000)] * n if not args.quick else [(1000, 200)] * n)
         results["throughput_1000"] = r
         flop_limit = BF16_TFLOPS * 1e12 / (2 * n_params)
-        rows.append((f"offline {n} req 1000 in", f"{r['output_tok_s']:.0f} out tok/s",
-                     f"total {r['total_tok_s']:.0f} tok/s; FLOP limit {flop_limit:.0f} tok/s"))
+        rows.append(
+            (
+                f"offline {n} req 1000 in",
+                f"{r['output_tok_s']:.0f} out tok/s",
+                f"total {r['total_tok_s']:.0f} tok/s; FLOP limit {flop_limit:.0f} tok/s",
+            )
+        )
         rng = random.Random(0)
         mixed = [(rng.randint(100, 1024), rng.randint(100, 1024)) for _ in range(256)]
         r = throughput(llm, mixed)
         results["throughput_mixed"] = r
-        rows.append(("offline 256 req 100-1024/100-1024", f"{r['output_tok_s']:.0f} out tok/s",
-                     f"total {r['total_tok_s']:.0f} tok/s"))
+        rows.append(
+            (
+                "offline 256 req 100-1024/100-1024",
+                f"{r['output_tok_s']:.0f} out tok/s",
+                f"total {r['total_tok_s']:.0f} tok/s",
+            )
+        )
     if "prefix" in sections:
         on = shared_prefix(llm)
         results["prefix_on"] = on
@@ -133,8 +165,13 @@ def main() -> None:
         off_llm.shutdown()
         del off_llm
         torch.cuda.empty_cache()
-        rows.append(("prefix cache on/off, 1000-tok system", f"{off['seconds'] / on['seconds']:.2f}x faster",
-                     f"TTFT p50 {on['ttft_p50_ms']:.0f} vs {off['ttft_p50_ms']:.0f} ms (guide: TTFT/throughput)"))
+        rows.append(
+            (
+                "prefix cache on/off, 1000-tok system",
+                f"{off['seconds'] / on['seconds']:.2f}x faster",
+                f"TTFT p50 {on['ttft_p50_ms']:.0f} vs {off['ttft_p50_ms']:.0f} ms",
+            )
+        )
     if "static" in sections:
         rng = random.Random(1)
         mixed = [(rng.randint(16, 512), rng.randint(16, 512)) for _ in range(256)]

@@ -1,4 +1,4 @@
-"""`tensorjet generate | chat`: the command line.
+"""`tensorjet generate | chat | serve | bench | tune`: the command line.
 
 Every engine option is a flag spelled as in the guide (`--max_batch_size`) or with dashes
 (`--max-batch-size`).
@@ -93,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(gen)
     add_engine_args(gen)
 
+    from tensorjet.bench.cli import register as register_bench
+    from tensorjet.serve.cli import register as register_serve
+
+    register_serve(sub)
+    register_bench(sub)
+
     chat = sub.add_parser("chat", help="interactive chat with the model's chat template")
     chat.add_argument("--model", default=None)
     chat.add_argument("--system", default=None, help="system message")
@@ -106,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if hasattr(args, "func"):  # serve, bench, tune
+        return args.func(args)
     try:
         if args.command == "generate":
             return _generate(args)

@@ -1,10 +1,15 @@
 """Steps the engine on a background thread so callers (sync, asyncio, the HTTP server) just submit
-requests and receive outputs through callbacks. One lock guards the engine; callbacks run on the
-engine thread and must only hand the output over (put it on a queue)."""
+requests and receive outputs through callbacks.
+
+Callers never wait for a step: `submit` validates the request on the caller's thread (raising
+ValueError at once for bad input) and hands it over through a queue that the engine thread drains
+before every step. Callbacks run on the engine thread and must only hand the output over.
+"""
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from collections.abc import Callable
 
@@ -20,7 +25,7 @@ OutputCallback = Callable[[RequestOutput | BaseException], None]
 class EngineLoop:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
-        self.lock = threading.Lock()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", ...) and ("abort", id) messages
         self._wake = threading.Event()
         self._callbacks: dict[str, OutputCallback] = {}
         self._thread: threading.Thread | None = None
@@ -30,16 +35,14 @@ class EngineLoop:
         self, request_id: str, prompt: str | list[int], params: SamplingParams, on_output: OutputCallback
     ) -> None:
         """Queue a request; raises ValueError for bad input without disturbing other requests."""
-        with self.lock:
-            self.engine.add_request(request_id, prompt, params)
-            self._callbacks[request_id] = on_output
+        self.engine.check_prompt(prompt, params)
+        self._inbox.put(("add", request_id, prompt, params, on_output))
         self._start()
         self._wake.set()
 
     def abort(self, request_id: str) -> None:
-        with self.lock:
-            self.engine.abort_request(request_id)
-            self._callbacks.pop(request_id, None)
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
 
     def shutdown(self) -> None:
         self._stopping = True
@@ -52,25 +55,52 @@ class EngineLoop:
             self._thread = threading.Thread(target=self._run, name="tensorjet-engine", daemon=True)
             self._thread.start()
 
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if message[0] == "abort":
+                self.engine.abort_request(message[1])
+                self._callbacks.pop(message[1], None)
+                continue
+            _, request_id, prompt, params, callback = message
+            try:
+                self.engine.add_request(request_id, prompt, params)
+            except ValueError as error:  # e.g. a duplicate id: only this request fails
+                callback(error)
+                continue
+            self._callbacks[request_id] = callback
+
     def _run(self) -> None:
         while not self._stopping:
             self._wake.wait()
-            with self.lock:
-                if not self.engine.has_unfinished_requests():
-                    self._wake.clear()
-                    continue
+            self._wake.clear()
+            self._drain_inbox()
+            while self.engine.has_unfinished_requests() and not self._stopping:
                 try:
                     outputs = self.engine.step()
                 except Exception as error:  # never leave callers waiting on a dead loop
                     logger.exception("engine step failed; failing all in-flight requests")
                     self._fail_all(error)
-                    continue
+                    break
                 for out in outputs:
-                    callback = self._callbacks.get(out.request_id)
-                    if callback is not None:
-                        callback(out)
-                    if out.finished:
-                        self._callbacks.pop(out.request_id, None)
+                    self._deliver(out)
+                self._drain_inbox()
+
+    def _deliver(self, out: RequestOutput) -> None:
+        callback = self._callbacks.get(out.request_id)
+        if out.finished:
+            self._callbacks.pop(out.request_id, None)
+        if callback is None:
+            return
+        try:
+            callback(out)
+        except Exception:  # a caller that went away (closed event loop) must not stop the engine
+            logger.exception("output callback for %s failed; aborting that request", out.request_id)
+            self.engine.abort_request(out.request_id)
+            self._callbacks.pop(out.request_id, None)
 
     def _fail_all(self, error: Exception) -> None:
         for request_id, callback in list(self._callbacks.items()):
