@@ -19,7 +19,10 @@ from pathlib import Path
 
 import torch
 
-MODEL = "meta-llama/Meta-Llama-3-8B"
+DEFAULT_MODEL = "meta-llama/Meta-Llama-3-8B"
+MODEL = DEFAULT_MODEL
+BACKEND: dict = {}
+VOCAB = [128000]  # random prompt ids stay below the model's vocabulary
 COPY_TBPS = 4.25
 BF16_TFLOPS = 782.0
 
@@ -27,21 +30,59 @@ BF16_TFLOPS = 782.0
 def make_llm(**options):
     from tensorjet import LLM
 
-    base = dict(model=MODEL, load_format="dummy", dtype="bfloat16")
+    base = dict(model=MODEL, load_format="dummy", dtype="bfloat16", **BACKEND)
     base.update(options)
     return LLM(**base)
 
 
 def random_ids(rng: random.Random, n: int, vocab: int = 128000) -> list[int]:
-    return [rng.randrange(100, vocab) for _ in range(n)]
+    return [rng.randrange(100, min(vocab, VOCAB[0])) for _ in range(n)]
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def free_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def timed_generate(llm, prompts, params) -> tuple[float, list]:
-    torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
-    torch.cuda.synchronize()
+    sync()
     return time.perf_counter() - start, outs
+
+
+def hf_decode_latency(model_name: str, new_tokens: int = 32) -> float:
+    """The peer: HF transformers `generate`, batch 1, same shapes, random bf16 weights (ms/token)."""
+    from transformers import AutoModelForCausalLM
+
+    from tensorjet.models.loader import resolve_model
+
+    config = resolve_model(model_name, load_format="dummy").hf_config
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    ids = torch.randint(100, 1000, (1, 128), device=device)
+    kwargs = dict(do_sample=False, min_new_tokens=new_tokens, pad_token_id=0)
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=4, **{**kwargs, "min_new_tokens": 4})
+        sync()
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, **{**kwargs, "min_new_tokens": 1})
+        sync()
+        prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=new_tokens, **kwargs)
+        sync()
+        total = time.perf_counter() - start
+    del model
+    free_memory()
+    return (total - prefill) / (new_tokens - 1) * 1e3
 
 
 def decode_latency(llm, batch: int, in_len: int = 128, out_len: int = 256) -> dict:
@@ -98,22 +139,39 @@ def shared_prefix(llm, n: int = 64, prefix: int = 1000, suffix: int = 64, out: i
 
 
 def main() -> None:
+    global MODEL
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="benchmarks/results/gpu_suite.json")
     parser.add_argument("--quick", action="store_true", help="smaller workloads")
-    parser.add_argument("--sections", default="latency,throughput,static,prefix")
+    parser.add_argument("--sections", default="peer,latency,throughput,static,prefix")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--attention_backend", default="auto")
     args = parser.parse_args()
+    MODEL = args.model
+    BACKEND["attention_backend"] = args.attention_backend
     sections = set(args.sections.split(","))
     results: dict = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "device": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
     }
     results["commit"] = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
     rows: list[tuple[str, str, str]] = []
+
+    def record(row: tuple[str, str, str]) -> None:
+        """Keep each figure as soon as it exists, so a run cut short still reports what it measured."""
+        rows.append(row)
+        print(" | ".join(row), flush=True)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2, default=str))
+
+    if "peer" in sections:
+        results["hf_decode_b1_ms"] = hf_ms = hf_decode_latency(MODEL)
+        record(("HF transformers decode ms/token, batch 1", f"{hf_ms:.2f}", "the peer, same run"))
     llm = make_llm(max_batch_size=256, max_num_tokens=8192)
+    VOCAB[0] = llm.engine.source.hf_config.vocab_size
     params_bytes = sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
     n_params = sum(p.numel() for p in llm.engine.runner.model.parameters())
     results["weight_bytes"] = params_bytes
@@ -122,7 +180,7 @@ def main() -> None:
         for batch in (1, 8, 64):
             r = decode_latency(llm, batch, out_len=128 if args.quick else 256)
             results[f"decode_b{batch}"] = r
-            rows.append(
+            record(
                 (
                     f"decode ms/step, batch {batch}",
                     f"{r['ms_per_step']:.2f}",
@@ -134,7 +192,7 @@ def main() -> None:
         r = throughput(llm, [(1000, 1000)] * n if not args.quick else [(1000, 200)] * n)
         results["throughput_1000"] = r
         flop_limit = BF16_TFLOPS * 1e12 / (2 * n_params)
-        rows.append(
+        record(
             (
                 f"offline {n} req 1000 in",
                 f"{r['output_tok_s']:.0f} out tok/s",
@@ -145,7 +203,7 @@ def main() -> None:
         mixed = [(rng.randint(100, 1024), rng.randint(100, 1024)) for _ in range(256)]
         r = throughput(llm, mixed)
         results["throughput_mixed"] = r
-        rows.append(
+        record(
             (
                 "offline 256 req 100-1024/100-1024",
                 f"{r['output_tok_s']:.0f} out tok/s",
@@ -157,15 +215,15 @@ def main() -> None:
         results["prefix_on"] = on
     llm.shutdown()
     del llm
-    torch.cuda.empty_cache()
+    free_memory()
     if "prefix" in sections:
         off_llm = make_llm(enable_prefix_caching=False, max_num_tokens=8192)
         off = shared_prefix(off_llm)
         results["prefix_off"] = off
         off_llm.shutdown()
         del off_llm
-        torch.cuda.empty_cache()
-        rows.append(
+        free_memory()
+        record(
             (
                 "prefix cache on/off, 1000-tok system",
                 f"{off['seconds'] / on['seconds']:.2f}x faster",
@@ -181,15 +239,15 @@ def main() -> None:
             ratios[policy] = throughput(pllm, mixed)
             pllm.shutdown()
             del pllm
-            torch.cuda.empty_cache()
+            free_memory()
         results["static_vs_inflight"] = ratios
         speedup = ratios["max_utilization"]["output_tok_s"] / ratios["static_batch"]["output_tok_s"]
-        rows.append(("in-flight vs static batching", f"{speedup:.2f}x", "guide claims 4-8x"))
+        record(("in-flight vs static batching", f"{speedup:.2f}x", "guide claims 4-8x"))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2, default=str))
-    print(f"\n{'measurement':<40}{'value':<22}context")
+    print(f"\n{'measurement':<44}{'value':<22}context")
     for name, value, context in rows:
-        print(f"{name:<40}{value:<22}{context}")
+        print(f"{name:<44}{value:<22}{context}")
 
 
 if __name__ == "__main__":

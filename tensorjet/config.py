@@ -118,8 +118,11 @@ class EngineConfig:
     seed: int = 0
     block_size: int = 16
     disable_overlap_scheduler: bool = False
+    attention_backend: str = "auto"  # "torch" (reference), "triton", or "auto" (triton on CUDA)
 
     def __post_init__(self) -> None:
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise _fail("LLM", "attention_backend", self.attention_backend, "must be 'auto', 'torch' or 'triton'")
         if self.quantization is not None:
             raise not_available(f"{self.quantization} quantization", f"quantization={self.quantization!r}")
         if self.dtype in QUANTIZED_DTYPES:

@@ -1,9 +1,15 @@
 """Shared fixtures: the bundled SmolLM2-135M model, loaded once per test session."""
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Triton kernels run on the CPU through the interpreter; it must be chosen before triton loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -76,10 +76,12 @@ class LLMEngine:
         self.num_partial_prefills = 0  # steps in which a prompt was computed only in part (chunked context)
         self.num_steps = 0
         logger.info(
-            "tensorjet: model=%s dtype=%s device=%s kv_blocks=%d (block_size=%d, %d tokens) max_seq_len=%d",
+            "tensorjet: model=%s dtype=%s device=%s attention=%s kv_blocks=%d (block_size=%d, %d tokens) "
+            "max_seq_len=%d",
             self.source.name,
             config.torch_dtype,
             config.torch_device,
+            self.runner.attention_backend,
             self.runner.num_blocks,
             config.cache.block_size,
             self.runner.num_blocks * config.cache.block_size,

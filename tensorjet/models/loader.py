@@ -53,6 +53,7 @@ _GGUF_LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 _GGUF_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
@@ -134,8 +135,8 @@ def _preset_source(name: str) -> ModelSource:
 
 
 def load_tokenizer(source: ModelSource):
-    """The model's tokenizer; for a dummy preset the bundled one, or None where that is not installed
-    (then prompts must be token ids and outputs carry no text)."""
+    """The model's tokenizer; for a dummy preset the bundled one. None where there is none (a
+    weights-only directory, or no bundled model installed): prompts must then be token ids."""
     if source.tokenizer_dir is None:
         try:
             gguf = default_gguf()
@@ -144,6 +145,8 @@ def load_tokenizer(source: ModelSource):
             return None
     if source.path.suffix == ".gguf":
         return transformers.AutoTokenizer.from_pretrained(source.path.parent, gguf_file=source.path.name)
+    if not any((source.tokenizer_dir / f).exists() for f in _TOKENIZER_FILES):
+        return None  # weights only: prompts must be token ids
     return transformers.AutoTokenizer.from_pretrained(source.tokenizer_dir)
 
 

@@ -52,6 +52,7 @@ class ModelRunner:
         else:
             self.model.load_weights((name, t.to(self.dtype)) for name, t in iter_weights(source))
         self.model.eval()
+        self.attention_backend = self._select_attention_backend()
         logger.info("loaded %s in %.1fs", source.name, time.perf_counter() - start)
         self.num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
         self.head_dim = head_dim_of(hf_config)
@@ -59,6 +60,18 @@ class ModelRunner:
         self.num_blocks = self._kv_cache_blocks()
         self._allocate_kv_cache(self.num_blocks)
         self.sampler = Sampler(config.seed)
+
+    def _select_attention_backend(self) -> str:
+        choice = self.config.attention_backend
+        if choice == "auto":
+            choice = "triton" if self.device.type == "cuda" else "torch"
+        if choice == "triton":
+            from tensorjet.kernels.backend import TritonAttentionBackend
+
+            backend = TritonAttentionBackend()
+            for attn in self.model.attention_layers:
+                attn.backend = backend
+        return choice
 
     # ---- KV cache sizing ---------------------------------------------------------------------
     @property

@@ -1,0 +1,72 @@
+"""Small helpers shared by the Triton kernels."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """`tl.dot` input precision: exact fp32 products for fp32 tensors (no TF32), the default otherwise."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of `device`; 132 (an H100/H200) where there is no GPU (interpreter)."""
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 132
+
+
+def next_pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def as_int32(x, device: torch.device) -> torch.Tensor:
+    """A Python list or tensor as a contiguous int32 tensor on `device`."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=torch.int32).contiguous()
+    return torch.tensor(list(x), dtype=torch.int32, device=device)
+
+
+def host_max(x) -> int:
+    """max() of a list or tensor (a device sync for a GPU tensor: pass the value in where it is known)."""
+    if isinstance(x, torch.Tensor):
+        return int(x.max().item()) if x.numel() else 0
+    return max(x, default=0)
+
+
+def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1 (the CPU interpreter)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def dot_upcast(dtype: torch.dtype) -> bool:
+    """The Triton interpreter's `tl.dot` multiplies bf16 operands as raw uint16 bits (garbage), so under
+    the interpreter bf16 dot operands are upcast to fp32 first (after any rounding to bf16, which
+    keeps the GPU's numerics). Compiled kernels never take this path."""
+    return dtype == torch.bfloat16 and interpreting()
+
+
+@triton.jit
+def tl_dot(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """`tl.dot(a, b)` with fp32 accumulation; see `dot_upcast` for UPCAST."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=DOT_PREC)
