@@ -122,7 +122,9 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ("auto", "torch", "triton"):
-            raise _fail("LLM", "attention_backend", self.attention_backend, "must be 'auto', 'torch' or 'triton'")
+            raise _fail(
+                "LLM", "attention_backend", self.attention_backend, "must be 'auto', 'torch' or 'triton'"
+            )
         if self.quantization is not None:
             raise not_available(f"{self.quantization} quantization", f"quantization={self.quantization!r}")
         if self.dtype in QUANTIZED_DTYPES:

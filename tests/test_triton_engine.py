@@ -10,8 +10,15 @@ from tensorjet import LLM, SamplingParams
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llama")
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    config = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
     return str(path)
 
@@ -22,8 +29,13 @@ def test_triton_backend_matches_torch_backend(tiny_model_dir):
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     results = {}
     for backend in ("torch", "triton"):
-        llm = LLM(model=tiny_model_dir, device="cpu", attention_backend=backend, max_num_tokens=24,
-                  max_chunked_prefill_length=16)
+        llm = LLM(
+            model=tiny_model_dir,
+            device="cpu",
+            attention_backend=backend,
+            max_num_tokens=24,
+            max_chunked_prefill_length=16,
+        )
         assert llm.engine.runner.attention_backend == backend
         llm.generate(prompts[1], params, use_tqdm=False)  # fill the prefix cache
         results[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]

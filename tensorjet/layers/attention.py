@@ -56,8 +56,11 @@ class TorchAttentionBackend:
             max_len = int(lens.max())
             pos = torch.arange(max_len, device=device)
             tables = meta.block_tables[decode_rows].long()
-            blocks = tables.gather(1, (pos // bs).clamp(max=tables.shape[1] - 1).expand(len(decode_rows), -1))
-            meta.cache["decode_slots"] = blocks.clamp(min=0) * bs + pos % bs
+            # Padding positions re-read the sequence's last (just written) slot, so they hold finite
+            # values that the mask then removes; never-written cache memory is never touched.
+            pos_in_seq = torch.minimum(pos[None, :], lens[:, None] - 1)
+            blocks = tables.gather(1, pos_in_seq // bs)
+            meta.cache["decode_slots"] = blocks * bs + pos_in_seq % bs
             meta.cache["decode_mask"] = pos[None, :] < lens[:, None]
             meta.cache["decode_token_index"] = torch.tensor([starts[i] for i in decode_rows], device=device)
         extend_slots = {}
@@ -91,11 +94,13 @@ class TorchAttentionBackend:
         c = meta.cache
         if c["decode_rows"]:
             idx = c["decode_token_index"]
-            k = k_flat[c["decode_slots"]].repeat_interleave(group, dim=2)  # [B, L, Hq, D]
-            v = v_flat[c["decode_slots"]].repeat_interleave(group, dim=2)
-            scores = torch.einsum("bhd,blhd->bhl", q[idx].float(), k.float()) * scale
-            scores.masked_fill_(~c["decode_mask"][:, None, :], float("-inf"))
-            out[idx] = torch.einsum("bhl,blhd->bhd", scores.softmax(-1), v.float()).to(q.dtype)
+            k = k_flat[c["decode_slots"]].transpose(1, 2)  # [B, Hk, L, D]
+            v = v_flat[c["decode_slots"]].transpose(1, 2)
+            mask = c["decode_mask"][:, None, None, :]  # [B, 1, 1, L]
+            o = F.scaled_dot_product_attention(
+                q[idx][:, :, None], k, v, attn_mask=mask, scale=scale, enable_gqa=group > 1
+            )
+            out[idx] = o[:, :, 0]
         for i in c["extend_rows"]:
             start, end = c["starts"][i], c["starts"][i + 1]
             n, total = end - start, meta.context_lens[i]

@@ -1,0 +1,324 @@
+"""Triton kernels vs float64 references.
+
+On a machine without a GPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set here
+before triton is imported) at small sizes; on a GPU the same tests run compiled, and
+TJ_KERNEL_TEST_SCALE=N multiplies context lengths and batch sizes. Inputs are fresh random data each
+run (TJ_KERNEL_TEST_SEED=S replays one; the seed is in every failure message), outputs are filled with
+NaN before each kernel runs, and unused KV-cache slots hold NaN, so a row left unwritten or a key read
+from a wrong slot shows up as an error.
+"""
+
+import importlib
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from tensorjet.kernels import (  # noqa: E402
+    TritonAttentionBackend,
+    choose_num_splits,
+    decode_attention,
+    extend_attention,
+    store_kv,
+)
+from tensorjet.kernels.activation import silu_and_mul  # noqa: E402
+from tensorjet.kernels.norm import rms_norm  # noqa: E402
+from tensorjet.kernels.reference import (  # noqa: E402
+    decode_attention_ref,
+    extend_attention_ref,
+    paged_attention_ref,
+    rms_norm_ref,
+    silu_and_mul_ref,
+    store_kv_ref,
+)
+from tensorjet.layers.activation import silu_and_mul as torch_silu_and_mul  # noqa: E402
+from tensorjet.layers.attention import AttentionMetadata, TorchAttentionBackend  # noqa: E402
+from tensorjet.layers.norm import RMSNorm  # noqa: E402
+
+# The package re-exports the function `decode_attention`, which shadows the module attribute.
+decode_mod = importlib.import_module("tensorjet.kernels.decode_attention")
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+SCALE = max(1, int(os.environ.get("TJ_KERNEL_TEST_SCALE", "1")))
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+NAN = float("nan")
+
+
+@pytest.fixture
+def seed():
+    s = int(os.environ.get("TJ_KERNEL_TEST_SEED", 0)) or int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(s)
+    return s
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def nan_like(x: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(x, NAN)
+
+
+def make_paged_kv(context_lens, block_size, num_kv_heads, head_dim, dtype, extra_blocks=3):
+    """Caches full of NaN except each sequence's first context_len slots, which hold random values;
+    physical blocks are a random permutation (so tables are non-contiguous), tables are -1 padded."""
+    need = [cdiv(c, block_size) for c in context_lens]
+    num_blocks = sum(need) + extra_blocks
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.full(shape, NAN, dtype=dtype, device=DEVICE)
+    v_cache = torch.full(shape, NAN, dtype=dtype, device=DEVICE)
+    perm = torch.randperm(num_blocks).tolist()
+    tables = torch.full((len(context_lens), max(need, default=0) + 2), -1, dtype=torch.int32)
+    used = 0
+    for i, (c, n) in enumerate(zip(context_lens, need)):
+        tables[i, :n] = torch.tensor(perm[used : used + n], dtype=torch.int32)
+        used += n
+        pos = torch.arange(c)
+        blocks, offs = tables[i, pos // block_size].long(), pos % block_size
+        k_cache[blocks, offs] = torch.randn(c, num_kv_heads, head_dim, device=DEVICE).to(dtype)
+        v_cache[blocks, offs] = torch.randn(c, num_kv_heads, head_dim, device=DEVICE).to(dtype)
+    return k_cache, v_cache, tables.to(DEVICE)
+
+
+def assert_close(out, ref, dtype, seed, what):
+    assert not out.isnan().any(), f"{what}: NaN in output (unwritten row or wrong slot read), seed={seed}"
+    err = rel_err(out, ref)
+    assert err < TOL[dtype], f"{what}: relative error {err:.3g} >= {TOL[dtype]}, seed={seed}"
+
+
+# ---- store_kv -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size,num_kv_heads,head_dim", [(16, 2, 64), (8, 3, 128), (32, 1, 80)])
+def test_store_kv(dtype, block_size, num_kv_heads, head_dim, seed):
+    num_blocks, num_tokens = 6, 11 * SCALE
+    num_tokens = min(num_tokens, num_blocks * block_size - 4)
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.randn(shape, device=DEVICE).to(dtype)
+    k_cache[0, 0] = NAN  # existing NaN must survive (skipped rows never touch the cache)
+    v_cache = torch.randn(shape, device=DEVICE).to(dtype)
+    slots = torch.randperm(num_blocks * block_size, device=DEVICE)[:num_tokens]
+    slots[torch.randperm(num_tokens)[:3]] = -1  # padded rows
+    slots[-1] = -1
+    # k, v as strided views of a fused projection output, as the model produces them.
+    qkv = torch.randn(num_tokens, 4 * num_kv_heads, head_dim, device=DEVICE).to(dtype)
+    k, v = qkv[:, num_kv_heads : 2 * num_kv_heads], qkv[:, 3 * num_kv_heads :]
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    store_kv_ref(k, v, k_ref, v_ref, slots)
+    store_kv(k, v, k_cache, v_cache, slots)
+    # Bitwise: written slots hold k/v exactly, every other slot (NaN included) is unchanged.
+    assert torch.equal(k_cache.view(torch.uint8), k_ref.view(torch.uint8)), f"seed={seed}"
+    assert torch.equal(v_cache.view(torch.uint8), v_ref.view(torch.uint8)), f"seed={seed}"
+
+
+def test_store_kv_all_padded():
+    k_cache = torch.randn(2, 16, 2, 64, device=DEVICE)
+    before = k_cache.clone()
+    k = torch.randn(4, 2, 64, device=DEVICE)
+    store_kv(k, k, k_cache, k_cache, torch.full((4,), -1, dtype=torch.long, device=DEVICE))
+    assert torch.equal(k_cache, before)
+
+
+# ---- decode -----------------------------------------------------------------------------------------
+
+# (block_size, num_kv_heads, group, head_dim)
+DECODE_CONFIGS = [(16, 2, 1, 64), (16, 2, 4, 128), (8, 2, 3, 64), (32, 1, 8, 128)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size,num_kv_heads,group,head_dim", DECODE_CONFIGS)
+def test_decode_attention(dtype, block_size, num_kv_heads, group, head_dim, seed):
+    bs = block_size
+    lens = [1, bs - 1, bs, 3 * bs + 5, 300 * SCALE] + [int(x) for x in torch.randint(1, 200, (SCALE - 1,))]
+    lens = [max(1, n) for n in lens]
+    k_cache, v_cache, tables = make_paged_kv(lens, bs, num_kv_heads, head_dim, dtype)
+    q = torch.randn(len(lens), num_kv_heads * group, head_dim, device=DEVICE).to(dtype)
+    context_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    scale = head_dim**-0.5
+    ref = decode_attention_ref(q, k_cache, v_cache, tables, context_lens, scale)
+    for num_splits in (1, 5):
+        out = nan_like(q)
+        res = decode_attention(q, k_cache, v_cache, tables, context_lens, scale, out, num_splits=num_splits)
+        assert res is out
+        assert_close(out, ref, dtype, seed, f"num_splits={num_splits}")
+
+
+def test_decode_attention_heuristic_splits(seed, monkeypatch):
+    """num_splits=None (heuristic), with a minimum split length small enough to really split here."""
+    monkeypatch.setattr(decode_mod, "MIN_TOKENS_PER_SPLIT", 64)
+    dtype, bs, num_kv_heads, group, head_dim = torch.float32, 16, 2, 4, 64
+    lens = [200 * SCALE, 7, 130]
+    k_cache, v_cache, tables = make_paged_kv(lens, bs, num_kv_heads, head_dim, dtype)
+    q = torch.randn(len(lens), num_kv_heads * group, head_dim, device=DEVICE).to(dtype)
+    context_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    assert choose_num_splits(len(lens), num_kv_heads, max(lens), DEVICE) > 1
+    out = decode_attention(q, k_cache, v_cache, tables, context_lens, head_dim**-0.5)
+    ref = decode_attention_ref(q, k_cache, v_cache, tables, context_lens, head_dim**-0.5)
+    assert_close(out, ref, dtype, seed, "heuristic splits")
+
+
+def test_choose_num_splits():
+    cpu = torch.device("cpu")  # 132 SMs assumed
+    assert choose_num_splits(256, 8, 4096, cpu) == 1  # big batch fills the GPU alone
+    assert choose_num_splits(4, 8, 100, cpu) == 1  # short contexts: not worth a reduction
+    one_long = choose_num_splits(1, 8, 32768, cpu)
+    assert 1 < one_long <= decode_mod.MAX_SPLITS
+    assert choose_num_splits(1, 8, 1024, cpu) == 1024 // decode_mod.MIN_TOKENS_PER_SPLIT
+    assert choose_num_splits(8, 8, 32768, cpu) <= one_long
+
+
+# ---- extend -----------------------------------------------------------------------------------------
+
+# (block_size, num_kv_heads, group, head_dim)
+EXTEND_CONFIGS = [(16, 2, 1, 64), (16, 1, 4, 128), (8, 1, 3, 64), (32, 1, 8, 64)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size,num_kv_heads,group,head_dim", EXTEND_CONFIGS)
+def test_extend_attention(dtype, block_size, num_kv_heads, group, head_dim, seed):
+    # (query_len, context_len): cached prefix, fresh prompt, single token with/without prefix, a
+    # query spanning several tiles behind a prefix that ends mid-block.
+    pairs = [(20, 75), (37, 37), (1, 21), (1, 1), (45 * SCALE, 45 * SCALE + 3 * block_size + 5)]
+    pairs += [(int(n), int(n) + int(p)) for n, p in torch.randint(1, 40, (SCALE - 1, 2))]
+    qlens = [n for n, _ in pairs]
+    clens = [c for _, c in pairs]
+    k_cache, v_cache, tables = make_paged_kv(clens, block_size, num_kv_heads, head_dim, dtype)
+    num_tokens = sum(qlens)
+    q = torch.randn(num_tokens, num_kv_heads * group, head_dim, device=DEVICE).to(dtype)
+    starts = [0]
+    for n in qlens:
+        starts.append(starts[-1] + n)
+    qsl = torch.tensor(starts, dtype=torch.int32, device=DEVICE)
+    query_lens = torch.tensor(qlens, dtype=torch.int32, device=DEVICE)
+    context_lens = torch.tensor(clens, dtype=torch.int32, device=DEVICE)
+    scale = head_dim**-0.5
+    out = nan_like(q)
+    res = extend_attention(q, k_cache, v_cache, tables, qsl, query_lens, context_lens, scale, out)
+    assert res is out
+    ref = extend_attention_ref(q, k_cache, v_cache, tables, qsl, qlens, clens, scale)
+    assert_close(out, ref, dtype, seed, "extend")
+
+
+# ---- backend ----------------------------------------------------------------------------------------
+
+BATCHES = {
+    # (query_len, context_len) per sequence
+    "mixed": [(1, 40), (17, 17), (1, 1), (9, 50), (1, 16), (30, 30)],
+    "decode": [(1, 33), (1, 1), (1, 16), (1, 70)],
+    "prefill": [(12, 12), (5, 29)],
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", list(BATCHES))
+def test_backend_matches_torch(dtype, kind, seed):
+    """store_kv + forward through TritonAttentionBackend == TorchAttentionBackend, on batches built as
+    the runner builds them, with q a strided view and one CUDA-graph padding row (slot -1)."""
+    pairs = [(n * (SCALE if n > 1 else 1), c + (n * (SCALE if n > 1 else 1) - n)) for n, c in BATCHES[kind]]
+    block_size, num_kv_heads, group, head_dim = 16, 2, 4, 64
+    qlens = [n for n, _ in pairs]
+    clens = [c for _, c in pairs]
+    k_cache, v_cache, tables = make_paged_kv(clens, block_size, num_kv_heads, head_dim, dtype)
+    # The step's new tokens are written by the backend's store_kv, like Attention.forward does: clear
+    # their slots first, then store k/v for every row plus a padded row.
+    slots = []
+    for i, (n, c) in enumerate(pairs):
+        for p in range(c - n, c):
+            slots.append(int(tables[i, p // block_size]) * block_size + p % block_size)
+    slots.append(-1)
+    slot_mapping = torch.tensor(slots, dtype=torch.long, device=DEVICE)
+    num_tokens = len(slots)
+    hk = num_kv_heads
+    kv_new = torch.randn(num_tokens, 2 * hk, head_dim, device=DEVICE).to(dtype)
+    k_cache.view(-1, hk, head_dim)[slot_mapping[:-1]] = NAN
+    v_cache.view(-1, hk, head_dim)[slot_mapping[:-1]] = NAN
+    backend = TritonAttentionBackend()
+    backend.store_kv(kv_new[:, :hk], kv_new[:, hk:], k_cache, v_cache, slot_mapping)
+
+    # q: a strided view of a fused projection; the padded row is not part of any sequence.
+    qkv = torch.randn(num_tokens, num_kv_heads * group + 2 * hk, head_dim, device=DEVICE).to(dtype)
+    q = qkv[:, : num_kv_heads * group]
+    meta = AttentionMetadata(
+        query_lens=qlens,
+        context_lens=clens,
+        slot_mapping=slot_mapping,
+        block_tables=tables,
+        block_size=block_size,
+    )
+    scale = head_dim**-0.5
+    out = backend.forward(q, k_cache, v_cache, meta, scale, k_new=kv_new[:, :hk], v_new=kv_new[:, hk:])[:-1]
+    out_again = backend.forward(q, k_cache, v_cache, meta, scale)[:-1]  # cached prepare, 2nd layer
+    assert torch.equal(out, out_again)
+
+    starts = [0]
+    for n in qlens:
+        starts.append(starts[-1] + n)
+    ref = paged_attention_ref(q, k_cache, v_cache, tables, starts, qlens, clens, scale)[:-1]
+    assert_close(out, ref, dtype, seed, f"{kind} vs float64")
+
+    # TorchAttentionBackend multiplies masked-out values by 0, so it needs finite unused slots.
+    k_clean, v_clean = k_cache.nan_to_num(0.0), v_cache.nan_to_num(0.0)
+    meta_torch = AttentionMetadata(qlens, clens, slot_mapping, tables, block_size)
+    k_new, v_new = kv_new[:, :hk], kv_new[:, hk:]
+    torch_out = TorchAttentionBackend().forward(
+        q, k_clean, v_clean, meta_torch, scale, k_new=k_new, v_new=v_new
+    )[:-1]
+    meta_torch64 = AttentionMetadata(qlens, clens, slot_mapping, tables, block_size)
+    torch_out64 = TorchAttentionBackend().forward(
+        q.double(), k_clean.double(), v_clean.double(), meta_torch64, scale, k_new.double(), v_new.double()
+    )[:-1]
+    assert_close(out, torch_out64, dtype, seed, f"{kind} vs TorchAttentionBackend(float64)")
+    assert rel_err(out, torch_out) < 2 * TOL[dtype], f"{kind} vs TorchAttentionBackend, seed={seed}"
+
+
+# ---- norm / activation ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [64, 576, 4096])
+def test_rms_norm(dtype, hidden, seed):
+    rows, eps = 7 * SCALE, 1e-5
+    x = torch.randn(rows, hidden, device=DEVICE).to(dtype)
+    residual = torch.randn(rows, hidden, device=DEVICE).to(dtype)
+    layer = RMSNorm(hidden, eps, dtype=dtype).to(DEVICE)
+    layer.weight.data = (1 + 0.1 * torch.randn(hidden, device=DEVICE)).to(dtype)
+    w = layer.weight.data
+
+    out = rms_norm(x, w, eps, out=nan_like(x))
+    assert_close(out, rms_norm_ref(x, w, eps), dtype, seed, "rms_norm")
+    assert rel_err(out, layer(x)) < TOL[dtype]
+
+    out, res = rms_norm(x, w, eps, residual, out=nan_like(x), residual_out=nan_like(x))
+    ref_out, ref_res = rms_norm_ref(x, w, eps, residual)
+    assert_close(out, ref_out, dtype, seed, "rms_norm(+residual) out")
+    assert_close(res, ref_res, dtype, seed, "rms_norm(+residual) residual")
+    layer_out, layer_res = layer(x, residual)
+    if DEVICE.type == "cuda" or dtype != torch.bfloat16:
+        assert torch.equal(res, layer_res)  # the residual sum is rounded exactly like the layer does
+    else:  # the interpreter casts fp32 -> bf16 by truncation, not round-to-nearest-even
+        assert rel_err(res, layer_res) < TOL[dtype]
+    assert rel_err(out, layer_out) < TOL[dtype]
+
+    # In place, as a fused pre-norm uses it: x <- norm(x + residual), residual <- x + residual.
+    xi, ri = x.clone(), residual.clone()
+    rms_norm(xi, w, eps, ri, out=xi, residual_out=ri)
+    assert torch.equal(xi, out) and torch.equal(ri, res)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul(dtype, seed):
+    gate_up = (2 * torch.randn(5 * SCALE, 3, 2 * 1500, device=DEVICE)).to(dtype)
+    out = silu_and_mul(gate_up, out=torch.full((5 * SCALE, 3, 1500), NAN, dtype=dtype, device=DEVICE))
+    assert_close(out, silu_and_mul_ref(gate_up), dtype, seed, "silu_and_mul")
+    assert rel_err(out, torch_silu_and_mul(gate_up)) < TOL[dtype]
