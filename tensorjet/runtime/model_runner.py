@@ -53,6 +53,8 @@ class ModelRunner:
             self.model.load_weights((name, t.to(self.dtype)) for name, t in iter_weights(source))
         self.model.eval()
         self.attention_backend = self._select_attention_backend()
+        if self.device.type == "cuda" and config.enable_cuda_graph:
+            logger.warning("enable_cuda_graph: CUDA-graph capture is not built yet; decode runs eagerly")
         logger.info("loaded %s in %.1fs", source.name, time.perf_counter() - start)
         self.num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
         self.head_dim = head_dim_of(hf_config)
