@@ -64,12 +64,19 @@ class TorchAttentionBackend:
             meta.cache["decode_mask"] = pos[None, :] < lens[:, None]
             meta.cache["decode_token_index"] = torch.tensor([starts[i] for i in decode_rows], device=device)
         extend_slots = {}
+        fresh_by_len: dict[int, list[int]] = {}
         for i in meta.cache["extend_rows"]:
             if meta.context_lens[i] == meta.query_lens[i]:
-                continue  # a fresh prompt attends to its own new keys, not the cache
+                # A fresh prompt attends to its own new keys, not the cache; equal lengths share a call.
+                fresh_by_len.setdefault(meta.query_lens[i], []).append(starts[i])
+                continue
             pos = torch.arange(meta.context_lens[i], device=device)
             extend_slots[i] = meta.block_tables[i, pos // bs].long() * bs + pos % bs
         meta.cache["extend_slots"] = extend_slots
+        meta.cache["fresh_groups"] = [
+            torch.tensor(group_starts, device=device)[:, None] + torch.arange(n, device=device)[None, :]
+            for n, group_starts in fresh_by_len.items()
+        ]
 
     def forward(
         self,
@@ -101,24 +108,26 @@ class TorchAttentionBackend:
                 q[idx][:, :, None], k, v, attn_mask=mask, scale=scale, enable_gqa=group > 1
             )
             out[idx] = o[:, :, 0]
-        for i in c["extend_rows"]:
+        for tokens in c["fresh_groups"]:  # [G, n] token rows of G fresh prompts of length n
+            o = F.scaled_dot_product_attention(
+                q[tokens].transpose(1, 2),
+                k_new[tokens].transpose(1, 2),
+                v_new[tokens].transpose(1, 2),
+                is_causal=True,
+                scale=scale,
+                enable_gqa=group > 1,
+            )
+            out[tokens] = o.transpose(1, 2)
+        for i, slots in c["extend_slots"].items():  # prompts extending a cached prefix
             start, end = c["starts"][i], c["starts"][i + 1]
             n, total = end - start, meta.context_lens[i]
-            qi = q[start:end].transpose(0, 1)
-            if i not in c["extend_slots"]:
-                k, v = k_new[start:end].transpose(0, 1), v_new[start:end].transpose(0, 1)
-                o = F.scaled_dot_product_attention(
-                    qi, k, v, is_causal=True, scale=scale, enable_gqa=group > 1
-                )
-            else:
-                slots = c["extend_slots"][i]
-                k = k_flat[slots].transpose(0, 1)  # [Hk, L, D]
-                v = v_flat[slots].transpose(0, 1)
-                # Query j (absolute position total - n + j) sees keys at positions <= its own.
-                mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(diagonal=total - n)
-                o = F.scaled_dot_product_attention(
-                    qi, k, v, attn_mask=mask, scale=scale, enable_gqa=group > 1
-                )
+            k = k_flat[slots].transpose(0, 1)  # [Hk, L, D]
+            v = v_flat[slots].transpose(0, 1)
+            # Query j (absolute position total - n + j) sees keys at positions <= its own.
+            mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(diagonal=total - n)
+            o = F.scaled_dot_product_attention(
+                q[start:end].transpose(0, 1), k, v, attn_mask=mask, scale=scale, enable_gqa=group > 1
+            )
             out[start:end] = o.transpose(0, 1)
         return out
 
