@@ -40,6 +40,10 @@ class TorchAttentionBackend:
     sequence at a time with a causal mask offset by their cached prefix.
     """
 
+    @staticmethod
+    def store_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
+        store_kv(k, v, k_cache, v_cache, slot_mapping)
+
     def prepare(self, meta: AttentionMetadata, device: torch.device) -> None:
         if "decode_rows" in meta.cache:
             return
@@ -157,5 +161,5 @@ class Attention(nn.Module):
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        self.backend.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         return self.backend.forward(q, self.k_cache, self.v_cache, meta, self.scale, k_new=k, v_new=v)
