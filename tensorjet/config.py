@@ -117,7 +117,9 @@ class EngineConfig:
     device: str = "auto"
     seed: int = 0
     block_size: int = 16
-    disable_overlap_scheduler: bool = False
+    # None (auto): overlap on CUDA, where the CPU can work while the GPU runs; off on CPU, where the
+    # same cores do both and overlap would only report each token one step later. False forces it on.
+    disable_overlap_scheduler: bool | None = None
     attention_backend: str = "auto"  # "torch" (reference), "triton", or "auto" (triton on CUDA)
 
     def __post_init__(self) -> None:
@@ -166,6 +168,12 @@ class EngineConfig:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    @property
+    def overlap_scheduling(self) -> bool:
+        if self.disable_overlap_scheduler is None:
+            return self.torch_device.type == "cuda"
+        return not self.disable_overlap_scheduler
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -72,3 +72,8 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def needs_token_history(self) -> bool:
+        """Whether sampling reads the tokens generated so far (penalties) on the host."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0

@@ -12,11 +12,11 @@ from tensorjet.config import EngineConfig
 from tensorjet.engine.block_manager import BlockManager
 from tensorjet.engine.detokenizer import IncrementalDetokenizer
 from tensorjet.engine.scheduler import Scheduler
-from tensorjet.engine.sequence import Sequence
+from tensorjet.engine.sequence import PLACEHOLDER, Sequence
 from tensorjet.models.llama import max_positions_of
 from tensorjet.models.loader import ModelSource, load_tokenizer, resolve_model
 from tensorjet.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from tensorjet.runtime.model_runner import ModelRunner
+from tensorjet.runtime.model_runner import ModelRunner, StepHandle
 from tensorjet.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -56,7 +56,6 @@ class LLMEngine:
         self.source: ModelSource = resolve_model(config.model, config.load_format)
         self.tokenizer = load_tokenizer(self.source)
         self.eos_token_ids = self._eos_token_ids()
-        self.runner = ModelRunner(config, self.source, self.eos_token_ids)
         model_max = max_positions_of(self.source.hf_config)
         self.max_seq_len = min(config.max_seq_len or model_max, model_max)
         if config.max_seq_len is not None and config.max_seq_len > model_max:
@@ -66,6 +65,9 @@ class LLMEngine:
                 model_max,
                 model_max,
             )
+        self.runner = ModelRunner(config, self.source, self.eos_token_ids, self.max_seq_len)
+        self.overlap = config.overlap_scheduling
+        self._in_flight: StepHandle | None = None  # overlap: the launched step whose tokens are pending
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
@@ -190,16 +192,41 @@ class LLMEngine:
             self.scheduler.finish(seq)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests) or self._in_flight is not None
 
     # ---- one step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled step; return an update for every request that produced tokens or finished."""
+        """Run one scheduled step; return an update for every request that produced tokens or finished.
+
+        With overlap scheduling the step is launched and, while the device runs it, the previous
+        step's tokens are read back and processed: each sampled token enters its sequence as a
+        PLACEHOLDER first (the next step takes its value on the device) and is filled in one step
+        later. Without overlap a step is launched and resolved at once."""
+        outputs: list[RequestOutput] = []
+        if self._in_flight is not None and self._needs_token_history():
+            outputs += self._resolve(self._in_flight)  # penalties read past tokens on the host
+            self._in_flight = None
         batch = self.scheduler.schedule()
-        if not batch.seqs:
+        if not batch.seqs and self._in_flight is None:
             if self.scheduler.has_work():
                 raise RuntimeError("scheduler made no progress: the KV cache cannot hold any waiting request")
-            return []
+            return outputs
+        handle = self._launch(batch) if batch.seqs else None
+        if self._in_flight is not None:
+            outputs += self._resolve(self._in_flight)
+        self._in_flight = handle
+        if handle is not None and not self.overlap:
+            outputs += self._resolve(handle)
+            self._in_flight = None
+        for seq in batch.seqs:  # every token they computed is known now
+            if not seq.is_finished:
+                self.block_manager.commit_computed_blocks(seq)
+        return outputs
+
+    def _needs_token_history(self) -> bool:
+        return any(s.params.needs_token_history for s in self._in_flight.sampling_seqs)
+
+    def _launch(self, batch) -> StepHandle:
         now = time.monotonic()
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             if seq.first_scheduled_time is None:
@@ -208,18 +235,33 @@ class LLMEngine:
                 self.num_prompt_tokens_computed += min(n, seq.num_prompt_tokens - seq.num_computed_tokens)
             if seq.num_computed_tokens + n < len(seq):
                 self.num_partial_prefills += 1
-        sampled_seqs, out = self.runner.execute(batch.seqs, batch.num_new_tokens)
+        handle = self.runner.launch(batch.seqs, batch.num_new_tokens, self._in_flight)
         self.num_steps += 1
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
-            self.block_manager.commit_computed_blocks(seq)
+        handle.token_index = []
+        for seq in handle.sampling_seqs:
+            handle.token_index.append(len(seq.token_ids))
+            seq.token_ids.append(PLACEHOLDER)
+        return handle
+
+    def _resolve(self, handle: StepHandle) -> list[RequestOutput]:
+        """Fill in a launched step's tokens (waiting for the device), apply stops, build outputs."""
+        out = handle.result()
         now = time.monotonic()
         touched: dict[str, Request] = {}
-        for seq, token, logprobs in zip(sampled_seqs, out.token_ids, out.logprobs):
-            request = self.requests[seq.request_id]
-            self._append_token(request, seq, token, logprobs, now)
+        for seq, index, token, logprobs in zip(
+            handle.sampling_seqs, handle.token_index, out.token_ids, out.logprobs
+        ):
+            request = self.requests.get(seq.request_id)
+            if seq.is_finished or request is None:
+                continue  # aborted, or finished by the step before (its extra row is discarded)
+            seq.token_ids[index] = token
+            self._accept_token(request, seq, token, logprobs, now)
             touched[request.request_id] = request
             if seq.is_finished:
+                del seq.token_ids[index + 1 :]  # a placeholder from the step now in flight
+                self.block_manager.commit_computed_blocks(seq)
                 self.scheduler.finish(seq)
         outputs = [self._make_output(r) for r in touched.values()]
         for r in touched.values():
@@ -227,8 +269,7 @@ class LLMEngine:
                 del self.requests[r.request_id]
         return outputs
 
-    def _append_token(self, request: Request, seq: Sequence, token: int, logprobs, now: float) -> None:
-        seq.token_ids.append(token)
+    def _accept_token(self, request: Request, seq: Sequence, token: int, logprobs, now: float) -> None:
         self.num_generated_tokens += 1
         if seq.first_token_time is None:
             seq.first_token_time = now
@@ -237,19 +278,21 @@ class LLMEngine:
         params = seq.params
         stop_string = request.detokenizers[seq.index].add_tokens([token])
         # The sampler bans EOS and stop tokens until min_tokens, so reaching these means it is allowed.
+        # The length checks count known tokens only (a later placeholder may already be appended).
+        num_known = len(seq) - (seq.token_ids[-1] == PLACEHOLDER)
         if token in params.stop_token_ids:
             seq.finish("stop", token)
         elif token in self.eos_token_ids and not params.ignore_eos:
             seq.finish("stop", None)
         elif stop_string is not None:
             seq.finish("stop", stop_string)
-        elif seq.num_output_tokens >= params.max_tokens or len(seq) >= self.max_seq_len:
+        elif num_known - seq.num_prompt_tokens >= params.max_tokens or num_known >= self.max_seq_len:
             seq.finish("length")
 
     def _make_output(self, request: Request) -> RequestOutput:
         completions = []
         for i, (seq, detok) in enumerate(zip(request.seqs, request.detokenizers)):
-            out_ids = seq.output_token_ids
+            out_ids = seq.known_output_token_ids
             completions.append(
                 CompletionOutput(
                     index=seq.index,
@@ -304,4 +347,5 @@ class LLMEngine:
             "num_requests_running": len(self.scheduler.running),
             "num_requests_waiting": len(self.scheduler.waiting),
             "num_steps": self.num_steps,
+            "num_graph_steps": self.runner.num_graph_steps,
         }

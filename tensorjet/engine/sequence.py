@@ -26,6 +26,10 @@ class SequenceStatus(enum.Enum):
 
 _seq_ids = itertools.count()
 
+# A sampled token whose value is still on the device (overlap scheduling): it counts as a token for
+# scheduling, and the engine fills it in one step later.
+PLACEHOLDER = -1
+
 
 class Sequence:
     def __init__(
@@ -65,6 +69,12 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def known_output_token_ids(self) -> list[int]:
+        """Output tokens without a trailing placeholder."""
+        end = len(self.token_ids) - (self.token_ids[-1] == PLACEHOLDER)
+        return self.token_ids[self.num_prompt_tokens : end]
 
     @property
     def num_output_tokens(self) -> int:

@@ -102,7 +102,7 @@ class TritonAttentionBackend:
         out = torch.empty_like(q)
         d = state["decode"]
         if d is not None:
-            num_splits = self.num_splits
+            num_splits = d.get("num_splits", self.num_splits)  # fixed by a CUDA-graph bucket
             if num_splits is None:
                 num_splits = choose_num_splits(
                     d["context_lens"].shape[0], k_cache.shape[2], d["max_context_len"], q.device

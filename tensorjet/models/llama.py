@@ -69,9 +69,10 @@ class LlamaMLP(nn.Module):
         bias = bool(getattr(config, "mlp_bias", False))
         self.gate_up_proj = Linear(config.hidden_size, [inter, inter], bias=bias, dtype=dtype)
         self.down_proj = Linear(inter, config.hidden_size, bias=bias, dtype=dtype)
+        self.act = silu_and_mul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -123,6 +124,17 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = None
         else:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype=dtype)
+
+    def use_triton_kernels(self) -> None:
+        """Swap the PyTorch norm and activation ops for the fused Triton kernels (same numerics)."""
+        from tensorjet.kernels.activation import silu_and_mul as fused_silu_and_mul
+        from tensorjet.kernels.norm import rms_norm
+
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.kernel = rms_norm
+            elif isinstance(module, LlamaMLP):
+                module.act = fused_silu_and_mul
 
     @property
     def attention_layers(self) -> list[Attention]:

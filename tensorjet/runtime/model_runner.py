@@ -7,18 +7,25 @@ end of its known tokens.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
+from itertools import chain
+from typing import TYPE_CHECKING
 
 import torch
 
 from tensorjet.config import EngineConfig
-from tensorjet.engine.sequence import Sequence
+from tensorjet.engine.sequence import PLACEHOLDER, Sequence
 from tensorjet.layers.attention import AttentionMetadata
 from tensorjet.models.llama import LlamaForCausalLM, head_dim_of
 from tensorjet.models.loader import ModelSource, iter_weights
-from tensorjet.runtime.sampler import Sampler, SamplerOutput, SamplingRow
+from tensorjet.runtime.device_io import to_device
+from tensorjet.runtime.sampler import SampledTokens, Sampler, SamplerOutput, SamplingRow
+
+if TYPE_CHECKING:
+    from tensorjet.runtime.cuda_graph import DecodeGraphs
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +35,7 @@ class StepInputs:
     input_ids: torch.Tensor
     positions: torch.Tensor
     meta: AttentionMetadata
+    context_lens: torch.Tensor  # [num_seqs] int64, cached prefix + new tokens
     logits_indices: torch.Tensor  # rows of the flattened step whose logits are sampled
     sampling_seqs: list[Sequence]
     # Prompt logprobs: flattened rows, the prompt token each row predicts, and whose it is.
@@ -36,32 +44,95 @@ class StepInputs:
     prompt_seqs: list[Sequence]
 
 
+OUT_OF_MEMORY_ADVICE = (
+    "Lower max_num_tokens (activation memory) or max_batch_size, lower kv_cache_free_gpu_mem_fraction "
+    "or set kv_cache_max_tokens (KV pool), set cuda_graph_cache_size lower or enable_cuda_graph=False, "
+    "or use a smaller or quantized model."
+)
+
+
+@contextlib.contextmanager
+def _explain_out_of_memory(stage: str):
+    """Turn a start-up OOM into a message that says what to lower (the guide's "Common Issues")."""
+    try:
+        yield
+    except torch.OutOfMemoryError as error:
+        raise RuntimeError(f"out of GPU memory while {stage}. {OUT_OF_MEMORY_ADVICE}") from error
+
+
+class StepHandle:
+    """A launched step: which sequences it samples for and their tokens, still on the device."""
+
+    def __init__(self, sampling_seqs: list[Sequence], sampled: SampledTokens | None) -> None:
+        self.sampling_seqs = sampling_seqs
+        self.sampled = sampled
+        self.row_of = {seq.seq_id: i for i, seq in enumerate(sampling_seqs)}
+        self.token_index: list[int] = []  # where each sampled token goes in its sequence (engine's)
+
+    def result(self) -> SamplerOutput:
+        """Wait for the step and return its sampled tokens (and logprobs) on the host."""
+        if self.sampled is None:
+            return SamplerOutput(token_ids=[], logprobs=[])
+        return self.sampled.to_host()
+
+
 class ModelRunner:
-    def __init__(self, config: EngineConfig, source: ModelSource, eos_token_ids: set[int]) -> None:
+    def __init__(
+        self, config: EngineConfig, source: ModelSource, eos_token_ids: set[int], max_seq_len: int
+    ) -> None:
         self.config = config
         self.device = config.torch_device
         self.dtype = config.torch_dtype
         self.block_size = config.cache.block_size
         self.eos_token_ids = eos_token_ids
+        self.max_seq_len = max_seq_len
         hf_config = source.hf_config
-        start = time.perf_counter()
-        with torch.device(self.device):
-            self.model = LlamaForCausalLM(hf_config, self.dtype)
-        if source.kind == "dummy" or config.load_format == "dummy":
-            self.model.init_dummy_weights(config.seed)
-        else:
-            self.model.load_weights((name, t.to(self.dtype)) for name, t in iter_weights(source))
-        self.model.eval()
-        self.attention_backend = self._select_attention_backend()
-        if self.device.type == "cuda" and config.enable_cuda_graph:
-            logger.warning("enable_cuda_graph: CUDA-graph capture is not built yet; decode runs eagerly")
-        logger.info("loaded %s in %.1fs", source.name, time.perf_counter() - start)
         self.num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
         self.head_dim = head_dim_of(hf_config)
         self.num_layers = hf_config.num_hidden_layers
-        self.num_blocks = self._kv_cache_blocks()
-        self._allocate_kv_cache(self.num_blocks)
         self.sampler = Sampler(config.seed)
+        self.decode_graphs: DecodeGraphs | None = None
+        self.num_graph_steps = 0  # steps replayed from a decode graph
+        with _explain_out_of_memory("loading the model weights"):
+            self._load_model(source)
+        self.attention_backend = self._select_attention_backend()
+        with _explain_out_of_memory("sizing and allocating the KV cache"):
+            self.num_blocks = self._kv_cache_blocks()
+            self._allocate_kv_cache(self.num_blocks)
+        if config.enable_cuda_graph:
+            with _explain_out_of_memory("capturing decode CUDA graphs"):
+                self.decode_graphs = self._build_decode_graphs()
+
+    def _load_model(self, source: ModelSource) -> None:
+        start = time.perf_counter()
+        with torch.device(self.device):
+            self.model = LlamaForCausalLM(source.hf_config, self.dtype)
+        if source.kind == "dummy" or self.config.load_format == "dummy":
+            self.model.init_dummy_weights(self.config.seed)
+        else:
+            self.model.load_weights((name, t.to(self.dtype)) for name, t in iter_weights(source))
+        self.model.eval()
+        logger.info("loaded %s in %.1fs", source.name, time.perf_counter() - start)
+
+    def _build_decode_graphs(self) -> DecodeGraphs | None:
+        if self.attention_backend != "triton":
+            if self.device.type == "cuda":
+                logger.warning("enable_cuda_graph needs attention_backend='triton'; decode runs eagerly")
+            return None  # on CPU the reference backend runs eagerly, as it should
+        from tensorjet.runtime.cuda_graph import DecodeGraphs
+
+        graphs = DecodeGraphs(
+            self.model,
+            max_batch_size=self.config.max_batch_size,
+            max_blocks_per_seq=-(-self.max_seq_len // self.block_size),
+            block_size=self.block_size,
+            num_kv_heads=self.num_kv_heads,
+            max_seq_len=self.max_seq_len,
+            device=self.device,
+            cache_size=self.config.cuda_graph_cache_size,
+        )
+        graphs.capture_all()
+        return graphs
 
     def _select_attention_backend(self) -> str:
         choice = self.config.attention_backend
@@ -73,6 +144,7 @@ class ModelRunner:
             backend = TritonAttentionBackend()
             for attn in self.model.attention_layers:
                 attn.backend = backend
+            self.model.use_triton_kernels()
         return choice
 
     # ---- KV cache sizing ---------------------------------------------------------------------
@@ -92,8 +164,7 @@ class ModelRunner:
             num_blocks = min(num_blocks, cache.kv_cache_max_tokens // self.block_size)
         if num_blocks < 1:
             raise RuntimeError(
-                "no GPU memory left for the KV cache after loading the model: lower max_num_tokens or "
-                "max_batch_size, raise kv_cache_free_gpu_mem_fraction, or use a smaller/quantized model"
+                f"no GPU memory left for the KV cache after loading the model. {OUT_OF_MEMORY_ADVICE}"
             )
         return num_blocks
 
@@ -136,7 +207,13 @@ class ModelRunner:
         del self.kv_cache
 
     # ---- one step ----------------------------------------------------------------------------
-    def prepare(self, seqs: list[Sequence], num_new_tokens: list[int]) -> StepInputs:
+    def prepare(
+        self, seqs: list[Sequence], num_new_tokens: list[int], prev: StepHandle | None = None
+    ) -> StepInputs:
+        """Flatten the step's tokens into device tensors with one host-to-device copy.
+
+        A sequence's last token may still be a PLACEHOLDER for what `prev` (the step in flight)
+        samples: its input id is then taken from `prev.sampled.tokens` on the device."""
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -144,6 +221,8 @@ class ModelRunner:
         logits_indices: list[int] = []
         sampling_seqs: list[Sequence] = []
         context_lens: list[int] = []
+        fill_rows: list[int] = []  # input rows whose token is still on the device ...
+        fill_from: list[int] = []  # ... at this index of prev's sampled tokens
         prompt_rows: list[int] = []
         prompt_targets: list[int] = []
         prompt_seqs: list[Sequence] = []
@@ -157,6 +236,12 @@ class ModelRunner:
                     prompt_targets.append(seq.token_ids[p + 1])
                     prompt_seqs.append(seq)
             input_ids += seq.token_ids[start:end]
+            if input_ids[-1] == PLACEHOLDER:
+                if prev is None or seq.seq_id not in prev.row_of:
+                    raise RuntimeError(f"sequence {seq.seq_id} has an unresolved token and no step in flight")
+                input_ids[-1] = 0
+                fill_rows.append(len(input_ids) - 1)
+                fill_from.append(prev.row_of[seq.seq_id])
             positions += range(start, end)
             table = seq.block_table
             slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
@@ -165,20 +250,29 @@ class ModelRunner:
                 logits_indices.append(len(input_ids) - 1)
                 sampling_seqs.append(seq)
         max_blocks = max(len(s.block_table) for s in seqs)
-        tables = [s.block_table + [-1] * (max_blocks - len(s.block_table)) for s in seqs]
-        dev = self.device
+        tables: list[int] = []
+        for s in seqs:
+            tables += s.block_table + [-1] * (max_blocks - len(s.block_table))
+        parts = (input_ids, positions, slots, logits_indices, context_lens, fill_rows, fill_from, tables)
+        flat = to_device(list(chain.from_iterable(parts)), torch.long, self.device)
+        (ids_t, pos_t, slots_t, logits_t, ctx_t, fill_rows_t, fill_from_t, tables_t) = flat.split(
+            [len(p) for p in parts]
+        )
+        if fill_rows:
+            ids_t[fill_rows_t] = prev.sampled.tokens[fill_from_t]
         meta = AttentionMetadata(
             query_lens=list(num_new_tokens),
             context_lens=context_lens,
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            slot_mapping=slots_t,
+            block_tables=tables_t.view(len(seqs), max_blocks).to(torch.int32),
             block_size=bs,
         )
         return StepInputs(
-            input_ids=torch.tensor(input_ids, dtype=torch.long, device=dev),
-            positions=torch.tensor(positions, dtype=torch.long, device=dev),
+            input_ids=ids_t,
+            positions=pos_t,
             meta=meta,
-            logits_indices=torch.tensor(logits_indices, dtype=torch.long, device=dev),
+            context_lens=ctx_t,
+            logits_indices=logits_t,
             sampling_seqs=sampling_seqs,
             prompt_rows=prompt_rows,
             prompt_targets=prompt_targets,
@@ -186,19 +280,50 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
+    def launch(
+        self, seqs: list[Sequence], num_new_tokens: list[int], prev: StepHandle | None = None
+    ) -> StepHandle:
+        """Queue the step on the device and return at once; the sampled tokens stay on the device.
+
+        Sequences whose slice reaches the end of their tokens are sampled (`handle.sampling_seqs`)."""
+        inputs = self.prepare(seqs, num_new_tokens, prev)
+        if self._use_graph(inputs, num_new_tokens):
+            self.num_graph_steps += 1
+            logits = self.decode_graphs.run(
+                inputs.input_ids,
+                inputs.positions,
+                inputs.meta.slot_mapping,
+                inputs.meta.block_tables,
+                inputs.context_lens,
+            )
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
+            if inputs.prompt_rows:
+                self._record_prompt_logprobs(hidden, inputs)
+            logits = None
+            if inputs.sampling_seqs:
+                logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        sampled = None
+        if logits is not None:
+            rows = [self._sampling_row(seq) for seq in inputs.sampling_seqs]
+            sampled = self.sampler.sample(logits, rows)
+            sampled.start_copy()
+        return StepHandle(inputs.sampling_seqs, sampled)
+
     def execute(
         self, seqs: list[Sequence], num_new_tokens: list[int]
     ) -> tuple[list[Sequence], SamplerOutput]:
-        """Compute the scheduled tokens; sample for the sequences whose slice completed them."""
-        inputs = self.prepare(seqs, num_new_tokens)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
-        if inputs.prompt_rows:
-            self._record_prompt_logprobs(hidden, inputs)
-        if not inputs.sampling_seqs:
-            return [], SamplerOutput(token_ids=[], logprobs=[])
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])
-        rows = [self._sampling_row(seq) for seq in inputs.sampling_seqs]
-        return inputs.sampling_seqs, self.sampler(logits, rows)
+        """`launch` and wait: compute the scheduled tokens and sample (no placeholders allowed)."""
+        handle = self.launch(seqs, num_new_tokens)
+        return handle.sampling_seqs, handle.result()
+
+    def _use_graph(self, inputs: StepInputs, num_new_tokens: list[int]) -> bool:
+        return (
+            self.decode_graphs is not None
+            and len(num_new_tokens) <= self.decode_graphs.max_batch_size
+            and not inputs.prompt_rows
+            and all(n == 1 for n in num_new_tokens)
+        )
 
     def _record_prompt_logprobs(self, hidden: torch.Tensor, inputs: StepInputs) -> None:
         rows = torch.tensor(inputs.prompt_rows, device=self.device)

@@ -14,6 +14,7 @@ from itertools import chain
 
 import torch
 
+from tensorjet.runtime.device_io import HostCopy, to_device
 from tensorjet.sampling_params import SamplingParams
 
 NEG_INF = float("-inf")
@@ -39,15 +40,15 @@ class SamplerOutput:
 
 def _column(rows: list[SamplingRow], name: str, device: torch.device) -> torch.Tensor:
     """One float per row from params, as a [B, 1] tensor that broadcasts over the vocabulary."""
-    return torch.tensor([float(getattr(r.params, name)) for r in rows], device=device)[:, None]
+    return to_device([float(getattr(r.params, name)) for r in rows], torch.float32, device)[:, None]
 
 
 def _flat_index(token_lists: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(row, token) index pairs for every listed token: two host->device copies, not one per row."""
     lengths = [len(ids) for ids in token_lists]
-    cols = torch.tensor(list(chain.from_iterable(token_lists)), dtype=torch.long, device=device)
+    cols = to_device(list(chain.from_iterable(token_lists)), torch.long, device)
     rows = torch.arange(len(token_lists), device=device).repeat_interleave(
-        torch.tensor(lengths, device=device), output_size=sum(lengths)
+        to_device(lengths, torch.long, device), output_size=sum(lengths)
     )
     return rows, cols
 
@@ -94,7 +95,7 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, rows: list[SamplingRow]) -> to
     top_ks = [min(r.params.top_k, vocab) if r.params.top_k > 0 else vocab for r in rows]
     use_top_k = any(k < vocab for k in top_ks)
     use_top_p = any(r.params.top_p < 1.0 for r in rows)
-    kth = torch.tensor(top_ks, device=device)[:, None] - 1 if use_top_k else None
+    kth = to_device(top_ks, torch.long, device)[:, None] - 1 if use_top_k else None
     if use_top_p:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         if use_top_k:
@@ -104,7 +105,7 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, rows: list[SamplingRow]) -> to
         # Rows with top_p == 1 get an infinite bound, so cumsum rounding can't drop their tail.
         top_p = [r.params.top_p if r.params.top_p < 1.0 else float("inf") for r in rows]
         sorted_logits = sorted_logits.masked_fill(
-            mass_before >= torch.tensor(top_p, device=device)[:, None], NEG_INF
+            mass_before >= to_device(top_p, torch.float32, device)[:, None], NEG_INF
         )
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
     elif use_top_k:
@@ -130,6 +131,11 @@ class Sampler:
         return self._generators[device]
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+        """Sample and bring the result to the host (waits for the device)."""
+        return self.sample(logits, rows).to_host()
+
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampledTokens:
+        """Sample one token per row; the result stays on the device, and nothing here waits for it."""
         raw_logprobs = None
         if any(r.params.logprobs is not None for r in rows):
             raw_logprobs = logits.log_softmax(-1)
@@ -140,10 +146,9 @@ class Sampler:
         else:
             tokens = logits.argmax(-1)
             if sampled:
-                index = torch.tensor(sampled, device=logits.device)
+                index = to_device(sampled, torch.long, logits.device)
                 tokens[index] = self._sample(logits[index], [rows[i] for i in sampled])
-        token_ids = tokens.tolist()
-        return SamplerOutput(token_ids, _logprobs(raw_logprobs, token_ids, rows))
+        return SampledTokens(tokens, rows, _top_logprobs(raw_logprobs, tokens, rows))
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """Temperature, filters, then an exponential race: argmax(p / E), E ~ Exp(1), samples from p."""
@@ -156,7 +161,7 @@ class Sampler:
             if len(shared) == len(rows):
                 noise.exponential_(generator=generator)
             else:
-                index = torch.tensor(shared, device=probs.device)
+                index = to_device(shared, torch.long, probs.device)
                 noise[index] = probs.new_empty(len(shared), probs.shape[-1]).exponential_(generator=generator)
         # A seeded row draws exactly one vocabulary-sized block from its own generator per step,
         # wherever it sits in the batch, so its tokens are reproducible.
@@ -167,23 +172,47 @@ class Sampler:
         return (probs / noise.clamp_min_(torch.finfo(noise.dtype).tiny)).argmax(-1)
 
 
-def _logprobs(
-    raw: torch.Tensor | None, token_ids: list[int], rows: list[SamplingRow]
-) -> list[dict[int, float] | None]:
-    """{chosen: lp} plus the row's top-n from the raw (unpenalised) log-softmax, for rows that ask."""
+def _top_logprobs(
+    raw: torch.Tensor | None, tokens: torch.Tensor, rows: list[SamplingRow]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(chosen token's logprob [B], top-k logprobs [B, k], their ids [B, k]) from the raw log-softmax."""
     if raw is None:
-        return [None] * len(rows)
+        return None
     k = max(r.params.logprobs or 0 for r in rows)
     top_values, top_ids = raw.topk(max(k, 1), dim=-1)
-    chosen = raw.gather(1, torch.tensor(token_ids, device=raw.device)[:, None])[:, 0].tolist()
-    top_values, top_ids = top_values.tolist(), top_ids.tolist()
-    out: list[dict[int, float] | None] = []
-    for i, row in enumerate(rows):
-        n = row.params.logprobs
-        if n is None:
-            out.append(None)
-            continue
-        entry = dict(zip(top_ids[i][:n], top_values[i][:n]))
-        entry[token_ids[i]] = chosen[i]
-        out.append(entry)
-    return out
+    return raw.gather(1, tokens[:, None])[:, 0], top_values, top_ids
+
+
+@dataclass
+class SampledTokens:
+    """One step's sampled tokens (and logprobs), still on the device.
+
+    `start_copy()` queues the copy to pinned host memory; `to_host()` waits for it. Overlap scheduling
+    keeps `tokens` on the device as the next step's input and reads the host copy a step later."""
+
+    tokens: torch.Tensor  # [B] int64
+    rows: list[SamplingRow]
+    logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    _copies: list[HostCopy] | None = None
+
+    def start_copy(self) -> None:
+        if self._copies is None:
+            self._copies = [HostCopy(t) for t in (self.tokens, *(self.logprobs or ()))]
+
+    def to_host(self) -> SamplerOutput:
+        self.start_copy()
+        host = [c.get().tolist() for c in self._copies]
+        token_ids = host[0]
+        if self.logprobs is None:
+            return SamplerOutput(token_ids, [None] * len(token_ids))
+        chosen, top_values, top_ids = host[1:]
+        out: list[dict[int, float] | None] = []
+        for i, row in enumerate(self.rows):
+            n = row.params.logprobs
+            if n is None:
+                out.append(None)
+                continue
+            entry = dict(zip(top_ids[i][:n], top_values[i][:n]))
+            entry[token_ids[i]] = chosen[i]
+            out.append(entry)
+        return SamplerOutput(token_ids, out)

@@ -1,0 +1,36 @@
+"""Host <-> device transfers that never stall the CPU on the GPU's queue.
+
+A plain `torch.tensor(values, device="cuda")` copies from pageable memory and waits for the stream,
+i.e. for every kernel queued before it: one such call per step would undo overlap scheduling. Going
+through pinned memory with `non_blocking=True` queues the copy and returns at once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A Python sequence as a tensor on `device`, without a host sync."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+class HostCopy:
+    """A device tensor copied to pinned host memory in the background; `.get()` waits for it."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        if tensor.device.type != "cuda":
+            self._host, self._event = tensor, None
+            return
+        self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        self._host.copy_(tensor, non_blocking=True)
+        self._event = torch.cuda.Event()
+        self._event.record()
+
+    def get(self) -> torch.Tensor:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host

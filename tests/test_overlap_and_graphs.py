@@ -1,0 +1,155 @@
+"""Overlap scheduling and the CUDA-graph decode path, run on the CPU.
+
+Overlap (forced on with `disable_overlap_scheduler=False`) must not change a single output: tokens,
+text, finish reasons and logprobs equal the synchronous engine's, under stops, EOS, n > 1, seeds,
+penalties, chunking, preemption and aborts, and no block leaks. The decode-graph path (static
+buffers, batches padded to a bucket, padded rows with slot -1 and no context) runs eagerly on the
+CPU with the Triton backend under the interpreter and must give the eager path's tokens.
+"""
+
+import asyncio
+
+import pytest
+import torch
+import transformers
+from prompts import PLAIN, varied_prompts
+
+from tensorjet import LLM, SamplingParams
+from tensorjet.runtime.cuda_graph import graph_batch_sizes
+from tensorjet.runtime.model_runner import ModelRunner
+
+
+@pytest.fixture(scope="module")
+def overlap_llm():
+    engine = LLM(device="cpu", disable_overlap_scheduler=False)
+    assert engine.engine.overlap
+    yield engine
+    engine.shutdown()
+
+
+def _summary(outputs):
+    return [[(c.token_ids, c.text, c.finish_reason, c.logprobs) for c in out.outputs] for out in outputs]
+
+
+def test_overlap_gives_the_synchronous_engines_outputs(llm, overlap_llm):
+    assert not llm.engine.overlap  # the CPU default
+    prompts = PLAIN + varied_prompts(10, seed=5, max_words=60)
+    params = [
+        SamplingParams(temperature=0, max_tokens=24),  # may stop at EOS
+        SamplingParams(temperature=0, max_tokens=30, stop=[".", "\n"]),
+        SamplingParams(temperature=0.8, top_p=0.9, max_tokens=12, n=2, seed=7, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=16, repetition_penalty=1.3, frequency_penalty=0.5),
+        SamplingParams(temperature=0, max_tokens=10, logprobs=2, min_tokens=6),
+        SamplingParams(temperature=0, max_tokens=1),
+    ]
+    params = [params[i % len(params)] for i in range(len(prompts))]
+    sync = llm.generate(prompts, params, use_tqdm=False)
+    overlapped = overlap_llm.generate(prompts, params, use_tqdm=False)
+    assert _summary(overlapped) == _summary(sync)
+    stats = overlap_llm.stats()
+    assert stats["kv_blocks_used"] == 0, "blocks leaked"
+    overlap_llm.engine.block_manager.check_integrity([])
+
+
+def test_overlap_under_chunking_and_preemption(llm):
+    prompts = varied_prompts(24, seed=11, max_words=90)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    alone = [llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+    tight = LLM(
+        device="cpu",
+        disable_overlap_scheduler=False,
+        kv_cache_max_tokens=512,
+        max_num_tokens=192,
+        max_chunked_prefill_length=64,
+        max_batch_size=16,
+    )
+    try:
+        together = tight.generate(prompts, params, use_tqdm=False)
+        stats = tight.stats()
+    finally:
+        tight.shutdown()
+    assert [o.outputs[0].token_ids for o in together] == alone
+    assert stats["num_preemptions"] > 0 and stats["num_partial_prefills"] > 0, stats
+    assert stats["kv_blocks_used"] == 0, "blocks leaked"
+
+
+def test_overlap_abort_mid_stream_frees_blocks(overlap_llm):
+    async def take_three():
+        seen = 0
+        async for out in overlap_llm.generate_async(
+            "Once upon a time", SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+        ):
+            seen = len(out.outputs[0].token_ids)
+            if seen >= 3:
+                break
+        return seen
+
+    assert asyncio.run(take_three()) >= 3
+    other = overlap_llm.generate("The ocean is", SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)
+    assert len(other[0].outputs[0].token_ids) == 5
+    assert overlap_llm.stats()["kv_blocks_used"] == 0
+
+
+def test_graph_batch_size_ladder():
+    assert graph_batch_sizes(256) == [1, 2, 4, 8] + list(range(16, 257, 16))
+    assert graph_batch_sizes(5) == [1, 2, 4, 5]
+    assert graph_batch_sizes(1) == [1]
+    assert graph_batch_sizes(256, cache_size=1) == [256]
+    few = graph_batch_sizes(256, cache_size=4)
+    assert len(few) == 4 and few[0] == 1 and few[-1] == 256 and few == sorted(set(few))
+    assert graph_batch_sizes(40, cache_size=100) == graph_batch_sizes(40)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama-graphs")
+    config = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return str(path)
+
+
+def test_padded_decode_graph_path_matches_eager(tiny_model_dir):
+    prompts = [[(5 * i + j) % 128 for j in range(n)] for i, n in enumerate((3, 20, 9, 31, 14))]
+    params = SamplingParams(temperature=0, max_tokens=7, ignore_eos=True)
+    results = {}
+    for graphs in (False, True):
+        llm = LLM(
+            model=tiny_model_dir,
+            device="cpu",
+            attention_backend="triton",
+            enable_cuda_graph=graphs,
+            max_batch_size=16,
+            cuda_graph_cache_size=2,  # buckets 1 and 16: five sequences pad to 16
+            disable_overlap_scheduler=False,
+        )
+        runner = llm.engine.runner
+        assert (runner.decode_graphs is not None) == graphs
+        if graphs:
+            assert runner.decode_graphs.sizes == [1, 16]
+            # Poison what the padded rows could touch: a slot -1 must write nothing.
+            runner.kv_cache.fill_(float("nan"))
+        results[graphs] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        assert (llm.stats()["num_graph_steps"] > 0) == graphs
+        llm.shutdown()
+    assert results[True] == results[False]
+
+
+def test_startup_out_of_memory_says_what_to_lower(monkeypatch):
+    def out_of_memory(self, num_blocks):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+    monkeypatch.setattr(ModelRunner, "_allocate_kv_cache", out_of_memory)
+    with pytest.raises(
+        RuntimeError, match="out of GPU memory while sizing and allocating the KV cache"
+    ) as info:
+        LLM(device="cpu")
+    for option in ("max_num_tokens", "kv_cache_free_gpu_mem_fraction", "kv_cache_max_tokens"):
+        assert option in str(info.value)
