@@ -52,6 +52,9 @@ class TritonAttentionBackend:
             ("ext_start", [starts[i] for i in extend_rows]),
             ("ext_qlen", [qlens[i] for i in extend_rows]),
         ):
+            # Each part starts 16-byte aligned: Triton specialises on pointer alignment, so a part at
+            # an odd offset would compile another kernel variant.
+            host += [0] * (-len(host) % 4)
             offsets[name] = (len(host), len(host) + len(values))
             host += values
         buf = torch.tensor(host, dtype=torch.int32).to(device, non_blocking=True)

@@ -60,7 +60,8 @@ def choose_num_splits(
     return max(1, min(want, useful, MAX_SPLITS))
 
 
-@triton.jit
+# The block-table width changes every step: specialising on it (== 1, % 16) would recompile.
+@triton.jit(do_not_specialize=["stride_bt"])
 def _decode_stage1_kernel(
     q_ptr,
     k_cache_ptr,

@@ -74,7 +74,8 @@ def _attend_tile(
     return acc, m_new, l_i
 
 
-@triton.jit
+# The block-table width changes every step: specialising on it (== 1, % 16) would recompile.
+@triton.jit(do_not_specialize=["stride_bt"])
 def _extend_kernel(
     q_ptr,
     k_cache_ptr,

@@ -254,9 +254,12 @@ class ModelRunner:
         for s in seqs:
             tables += s.block_table + [-1] * (max_blocks - len(s.block_table))
         parts = (input_ids, positions, slots, logits_indices, context_lens, fill_rows, fill_from, tables)
-        flat = to_device(list(chain.from_iterable(parts)), torch.long, self.device)
-        (ids_t, pos_t, slots_t, logits_t, ctx_t, fill_rows_t, fill_from_t, tables_t) = flat.split(
-            [len(p) for p in parts]
+        # One copy for all of them; each part padded to 16 bytes so the kernels see aligned pointers
+        # (Triton compiles a variant per pointer alignment).
+        padded = [p + [0] * (len(p) % 2) for p in parts]
+        flat = to_device(list(chain.from_iterable(padded)), torch.long, self.device)
+        (ids_t, pos_t, slots_t, logits_t, ctx_t, fill_rows_t, fill_from_t, tables_t) = (
+            chunk[: len(p)] for chunk, p in zip(flat.split([len(p) for p in padded]), parts)
         )
         if fill_rows:
             ids_t[fill_rows_t] = prev.sampled.tokens[fill_from_t]
