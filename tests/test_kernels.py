@@ -322,3 +322,28 @@ def test_silu_and_mul(dtype, seed):
     out = silu_and_mul(gate_up, out=torch.full((5 * SCALE, 3, 1500), NAN, dtype=dtype, device=DEVICE))
     assert_close(out, silu_and_mul_ref(gate_up), dtype, seed, "silu_and_mul")
     assert rel_err(out, torch_silu_and_mul(gate_up)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", [(4, 2, 16), (6, 6, 8), (5, 1, 64)])  # (Hq, Hk, D), odd head counts too
+def test_rotary_in_place_on_qkv_views(dtype, heads, seed):
+    from tensorjet.kernels.reference import rotary_ref
+    from tensorjet.kernels.rotary import apply_rotary
+
+    num_q, num_k, head_dim = heads
+    tokens, max_pos = 9 * SCALE, 300
+    freqs = torch.outer(
+        torch.arange(max_pos, device=DEVICE).float(), torch.rand(head_dim // 2, device=DEVICE)
+    )
+    cos, sin = freqs.cos(), freqs.sin()
+    positions = torch.randint(0, max_pos, (tokens,), device=DEVICE)
+    # q and k as strided views into one fused projection, like the model's qkv split.
+    qkv = torch.randn(tokens, (num_q + 2 * num_k) * head_dim, device=DEVICE).to(dtype)
+    q = qkv[:, : num_q * head_dim].view(tokens, num_q, head_dim)
+    k = qkv[:, num_q * head_dim : (num_q + num_k) * head_dim].view(tokens, num_k, head_dim)
+    v_before = qkv[:, (num_q + num_k) * head_dim :].clone()
+    q_ref, k_ref = rotary_ref(positions, q, cos, sin), rotary_ref(positions, k, cos, sin)
+    apply_rotary(positions, q, k, cos, sin)
+    assert_close(q, q_ref, dtype, seed, "rotary q")
+    assert_close(k, k_ref, dtype, seed, "rotary k")
+    assert torch.equal(qkv[:, (num_q + num_k) * head_dim :], v_before), "rotary wrote outside q and k"

@@ -98,3 +98,13 @@ def silu_and_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
     """Float64 SwiGLU: silu(gate) * up over the last dim [gate | up]."""
     gate, up = gate_up.double().chunk(2, dim=-1)
     return torch.nn.functional.silu(gate) * up
+
+
+def rotary_ref(
+    positions: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """Float64 rotate-half rotary embedding of x [T, H, D] at `positions`; cos/sin: [max_pos, D/2]."""
+    c = cos.double()[positions.long()][:, None, :]
+    s = sin.double()[positions.long()][:, None, :]
+    x1, x2 = x.double().chunk(2, dim=-1)
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)

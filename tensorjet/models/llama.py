@@ -126,10 +126,12 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype=dtype)
 
     def use_triton_kernels(self) -> None:
-        """Swap the PyTorch norm and activation ops for the fused Triton kernels (same numerics)."""
+        """Swap the PyTorch norm, rotary and activation ops for fused Triton kernels (same numerics)."""
         from tensorjet.kernels.activation import silu_and_mul as fused_silu_and_mul
         from tensorjet.kernels.norm import rms_norm
+        from tensorjet.kernels.rotary import apply_rotary
 
+        self.rotary.kernel = apply_rotary
         for module in self.modules():
             if isinstance(module, RMSNorm):
                 module.kernel = rms_norm
