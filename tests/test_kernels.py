@@ -347,3 +347,40 @@ def test_rotary_in_place_on_qkv_views(dtype, heads, seed):
     assert_close(q, q_ref, dtype, seed, "rotary q")
     assert_close(k, k_ref, dtype, seed, "rotary k")
     assert torch.equal(qkv[:, (num_q + num_k) * head_dim :], v_before), "rotary wrote outside q and k"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv_small_batch(dtype, m, bias, seed):
+    from tensorjet.kernels.gemv import CANDIDATES, gemv
+    from tensorjet.kernels.reference import gemv_ref
+
+    n, k = 48 * SCALE + 5, 300 * SCALE + 7  # neither a multiple of any block size
+    x = torch.randn(m, k, device=DEVICE).to(dtype)
+    w = (torch.randn(n, k, device=DEVICE) / k**0.5).to(dtype)
+    b = torch.randn(n, device=DEVICE).to(dtype) if bias else None
+    for config in CANDIDATES[:2] if DEVICE.type == "cpu" else CANDIDATES:
+        out = gemv(x, w, b, config)
+        assert out.shape == (m, n) and out.dtype == dtype
+        assert_close(out, gemv_ref(x, w, b), dtype, seed, f"gemv {config}")
+
+
+def test_linear_dispatches_small_batches_to_its_gemv(seed):
+    from tensorjet.kernels.gemv import gemv
+    from tensorjet.layers.linear import Linear
+
+    layer = Linear(40, [24, 8], bias=True, dtype=torch.float32).to(DEVICE)
+    layer.weight.data.normal_()
+    layer.bias.data.normal_()
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return gemv(*args, **kwargs)
+
+    layer.small_batch_kernel, layer.small_batch_max_rows = counted, 4
+    for rows in (1, 4, 9):
+        x = torch.randn(rows, 40, device=DEVICE)
+        assert rel_err(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias)) < 1e-5
+    assert calls == [1, 4], "rows above small_batch_max_rows must go to F.linear"

@@ -108,3 +108,9 @@ def rotary_ref(
     s = sin.double()[positions.long()][:, None, :]
     x1, x2 = x.double().chunk(2, dim=-1)
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+
+def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Float64 x @ weight^T (+ bias)."""
+    y = x.double() @ weight.double().T
+    return y if bias is None else y + bias.double()

@@ -44,6 +44,8 @@ class UnquantizedLinearMethod(LinearMethod):
         rows.copy_(tensor)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        if layer.small_batch_kernel is not None and x.shape[0] <= layer.small_batch_max_rows:
+            return layer.small_batch_kernel(x, layer.weight, layer.bias)
         return F.linear(x, layer.weight, layer.bias)
 
 
@@ -64,6 +66,10 @@ class Linear(nn.Module):
         self.has_bias = bias
         self.bias = None
         self.method = method or UnquantizedLinearMethod()
+        # A decode GEMV for up to `small_batch_max_rows` rows, set by the runner where it measured
+        # faster than cuBLAS for this weight shape (`tensorjet.kernels.gemv.select_gemv`).
+        self.small_batch_kernel = None
+        self.small_batch_max_rows = 0
         self.method.create_weights(self, dtype)
 
     def load_shard(self, name: str, tensor: torch.Tensor, shard: int = 0) -> None:

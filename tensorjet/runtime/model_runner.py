@@ -145,6 +145,8 @@ class ModelRunner:
             for attn in self.model.attention_layers:
                 attn.backend = backend
             self.model.use_triton_kernels()
+            if self.device.type == "cuda":
+                self.model.use_small_batch_gemv()
         return choice
 
     # ---- KV cache sizing ---------------------------------------------------------------------
