@@ -224,7 +224,7 @@ def main() -> None:
 
     quick = args.quick
     rng = random.Random(0)
-    cb_requests = [random_ids(rng, rng.randint(100, 1024)) for _ in range(16 if quick else 64)]
+    cb_requests = [random_ids(rng, rng.randint(100, 1024)) for _ in range(16 if quick else 32)]
     cb_out = 128 if quick else 256
 
     # 1. The peer first: HF needs the GPU memory our KV pool takes later.
