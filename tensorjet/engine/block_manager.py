@@ -49,19 +49,24 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     # ---- prefix cache -----------------------------------------------------------------------
-    def _full_block_hashes(self, token_ids: list[int], num_blocks: int) -> list[tuple[int, tuple[int, ...]]]:
-        out, prev = [], 0
-        for b in range(num_blocks):
-            tokens = tuple(token_ids[b * self.block_size : (b + 1) * self.block_size])
-            prev = hash((prev, tokens))
-            out.append((prev, tokens))
-        return out
+    def _block_key(self, seq: Sequence, index: int) -> tuple[int, tuple[int, ...]]:
+        """(chained hash, tokens) of `seq`'s full block `index`, cached on the sequence.
+
+        A block's tokens never change once they are all known, so each key is computed once per
+        sequence rather than once per step (which made every step O(context))."""
+        keys = seq.block_keys
+        while len(keys) <= index:
+            b = len(keys)
+            tokens = tuple(seq.token_ids[b * self.block_size : (b + 1) * self.block_size])
+            keys.append((hash((keys[-1][0] if keys else 0, tokens)), tokens))
+        return keys[index]
 
     def _lookup(self, seq: Sequence) -> list[int]:
         """Cached blocks covering the longest prefix of `seq`, leaving at least one token to compute."""
         max_blocks = (len(seq) - 1) // self.block_size
         hits = []
-        for key, tokens in self._full_block_hashes(seq.token_ids, max_blocks):
+        for index in range(max_blocks):
+            key, tokens = self._block_key(seq, index)
             block_id = self.hash_to_block.get(key)
             if block_id is None or self.blocks[block_id].token_ids != tokens:
                 break
@@ -110,6 +115,7 @@ class BlockManager:
                 self._reuse_block(block_id)
             seq.block_table = list(hits)
             seq.num_computed_tokens = start
+            seq.num_committed_blocks = len(hits)
         if not seq.prefix_looked_up:  # count each prompt once, not again after preemption
             seq.prefix_looked_up = True
             seq.num_cached_prompt_tokens = seq.num_computed_tokens
@@ -124,14 +130,13 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         num_full = seq.num_computed_tokens // self.block_size
-        for index, (key, tokens) in enumerate(self._full_block_hashes(seq.token_ids, num_full)):
+        for index in range(seq.num_committed_blocks, num_full):
             block = self.blocks[seq.block_table[index]]
-            if block.hash is not None:
-                continue
-            if key in self.hash_to_block:  # the same prefix is already cached in another block
-                continue
-            block.hash, block.token_ids = key, tokens
-            self.hash_to_block[key] = block.block_id
+            key, tokens = self._block_key(seq, index)
+            if block.hash is None and key not in self.hash_to_block:  # else already cached
+                block.hash, block.token_ids = key, tokens
+                self.hash_to_block[key] = block.block_id
+        seq.num_committed_blocks = max(seq.num_committed_blocks, num_full)
 
     def free(self, seq: Sequence) -> None:
         """Drop `seq`'s references; its cached blocks stay findable, tail blocks evicted first."""
@@ -146,6 +151,7 @@ class BlockManager:
                     self.free_ids.append(block_id)
         seq.block_table = []
         seq.num_computed_tokens = 0
+        seq.num_committed_blocks = 0
 
     # ---- invariants (used by tests) -----------------------------------------------------------
     def check_integrity(self, live_seqs: list[Sequence]) -> None:

@@ -52,6 +52,8 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.num_computed_tokens = 0
+        self.num_committed_blocks = 0  # leading blocks already offered to the prefix cache
+        self.block_keys: list[tuple[int, tuple[int, ...]]] = []  # per full block: (chained hash, tokens)
         self.num_cached_prompt_tokens = 0  # prompt tokens served by the prefix cache at first admission
         self.prefix_looked_up = False
         self.finish_reason: str | None = None

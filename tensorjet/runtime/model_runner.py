@@ -349,10 +349,11 @@ class ModelRunner:
         banned: list[int] = []
         if seq.num_output_tokens < params.min_tokens:
             banned = list(params.stop_token_ids) + ([] if params.ignore_eos else sorted(self.eos_token_ids))
+        history = params.needs_token_history  # copying every context each step is O(context)
         return SamplingRow(
             params=params,
             generator=seq.generator,
-            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
-            output_token_ids=seq.output_token_ids,
+            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens] if history else [],
+            output_token_ids=seq.output_token_ids if history else [],
             banned_token_ids=banned,
         )

@@ -27,7 +27,7 @@ class SamplingRow:
     params: SamplingParams
     generator: torch.Generator | None  # per-request generator when params.seed is set, else None
     prompt_token_ids: list[int]
-    output_token_ids: list[int]  # tokens generated so far by this sequence
+    output_token_ids: list[int]  # tokens generated so far (both lists empty unless penalties need them)
     banned_token_ids: list[int]  # must not be sampled this step (e.g. EOS while below min_tokens)
 
 
