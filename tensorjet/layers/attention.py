@@ -56,17 +56,28 @@ class TorchAttentionBackend:
         meta.cache["extend_rows"] = [i for i, q in enumerate(meta.query_lens) if q > 1]
         bs = meta.block_size
         if decode_rows:
-            lens = torch.tensor([meta.context_lens[i] for i in decode_rows], device=device)
-            max_len = int(lens.max())
-            pos = torch.arange(max_len, device=device)
-            tables = meta.block_tables[decode_rows].long()
-            # Padding positions re-read the sequence's last (just written) slot, so they hold finite
-            # values that the mask then removes; never-written cache memory is never touched.
-            pos_in_seq = torch.minimum(pos[None, :], lens[:, None] - 1)
-            blocks = tables.gather(1, pos_in_seq // bs)
-            meta.cache["decode_slots"] = blocks * bs + pos_in_seq % bs
-            meta.cache["decode_mask"] = pos[None, :] < lens[:, None]
-            meta.cache["decode_token_index"] = torch.tensor([starts[i] for i in decode_rows], device=device)
+            lens_list = [meta.context_lens[i] for i in decode_rows]
+            max_len = max(lens_list)
+            num_blocks = -(-max_len // bs)
+            # Whole blocks are gathered (one index per block, not per token). A shorter sequence's
+            # missing blocks repeat its last block, so every key read is written, finite memory;
+            # the mask removes positions past its length. One sequence needs no mask at all.
+            rows = []
+            for i, n in zip(decode_rows, lens_list):
+                table = meta.block_tables[i, : -(-n // bs)]
+                rows.append(torch.cat((table, table[-1:].expand(num_blocks - table.shape[0]))))
+            meta.cache["decode_blocks"] = torch.stack(rows).long().view(-1)
+            meta.cache["decode_len"] = max_len
+            if len(decode_rows) > 1:
+                lens = torch.tensor(lens_list, device=device)
+                pos = torch.arange(num_blocks * bs, device=device)
+                meta.cache["decode_mask"] = (pos[None, :] < lens[:, None])[:, None, None, :]
+            else:
+                meta.cache["decode_mask"] = None
+            all_decode = len(decode_rows) == meta.num_seqs
+            meta.cache["decode_token_index"] = (
+                None if all_decode else torch.tensor([starts[i] for i in decode_rows], device=device)
+            )
         extend_slots = {}
         fresh_by_len: dict[int, list[int]] = {}
         for i in meta.cache["extend_rows"]:
@@ -104,14 +115,24 @@ class TorchAttentionBackend:
         out = torch.empty_like(q)
         c = meta.cache
         if c["decode_rows"]:
-            idx = c["decode_token_index"]
-            k = k_flat[c["decode_slots"]].transpose(1, 2)  # [B, Hk, L, D]
-            v = v_flat[c["decode_slots"]].transpose(1, 2)
-            mask = c["decode_mask"][:, None, None, :]  # [B, 1, 1, L]
+            idx, mask = c["decode_token_index"], c["decode_mask"]  # mask: [B, 1, 1, L] or None
+            b = len(c["decode_rows"])
+            k = k_cache.index_select(0, c["decode_blocks"]).view(b, -1, num_kv_heads, head_dim)
+            v = v_cache.index_select(0, c["decode_blocks"]).view(b, -1, num_kv_heads, head_dim)
+            if mask is None:  # one sequence: attend to exactly its keys
+                k, v = k[:, : c["decode_len"]], v[:, : c["decode_len"]]
             o = F.scaled_dot_product_attention(
-                q[idx][:, :, None], k, v, attn_mask=mask, scale=scale, enable_gqa=group > 1
+                (q if idx is None else q[idx])[:, :, None],
+                k.transpose(1, 2),  # [B, Hk, L, D]
+                v.transpose(1, 2),
+                attn_mask=mask,
+                scale=scale,
+                enable_gqa=group > 1,
             )
-            out[idx] = o[:, :, 0]
+            if idx is None:
+                out = o[:, :, 0]
+            else:
+                out[idx] = o[:, :, 0]
         for tokens in c["fresh_groups"]:  # [G, n] token rows of G fresh prompts of length n
             o = F.scaled_dot_product_attention(
                 q[tokens].transpose(1, 2),
@@ -139,8 +160,15 @@ class TorchAttentionBackend:
 def store_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    """Write new keys/values into their cache slots; slot -1 marks a padded row and is skipped."""
+    """Write new keys/values into their cache slots; slot -1 marks a padded row and is skipped.
+
+    Only CUDA-graph batches are padded, and those store through the Triton kernel; here a CPU tensor
+    is checked for -1 (cheap) and a GPU one is masked (checking would wait for the device)."""
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    if slot_mapping.device.type == "cpu" and not bool((slot_mapping < 0).any()):
+        k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+        v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+        return
     valid = slot_mapping >= 0
     slots = slot_mapping[valid]
     k_cache.view(-1, num_kv_heads, head_dim)[slots] = k[valid]

@@ -43,17 +43,30 @@ class RotaryEmbedding(nn.Module):
         # A fused in-place kernel with the same numerics (`tensorjet.kernels.rotary.apply_rotary`),
         # set by the runner on the Triton path: one launch instead of about eighteen.
         self.kernel = None
+        # Every layer rotates at the same positions: gather the tables once per step.
+        self._step_tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """q: [T, Hq, D], k: [T, Hk, D]; rotates both at their token positions."""
         if self.kernel is not None:
             return self.kernel(positions, q, k, self.cos, self.sin)
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
+        cos, sin = self._tables(positions)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
+    def _tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T, 1, D] cos and sign-folded sin for `positions`, reused while the same tensor comes back."""
+        if self._step_tables is None or self._step_tables[0] is not positions:
+            cos, sin = self.cos[positions], self.sin[positions]
+            # x*[cos|cos] + [x2|x1]*[-sin|sin] is exactly [x1 cos - x2 sin | x2 cos + x1 sin].
+            self._step_tables = (
+                positions,
+                torch.cat((cos, cos), -1)[:, None],
+                torch.cat((-sin, sin), -1)[:, None],
+            )
+        return self._step_tables[1], self._step_tables[2]
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.float().chunk(2, dim=-1)
-    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return out.to(x.dtype)
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos + torch.cat((x2, x1), dim=-1) * sin_signed).to(x.dtype)
