@@ -270,3 +270,30 @@ def test_logprobs_are_raw_log_softmax(device):
         for token, value in entry.items():
             assert value == pytest.approx(raw[i, token].item(), abs=1e-5)
     assert len(out.logprobs[3]) == 3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sample_never_reads_the_device(device, monkeypatch):
+    """`Sampler.sample` decides everything from host-side params: no .item()/.tolist()/bool() on a
+    tensor (each would wait for the GPU), so a step's tokens can stay on the device (overlap)."""
+    vocab = 64
+    logits = torch.randn(6, vocab, device=device)
+    rows = [
+        make_row(SamplingParams(temperature=0)),
+        make_row(SamplingParams(temperature=0.7, top_k=5, top_p=0.9, min_p=0.05)),
+        make_row(SamplingParams(temperature=1.0, seed=3), generator=seeded(3, device)),
+        make_row(SamplingParams(temperature=0, repetition_penalty=1.2), prompt=[1, 2], output=[3]),
+        make_row(SamplingParams(temperature=0.5, frequency_penalty=0.3, presence_penalty=0.2), output=[4, 4]),
+        make_row(SamplingParams(temperature=0, logprobs=3), banned=[7]),
+    ]
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the sampler read a tensor's value on the host")
+
+    sampler = Sampler(seed=0)
+    with monkeypatch.context() as patch:
+        for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
+            patch.setattr(torch.Tensor, name, forbidden)
+        sampled = sampler.sample(logits, rows)
+    tokens = sampled.to_host().token_ids  # reading happens only here
+    assert len(tokens) == 6 and all(0 <= t < vocab for t in tokens) and tokens[5] != 7
