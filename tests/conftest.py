@@ -45,3 +45,22 @@ def llm():
     engine = LLM(device="cpu")
     yield engine
     engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A tiny random Llama (2 layers, GQA 4/2, vocab 128) saved as an HF directory."""
+    import transformers
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    config = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return str(path)

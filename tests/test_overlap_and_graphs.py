@@ -11,7 +11,6 @@ import asyncio
 
 import pytest
 import torch
-import transformers
 from prompts import PLAIN, varied_prompts
 
 from tensorjet import LLM, SamplingParams
@@ -98,22 +97,6 @@ def test_graph_batch_size_ladder():
     few = graph_batch_sizes(256, cache_size=4)
     assert len(few) == 4 and few[0] == 1 and few[-1] == 256 and few == sorted(set(few))
     assert graph_batch_sizes(40, cache_size=100) == graph_batch_sizes(40)
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama-graphs")
-    config = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    return str(path)
 
 
 def test_padded_decode_graph_path_matches_eager(tiny_model_dir):

@@ -1,26 +1,7 @@
 """The engine with the Triton attention backend (interpreted on CPU) gives the reference backend's
 greedy tokens on a ragged, chunked, prefix-cached workload."""
 
-import pytest
-import transformers
-
 from tensorjet import LLM, SamplingParams
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    config = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    return str(path)
 
 
 def test_triton_backend_matches_torch_backend(tiny_model_dir):
