@@ -78,8 +78,15 @@ def apply_rotary(
 
     Returns (q, k) for call-site symmetry with `RotaryEmbedding.forward`."""
     num_tokens, num_q_heads, head_dim = q.shape
-    assert q.stride(-1) == 1 and k.stride(-1) == 1 and head_dim % 2 == 0
-    assert cos.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous()
+    if k.shape[0] != num_tokens or k.shape[2] != head_dim or positions.shape != (num_tokens,):
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, positions {tuple(positions.shape)}")
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or head_dim % 2:
+        raise ValueError("q and k need a contiguous, even head dim (they are updated in place)")
+    if cos.dtype != torch.float32 or sin.dtype != torch.float32 or cos.shape != sin.shape:
+        raise ValueError("cos and sin must be float32 [max_pos, D/2] caches of the same shape")
+    if cos.shape[1] != head_dim // 2:
+        raise ValueError(f"cos/sin have {cos.shape[1]} columns, expected {head_dim // 2}")
+    cos, sin, positions = cos.contiguous(), sin.contiguous(), positions.contiguous()
     if num_tokens:
         half = head_dim // 2
         _rotary_kernel[(num_tokens,)](
