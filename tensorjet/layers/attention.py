@@ -122,15 +122,17 @@ class TorchAttentionBackend:
             if mask is None:  # one sequence: attend to exactly its keys
                 k, v = k[:, : c["decode_len"]], v[:, : c["decode_len"]]
             o = F.scaled_dot_product_attention(
-                (q if idx is None else q[idx])[:, :, None],
+                (q[:b] if idx is None else q[idx])[:, :, None],
                 k.transpose(1, 2),  # [B, Hk, L, D]
                 v.transpose(1, 2),
                 attn_mask=mask,
                 scale=scale,
                 enable_gqa=group > 1,
             )
-            if idx is None:
+            if idx is None and q.shape[0] == b:
                 out = o[:, :, 0]
+            elif idx is None:  # token rows 0..b-1 (callers may pass trailing padded rows)
+                out[:b] = o[:, :, 0]
             else:
                 out[idx] = o[:, :, 0]
         for tokens in c["fresh_groups"]:  # [G, n] token rows of G fresh prompts of length n
