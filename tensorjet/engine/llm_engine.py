@@ -279,7 +279,7 @@ class LLMEngine:
         stop_string = request.detokenizers[seq.index].add_tokens([token])
         # The sampler bans EOS and stop tokens until min_tokens, so reaching these means it is allowed.
         # The length checks count known tokens only (a later placeholder may already be appended).
-        num_known = len(seq) - (seq.token_ids[-1] == PLACEHOLDER)
+        num_known = seq.num_known_tokens
         if token in params.stop_token_ids:
             seq.finish("stop", token)
         elif token in self.eos_token_ids and not params.ignore_eos:

@@ -73,10 +73,13 @@ class Sequence:
         return self.token_ids[self.num_prompt_tokens :]
 
     @property
+    def num_known_tokens(self) -> int:
+        """Tokens whose value is on the host: all but a trailing placeholder."""
+        return len(self.token_ids) - (self.token_ids[-1] == PLACEHOLDER)
+
+    @property
     def known_output_token_ids(self) -> list[int]:
-        """Output tokens without a trailing placeholder."""
-        end = len(self.token_ids) - (self.token_ids[-1] == PLACEHOLDER)
-        return self.token_ids[self.num_prompt_tokens : end]
+        return self.token_ids[self.num_prompt_tokens : self.num_known_tokens]
 
     @property
     def num_output_tokens(self) -> int:

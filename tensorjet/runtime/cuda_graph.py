@@ -49,7 +49,6 @@ class DecodeGraphs:
         self,
         model: torch.nn.Module,
         max_batch_size: int,
-        max_blocks_per_seq: int,
         block_size: int,
         num_kv_heads: int,
         max_seq_len: int,
@@ -67,7 +66,7 @@ class DecodeGraphs:
             self.positions = torch.zeros(n, dtype=torch.long)
             self.slot_mapping = torch.full((n,), -1, dtype=torch.long)
             self.context_lens = torch.zeros(n, dtype=torch.int32)
-            self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32)
+            self.block_tables = torch.zeros(n, -(-max_seq_len // block_size), dtype=torch.int32)
             self.logits = torch.empty(n, model.config.vocab_size, dtype=torch.float32)
         # Splits per bucket are fixed at capture; a split past a row's context exits at once.
         self.num_splits = {bs: choose_num_splits(bs, num_kv_heads, max_seq_len, device) for bs in self.sizes}

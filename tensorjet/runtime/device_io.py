@@ -12,10 +12,9 @@ import torch
 
 def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A Python sequence as a tensor on `device`, without a host sync."""
-    host = torch.tensor(values, dtype=dtype)
     if device.type != "cuda":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
+        return torch.tensor(values, dtype=dtype)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
 class HostCopy:

@@ -124,7 +124,6 @@ class ModelRunner:
         graphs = DecodeGraphs(
             self.model,
             max_batch_size=self.config.max_batch_size,
-            max_blocks_per_seq=-(-self.max_seq_len // self.block_size),
             block_size=self.block_size,
             num_kv_heads=self.num_kv_heads,
             max_seq_len=self.max_seq_len,
@@ -314,13 +313,6 @@ class ModelRunner:
             sampled = self.sampler.sample(logits, rows)
             sampled.start_copy()
         return StepHandle(inputs.sampling_seqs, sampled)
-
-    def execute(
-        self, seqs: list[Sequence], num_new_tokens: list[int]
-    ) -> tuple[list[Sequence], SamplerOutput]:
-        """`launch` and wait: compute the scheduled tokens and sample (no placeholders allowed)."""
-        handle = self.launch(seqs, num_new_tokens)
-        return handle.sampling_seqs, handle.result()
 
     def _use_graph(self, inputs: StepInputs, num_new_tokens: list[int]) -> bool:
         return (
