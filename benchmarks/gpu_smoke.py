@@ -1,7 +1,7 @@
 """Checks on the GPU before timing anything: the fast path (Triton kernels, decode CUDA graphs,
 overlap scheduling; the CUDA defaults) gives the reference path's greedy tokens (PyTorch attention,
-eager, synchronous) on a small random Llama, in fp32 (must be identical) and bf16 (reported).
-Prints 'ok' if fp32 matches, else 'MISMATCH'."""
+eager, synchronous) on a small random Llama, in fp32 with the fp32 and the FP8 KV cache (must be
+identical) and in bf16 (reported). Prints 'ok' if fp32 matches, else 'MISMATCH'."""
 
 import sys
 import tempfile
@@ -29,7 +29,7 @@ def main() -> None:
     prompts = [[(13 * i + 7 * j) % 1000 for j in range(n)] for i, n in enumerate(lengths)]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     ok = True
-    for dtype in ("float32", "bfloat16"):
+    for dtype, kv_cache_dtype in (("float32", "auto"), ("float32", "fp8"), ("bfloat16", "auto")):
         tokens = {}
         for path_name, options in (
             (
@@ -38,7 +38,7 @@ def main() -> None:
             ),
             ("fast", dict(max_batch_size=32)),
         ):
-            llm = LLM(model=path, dtype=dtype, max_num_tokens=128, **options)
+            llm = LLM(model=path, dtype=dtype, max_num_tokens=128, kv_cache_dtype=kv_cache_dtype, **options)
             outs = llm.generate(prompts, params, use_tqdm=False)
             tokens[path_name] = [o.outputs[0].token_ids for o in outs]
             if path_name == "fast":
@@ -46,7 +46,10 @@ def main() -> None:
                 assert stats["num_graph_steps"] > 0 and llm.engine.overlap, stats
             llm.shutdown()
         same = sum(a == b for a, b in zip(tokens["reference"], tokens["fast"]))
-        print(f"{dtype}: fast path == reference for {same}/{len(prompts)} prompts", file=sys.stderr)
+        print(
+            f"{dtype}, KV {kv_cache_dtype}: fast path == reference for {same}/{len(prompts)} prompts",
+            file=sys.stderr,
+        )
         ok &= dtype != "float32" or same == len(prompts)
     print("ok" if ok else "MISMATCH")
 

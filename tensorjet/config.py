@@ -18,6 +18,10 @@ DTYPES = {
 }
 # Quantized dtypes the guide names; they belong to the quantization capability.
 QUANTIZED_DTYPES = ("fp8", "int4_awq", "int4_gptq", "int8")
+# KV-cache element types besides "auto" (the model dtype). FP8 E4M3 halves the bytes every decode
+# step reads; values are stored unscaled (scale 1.0, as vLLM does without calibrated scales) and
+# saturate at +-448.
+KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
 # Documented default KV budget on CPU, where there is no "free GPU memory" to take a fraction of.
 CPU_KV_CACHE_BYTES = 2 * 1024**3
 
@@ -121,11 +125,19 @@ class EngineConfig:
     # same cores do both and overlap would only report each token one step later. False forces it on.
     disable_overlap_scheduler: bool | None = None
     attention_backend: str = "auto"  # "torch" (reference), "triton", or "auto" (triton on CUDA)
+    kv_cache_dtype: str = "auto"  # "auto" (the model dtype) or "fp8" (E4M3, half the KV bytes)
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise _fail(
                 "LLM", "attention_backend", self.attention_backend, "must be 'auto', 'torch' or 'triton'"
+            )
+        if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise _fail(
+                "LLM",
+                "kv_cache_dtype",
+                self.kv_cache_dtype,
+                f"must be 'auto' or one of {sorted(KV_CACHE_DTYPES)}",
             )
         if self.quantization is not None:
             raise not_available(f"{self.quantization} quantization", f"quantization={self.quantization!r}")
@@ -180,3 +192,7 @@ class EngineConfig:
         if self.dtype == "auto":
             return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
         return DTYPES[self.dtype]
+
+    @property
+    def kv_cache_torch_dtype(self) -> torch.dtype:
+        return KV_CACHE_DTYPES.get(self.kv_cache_dtype, self.torch_dtype)

@@ -282,6 +282,79 @@ def test_backend_matches_torch(dtype, kind, seed):
     assert rel_err(out, torch_out) < 2 * TOL[dtype], f"{kind} vs TorchAttentionBackend, seed={seed}"
 
 
+FP8 = torch.float8_e4m3fn
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_store_kv_fp8_saturates_and_rounds_like_torch(dtype, seed):
+    """An FP8 cache holds exactly `to_cache_dtype(k)`: saturated at +-448, rounded to nearest even."""
+    num_blocks, block_size, hk, d = 4, 16, 2, 64
+    k_cache = torch.full((num_blocks, block_size, hk, d), NAN, dtype=FP8, device=DEVICE)
+    v_cache = k_cache.clone()
+    n = 20
+    k = (torch.randn(n, hk, d, device=DEVICE) * torch.tensor([1.0, 300.0], device=DEVICE)[:, None]).to(dtype)
+    v = torch.randn(n, hk, d, device=DEVICE).to(dtype) * 1e-3  # E4M3 subnormals
+    k[0, 0, :4] = torch.tensor([448.0, -449.0, 1e4, -1e6])
+    slots = torch.randperm(num_blocks * block_size, device=DEVICE)[:n]
+    slots[3] = -1
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    store_kv_ref(k, v, k_ref, v_ref, slots)
+    store_kv(k, v, k_cache, v_cache, slots)
+    assert torch.equal(k_cache.view(torch.uint8), k_ref.view(torch.uint8)), f"seed={seed}"
+    assert torch.equal(v_cache.view(torch.uint8), v_ref.view(torch.uint8)), f"seed={seed}"
+    assert k_cache.float().abs().nan_to_num(0).max() == 448.0  # saturated, never NaN
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", list(BATCHES))
+def test_fp8_kv_cache_backends(dtype, kind, seed):
+    """With an FP8 cache, the Triton backend's store + attention equals float64 attention over the
+    stored FP8 values, and equals TorchAttentionBackend on the same cache."""
+    from tensorjet.layers.attention import to_cache_dtype
+
+    block_size, hk, group, d = 16, 2, 4, 64
+    qlens = [n for n, _ in BATCHES[kind]]
+    clens = [c for _, c in BATCHES[kind]]
+    k_cache, v_cache, tables = make_paged_kv(clens, block_size, hk, d, FP8)
+    slots = []
+    for i, (n, c) in enumerate(BATCHES[kind]):
+        slots += [int(tables[i, p // block_size]) * block_size + p % block_size for p in range(c - n, c)]
+    slot_mapping = torch.tensor(slots + [-1], dtype=torch.long, device=DEVICE)
+    num_tokens = len(slot_mapping)
+    kv_new = (torch.randn(num_tokens, 2 * hk, d, device=DEVICE) * 4).to(dtype)
+    k_new, v_new = kv_new[:, :hk], kv_new[:, hk:]
+    backend = TritonAttentionBackend()
+    backend.store_kv(k_new, v_new, k_cache, v_cache, slot_mapping)
+    q = torch.randn(num_tokens, hk * group, d, device=DEVICE).to(dtype)
+    meta = AttentionMetadata(qlens, clens, slot_mapping, tables, block_size)
+    scale = d**-0.5
+    out = backend.forward(q, k_cache, v_cache, meta, scale, k_new=k_new, v_new=v_new)[:-1]
+    starts = [0]
+    for n in qlens:
+        starts.append(starts[-1] + n)
+    ref = paged_attention_ref(q, k_cache, v_cache, tables, starts, qlens, clens, scale)[:-1]
+    assert_close(out, ref, dtype, seed, f"{kind} FP8 cache vs float64")
+
+    # The reference backend multiplies masked-out values by 0, so it needs finite unused slots; it
+    # attends a fresh prompt to its new keys as the cache would hold them.
+    k_clean = k_cache.float().nan_to_num(0.0).to(FP8)
+    v_clean = v_cache.float().nan_to_num(0.0).to(FP8)
+    meta_torch = AttentionMetadata(qlens, clens, slot_mapping, tables, block_size)
+    torch_out = TorchAttentionBackend().forward(q, k_clean, v_clean, meta_torch, scale, k_new, v_new)[:-1]
+    assert rel_err(out, torch_out) < 2 * TOL[dtype], f"{kind} vs TorchAttentionBackend, seed={seed}"
+    # The reference backend in float64 over the same FP8 values.
+    exact = TorchAttentionBackend().forward(
+        q.double(),
+        k_clean.double(),
+        v_clean.double(),
+        AttentionMetadata(qlens, clens, slot_mapping, tables, block_size),
+        scale,
+        to_cache_dtype(k_new, FP8).double(),
+        to_cache_dtype(v_new, FP8).double(),
+    )[:-1]
+    assert_close(out, exact, dtype, seed, f"{kind} FP8 vs the float64 reference backend")
+
+
 # ---- norm / activation ------------------------------------------------------------------------------
 
 

@@ -78,7 +78,7 @@ class LLMEngine:
         self.num_partial_prefills = 0  # steps in which a prompt was computed only in part (chunked context)
         self.num_steps = 0
         logger.info(
-            "tensorjet: model=%s dtype=%s device=%s attention=%s kv_blocks=%d (block_size=%d, %d tokens) "
+            "tensorjet: model=%s dtype=%s device=%s attention=%s kv_blocks=%d (block_size=%d, %d tokens, %s) "
             "max_seq_len=%d",
             self.source.name,
             config.torch_dtype,
@@ -87,6 +87,7 @@ class LLMEngine:
             self.runner.num_blocks,
             config.cache.block_size,
             self.runner.num_blocks * config.cache.block_size,
+            config.kv_cache_torch_dtype,
             self.max_seq_len,
         )
 
@@ -336,6 +337,7 @@ class LLMEngine:
             "kv_blocks_used": bm.num_used_blocks,
             "kv_blocks_free": bm.num_free_blocks,
             "kv_block_size": bm.block_size,
+            "kv_cache_dtype": str(self.runner.kv_dtype).removeprefix("torch."),
             "kv_cache_usage": bm.num_used_blocks / bm.num_blocks,
             "prefix_cache_queries_tokens": bm.prefix_queries_tokens,
             "prefix_cache_hits_tokens": bm.prefix_hits_tokens,

@@ -144,7 +144,7 @@ def _decode_stage1_kernel(
             k_base + (page * stride_kb + in_page * stride_ko)[:, None] + offs_d[None, :],
             mask=kv_mask,
             other=0.0,
-        )
+        ).to(q.dtype)  # an FP8 cache is read as the query's dtype
         qk = tl_dot(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale
         qk = tl.where(n_mask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -155,7 +155,7 @@ def _decode_stage1_kernel(
             v_base + (page * stride_vb + in_page * stride_vo)[:, None] + offs_d[None, :],
             mask=kv_mask,
             other=0.0,
-        )
+        ).to(q.dtype)
         acc = acc * alpha[:, None] + tl_dot(p.to(v.dtype), v, DOT_PREC, UPCAST)
         m_i = m_new
 
@@ -240,6 +240,9 @@ def decode_attention(
     num_splits: int | None = None,
     max_context_len: int | None = None,
     rows: torch.Tensor | None = None,
+    block_n: int = BLOCK_N,
+    num_warps: int = NUM_WARPS,
+    num_stages: int = NUM_STAGES,
 ) -> torch.Tensor:
     """Attention of one query per sequence over its paged context.
 
@@ -316,14 +319,14 @@ def decode_attention(
         BLOCK_G=block_g,
         HEAD_DIM=head_dim,
         BLOCK_D=block_d,
-        BLOCK_N=BLOCK_N,
+        BLOCK_N=block_n,
         PAGE_SIZE=page_size,
         HAS_ROWS=has_rows,
         DIRECT=direct,
         DOT_PREC=dot_precision(q.dtype),
         UPCAST=dot_upcast(q.dtype),
-        num_warps=NUM_WARPS,
-        num_stages=NUM_STAGES,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     if not direct:
         _decode_stage2_kernel[(num_seqs, num_q_heads)](

@@ -60,7 +60,7 @@ def _attend_tile(
     kv_mask = n_mask[:, None] & d_mask[None, :]
     k = tl.load(
         k_base + (page * stride_kb + in_page * stride_ko)[:, None] + offs_d[None, :], mask=kv_mask, other=0.0
-    )
+    ).to(q.dtype)  # an FP8 cache is read as the query's dtype
     qk = tl_dot(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale
     qk = tl.where(valid, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -69,7 +69,7 @@ def _attend_tile(
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(
         v_base + (page * stride_vb + in_page * stride_vo)[:, None] + offs_d[None, :], mask=kv_mask, other=0.0
-    )
+    ).to(q.dtype)
     acc = acc * alpha[:, None] + tl_dot(p.to(v.dtype), v, DOT_PREC, UPCAST)
     return acc, m_new, l_i
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from tensorjet.layers.attention import to_cache_dtype
+
 
 def _ints(x) -> list[int]:
     return [int(v) for v in (x.tolist() if isinstance(x, torch.Tensor) else x)]
@@ -19,8 +21,12 @@ def store_kv_ref(
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     valid = slot_mapping >= 0
     slots = slot_mapping[valid].long()
-    k_cache.view(-1, num_kv_heads, head_dim)[slots] = k[: len(slot_mapping)][valid].to(k_cache.dtype)
-    v_cache.view(-1, num_kv_heads, head_dim)[slots] = v[: len(slot_mapping)][valid].to(v_cache.dtype)
+    k_cache.view(-1, num_kv_heads, head_dim)[slots] = to_cache_dtype(
+        k[: len(slot_mapping)][valid], k_cache.dtype
+    )
+    v_cache.view(-1, num_kv_heads, head_dim)[slots] = to_cache_dtype(
+        v[: len(slot_mapping)][valid], v_cache.dtype
+    )
 
 
 def _gather_seq(cache: torch.Tensor, table_row: torch.Tensor, length: int) -> torch.Tensor:

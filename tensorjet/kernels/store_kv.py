@@ -2,7 +2,8 @@
 
 `k, v: [num_tokens, num_kv_heads, head_dim]` go to `k_cache, v_cache: [num_blocks, block_size,
 num_kv_heads, head_dim]` at `slot_mapping[t] = block * block_size + offset`. A slot of -1 marks a
-padded row (CUDA-graph padding) and is skipped, so padding never touches the cache.
+padded row (CUDA-graph padding) and is skipped, so padding never touches the cache. An FP8 cache
+stores values saturated at +-448 and rounded to nearest even (`to_cache_dtype`).
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ import torch
 import triton
 import triton.language as tl
 
-from tensorjet.kernels._common import last_dim_contiguous, next_pow2
+from tensorjet.kernels._common import interpreting, last_dim_contiguous, next_pow2
 from tensorjet.kernels.reference import store_kv_ref
+from tensorjet.layers.attention import FP8_MAX, is_fp8, to_cache_dtype
+
+_FP8_MAX = tl.constexpr(FP8_MAX)
 
 __all__ = ["store_kv", "store_kv_ref"]
 
@@ -39,6 +43,7 @@ def _store_kv_kernel(
     PAGE_SIZE: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    SATURATE: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + tok).to(tl.int64)
@@ -51,12 +56,16 @@ def _store_kv_kernel(
     mask = (offs_h < NUM_KV_HEADS)[:, None] & (offs_d < HEAD_DIM)[None, :]
 
     k = tl.load(k_ptr + tok * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
+    if SATURATE:
+        k = tl.minimum(tl.maximum(k.to(tl.float32), -_FP8_MAX), _FP8_MAX)
     kc = k_cache_ptr + blk * stride_kcb + off * stride_kco
     tl.store(
         kc + offs_h[:, None] * stride_kch + offs_d[None, :], k.to(k_cache_ptr.dtype.element_ty), mask=mask
     )
 
     v = tl.load(v_ptr + tok * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
+    if SATURATE:
+        v = tl.minimum(tl.maximum(v.to(tl.float32), -_FP8_MAX), _FP8_MAX)
     vc = v_cache_ptr + blk * stride_vcb + off * stride_vco
     tl.store(
         vc + offs_h[:, None] * stride_vch + offs_d[None, :], v.to(v_cache_ptr.dtype.element_ty), mask=mask
@@ -73,7 +82,8 @@ def store_kv(
     """Write `k, v: [T, Hk, D]` into the caches at `slot_mapping: [T]` (int32/int64; -1 = skip).
 
     `k`/`v` may be strided views (e.g. slices of a fused QKV projection) as long as the last dim is
-    contiguous. Values are cast to the cache dtype. No host synchronisation; CUDA-graph safe.
+    contiguous. Values are cast to the cache dtype (an FP8 cache saturates them first). No host
+    synchronisation; CUDA-graph safe.
     """
     num_tokens = slot_mapping.shape[0]
     if num_tokens == 0:
@@ -84,6 +94,11 @@ def store_kv(
     assert k.shape[1:] == (num_kv_heads, head_dim) and v.shape[1:] == (num_kv_heads, head_dim)
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     k, v = last_dim_contiguous(k), last_dim_contiguous(v)
+    saturate = is_fp8(k_cache.dtype)
+    if saturate and interpreting():
+        # The interpreter's float -> FP8 cast does not round like the GPU's; convert with torch and
+        # let the kernel copy the bytes.
+        k, v, saturate = to_cache_dtype(k, k_cache.dtype), to_cache_dtype(v, v_cache.dtype), False
     block_d = next_pow2(head_dim)
     block_h = min(next_pow2(num_kv_heads), max(1, 2048 // block_d))
     grid = (num_tokens, triton.cdiv(num_kv_heads, block_h))
@@ -108,5 +123,6 @@ def store_kv(
         PAGE_SIZE=page_size,
         BLOCK_H=block_h,
         BLOCK_D=block_d,
+        SATURATE=saturate,
         num_warps=4 if block_h * block_d >= 1024 else 2,
     )

@@ -17,6 +17,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
+
+
+def is_fp8(dtype: torch.dtype) -> bool:
+    return dtype == torch.float8_e4m3fn
+
+
+def to_cache_dtype(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
+    """Keys/values as the cache stores them: an FP8 cache saturates at +-448 (no scale) and rounds to
+    nearest even; any other cache dtype is a plain cast."""
+    if is_fp8(cache_dtype):
+        return x.clamp(-FP8_MAX, FP8_MAX).to(cache_dtype)
+    return x.to(cache_dtype)
+
 
 @dataclass
 class AttentionMetadata:
@@ -117,8 +131,8 @@ class TorchAttentionBackend:
         if c["decode_rows"]:
             idx, mask = c["decode_token_index"], c["decode_mask"]  # mask: [B, 1, 1, L] or None
             b = len(c["decode_rows"])
-            k = k_cache.index_select(0, c["decode_blocks"]).view(b, -1, num_kv_heads, head_dim)
-            v = v_cache.index_select(0, c["decode_blocks"]).view(b, -1, num_kv_heads, head_dim)
+            k = k_cache.index_select(0, c["decode_blocks"]).view(b, -1, num_kv_heads, head_dim).to(q.dtype)
+            v = v_cache.index_select(0, c["decode_blocks"]).view(b, -1, num_kv_heads, head_dim).to(q.dtype)
             if mask is None:  # one sequence: attend to exactly its keys
                 k, v = k[:, : c["decode_len"]], v[:, : c["decode_len"]]
             o = F.scaled_dot_product_attention(
@@ -135,6 +149,11 @@ class TorchAttentionBackend:
                 out[:b] = o[:, :, 0]
             else:
                 out[idx] = o[:, :, 0]
+        if c["fresh_groups"] and k_cache.dtype != q.dtype:
+            # Attend to the keys/values as the cache holds them, as if read back from it: a prompt's
+            # result must not depend on whether its prefix came from the cache.
+            k_new = to_cache_dtype(k_new, k_cache.dtype).to(q.dtype)
+            v_new = to_cache_dtype(v_new, v_cache.dtype).to(q.dtype)
         for tokens in c["fresh_groups"]:  # [G, n] token rows of G fresh prompts of length n
             o = F.scaled_dot_product_attention(
                 q[tokens].transpose(1, 2),
@@ -148,8 +167,8 @@ class TorchAttentionBackend:
         for i, slots in c["extend_slots"].items():  # prompts extending a cached prefix
             start, end = c["starts"][i], c["starts"][i + 1]
             n, total = end - start, meta.context_lens[i]
-            k = k_flat[slots].transpose(0, 1)  # [Hk, L, D]
-            v = v_flat[slots].transpose(0, 1)
+            k = k_flat[slots].to(q.dtype).transpose(0, 1)  # [Hk, L, D]
+            v = v_flat[slots].to(q.dtype).transpose(0, 1)
             # Query j (absolute position total - n + j) sees keys at positions <= its own.
             mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(diagonal=total - n)
             o = F.scaled_dot_product_attention(
@@ -167,6 +186,9 @@ def store_kv(
     Only CUDA-graph batches are padded, and those store through the Triton kernel; here a CPU tensor
     is checked for -1 (cheap) and a GPU one is masked (checking would wait for the device)."""
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    k, v = to_cache_dtype(k, k_cache.dtype), to_cache_dtype(v, v_cache.dtype)
+    if is_fp8(k_cache.dtype):  # index_copy_ has no FP8 kernel on CPU: move the bytes
+        k_cache, v_cache, k, v = (t.view(torch.uint8) for t in (k_cache, v_cache, k, v))
     if slot_mapping.device.type == "cpu" and not bool((slot_mapping < 0).any()):
         k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
         v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)

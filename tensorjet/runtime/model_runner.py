@@ -83,6 +83,7 @@ class ModelRunner:
         self.config = config
         self.device = config.torch_device
         self.dtype = config.torch_dtype
+        self.kv_dtype = config.kv_cache_torch_dtype
         self.block_size = config.cache.block_size
         self.eos_token_ids = eos_token_ids
         self.max_seq_len = max_seq_len
@@ -151,7 +152,7 @@ class ModelRunner:
     # ---- KV cache sizing ---------------------------------------------------------------------
     @property
     def kv_bytes_per_block(self) -> int:
-        elem = torch.empty(0, dtype=self.dtype).element_size()
+        elem = torch.empty(0, dtype=self.kv_dtype).element_size()
         return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
 
     def _kv_cache_blocks(self) -> int:
@@ -198,7 +199,7 @@ class ModelRunner:
 
     def _allocate_kv_cache(self, num_blocks: int) -> None:
         shape = (2, self.num_layers, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
-        self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.kv_cache = torch.empty(shape, dtype=self.kv_dtype, device=self.device)
         for i, attn in enumerate(self.model.attention_layers):
             attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
 

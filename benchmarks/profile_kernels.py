@@ -1,0 +1,150 @@
+"""Where a step's GPU time goes, kernel by kernel (Llama-3-8B shapes, dummy bf16 weights).
+
+For each scenario the engine is driven step by step; a few steps run under torch.profiler with CUDA
+activity, and the kernels are grouped by name. Printed per step: wall time, the sum of kernel
+durations (busy), how many kernels, and the top kernel groups. `wall - busy` is what launch gaps and
+host waits cost.
+
+Scenarios: decode at batch 1 (context ~256) with CUDA graphs on and off; decode at batch 256 with
+~1,500 tokens of context (the 1000 x 1000 workload's middle); the prefill steps that fill it.
+
+    python benchmarks/profile_kernels.py [--out $OUT/profile_kernels.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import random
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from tensorjet import LLM, SamplingParams
+
+MODEL = "meta-llama/Meta-Llama-3-8B"
+
+
+def kernel_group(name: str) -> str:
+    """A short, stable label for a kernel name (cuBLAS names carry tile shapes; Triton names don't)."""
+    if "gemm" in name.lower() or "gemv" in name.lower() or name.startswith(("sm90_", "cutlass", "nvjet")):
+        return "matmul: " + re.sub(r"\d+x\d+x\d+.*", "", name)[:48]
+    return name[:64]
+
+
+def profile_steps(llm: LLM, num_steps: int) -> dict:
+    engine = llm.engine
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(num_steps):
+            engine.step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    groups: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    busy = 0.0
+    count = 0
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = event.device_time
+        busy += us
+        count += 1
+        g = groups[kernel_group(event.name)]
+        g[0] += us
+        g[1] += 1
+    top = sorted(groups.items(), key=lambda kv: -kv[1][0])[:14]
+    return {
+        "wall_ms_per_step": wall * 1e3 / num_steps,
+        "busy_ms_per_step": busy / 1e3 / num_steps,
+        "kernels_per_step": count / num_steps,
+        "top": [(name, us / 1e3 / num_steps, n / num_steps) for name, (us, n) in top],
+    }
+
+
+def add(llm: LLM, prompts: list[list[int]], max_tokens: int, tag: str) -> None:
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        llm.engine.add_request(f"{tag}-{i}", p, params)
+
+
+def drain(llm: LLM) -> None:
+    while llm.engine.has_unfinished_requests():
+        llm.engine.step()
+
+
+def show(title: str, r: dict) -> None:
+    print(
+        f"\n== {title}: wall {r['wall_ms_per_step']:.3f} ms/step, "
+        f"kernels busy {r['busy_ms_per_step']:.3f} ms, {r['kernels_per_step']:.0f} kernels/step"
+    )
+    for name, ms, n in r["top"]:
+        print(f"   {ms:8.3f} ms  {n:6.1f}x  {name}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="benchmarks/results/profile_kernels.json")
+    parser.add_argument("--model", default=MODEL)
+    parser.add_argument("--max_batch_size", type=int, default=256)
+    parser.add_argument("--kv_cache_dtype", default="auto")
+    args = parser.parse_args()
+    llm = LLM(
+        model=args.model,
+        load_format="dummy",
+        dtype="bfloat16",
+        max_batch_size=args.max_batch_size,
+        max_num_tokens=8192,
+        kv_cache_dtype=args.kv_cache_dtype,
+    )
+    vocab = min(128000, llm.engine.source.hf_config.vocab_size)
+    rng = random.Random(0)
+
+    def ids(n: int) -> list[int]:
+        return [rng.randrange(100, vocab) for _ in range(n)]
+
+    results: dict = {}
+    runner = llm.engine.runner
+    # The engine is stepped from this thread only: `llm.generate` would start the background engine
+    # loop, which would step it concurrently.
+    add(llm, [ids(300) for _ in range(8)], 4, "compile")
+    drain(llm)
+
+    # Batch 1: prompt 200, profile steps 40..56 of the decode.
+    for graphs_on in (True, False):
+        saved = runner.decode_graphs
+        if not graphs_on:
+            runner.decode_graphs = None
+        add(llm, [ids(200)], 80, f"b1-{graphs_on}")
+        for _ in range(40):
+            llm.engine.step()
+        key = f"decode_b1_graphs_{'on' if graphs_on else 'off'}"
+        results[key] = r = profile_steps(llm, 16)
+        show(key, r)
+        drain(llm)
+        runner.decode_graphs = saved
+
+    # Batch 256 at ~1,500 context: 256 prompts of 1,400, prefill profiled on the way.
+    add(llm, [ids(1400) for _ in range(args.max_batch_size)], 300, "big")
+    llm.engine.step()
+    results["prefill_8192"] = r = profile_steps(llm, 3)
+    show("prefill steps, 8192 tokens", r)
+    while any(s.num_computed_tokens < s.num_prompt_tokens for s in llm.engine.scheduler.running) or (
+        llm.engine.scheduler.waiting
+    ):
+        llm.engine.step()
+    for _ in range(60):
+        llm.engine.step()
+    results["decode_b256_ctx1500"] = r = profile_steps(llm, 10)
+    show(f"decode, batch {args.max_batch_size}, ~1,500 context", r)
+    drain(llm)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    llm.shutdown()
+
+
+if __name__ == "__main__":
+    main()
