@@ -48,14 +48,22 @@ def main() -> None:
         k = torch.randn(num_blocks, page, hk, d, device="cuda").to(kv_dtype)
         v = torch.randn(num_blocks, page, hk, d, device="cuda").to(kv_dtype)
         nbytes = 2 * args.batch * args.context * hk * d * k.element_size()
-        for block_n, warps, stages in itertools.product((64, 128), (4, 8), (2, 3, 4)):
+        configs = [(None, 4, 2)] + list(itertools.product((64, 128), (4,), (2, 3, 4))) + [(128, 8, 2)]
+        for block_n, warps, stages in configs:
             try:
                 config = dict(num_splits=1, block_n=block_n, num_warps=warps, num_stages=stages)
                 ms = time_ms(partial(decode_attention, q, k, v, tables, lens, d**-0.5, **config))
             except Exception as error:  # e.g. out of shared memory
                 print(f"{kv_dtype} {block_n} {warps} {stages}: {type(error).__name__}")
                 continue
-            rows.append((str(kv_dtype).removeprefix("torch."), block_n, warps, stages, ms, nbytes / ms / 1e9))
+            name = str(kv_dtype).removeprefix("torch.")
+            rows.append((name, block_n or "default", warps, stages, ms, nbytes / ms / 1e9))
+        # Batch 1, short context, the default split heuristic: the latency case.
+        k1, v1 = k[:blocks_per_seq], v[:blocks_per_seq]
+        table1 = torch.arange(blocks_per_seq, device="cuda", dtype=torch.int32)[None]
+        lens1 = torch.full((1,), 300, dtype=torch.int32, device="cuda")
+        ms = time_ms(partial(decode_attention, q[:1], k1, v1, table1, lens1, d**-0.5, max_context_len=300))
+        rows.append((name, "b1 ctx300", 4, 2, ms, 2 * 300 * hk * d * k.element_size() / ms / 1e9))
     print(f"\n{'kv dtype':<16}{'BLOCK_N':>8}{'warps':>6}{'stages':>7}{'ms':>9}{'TB/s':>7}")
     for name, block_n, warps, stages, ms, tbps in rows:
         print(f"{name:<16}{block_n:>8}{warps:>6}{stages:>7}{ms:>9.3f}{tbps:>7.2f}")

@@ -19,6 +19,7 @@ import triton.language as tl
 
 from tensorjet.kernels._common import (
     LOG2E,
+    as_f16,
     as_int32,
     dot_precision,
     dot_upcast,
@@ -33,6 +34,7 @@ from tensorjet.kernels.reference import decode_attention_ref
 __all__ = ["decode_attention", "decode_attention_ref", "choose_num_splits"]
 
 BLOCK_N = 64  # keys per inner iteration
+FP8_BLOCK_N = 128  # an FP8 tile of 64 keys is half the bytes: too little per iteration to hide latency
 NUM_WARPS = 4
 NUM_STAGES = 2
 MIN_TOKENS_PER_SPLIT = 256  # a split shorter than this costs more in partial writes than it gains
@@ -99,6 +101,7 @@ def _decode_stage1_kernel(
     DIRECT: tl.constexpr,
     DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
+    F16_COMPUTE: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -126,6 +129,8 @@ def _decode_stage1_kernel(
         mask=g_mask[:, None] & d_mask[None, :],
         other=0.0,
     )
+    if F16_COMPUTE:
+        q = as_f16(q)
 
     m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
@@ -144,7 +149,8 @@ def _decode_stage1_kernel(
             k_base + (page * stride_kb + in_page * stride_ko)[:, None] + offs_d[None, :],
             mask=kv_mask,
             other=0.0,
-        ).to(q.dtype)  # an FP8 cache is read as the query's dtype
+        )
+        k = k.to(q.dtype)  # an FP8 cache is read as the query's dtype (fp16 then, see as_f16)
         qk = tl_dot(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale
         qk = tl.where(n_mask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -155,7 +161,8 @@ def _decode_stage1_kernel(
             v_base + (page * stride_vb + in_page * stride_vo)[:, None] + offs_d[None, :],
             mask=kv_mask,
             other=0.0,
-        ).to(q.dtype)
+        )
+        v = v.to(q.dtype)
         acc = acc * alpha[:, None] + tl_dot(p.to(v.dtype), v, DOT_PREC, UPCAST)
         m_i = m_new
 
@@ -240,7 +247,7 @@ def decode_attention(
     num_splits: int | None = None,
     max_context_len: int | None = None,
     rows: torch.Tensor | None = None,
-    block_n: int = BLOCK_N,
+    block_n: int | None = None,
     num_warps: int = NUM_WARPS,
     num_stages: int = NUM_STAGES,
 ) -> torch.Tensor:
@@ -286,11 +293,15 @@ def decode_attention(
         mid_o = torch.empty((num_seqs, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=device)
         mid_lse = torch.empty((num_seqs, num_q_heads, num_splits), dtype=torch.float32, device=device)
         mo_strides, ml_strides = mid_o.stride()[:3], mid_lse.stride()[:2]
+    kv_fp8 = k_cache.dtype == torch.float8_e4m3fn
+    if block_n is None:
+        block_n = FP8_BLOCK_N if kv_fp8 else BLOCK_N
     has_rows = rows is not None
     rows_arg = rows if has_rows else context_lens
     block_d = next_pow2(head_dim)
     block_g = max(16, next_pow2(group))
 
+    f16_compute = kv_fp8 and q.dtype == torch.bfloat16
     _decode_stage1_kernel[(num_seqs, num_kv_heads, num_splits)](
         q,
         k_cache,
@@ -325,6 +336,7 @@ def decode_attention(
         DIRECT=direct,
         DOT_PREC=dot_precision(q.dtype),
         UPCAST=dot_upcast(q.dtype),
+        F16_COMPUTE=f16_compute,
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -17,6 +17,7 @@ import triton.language as tl
 
 from tensorjet.kernels._common import (
     LOG2E,
+    as_f16,
     as_int32,
     dot_precision,
     dot_upcast,
@@ -105,6 +106,7 @@ def _extend_kernel(
     PAGE_SIZE: tl.constexpr,
     DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
+    F16_COMPUTE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     head = tl.program_id(1)
@@ -128,6 +130,8 @@ def _extend_kernel(
         mask=m_mask[:, None] & d_mask[None, :],
         other=0.0,
     )
+    if F16_COMPUTE:
+        q = as_f16(q)
     q_pos = prefix + offs_m
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
@@ -252,6 +256,7 @@ def extend_attention(
         PAGE_SIZE=page_size,
         DOT_PREC=dot_precision(q.dtype),
         UPCAST=dot_upcast(q.dtype),
+        F16_COMPUTE=k_cache.dtype == torch.float8_e4m3fn and q.dtype == torch.bfloat16,
         num_warps=num_warps,
         num_stages=num_stages,
     )
