@@ -46,7 +46,16 @@ class UnquantizedLinearMethod(LinearMethod):
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         if layer.small_batch_kernel is not None and x.shape[0] <= layer.small_batch_max_rows:
             return layer.small_batch_kernel(x, layer.weight, layer.bias)
-        return F.linear(x, layer.weight, layer.bias)
+        return layer.kernel(x, layer.weight, layer.bias)
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear` through oneDNN's matmul instead of MKL's sgemm; CPU only, same weight layout.
+
+    Measured on the 2-core AMD EPYC VM, fp32 SmolLM2-135M: a batch-1 decode step 57 -> 38 ms, a
+    32-row one 164 -> 122 ms, prefill products equal or a little faster. The sums round differently
+    from MKL's (a few ulps), so logits are close to, not bit-identical with, HF's `F.linear`."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 class Linear(nn.Module):
@@ -70,6 +79,7 @@ class Linear(nn.Module):
         # faster than cuBLAS for this weight shape (`tensorjet.kernels.gemv.select_gemv`).
         self.small_batch_kernel = None
         self.small_batch_max_rows = 0
+        self.kernel = F.linear  # the product for every other batch; `onednn_linear` on CPU fp32
         self.method.create_weights(self, dtype)
 
     def load_shard(self, name: str, tensor: torch.Tensor, shard: int = 0) -> None:

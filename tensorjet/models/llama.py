@@ -15,7 +15,7 @@ from transformers import PretrainedConfig
 
 from tensorjet.layers.activation import silu_and_mul
 from tensorjet.layers.attention import Attention, AttentionMetadata
-from tensorjet.layers.linear import Linear
+from tensorjet.layers.linear import Linear, onednn_linear
 from tensorjet.layers.norm import RMSNorm
 from tensorjet.layers.rotary import RotaryEmbedding
 
@@ -125,6 +125,7 @@ class LlamaForCausalLM(nn.Module):
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
             self.lm_head = None
+            self.tied_head_kernel = nn.functional.linear
         else:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype=dtype)
 
@@ -168,6 +169,14 @@ class LlamaForCausalLM(nn.Module):
                 module.small_batch_kernel = partial(gemv, config=chosen[key])
                 module.small_batch_max_rows = MAX_M
 
+    def use_onednn_linear(self) -> None:
+        """CPU fp32: every weight product, the tied LM head's included, through oneDNN (`onednn_linear`)."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.kernel = onednn_linear
+        if self.lm_head is None:
+            self.tied_head_kernel = onednn_linear
+
     @property
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.layers]
@@ -185,7 +194,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:
-            return torch.nn.functional.linear(hidden, self.embed_tokens.weight).float()
+            return self.tied_head_kernel(hidden, self.embed_tokens.weight).float()
         return self.lm_head(hidden).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

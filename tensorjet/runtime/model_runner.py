@@ -112,6 +112,8 @@ class ModelRunner:
             self.model.init_dummy_weights(self.config.seed)
         else:
             self.model.load_weights((name, t.to(self.dtype)) for name, t in iter_weights(source))
+        if self.device.type == "cpu" and self.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+            self.model.use_onednn_linear()
         self.model.eval()
         logger.info("loaded %s in %.1fs", source.name, time.perf_counter() - start)
 
