@@ -109,6 +109,27 @@ def hf_continuous_batching(model, prompts: list[list[int]], out_len: int) -> dic
 
 
 # ---- tensorjet ---------------------------------------------------------------------------------
+def build_engine(**options):
+    """The suite's engine: Llama-3-8B shapes, dummy bf16 weights, 256 sequences, 8192 tokens a step."""
+    from tensorjet import LLM
+
+    return LLM(
+        model=MODEL, load_format="dummy", dtype="bfloat16", max_batch_size=256, max_num_tokens=8192, **options
+    )
+
+
+def warm_up(llm, seed: int) -> None:
+    """Compile the Triton variants that mixed prefill/decode steps use, so no timing includes it."""
+    from tensorjet import SamplingParams
+
+    rng = random.Random(seed)
+    llm.generate(
+        [random_ids(rng, rng.randint(16, 1200)) for _ in range(96)],
+        SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+        use_tqdm=False,
+    )
+
+
 def kv_bound_out_tok_s(llm, in_len: int, out_len: int) -> float:
     """Output tok/s if every matmul ran at the bf16 FLOP peak and every decode step's KV read ran at
     the copy rate, one after the other. Per request: 2 x params FLOPs per token (the LM head only for
@@ -263,10 +284,10 @@ def main() -> None:
     release_gpu_memory()
 
     # 2. One engine for everything else.
-    from tensorjet import LLM, SamplingParams
+    from tensorjet import SamplingParams
 
     start = time.perf_counter()
-    llm = LLM(model=MODEL, load_format="dummy", dtype="bfloat16", max_batch_size=256, max_num_tokens=8192)
+    llm = build_engine()
     results["startup_s"] = time.perf_counter() - start
     runner = llm.engine.runner
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
@@ -280,14 +301,8 @@ def main() -> None:
         f"{len(graphs.sizes) if graphs else 0} graphs; KV pool {results['kv_tokens']} tokens",
     )
 
-    # Compile the Triton variants that mixed prefill/decode steps use, so no timing below includes it.
     start = time.perf_counter()
-    warm_rng = random.Random(99)
-    llm.generate(
-        [random_ids(warm_rng, warm_rng.randint(16, 1200)) for _ in range(96)],
-        SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
-        use_tqdm=False,
-    )
+    warm_up(llm, seed=99)
     results["warmup_s"] = time.perf_counter() - start
 
     def limit_ms(batch: int, avg_ctx: float) -> float:
@@ -400,22 +415,10 @@ def main() -> None:
 
     # 10. The same engine with an FP8 KV cache: half the bytes per decode step, twice the pool.
     start = time.perf_counter()
-    llm = LLM(
-        model=MODEL,
-        load_format="dummy",
-        dtype="bfloat16",
-        max_batch_size=256,
-        max_num_tokens=8192,
-        kv_cache_dtype="fp8",
-    )
+    llm = build_engine(kv_cache_dtype="fp8")
     results["fp8_startup_s"] = time.perf_counter() - start
     results["fp8_kv_tokens"] = llm.engine.runner.num_blocks * llm.engine.runner.block_size
-    warm_rng = random.Random(98)
-    llm.generate(
-        [random_ids(warm_rng, warm_rng.randint(16, 1200)) for _ in range(96)],
-        SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
-        use_tqdm=False,
-    )
+    warm_up(llm, seed=98)
     record(
         "FP8 KV engine start-up",
         f"{results['fp8_startup_s']:.1f} s",

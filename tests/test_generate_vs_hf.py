@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+from batching import alone_and_together
 from prompts import CHAT, PLAIN, varied_prompts
 
-from tensorjet import LLM, SamplingParams
+from tensorjet import SamplingParams
 
 NEW_TOKENS = 48
 
@@ -57,22 +58,17 @@ def test_batch_invariance_under_chunking_and_preemption(llm):
     """64 mixed-length requests through a KV pool far too small for all of them at once."""
     prompts = varied_prompts(64, seed=3, max_words=90)
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    alone = [llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
-
-    tight = LLM(
-        device="cpu",
+    alone, together, stats = alone_and_together(
+        llm,
+        prompts,
+        params,
         kv_cache_max_tokens=1024,
         block_size=16,
         max_num_tokens=256,
         max_chunked_prefill_length=96,
         max_batch_size=32,
     )
-    try:
-        together = tight.generate(prompts, params, use_tqdm=False)
-        stats = tight.stats()
-    finally:
-        tight.shutdown()
-    assert [o.outputs[0].token_ids for o in together] == alone
+    assert together == alone
     assert stats["num_preemptions"] > 0, stats
     assert stats["num_partial_prefills"] > 0, stats
     assert stats["kv_blocks_used"] == 0, "blocks leaked"

@@ -11,6 +11,7 @@ import asyncio
 
 import pytest
 import torch
+from batching import alone_and_together
 from prompts import PLAIN, varied_prompts
 
 from tensorjet import LLM, SamplingParams
@@ -53,21 +54,17 @@ def test_overlap_gives_the_synchronous_engines_outputs(llm, overlap_llm):
 def test_overlap_under_chunking_and_preemption(llm):
     prompts = varied_prompts(24, seed=11, max_words=90)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    alone = [llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
-    tight = LLM(
-        device="cpu",
+    alone, together, stats = alone_and_together(
+        llm,
+        prompts,
+        params,
         disable_overlap_scheduler=False,
         kv_cache_max_tokens=512,
         max_num_tokens=192,
         max_chunked_prefill_length=64,
         max_batch_size=16,
     )
-    try:
-        together = tight.generate(prompts, params, use_tqdm=False)
-        stats = tight.stats()
-    finally:
-        tight.shutdown()
-    assert [o.outputs[0].token_ids for o in together] == alone
+    assert together == alone
     assert stats["num_preemptions"] > 0 and stats["num_partial_prefills"] > 0, stats
     assert stats["kv_blocks_used"] == 0, "blocks leaked"
 

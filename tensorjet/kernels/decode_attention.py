@@ -30,6 +30,7 @@ from tensorjet.kernels._common import (
     tl_dot,
 )
 from tensorjet.kernels.reference import decode_attention_ref
+from tensorjet.layers.attention import is_fp8
 
 __all__ = ["decode_attention", "decode_attention_ref", "choose_num_splits"]
 
@@ -293,7 +294,7 @@ def decode_attention(
         mid_o = torch.empty((num_seqs, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=device)
         mid_lse = torch.empty((num_seqs, num_q_heads, num_splits), dtype=torch.float32, device=device)
         mo_strides, ml_strides = mid_o.stride()[:3], mid_lse.stride()[:2]
-    kv_fp8 = k_cache.dtype == torch.float8_e4m3fn
+    kv_fp8 = is_fp8(k_cache.dtype)
     if block_n is None:
         block_n = FP8_BLOCK_N if kv_fp8 else BLOCK_N
     has_rows = rows is not None

@@ -27,6 +27,7 @@ from tensorjet.kernels._common import (
     tl_dot,
 )
 from tensorjet.kernels.reference import extend_attention_ref
+from tensorjet.layers.attention import is_fp8
 
 __all__ = ["extend_attention", "extend_attention_ref"]
 
@@ -256,7 +257,7 @@ def extend_attention(
         PAGE_SIZE=page_size,
         DOT_PREC=dot_precision(q.dtype),
         UPCAST=dot_upcast(q.dtype),
-        F16_COMPUTE=k_cache.dtype == torch.float8_e4m3fn and q.dtype == torch.bfloat16,
+        F16_COMPUTE=is_fp8(k_cache.dtype) and q.dtype == torch.bfloat16,
         num_warps=num_warps,
         num_stages=num_stages,
     )
