@@ -147,8 +147,7 @@ class ModelRunner:
             for attn in self.model.attention_layers:
                 attn.backend = backend
             self.model.use_triton_kernels()
-            if self.device.type == "cuda":
-                self.model.use_small_batch_gemv()
+            self.model.use_small_batch_gemv(timed=self.device.type == "cuda")
         return choice
 
     # ---- KV cache sizing ---------------------------------------------------------------------
