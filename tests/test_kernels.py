@@ -397,6 +397,19 @@ def test_silu_and_mul(dtype, seed):
     assert rel_err(out, torch_silu_and_mul(gate_up)) < TOL[dtype]
 
 
+def rotary_inputs(tokens, num_q, num_k, head_dim, dtype, max_pos=300):
+    """cos/sin tables, random positions and q, k, v as [T, H, D] views of one fused qkv projection
+    output, like the model's split (so they are strided)."""
+    freqs = torch.outer(
+        torch.arange(max_pos, device=DEVICE).float(), torch.rand(head_dim // 2, device=DEVICE)
+    )
+    positions = torch.randint(0, max_pos, (tokens,), device=DEVICE)
+    qkv = torch.randn(tokens, (num_q + 2 * num_k) * head_dim, device=DEVICE).to(dtype)
+    q, k, v = qkv.split([num_q * head_dim, num_k * head_dim, num_k * head_dim], dim=1)
+    views = [x.view(tokens, -1, head_dim) for x in (q, k, v)]
+    return freqs.cos(), freqs.sin(), positions, qkv, *views
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads", [(4, 2, 16), (6, 6, 8), (5, 1, 64)])  # (Hq, Hk, D), odd head counts too
 def test_rotary_in_place_on_qkv_views(dtype, heads, seed):
@@ -404,22 +417,126 @@ def test_rotary_in_place_on_qkv_views(dtype, heads, seed):
     from tensorjet.kernels.rotary import apply_rotary
 
     num_q, num_k, head_dim = heads
-    tokens, max_pos = 9 * SCALE, 300
-    freqs = torch.outer(
-        torch.arange(max_pos, device=DEVICE).float(), torch.rand(head_dim // 2, device=DEVICE)
-    )
-    cos, sin = freqs.cos(), freqs.sin()
-    positions = torch.randint(0, max_pos, (tokens,), device=DEVICE)
-    # q and k as strided views into one fused projection, like the model's qkv split.
-    qkv = torch.randn(tokens, (num_q + 2 * num_k) * head_dim, device=DEVICE).to(dtype)
-    q = qkv[:, : num_q * head_dim].view(tokens, num_q, head_dim)
-    k = qkv[:, num_q * head_dim : (num_q + num_k) * head_dim].view(tokens, num_k, head_dim)
-    v_before = qkv[:, (num_q + num_k) * head_dim :].clone()
+    cos, sin, positions, qkv, q, k, v = rotary_inputs(9 * SCALE, num_q, num_k, head_dim, dtype)
+    v_before = v.clone()
     q_ref, k_ref = rotary_ref(positions, q, cos, sin), rotary_ref(positions, k, cos, sin)
     apply_rotary(positions, q, k, cos, sin)
     assert_close(q, q_ref, dtype, seed, "rotary q")
     assert_close(k, k_ref, dtype, seed, "rotary k")
-    assert torch.equal(qkv[:, (num_q + num_k) * head_dim :], v_before), "rotary wrote outside q and k"
+    assert torch.equal(v, v_before), "rotary wrote outside q and k"
+
+
+def guarded_nan_caches(num_blocks, block_size, num_kv_heads, head_dim, dtype):
+    """NaN k/v caches inside NaN buffers with one guard block on each side, so a write at slot -1
+    (a missed skip lands just before the cache) or past the end shows up in the buffer."""
+    shape = (num_blocks + 2, block_size, num_kv_heads, head_dim)
+    k_buf = torch.full(shape, NAN, dtype=dtype, device=DEVICE)
+    v_buf = torch.full(shape, NAN, dtype=dtype, device=DEVICE)
+    return k_buf, v_buf, k_buf[1:-1], v_buf[1:-1]
+
+
+def written_rows(buf, block_size, slots):
+    """Guarded buffer -> [slots, Hk, D] rows at the valid slots, and every other row."""
+    rows = buf.view(-1, *buf.shape[2:])
+    index = slots[slots >= 0].long() + block_size  # the guard block comes first
+    untouched = torch.ones(rows.shape[0], dtype=torch.bool, device=DEVICE)
+    untouched[index] = False
+    return rows[index], rows[untouched]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", [(8, 2, 64), (4, 4, 128)])  # (Hq, Hk, D): GQA and MHA
+@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
+def test_rotary_and_store_kv(dtype, heads, slot_dtype, seed):
+    """Fused rotary + KV write: q, k rotated in place, rotated k and v in the cache at their slots,
+    padded (-1) rows and every other slot left untouched."""
+    from tensorjet.kernels.reference import rotary_ref
+    from tensorjet.kernels.rotary import rotary_and_store_kv
+
+    num_q, num_k, head_dim = heads
+    tokens, block_size = 13 * SCALE, 16
+    cos, sin, positions, qkv, q, k, v = rotary_inputs(tokens, num_q, num_k, head_dim, dtype)
+    k_buf, v_buf, k_cache, v_cache = guarded_nan_caches(
+        cdiv(tokens, block_size) + 2, block_size, num_k, head_dim, dtype
+    )
+    slots = torch.randperm(k_cache.shape[0] * block_size, device=DEVICE)[:tokens]
+    slots[torch.randperm(tokens)[:3]] = -1
+    slots[-1] = -1
+    slots = slots.to(slot_dtype)
+    valid = slots >= 0
+    q_ref, k_ref = rotary_ref(positions, q, cos, sin), rotary_ref(positions, k, cos, sin)
+    v_before = v.clone()
+
+    rotary_and_store_kv(positions, q, k, v, cos, sin, k_cache, v_cache, slots)
+
+    assert_close(q, q_ref, dtype, seed, "rotary q")
+    assert_close(k, k_ref, dtype, seed, "rotary k")
+    assert torch.equal(v, v_before), f"v changed, seed={seed}"
+    k_rows, k_rest = written_rows(k_buf, block_size, slots)
+    v_rows, v_rest = written_rows(v_buf, block_size, slots)
+    # The cache holds exactly the rotated k left in place, and v.
+    assert torch.equal(k_rows, k[valid]), f"cached k != rotated k, seed={seed}"
+    assert torch.equal(v_rows, v[valid]), f"cached v != v, seed={seed}"
+    assert k_rest.isnan().all() and v_rest.isnan().all(), f"wrote outside the valid slots, seed={seed}"
+
+
+def test_rotary_and_store_kv_fp8_cache(seed):
+    """bf16 q/k/v, FP8 cache: the cache holds to_cache_dtype(k rotated and rounded to bf16), saturated
+    at +-448, byte for byte, and q, k are exactly what apply_rotary gives."""
+    from tensorjet.kernels.rotary import apply_rotary, rotary_and_store_kv
+    from tensorjet.layers.attention import to_cache_dtype
+
+    tokens, num_q, num_k, head_dim, block_size = 11, 8, 2, 64, 16
+    cos, sin, positions, qkv, q, k, v = rotary_inputs(tokens, num_q, num_k, head_dim, torch.bfloat16)
+    k.mul_(torch.tensor([1.0, 400.0], device=DEVICE)[:, None])  # head 1 rotates past +-448
+    v[:, 0].mul_(1e-3)  # E4M3 subnormals
+    v[:, 1].mul_(500.0)  # saturates
+    k_buf, v_buf, k_cache, v_cache = guarded_nan_caches(2, block_size, num_k, head_dim, FP8)
+    slots = torch.randperm(2 * block_size, device=DEVICE)[:tokens]
+    slots[[2, 7]] = -1
+    valid = slots >= 0
+    q_rot, k_rot = apply_rotary(positions, q.clone(), k.clone(), cos, sin)
+    v_before = v.clone()
+
+    rotary_and_store_kv(positions, q, k, v, cos, sin, k_cache, v_cache, slots)
+
+    assert torch.equal(q, q_rot) and torch.equal(k, k_rot), f"not apply_rotary's result, seed={seed}"
+    k_rows, k_rest = written_rows(k_buf, block_size, slots)
+    v_rows, v_rest = written_rows(v_buf, block_size, slots)
+    k_want, v_want = to_cache_dtype(k_rot[valid], FP8), to_cache_dtype(v_before[valid], FP8)
+    assert torch.equal(k_rows.view(torch.uint8), k_want.view(torch.uint8)), f"seed={seed}"
+    assert torch.equal(v_rows.view(torch.uint8), v_want.view(torch.uint8)), f"seed={seed}"
+    assert k_rows.float().abs().max() == 448.0 and v_rows.float().abs().max() == 448.0, "not saturated"
+    assert k_rest.float().isnan().all() and v_rest.float().isnan().all(), f"wrote elsewhere, seed={seed}"
+
+
+@pytest.mark.parametrize(
+    "bad", ["short_slots", "float_slots", "cache_heads", "v_shape", "cache_dtype", "positions"]
+)
+def test_rotary_and_store_kv_rejects_bad_shapes(bad):
+    from tensorjet.kernels.rotary import rotary_and_store_kv
+
+    tokens, num_k, head_dim = 5, 2, 16
+    cos, sin, positions, _, q, k, v = rotary_inputs(tokens, 4, num_k, head_dim, torch.float32)
+    k_cache = torch.zeros(2, 16, num_k, head_dim, device=DEVICE)
+    v_cache = k_cache.clone()
+    slots = torch.arange(tokens, device=DEVICE)
+    if bad == "short_slots":
+        slots = slots[:-1]
+    elif bad == "float_slots":
+        slots = slots.float()
+    elif bad == "cache_heads":
+        k_cache = v_cache = torch.zeros(2, 16, num_k + 1, head_dim, device=DEVICE)
+    elif bad == "v_shape":
+        v = v[:, :1]
+    elif bad == "cache_dtype":
+        k_cache, v_cache = k_cache.half(), v_cache.half()
+    else:
+        positions = positions[:-1]
+    q_before = q.clone()
+    with pytest.raises(ValueError):
+        rotary_and_store_kv(positions, q, k, v, cos, sin, k_cache, v_cache, slots)
+    assert torch.equal(q, q_before), "validation must run before anything is written"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

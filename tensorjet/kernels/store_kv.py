@@ -22,6 +22,14 @@ __all__ = ["store_kv", "store_kv_ref"]
 
 
 @triton.jit
+def store_to_cache(ptrs, x, mask, SATURATE: tl.constexpr):
+    """Store x at `ptrs` in the cache's dtype; SATURATE (an FP8 cache) clamps to +-448 before the cast."""
+    if SATURATE:
+        x = tl.minimum(tl.maximum(x.to(tl.float32), -_FP8_MAX), _FP8_MAX)
+    tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _store_kv_kernel(
     k_ptr,
     v_ptr,
@@ -56,20 +64,12 @@ def _store_kv_kernel(
     mask = (offs_h < NUM_KV_HEADS)[:, None] & (offs_d < HEAD_DIM)[None, :]
 
     k = tl.load(k_ptr + tok * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
-    if SATURATE:
-        k = tl.minimum(tl.maximum(k.to(tl.float32), -_FP8_MAX), _FP8_MAX)
     kc = k_cache_ptr + blk * stride_kcb + off * stride_kco
-    tl.store(
-        kc + offs_h[:, None] * stride_kch + offs_d[None, :], k.to(k_cache_ptr.dtype.element_ty), mask=mask
-    )
+    store_to_cache(kc + offs_h[:, None] * stride_kch + offs_d[None, :], k, mask, SATURATE)
 
     v = tl.load(v_ptr + tok * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
-    if SATURATE:
-        v = tl.minimum(tl.maximum(v.to(tl.float32), -_FP8_MAX), _FP8_MAX)
     vc = v_cache_ptr + blk * stride_vcb + off * stride_vco
-    tl.store(
-        vc + offs_h[:, None] * stride_vch + offs_d[None, :], v.to(v_cache_ptr.dtype.element_ty), mask=mask
-    )
+    store_to_cache(vc + offs_h[:, None] * stride_vch + offs_d[None, :], v, mask, SATURATE)
 
 
 def store_kv(
