@@ -230,8 +230,8 @@ def test_backend_matches_torch(dtype, kind, seed):
     qlens = [n for n, _ in pairs]
     clens = [c for _, c in pairs]
     k_cache, v_cache, tables = make_paged_kv(clens, block_size, num_kv_heads, head_dim, dtype)
-    # The step's new tokens are written by the backend's store_kv, like Attention.forward does: clear
-    # their slots first, then store k/v for every row plus a padded row.
+    # The step's new tokens are written by the Triton store_kv, as Attention.forward does through its
+    # backend: clear their slots first, then store k/v for every row plus a padded row.
     slots = []
     for i, (n, c) in enumerate(pairs):
         for p in range(c - n, c):
@@ -244,7 +244,7 @@ def test_backend_matches_torch(dtype, kind, seed):
     k_cache.view(-1, hk, head_dim)[slot_mapping[:-1]] = NAN
     v_cache.view(-1, hk, head_dim)[slot_mapping[:-1]] = NAN
     backend = TritonAttentionBackend()
-    backend.store_kv(kv_new[:, :hk], kv_new[:, hk:], k_cache, v_cache, slot_mapping)
+    store_kv(kv_new[:, :hk], kv_new[:, hk:], k_cache, v_cache, slot_mapping)
 
     # q: a strided view of a fused projection; the padded row is not part of any sequence.
     qkv = torch.randn(num_tokens, num_kv_heads * group + 2 * hk, head_dim, device=DEVICE).to(dtype)
@@ -324,7 +324,7 @@ def test_fp8_kv_cache_backends(dtype, kind, seed):
     kv_new = (torch.randn(num_tokens, 2 * hk, d, device=DEVICE) * 4).to(dtype)
     k_new, v_new = kv_new[:, :hk], kv_new[:, hk:]
     backend = TritonAttentionBackend()
-    backend.store_kv(k_new, v_new, k_cache, v_cache, slot_mapping)
+    store_kv(k_new, v_new, k_cache, v_cache, slot_mapping)
     q = torch.randn(num_tokens, hk * group, d, device=DEVICE).to(dtype)
     meta = AttentionMetadata(qlens, clens, slot_mapping, tables, block_size)
     scale = d**-0.5

@@ -13,7 +13,7 @@ import torch
 
 from tensorjet.kernels.decode_attention import choose_num_splits, decode_attention
 from tensorjet.kernels.extend_attention import extend_attention
-from tensorjet.kernels.store_kv import store_kv as _store_kv_kernel
+from tensorjet.kernels.rotary import rotary_and_store_kv
 from tensorjet.layers.attention import AttentionMetadata
 
 _KEY = "triton"
@@ -138,12 +138,8 @@ class TritonAttentionBackend:
         return out
 
     @staticmethod
-    def store_kv(
-        k: torch.Tensor,
-        v: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        slot_mapping: torch.Tensor,
-    ) -> None:
-        """Write new keys/values into the cache (Triton); slot -1 skips a padded row."""
-        _store_kv_kernel(k, v, k_cache, v_cache, slot_mapping)
+    def rotate_and_store_kv(rotary, positions, q, k, v, k_cache, v_cache, slot_mapping):
+        """Rotate q and k in place and write k and v to the cache in one launch (`rotary_and_store_kv`,
+        the numerics of `RotaryEmbedding` and `store_kv`); slot -1 skips a padded row."""
+        rotary_and_store_kv(positions, q, k, v, rotary.cos, rotary.sin, k_cache, v_cache, slot_mapping)
+        return q, k

@@ -55,8 +55,11 @@ class TorchAttentionBackend:
     """
 
     @staticmethod
-    def store_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
+    def rotate_and_store_kv(rotary, positions, q, k, v, k_cache, v_cache, slot_mapping):
+        """Rotate q and k at `positions`, then write k and v to the cache; returns the rotated (q, k)."""
+        q, k = rotary(positions, q, k)
         store_kv(k, v, k_cache, v_cache, slot_mapping)
+        return q, k
 
     def prepare(self, meta: AttentionMetadata, device: torch.device) -> None:
         if "decode_rows" in meta.cache:
@@ -200,18 +203,29 @@ def store_kv(
 
 
 class Attention(nn.Module):
-    """Stores this layer's new K/V and attends over the cache. The runner binds the cache tensors."""
+    """Rotates this layer's new q/k, stores the new K/V and attends over the cache. The runner binds
+    the cache tensors."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, backend=None) -> None:
+    def __init__(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, rotary: nn.Module, backend=None
+    ) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim**-0.5
+        self.rotary = rotary  # `tensorjet.layers.rotary.RotaryEmbedding`, shared by all layers
         self.backend = backend or TorchAttentionBackend()
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+        self,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
     ) -> torch.Tensor:
-        self.backend.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        q, k = self.backend.rotate_and_store_kv(
+            self.rotary, positions, q, k, v, self.k_cache, self.v_cache, meta.slot_mapping
+        )
         return self.backend.forward(q, self.k_cache, self.v_cache, meta, self.scale, k_new=k, v_new=v)
