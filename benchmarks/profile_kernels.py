@@ -5,8 +5,7 @@ activity, and the kernels are grouped by name. Printed per step: wall time, the 
 durations (busy), how many kernels, and the top kernel groups. `wall - busy` is what launch gaps and
 host waits cost.
 
-Scenarios: decode at batch 1 (context ~256) with CUDA graphs on and off, and at batch 1 and 8 with the
-fused small-batch GEMVs on and off (`LlamaForCausalLM.small_batch_max_tokens`); decode at batch 256 with
+Scenarios: decode at batch 1 (context ~256) with CUDA graphs on and off; decode at batch 256 with
 ~1,500 tokens of context (the 1000 x 1000 workload's middle); the prefill steps that fill it.
 
     python benchmarks/profile_kernels.py [--out $OUT/profile_kernels.json]
@@ -116,31 +115,19 @@ def main() -> None:
     add(llm, [ids(300) for _ in range(8)], 4, "compile")
     drain(llm)
 
-    # Small batches: prompts of 200, profile steps 40..56 of the decode; graphs on and off, and the
-    # fused small-batch GEMVs (the default) against cuBLAS plus separate norm/SiLU/residual kernels.
-    model = runner.model
-    for batch, graphs_on, fused in (
-        (1, True, True),
-        (1, False, True),
-        (1, True, False),
-        (8, True, True),
-        (8, True, False),
-    ):
-        saved_graphs, saved_rows = runner.decode_graphs, model.small_batch_max_tokens
-        if not fused:
-            model.small_batch_max_tokens = 0
+    # Batch 1: prompt 200, profile steps 40..56 of the decode.
+    for graphs_on in (True, False):
+        saved = runner.decode_graphs
         if not graphs_on:
             runner.decode_graphs = None
-        elif not fused:
-            runner.decode_graphs = runner._build_decode_graphs()  # recaptured with the unfused layers
-        add(llm, [ids(200) for _ in range(batch)], 80, f"b{batch}-{graphs_on}-{fused}")
+        add(llm, [ids(200)], 80, f"b1-{graphs_on}")
         for _ in range(40):
             llm.engine.step()
-        key = f"decode_b{batch}_graphs_{'on' if graphs_on else 'off'}" + ("" if fused else "_unfused")
+        key = f"decode_b1_graphs_{'on' if graphs_on else 'off'}"
         results[key] = r = profile_steps(llm, 16)
         show(key, r)
         drain(llm)
-        runner.decode_graphs, model.small_batch_max_tokens = saved_graphs, saved_rows
+        runner.decode_graphs = saved
 
     # Batch 256 at ~1,500 context: 256 prompts of 1,400, prefill profiled on the way.
     add(llm, [ids(1400) for _ in range(args.max_batch_size)], 300, "big")

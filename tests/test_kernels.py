@@ -556,92 +556,21 @@ def test_gemv_small_batch(dtype, m, bias, seed):
         assert_close(out, gemv_ref(x, w, b), dtype, seed, f"gemv {config}")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m", [1, 5])
-@pytest.mark.parametrize("bias", [False, True])
-def test_gemv_fusions(dtype, m, bias, seed):
-    """RMSNorm before, residual add after, SiLU-and-multiply of [gate; up]: each against float64.
+def test_linear_dispatches_small_batches_to_its_gemv(seed):
+    from tensorjet.kernels.gemv import gemv
+    from tensorjet.layers.linear import Linear
 
-    A fused chain rounds to bf16 between its ops as the unfused layers do (three roundings for
-    norm + product + SiLU-and-multiply: ~1.6% in bf16, against ~2% for the unfused kernels in a row),
-    so bf16 chains get a looser bound than one op."""
-    from tensorjet.kernels.gemv import CANDIDATES, gemv
-    from tensorjet.kernels.reference import gemv_ref
+    layer = Linear(40, [24, 8], bias=True, dtype=torch.float32).to(DEVICE)
+    layer.weight.data.normal_()
+    layer.bias.data.normal_()
+    calls = []
 
-    n, k, eps = 40 * SCALE + 3, 260 * SCALE + 9, 1e-5
-    config = CANDIDATES[0] if DEVICE.type == "cpu" else CANDIDATES[1]
-    x = (3 * torch.randn(m, k, device=DEVICE)).to(dtype)  # not unit scale: the norm must matter
-    norm_w = (1 + 0.5 * torch.randn(k, device=DEVICE)).to(dtype)
-    w = (torch.randn(2 * n, k, device=DEVICE) / k**0.5).to(dtype)
-    b = torch.randn(2 * n, device=DEVICE).to(dtype) if bias else None
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return gemv(*args, **kwargs)
 
-    chain_tol = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 1e-2}[dtype]
-
-    def assert_chain_close(out, ref, what):
-        assert not out.isnan().any(), f"{what}: NaN in output, seed={seed}"
-        assert rel_err(out, ref) < chain_tol, f"{what}: relative error {rel_err(out, ref):.3g}, seed={seed}"
-
-    out = gemv(x, w, b, config, norm_weight=norm_w, eps=eps)
-    assert_chain_close(out, gemv_ref(rms_norm_ref(x, norm_w, eps), w, b), "gemv + norm")
-
-    residual_before = torch.randn(m, 2 * n, device=DEVICE).to(dtype)
-    residual = residual_before.clone()
-    out = gemv(x, w, b, config, residual=residual)
-    assert out is residual, "the residual is updated in place"
-    assert_close(residual, residual_before.double() + gemv_ref(x, w, b), dtype, seed, "gemv + residual")
-
-    out = gemv(x, w, b, config, norm_weight=norm_w, eps=eps, silu_mul=True)
-    assert out.shape == (m, n)
-    ref = silu_and_mul_ref(gemv_ref(rms_norm_ref(x, norm_w, eps), w, b))
-    assert_chain_close(out, ref, "gemv + norm + silu_mul")
-
-
-def test_small_batch_layers_match_the_unfused_model(seed):
-    """A decode step of a few tokens through the fused GEMVs gives the unfused model's hidden states."""
-    from transformers import LlamaConfig
-
-    from tensorjet.models.llama import LlamaForCausalLM
-
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=96,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_hidden_layers=2,
-        vocab_size=50,
-        max_position_embeddings=64,
-    )
-    with torch.device(DEVICE):
-        model = LlamaForCausalLM(config, torch.float32)
-    model.init_dummy_weights(seed % 1000)
-    for module in model.modules():  # non-trivial norm weights
-        if module.__class__.__name__ == "RMSNorm":
-            module.weight.data.uniform_(0.5, 1.5)
-    block_size, context = 4, [5, 9, 3]
-    num_blocks = sum(cdiv(c, block_size) for c in context)
-    for attn in model.attention_layers:
-        attn.k_cache = torch.zeros(num_blocks, block_size, 2, 16, device=DEVICE)
-        attn.v_cache = torch.zeros_like(attn.k_cache)
-    tables, slots, first = [], [], 0
-    for c in context:
-        n = cdiv(c, block_size)
-        tables.append(list(range(first, first + n)) + [-1] * (3 - n))
-        slots.append((first + (c - 1) // block_size) * block_size + (c - 1) % block_size)
-        first += n
-
-    def step():
-        meta = AttentionMetadata(
-            query_lens=[1] * len(context),
-            context_lens=context,
-            slot_mapping=torch.tensor(slots, device=DEVICE),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=DEVICE),
-            block_size=block_size,
-        )
-        ids = torch.tensor([7, 11, 13], device=DEVICE)
-        return model(ids, torch.tensor([c - 1 for c in context], device=DEVICE), meta)
-
-    unfused = step()
-    model.use_small_batch_gemv(timed=False)
-    assert model.small_batch_max_tokens >= len(context)
-    fused = step()
-    assert rel_err(fused, unfused) < 1e-5, f"fused vs unfused hidden states, seed={seed}"
+    layer.small_batch_kernel, layer.small_batch_max_rows = counted, 4
+    for rows in (1, 4, 9):
+        x = torch.randn(rows, 40, device=DEVICE)
+        assert rel_err(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias)) < 1e-5
+    assert calls == [1, 4], "rows above small_batch_max_rows must go to F.linear"

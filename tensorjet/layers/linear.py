@@ -11,8 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tensorjet.layers.norm import RMSNorm
-
 
 class LinearMethod:
     def create_weights(self, layer: Linear, dtype: torch.dtype) -> None:
@@ -46,6 +44,8 @@ class UnquantizedLinearMethod(LinearMethod):
         rows.copy_(tensor)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        if layer.small_batch_kernel is not None and x.shape[0] <= layer.small_batch_max_rows:
+            return layer.small_batch_kernel(x, layer.weight, layer.bias)
         return layer.kernel(x, layer.weight, layer.bias)
 
 
@@ -75,9 +75,10 @@ class Linear(nn.Module):
         self.has_bias = bias
         self.bias = None
         self.method = method or UnquantizedLinearMethod()
-        # The decode GEMV with its fusions (`tensorjet.kernels.gemv.gemv`, its configuration chosen for
-        # this weight shape), set by the runner on the GPU path; used through `forward_small_batch`.
-        self.small_batch_gemv = None
+        # A decode GEMV for up to `small_batch_max_rows` rows, set by the runner where it measured
+        # faster than cuBLAS for this weight shape (`tensorjet.kernels.gemv.select_gemv`).
+        self.small_batch_kernel = None
+        self.small_batch_max_rows = 0
         self.kernel = F.linear  # the product for every other batch; `onednn_linear` on CPU fp32
         self.method.create_weights(self, dtype)
 
@@ -86,26 +87,3 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, x)
-
-    def forward_small_batch(
-        self,
-        x: torch.Tensor,
-        *,
-        norm: RMSNorm | None = None,
-        residual: torch.Tensor | None = None,
-        silu_mul: bool = False,
-    ) -> torch.Tensor:
-        """This layer's product for a few rows through its GEMV, with the neighbouring ops fused in:
-        `norm` applied to x first, the result added into `residual` in place, or silu(gate) * up of a
-        [gate; up] layer (see `tensorjet.kernels.gemv.gemv`)."""
-        if self.small_batch_gemv is None:
-            raise RuntimeError("forward_small_batch needs the decode GEMV (set on the Triton path)")
-        return self.small_batch_gemv(
-            x,
-            self.weight,
-            self.bias,
-            norm_weight=None if norm is None else norm.weight,
-            eps=0.0 if norm is None else norm.eps,
-            residual=residual,
-            silu_mul=silu_mul,
-        )

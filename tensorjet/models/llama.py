@@ -52,17 +52,15 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, rotary)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        return self.o_proj(self.attend(positions, self.qkv_proj(x), meta))
-
-    def attend(self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Attention from the q|k|v projection's output to the o projection's input, [T, q_size]."""
+        qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        return self.attn(positions, q, k, v, meta).reshape(-1, self.q_size)
+        out = self.attn(positions, q, k, v, meta)
+        return self.o_proj(out.reshape(-1, self.q_size))
 
 
 class LlamaMLP(nn.Module):
@@ -96,15 +94,6 @@ class LlamaDecoderLayer(nn.Module):
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
-    def forward_small_batch(self, positions, hidden: torch.Tensor, meta: AttentionMetadata) -> None:
-        """The same layer for a few tokens, as four GEMVs that carry the norms, residual adds and SiLU
-        (`Linear.forward_small_batch`); `hidden` is the residual stream, updated in place."""
-        attn, mlp = self.self_attn, self.mlp
-        qkv = attn.qkv_proj.forward_small_batch(hidden, norm=self.input_layernorm)
-        attn.o_proj.forward_small_batch(attn.attend(positions, qkv, meta), residual=hidden)
-        act = mlp.gate_up_proj.forward_small_batch(hidden, norm=self.post_attention_layernorm, silu_mul=True)
-        mlp.down_proj.forward_small_batch(act, residual=hidden)
-
 
 class LlamaForCausalLM(nn.Module):
     # HF checkpoint name fragment -> (our merged module name fragment, shard index)
@@ -137,8 +126,6 @@ class LlamaForCausalLM(nn.Module):
             self.tied_head_kernel = nn.functional.linear
         else:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype=dtype)
-        # Steps of up to this many tokens run `LlamaDecoderLayer.forward_small_batch` (0: never).
-        self.small_batch_max_tokens = 0
 
     def use_triton_kernels(self) -> None:
         """Swap the PyTorch norm, rotary and activation ops for fused Triton kernels (same numerics)."""
@@ -153,36 +140,32 @@ class LlamaForCausalLM(nn.Module):
             elif isinstance(module, LlamaMLP):
                 module.act = fused_silu_and_mul
 
-    def use_small_batch_gemv(self, timed: bool = True) -> None:
-        """Run steps of up to `MAX_M` tokens through the fused decode GEMVs (`forward_small_batch`).
-
-        timed: pick each weight shape's GEMV configuration by timing the candidates on this GPU (and
-        log cuBLAS's time beside it); otherwise (the CPU interpreter) take the first candidate."""
+    def use_small_batch_gemv(self) -> None:
+        """Give each linear shape the decode GEMV where it measures faster than cuBLAS (CUDA only)."""
         from functools import partial
 
-        from tensorjet.kernels.gemv import CANDIDATES, MAX_M, gemv, select_gemv
+        from tensorjet.kernels.gemv import MAX_M, gemv, select_gemv
 
         chosen: dict[tuple, object] = {}
         for module in self.modules():
             if not isinstance(module, Linear):
                 continue
             key = (tuple(module.weight.shape), module.bias is not None)
-            if key not in chosen and not timed:
-                chosen[key] = CANDIDATES[0]
-            elif key not in chosen:
+            if key not in chosen:
                 config, timings = select_gemv(module.weight, module.bias)
                 chosen[key] = config
                 gbps = module.weight.numel() * module.weight.element_size() / timings["gemv_m1"] / 1e6
                 logger.info(
-                    "linear %s: GEMV %.1f us (%.0f GB/s, %s) vs cuBLAS %.1f us at M=1",
+                    "linear %s: GEMV %.1f us (%.0f GB/s) vs cuBLAS %.1f us at M=1 -> %s",
                     key[0],
                     timings["gemv_m1"] * 1e3,
                     gbps,
-                    config,
                     timings["cublas_m1"] * 1e3,
+                    config or "cuBLAS",
                 )
-            module.small_batch_gemv = partial(gemv, config=chosen[key])
-        self.small_batch_max_tokens = MAX_M
+            if chosen[key] is not None:
+                module.small_batch_kernel = partial(gemv, config=chosen[key])
+                module.small_batch_max_rows = MAX_M
 
     def use_onednn_linear(self) -> None:
         """CPU fp32: every weight product, the tied LM head's included, through oneDNN (`onednn_linear`)."""
@@ -201,10 +184,6 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Returns the final hidden states, [num_tokens, hidden]."""
         x = self.embed_tokens(input_ids)
-        if input_ids.shape[0] <= self.small_batch_max_tokens:
-            for layer in self.layers:
-                layer.forward_small_batch(positions, x, meta)
-            return self.norm(x)
         residual = None
         for layer in self.layers:
             x, residual = layer(positions, x, residual, meta)
@@ -214,8 +193,6 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:
             return self.tied_head_kernel(hidden, self.embed_tokens.weight).float()
-        if hidden.shape[0] <= self.small_batch_max_tokens:
-            return self.lm_head.forward_small_batch(hidden).float()
         return self.lm_head(hidden).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -147,7 +147,8 @@ class ModelRunner:
             for attn in self.model.attention_layers:
                 attn.backend = backend
             self.model.use_triton_kernels()
-            self.model.use_small_batch_gemv(timed=self.device.type == "cuda")
+            if self.device.type == "cuda":
+                self.model.use_small_batch_gemv()
         return choice
 
     # ---- KV cache sizing ---------------------------------------------------------------------
