@@ -89,16 +89,13 @@ class LLM:
         """Run every prompt to completion; outputs come back in prompt order.
 
         All prompts are validated before any is queued, so a bad one raises ValueError with nothing
-        scheduled.
+        scheduled, and they reach the engine as one batch: the first step sees all of them.
         """
         prompt_list = _as_prompt_list(prompts)
         params_list = _as_params_list(sampling_params, len(prompt_list))
-        for prompt, params in zip(prompt_list, params_list):
-            self.engine.check_prompt(prompt, params)
         results: queue.Queue = queue.Queue()
         ids = [f"gen-{next(self._request_ids)}" for _ in prompt_list]
-        for request_id, prompt, params in zip(ids, prompt_list, params_list):
-            self.loop.submit(request_id, prompt, params, results.put)
+        self.loop.submit_many(list(zip(ids, prompt_list, params_list)), results.put)
         finals: dict[str, RequestOutput] = {}
         with tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm) as bar:
             try:

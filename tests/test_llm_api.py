@@ -2,6 +2,7 @@
 options through the engine, prefix caching, and bad input (acceptance 5, 6)."""
 
 import asyncio
+import sys
 
 import pytest
 
@@ -20,6 +21,21 @@ def test_output_shape_and_metrics(llm):
     assert c.finish_reason in ("stop", "length") and 1 <= len(c.token_ids) <= 12
     m = out.metrics
     assert m.arrival_time <= m.first_token_time <= m.finished_time
+
+
+def test_generate_schedules_all_its_prompts_in_the_first_step(llm):
+    """The engine thread must not start on the first prompt while the rest are still being queued:
+    an offline batch has to be scheduled the same way every run."""
+    prompts = [f"Item {i}: the sky is" for i in range(24)]
+    steps_before = llm.stats()["num_steps"]
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # hand the GIL to the engine thread as often as possible
+    try:
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+    finally:
+        sys.setswitchinterval(switch_interval)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [1] * len(prompts)
+    assert llm.stats()["num_steps"] - steps_before == 1, "the prompts were split across prefill steps"
 
 
 def test_prompt_as_token_ids_equals_prompt_as_text(llm):

@@ -25,7 +25,8 @@ OutputCallback = Callable[[RequestOutput | BaseException], None]
 class EngineLoop:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", ...) and ("abort", id) messages
+        # ("add", [(id, prompt, params, callback), ...]) and ("abort", id) messages
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._callbacks: dict[str, OutputCallback] = {}
         self._thread: threading.Thread | None = None
@@ -35,8 +36,17 @@ class EngineLoop:
         self, request_id: str, prompt: str | list[int], params: SamplingParams, on_output: OutputCallback
     ) -> None:
         """Queue a request; raises ValueError for bad input without disturbing other requests."""
-        self.engine.check_prompt(prompt, params)
-        self._inbox.put(("add", request_id, prompt, params, on_output))
+        self.submit_many([(request_id, prompt, params)], on_output)
+
+    def submit_many(
+        self, requests: list[tuple[str, str | list[int], SamplingParams]], on_output: OutputCallback
+    ) -> None:
+        """Queue several requests as one message, so the engine adds them all before its next step:
+        an offline batch is scheduled the same way every run, not split by how fast it was submitted.
+        Raises ValueError for bad input, with none of them queued."""
+        for _, prompt, params in requests:
+            self.engine.check_prompt(prompt, params)
+        self._inbox.put(("add", [(*request, on_output) for request in requests]))
         self._start()
         self._wake.set()
 
@@ -65,13 +75,13 @@ class EngineLoop:
                 self.engine.abort_request(message[1])
                 self._callbacks.pop(message[1], None)
                 continue
-            _, request_id, prompt, params, callback = message
-            try:
-                self.engine.add_request(request_id, prompt, params)
-            except ValueError as error:  # e.g. a duplicate id: only this request fails
-                callback(error)
-                continue
-            self._callbacks[request_id] = callback
+            for request_id, prompt, params, callback in message[1]:
+                try:
+                    self.engine.add_request(request_id, prompt, params)
+                except ValueError as error:  # e.g. a duplicate id: only this request fails
+                    callback(error)
+                    continue
+                self._callbacks[request_id] = callback
 
     def _run(self) -> None:
         while not self._stopping:
