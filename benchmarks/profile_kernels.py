@@ -5,7 +5,8 @@ activity, and the kernels are grouped by name. Printed per step: wall time, the 
 durations (busy), how many kernels, and the top kernel groups. `wall - busy` is what launch gaps and
 host waits cost.
 
-Scenarios: decode at batch 1 (context ~256) with CUDA graphs on and off; decode at batch 256 with
+Scenarios: decode at batch 1 (context ~256) with CUDA graphs on and off, and with the fused batch-1
+layer on and off (`LlamaForCausalLM.fused_decode`); decode at batch 256 with
 ~1,500 tokens of context (the 1000 x 1000 workload's middle); the prefill steps that fill it.
 
     python benchmarks/profile_kernels.py [--out $OUT/profile_kernels.json]
@@ -115,19 +116,26 @@ def main() -> None:
     add(llm, [ids(300) for _ in range(8)], 4, "compile")
     drain(llm)
 
-    # Batch 1: prompt 200, profile steps 40..56 of the decode.
-    for graphs_on in (True, False):
+    # Batch 1: prompt 200, profile steps 40..56 of the decode; graphs on and off, and the fused
+    # batch-1 layer (`LlamaForCausalLM.fused_decode`, on where it measured faster) against cuBLAS plus
+    # separate norm/SiLU/add kernels.
+    model = runner.model
+    fused_default = model.fused_decode
+    for graphs_on, fused in ((True, fused_default), (False, fused_default), (True, not fused_default)):
         saved = runner.decode_graphs
+        model.fused_decode = fused
         if not graphs_on:
             runner.decode_graphs = None
-        add(llm, [ids(200)], 80, f"b1-{graphs_on}")
+        elif fused != fused_default:
+            runner.decode_graphs = runner._build_decode_graphs()  # recaptured with the other layer path
+        add(llm, [ids(200)], 80, f"b1-{graphs_on}-{fused}")
         for _ in range(40):
             llm.engine.step()
-        key = f"decode_b1_graphs_{'on' if graphs_on else 'off'}"
+        key = f"decode_b1_graphs_{'on' if graphs_on else 'off'}" + ("_fused" if fused else "_unfused")
         results[key] = r = profile_steps(llm, 16)
         show(key, r)
         drain(llm)
-        runner.decode_graphs = saved
+        runner.decode_graphs, model.fused_decode = saved, fused_default
 
     # Batch 256 at ~1,500 context: 256 prompts of 1,400, prefill profiled on the way.
     add(llm, [ids(1400) for _ in range(args.max_batch_size)], 300, "big")

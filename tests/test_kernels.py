@@ -556,6 +556,106 @@ def test_gemv_small_batch(dtype, m, bias, seed):
         assert_close(out, gemv_ref(x, w, b), dtype, seed, f"gemv {config}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_gemv(dtype, bias, seed):
+    """RMSNorm before, residual add after, SiLU-and-multiply of [gate; up]: each against float64.
+
+    A fused chain rounds to bf16 between its ops as the unfused layers do (three roundings for
+    norm + product + SiLU-and-multiply: ~1.6% in bf16, against ~2% for the unfused kernels in a row),
+    so bf16 chains get a looser bound than one op."""
+    from tensorjet.kernels.fused_gemv import CANDIDATES, fused_gemv
+    from tensorjet.kernels.reference import gemv_ref
+
+    m, n, k, eps = 1, 40 * SCALE + 3, 2100 * SCALE + 9, 1e-5  # K spans several 1,024-wide tiles
+    x = (3 * torch.randn(m, k, device=DEVICE)).to(dtype)  # not unit scale: the norm must matter
+    norm_w = (1 + 0.5 * torch.randn(k, device=DEVICE)).to(dtype)
+    w = (torch.randn(2 * n, k, device=DEVICE) / k**0.5).to(dtype)
+    b = torch.randn(2 * n, device=DEVICE).to(dtype) if bias else None
+
+    chain_tol = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 1e-2}[dtype]
+
+    def assert_chain_close(out, ref, what):
+        assert not out.isnan().any(), f"{what}: NaN in output, seed={seed}"
+        assert rel_err(out, ref) < chain_tol, f"{what}: relative error {rel_err(out, ref):.3g}, seed={seed}"
+
+    for config in CANDIDATES[:2] if DEVICE.type == "cpu" else CANDIDATES:
+        out = fused_gemv(x, w, b, config)
+        assert_close(out, gemv_ref(x, w, b), dtype, seed, f"fused_gemv {config}")
+
+        out = fused_gemv(x, w, b, config, norm_weight=norm_w, eps=eps)
+        assert_chain_close(out, gemv_ref(rms_norm_ref(x, norm_w, eps), w, b), f"+ norm {config}")
+
+        residual_before = torch.randn(m, 2 * n, device=DEVICE).to(dtype)
+        residual = residual_before.clone()
+        out = fused_gemv(x, w, b, config, residual=residual)
+        assert out is residual, "the residual is updated in place"
+        ref = residual_before.double() + gemv_ref(x, w, b)
+        assert_close(residual, ref, dtype, seed, f"+ residual {config}")
+
+        out = fused_gemv(x, w, b, config, norm_weight=norm_w, eps=eps, silu_mul=True)
+        assert out.shape == (m, n)
+        ref = silu_and_mul_ref(gemv_ref(rms_norm_ref(x, norm_w, eps), w, b))
+        assert_chain_close(out, ref, f"+ norm + silu_mul {config}")
+
+
+def test_fused_decode_layers_match_the_unfused_model(seed):
+    """A one-token decode step through the fused GEMVs (all, or some with the separate-op fallback)
+    gives the unfused model's hidden states."""
+    from transformers import LlamaConfig
+
+    from tensorjet.models.llama import LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        vocab_size=50,
+        max_position_embeddings=64,
+    )
+    with torch.device(DEVICE):
+        model = LlamaForCausalLM(config, torch.float32)
+    model.init_dummy_weights(seed % 1000)
+    for module in model.modules():  # non-trivial norm weights
+        if module.__class__.__name__ == "RMSNorm":
+            module.weight.data.uniform_(0.5, 1.5)
+    block_size, context = 4, [9]
+    num_blocks = sum(cdiv(c, block_size) for c in context)
+    for attn in model.attention_layers:
+        attn.k_cache = torch.zeros(num_blocks, block_size, 2, 16, device=DEVICE)
+        attn.v_cache = torch.zeros_like(attn.k_cache)
+    tables, slots, first = [], [], 0
+    for c in context:
+        n = cdiv(c, block_size)
+        tables.append(list(range(first, first + n)) + [-1] * (3 - n))
+        slots.append((first + (c - 1) // block_size) * block_size + (c - 1) % block_size)
+        first += n
+
+    def step():
+        meta = AttentionMetadata(
+            query_lens=[1] * len(context),
+            context_lens=context,
+            slot_mapping=torch.tensor(slots, device=DEVICE),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=DEVICE),
+            block_size=block_size,
+        )
+        ids = torch.tensor([7], device=DEVICE)
+        return model(ids, torch.tensor([c - 1 for c in context], device=DEVICE), meta)
+
+    unfused = step()
+    model.use_fused_decode(timed=False)
+    assert model.fused_decode
+    fused = step()
+    assert rel_err(fused, unfused) < 1e-5, f"fused vs unfused hidden states, seed={seed}"
+    for layer in model.layers:  # where a fused GEMV does not pay: separate ops around the product
+        layer.self_attn.o_proj.fused_gemv = None
+        layer.mlp.gate_up_proj.fused_gemv = None
+    mixed = step()
+    assert rel_err(mixed, unfused) < 1e-5, f"partly fused vs unfused hidden states, seed={seed}"
+
+
 def test_linear_dispatches_small_batches_to_its_gemv(seed):
     from tensorjet.kernels.gemv import gemv
     from tensorjet.layers.linear import Linear

@@ -126,7 +126,7 @@ def gemv(
     return y
 
 
-def _graph_time_ms(launch, weights: list[torch.Tensor], launches: int = 24, replays: int = 3) -> float:
+def time_in_graph_ms(launch, weights: list[torch.Tensor], launches: int = 24, replays: int = 3) -> float:
     """GPU time per `launch(weight)` inside a CUDA graph (no Python launch cost, as in a decode step),
     cycling through `weights` so every launch reads its weight from HBM rather than a warm L2."""
     launch(weights[0])  # compile outside the capture
@@ -157,16 +157,16 @@ def select_gemv(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[GemvCo
     xs = {m: torch.randn(m, weight.shape[1], dtype=weight.dtype, device=weight.device) for m in (1, MAX_M)}
     timings: dict = {}
     for m, x in xs.items():
-        timings[f"cublas_m{m}"] = _graph_time_ms(
+        timings[f"cublas_m{m}"] = time_in_graph_ms(
             lambda w, x=x: torch.nn.functional.linear(x, w, bias), weights
         )
     best, best_ms = None, float("inf")
     for config in CANDIDATES:
-        ms = _graph_time_ms(lambda w, config=config: gemv(xs[1], w, bias, config), weights)
+        ms = time_in_graph_ms(lambda w, config=config: gemv(xs[1], w, bias, config), weights)
         if ms < best_ms:
             best, best_ms = config, ms
     timings["gemv_m1"] = best_ms
-    timings[f"gemv_m{MAX_M}"] = _graph_time_ms(lambda w: gemv(xs[MAX_M], w, bias, best), weights)
+    timings[f"gemv_m{MAX_M}"] = time_in_graph_ms(lambda w: gemv(xs[MAX_M], w, bias, best), weights)
     wins = (
         timings["gemv_m1"] < timings["cublas_m1"] and timings[f"gemv_m{MAX_M}"] < timings[f"cublas_m{MAX_M}"]
     )

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tensorjet.layers.norm import RMSNorm
+
 
 class LinearMethod:
     def create_weights(self, layer: Linear, dtype: torch.dtype) -> None:
@@ -79,6 +81,9 @@ class Linear(nn.Module):
         # faster than cuBLAS for this weight shape (`tensorjet.kernels.gemv.select_gemv`).
         self.small_batch_kernel = None
         self.small_batch_max_rows = 0
+        # The batch-1 GEMV with this layer's neighbouring ops fused in
+        # (`tensorjet.kernels.fused_gemv.fused_gemv`), set where it pays; see `forward_fused`.
+        self.fused_gemv = None
         self.kernel = F.linear  # the product for every other batch; `onednn_linear` on CPU fp32
         self.method.create_weights(self, dtype)
 
@@ -87,3 +92,30 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, x)
+
+    def forward_fused(
+        self,
+        x: torch.Tensor,
+        *,
+        norm: RMSNorm | None = None,
+        residual: torch.Tensor | None = None,
+        act=None,
+    ) -> torch.Tensor:
+        """This layer's product for one row with the ops around it: `norm` applied to x first, the
+        result added into `residual` in place (and returned), or `act` (SiLU-and-multiply of a
+        [gate; up] layer) applied to it. With a fused GEMV they run inside it; without one, as
+        separate ops around `forward`."""
+        if self.fused_gemv is not None:
+            return self.fused_gemv(
+                x,
+                self.weight,
+                self.bias,
+                norm_weight=None if norm is None else norm.weight,
+                eps=0.0 if norm is None else norm.eps,
+                residual=residual,
+                silu_mul=act is not None,
+            )
+        y = self(x if norm is None else norm(x))
+        if act is not None:
+            return act(y)
+        return y if residual is None else residual.add_(y)

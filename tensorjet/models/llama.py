@@ -22,6 +22,16 @@ from tensorjet.layers.rotary import RotaryEmbedding
 logger = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+# What one kernel fused away at batch 1 saves: its run time plus its launch gap in a CUDA graph
+# (~1.5-2 + ~1 us for a norm or SiLU on the H200; `benchmarks/profile_kernels.py`).
+FUSED_LAUNCH_US = 2.5
+# What `LlamaDecoderLayer.forward_fused` fuses into each projection (`fused_gemv` options).
+FUSED_PROJECTIONS = {
+    "qkv_proj": dict(norm=True),
+    "o_proj": dict(residual=True),
+    "gate_up_proj": dict(norm=True, silu_mul=True),
+    "down_proj": dict(residual=True),
+}
 
 
 def head_dim_of(config: PretrainedConfig) -> int:
@@ -52,15 +62,17 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, rotary)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        qkv = self.qkv_proj(x)
+        return self.o_proj(self.attend(positions, self.qkv_proj(x), meta))
+
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Attention from the q|k|v projection's output to the o projection's input, [T, q_size]."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        out = self.attn(positions, q, k, v, meta)
-        return self.o_proj(out.reshape(-1, self.q_size))
+        return self.attn(positions, q, k, v, meta).reshape(-1, self.q_size)
 
 
 class LlamaMLP(nn.Module):
@@ -94,6 +106,23 @@ class LlamaDecoderLayer(nn.Module):
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
+    def fused_projections(self) -> dict[str, Linear]:
+        return {
+            "qkv_proj": self.self_attn.qkv_proj,
+            "o_proj": self.self_attn.o_proj,
+            "gate_up_proj": self.mlp.gate_up_proj,
+            "down_proj": self.mlp.down_proj,
+        }
+
+    def forward_fused(self, positions, hidden: torch.Tensor, meta: AttentionMetadata) -> None:
+        """The same layer for one token as four projections that carry the norms, residual adds and
+        SiLU (`Linear.forward_fused`); `hidden` is the residual stream, updated in place."""
+        attn, mlp = self.self_attn, self.mlp
+        qkv = attn.qkv_proj.forward_fused(hidden, norm=self.input_layernorm)
+        attn.o_proj.forward_fused(attn.attend(positions, qkv, meta), residual=hidden)
+        act = mlp.gate_up_proj.forward_fused(hidden, norm=self.post_attention_layernorm, act=mlp.act)
+        mlp.down_proj.forward_fused(act, residual=hidden)
+
 
 class LlamaForCausalLM(nn.Module):
     # HF checkpoint name fragment -> (our merged module name fragment, shard index)
@@ -126,6 +155,8 @@ class LlamaForCausalLM(nn.Module):
             self.tied_head_kernel = nn.functional.linear
         else:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype=dtype)
+        # One-token steps run `LlamaDecoderLayer.forward_fused` (set by `use_fused_decode`).
+        self.fused_decode = False
 
     def use_triton_kernels(self) -> None:
         """Swap the PyTorch norm, rotary and activation ops for fused Triton kernels (same numerics)."""
@@ -167,6 +198,49 @@ class LlamaForCausalLM(nn.Module):
                 module.small_batch_kernel = partial(gemv, config=chosen[key])
                 module.small_batch_max_rows = MAX_M
 
+    def use_fused_decode(self, timed: bool = True) -> None:
+        """Run one-token steps through `LlamaDecoderLayer.forward_fused`: each projection's GEMV
+        carries the norm, residual add or SiLU next to it (`tensorjet.kernels.fused_gemv`).
+
+        timed: time each projection's best fused GEMV on this GPU and sum them over a layer, against
+        cuBLAS plus the three kernels the fusion removes (two norms with their residual adds, SiLU;
+        `FUSED_LAUNCH_US` each); the path is on only if the fused layer wins. Untimed (the CPU
+        interpreter), it is on with the first candidate."""
+        from functools import partial
+
+        from tensorjet.kernels.fused_gemv import CANDIDATES, fused_gemv, select_fused_gemv
+
+        configs = {name: CANDIDATES[0] for name in FUSED_PROJECTIONS}
+        use = True
+        if timed:
+            projections = self.layers[0].fused_projections()
+            fused_us = 0.0
+            unfused_us = 3 * FUSED_LAUNCH_US
+            for name, fusion in FUSED_PROJECTIONS.items():
+                module = projections[name]
+                configs[name], timings = select_fused_gemv(module.weight, module.bias, **fusion)
+                fused_us += timings["fused"] * 1e3
+                unfused_us += timings["cublas"] * 1e3
+                logger.info(
+                    "fused decode %s: %.1f us (%s) vs cuBLAS %.1f us",
+                    name,
+                    timings["fused"] * 1e3,
+                    configs[name],
+                    timings["cublas"] * 1e3,
+                )
+            use = fused_us < unfused_us
+            logger.info(
+                "fused batch-1 decode layer: %.1f us vs %.1f us unfused -> %s",
+                fused_us,
+                unfused_us,
+                "on" if use else "off",
+            )
+        # The GEMVs are bound either way, so a benchmark can flip `fused_decode` to compare.
+        for layer in self.layers:
+            for name, module in layer.fused_projections().items():
+                module.fused_gemv = partial(fused_gemv, config=configs[name])
+        self.fused_decode = use
+
     def use_onednn_linear(self) -> None:
         """CPU fp32: every weight product, the tied LM head's included, through oneDNN (`onednn_linear`)."""
         for module in self.modules():
@@ -184,6 +258,10 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Returns the final hidden states, [num_tokens, hidden]."""
         x = self.embed_tokens(input_ids)
+        if self.fused_decode and input_ids.shape[0] == 1:
+            for layer in self.layers:
+                layer.forward_fused(positions, x, meta)
+            return self.norm(x)
         residual = None
         for layer in self.layers:
             x, residual = layer(positions, x, residual, meta)

@@ -149,6 +149,7 @@ class ModelRunner:
             self.model.use_triton_kernels()
             if self.device.type == "cuda":
                 self.model.use_small_batch_gemv()
+            self.model.use_fused_decode(timed=self.device.type == "cuda")
         return choice
 
     # ---- KV cache sizing ---------------------------------------------------------------------

@@ -1,0 +1,194 @@
+"""Batch-1 decode projections with the ops around them fused in: y[N] = x[K] @ W[N, K]^T.
+
+At batch 1 a decoder layer is four weight GEMVs and ~9 small kernels (norms, SiLU, residual adds,
+cuBLAS's split-K reduces), each costing ~2-3 us of run time and graph launch gap. This kernel takes
+the small ones over:
+- `norm_weight`: the product uses RMSNorm(x). The norm scales the row by one number, so the kernel
+  multiplies x by the norm weight while streaming it, sums x^2 on the way, and scales the result by
+  1/rms at the end: no pass over x beforehand.
+- `residual`: the result is added into `residual` in place (the o and down projections).
+- `silu_mul`: W holds [gate; up]; each program computes matching gate and up rows and returns
+  silu(gate) * up (the gate|up projection).
+
+It is an FMA GEMV, not a tensor-core one: with one row of x there is nothing to pad to a 16-row MMA
+tile, and the weight tile goes straight from global memory into registers (no shared-memory stage).
+Each program owns BLOCK_N output rows and keeps a [BLOCK_N, BLOCK_K] tile of partial sums that it
+reduces once at the end. `tensorjet.models.llama.LlamaForCausalLM.use_fused_decode` times it against
+cuBLAS plus the kernels it replaces and uses it only where the whole layer comes out faster.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from tensorjet.kernels.gemv import time_in_graph_ms
+
+__all__ = ["FusedGemvConfig", "CANDIDATES", "fused_gemv", "select_fused_gemv"]
+
+
+@dataclass(frozen=True)
+class FusedGemvConfig:
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+
+
+# Partial-sum tiles of 4,096-8,192 fp32 values: 32 per thread, so gate|up (two tiles) still fits.
+CANDIDATES = (
+    FusedGemvConfig(4, 1024, 4),
+    FusedGemvConfig(8, 512, 4),
+    FusedGemvConfig(16, 256, 4),
+    FusedGemvConfig(8, 1024, 8),
+    FusedGemvConfig(16, 512, 8),
+    FusedGemvConfig(2, 2048, 4),
+)
+
+
+@triton.jit
+def _fused_gemv_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    norm_w_ptr,
+    y_ptr,
+    N,
+    K,
+    stride_wn,
+    eps,
+    HAS_BIAS: tl.constexpr,
+    NORM: tl.constexpr,
+    SILU_MUL: tl.constexpr,
+    ADD_TO_Y: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    # SILU_MUL: the up rows follow the N gate rows.
+    w_up_ptrs = w_ptr + (offs_n[:, None] + N).to(tl.int64) * stride_wn + offs_k[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    sum_sq = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = (k0 + offs_k) < K
+        x = tl.load(x_ptr + k0 + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+        if NORM:
+            sum_sq += x * x
+            x = x * tl.load(norm_w_ptr + k0 + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+        w_mask = n_mask[:, None] & k_mask[None, :]
+        w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+        acc += w.to(tl.float32) * x[None, :]
+        if SILU_MUL:
+            w_up = tl.load(w_up_ptrs, mask=w_mask, other=0.0)
+            acc_up += w_up.to(tl.float32) * x[None, :]
+        w_ptrs += BLOCK_K
+        w_up_ptrs += BLOCK_K
+    y = tl.sum(acc, 1)
+    y_up = tl.sum(acc_up, 1)
+    if NORM:
+        inv_rms = tl.rsqrt(tl.sum(sum_sq, 0) / K + eps)
+        y = y * inv_rms
+        y_up = y_up * inv_rms
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        if SILU_MUL:
+            y_up += tl.load(b_ptr + N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    # Round each product to the activation dtype before the next op, as the unfused layers do.
+    out = y.to(y_ptr.dtype.element_ty)
+    if SILU_MUL:
+        gate = out.to(tl.float32)
+        up = y_up.to(y_ptr.dtype.element_ty).to(tl.float32)
+        out = (gate / (1.0 + tl.exp(-gate)) * up).to(y_ptr.dtype.element_ty)
+    if ADD_TO_Y:
+        residual = tl.load(y_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        out = (out.to(tl.float32) + residual).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + offs_n, out, mask=n_mask)
+
+
+def fused_gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    config: FusedGemvConfig = CANDIDATES[0],
+    *,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 0.0,
+    residual: torch.Tensor | None = None,
+    silu_mul: bool = False,
+) -> torch.Tensor:
+    """x [1, K] @ weight [N, K]^T (+ bias [N]) -> [1, N] in x's dtype, with:
+
+    norm_weight [K]: RMSNorm(x) (weight `norm_weight`, epsilon `eps`) multiplied instead of x;
+    residual [1, N]: the product added into `residual` in place, which is returned;
+    silu_mul: weight and bias hold [gate; up] (2N rows); returns silu(x W_gate^T) * (x W_up^T) [1, N].
+    """
+    if x.dim() != 2 or x.shape[0] != 1 or weight.shape[1] != x.shape[1] or weight.stride(1) != 1:
+        raise ValueError(
+            f"fused_gemv takes x [1, K] and a row-major weight [N, K]; got {x.shape}, {weight.shape}"
+        )
+    if silu_mul and residual is not None:
+        raise ValueError("silu_mul and residual do not combine")
+    n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
+    x = x.contiguous()
+    if residual is not None:
+        if residual.shape != (1, n) or residual.dtype != x.dtype or not residual.is_contiguous():
+            raise ValueError(f"residual must be a contiguous [1, {n}] {x.dtype} tensor")
+        y = residual
+    else:
+        y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    _fused_gemv_kernel[(triton.cdiv(n, config.block_n),)](
+        x,
+        weight,
+        bias if bias is not None else weight,
+        norm_weight if norm_weight is not None else weight,
+        y,
+        n,
+        x.shape[1],
+        weight.stride(0),
+        eps,
+        HAS_BIAS=bias is not None,
+        NORM=norm_weight is not None,
+        SILU_MUL=silu_mul,
+        ADD_TO_Y=residual is not None,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        num_warps=config.num_warps,
+    )
+    return y
+
+
+def select_fused_gemv(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    norm: bool = False,
+    residual: bool = False,
+    silu_mul: bool = False,
+) -> tuple[FusedGemvConfig, dict]:
+    """The fastest candidate for this projection with its fusions, and the timings (ms) of it and of
+    cuBLAS's plain `F.linear`, both at M=1 inside a CUDA graph with weights read from HBM."""
+    copies = min(8, max(1, math.ceil(256 * 2**20 / (weight.numel() * weight.element_size()))))
+    weights = [weight] + [weight.clone() for _ in range(copies - 1)]
+    n, k = weight.shape
+    x = torch.randn(1, k, dtype=weight.dtype, device=weight.device)
+    fusion = dict(
+        norm_weight=torch.ones(k, dtype=weight.dtype, device=weight.device) if norm else None,
+        eps=1e-5,
+        residual=torch.zeros(1, n, dtype=weight.dtype, device=weight.device) if residual else None,
+        silu_mul=silu_mul,
+    )
+    timings = {"cublas": time_in_graph_ms(lambda w: torch.nn.functional.linear(x, w, bias), weights)}
+    best, best_ms = CANDIDATES[0], float("inf")
+    for config in CANDIDATES:
+        ms = time_in_graph_ms(lambda w, config=config: fused_gemv(x, w, bias, config, **fusion), weights)
+        if ms < best_ms:
+            best, best_ms = config, ms
+    timings["fused"] = best_ms
+    return best, timings
