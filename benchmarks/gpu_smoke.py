@@ -1,7 +1,8 @@
 """Checks on the GPU before timing anything: the fast path (Triton kernels, decode CUDA graphs,
 overlap scheduling; the CUDA defaults) gives the reference path's greedy tokens (PyTorch attention,
 eager, synchronous) on a small random Llama, in fp32 with the fp32 and the FP8 KV cache (must be
-identical) and in bf16 (reported). Prints 'ok' if fp32 matches, else 'MISMATCH'."""
+identical) and in bf16 (reported); the fast path runs twice, batched and one sequence at a time (the
+fused batch-1 layer). Prints 'ok' if fp32 matches, else 'MISMATCH'."""
 
 import sys
 import tempfile
@@ -37,20 +38,27 @@ def main() -> None:
                 dict(attention_backend="torch", enable_cuda_graph=False, disable_overlap_scheduler=True),
             ),
             ("fast", dict(max_batch_size=32)),
+            # One sequence at a time: every decode step runs the fused batch-1 layer.
+            ("fast, batch 1", dict(max_batch_size=1)),
         ):
             llm = LLM(model=path, dtype=dtype, max_num_tokens=128, kv_cache_dtype=kv_cache_dtype, **options)
             outs = llm.generate(prompts, params, use_tqdm=False)
             tokens[path_name] = [o.outputs[0].token_ids for o in outs]
-            if path_name == "fast":
+            if path_name != "reference":
                 stats = llm.stats()
                 assert stats["num_graph_steps"] > 0 and llm.engine.overlap, stats
+                fused = llm.engine.runner.model.fused_decode
+                print(
+                    f"{dtype}, KV {kv_cache_dtype}, {path_name}: fused batch-1 layer {fused}", file=sys.stderr
+                )
             llm.shutdown()
-        same = sum(a == b for a, b in zip(tokens["reference"], tokens["fast"]))
-        print(
-            f"{dtype}, KV {kv_cache_dtype}: fast path == reference for {same}/{len(prompts)} prompts",
-            file=sys.stderr,
-        )
-        ok &= dtype != "float32" or same == len(prompts)
+        for path_name in ("fast", "fast, batch 1"):
+            same = sum(a == b for a, b in zip(tokens["reference"], tokens[path_name]))
+            print(
+                f"{dtype}, KV {kv_cache_dtype}: {path_name} == reference for {same}/{len(prompts)} prompts",
+                file=sys.stderr,
+            )
+            ok &= dtype != "float32" or same == len(prompts)
     print("ok" if ok else "MISMATCH")
 
 

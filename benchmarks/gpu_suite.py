@@ -157,6 +157,21 @@ def without_graphs(llm):
 
 
 @contextlib.contextmanager
+def layer_path(llm, fused: bool):
+    """Batch-1 decode through the fused layer (`LlamaForCausalLM.fused_decode`) or cuBLAS plus separate
+    norm/SiLU kernels, the graphs recaptured for it; restored on exit."""
+    runner = llm.engine.runner
+    saved_fused, saved_graphs = runner.model.fused_decode, runner.decode_graphs
+    runner.model.fused_decode = fused
+    if fused != saved_fused and saved_graphs is not None:
+        runner.decode_graphs = runner._build_decode_graphs()
+    try:
+        yield
+    finally:
+        runner.model.fused_decode, runner.decode_graphs = saved_fused, saved_graphs
+
+
+@contextlib.contextmanager
 def engine_settings(llm, overlap: bool | None = None, **scheduler_options):
     """Temporarily change overlap or scheduler/cache options of an idle engine."""
     engine = llm.engine
@@ -318,6 +333,17 @@ def main() -> None:
             f"{on['ms_per_step']:.2f} ms/step",
             f"limit {limit:.2f} ms ({limit / on['ms_per_step']:.0%}); gpt-fast {GPT_FAST_MS[batch]} ms",
         )
+        if batch == 1:
+            with layer_path(llm, fused=not runner.model.fused_decode):
+                other = decode_latency(llm, batch)
+            fused, unfused = (on, other) if runner.model.fused_decode else (other, on)
+            results["decode_b1_fused_vs_unfused"] = {"fused": fused, "unfused": unfused}
+            record(
+                "  fused batch-1 layer on vs off",
+                f"{unfused['ms_per_step'] / fused['ms_per_step']:.3f}x faster",
+                f"{fused['ms_per_step']:.2f} vs {unfused['ms_per_step']:.2f} ms/step (on by default: "
+                f"{runner.model.fused_decode})",
+            )
         if batch in (1, 8):
             with without_graphs(llm):
                 off = decode_latency(llm, batch, out_len=64)
