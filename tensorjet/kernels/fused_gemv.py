@@ -19,14 +19,13 @@ cuBLAS plus the kernels it replaces and uses it only where the whole layer comes
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from tensorjet.kernels.gemv import time_in_graph_ms
+from tensorjet.kernels.gemv import cold_copies, time_in_graph_ms
 
 __all__ = ["FusedGemvConfig", "CANDIDATES", "fused_gemv", "select_fused_gemv"]
 
@@ -174,8 +173,7 @@ def select_fused_gemv(
 ) -> tuple[FusedGemvConfig, dict]:
     """The fastest candidate for this projection with its fusions, and the timings (ms) of it and of
     cuBLAS's plain `F.linear`, both at M=1 inside a CUDA graph with weights read from HBM."""
-    copies = min(8, max(1, math.ceil(256 * 2**20 / (weight.numel() * weight.element_size()))))
-    weights = [weight] + [weight.clone() for _ in range(copies - 1)]
+    weights = cold_copies(weight)
     n, k = weight.shape
     x = torch.randn(1, k, dtype=weight.dtype, device=weight.device)
     fusion = dict(

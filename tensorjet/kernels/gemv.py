@@ -126,6 +126,13 @@ def gemv(
     return y
 
 
+def cold_copies(weight: torch.Tensor, total_bytes: int = 256 * 2**20) -> list[torch.Tensor]:
+    """`weight` and clones of it, >= `total_bytes` in all (at most 8): cycling through them in a timing
+    loop keeps each read coming from HBM instead of the L2 a repeated read would hit."""
+    copies = min(8, max(1, math.ceil(total_bytes / (weight.numel() * weight.element_size()))))
+    return [weight] + [weight.clone() for _ in range(copies - 1)]
+
+
 def time_in_graph_ms(launch, weights: list[torch.Tensor], launches: int = 24, replays: int = 3) -> float:
     """GPU time per `launch(weight)` inside a CUDA graph (no Python launch cost, as in a decode step),
     cycling through `weights` so every launch reads its weight from HBM rather than a warm L2."""
@@ -152,8 +159,7 @@ def select_gemv(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[GemvCo
     Launches are timed inside a CUDA graph, as a decode step runs them: timed one by one from Python,
     a 10 us kernel measures its launch cost instead (Triton's launcher is slower than cuBLAS's). Weight
     copies totalling >= 256 MiB are cycled so each launch reads its weight from HBM."""
-    copies = min(8, max(1, math.ceil(256 * 2**20 / (weight.numel() * weight.element_size()))))
-    weights = [weight] + [weight.clone() for _ in range(copies - 1)]
+    weights = cold_copies(weight)
     xs = {m: torch.randn(m, weight.shape[1], dtype=weight.dtype, device=weight.device) for m in (1, MAX_M)}
     timings: dict = {}
     for m, x in xs.items():
