@@ -42,8 +42,6 @@ CANDIDATES = (
     GemvConfig(32, 256, 4, 3),
     GemvConfig(16, 512, 4, 3),
     GemvConfig(64, 128, 4, 4),
-    GemvConfig(16, 128, 4, 6),
-    GemvConfig(32, 128, 4, 4),
 )
 
 
