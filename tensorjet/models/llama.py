@@ -7,6 +7,7 @@ tokens belong to which sequence. Weights load from HF-named tensors into merged 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 
 import torch
@@ -213,6 +214,7 @@ class LlamaForCausalLM(nn.Module):
         configs = {name: CANDIDATES[0] for name in FUSED_PROJECTIONS}
         use = True
         if timed:
+            start = time.perf_counter()
             projections = self.layers[0].fused_projections()
             fused_us = 0.0
             unfused_us = 3 * FUSED_LAUNCH_US
@@ -230,10 +232,11 @@ class LlamaForCausalLM(nn.Module):
                 )
             use = fused_us < unfused_us
             logger.info(
-                "fused batch-1 decode layer: %.1f us vs %.1f us unfused -> %s",
+                "fused batch-1 decode layer: %.1f us vs %.1f us unfused -> %s (chosen in %.1fs)",
                 fused_us,
                 unfused_us,
                 "on" if use else "off",
+                time.perf_counter() - start,
             )
         # The GEMVs are bound either way, so a benchmark can flip `fused_decode` to compare.
         for layer in self.layers:
