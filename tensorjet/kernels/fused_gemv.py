@@ -35,6 +35,7 @@ class FusedGemvConfig:
     block_n: int
     block_k: int
     num_warps: int = 4
+    num_stages: int | None = None  # None: Triton's default software pipelining depth
 
 
 # Partial-sum tiles of 4,096-8,192 fp32 values (32 per thread), so gate|up's two tiles still fit. The
@@ -158,6 +159,7 @@ def fused_gemv(
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
         num_warps=config.num_warps,
+        **({} if config.num_stages is None else {"num_stages": config.num_stages}),
     )
     return y
 
