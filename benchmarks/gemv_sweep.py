@@ -35,7 +35,7 @@ CONFIGS = [
     for block_n, block_k, warps, stages in itertools.product(
         (2, 4, 8, 16), (512, 1024, 2048), (4, 8), (None, 4)
     )
-    if 4096 <= block_n * block_k <= 16384  # 32-64 fp32 partial sums per thread at 4-8 warps
+    if 4096 <= block_n * block_k <= 16384  # 4,096-16,384 fp32 partial sums per program
 ]
 
 
