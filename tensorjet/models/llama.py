@@ -26,13 +26,6 @@ SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 # What one kernel fused away at batch 1 saves: its run time plus its launch gap in a CUDA graph
 # (~1.5-2 + ~1 us for a norm or SiLU on the H200; `benchmarks/profile_kernels.py`).
 FUSED_LAUNCH_US = 2.5
-# What `LlamaDecoderLayer.forward_fused` fuses into each projection (`fused_gemv` options).
-FUSED_PROJECTIONS = {
-    "qkv_proj": dict(norm=True),
-    "o_proj": dict(residual=True),
-    "gate_up_proj": dict(norm=True, silu_mul=True),
-    "down_proj": dict(residual=True),
-}
 
 
 def head_dim_of(config: PretrainedConfig) -> int:
@@ -107,12 +100,13 @@ class LlamaDecoderLayer(nn.Module):
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
-    def fused_projections(self) -> dict[str, Linear]:
+    def fused_projections(self) -> dict[str, tuple[Linear, dict]]:
+        """The projections `forward_fused` runs, each with what it fuses in (`fused_gemv` options)."""
         return {
-            "qkv_proj": self.self_attn.qkv_proj,
-            "o_proj": self.self_attn.o_proj,
-            "gate_up_proj": self.mlp.gate_up_proj,
-            "down_proj": self.mlp.down_proj,
+            "qkv_proj": (self.self_attn.qkv_proj, dict(norm=True)),
+            "o_proj": (self.self_attn.o_proj, dict(residual=True)),
+            "gate_up_proj": (self.mlp.gate_up_proj, dict(norm=True, silu_mul=True)),
+            "down_proj": (self.mlp.down_proj, dict(residual=True)),
         }
 
     def forward_fused(self, positions, hidden: torch.Tensor, meta: AttentionMetadata) -> None:
@@ -211,15 +205,14 @@ class LlamaForCausalLM(nn.Module):
 
         from tensorjet.kernels.fused_gemv import CANDIDATES, fused_gemv, select_fused_gemv
 
-        configs = {name: CANDIDATES[0] for name in FUSED_PROJECTIONS}
+        projections = self.layers[0].fused_projections()
+        configs = {name: CANDIDATES[0] for name in projections}
         use = True
         if timed:
             start = time.perf_counter()
-            projections = self.layers[0].fused_projections()
             fused_us = 0.0
             unfused_us = 3 * FUSED_LAUNCH_US
-            for name, fusion in FUSED_PROJECTIONS.items():
-                module = projections[name]
+            for name, (module, fusion) in projections.items():
                 configs[name], timings = select_fused_gemv(module.weight, module.bias, **fusion)
                 fused_us += timings["fused"] * 1e3
                 unfused_us += timings["cublas"] * 1e3
@@ -240,7 +233,7 @@ class LlamaForCausalLM(nn.Module):
             )
         # The GEMVs are bound either way, so a benchmark can flip `fused_decode` to compare.
         for layer in self.layers:
-            for name, module in layer.fused_projections().items():
+            for name, (module, _) in layer.fused_projections().items():
                 module.fused_gemv = partial(fused_gemv, config=configs[name])
         self.fused_decode = use
 
