@@ -10,6 +10,8 @@ so that only the tile shapes, operand order and conversions differ:
 - `fp8-mma`: q and p rounded to E4M3 and both products on FP8 tensor cores (a diagnostic: it changes
   the numerics);
 - `load-only`: the same loads summed, no products: the gather pattern's ceiling.
+Each runs in two grid orders: sequence-major (the library's) and head-first ("hf"), where a sequence's
+KV heads are neighbouring programs.
 
     python benchmarks/fp8_decode_sweep.py [--batch 256 --context 1500]
 """
@@ -50,9 +52,14 @@ def _variant_kernel(
     BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr,
     MODE: tl.constexpr,
+    HEAD_FIRST: tl.constexpr,
 ):
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    if HEAD_FIRST:  # a sequence's KV heads run as neighbouring programs: they read the same pages together
+        kv_head = tl.program_id(0)
+        seq = tl.program_id(1)
+    else:
+        seq = tl.program_id(0)
+        kv_head = tl.program_id(1)
     ctx = tl.load(lens_ptr + seq)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, D)
@@ -119,13 +126,13 @@ def _variant_kernel(
     tl.store(out_ptr + q_offsets, o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
 
 
-def run_variant(mode, q, k, v, tables, lens, scale, out, block_n, warps, stages):
+def run_variant(mode, q, k, v, tables, lens, scale, out, block_n, warps, stages, head_first=False):
     batch, hq, d = q.shape
     _, page, hk, _ = k.shape
-    _variant_kernel[(batch, hk)](
+    _variant_kernel[(hk, batch) if head_first else (batch, hk)](
         q, k, v, tables, lens, out, scale * 1.4426950408889634,
         k.stride(0), k.stride(1), tables.stride(0),
-        HK=hk, GROUP=hq // hk, BLOCK_G=16, D=d, BLOCK_N=block_n, PAGE=page, MODE=mode,
+        HK=hk, GROUP=hq // hk, BLOCK_G=16, D=d, BLOCK_N=block_n, PAGE=page, MODE=mode, HEAD_FIRST=head_first,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out
@@ -148,6 +155,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--context", type=int, default=1500)
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--configs", default="64/4/3,128/4/2,128/4/3,128/8/3,256/4/2,256/8/2")
     args = parser.parse_args()
     torch.manual_seed(0)
     hk, group, d, page = 8, 4, 128, 16
@@ -166,24 +175,30 @@ def main() -> None:
         reference = decode_attention(q, k, v, tables, lens, scale, num_splits=1)
         ms = time_ms(partial(decode_attention, q, k, v, tables, lens, scale, num_splits=1))
         rows.append((name, "library", "default", ms, nbytes / ms / 1e9, 0.0))
-        for (mode_name, mode), block_n, warps, stages in itertools.product(
-            MODES.items(), (64, 128, 256), (4, 8), (2, 3)
+        modes = [(m, MODES[m]) for m in args.modes.split(",")]
+        configs = [tuple(int(x) for x in c.split("/")) for c in args.configs.split(",")]
+        for (mode_name, mode), (block_n, warps, stages), head_first in itertools.product(
+            modes, configs, (False, True)
         ):
             if mode == 3 and kv_dtype == torch.bfloat16:
                 continue
             out = torch.full_like(q, float("nan"))
+            config = f"{block_n}/{warps}/{stages}" + (" hf" if head_first else "")
             try:
-                launch = partial(run_variant, mode, q, k, v, tables, lens, scale, out, block_n, warps, stages)
+                launch = partial(
+                    run_variant, mode, q, k, v, tables, lens, scale, out, block_n, warps, stages, head_first
+                )
                 ms = time_ms(launch)
             except Exception as error:  # out of shared memory or registers, or no such MMA
-                config = f"{block_n}/{warps}/{stages}"
                 print(f"{name} {mode_name} {config}: {type(error).__name__} {str(error)[:80]}")
                 continue
             err = float("nan") if mode == 4 else (out.float() - reference.float()).abs().max().item()
-            rows.append((name, mode_name, f"{block_n}/{warps}/{stages}", ms, nbytes / ms / 1e9, err))
-    print(f"\n{'kv dtype':<14}{'structure':<11}{'N/warps/stages':>15}{'ms':>8}{'TB/s':>7}{'max err':>9}")
+            rows.append((name, mode_name, config, ms, nbytes / ms / 1e9, err))
+        ms = time_ms(partial(decode_attention, q, k, v, tables, lens, scale, num_splits=1))
+        rows.append((name, "library", "again", ms, nbytes / ms / 1e9, 0.0))
+    print(f"\n{'kv dtype':<14}{'structure':<11}{'N/warps/stages':>18}{'ms':>8}{'TB/s':>7}{'max err':>9}")
     for name, mode_name, config, ms, tbps, err in rows:
-        print(f"{name:<14}{mode_name:<11}{config:>15}{ms:>8.3f}{tbps:>7.2f}{err:>9.1e}")
+        print(f"{name:<14}{mode_name:<11}{config:>18}{ms:>8.3f}{tbps:>7.2f}{err:>9.1e}")
     print(f"copy rate {COPY_TBPS} TB/s")
 
 
