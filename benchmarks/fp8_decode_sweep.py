@@ -10,8 +10,9 @@ so that only the tile shapes, operand order and conversions differ:
 - `fp8-mma`: q and p rounded to E4M3 and both products on FP8 tensor cores (a diagnostic: it changes
   the numerics);
 - `load-only`: the same loads summed, no products: the gather pattern's ceiling.
-Each runs in two grid orders: sequence-major (the library's) and head-first ("hf"), where a sequence's
-KV heads are neighbouring programs.
+Each runs on two cache layouts: NHD ([blocks, page, heads, D], the engine's: a head's page is 16 rows
+of 128-256 bytes, 1-2 KiB apart) and HND ([blocks, heads, page, D]: a head's page is contiguous).
+(Run 2 of this script also tried a head-first grid order: no difference.)
 
     python benchmarks/fp8_decode_sweep.py [--batch 256 --context 1500]
 """
@@ -44,6 +45,7 @@ def _variant_kernel(
     qk_scale,
     stride_kb,
     stride_ko,
+    stride_kh,
     stride_bt,
     HK: tl.constexpr,
     GROUP: tl.constexpr,
@@ -52,14 +54,9 @@ def _variant_kernel(
     BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr,
     MODE: tl.constexpr,
-    HEAD_FIRST: tl.constexpr,
 ):
-    if HEAD_FIRST:  # a sequence's KV heads run as neighbouring programs: they read the same pages together
-        kv_head = tl.program_id(0)
-        seq = tl.program_id(1)
-    else:
-        seq = tl.program_id(0)
-        kv_head = tl.program_id(1)
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
     ctx = tl.load(lens_ptr + seq)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, D)
@@ -77,8 +74,8 @@ def _variant_kernel(
     acc = tl.zeros([BLOCK_G, D], dtype=tl.float32)
     total = tl.zeros([D], dtype=tl.float32)
     table = tables_ptr + seq.to(tl.int64) * stride_bt
-    k_base = k_ptr + kv_head * D
-    v_base = v_ptr + kv_head * D
+    k_base = k_ptr + kv_head * stride_kh
+    v_base = v_ptr + kv_head * stride_kh
     for n0 in range(0, ctx, BLOCK_N):
         offs_n = n0 + offs_n0
         n_mask = offs_n < ctx
@@ -126,13 +123,13 @@ def _variant_kernel(
     tl.store(out_ptr + q_offsets, o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
 
 
-def run_variant(mode, q, k, v, tables, lens, scale, out, block_n, warps, stages, head_first=False):
+def run_variant(mode, q, k, v, tables, lens, scale, out, block_n, warps, stages):
     batch, hq, d = q.shape
     _, page, hk, _ = k.shape
-    _variant_kernel[(hk, batch) if head_first else (batch, hk)](
+    _variant_kernel[(batch, hk)](
         q, k, v, tables, lens, out, scale * 1.4426950408889634,
-        k.stride(0), k.stride(1), tables.stride(0),
-        HK=hk, GROUP=hq // hk, BLOCK_G=16, D=d, BLOCK_N=block_n, PAGE=page, MODE=mode, HEAD_FIRST=head_first,
+        k.stride(0), k.stride(1), k.stride(2), tables.stride(0),
+        HK=hk, GROUP=hq // hk, BLOCK_G=16, D=d, BLOCK_N=block_n, PAGE=page, MODE=mode,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out
@@ -166,39 +163,37 @@ def main() -> None:
     lens = torch.full((args.batch,), args.context, dtype=torch.int32, device="cuda")
     scale = d**-0.5
     rows = []
-    for kv_dtype, q_dtype in ((torch.bfloat16, torch.bfloat16), (torch.float8_e4m3fn, torch.float16)):
+    modes = [(m, MODES[m]) for m in args.modes.split(",")]
+    configs = [tuple(int(x) for x in c.split("/")) for c in args.configs.split(",")]
+    for (kv_dtype, q_dtype), layout in itertools.product(
+        ((torch.bfloat16, torch.bfloat16), (torch.float8_e4m3fn, torch.float16)), ("NHD", "HND")
+    ):
         q = torch.randn(args.batch, hk * group, d, device="cuda").to(q_dtype)
-        k = torch.randn(num_blocks, page, hk, d, device="cuda").to(kv_dtype)
-        v = torch.randn(num_blocks, page, hk, d, device="cuda").to(kv_dtype)
+        shape = (num_blocks, page, hk, d) if layout == "NHD" else (num_blocks, hk, page, d)
+        k, v = (torch.randn(shape, device="cuda").to(kv_dtype) for _ in range(2))
+        if layout == "HND":  # a head's page is one contiguous run; the kernels see it through strides
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
         nbytes = 2 * args.batch * args.context * hk * d * k.element_size()
-        name = str(kv_dtype).removeprefix("torch.")
+        name = str(kv_dtype).removeprefix("torch.") + " " + layout
         reference = decode_attention(q, k, v, tables, lens, scale, num_splits=1)
         ms = time_ms(partial(decode_attention, q, k, v, tables, lens, scale, num_splits=1))
         rows.append((name, "library", "default", ms, nbytes / ms / 1e9, 0.0))
-        modes = [(m, MODES[m]) for m in args.modes.split(",")]
-        configs = [tuple(int(x) for x in c.split("/")) for c in args.configs.split(",")]
-        for (mode_name, mode), (block_n, warps, stages), head_first in itertools.product(
-            modes, configs, (False, True)
-        ):
+        for (mode_name, mode), (block_n, warps, stages) in itertools.product(modes, configs):
             if mode == 3 and kv_dtype == torch.bfloat16:
                 continue
             out = torch.full_like(q, float("nan"))
-            config = f"{block_n}/{warps}/{stages}" + (" hf" if head_first else "")
+            config = f"{block_n}/{warps}/{stages}"
             try:
-                launch = partial(
-                    run_variant, mode, q, k, v, tables, lens, scale, out, block_n, warps, stages, head_first
-                )
+                launch = partial(run_variant, mode, q, k, v, tables, lens, scale, out, block_n, warps, stages)
                 ms = time_ms(launch)
             except Exception as error:  # out of shared memory or registers, or no such MMA
                 print(f"{name} {mode_name} {config}: {type(error).__name__} {str(error)[:80]}")
                 continue
             err = float("nan") if mode == 4 else (out.float() - reference.float()).abs().max().item()
             rows.append((name, mode_name, config, ms, nbytes / ms / 1e9, err))
-        ms = time_ms(partial(decode_attention, q, k, v, tables, lens, scale, num_splits=1))
-        rows.append((name, "library", "again", ms, nbytes / ms / 1e9, 0.0))
-    print(f"\n{'kv dtype':<14}{'structure':<11}{'N/warps/stages':>18}{'ms':>8}{'TB/s':>7}{'max err':>9}")
+    print(f"\n{'kv cache':<18}{'structure':<11}{'N/warps/stages':>18}{'ms':>8}{'TB/s':>7}{'max err':>9}")
     for name, mode_name, config, ms, tbps, err in rows:
-        print(f"{name:<14}{mode_name:<11}{config:>18}{ms:>8.3f}{tbps:>7.2f}{err:>9.1e}")
+        print(f"{name:<18}{mode_name:<11}{config:>18}{ms:>8.3f}{tbps:>7.2f}{err:>9.1e}")
     print(f"copy rate {COPY_TBPS} TB/s")
 
 
