@@ -277,7 +277,9 @@ def main() -> None:
 
     quick = args.quick
     rng = random.Random(0)
-    cb_requests = [random_ids(rng, rng.randint(100, 1024)) for _ in range(16 if quick else 32)]
+    # HF's reference workload in GUIDE.md (542 out tok/s there): 256 requests, 100-1024 in / 256 out. The
+    # issue's nano-vllm workload (100-1024 out) would take HF ~5 minutes, more than this suite can spend.
+    cb_requests = [random_ids(rng, rng.randint(100, 1024)) for _ in range(32 if quick else 256)]
     cb_out = 128 if quick else 256
 
     # 1. The peer first: HF needs the GPU memory our KV pool takes later.
@@ -289,7 +291,7 @@ def main() -> None:
         record(
             f"HF continuous batching, {len(cb_requests)} req 100-1024/{cb_out}",
             f"{hf_cb['output_tok_s']:.0f} out tok/s",
-            "the peer",
+            "the peer (GUIDE.md, same workload: 542)",
         )
     except Exception as error:  # an API drift in transformers must not cost the whole run
         results["hf_cb_error"] = repr(error)

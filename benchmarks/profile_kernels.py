@@ -6,7 +6,7 @@ durations (busy), how many kernels, and the top kernel groups. `wall - busy` is 
 host waits cost.
 
 Scenarios: decode at batch 1 (context ~256) with CUDA graphs on and off, and with the fused batch-1
-layer on and off (`LlamaForCausalLM.fused_decode`); decode at batch 256 with
+layer on and off (`LlamaForCausalLM.fused_decode`), and with PDL off; decode at batch 256 with
 ~1,500 tokens of context (the 1000 x 1000 workload's middle); the prefill steps that fill it.
 
     python benchmarks/profile_kernels.py [--out $OUT/profile_kernels.json]
@@ -18,6 +18,7 @@ import argparse
 import collections
 import json
 import logging
+import os
 import random
 import re
 import time
@@ -93,6 +94,7 @@ def main() -> None:
     parser.add_argument("--model", default=MODEL)
     parser.add_argument("--max_batch_size", type=int, default=256)
     parser.add_argument("--kv_cache_dtype", default="auto")
+    parser.add_argument("--batch1_only", action="store_true", help="skip the batch-256 and prefill steps")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # GEMV choices, capture time
     llm = LLM(
@@ -116,26 +118,35 @@ def main() -> None:
     add(llm, [ids(300) for _ in range(8)], 4, "compile")
     drain(llm)
 
-    # Batch 1: prompt 200, profile steps 40..56 of the decode; graphs on and off, and the fused
-    # batch-1 layer (`LlamaForCausalLM.fused_decode`, on where it measured faster) against cuBLAS plus
-    # separate norm/SiLU/add kernels.
+    # Batch 1: prompt 200, profile steps 40..56 of the decode; graphs on and off; the fused batch-1
+    # layer (`LlamaForCausalLM.fused_decode`, on where it measured faster) against cuBLAS plus separate
+    # norm/SiLU/add kernels; and programmatic dependent launch off (TENSORJET_PDL=0, graphs recaptured).
     model = runner.model
     fused_default = model.fused_decode
-    for graphs_on, fused in ((True, fused_default), (False, fused_default), (True, not fused_default)):
+    scenarios = ((True, fused_default, True), (False, fused_default, True), (True, not fused_default, True))
+    for graphs_on, fused, pdl in scenarios + ((True, fused_default, False),):
         saved = runner.decode_graphs
         model.fused_decode = fused
+        os.environ["TENSORJET_PDL"] = "1" if pdl else "0"
         if not graphs_on:
             runner.decode_graphs = None
-        elif fused != fused_default:
-            runner.decode_graphs = runner._build_decode_graphs()  # recaptured with the other layer path
-        add(llm, [ids(200)], 80, f"b1-{graphs_on}-{fused}")
+        elif fused != fused_default or not pdl:
+            runner.decode_graphs = runner._build_decode_graphs()  # recaptured with the other kernels
+        add(llm, [ids(200)], 80, f"b1-{graphs_on}-{fused}-{pdl}")
         for _ in range(40):
             llm.engine.step()
         key = f"decode_b1_graphs_{'on' if graphs_on else 'off'}" + ("_fused" if fused else "_unfused")
+        key += "" if pdl else "_no_pdl"
         results[key] = r = profile_steps(llm, 16)
         show(key, r)
         drain(llm)
         runner.decode_graphs, model.fused_decode = saved, fused_default
+        os.environ["TENSORJET_PDL"] = "1"
+    if args.batch1_only:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2))
+        llm.shutdown()
+        return
 
     # Batch 256 at ~1,500 context: 256 prompts of 1,400, prefill profiled on the way.
     add(llm, [ids(1400) for _ in range(args.max_batch_size)], 300, "big")

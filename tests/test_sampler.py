@@ -9,7 +9,14 @@ from collections import Counter
 import pytest
 import torch
 
-from tensorjet.runtime.sampler import Sampler, SamplingRow, apply_penalties, apply_top_k_top_p_min_p
+from tensorjet.runtime.sampler import (
+    ARGMAX_CHUNK,
+    Sampler,
+    SamplingRow,
+    apply_penalties,
+    apply_top_k_top_p_min_p,
+    argmax_rows,
+)
 from tensorjet.sampling_params import SamplingParams
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -297,3 +304,19 @@ def test_sample_never_reads_the_device(device, monkeypatch):
         sampled = sampler.sample(logits, rows)
     tokens = sampled.to_host().token_ids  # reading happens only here
     assert len(tokens) == 6 and all(0 <= t < vocab for t in tokens) and tokens[5] != 7
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_argmax_rows_matches_torch_including_ties(device, rows):
+    vocab = 8 * ARGMAX_CHUNK + 517  # a partial last chunk
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, vocab, generator=gen)
+    x[0, vocab - 3] = 50.0  # the maximum in the partial chunk
+    if rows > 1:
+        # Ties across chunks and inside one: the first index wins, as in torch.
+        x[1, [5, ARGMAX_CHUNK + 7, 3 * ARGMAX_CHUNK, 3 * ARGMAX_CHUNK + 1]] = 60.0
+        x[2, :] = float("-inf")
+        x[2, 2 * ARGMAX_CHUNK + 9] = -1e30
+    x = x.to(device)
+    assert argmax_rows(x).tolist() == x.argmax(-1).tolist()

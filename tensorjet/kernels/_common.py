@@ -8,6 +8,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 LOG2E = 1.4426950408889634
 
@@ -70,6 +71,39 @@ def tl_dot(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
         return tl.dot(a, b, input_precision=DOT_PREC)
+
+
+@functools.cache
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Programmatic dependent launch for kernels on `device`: compiled kernels on Hopper or later.
+
+    A kernel launched this way may start while the previous one in the stream finishes: its programs
+    fetch what does not depend on that kernel (weights) and then wait (`wait_for_previous_kernel`).
+    Inside a CUDA graph this hides ~1 us of launch gap and ramp per kernel (benchmarks/pdl_probe.py:
+    1.0-1.3 us per GEMV on the H200). TENSORJET_PDL=0 turns it off (for A/B runs)."""
+    if device.type != "cuda" or interpreting() or os.environ.get("TENSORJET_PDL", "1") == "0":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capability(index) >= (9, 0)
+
+
+def pdl_launch(enabled: bool) -> dict:
+    """Launch keyword arguments for a kernel compiled with PDL=enabled."""
+    return {"launch_pdl": True} if enabled else {}
+
+
+@triton.jit
+def wait_for_previous_kernel(PDL: tl.constexpr):
+    """With PDL: let the next kernel start launching, then wait until the previous kernel has finished
+    and its writes are visible. Every program of a PDL kernel calls this before reading anything the
+    previous kernel wrote, and before it exits (so a kernel never completes ahead of its predecessor)."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
 
 
 @triton.jit

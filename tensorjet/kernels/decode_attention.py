@@ -27,7 +27,10 @@ from tensorjet.kernels._common import (
     last_dim_contiguous,
     next_pow2,
     num_sms,
+    pdl_enabled,
+    pdl_launch,
     tl_dot,
+    wait_for_previous_kernel,
 )
 from tensorjet.kernels.reference import decode_attention_ref
 from tensorjet.layers.attention import is_fp8
@@ -37,7 +40,11 @@ __all__ = ["decode_attention", "decode_attention_ref", "choose_num_splits"]
 BLOCK_N = 64  # keys per inner iteration
 FP8_BLOCK_N = 128  # an FP8 tile of 64 keys is half the bytes: too little per iteration to hide latency
 NUM_WARPS = 4
-NUM_STAGES = 2
+# Three K/V tiles in flight: a batch-256 x 1,500-context layer took 0.39-0.43 ms against 0.43-0.46 with two
+# (bf16), 0.35 against 0.39 (FP8) on the H200 (benchmarks/fp8_decode_sweep.py, 2026-11-29). Two where
+# three tiles would not fit in shared memory (fp32 caches with large heads).
+NUM_STAGES = 3
+STAGE_BYTES_BUDGET = 160 * 1024
 MIN_TOKENS_PER_SPLIT = 256  # a split shorter than this costs more in partial writes than it gains
 MAX_SPLITS = 64
 PROGRAMS_PER_SM = 4  # aim for about this many stage-1 programs per SM
@@ -103,7 +110,9 @@ def _decode_stage1_kernel(
     DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
     F16_COMPUTE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -207,7 +216,9 @@ def _decode_stage2_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
     HAS_ROWS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(PDL)
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     if HAS_ROWS:
@@ -249,8 +260,8 @@ def decode_attention(
     max_context_len: int | None = None,
     rows: torch.Tensor | None = None,
     block_n: int | None = None,
-    num_warps: int = NUM_WARPS,
-    num_stages: int = NUM_STAGES,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Attention of one query per sequence over its paged context.
 
@@ -301,8 +312,14 @@ def decode_attention(
     rows_arg = rows if has_rows else context_lens
     block_d = next_pow2(head_dim)
     block_g = max(16, next_pow2(group))
+    if num_warps is None:
+        num_warps = NUM_WARPS
+    if num_stages is None:
+        kv_tile_bytes = 2 * block_n * block_d * k_cache.element_size()
+        num_stages = NUM_STAGES if NUM_STAGES * kv_tile_bytes <= STAGE_BYTES_BUDGET else 2
 
     f16_compute = kv_fp8 and q.dtype == torch.bfloat16
+    pdl = pdl_enabled(device)
     _decode_stage1_kernel[(num_seqs, num_kv_heads, num_splits)](
         q,
         k_cache,
@@ -338,8 +355,10 @@ def decode_attention(
         DOT_PREC=dot_precision(q.dtype),
         UPCAST=dot_upcast(q.dtype),
         F16_COMPUTE=f16_compute,
+        PDL=pdl,
         num_warps=num_warps,
         num_stages=num_stages,
+        **pdl_launch(pdl),
     )
     if not direct:
         _decode_stage2_kernel[(num_seqs, num_q_heads)](
@@ -356,6 +375,8 @@ def decode_attention(
             BLOCK_D=block_d,
             BLOCK_S=next_pow2(num_splits),
             HAS_ROWS=has_rows,
+            PDL=pdl,
             num_warps=4 if block_d >= 128 else 2,
+            **pdl_launch(pdl),
         )
     return out

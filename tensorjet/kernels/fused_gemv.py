@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tensorjet.kernels._common import pdl_enabled, pdl_launch, wait_for_previous_kernel
 from tensorjet.kernels.gemv import cold_copies, time_in_graph_ms
 
 __all__ = ["FusedGemvConfig", "CANDIDATES", "fused_gemv", "select_fused_gemv"]
@@ -38,13 +39,14 @@ class FusedGemvConfig:
     num_stages: int | None = None  # None: Triton's default software pipelining depth
 
 
-# Partial-sum tiles of 4,096-8,192 fp32 values (32 per thread), so gate|up's two tiles still fit. The
-# first two were the fastest for every Llama-3-8B projection on the H200 (2026-11-29); each candidate
-# is one more compile at start-up.
+# Each is the fastest of 32 tile/warp/pipelining configurations for some Llama-3-8B projection on the
+# H200 (benchmarks/gemv_sweep.py, 2026-11-29, graph-timed, L2-cold): (16, 512) for qkv (14.7 us),
+# (4, 2048) for o and down (10.8, 29.6 us), (4, 1024) for gate|up (58.7 us); Triton's pipelining depth
+# made no difference. Each candidate is one more compile at start-up.
 CANDIDATES = (
-    FusedGemvConfig(8, 1024, 8),
+    FusedGemvConfig(16, 512, 4),
+    FusedGemvConfig(4, 2048, 4),
     FusedGemvConfig(4, 1024, 4),
-    FusedGemvConfig(8, 512, 4),
 )
 
 
@@ -65,6 +67,7 @@ def _fused_gemv_kernel(
     ADD_TO_Y: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -72,6 +75,14 @@ def _fused_gemv_kernel(
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
     # SILU_MUL: the up rows follow the N gate rows.
     w_up_ptrs = w_ptr + (offs_n[:, None] + N).to(tl.int64) * stride_wn + offs_k[None, :]
+    # Each iteration multiplies the weight tile loaded by the one before and loads the next, so a tile
+    # is always in flight; the first is loaded before waiting on the kernel that writes x.
+    w_mask = n_mask[:, None] & (offs_k < K)[None, :]
+    w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+    w_up = w
+    if SILU_MUL:
+        w_up = tl.load(w_up_ptrs, mask=w_mask, other=0.0)
+    wait_for_previous_kernel(PDL)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     sum_sq = tl.zeros((BLOCK_K,), dtype=tl.float32)
@@ -81,14 +92,15 @@ def _fused_gemv_kernel(
         if NORM:
             sum_sq += x * x
             x = x * tl.load(norm_w_ptr + k0 + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-        w_mask = n_mask[:, None] & k_mask[None, :]
-        w = tl.load(w_ptrs, mask=w_mask, other=0.0)
         acc += w.to(tl.float32) * x[None, :]
         if SILU_MUL:
-            w_up = tl.load(w_up_ptrs, mask=w_mask, other=0.0)
             acc_up += w_up.to(tl.float32) * x[None, :]
         w_ptrs += BLOCK_K
         w_up_ptrs += BLOCK_K
+        w_mask = n_mask[:, None] & (k0 + BLOCK_K + offs_k < K)[None, :]  # past the end: loads nothing
+        w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+        if SILU_MUL:
+            w_up = tl.load(w_up_ptrs, mask=w_mask, other=0.0)
     y = tl.sum(acc, 1)
     y_up = tl.sum(acc_up, 1)
     if NORM:
@@ -142,6 +154,7 @@ def fused_gemv(
         y = residual
     else:
         y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    pdl = pdl_enabled(x.device)
     _fused_gemv_kernel[(triton.cdiv(n, config.block_n),)](
         x,
         weight,
@@ -158,8 +171,10 @@ def fused_gemv(
         ADD_TO_Y=residual is not None,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
+        PDL=pdl,
         num_warps=config.num_warps,
         **({} if config.num_stages is None else {"num_stages": config.num_stages}),
+        **pdl_launch(pdl),
     )
     return y
 

@@ -18,7 +18,13 @@ import torch
 import triton
 import triton.language as tl
 
-from tensorjet.kernels._common import interpreting, next_pow2
+from tensorjet.kernels._common import (
+    interpreting,
+    next_pow2,
+    pdl_enabled,
+    pdl_launch,
+    wait_for_previous_kernel,
+)
 from tensorjet.kernels.reference import rotary_ref
 from tensorjet.kernels.store_kv import store_kv, store_to_cache
 from tensorjet.layers.attention import is_fp8
@@ -125,7 +131,9 @@ def _rotary_store_kv_kernel(
     BLOCK_HK: tl.constexpr,
     BLOCK_D: tl.constexpr,
     SATURATE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(PDL)
     token = tl.program_id(0).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HALF
@@ -246,6 +254,7 @@ def rotary_and_store_kv(
     cos, sin = cos.contiguous(), sin.contiguous()
     positions, slot_mapping = positions.contiguous(), slot_mapping.contiguous()
     half = head_dim // 2
+    pdl = pdl_enabled(q.device)
     _rotary_store_kv_kernel[(num_tokens,)](
         q,
         k,
@@ -277,5 +286,7 @@ def rotary_and_store_kv(
         BLOCK_HK=next_pow2(num_kv_heads),
         BLOCK_D=next_pow2(half),
         SATURATE=saturate,
+        PDL=pdl,
         num_warps=4,
+        **pdl_launch(pdl),
     )
