@@ -82,7 +82,8 @@ def pdl_enabled(device: torch.device) -> bool:
     """Programmatic dependent launch for kernels on `device`: compiled kernels on Hopper or later.
 
     A kernel launched this way may start while the previous one in the stream finishes: its programs
-    fetch what does not depend on that kernel (weights) and then wait (`wait_for_previous_kernel`).
+    fetch what does not depend on that kernel (weights) and then wait (`wait_for_previous_kernel`);
+    the previous kernel lets it launch once past its main loop (`launch_next_kernel`).
     Inside a CUDA graph this hides ~1 us of launch gap and ramp per kernel (benchmarks/pdl_probe.py:
     1.0-1.3 us per GEMV on the H200). TENSORJET_PDL=0 turns it off (for A/B runs)."""
     if device.type != "cuda" or interpreting() or os.environ.get("TENSORJET_PDL", "1") == "0":
@@ -98,12 +99,20 @@ def pdl_launch(enabled: bool) -> dict:
 
 @triton.jit
 def wait_for_previous_kernel(PDL: tl.constexpr):
-    """With PDL: let the next kernel start launching, then wait until the previous kernel has finished
-    and its writes are visible. Every program of a PDL kernel calls this before reading anything the
-    previous kernel wrote, and before it exits (so a kernel never completes ahead of its predecessor)."""
+    """With PDL: wait until the previous kernel has finished and its writes are visible. Every program
+    of a PDL kernel calls this before reading anything the previous kernel wrote, and before it exits
+    (so a kernel never completes ahead of its predecessor)."""
+    if PDL:
+        gdc_wait()
+
+
+@triton.jit
+def launch_next_kernel(PDL: tl.constexpr):
+    """With PDL: the next kernel may start launching once every program got here. Called after a
+    kernel's main loop, not at its start: triggered at the start, a chain of kernels would all be
+    resident and waiting at once, holding SM slots the running kernel's later waves need."""
     if PDL:
         gdc_launch_dependents()
-        gdc_wait()
 
 
 @triton.jit

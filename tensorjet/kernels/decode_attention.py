@@ -25,6 +25,7 @@ from tensorjet.kernels._common import (
     dot_upcast,
     host_max,
     last_dim_contiguous,
+    launch_next_kernel,
     next_pow2,
     num_sms,
     pdl_enabled,
@@ -176,6 +177,7 @@ def _decode_stage1_kernel(
         acc = acc * alpha[:, None] + tl_dot(p.to(v.dtype), v, DOT_PREC, UPCAST)
         m_i = m_new
 
+    launch_next_kernel(PDL)
     o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     if DIRECT:
         tl.store(
@@ -219,6 +221,7 @@ def _decode_stage2_kernel(
     PDL: tl.constexpr,
 ):
     wait_for_previous_kernel(PDL)
+    launch_next_kernel(PDL)  # a short merge: the projection after it may start fetching its weights
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     if HAS_ROWS:

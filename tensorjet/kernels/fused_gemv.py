@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tensorjet.kernels._common import pdl_enabled, pdl_launch, wait_for_previous_kernel
+from tensorjet.kernels._common import launch_next_kernel, pdl_enabled, pdl_launch, wait_for_previous_kernel
 from tensorjet.kernels.gemv import cold_copies, time_in_graph_ms
 
 __all__ = ["FusedGemvConfig", "CANDIDATES", "fused_gemv", "select_fused_gemv"]
@@ -101,6 +101,7 @@ def _fused_gemv_kernel(
         w = tl.load(w_ptrs, mask=w_mask, other=0.0)
         if SILU_MUL:
             w_up = tl.load(w_up_ptrs, mask=w_mask, other=0.0)
+    launch_next_kernel(PDL)
     y = tl.sum(acc, 1)
     y_up = tl.sum(acc_up, 1)
     if NORM:

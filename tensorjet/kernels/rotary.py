@@ -20,6 +20,7 @@ import triton.language as tl
 
 from tensorjet.kernels._common import (
     interpreting,
+    launch_next_kernel,
     next_pow2,
     pdl_enabled,
     pdl_launch,
@@ -134,6 +135,7 @@ def _rotary_store_kv_kernel(
     PDL: tl.constexpr,
 ):
     wait_for_previous_kernel(PDL)
+    launch_next_kernel(PDL)  # one short program per token: the attention after it may as well get ready
     token = tl.program_id(0).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HALF
