@@ -9,7 +9,9 @@ so that only the tile shapes, operand order and conversions differ:
   transposed; then acc += trans(pT) @ v;
 - `fp8-mma`: q and p rounded to E4M3 and both products on FP8 tensor cores (a diagnostic: it changes
   the numerics);
-- `load-only`: the same loads summed, no products: the gather pattern's ceiling.
+- `load-only`: the same loads summed, no products (not pipelined by Triton: a latency-bound floor);
+- `library` / `prefetch`: `decode_attention` itself, without and with its register prefetch of the
+  next K/V tile.
 Each runs on two cache layouts: NHD ([blocks, page, heads, D], the engine's: a head's page is 16 rows
 of 128-256 bytes, 1-2 KiB apart) and HND ([blocks, heads, page, D]: a head's page is contiguous).
 (Run 2 of this script also tried a head-first grid order: no difference.)
@@ -31,7 +33,7 @@ import triton.language as tl
 from tensorjet.kernels.decode_attention import decode_attention
 
 COPY_TBPS = 4.25
-MODES = {"q.kT": 0, "q.kT-load": 1, "k.qT": 2, "fp8-mma": 3, "load-only": 4}
+MODES = {"q.kT": 0, "q.kT-load": 1, "k.qT": 2, "fp8-mma": 3, "load-only": 4, "library": 5, "prefetch": 6}
 
 
 @triton.jit
@@ -124,6 +126,9 @@ def _variant_kernel(
 
 
 def run_variant(mode, q, k, v, tables, lens, scale, out, block_n, warps, stages):
+    if mode >= 5:  # the library kernel itself, without or with its register prefetch
+        config = dict(num_splits=1, block_n=block_n, num_warps=warps, num_stages=stages, prefetch=mode == 6)
+        return decode_attention(q, k, v, tables, lens, scale, out, **config)
     batch, hq, d = q.shape
     _, page, hk, _ = k.shape
     _variant_kernel[(batch, hk)](
@@ -153,6 +158,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--context", type=int, default=1500)
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--layouts", default="NHD,HND")
     parser.add_argument("--configs", default="64/4/3,128/4/2,128/4/3,128/8/3,256/4/2,256/8/2")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -166,7 +172,7 @@ def main() -> None:
     modes = [(m, MODES[m]) for m in args.modes.split(",")]
     configs = [tuple(int(x) for x in c.split("/")) for c in args.configs.split(",")]
     for (kv_dtype, q_dtype), layout in itertools.product(
-        ((torch.bfloat16, torch.bfloat16), (torch.float8_e4m3fn, torch.float16)), ("NHD", "HND")
+        ((torch.bfloat16, torch.bfloat16), (torch.float8_e4m3fn, torch.float16)), args.layouts.split(",")
     ):
         q = torch.randn(args.batch, hk * group, d, device="cuda").to(q_dtype)
         shape = (num_blocks, page, hk, d) if layout == "NHD" else (num_blocks, hk, page, d)
