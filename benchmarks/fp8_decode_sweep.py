@@ -10,8 +10,9 @@ so that only the tile shapes, operand order and conversions differ:
 - `fp8-mma`: q and p rounded to E4M3 and both products on FP8 tensor cores (a diagnostic: it changes
   the numerics);
 - `load-only`: the same loads summed, no products (not pipelined by Triton: a latency-bound floor);
-- `library` / `prefetch`: `decode_attention` itself, without and with its register prefetch of the
-  next K/V tile.
+- `library`: `decode_attention` itself at the given tile, warps and stages.
+(Run 4, 2026-11-29, also timed the library loop with the next K/V tile prefetched into registers, as
+the fused GEMV does: 20-100% slower for both cache dtypes, up to 40x with 256-key tiles; dropped.)
 Each runs on two cache layouts: NHD ([blocks, page, heads, D], the engine's: a head's page is 16 rows
 of 128-256 bytes, 1-2 KiB apart) and HND ([blocks, heads, page, D]: a head's page is contiguous).
 (Run 2 of this script also tried a head-first grid order: no difference.)
@@ -33,7 +34,7 @@ import triton.language as tl
 from tensorjet.kernels.decode_attention import decode_attention
 
 COPY_TBPS = 4.25
-MODES = {"q.kT": 0, "q.kT-load": 1, "k.qT": 2, "fp8-mma": 3, "load-only": 4, "library": 5, "prefetch": 6}
+MODES = {"q.kT": 0, "q.kT-load": 1, "k.qT": 2, "fp8-mma": 3, "load-only": 4, "library": 5}
 
 
 @triton.jit
@@ -126,8 +127,8 @@ def _variant_kernel(
 
 
 def run_variant(mode, q, k, v, tables, lens, scale, out, block_n, warps, stages):
-    if mode >= 5:  # the library kernel itself, without or with its register prefetch
-        config = dict(num_splits=1, block_n=block_n, num_warps=warps, num_stages=stages, prefetch=mode == 6)
+    if mode == 5:  # the library kernel itself
+        config = dict(num_splits=1, block_n=block_n, num_warps=warps, num_stages=stages)
         return decode_attention(q, k, v, tables, lens, scale, out, **config)
     batch, hq, d = q.shape
     _, page, hk, _ = k.shape

@@ -46,7 +46,6 @@ NUM_WARPS = 4
 # three tiles would not fit in shared memory (fp32 caches with large heads).
 NUM_STAGES = 3
 STAGE_BYTES_BUDGET = 160 * 1024
-PREFETCH = False  # load the next K/V tile into registers while attending to this one (see the kernel)
 MIN_TOKENS_PER_SPLIT = 256  # a split shorter than this costs more in partial writes than it gains
 MAX_SPLITS = 64
 PROGRAMS_PER_SM = 4  # aim for about this many stage-1 programs per SM
@@ -70,52 +69,6 @@ def choose_num_splits(
     want = (PROGRAMS_PER_SM * num_sms(device) + base // 2) // base
     useful = triton.cdiv(max(int(max_context_len), 1), MIN_TOKENS_PER_SPLIT)
     return max(1, min(want, useful, MAX_SPLITS))
-
-
-@triton.jit
-def _load_kv_tile(
-    table,
-    k_base,
-    v_base,
-    n0,
-    end,
-    offs_n0,
-    offs_d,
-    d_mask,
-    stride_kb,
-    stride_ko,
-    stride_vb,
-    stride_vo,
-    PAGE_SIZE: tl.constexpr,
-):
-    """The keys and values of positions n0 .. n0 + BLOCK_N (those before `end`; zeros after it)."""
-    offs_n = n0 + offs_n0
-    n_mask = offs_n < end
-    page = tl.load(table + offs_n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
-    in_page = (offs_n % PAGE_SIZE).to(tl.int64)
-    kv_mask = n_mask[:, None] & d_mask[None, :]
-    k = tl.load(
-        k_base + (page * stride_kb + in_page * stride_ko)[:, None] + offs_d[None, :], mask=kv_mask, other=0.0
-    )
-    v = tl.load(
-        v_base + (page * stride_vb + in_page * stride_vo)[:, None] + offs_d[None, :], mask=kv_mask, other=0.0
-    )
-    return k, v
-
-
-@triton.jit
-def _attend_tile(q, k, v, n_mask, m_i, l_i, acc, qk_scale, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """One online-softmax step of the group's queries over a tile of keys/values."""
-    k = k.to(q.dtype)  # an FP8 cache is read as the query's dtype (fp16 then, see as_f16)
-    qk = tl_dot(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale
-    qk = tl.where(n_mask[None, :], qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(qk - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    v = v.to(q.dtype)
-    acc = acc * alpha[:, None] + tl_dot(p.to(v.dtype), v, DOT_PREC, UPCAST)
-    return m_new, l_i, acc
 
 
 # The block-table width changes every step: specialising on it (== 1, % 16) would recompile.
@@ -158,7 +111,6 @@ def _decode_stage1_kernel(
     DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
     F16_COMPUTE: tl.constexpr,
-    PREFETCH: tl.constexpr,
     PDL: tl.constexpr,
 ):
     wait_for_previous_kernel(PDL)
@@ -198,61 +150,32 @@ def _decode_stage1_kernel(
     k_base = k_cache_ptr + kv_head * stride_kh
     v_base = v_cache_ptr + kv_head * stride_vh
 
-    if PREFETCH:
-        # Each iteration attends to the tile loaded by the one before and loads the next, so a tile is
-        # always in flight even where Triton does not pipeline the loads itself.
-        k, v = _load_kv_tile(
-            table,
-            k_base,
-            v_base,
-            start,
-            end,
-            offs_n0,
-            offs_d,
-            d_mask,
-            stride_kb,
-            stride_ko,
-            stride_vb,
-            stride_vo,
-            PAGE_SIZE,
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + offs_n0
+        n_mask = offs_n < end
+        page = tl.load(table + offs_n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
+        in_page = (offs_n % PAGE_SIZE).to(tl.int64)
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(
+            k_base + (page * stride_kb + in_page * stride_ko)[:, None] + offs_d[None, :],
+            mask=kv_mask,
+            other=0.0,
         )
-        for n0 in range(start, end, BLOCK_N):
-            n_mask = (n0 + offs_n0) < end
-            m_i, l_i, acc = _attend_tile(q, k, v, n_mask, m_i, l_i, acc, qk_scale, DOT_PREC, UPCAST)
-            k, v = _load_kv_tile(
-                table,
-                k_base,
-                v_base,
-                n0 + BLOCK_N,
-                end,
-                offs_n0,
-                offs_d,
-                d_mask,
-                stride_kb,
-                stride_ko,
-                stride_vb,
-                stride_vo,
-                PAGE_SIZE,
-            )
-    else:
-        for n0 in range(start, end, BLOCK_N):
-            k, v = _load_kv_tile(
-                table,
-                k_base,
-                v_base,
-                n0,
-                end,
-                offs_n0,
-                offs_d,
-                d_mask,
-                stride_kb,
-                stride_ko,
-                stride_vb,
-                stride_vo,
-                PAGE_SIZE,
-            )
-            n_mask = (n0 + offs_n0) < end
-            m_i, l_i, acc = _attend_tile(q, k, v, n_mask, m_i, l_i, acc, qk_scale, DOT_PREC, UPCAST)
+        k = k.to(q.dtype)  # an FP8 cache is read as the query's dtype (fp16 then, see as_f16)
+        qk = tl_dot(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale
+        qk = tl.where(n_mask[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            v_base + (page * stride_vb + in_page * stride_vo)[:, None] + offs_d[None, :],
+            mask=kv_mask,
+            other=0.0,
+        )
+        v = v.to(q.dtype)
+        acc = acc * alpha[:, None] + tl_dot(p.to(v.dtype), v, DOT_PREC, UPCAST)
+        m_i = m_new
 
     launch_next_kernel(PDL)
     o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
@@ -342,7 +265,6 @@ def decode_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
-    prefetch: bool | None = None,
 ) -> torch.Tensor:
     """Attention of one query per sequence over its paged context.
 
@@ -393,8 +315,6 @@ def decode_attention(
     rows_arg = rows if has_rows else context_lens
     block_d = next_pow2(head_dim)
     block_g = max(16, next_pow2(group))
-    if prefetch is None:
-        prefetch = PREFETCH
     if num_warps is None:
         num_warps = NUM_WARPS
     if num_stages is None:
@@ -438,7 +358,6 @@ def decode_attention(
         DOT_PREC=dot_precision(q.dtype),
         UPCAST=dot_upcast(q.dtype),
         F16_COMPUTE=f16_compute,
-        PREFETCH=prefetch,
         PDL=pdl,
         num_warps=num_warps,
         num_stages=num_stages,
