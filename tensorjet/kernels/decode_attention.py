@@ -42,8 +42,8 @@ BLOCK_N = 64  # keys per inner iteration
 FP8_BLOCK_N = 128  # an FP8 tile of 64 keys is half the bytes: too little per iteration to hide latency
 NUM_WARPS = 4
 # Three K/V tiles in flight: a batch-256 x 1,500-context layer took 0.39-0.43 ms against 0.43-0.46 with two
-# (bf16), 0.35 against 0.39 (FP8) on the H200 (benchmarks/fp8_decode_sweep.py, 2026-11-29). Two where
-# three tiles would not fit in shared memory (fp32 caches with large heads).
+# (bf16), 0.35-0.40 against 0.36-0.41 (FP8) on the H200 (benchmarks/fp8_decode_sweep.py, 2026-11-29). Two
+# where three tiles would not fit in shared memory (fp32 caches with large heads).
 NUM_STAGES = 3
 STAGE_BYTES_BUDGET = 160 * 1024
 MIN_TOKENS_PER_SPLIT = 256  # a split shorter than this costs more in partial writes than it gains
