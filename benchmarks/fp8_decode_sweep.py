@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
 from functools import partial
 
 import torch
 import triton
 import triton.language as tl
+from attention_sweep import time_ms  # benchmarks/ is on the path when this runs as a script
 
 from tensorjet.kernels.decode_attention import decode_attention
 
@@ -139,19 +139,6 @@ def run_variant(mode, q, k, v, tables, lens, scale, out, block_n, warps, stages)
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out
-
-
-def time_ms(fn, reps: int = 20) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def main() -> None:
