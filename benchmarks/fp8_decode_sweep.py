@@ -10,7 +10,9 @@ so that only the tile shapes, operand order and conversions differ:
 - `fp8-mma`: q and p rounded to E4M3 and both products on FP8 tensor cores (a diagnostic: it changes
   the numerics);
 - `load-only`: the same loads summed, no products (not pipelined by Triton: a latency-bound floor);
-- `library`: `decode_attention` itself at the given tile, warps and stages.
+- `library`: `decode_attention` itself at the given tile, warps and stages;
+- `packed`: 4 KV heads per program with a block-diagonal q, so the 16-row tile holds 16 real queries
+  (`_head_packed_kernel`; not yet run on the GPU).
 (Run 4, 2026-11-29, also timed the library loop with the next K/V tile prefetched into registers, as
 the fused GEMV does: 20-100% slower for both cache dtypes, up to 40x with 256-key tiles; dropped.)
 Each runs on two cache layouts: NHD ([blocks, page, heads, D], the engine's: a head's page is 16 rows
@@ -18,6 +20,8 @@ of 128-256 bytes, 1-2 KiB apart) and HND ([blocks, heads, page, D]: a head's pag
 (Run 2 of this script also tried a head-first grid order: no difference.)
 
     python benchmarks/fp8_decode_sweep.py [--batch 256 --context 1500]
+    python benchmarks/fp8_decode_sweep.py --modes library,packed --layouts NHD \
+        --configs 32/4/2,32/4/3,64/4/2,64/4/3,32/8/2,64/8/2      (the next experiment)
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from attention_sweep import time_ms  # benchmarks/ is on the path when this runs
 from tensorjet.kernels.decode_attention import decode_attention
 
 COPY_TBPS = 4.25
-MODES = {"q.kT": 0, "q.kT-load": 1, "k.qT": 2, "fp8-mma": 3, "load-only": 4, "library": 5}
+MODES = {"q.kT": 0, "q.kT-load": 1, "k.qT": 2, "fp8-mma": 3, "load-only": 4, "library": 5, "packed": 6}
 
 
 @triton.jit
@@ -126,12 +130,88 @@ def _variant_kernel(
     tl.store(out_ptr + q_offsets, o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
 
 
+@triton.jit
+def _head_packed_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    tables_ptr,
+    lens_ptr,
+    out_ptr,
+    qk_scale,
+    stride_kb,
+    stride_ko,
+    stride_kh,
+    stride_bt,
+    HK: tl.constexpr,
+    GROUP: tl.constexpr,
+    HEADS: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PAGE: tl.constexpr,
+):
+    """HEADS KV heads per program, so their GROUP query heads each fill the 16-row MMA tile.
+
+    The scores of all of them come from one dot: q is laid out block-diagonally, [HEADS * GROUP,
+    HEADS * D] with head h's queries in columns h*D..(h+1)*D and zeros elsewhere, against the keys of
+    the HEADS heads side by side, [BLOCK_N, HEADS * D] (in the engine's layout one contiguous run per
+    token). The softmax then runs on rows that are all real queries, where the one-head kernel pads a
+    group of 4 to 16 rows. p @ v computes every head's values for every row; each row keeps its own
+    head's block at the end."""
+    seq = tl.program_id(0)
+    head0 = tl.program_id(1) * HEADS
+    ctx = tl.load(lens_ptr + seq)
+    rows = tl.arange(0, HEADS * GROUP)  # query row (h, g): KV head head0 + h, its query g
+    cols = tl.arange(0, HEADS * D)  # key column (h', d)
+    row_head = rows // GROUP
+    col_head = cols // D
+    col_d = cols % D
+    q_rows = seq.to(tl.int64) * HK * GROUP * D + (head0 * GROUP + rows) * D
+    on_diagonal = row_head[:, None] == col_head[None, :]
+    q = tl.load(q_ptr + q_rows[:, None] + col_d[None, :], mask=on_diagonal, other=0.0)
+    m_i = tl.full([HEADS * GROUP], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([HEADS * GROUP], dtype=tl.float32)
+    acc = tl.zeros([HEADS * GROUP, HEADS * D], dtype=tl.float32)
+    table = tables_ptr + seq.to(tl.int64) * stride_bt
+    col_offsets = (head0 + col_head) * stride_kh + col_d
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for n0 in range(0, ctx, BLOCK_N):
+        offs_n = n0 + offs_n0
+        n_mask = offs_n < ctx
+        page = tl.load(table + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
+        token_rows = page * stride_kb + (offs_n % PAGE).to(tl.int64) * stride_ko
+        offsets = token_rows[:, None] + col_offsets[None, :]
+        k = tl.load(k_ptr + offsets, mask=n_mask[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k.to(q.dtype)))
+        qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + offsets, mask=n_mask[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        m_i = m_new
+    o = acc / l_i[:, None]
+    o = tl.sum(tl.where(on_diagonal, o, 0.0).reshape(HEADS * GROUP, HEADS, D), 1)  # each row's own head
+    out_cols = tl.arange(0, D)
+    tl.store(out_ptr + q_rows[:, None] + out_cols[None, :], o.to(out_ptr.dtype.element_ty))
+
+
 def run_variant(mode, q, k, v, tables, lens, scale, out, block_n, warps, stages):
+    batch, hq, d = q.shape
+    _, page, hk, _ = k.shape
+    if mode == 6:
+        heads = 16 // (hq // hk)
+        _head_packed_kernel[(batch, hk // heads)](
+            q, k, v, tables, lens, out, scale * 1.4426950408889634,
+            k.stride(0), k.stride(1), k.stride(2), tables.stride(0),
+            HK=hk, GROUP=hq // hk, HEADS=heads, D=d, BLOCK_N=block_n, PAGE=page,
+            num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+        return out
     if mode == 5:  # the library kernel itself
         config = dict(num_splits=1, block_n=block_n, num_warps=warps, num_stages=stages)
         return decode_attention(q, k, v, tables, lens, scale, out, **config)
-    batch, hq, d = q.shape
-    _, page, hk, _ = k.shape
     _variant_kernel[(batch, hk)](
         q, k, v, tables, lens, out, scale * 1.4426950408889634,
         k.stride(0), k.stride(1), k.stride(2), tables.stride(0),
