@@ -21,7 +21,9 @@ of 128-256 bytes, 1-2 KiB apart) and HND ([blocks, heads, page, D]: a head's pag
 
     python benchmarks/fp8_decode_sweep.py [--batch 256 --context 1500]
     python benchmarks/fp8_decode_sweep.py --modes library,packed --layouts NHD \
-        --configs 32/4/2,32/4/3,64/4/2,64/4/3,32/8/2,64/8/2      (the next experiment)
+        --configs 64/1/3,128/1/3,64/2/3,128/2/3,32/4/2,64/4/3,128/4/4,64/8/2   (the next experiment)
+(With 4 warps along a tile's keys, every iteration reduces the softmax across warps through shared
+memory; one or two warps per program avoid that, which is what FlashInfer's per-warp KV slices do.)
 """
 
 from __future__ import annotations
