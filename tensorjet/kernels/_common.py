@@ -8,7 +8,22 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+try:  # grid dependency control, for programmatic dependent launch (Triton 3.6 has it; older ones may not)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    HAS_PDL = True
+except ImportError:  # older Triton: kernels launch the usual way (`pdl_enabled` is False)
+    HAS_PDL = False
+
+    @triton.jit
+    def gdc_wait():
+        pass
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
+
 
 LOG2E = 1.4426950408889634
 
@@ -86,7 +101,7 @@ def pdl_enabled(device: torch.device) -> bool:
     the previous kernel lets it launch once past its main loop (`launch_next_kernel`).
     Inside a CUDA graph this hides ~1 us of launch gap and ramp per kernel (benchmarks/pdl_probe.py:
     1.0-1.3 us per GEMV on the H200). TENSORJET_PDL=0 turns it off (for A/B runs)."""
-    if device.type != "cuda" or interpreting() or os.environ.get("TENSORJET_PDL", "1") == "0":
+    if not HAS_PDL or device.type != "cuda" or interpreting() or os.environ.get("TENSORJET_PDL", "1") == "0":
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _capability(index) >= (9, 0)
