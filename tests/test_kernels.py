@@ -8,8 +8,12 @@ NaN before each kernel runs, and unused KV-cache slots hold NaN, so a row left u
 from a wrong slot shows up as an error.
 """
 
+import ast
 import importlib
+import inspect
 import os
+import pkgutil
+import textwrap
 
 import pytest
 import torch
@@ -674,3 +678,49 @@ def test_linear_dispatches_small_batches_to_its_gemv(seed):
         x = torch.randn(rows, 40, device=DEVICE)
         assert rel_err(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias)) < 1e-5
     assert calls == [1, 4], "rows above small_batch_max_rows must go to F.linear"
+
+
+# ---- programmatic dependent launch ------------------------------------------------------------------
+
+
+def _pdl_kernels() -> dict:
+    """Every Triton kernel in tensorjet.kernels that can be launched with PDL (takes a PDL constexpr),
+    as its Python function (a JITFunction compiled, an InterpretedFunction under the interpreter)."""
+    import tensorjet.kernels as package
+
+    found = {}
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name == "_common":  # the PDL helpers themselves
+            continue
+        module = importlib.import_module(f"tensorjet.kernels.{info.name}")
+        for name, obj in vars(module).items():
+            fn = getattr(obj, "fn", None)
+            if "PDL" in (getattr(obj, "arg_names", None) or ()) and fn.__module__ == module.__name__:
+                found[f"{info.name}.{name}"] = fn
+    return found
+
+
+def test_pdl_kernels_always_wait_for_the_previous_kernel():
+    """A kernel launched with PDL may start before the previous kernel has finished. Each program must
+    therefore wait for it unconditionally: a top-level `wait_for_previous_kernel(PDL)` with no return
+    before it. A program that skipped the wait could read stale inputs, and a kernel all of whose
+    programs skipped it could complete before its predecessor, so the kernel after it would not
+    wait for that predecessor either. This can only go wrong on a GPU, so it is checked here in
+    the source."""
+    kernels = _pdl_kernels()
+    expected = {"fused_gemv._fused_gemv_kernel", "rotary._rotary_store_kv_kernel"}
+    expected |= {"decode_attention._decode_stage1_kernel", "decode_attention._decode_stage2_kernel"}
+    assert expected <= set(kernels)
+    for name, fn in kernels.items():
+        body = ast.parse(textwrap.dedent(inspect.getsource(fn))).body[0].body
+        waits = [
+            i
+            for i, stmt in enumerate(body)
+            if isinstance(stmt, ast.Expr)
+            and isinstance(stmt.value, ast.Call)
+            and getattr(stmt.value.func, "id", None) == "wait_for_previous_kernel"
+        ]
+        assert len(waits) == 1, f"{name}: needs exactly one top-level wait_for_previous_kernel(PDL)"
+        before = ast.Module(body=body[: waits[0]], type_ignores=[])
+        returns = [node for node in ast.walk(before) if isinstance(node, ast.Return)]
+        assert not returns, f"{name} returns before waiting for the previous kernel"
