@@ -150,6 +150,14 @@ def time_in_graph_ms(launch, weights: list[torch.Tensor], launches: int = 24, re
     return start.elapsed_time(end) / (launches * replays)
 
 
+def fastest_in_graph(candidates, launch, weights: list[torch.Tensor]) -> tuple:
+    """(the candidate whose `launch(candidate, weight)` takes least GPU time, that time in ms), each
+    timed by `time_in_graph_ms` over `weights`."""
+    timed = [(time_in_graph_ms(lambda w, c=c: launch(c, w), weights), i) for i, c in enumerate(candidates)]
+    best_ms, best = min(timed)
+    return candidates[best], best_ms
+
+
 def select_gemv(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[GemvConfig | None, dict]:
     """Time every candidate against F.linear at M=1 and M=MAX_M on this GPU; return the fastest
     config if it beats cuBLAS at both sizes (else None), and the timings for the log.
@@ -164,12 +172,7 @@ def select_gemv(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[GemvCo
         timings[f"cublas_m{m}"] = time_in_graph_ms(
             lambda w, x=x: torch.nn.functional.linear(x, w, bias), weights
         )
-    best, best_ms = None, float("inf")
-    for config in CANDIDATES:
-        ms = time_in_graph_ms(lambda w, config=config: gemv(xs[1], w, bias, config), weights)
-        if ms < best_ms:
-            best, best_ms = config, ms
-    timings["gemv_m1"] = best_ms
+    best, timings["gemv_m1"] = fastest_in_graph(CANDIDATES, lambda c, w: gemv(xs[1], w, bias, c), weights)
     timings[f"gemv_m{MAX_M}"] = time_in_graph_ms(lambda w: gemv(xs[MAX_M], w, bias, best), weights)
     wins = (
         timings["gemv_m1"] < timings["cublas_m1"] and timings[f"gemv_m{MAX_M}"] < timings[f"cublas_m{MAX_M}"]
