@@ -195,6 +195,10 @@ def extend_attention(
     out: torch.Tensor | None = None,
     *,
     max_query_len: int | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of a ragged batch of query chunks over their cached contexts.
 
@@ -205,6 +209,7 @@ def extend_attention(
     q when None); rows of q owned by no sequence are not written.
 
     max_query_len sizes the grid; read from query_lens (a device sync for a GPU tensor) when None.
+    block_m, block_n, num_warps, num_stages override the tuned launch configuration (for sweeps).
     """
     num_seqs = block_tables.shape[0]
     if out is None:
@@ -226,7 +231,11 @@ def extend_attention(
         block_tables = block_tables.to(torch.int32)
     if max_query_len <= 0:
         return out
-    block_m, block_n, num_warps, num_stages = _block_sizes(head_dim, q.dtype, device)
+    tuned = _block_sizes(head_dim, q.dtype, device)
+    block_m, block_n, num_warps, num_stages = (
+        given if given is not None else default
+        for given, default in zip((block_m, block_n, num_warps, num_stages), tuned)
+    )
     grid = (triton.cdiv(max_query_len, block_m), num_q_heads, num_seqs)
     _extend_kernel[grid](
         q,
