@@ -41,10 +41,13 @@ __all__ = ["decode_attention", "decode_attention_ref", "choose_num_splits"]
 BLOCK_N = 64  # keys per inner iteration
 FP8_BLOCK_N = 128  # an FP8 tile of 64 keys is half the bytes: too little per iteration to hide latency
 NUM_WARPS = 4
-# Three K/V tiles in flight: a batch-256 x 1,500-context layer took 0.39-0.43 ms against 0.43-0.46 with two
-# (bf16), 0.35-0.40 against 0.36-0.41 (FP8) on the H200 (benchmarks/fp8_decode_sweep.py, 2026-11-29). Two
-# where three tiles would not fit in shared memory (fp32 caches with large heads).
+# Triton's pipeliner spends a stage on the block-table load that K/V addresses depend on: below 5 stages
+# it keeps one K/V buffer and issues the next tile's copy after this tile's compute (nothing overlaps);
+# from 5 it double-buffers (see benchmarks/attention_sweep.py). On the H200, a batch-256 x 1,500-context
+# layer: FP8 0.36 ms at 5 stages against 0.41-0.45 at 3; bf16 within noise, so it keeps 3 (two where
+# three tiles would not fit the budget: fp32 caches with large heads).
 NUM_STAGES = 3
+FP8_NUM_STAGES = 5
 STAGE_BYTES_BUDGET = 160 * 1024
 MIN_TOKENS_PER_SPLIT = 256  # a split shorter than this costs more in partial writes than it gains
 MAX_SPLITS = 64
@@ -319,7 +322,10 @@ def decode_attention(
         num_warps = NUM_WARPS
     if num_stages is None:
         kv_tile_bytes = 2 * block_n * block_d * k_cache.element_size()
-        num_stages = NUM_STAGES if NUM_STAGES * kv_tile_bytes <= STAGE_BYTES_BUDGET else 2
+        if kv_fp8:
+            num_stages = FP8_NUM_STAGES
+        else:
+            num_stages = NUM_STAGES if NUM_STAGES * kv_tile_bytes <= STAGE_BYTES_BUDGET else 2
 
     f16_compute = kv_fp8 and q.dtype == torch.bfloat16
     pdl = pdl_enabled(device)

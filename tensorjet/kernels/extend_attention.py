@@ -170,7 +170,9 @@ def _extend_kernel(
     )
 
 
-def _block_sizes(head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, int]:
+def _block_sizes(
+    head_dim: int, dtype: torch.dtype, kv_fp8: bool, device: torch.device
+) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages)."""
     if device.type != "cuda":
         return 32, 32, 4, 1  # interpreter: small tiles keep numpy work down
@@ -178,8 +180,8 @@ def _block_sizes(head_dim: int, dtype: torch.dtype, device: torch.device) -> tup
         return (64, 32, 4, 2) if head_dim <= 128 else (32, 32, 4, 1)
     if head_dim <= 64:
         return 128, 64, 4, 3
-    if head_dim <= 128:
-        return 128, 64, 8, 3  # H200, bf16, D=128: best of 9 configurations tried
+    if head_dim <= 128:  # H200, D=128 (benchmarks/attention_sweep.py): 5 stages double-buffer K/V, 3 do not
+        return (128, 64, 8, 3) if kv_fp8 else (128, 64, 8, 5)  # FP8: 5 stages no better on the prefix case
     return 64, 32, 4, 2
 
 
@@ -231,7 +233,7 @@ def extend_attention(
         block_tables = block_tables.to(torch.int32)
     if max_query_len <= 0:
         return out
-    tuned = _block_sizes(head_dim, q.dtype, device)
+    tuned = _block_sizes(head_dim, q.dtype, is_fp8(k_cache.dtype), device)
     block_m, block_n, num_warps, num_stages = (
         given if given is not None else default
         for given, default in zip((block_m, block_n, num_warps, num_stages), tuned)
