@@ -11,19 +11,19 @@ so that only the tile shapes, operand order and conversions differ:
   the numerics);
 - `load-only`: the same loads summed, no products (not pipelined by Triton: a latency-bound floor);
 - `library`: `decode_attention` itself at the given tile, warps and stages;
-- `packed`: 4 KV heads per program with a block-diagonal q, so the 16-row tile holds 16 real queries
-  (`_head_packed_kernel`; not yet run on the GPU).
-(Run 4, 2026-11-29, also timed the library loop with the next K/V tile prefetched into registers, as
-the fused GEMV does: 20-100% slower for both cache dtypes, up to 40x with 256-key tiles; dropped.)
+- `fp8-words`: the FP8 cache read as int16 words, two E4M3 -> fp16 per cvt, even/odd head
+  dimensions kept apart (`_fp8_words_kernel`). Compiled for sm90, its loop has 6.4 instructions per
+  key per warp against 10.9 for `q.kT`, whose transposed E4M3 tile Triton reads from shared memory a
+  byte at a time (128 LDS.U8 per 128 keys).
+(Run 5, 2026-11-29 fifth session, timed a head-packed loop, 4 KV heads per program with a
+block-diagonal q: 0.43 ms at best (32 keys, 4 warps, 5 stages), no better than the library; dropped.)
 Each runs on two cache layouts: NHD ([blocks, page, heads, D], the engine's: a head's page is 16 rows
 of 128-256 bytes, 1-2 KiB apart) and HND ([blocks, heads, page, D]: a head's page is contiguous).
 (Run 2 of this script also tried a head-first grid order: no difference.)
 
     python benchmarks/fp8_decode_sweep.py [--batch 256 --context 1500]
-    python benchmarks/fp8_decode_sweep.py --modes library,packed --layouts NHD \
-        --configs 64/1/3,128/1/3,64/2/3,128/2/3,32/4/2,64/4/3,128/4/4,64/8/2   (the next experiment)
-(With 4 warps along a tile's keys, every iteration reduces the softmax across warps through shared
-memory; one or two warps per program avoid that, which is what FlashInfer's per-warp KV slices do.)
+    python benchmarks/fp8_decode_sweep.py --modes library,fp8-words --layouts NHD \
+        --configs 64/4/5,128/4/5,128/4/3,256/4/5,128/8/5,64/8/5,128/2/5
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from attention_sweep import time_ms  # benchmarks/ is on the path when this runs
 from tensorjet.kernels.decode_attention import decode_attention
 
 COPY_TBPS = 4.25
-MODES = {"q.kT": 0, "q.kT-load": 1, "k.qT": 2, "fp8-mma": 3, "load-only": 4, "library": 5, "packed": 6}
+MODES = {"q.kT": 0, "q.kT-load": 1, "k.qT": 2, "fp8-mma": 3, "load-only": 4, "library": 5, "fp8-words": 6}
 
 
 @triton.jit
@@ -133,7 +133,20 @@ def _variant_kernel(
 
 
 @triton.jit
-def _head_packed_kernel(
+def _e4m3_pairs(words):
+    """int16 words of two E4M3 bytes -> (low bytes, high bytes) as fp16, one cvt per word."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 t; cvt.rn.f16x2.e4m3x2 t, $2; mov.b32 {$0, $1}, t; }",
+        "=h,=h,h",
+        [words],
+        dtype=(tl.float16, tl.float16),
+        is_pure=True,
+        pack=1,
+    )
+
+
+@triton.jit
+def _fp8_words_kernel(
     q_ptr,
     k_ptr,
     v_ptr,
@@ -147,67 +160,66 @@ def _head_packed_kernel(
     stride_bt,
     HK: tl.constexpr,
     GROUP: tl.constexpr,
-    HEADS: tl.constexpr,
+    BLOCK_G: tl.constexpr,
     D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr,
 ):
-    """HEADS KV heads per program, so their GROUP query heads each fill the 16-row MMA tile.
-
-    The scores of all of them come from one dot: q is laid out block-diagonally, [HEADS * GROUP,
-    HEADS * D] with head h's queries in columns h*D..(h+1)*D and zeros elsewhere, against the keys of
-    the HEADS heads side by side, [BLOCK_N, HEADS * D] (in the engine's layout one contiguous run per
-    token). The softmax then runs on rows that are all real queries, where the one-head kernel pads a
-    group of 4 to 16 rows. p @ v computes every head's values for every row; each row keeps its own
-    head's block at the end."""
+    """The FP8 cache read as int16 words (k_ptr, v_ptr and the strides in words), so no E4M3 byte is
+    ever moved alone: each word becomes two fp16 by one cvt. The low bytes are the even head
+    dimensions and the high bytes the odd ones, so q is split into its even and odd halves once, the
+    scores are q_even @ lo^T + q_odd @ hi^T, and the output keeps even and odd accumulators. Triton
+    otherwise reads a transposed E4M3 tile from shared memory one byte at a time (LDS.U8)."""
     seq = tl.program_id(0)
-    head0 = tl.program_id(1) * HEADS
+    kv_head = tl.program_id(1)
     ctx = tl.load(lens_ptr + seq)
-    rows = tl.arange(0, HEADS * GROUP)  # query row (h, g): KV head head0 + h, its query g
-    cols = tl.arange(0, HEADS * D)  # key column (h', d)
-    row_head = rows // GROUP
-    col_head = cols // D
-    col_d = cols % D
-    q_rows = seq.to(tl.int64) * HK * GROUP * D + (head0 * GROUP + rows) * D
-    on_diagonal = row_head[:, None] == col_head[None, :]
-    q = tl.load(q_ptr + q_rows[:, None] + col_d[None, :], mask=on_diagonal, other=0.0)
-    m_i = tl.full([HEADS * GROUP], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([HEADS * GROUP], dtype=tl.float32)
-    acc = tl.zeros([HEADS * GROUP, HEADS * D], dtype=tl.float32)
-    table = tables_ptr + seq.to(tl.int64) * stride_bt
-    col_offsets = (head0 + col_head) * stride_kh + col_d
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_w = tl.arange(0, D // 2)
     offs_n0 = tl.arange(0, BLOCK_N)
+    g_mask = offs_g < GROUP
+    q_rows = seq.to(tl.int64) * HK * GROUP * D + (kv_head * GROUP + offs_g)[:, None] * D
+    q_even = tl.load(q_ptr + q_rows + 2 * offs_w[None, :], mask=g_mask[:, None], other=0.0)
+    q_odd = tl.load(q_ptr + q_rows + 2 * offs_w[None, :] + 1, mask=g_mask[:, None], other=0.0)
+    m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc_even = tl.zeros([BLOCK_G, D // 2], dtype=tl.float32)
+    acc_odd = tl.zeros([BLOCK_G, D // 2], dtype=tl.float32)
+    table = tables_ptr + seq.to(tl.int64) * stride_bt
+    k_base = k_ptr + kv_head * stride_kh
+    v_base = v_ptr + kv_head * stride_kh
     for n0 in range(0, ctx, BLOCK_N):
         offs_n = n0 + offs_n0
         n_mask = offs_n < ctx
         page = tl.load(table + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
-        token_rows = page * stride_kb + (offs_n % PAGE).to(tl.int64) * stride_ko
-        offsets = token_rows[:, None] + col_offsets[None, :]
-        k = tl.load(k_ptr + offsets, mask=n_mask[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k.to(q.dtype)))
+        rows = page * stride_kb + (offs_n % PAGE).to(tl.int64) * stride_ko
+        k_words = tl.load(k_base + rows[:, None] + offs_w[None, :], mask=n_mask[:, None], other=0)
+        v_words = tl.load(v_base + rows[:, None] + offs_w[None, :], mask=n_mask[:, None], other=0)
+        k_lo, k_hi = _e4m3_pairs(k_words)
+        qk = tl.dot(q_odd, tl.trans(k_hi), tl.dot(q_even, tl.trans(k_lo)))
         qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptr + offsets, mask=n_mask[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        v_lo, v_hi = _e4m3_pairs(v_words)
+        p = p.to(tl.float16)
+        acc_even = tl.dot(p, v_lo, acc_even * alpha[:, None])
+        acc_odd = tl.dot(p, v_hi, acc_odd * alpha[:, None])
         m_i = m_new
-    o = acc / l_i[:, None]
-    o = tl.sum(tl.where(on_diagonal, o, 0.0).reshape(HEADS * GROUP, HEADS, D), 1)  # each row's own head
-    out_cols = tl.arange(0, D)
-    tl.store(out_ptr + q_rows[:, None] + out_cols[None, :], o.to(out_ptr.dtype.element_ty))
+    out = out_ptr + q_rows + 2 * offs_w[None, :]
+    tl.store(out, (acc_even / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+    tl.store(out + 1, (acc_odd / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
 
 
 def run_variant(mode, q, k, v, tables, lens, scale, out, block_n, warps, stages):
     batch, hq, d = q.shape
     _, page, hk, _ = k.shape
     if mode == 6:
-        heads = 16 // (hq // hk)
-        _head_packed_kernel[(batch, hk // heads)](
-            q, k, v, tables, lens, out, scale * 1.4426950408889634,
-            k.stride(0), k.stride(1), k.stride(2), tables.stride(0),
-            HK=hk, GROUP=hq // hk, HEADS=heads, D=d, BLOCK_N=block_n, PAGE=page,
+        k_words, v_words = k.view(torch.int16), v.view(torch.int16)
+        _fp8_words_kernel[(batch, hk)](
+            q, k_words, v_words, tables, lens, out, scale * 1.4426950408889634,
+            k_words.stride(0), k_words.stride(1), k_words.stride(2), tables.stride(0),
+            HK=hk, GROUP=hq // hk, BLOCK_G=16, D=d, BLOCK_N=block_n, PAGE=page,
             num_warps=warps, num_stages=stages,
         )  # fmt: skip
         return out
@@ -255,7 +267,7 @@ def main() -> None:
         ms = time_ms(partial(decode_attention, q, k, v, tables, lens, scale, num_splits=1))
         rows.append((name, "library", "default", ms, nbytes / ms / 1e9, 0.0))
         for (mode_name, mode), (block_n, warps, stages) in itertools.product(modes, configs):
-            if mode == 3 and kv_dtype == torch.bfloat16:
+            if mode in (3, 6) and kv_dtype == torch.bfloat16:
                 continue
             out = torch.full_like(q, float("nan"))
             config = f"{block_n}/{warps}/{stages}"
