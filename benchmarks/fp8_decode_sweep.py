@@ -7,14 +7,14 @@ so that only the tile shapes, operand order and conversions differ:
 - `q.kT-load`: k loaded as [D, N] by its pointers, scores = q @ kT (SGLang's order);
 - `k.qT`: scores transposed, sT = k @ trans(q), so the tile is the MMA's A operand and no tile is
   transposed; then acc += trans(pT) @ v;
-- `fp8-mma`: q and p rounded to E4M3 and both products on FP8 tensor cores (a diagnostic: it changes
-  the numerics);
+- `fp8-mma`: q and p rounded to E4M3 before both products (a diagnostic: it changes the numerics; for
+  a 16-row tile on sm90 Triton still converts the operands to fp16 for mma.sync, as the SASS shows);
 - `load-only`: the same loads summed, no products (not pipelined by Triton: a latency-bound floor);
 - `library`: `decode_attention` itself at the given tile, warps and stages;
-- `fp8-words`: the FP8 cache read as int16 words, two E4M3 -> fp16 per cvt, even/odd head
-  dimensions kept apart (`_fp8_words_kernel`). Compiled for sm90, its loop has 6.4 instructions per
-  key per warp against 10.9 for `q.kT`, whose transposed E4M3 tile Triton reads from shared memory a
-  byte at a time (128 LDS.U8 per 128 keys).
+  Since the fifth session (2026-11-29) the library's FP8 loop reads the cache as int16 words, two
+  E4M3 -> fp16 per cvt, even and odd head dimensions kept apart: 0.25-0.28 ms where the loops above
+  take 0.35-0.45. Compiled for sm90 it has 6.4 instructions per key per warp against 10.9 for `q.kT`,
+  whose transposed E4M3 tile Triton reads from shared memory a byte at a time (128 LDS.U8 per 128 keys).
 (Run 5, 2026-11-29 fifth session, timed a head-packed loop, 4 KV heads per program with a
 block-diagonal q: 0.43 ms at best (32 keys, 4 warps, 5 stages), no better than the library; dropped.)
 Each runs on two cache layouts: NHD ([blocks, page, heads, D], the engine's: a head's page is 16 rows
@@ -22,7 +22,7 @@ of 128-256 bytes, 1-2 KiB apart) and HND ([blocks, heads, page, D]: a head's pag
 (Run 2 of this script also tried a head-first grid order: no difference.)
 
     python benchmarks/fp8_decode_sweep.py [--batch 256 --context 1500]
-    python benchmarks/fp8_decode_sweep.py --modes library,fp8-words --layouts NHD \
+    python benchmarks/fp8_decode_sweep.py --modes library --layouts NHD \
         --configs 64/4/5,128/4/5,128/4/3,256/4/5,128/8/5,64/8/5,128/2/5
 """
 
@@ -40,7 +40,7 @@ from attention_sweep import time_ms  # benchmarks/ is on the path when this runs
 from tensorjet.kernels.decode_attention import decode_attention
 
 COPY_TBPS = 4.25
-MODES = {"q.kT": 0, "q.kT-load": 1, "k.qT": 2, "fp8-mma": 3, "load-only": 4, "library": 5, "fp8-words": 6}
+MODES = {"q.kT": 0, "q.kT-load": 1, "k.qT": 2, "fp8-mma": 3, "load-only": 4, "library": 5}
 
 
 @triton.jit
@@ -132,97 +132,9 @@ def _variant_kernel(
     tl.store(out_ptr + q_offsets, o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
 
 
-@triton.jit
-def _e4m3_pairs(words):
-    """int16 words of two E4M3 bytes -> (low bytes, high bytes) as fp16, one cvt per word."""
-    return tl.inline_asm_elementwise(
-        "{ .reg .b32 t; cvt.rn.f16x2.e4m3x2 t, $2; mov.b32 {$0, $1}, t; }",
-        "=h,=h,h",
-        [words],
-        dtype=(tl.float16, tl.float16),
-        is_pure=True,
-        pack=1,
-    )
-
-
-@triton.jit
-def _fp8_words_kernel(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    tables_ptr,
-    lens_ptr,
-    out_ptr,
-    qk_scale,
-    stride_kb,
-    stride_ko,
-    stride_kh,
-    stride_bt,
-    HK: tl.constexpr,
-    GROUP: tl.constexpr,
-    BLOCK_G: tl.constexpr,
-    D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    PAGE: tl.constexpr,
-):
-    """The FP8 cache read as int16 words (k_ptr, v_ptr and the strides in words), so no E4M3 byte is
-    ever moved alone: each word becomes two fp16 by one cvt. The low bytes are the even head
-    dimensions and the high bytes the odd ones, so q is split into its even and odd halves once, the
-    scores are q_even @ lo^T + q_odd @ hi^T, and the output keeps even and odd accumulators. Triton
-    otherwise reads a transposed E4M3 tile from shared memory one byte at a time (LDS.U8)."""
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    ctx = tl.load(lens_ptr + seq)
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_w = tl.arange(0, D // 2)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    g_mask = offs_g < GROUP
-    q_rows = seq.to(tl.int64) * HK * GROUP * D + (kv_head * GROUP + offs_g)[:, None] * D
-    q_even = tl.load(q_ptr + q_rows + 2 * offs_w[None, :], mask=g_mask[:, None], other=0.0)
-    q_odd = tl.load(q_ptr + q_rows + 2 * offs_w[None, :] + 1, mask=g_mask[:, None], other=0.0)
-    m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc_even = tl.zeros([BLOCK_G, D // 2], dtype=tl.float32)
-    acc_odd = tl.zeros([BLOCK_G, D // 2], dtype=tl.float32)
-    table = tables_ptr + seq.to(tl.int64) * stride_bt
-    k_base = k_ptr + kv_head * stride_kh
-    v_base = v_ptr + kv_head * stride_kh
-    for n0 in range(0, ctx, BLOCK_N):
-        offs_n = n0 + offs_n0
-        n_mask = offs_n < ctx
-        page = tl.load(table + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
-        rows = page * stride_kb + (offs_n % PAGE).to(tl.int64) * stride_ko
-        k_words = tl.load(k_base + rows[:, None] + offs_w[None, :], mask=n_mask[:, None], other=0)
-        v_words = tl.load(v_base + rows[:, None] + offs_w[None, :], mask=n_mask[:, None], other=0)
-        k_lo, k_hi = _e4m3_pairs(k_words)
-        qk = tl.dot(q_odd, tl.trans(k_hi), tl.dot(q_even, tl.trans(k_lo)))
-        qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v_lo, v_hi = _e4m3_pairs(v_words)
-        p = p.to(tl.float16)
-        acc_even = tl.dot(p, v_lo, acc_even * alpha[:, None])
-        acc_odd = tl.dot(p, v_hi, acc_odd * alpha[:, None])
-        m_i = m_new
-    out = out_ptr + q_rows + 2 * offs_w[None, :]
-    tl.store(out, (acc_even / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
-    tl.store(out + 1, (acc_odd / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
-
-
 def run_variant(mode, q, k, v, tables, lens, scale, out, block_n, warps, stages):
     batch, hq, d = q.shape
     _, page, hk, _ = k.shape
-    if mode == 6:
-        k_words, v_words = k.view(torch.int16), v.view(torch.int16)
-        _fp8_words_kernel[(batch, hk)](
-            q, k_words, v_words, tables, lens, out, scale * 1.4426950408889634,
-            k_words.stride(0), k_words.stride(1), k_words.stride(2), tables.stride(0),
-            HK=hk, GROUP=hq // hk, BLOCK_G=16, D=d, BLOCK_N=block_n, PAGE=page,
-            num_warps=warps, num_stages=stages,
-        )  # fmt: skip
-        return out
     if mode == 5:  # the library kernel itself
         config = dict(num_splits=1, block_n=block_n, num_warps=warps, num_stages=stages)
         return decode_attention(q, k, v, tables, lens, scale, out, **config)
@@ -267,7 +179,7 @@ def main() -> None:
         ms = time_ms(partial(decode_attention, q, k, v, tables, lens, scale, num_splits=1))
         rows.append((name, "library", "default", ms, nbytes / ms / 1e9, 0.0))
         for (mode_name, mode), (block_n, warps, stages) in itertools.product(modes, configs):
-            if mode in (3, 6) and kv_dtype == torch.bfloat16:
+            if mode == 3 and kv_dtype == torch.bfloat16:
                 continue
             out = torch.full_like(q, float("nan"))
             config = f"{block_n}/{warps}/{stages}"

@@ -309,6 +309,25 @@ def test_store_kv_fp8_saturates_and_rounds_like_torch(dtype, seed):
     assert k_cache.float().abs().nan_to_num(0).max() == 448.0  # saturated, never NaN
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size,num_kv_heads,group,head_dim", DECODE_CONFIGS)
+def test_decode_attention_fp8_cache(dtype, block_size, num_kv_heads, group, head_dim, seed):
+    """The FP8 stage 1 reads the cache as int16 words (head dimensions 2w and 2w + 1 per word): it must
+    equal float64 attention over the stored E4M3 values for every query dtype and split count. Unused
+    slots hold NaN, so a word read from the wrong slot or half shows up."""
+    bs = block_size
+    lens = [1, bs - 1, bs, 3 * bs + 5, 300 * SCALE] + [int(x) for x in torch.randint(1, 200, (SCALE - 1,))]
+    k_cache, v_cache, tables = make_paged_kv(lens, bs, num_kv_heads, head_dim, FP8)
+    q = torch.randn(len(lens), num_kv_heads * group, head_dim, device=DEVICE).to(dtype)
+    context_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    scale = head_dim**-0.5
+    ref = decode_attention_ref(q, k_cache, v_cache, tables, context_lens, scale)
+    for num_splits in (1, 5):
+        out = nan_like(q)
+        decode_attention(q, k_cache, v_cache, tables, context_lens, scale, out, num_splits=num_splits)
+        assert_close(out, ref, dtype, seed, f"FP8 cache, num_splits={num_splits}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", list(BATCHES))
 def test_fp8_kv_cache_backends(dtype, kind, seed):
@@ -709,7 +728,7 @@ def test_pdl_kernels_always_wait_for_the_previous_kernel():
     the source."""
     kernels = _pdl_kernels()
     expected = {"fused_gemv._fused_gemv_kernel", "rotary._rotary_store_kv_kernel"}
-    expected |= {"decode_attention._decode_stage1_kernel", "decode_attention._decode_stage2_kernel"}
+    expected |= {f"decode_attention._decode_{stage}_kernel" for stage in ("stage1", "fp8_stage1", "stage2")}
     assert expected <= set(kernels)
     for name, fn in kernels.items():
         body = ast.parse(textwrap.dedent(inspect.getsource(fn))).body[0].body

@@ -130,6 +130,34 @@ def launch_next_kernel(PDL: tl.constexpr):
         gdc_launch_dependents()
 
 
+def supports_e4m3_cvt(device: torch.device) -> bool:
+    """PTX converts a pair of E4M3 values to fp16 in one instruction from sm_89 (Ada, Hopper) on."""
+    if device.type != "cuda" or interpreting():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capability(index) >= (8, 9)
+
+
+@triton.jit
+def e4m3_pairs(words, CVT_ASM: tl.constexpr):
+    """int16 words, each two E4M3 values, as (low bytes, high bytes) in fp16 (exact: fp16 holds every
+    E4M3 value). With CVT_ASM one `cvt.rn.f16x2.e4m3x2` per word, else byte by byte (the interpreter,
+    GPUs before sm_89)."""
+    if CVT_ASM:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t; cvt.rn.f16x2.e4m3x2 t, $2; mov.b32 {$0, $1}, t; }",
+            "=h,=h,h",
+            [words],
+            dtype=(tl.float16, tl.float16),
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        lo = (words & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+        hi = ((words >> 8) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+        return lo, hi
+
+
 @triton.jit
 def as_f16(x):
     """bf16 -> fp16, saturated. With an FP8 cache the tiles are converted to fp16 (one instruction from

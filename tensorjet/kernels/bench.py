@@ -8,7 +8,6 @@ against PyTorch SDPA on contiguous K/V as a yardstick.
 from __future__ import annotations
 
 import argparse
-import importlib
 from functools import partial
 
 import torch
@@ -17,9 +16,6 @@ from triton.testing import do_bench
 
 from tensorjet.kernels.decode_attention import choose_num_splits, decode_attention
 from tensorjet.kernels.extend_attention import extend_attention
-
-_decode_mod = importlib.import_module("tensorjet.kernels.decode_attention")
-_extend_mod = importlib.import_module("tensorjet.kernels.extend_attention")
 
 
 def _paged(context_lens, block_size, num_kv_heads, head_dim, dtype, device):
@@ -99,59 +95,6 @@ def bench_extend(dtype, num_kv_heads, group, head_dim, block_size, device) -> No
         )
 
 
-def tune(dtype, num_kv_heads, group, head_dim, block_size, device) -> None:
-    """Time kernel launch configurations (module constants patched in turn)."""
-    hq = num_kv_heads * group
-    print("decode configs (BLOCK_N, warps, stages): us per call at the heuristic's splits")
-    shapes = [(1, 32768), (8, 8192), (64, 2048), (128, 4096)]
-    data = []
-    for batch, ctx in shapes:
-        k_cache, v_cache, tables = _paged([ctx] * batch, block_size, num_kv_heads, head_dim, dtype, device)
-        q = torch.randn(batch, hq, head_dim, dtype=dtype, device=device)
-        lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
-        data.append((q, k_cache, v_cache, tables, lens, torch.empty_like(q)))
-    saved = (_decode_mod.BLOCK_N, _decode_mod.NUM_WARPS, _decode_mod.NUM_STAGES)
-    for cfg in [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 4, 2), (128, 8, 2), (128, 4, 3)]:
-        _decode_mod.BLOCK_N, _decode_mod.NUM_WARPS, _decode_mod.NUM_STAGES = cfg
-        cells = []
-        for (batch, ctx), (q, kc, vc, tb, lens, out) in zip(shapes, data):
-            fn = partial(decode_attention, q, kc, vc, tb, lens, 0.1, out, max_context_len=ctx)
-            cells.append(f"B={batch},ctx={ctx}: {do_bench(fn, warmup=10, rep=50) * 1e3:7.1f}")
-        print(f"  {cfg}  " + "  ".join(cells))
-    _decode_mod.BLOCK_N, _decode_mod.NUM_WARPS, _decode_mod.NUM_STAGES = saved
-
-    print("extend configs (BLOCK_M, BLOCK_N, warps, stages): TFLOP/s")
-    shapes = [(1, 4096, 0), (4, 1024, 0), (1, 512, 8192)]
-    data = []
-    for n_seqs, q_len, prefix in shapes:
-        ctx = q_len + prefix
-        k_cache, v_cache, tables = _paged([ctx] * n_seqs, block_size, num_kv_heads, head_dim, dtype, device)
-        q = torch.randn(n_seqs * q_len, hq, head_dim, dtype=dtype, device=device)
-        qsl = torch.arange(n_seqs + 1, dtype=torch.int32, device=device) * q_len
-        qlens = torch.full((n_seqs,), q_len, dtype=torch.int32, device=device)
-        clens = torch.full((n_seqs,), ctx, dtype=torch.int32, device=device)
-        flops = 4 * n_seqs * hq * head_dim * (q_len * prefix + q_len * (q_len + 1) / 2)
-        data.append((flops, partial(extend_attention, q, k_cache, v_cache, tables, qsl, qlens, clens, 0.1,
-                                    torch.empty_like(q), max_query_len=q_len)))  # fmt: skip
-    saved_fn = _extend_mod._block_sizes
-    configs = [
-        (128, 64, 8, 2),
-        (128, 64, 4, 3),
-        (128, 64, 8, 3),
-        (128, 128, 8, 2),
-        (64, 64, 4, 3),
-        (128, 32, 4, 3),
-    ]
-    for cfg in configs + [(64, 128, 4, 2), (64, 64, 4, 2), (128, 64, 4, 2)]:
-        _extend_mod._block_sizes = lambda *a, cfg=cfg: cfg
-        try:
-            cells = [f"{flops / do_bench(fn, warmup=10, rep=50) / 1e9:6.1f}" for flops, fn in data]
-        except Exception as e:  # e.g. out of shared memory
-            cells = [type(e).__name__]
-        print(f"  {cfg}  " + "  ".join(cells))
-    _extend_mod._block_sizes = saved_fn
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dtype", default="bfloat16")
@@ -160,13 +103,10 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--graph", action="store_true", help="time decode as CUDA-graph replays")
-    parser.add_argument("--only", choices=["decode", "extend", "tune"], default=None)
+    parser.add_argument("--only", choices=["decode", "extend"], default=None)
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     shape = (dtype, args.kv_heads, args.group, args.head_dim, args.block_size, torch.device("cuda"))
-    if args.only == "tune":
-        tune(*shape)
-        return
     if args.only != "extend":
         bench_decode(*shape, graph=args.graph)
     if args.only != "decode":

@@ -6,6 +6,13 @@ the head at once (a [group, head_dim] x [head_dim, BLOCK_N] dot), keeping an onl
 a partial output (already normalised) and its log-sum-exp (base 2). Stage 2 merges the splits. With a
 single split, stage 1 writes the final output directly and stage 2 is skipped.
 
+An FP8 cache has its own stage 1 (`_decode_fp8_stage1_kernel`): it reads the cache as int16 words and
+turns each into two fp16 values at once (`e4m3_pairs`), the low bytes being the even head dimensions
+and the high bytes the odd ones. Read as bytes, Triton loads the transposed E4M3 key tile from shared
+memory one byte at a time; the word loop has 6.4 instructions per key per warp against 10.9 and ran
+a batch-256 x 1,500-context layer in 0.25-0.28 ms against 0.36 on the H200
+(benchmarks/fp8_decode_sweep.py, 2026-11-29).
+
 Split boundaries are computed in the kernel from each sequence's own context length, so sequences of
 different lengths share one launch; `num_splits` only sets the grid (and never needs a host sync when
 the caller passes it or `max_context_len`).
@@ -23,6 +30,7 @@ from tensorjet.kernels._common import (
     as_int32,
     dot_precision,
     dot_upcast,
+    e4m3_pairs,
     host_max,
     last_dim_contiguous,
     launch_next_kernel,
@@ -30,6 +38,7 @@ from tensorjet.kernels._common import (
     num_sms,
     pdl_enabled,
     pdl_launch,
+    supports_e4m3_cvt,
     tl_dot,
     wait_for_previous_kernel,
 )
@@ -39,15 +48,15 @@ from tensorjet.layers.attention import is_fp8
 __all__ = ["decode_attention", "decode_attention_ref", "choose_num_splits"]
 
 BLOCK_N = 64  # keys per inner iteration
-FP8_BLOCK_N = 128  # an FP8 tile of 64 keys is half the bytes: too little per iteration to hide latency
 NUM_WARPS = 4
 # Triton's pipeliner spends a stage on the block-table load that K/V addresses depend on: below 5 stages
 # it keeps one K/V buffer and issues the next tile's copy after this tile's compute (nothing overlaps);
-# from 5 it double-buffers (see benchmarks/attention_sweep.py). On the H200, a batch-256 x 1,500-context
-# layer: FP8 0.36 ms at 5 stages against 0.41-0.45 at 3; bf16 within noise, so it keeps 3 (two where
-# three tiles would not fit the budget: fp32 caches with large heads).
+# from 5 it double-buffers (see benchmarks/attention_sweep.py). On the H200, bf16 was within noise of 3
+# stages, so it keeps 3 (two where three tiles would not fit the budget: fp32 caches with large heads).
 NUM_STAGES = 3
-FP8_NUM_STAGES = 5
+# The FP8 word loop, batch 256 x 1,500 context on the H200: 0.251 ms with 128 keys, 2 warps, 5 stages;
+# 0.267-0.275 with 64 keys, 4 warps (benchmarks/fp8_decode_sweep.py).
+FP8_BLOCK_N, FP8_NUM_WARPS, FP8_NUM_STAGES = 128, 2, 5
 STAGE_BYTES_BUDGET = 160 * 1024
 MIN_TOKENS_PER_SPLIT = 256  # a split shorter than this costs more in partial writes than it gains
 MAX_SPLITS = 64
@@ -72,6 +81,69 @@ def choose_num_splits(
     want = (PROGRAMS_PER_SM * num_sms(device) + base // 2) // base
     useful = triton.cdiv(max(int(max_context_len), 1), MIN_TOKENS_PER_SPLIT)
     return max(1, min(want, useful, MAX_SPLITS))
+
+
+@triton.jit
+def _split_range(ctx_len, split, num_splits, BLOCK_N: tl.constexpr):
+    """Keys [start, end) of this split of a context: splits of whole tiles, the last one shorter."""
+    split_len = tl.cdiv(tl.cdiv(ctx_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    return start, tl.minimum(start + split_len, ctx_len)
+
+
+@triton.jit
+def _tile_rows(table, offs_n, n_mask, stride_b, stride_o, PAGE_SIZE: tl.constexpr):
+    """Offsets of the tile's keys in the cache (their page, then their slot in it)."""
+    page = tl.load(table + offs_n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
+    return page * stride_b + (offs_n % PAGE_SIZE).to(tl.int64) * stride_o
+
+
+@triton.jit
+def _online_softmax(qk, n_mask, m_i, l_i):
+    """One tile of base-2 scores into the running max and sum: (p, rescale factor, new max, new sum)."""
+    qk = tl.where(n_mask[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _write_split(
+    acc,
+    m_i,
+    l_i,
+    seq,
+    row,
+    split,
+    heads,
+    g_mask,
+    offs_d,
+    d_mask,
+    out_ptr,
+    mid_o_ptr,
+    mid_lse_ptr,
+    stride_ot,
+    stride_oh,
+    stride_mo_b,
+    stride_mo_h,
+    stride_mo_s,
+    stride_ml_b,
+    stride_ml_h,
+    DIRECT: tl.constexpr,
+):
+    """The normalised output: straight to `out` with one split, else a partial and its log-sum-exp."""
+    o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    mask = g_mask[:, None] & d_mask[None, :]
+    if DIRECT:
+        out = out_ptr + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(out, o.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))  # empty split: -inf
+        seq64 = seq.to(tl.int64)
+        mid = mid_o_ptr + seq64 * stride_mo_b + heads[:, None] * stride_mo_h + split * stride_mo_s
+        tl.store(mid + offs_d[None, :], o, mask=mask)
+        tl.store(mid_lse_ptr + seq64 * stride_ml_b + heads * stride_ml_h + split, lse, mask=g_mask)
 
 
 # The block-table width changes every step: specialising on it (== 1, % 16) would recompile.
@@ -113,20 +185,13 @@ def _decode_stage1_kernel(
     DIRECT: tl.constexpr,
     DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
-    F16_COMPUTE: tl.constexpr,
     PDL: tl.constexpr,
 ):
     wait_for_previous_kernel(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    num_splits = tl.num_programs(2)
-
-    ctx_len = tl.load(context_lens_ptr + seq)
-    split_len = tl.cdiv(tl.cdiv(ctx_len, num_splits), BLOCK_N) * BLOCK_N
-    start = split * split_len
-    end = tl.minimum(start + split_len, ctx_len)
-
+    start, end = _split_range(tl.load(context_lens_ptr + seq), split, tl.num_programs(2), BLOCK_N)
     if HAS_ROWS:
         row = tl.load(rows_ptr + seq).to(tl.int64)
     else:
@@ -143,8 +208,6 @@ def _decode_stage1_kernel(
         mask=g_mask[:, None] & d_mask[None, :],
         other=0.0,
     )
-    if F16_COMPUTE:
-        q = as_f16(q)
 
     m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
@@ -156,51 +219,123 @@ def _decode_stage1_kernel(
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + offs_n0
         n_mask = offs_n < end
-        page = tl.load(table + offs_n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
-        in_page = (offs_n % PAGE_SIZE).to(tl.int64)
         kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(
-            k_base + (page * stride_kb + in_page * stride_ko)[:, None] + offs_d[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )
-        k = k.to(q.dtype)  # an FP8 cache is read as the query's dtype (fp16 then, see as_f16)
+        k_rows = _tile_rows(table, offs_n, n_mask, stride_kb, stride_ko, PAGE_SIZE)
+        k = tl.load(k_base + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         qk = tl_dot(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale
-        qk = tl.where(n_mask[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            v_base + (page * stride_vb + in_page * stride_vo)[:, None] + offs_d[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )
-        v = v.to(q.dtype)
+        p, alpha, m_i, l_i = _online_softmax(qk, n_mask, m_i, l_i)
+        v_rows = _tile_rows(table, offs_n, n_mask, stride_vb, stride_vo, PAGE_SIZE)
+        v = tl.load(v_base + v_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl_dot(p.to(v.dtype), v, DOT_PREC, UPCAST)
-        m_i = m_new
 
     launch_next_kernel(PDL)
-    o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-    if DIRECT:
-        tl.store(
-            out_ptr + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-            o.to(out_ptr.dtype.element_ty),
-            mask=g_mask[:, None] & d_mask[None, :],
-        )
+    _write_split(
+        acc, m_i, l_i, seq, row, split, heads, g_mask, offs_d, d_mask, out_ptr, mid_o_ptr, mid_lse_ptr,
+        stride_ot, stride_oh, stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h, DIRECT,
+    )  # fmt: skip
+
+
+@triton.jit(do_not_specialize=["stride_bt"])
+def _decode_fp8_stage1_kernel(
+    q_ptr,
+    k_words_ptr,
+    v_words_ptr,
+    block_tables_ptr,
+    context_lens_ptr,
+    rows_ptr,
+    out_ptr,
+    mid_o_ptr,
+    mid_lse_ptr,
+    qk_scale,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_ko,
+    stride_kh,
+    stride_vb,
+    stride_vo,
+    stride_vh,
+    stride_bt,
+    stride_ot,
+    stride_oh,
+    stride_mo_b,
+    stride_mo_h,
+    stride_mo_s,
+    stride_ml_b,
+    stride_ml_h,
+    GROUP: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    HAS_ROWS: tl.constexpr,
+    DIRECT: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    F16_COMPUTE: tl.constexpr,
+    CVT_ASM: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """Stage 1 over an FP8 cache seen as int16 words (pointers and K/V strides in words). Word w of a
+    key holds head dimensions 2w (low byte) and 2w + 1 (high byte), so the scores are
+    q_even @ lo^T + q_odd @ hi^T and the output is kept as even and odd halves until the end."""
+    wait_for_previous_kernel(PDL)
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    start, end = _split_range(tl.load(context_lens_ptr + seq), split, tl.num_programs(2), BLOCK_N)
+    if HAS_ROWS:
+        row = tl.load(rows_ptr + seq).to(tl.int64)
     else:
-        lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))  # empty split: -inf
-        seq64 = seq.to(tl.int64)
-        tl.store(
-            mid_o_ptr
-            + seq64 * stride_mo_b
-            + heads[:, None] * stride_mo_h
-            + split * stride_mo_s
-            + offs_d[None, :],
-            o,
-            mask=g_mask[:, None] & d_mask[None, :],
-        )
-        tl.store(mid_lse_ptr + seq64 * stride_ml_b + heads * stride_ml_h + split, lse, mask=g_mask)
+        row = seq.to(tl.int64)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_w = tl.arange(0, BLOCK_D // 2)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    heads = kv_head * GROUP + offs_g
+    g_mask = offs_g < GROUP
+    w_mask = offs_w < HEAD_DIM // 2
+    q_even_ptr = q_ptr + row * stride_qt + heads[:, None] * stride_qh + 2 * offs_w[None, :]
+    q_mask = g_mask[:, None] & w_mask[None, :]
+    q_even = tl.load(q_even_ptr, mask=q_mask, other=0.0)
+    q_odd = tl.load(q_even_ptr + 1, mask=q_mask, other=0.0)
+    if F16_COMPUTE:
+        q_even, q_odd = as_f16(q_even), as_f16(q_odd)
+
+    m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc_even = tl.zeros([BLOCK_G, BLOCK_D // 2], dtype=tl.float32)
+    acc_odd = tl.zeros([BLOCK_G, BLOCK_D // 2], dtype=tl.float32)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    k_base = k_words_ptr + kv_head * stride_kh
+    v_base = v_words_ptr + kv_head * stride_vh
+
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + offs_n0
+        n_mask = offs_n < end
+        kv_mask = n_mask[:, None] & w_mask[None, :]
+        k_rows = _tile_rows(table, offs_n, n_mask, stride_kb, stride_ko, PAGE_SIZE)
+        k_words = tl.load(k_base + k_rows[:, None] + offs_w[None, :], mask=kv_mask, other=0)
+        k_lo, k_hi = e4m3_pairs(k_words, CVT_ASM)
+        qk = tl_dot(q_even, tl.trans(k_lo.to(q_even.dtype)), DOT_PREC, UPCAST)
+        qk += tl_dot(q_odd, tl.trans(k_hi.to(q_odd.dtype)), DOT_PREC, UPCAST)
+        p, alpha, m_i, l_i = _online_softmax(qk * qk_scale, n_mask, m_i, l_i)
+        v_rows = _tile_rows(table, offs_n, n_mask, stride_vb, stride_vo, PAGE_SIZE)
+        v_words = tl.load(v_base + v_rows[:, None] + offs_w[None, :], mask=kv_mask, other=0)
+        v_lo, v_hi = e4m3_pairs(v_words, CVT_ASM)
+        p = p.to(q_even.dtype)
+        acc_even = acc_even * alpha[:, None] + tl_dot(p, v_lo.to(p.dtype), DOT_PREC, UPCAST)
+        acc_odd = acc_odd * alpha[:, None] + tl_dot(p, v_hi.to(p.dtype), DOT_PREC, UPCAST)
+
+    launch_next_kernel(PDL)
+    acc = tl.join(acc_even, acc_odd).reshape(BLOCK_G, BLOCK_D)  # interleave: columns 2w, 2w + 1
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    _write_split(
+        acc, m_i, l_i, seq, row, split, heads, g_mask, offs_d, d_mask, out_ptr, mid_o_ptr, mid_lse_ptr,
+        stride_ot, stride_oh, stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h, DIRECT,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -312,27 +447,27 @@ def decode_attention(
         mid_lse = torch.empty((num_seqs, num_q_heads, num_splits), dtype=torch.float32, device=device)
         mo_strides, ml_strides = mid_o.stride()[:3], mid_lse.stride()[:2]
     kv_fp8 = is_fp8(k_cache.dtype)
-    if block_n is None:
-        block_n = FP8_BLOCK_N if kv_fp8 else BLOCK_N
     has_rows = rows is not None
     rows_arg = rows if has_rows else context_lens
     block_d = next_pow2(head_dim)
-    block_g = max(16, next_pow2(group))
-    if num_warps is None:
-        num_warps = NUM_WARPS
-    if num_stages is None:
-        kv_tile_bytes = 2 * block_n * block_d * k_cache.element_size()
-        if kv_fp8:
-            num_stages = FP8_NUM_STAGES
-        else:
-            num_stages = NUM_STAGES if NUM_STAGES * kv_tile_bytes <= STAGE_BYTES_BUDGET else 2
-
-    f16_compute = kv_fp8 and q.dtype == torch.bfloat16
     pdl = pdl_enabled(device)
-    _decode_stage1_kernel[(num_seqs, num_kv_heads, num_splits)](
+    if kv_fp8:
+        assert head_dim % 2 == 0, "an FP8 cache is read in pairs of head dimensions"
+        kernel = _decode_fp8_stage1_kernel
+        k_arg, v_arg = k_cache.view(torch.int16), v_cache.view(torch.int16)  # strides in words
+        tile = (FP8_BLOCK_N, FP8_NUM_WARPS, FP8_NUM_STAGES)
+        fp8_options = dict(F16_COMPUTE=q.dtype == torch.bfloat16, CVT_ASM=supports_e4m3_cvt(device))
+    else:
+        assert k_cache.dtype == q.dtype, "a non-FP8 cache holds the model's dtype"
+        kernel, k_arg, v_arg, fp8_options = _decode_stage1_kernel, k_cache, v_cache, {}
+        tile_bytes = 2 * BLOCK_N * block_d * k_cache.element_size()
+        tile = (BLOCK_N, NUM_WARPS, NUM_STAGES if NUM_STAGES * tile_bytes <= STAGE_BYTES_BUDGET else 2)
+    given = (block_n, num_warps, num_stages)
+    block_n, num_warps, num_stages = (value or default for value, default in zip(given, tile))
+    kernel[(num_seqs, num_kv_heads, num_splits)](
         q,
-        k_cache,
-        v_cache,
+        k_arg,
+        v_arg,
         block_tables,
         context_lens,
         rows_arg,
@@ -342,19 +477,15 @@ def decode_attention(
         scale * LOG2E,
         q.stride(0),
         q.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
+        *k_arg.stride()[:3],
+        *v_arg.stride()[:3],
         block_tables.stride(0),
         out.stride(0),
         out.stride(1),
         *mo_strides,
         *ml_strides,
         GROUP=group,
-        BLOCK_G=block_g,
+        BLOCK_G=max(16, next_pow2(group)),
         HEAD_DIM=head_dim,
         BLOCK_D=block_d,
         BLOCK_N=block_n,
@@ -363,10 +494,10 @@ def decode_attention(
         DIRECT=direct,
         DOT_PREC=dot_precision(q.dtype),
         UPCAST=dot_upcast(q.dtype),
-        F16_COMPUTE=f16_compute,
         PDL=pdl,
         num_warps=num_warps,
         num_stages=num_stages,
+        **fp8_options,
         **pdl_launch(pdl),
     )
     if not direct:
