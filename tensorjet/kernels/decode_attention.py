@@ -9,9 +9,9 @@ single split, stage 1 writes the final output directly and stage 2 is skipped.
 An FP8 cache has its own stage 1 (`_decode_fp8_stage1_kernel`): it reads the cache as int16 words and
 turns each into two fp16 values at once (`e4m3_pairs`), the low bytes being the even head dimensions
 and the high bytes the odd ones. Read as bytes, Triton loads the transposed E4M3 key tile from shared
-memory one byte at a time; the word loop has 6.4 instructions per key per warp against 10.9 and ran
-a batch-256 x 1,500-context layer in 0.25-0.28 ms against 0.36 on the H200
-(benchmarks/fp8_decode_sweep.py, 2026-11-29).
+memory one byte at a time; the word loop has 7.2 instructions per key per warp against 10.9 and ran
+a batch-256 x 1,500-context layer in 0.21 ms against 0.30-0.47 for the byte loop on the H200
+(benchmarks/fp8_decode_sweep.py, 2026-11-29; tests/test_kernel_codegen.py keeps the bytes out).
 
 Split boundaries are computed in the kernel from each sequence's own context length, so sequences of
 different lengths share one launch; `num_splits` only sets the grid (and never needs a host sync when
@@ -54,9 +54,10 @@ NUM_WARPS = 4
 # from 5 it double-buffers (see benchmarks/attention_sweep.py). On the H200, bf16 was within noise of 3
 # stages, so it keeps 3 (two where three tiles would not fit the budget: fp32 caches with large heads).
 NUM_STAGES = 3
-# The FP8 word loop, batch 256 x 1,500 context on the H200: 0.251 ms with 128 keys, 2 warps, 5 stages;
-# 0.267-0.275 with 64 keys, 4 warps (benchmarks/fp8_decode_sweep.py).
-FP8_BLOCK_N, FP8_NUM_WARPS, FP8_NUM_STAGES = 128, 2, 5
+# The FP8 word loop, batch 256 x 1,500 context on the H200 (benchmarks/fp8_decode_sweep.py, calls queued
+# back to back): 0.211 ms with 128 keys, 4 warps, 5 stages (3.7 TB/s); 0.226 with 64 keys; 0.263 with
+# 2 warps, which spill registers at 128 keys.
+FP8_BLOCK_N, FP8_NUM_WARPS, FP8_NUM_STAGES = 128, 4, 5
 STAGE_BYTES_BUDGET = 160 * 1024
 MIN_TOKENS_PER_SPLIT = 256  # a split shorter than this costs more in partial writes than it gains
 MAX_SPLITS = 64

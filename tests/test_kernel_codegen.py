@@ -1,0 +1,29 @@
+"""What the attention kernels compile to on Hopper, checked on any machine (tests/sm90_codegen.py).
+
+Two properties that the GPU only shows as speed, each once measured away by an innocent change:
+- Triton's pipeliner spends a stage on the block-table load that K/V addresses depend on, so a paged
+  loop below 5 stages keeps one K/V buffer and overlaps nothing (benchmarks/attention_sweep.py);
+- an E4M3 tile read as bytes is loaded from shared memory one byte at a time (LDS.U8) for the
+  transposed key operand, which made the FP8 decode loop slower than the bf16 one per key.
+"""
+
+import pytest
+from sm90_codegen import run_census_in_subprocess
+
+
+@pytest.fixture(scope="module")
+def census() -> dict:
+    return run_census_in_subprocess()
+
+
+def test_fp8_decode_loop_double_buffers_and_never_loads_single_bytes(census):
+    loop = census["decode_fp8"]
+    assert loop["kv_buffers"] and min(loop["kv_buffers"]) >= 2, f"K/V not double-buffered: {loop}"
+    byte_loads = {op: n for op, n in loop["opcodes"].items() if op.startswith(("LDS.U8", "LDS.S8"))}
+    assert not byte_loads, f"the FP8 decode loop loads shared memory byte by byte: {byte_loads}"
+    assert loop["opcodes"].get("F2FP.F16.E4M3.UNPACK_B", 0) > 0, "E4M3 pairs are not converted by one cvt"
+
+
+def test_bf16_extend_loop_double_buffers(census):
+    loop = census["extend_bf16"]
+    assert loop["kv_buffers"] and min(loop["kv_buffers"]) >= 2, f"K/V not double-buffered: {loop}"
