@@ -8,6 +8,7 @@ before every step. Callbacks run on the engine thread and must only hand the out
 
 from __future__ import annotations
 
+import gc
 import logging
 import queue
 import threading
@@ -23,8 +24,17 @@ OutputCallback = Callable[[RequestOutput | BaseException], None]
 
 
 class EngineLoop:
+    """Runs one built engine. While it runs, the heap that existed when it started (modules, weight
+    wrappers, tokenizer: ~300k objects) is frozen out of the cyclic garbage collector's sight: a full
+    collection traverses every tracked object, and with that heap in it one took 154 ms (2-core CPU
+    machine), a pause between steps that the GPU spends idle. Requests and sequences created later are
+    collected as usual; `shutdown` unfreezes (every frozen object: the freeze is per process), so a
+    dropped engine's reference cycles can be freed."""
+
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
+        gc.collect()
+        gc.freeze()
         # ("add", [(id, prompt, params, callback), ...]) and ("abort", id) messages
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -59,6 +69,7 @@ class EngineLoop:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        gc.unfreeze()
 
     def _start(self) -> None:
         if self._thread is None:
