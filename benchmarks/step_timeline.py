@@ -48,8 +48,8 @@ def instrument(runner) -> list[tuple]:
 def summarise(steps: list[tuple], wall_s: float) -> dict:
     torch.cuda.synchronize()
     kinds: dict[str, list[float]] = collections.defaultdict(list)
-    gaps = []
-    for i, (start, end, graphed, tokens, num_seqs) in enumerate(steps):
+    step_kinds = []
+    for start, end, graphed, tokens, num_seqs in steps:
         if graphed:
             kind = "decode, graphed"
         elif tokens == num_seqs:
@@ -59,8 +59,13 @@ def summarise(steps: list[tuple], wall_s: float) -> dict:
         else:
             kind = "mixed, >= 2048 tokens"
         kinds[kind].append(start.elapsed_time(end))
-        if i + 1 < len(steps):
-            gaps.append(end.elapsed_time(steps[i + 1][0]))
+        step_kinds.append(kind)
+    gaps = [end.elapsed_time(after[0]) for (_, end, *_), after in zip(steps, steps[1:])]
+    # Which steps the long gaps sit between: "previous -> next" kind.
+    transitions: dict[str, list[float]] = collections.defaultdict(list)
+    for i, gap in enumerate(gaps):
+        if gap > 1.0:
+            transitions[f"{step_kinds[i]} -> {step_kinds[i + 1]}"].append(gap)
     spans = sum(sum(v) for v in kinds.values()) / 1e3
     return {
         "wall_s": wall_s,
@@ -68,6 +73,9 @@ def summarise(steps: list[tuple], wall_s: float) -> dict:
         "gaps_s": sum(gaps) / 1e3,
         "gaps_over_1ms": sum(1 for g in gaps if g > 1.0),
         "kinds": {k: {"steps": len(v), "seconds": sum(v) / 1e3} for k, v in kinds.items()},
+        "gaps_over_1ms_by_transition": {
+            k: {"gaps": len(v), "seconds": sum(v) / 1e3, "longest_ms": max(v)} for k, v in transitions.items()
+        },
     }
 
 
@@ -115,6 +123,9 @@ def main() -> None:
             f"{name:<14}{'gaps (GPU idle)':<24}{r['gaps_over_1ms']:>7}{r['gaps_s']:>9.2f}"
             f"   (count: gaps over 1 ms)"
         )
+        for transition, g in r["gaps_over_1ms_by_transition"].items():
+            longest = f"longest {g['longest_ms']:.0f} ms"
+            print(f"{name:<14}  gaps {transition}: {g['gaps']}, {g['seconds']:.2f} s, {longest}")
         print(f"{name:<14}{'wall':<24}{'':>7}{r['wall_s']:>9.2f}   {r['output_tok_s']:.0f} out tok/s")
 
 

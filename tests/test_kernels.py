@@ -52,6 +52,7 @@ SCALE = max(1, int(os.environ.get("TJ_KERNEL_TEST_SCALE", "1")))
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 NAN = float("nan")
+FP8 = torch.float8_e4m3fn
 
 
 @pytest.fixture
@@ -142,11 +143,16 @@ DECODE_CONFIGS = [(16, 2, 1, 64), (16, 2, 4, 128), (8, 2, 3, 64), (32, 1, 8, 128
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block_size,num_kv_heads,group,head_dim", DECODE_CONFIGS)
-def test_decode_attention(dtype, block_size, num_kv_heads, group, head_dim, seed):
+@pytest.mark.parametrize("cache", ["model dtype", "fp8"])
+def test_decode_attention(dtype, block_size, num_kv_heads, group, head_dim, cache, seed):
+    """Against float64 attention over the stored values. An FP8 cache takes its own stage 1, which reads
+    int16 words (head dimensions 2w and 2w + 1 per word): unused slots hold NaN, so a word read from
+    the wrong slot or half shows up."""
     bs = block_size
     lens = [1, bs - 1, bs, 3 * bs + 5, 300 * SCALE] + [int(x) for x in torch.randint(1, 200, (SCALE - 1,))]
     lens = [max(1, n) for n in lens]
-    k_cache, v_cache, tables = make_paged_kv(lens, bs, num_kv_heads, head_dim, dtype)
+    cache_dtype = FP8 if cache == "fp8" else dtype
+    k_cache, v_cache, tables = make_paged_kv(lens, bs, num_kv_heads, head_dim, cache_dtype)
     q = torch.randn(len(lens), num_kv_heads * group, head_dim, device=DEVICE).to(dtype)
     context_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
     scale = head_dim**-0.5
@@ -155,7 +161,7 @@ def test_decode_attention(dtype, block_size, num_kv_heads, group, head_dim, seed
         out = nan_like(q)
         res = decode_attention(q, k_cache, v_cache, tables, context_lens, scale, out, num_splits=num_splits)
         assert res is out
-        assert_close(out, ref, dtype, seed, f"num_splits={num_splits}")
+        assert_close(out, ref, dtype, seed, f"{cache} cache, num_splits={num_splits}")
 
 
 def test_decode_attention_heuristic_splits(seed, monkeypatch):
@@ -286,9 +292,6 @@ def test_backend_matches_torch(dtype, kind, seed):
     assert rel_err(out, torch_out) < 2 * TOL[dtype], f"{kind} vs TorchAttentionBackend, seed={seed}"
 
 
-FP8 = torch.float8_e4m3fn
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_store_kv_fp8_saturates_and_rounds_like_torch(dtype, seed):
     """An FP8 cache holds exactly `to_cache_dtype(k)`: saturated at +-448, rounded to nearest even."""
@@ -307,25 +310,6 @@ def test_store_kv_fp8_saturates_and_rounds_like_torch(dtype, seed):
     assert torch.equal(k_cache.view(torch.uint8), k_ref.view(torch.uint8)), f"seed={seed}"
     assert torch.equal(v_cache.view(torch.uint8), v_ref.view(torch.uint8)), f"seed={seed}"
     assert k_cache.float().abs().nan_to_num(0).max() == 448.0  # saturated, never NaN
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("block_size,num_kv_heads,group,head_dim", DECODE_CONFIGS)
-def test_decode_attention_fp8_cache(dtype, block_size, num_kv_heads, group, head_dim, seed):
-    """The FP8 stage 1 reads the cache as int16 words (head dimensions 2w and 2w + 1 per word): it must
-    equal float64 attention over the stored E4M3 values for every query dtype and split count. Unused
-    slots hold NaN, so a word read from the wrong slot or half shows up."""
-    bs = block_size
-    lens = [1, bs - 1, bs, 3 * bs + 5, 300 * SCALE] + [int(x) for x in torch.randint(1, 200, (SCALE - 1,))]
-    k_cache, v_cache, tables = make_paged_kv(lens, bs, num_kv_heads, head_dim, FP8)
-    q = torch.randn(len(lens), num_kv_heads * group, head_dim, device=DEVICE).to(dtype)
-    context_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
-    scale = head_dim**-0.5
-    ref = decode_attention_ref(q, k_cache, v_cache, tables, context_lens, scale)
-    for num_splits in (1, 5):
-        out = nan_like(q)
-        decode_attention(q, k_cache, v_cache, tables, context_lens, scale, out, num_splits=num_splits)
-        assert_close(out, ref, dtype, seed, f"FP8 cache, num_splits={num_splits}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
