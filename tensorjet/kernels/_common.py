@@ -63,6 +63,11 @@ def host_max(x) -> int:
     return max(x, default=0)
 
 
+def with_overrides(tuned: tuple[int, ...], given: tuple[int | None, ...]) -> tuple[int, ...]:
+    """A tuned launch configuration with each value the caller gave (not None) in its place."""
+    return tuple(default if value is None else value for value, default in zip(given, tuned))
+
+
 def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 

@@ -41,6 +41,7 @@ from tensorjet.kernels._common import (
     supports_e4m3_cvt,
     tl_dot,
     wait_for_previous_kernel,
+    with_overrides,
 )
 from tensorjet.kernels.reference import decode_attention_ref
 from tensorjet.layers.attention import is_fp8
@@ -463,8 +464,7 @@ def decode_attention(
         kernel, k_arg, v_arg, fp8_options = _decode_stage1_kernel, k_cache, v_cache, {}
         tile_bytes = 2 * BLOCK_N * block_d * k_cache.element_size()
         tile = (BLOCK_N, NUM_WARPS, NUM_STAGES if NUM_STAGES * tile_bytes <= STAGE_BYTES_BUDGET else 2)
-    given = (block_n, num_warps, num_stages)
-    block_n, num_warps, num_stages = (value or default for value, default in zip(given, tile))
+    block_n, num_warps, num_stages = with_overrides(tile, (block_n, num_warps, num_stages))
     kernel[(num_seqs, num_kv_heads, num_splits)](
         q,
         k_arg,

@@ -25,6 +25,7 @@ from tensorjet.kernels._common import (
     last_dim_contiguous,
     next_pow2,
     tl_dot,
+    with_overrides,
 )
 from tensorjet.kernels.reference import extend_attention_ref
 from tensorjet.layers.attention import is_fp8
@@ -234,10 +235,7 @@ def extend_attention(
     if max_query_len <= 0:
         return out
     tuned = _block_sizes(head_dim, q.dtype, is_fp8(k_cache.dtype), device)
-    block_m, block_n, num_warps, num_stages = (
-        given if given is not None else default
-        for given, default in zip((block_m, block_n, num_warps, num_stages), tuned)
-    )
+    block_m, block_n, num_warps, num_stages = with_overrides(tuned, (block_m, block_n, num_warps, num_stages))
     grid = (triton.cdiv(max_query_len, block_m), num_q_heads, num_seqs)
     _extend_kernel[grid](
         q,
