@@ -2,13 +2,15 @@
 
 Each step's device work is bracketed by CUDA events recorded around `ModelRunner.launch`, so the run
 splits into
-- GPU spans of graphed decode steps and of eager steps (those with prompt tokens), by token count;
+- GPU spans of graphed decode steps (by batch size, in bands of 64) and of eager steps (those with
+  prompt tokens, by token count);
 - gaps: the device idle between one step's last kernel and the next step's first (host-bound time).
 A span includes any idle time inside an eager step whose launches outpace its kernels.
 
 Workloads: the HF peer's (256 requests of 100-1024 in / 256 out) and a 1000 in / 1000 out run.
 
     python benchmarks/step_timeline.py [--requests_1000 320] [--kv_cache_dtype fp8]
+(--requests_1000 1000 is the suite's workload: ~100 s per cache dtype.)
 """
 
 from __future__ import annotations
@@ -50,10 +52,12 @@ def summarise(steps: list[tuple], wall_s: float) -> dict:
     kinds: dict[str, list[float]] = collections.defaultdict(list)
     step_kinds = []
     for start, end, graphed, tokens, num_seqs in steps:
+        low = (num_seqs - 1) // 64 * 64
+        band = f"{low + 1}-{low + 64}"  # batch sizes 1-64, 65-128, ...
         if graphed:
-            kind = "decode, graphed"
+            kind = f"decode, graphed, {band}"
         elif tokens == num_seqs:
-            kind = "decode, eager"
+            kind = f"decode, eager, {band}"
         elif tokens < 2048:
             kind = "mixed, < 2048 tokens"
         else:
@@ -114,19 +118,19 @@ def main() -> None:
     results[f"{n}x1000"] = run(llm, long_prompts, [1000] * n)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
-    print(f"\n{'workload':<14}{'kind':<24}{'steps':>7}{'seconds':>9}{'ms/step':>9}")
+    print(f"\n{'workload':<14}{'kind':<32}{'steps':>7}{'seconds':>9}{'ms/step':>9}")
     for name, r in results.items():
         for kind, k in sorted(r["kinds"].items()):
             per_step = 1e3 * k["seconds"] / k["steps"]
-            print(f"{name:<14}{kind:<24}{k['steps']:>7}{k['seconds']:>9.2f}{per_step:>9.2f}")
+            print(f"{name:<14}{kind:<32}{k['steps']:>7}{k['seconds']:>9.2f}{per_step:>9.2f}")
         print(
-            f"{name:<14}{'gaps (GPU idle)':<24}{r['gaps_over_1ms']:>7}{r['gaps_s']:>9.2f}"
+            f"{name:<14}{'gaps (GPU idle)':<32}{r['gaps_over_1ms']:>7}{r['gaps_s']:>9.2f}"
             f"   (count: gaps over 1 ms)"
         )
         for transition, g in r["gaps_over_1ms_by_transition"].items():
             longest = f"longest {g['longest_ms']:.0f} ms"
             print(f"{name:<14}  gaps {transition}: {g['gaps']}, {g['seconds']:.2f} s, {longest}")
-        print(f"{name:<14}{'wall':<24}{'':>7}{r['wall_s']:>9.2f}   {r['output_tok_s']:.0f} out tok/s")
+        print(f"{name:<14}{'wall':<32}{'':>7}{r['wall_s']:>9.2f}   {r['output_tok_s']:.0f} out tok/s")
 
 
 if __name__ == "__main__":
