@@ -94,10 +94,10 @@ def _split_range(ctx_len, split, num_splits, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _tile_rows(table, offs_n, n_mask, stride_b, stride_o, PAGE_SIZE: tl.constexpr):
-    """Offsets of the tile's keys in the cache (their page, then their slot in it)."""
+def _tile_slots(table, offs_n, n_mask, PAGE_SIZE: tl.constexpr):
+    """The tile's keys as (page, slot in the page), int64 for offset arithmetic over a large cache."""
     page = tl.load(table + offs_n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
-    return page * stride_b + (offs_n % PAGE_SIZE).to(tl.int64) * stride_o
+    return page, (offs_n % PAGE_SIZE).to(tl.int64)
 
 
 @triton.jit
@@ -222,11 +222,12 @@ def _decode_stage1_kernel(
         offs_n = n0 + offs_n0
         n_mask = offs_n < end
         kv_mask = n_mask[:, None] & d_mask[None, :]
-        k_rows = _tile_rows(table, offs_n, n_mask, stride_kb, stride_ko, PAGE_SIZE)
+        page, slot = _tile_slots(table, offs_n, n_mask, PAGE_SIZE)
+        k_rows = page * stride_kb + slot * stride_ko
         k = tl.load(k_base + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         qk = tl_dot(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale
         p, alpha, m_i, l_i = _online_softmax(qk, n_mask, m_i, l_i)
-        v_rows = _tile_rows(table, offs_n, n_mask, stride_vb, stride_vo, PAGE_SIZE)
+        v_rows = page * stride_vb + slot * stride_vo
         v = tl.load(v_base + v_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl_dot(p.to(v.dtype), v, DOT_PREC, UPCAST)
 
@@ -317,13 +318,14 @@ def _decode_fp8_stage1_kernel(
         offs_n = n0 + offs_n0
         n_mask = offs_n < end
         kv_mask = n_mask[:, None] & w_mask[None, :]
-        k_rows = _tile_rows(table, offs_n, n_mask, stride_kb, stride_ko, PAGE_SIZE)
+        page, slot = _tile_slots(table, offs_n, n_mask, PAGE_SIZE)
+        k_rows = page * stride_kb + slot * stride_ko
         k_words = tl.load(k_base + k_rows[:, None] + offs_w[None, :], mask=kv_mask, other=0)
         k_lo, k_hi = e4m3_pairs(k_words, CVT_ASM)
         qk = tl_dot(q_even, tl.trans(k_lo.to(q_even.dtype)), DOT_PREC, UPCAST)
         qk += tl_dot(q_odd, tl.trans(k_hi.to(q_odd.dtype)), DOT_PREC, UPCAST)
         p, alpha, m_i, l_i = _online_softmax(qk * qk_scale, n_mask, m_i, l_i)
-        v_rows = _tile_rows(table, offs_n, n_mask, stride_vb, stride_vo, PAGE_SIZE)
+        v_rows = page * stride_vb + slot * stride_vo
         v_words = tl.load(v_base + v_rows[:, None] + offs_w[None, :], mask=kv_mask, other=0)
         v_lo, v_hi = e4m3_pairs(v_words, CVT_ASM)
         p = p.to(q_even.dtype)
