@@ -1,8 +1,10 @@
-"""Microbenchmarks of the attention kernels on a GPU: `python -m tensorjet.kernels.bench`.
+"""The attention kernels across shapes on a GPU (`attention_sweep.py` sweeps launch configurations).
 
 Decode: achieved KV-read bandwidth for several batch/context shapes and split counts (the heuristic's
 choice is marked with *). Extend: TFLOP/s of a fresh prompt and of a chunk behind a cached prefix,
 against PyTorch SDPA on contiguous K/V as a yardstick.
+
+    python benchmarks/attention_shapes.py [--only decode|extend] [--graph] [--dtype bfloat16]
 """
 
 from __future__ import annotations
