@@ -98,6 +98,14 @@ def _capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
 
 
+def _compiled_capability(device: torch.device) -> tuple[int, int]:
+    """The compute capability kernels on `device` are compiled for; (0, 0) where nothing is compiled
+    (the CPU, the interpreter)."""
+    if device.type != "cuda" or interpreting():
+        return (0, 0)
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def pdl_enabled(device: torch.device) -> bool:
     """Programmatic dependent launch for kernels on `device`: compiled kernels on Hopper or later.
 
@@ -106,10 +114,9 @@ def pdl_enabled(device: torch.device) -> bool:
     the previous kernel lets it launch once past its main loop (`launch_next_kernel`).
     Inside a CUDA graph this hides ~1 us of launch gap and ramp per kernel (benchmarks/pdl_probe.py:
     1.0-1.3 us per GEMV on the H200). TENSORJET_PDL=0 turns it off (for A/B runs)."""
-    if not HAS_PDL or device.type != "cuda" or interpreting() or os.environ.get("TENSORJET_PDL", "1") == "0":
+    if not HAS_PDL or os.environ.get("TENSORJET_PDL", "1") == "0":
         return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _capability(index) >= (9, 0)
+    return _compiled_capability(device) >= (9, 0)
 
 
 def pdl_launch(enabled: bool) -> dict:
@@ -137,10 +144,7 @@ def launch_next_kernel(PDL: tl.constexpr):
 
 def supports_e4m3_cvt(device: torch.device) -> bool:
     """PTX converts a pair of E4M3 values to fp16 in one instruction from sm_89 (Ada, Hopper) on."""
-    if device.type != "cuda" or interpreting():
-        return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _capability(index) >= (8, 9)
+    return _compiled_capability(device) >= (8, 9)
 
 
 @triton.jit

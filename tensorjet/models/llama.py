@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
+from functools import partial
 
 import torch
 from torch import nn
@@ -168,8 +169,6 @@ class LlamaForCausalLM(nn.Module):
 
     def use_small_batch_gemv(self) -> None:
         """Give each linear shape the decode GEMV where it measures faster than cuBLAS (CUDA only)."""
-        from functools import partial
-
         from tensorjet.kernels.gemv import MAX_M, gemv, select_gemv
 
         chosen: dict[tuple, object] = {}
@@ -201,8 +200,6 @@ class LlamaForCausalLM(nn.Module):
         cuBLAS plus the three kernels the fusion removes (two norms with their residual adds, SiLU;
         `FUSED_LAUNCH_US` each); the path is on only if the fused layer wins. Untimed (the CPU
         interpreter), it is on with the first candidate."""
-        from functools import partial
-
         from tensorjet.kernels.fused_gemv import CANDIDATES, fused_gemv, select_fused_gemv
 
         projections = self.layers[0].fused_projections()
