@@ -95,7 +95,7 @@ class LLM:
         params_list = _as_params_list(sampling_params, len(prompt_list))
         results: queue.Queue = queue.Queue()
         ids = [f"gen-{next(self._request_ids)}" for _ in prompt_list]
-        self.loop.submit_many(list(zip(ids, prompt_list, params_list)), results.put)
+        self.loop.submit_many(list(zip(ids, prompt_list, params_list)), results.put, stream=False)
         finals: dict[str, RequestOutput] = {}
         with tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm) as bar:
             try:
@@ -128,6 +128,7 @@ class LLM:
             prompt,
             sampling_params or SamplingParams(),
             lambda out: loop.call_soon_threadsafe(updates.put_nowait, out),
+            stream=streaming,
         )
         finished = False
         try:
@@ -136,8 +137,7 @@ class LLM:
                 if isinstance(out, BaseException):
                     raise out
                 finished = out.finished
-                if streaming or finished:
-                    yield out
+                yield out
         finally:
             if not finished:
                 self.loop.abort(request_id)

@@ -62,6 +62,39 @@ def test_streaming_diffs_add_up_to_the_final_output(llm):
     assert expected[0].outputs[0].token_ids == final.token_ids
 
 
+def test_a_request_that_does_not_stream_gets_one_output_when_finished(llm):
+    """generate() and non-streaming requests ask the engine for the finished output only: building and
+    handing over an output for every running request at every step is host time the GPU waits on."""
+    import threading
+
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    received: dict[str, list] = {"stream": [], "final": []}
+    finished = threading.Semaphore(0)
+
+    def collect(kind):
+        def on_output(out):
+            received[kind].append(out)
+            if out.finished:
+                finished.release()
+
+        return on_output
+
+    llm.loop.submit("s-stream", "Once upon a time", params, collect("stream"), stream=True)
+    llm.loop.submit("s-final", "Once upon a time", params, collect("final"), stream=False)
+    assert finished.acquire(timeout=60) and finished.acquire(timeout=60)
+    (final,) = received["final"]
+    assert final.finished and len(received["stream"]) == 16
+    streamed = received["stream"][-1].outputs[0]
+    assert final.outputs[0].token_ids == final.outputs[0].token_ids_diff == streamed.token_ids
+    assert final.outputs[0].text == final.outputs[0].text_diff == streamed.text
+
+    async def not_streaming():
+        return [out async for out in llm.generate_async("Once upon a time", params, streaming=False)]
+
+    (only,) = asyncio.run(not_streaming())
+    assert only.finished and only.outputs[0].token_ids == streamed.token_ids
+
+
 def test_chat_applies_the_template(llm):
     messages = [{"role": "user", "content": "What is 2 + 2?"}]
     (out,) = llm.chat(messages, GREEDY, use_tqdm=False)

@@ -35,7 +35,7 @@ class EngineLoop:
         self.engine = engine
         gc.collect()
         gc.freeze()
-        # ("add", [(id, prompt, params, callback), ...]) and ("abort", id) messages
+        # ("add", [(id, prompt, params, callback, stream), ...]) and ("abort", id) messages
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._callbacks: dict[str, OutputCallback] = {}
@@ -43,20 +43,29 @@ class EngineLoop:
         self._stopping = False
 
     def submit(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams, on_output: OutputCallback
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        on_output: OutputCallback,
+        stream: bool = True,
     ) -> None:
-        """Queue a request; raises ValueError for bad input without disturbing other requests."""
-        self.submit_many([(request_id, prompt, params)], on_output)
+        """Queue a request; raises ValueError for bad input without disturbing other requests.
+        `stream=False`: `on_output` gets the finished output only."""
+        self.submit_many([(request_id, prompt, params)], on_output, stream)
 
     def submit_many(
-        self, requests: list[tuple[str, str | list[int], SamplingParams]], on_output: OutputCallback
+        self,
+        requests: list[tuple[str, str | list[int], SamplingParams]],
+        on_output: OutputCallback,
+        stream: bool = True,
     ) -> None:
         """Queue several requests as one message, so the engine adds them all before its next step:
         an offline batch is scheduled the same way every run, not split by how fast it was submitted.
         Raises ValueError for bad input, with none of them queued."""
         for _, prompt, params in requests:
             self.engine.check_prompt(prompt, params)
-        self._inbox.put(("add", [(*request, on_output) for request in requests]))
+        self._inbox.put(("add", [(*request, on_output, stream) for request in requests]))
         self._start()
         self._wake.set()
 
@@ -86,9 +95,9 @@ class EngineLoop:
                 self.engine.abort_request(message[1])
                 self._callbacks.pop(message[1], None)
                 continue
-            for request_id, prompt, params, callback in message[1]:
+            for request_id, prompt, params, callback, stream in message[1]:
                 try:
-                    self.engine.add_request(request_id, prompt, params)
+                    self.engine.add_request(request_id, prompt, params, stream=stream)
                 except ValueError as error:  # e.g. a duplicate id: only this request fails
                     callback(error)
                     continue

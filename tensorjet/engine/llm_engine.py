@@ -43,6 +43,7 @@ class Request:
     seqs: list[Sequence]
     detokenizers: list[IncrementalDetokenizer]
     arrival_time: float
+    stream: bool = True  # an output after every step; False: only once finished
     sent_tokens: list[int] = field(default_factory=list)  # per seq: how many output tokens were reported
 
     @property
@@ -107,8 +108,13 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         arrival_time: float | None = None,
+        stream: bool = True,
     ) -> None:
-        """Validate and queue a request; a bad one raises ValueError and leaves the engine untouched."""
+        """Validate and queue a request; a bad one raises ValueError and leaves the engine untouched.
+
+        `stream=False` asks for one output, when the request finishes: offline callers (`generate`)
+        need no per-step updates, and building and handing over one per running request each step
+        is host time the GPU waits on."""
         params = params or SamplingParams()
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -132,7 +138,7 @@ class LLMEngine:
                 )
             )
         self.requests[request_id] = Request(
-            request_id, prompt_text, prompt_ids, params, seqs, detoks, arrival, [0] * params.n
+            request_id, prompt_text, prompt_ids, params, seqs, detoks, arrival, stream, [0] * params.n
         )
         for seq in seqs:
             self.scheduler.add(seq)
@@ -264,7 +270,7 @@ class LLMEngine:
                 del seq.token_ids[index + 1 :]  # a placeholder from the step now in flight
                 self.block_manager.commit_computed_blocks(seq)
                 self.scheduler.finish(seq)
-        outputs = [self._make_output(r) for r in touched.values()]
+        outputs = [self._make_output(r) for r in touched.values() if r.stream or r.finished]
         for r in touched.values():
             if r.finished:
                 del self.requests[r.request_id]
