@@ -156,12 +156,16 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--layouts", default="NHD,HND")
     parser.add_argument("--configs", default="64/4/3,128/4/2,128/4/3,128/8/3,256/4/2,256/8/2")
+    parser.add_argument(
+        "--pool_blocks", type=int, default=0, help="spread the pages over a pool this large (the engine's)"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     hk, group, d, page = 8, 4, 128, 16
     blocks_per_seq = -(-args.context // page)
-    num_blocks = args.batch * blocks_per_seq
-    tables = torch.randperm(num_blocks, device="cuda", dtype=torch.int32).view(args.batch, blocks_per_seq)
+    num_blocks = max(args.batch * blocks_per_seq, args.pool_blocks)
+    pages = torch.randperm(num_blocks, device="cuda", dtype=torch.int32)[: args.batch * blocks_per_seq]
+    tables = pages.view(args.batch, blocks_per_seq)
     lens = torch.full((args.batch,), args.context, dtype=torch.int32, device="cuda")
     scale = d**-0.5
     rows = []

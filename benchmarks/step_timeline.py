@@ -9,7 +9,7 @@ A span includes any idle time inside an eager step whose launches outpace its ke
 
 Workloads: the HF peer's (256 requests of 100-1024 in / 256 out) and a 1000 in / 1000 out run.
 
-    python benchmarks/step_timeline.py [--requests_1000 320] [--kv_cache_dtype fp8]
+    python benchmarks/step_timeline.py [--requests_1000 320] [--kv_cache_dtype fp8] [--max_batch_size 512]
 (--requests_1000 1000 is the suite's workload: ~100 s per cache dtype.)
 """
 
@@ -101,18 +101,20 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests_1000", type=int, default=320)
     parser.add_argument("--kv_cache_dtype", default="auto")
+    parser.add_argument("--max_batch_size", type=int, default=256)
+    parser.add_argument("--skip_hf", action="store_true", help="only the 1000 in / 1000 out workload")
     parser.add_argument("--out", default="step_timeline.json")
     args = parser.parse_args()
     llm = LLM(
-        model=MODEL, load_format="dummy", dtype="bfloat16", max_batch_size=256, max_num_tokens=8192,
-        kv_cache_dtype=args.kv_cache_dtype,
+        model=MODEL, load_format="dummy", dtype="bfloat16", max_batch_size=args.max_batch_size,
+        max_num_tokens=8192, kv_cache_dtype=args.kv_cache_dtype,
     )  # fmt: skip
     vocab = 128000
     rng = random.Random(0)
     warm = [[rng.randrange(vocab) for _ in range(rng.randint(16, 1200))] for _ in range(96)]
     llm.generate(warm, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
     hf_prompts = [[rng.randrange(vocab) for _ in range(rng.randint(100, 1024))] for _ in range(256)]
-    results = {"hf_workload": run(llm, hf_prompts, [256] * 256)}
+    results = {} if args.skip_hf else {"hf_workload": run(llm, hf_prompts, [256] * 256)}
     n = args.requests_1000
     long_prompts = [[rng.randrange(vocab) for _ in range(1000)] for _ in range(n)]
     results[f"{n}x1000"] = run(llm, long_prompts, [1000] * n)
