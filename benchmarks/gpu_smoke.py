@@ -1,5 +1,5 @@
-"""Checks on the GPU before timing anything: the fast path (Triton kernels, decode CUDA graphs,
-overlap scheduling; the CUDA defaults) gives the reference path's greedy tokens (PyTorch attention,
+"""Checks on the GPU before timing anything: the fast path (Triton kernels, decode and mixed-step CUDA
+graphs, overlap scheduling; the CUDA defaults) gives the reference path's greedy tokens (PyTorch attention,
 eager, synchronous) on a small random Llama, in fp32 with the fp32 and the FP8 KV cache (must be
 identical) and in bf16 (reported); the fast path runs twice, batched and one sequence at a time (the
 fused batch-1 layer). Prints 'ok' if fp32 matches, else 'MISMATCH'.
@@ -52,10 +52,13 @@ def main() -> None:
             tokens[path_name] = [o.outputs[0].token_ids for o in outs]
             if path_name != "reference":
                 stats = llm.stats()
-                assert stats["num_graph_steps"] > 0 and llm.engine.overlap, stats
+                assert stats["num_graph_steps"] > 0 and stats["num_mixed_graph_steps"] > 0, stats
+                assert llm.engine.overlap
                 fused = llm.engine.runner.model.fused_decode
                 print(
-                    f"{dtype}, KV {kv_cache_dtype}, {path_name}: fused batch-1 layer {fused}", file=sys.stderr
+                    f"{dtype}, KV {kv_cache_dtype}, {path_name}: fused batch-1 layer {fused}; "
+                    f"{stats['num_mixed_graph_steps']} of {stats['num_steps']} steps from mixed-step graphs",
+                    file=sys.stderr,
                 )
             llm.shutdown()
         for path_name in ("fast", "fast, batch 1"):

@@ -161,11 +161,13 @@ def bound_out_tok_s(llm, lengths: list[tuple[int, int]]) -> float:
 
 @contextlib.contextmanager
 def without_graphs(llm):
-    graphs, llm.engine.runner.decode_graphs = llm.engine.runner.decode_graphs, None
+    runner = llm.engine.runner
+    saved = runner.decode_graphs, runner.mixed_graphs
+    runner.decode_graphs = runner.mixed_graphs = None
     try:
         yield
     finally:
-        llm.engine.runner.decode_graphs = graphs
+        runner.decode_graphs, runner.mixed_graphs = saved
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from batching import alone_and_together
 from prompts import PLAIN, varied_prompts
 
 from tensorjet import LLM, SamplingParams
-from tensorjet.runtime.cuda_graph import graph_batch_sizes
+from tensorjet.runtime.cuda_graph import MIXED_MAX_PROMPTS, graph_batch_sizes, mixed_token_buckets
 from tensorjet.runtime.model_runner import ModelRunner
 
 
@@ -120,6 +120,50 @@ def test_padded_decode_graph_path_matches_eager(tiny_model_dir):
         assert (llm.stats()["num_graph_steps"] > 0) == graphs
         llm.shutdown()
     assert results[True] == results[False]
+
+
+def test_mixed_step_token_ladder():
+    assert mixed_token_buckets(8192) == [32, 64, 128, 256, 512]
+    assert mixed_token_buckets(48) == [32, 48]
+    assert mixed_token_buckets(24) == [24]
+
+
+def test_padded_mixed_step_graph_path_matches_eager(tiny_model_dir):
+    """Steps with prompt tokens replay a mixed-step graph (on the CPU the same padded static buffers
+    run eagerly): new prompts join running decodes, chunked prompts finish alongside them, and a step
+    with more prompt chunks than a graph holds runs eagerly. The KV cache is poisoned with NaN, so a
+    padded row that wrote or read KV would show."""
+    lengths = [3, 5, 4, 6, 2, 7, 3, 5, 4, 40, 17, 33, 9, 21, 12, 28]  # 10 prompt chunks in the first step
+    prompts = [[(7 * i + j) % 128 for j in range(n)] for i, n in enumerate(lengths)]
+    params = [SamplingParams(temperature=0, max_tokens=2 + (5 * i) % 9, ignore_eos=True) for i in range(16)]
+    results, stats, prompt_chunks = {}, {}, []
+    for graphs in (False, True):
+        llm = LLM(
+            model=tiny_model_dir,
+            device="cpu",
+            attention_backend="triton",
+            enable_cuda_graph=graphs,
+            max_batch_size=10,
+            max_num_tokens=64,
+            max_chunked_prefill_length=32,
+            enable_prefix_caching=False,
+        )
+        runner = llm.engine.runner
+        if graphs:
+            runner.kv_cache.fill_(float("nan"))
+
+            def counting_launch(seqs, num_new_tokens, prev=None, launch=runner.launch):
+                prompt_chunks.append(sum(1 for n in num_new_tokens if n > 1))
+                return launch(seqs, num_new_tokens, prev)
+
+            runner.launch = counting_launch
+        results[graphs] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        stats[graphs] = llm.stats()
+        llm.shutdown()
+    assert results[True] == results[False]
+    assert stats[False]["num_mixed_graph_steps"] == 0
+    assert stats[True]["num_mixed_graph_steps"] > 0
+    assert max(prompt_chunks) > MIXED_MAX_PROMPTS, "the eager fallback for a crowded step went untested"
 
 
 def test_startup_out_of_memory_says_what_to_lower(monkeypatch):

@@ -356,4 +356,5 @@ class LLMEngine:
             "num_requests_waiting": len(self.scheduler.waiting),
             "num_steps": self.num_steps,
             "num_graph_steps": self.runner.num_graph_steps,
+            "num_mixed_graph_steps": self.runner.num_mixed_graph_steps,
         }

@@ -57,7 +57,9 @@ class TritonAttentionBackend:
             host += [0] * (-len(host) % 4)
             offsets[name] = (len(host), len(host) + len(values))
             host += values
-        buf = torch.tensor(host, dtype=torch.int32).to(device, non_blocking=True)
+        # Pinned: a copy from pageable memory would wait for every kernel queued before it.
+        pinned = torch.tensor(host, dtype=torch.int32, pin_memory=device.type == "cuda")
+        buf = pinned.to(device, non_blocking=True)
 
         def part(name: str) -> torch.Tensor:
             return buf[offsets[name][0] : offsets[name][1]]
@@ -102,7 +104,8 @@ class TritonAttentionBackend:
         `TorchAttentionBackend` and not needed: they are already in the cache, which the kernels read."""
         self.prepare(meta, q.device)
         state = meta.cache[_KEY]
-        out = torch.empty_like(q)
+        # A padded graph step has rows no sequence owns; zeroed, they carry no stale memory onward.
+        out = torch.zeros_like(q) if state.get("padded") else torch.empty_like(q)
         d = state["decode"]
         if d is not None:
             num_splits = d.get("num_splits", self.num_splits)  # fixed by a CUDA-graph bucket

@@ -12,6 +12,10 @@ smaller cache captures faster and holds less memory but pads more. A decode batc
 largest bucket, and every step with prompt tokens, runs eagerly. All graphs share one memory pool
 (captured largest first, so smaller ones reuse its blocks).
 
+Small mixed steps (prompt tokens, with or without decodes) are captured too (`MixedStepGraphs`): with
+in-flight batching one comes whenever a finished request makes room for a new prompt, and a step of
+a few hundred tokens takes less GPU time than launching its kernels from Python does.
+
 Without a GPU there is nothing to capture: the same padded static-buffer path then runs eagerly, so
 the CPU tests exercise the bucketing and padding that the GPU replays.
 """
@@ -20,11 +24,15 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from tensorjet.kernels.decode_attention import choose_num_splits
 from tensorjet.layers.attention import AttentionMetadata
+
+if TYPE_CHECKING:
+    from tensorjet.kernels.backend import TritonAttentionBackend
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +79,7 @@ class DecodeGraphs:
         # Splits per bucket are fixed at capture; a split past a row's context exits at once.
         self.num_splits = {bs: choose_num_splits(bs, num_kv_heads, max_seq_len, device) for bs in self.sizes}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.pool = None
 
     @property
     def max_batch_size(self) -> int:
@@ -102,29 +111,10 @@ class DecodeGraphs:
         hidden = self.model(self.input_ids[:bs], self.positions[:bs], self._metadata(bs))
         self.logits[:bs].copy_(self.model.compute_logits(hidden))
 
-    @torch.inference_mode()
-    def capture_all(self) -> None:
-        if not self.capture:
-            return
-        start = time.perf_counter()
-        pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for bs in reversed(self.sizes):
-                self._forward(bs)  # warm-up: compiles the kernels and settles the allocator
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    self._forward(bs)
-                self.graphs[bs] = graph
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
-        logger.info(
-            "captured %d decode CUDA graphs (batch sizes %s) in %.1fs",
-            len(self.graphs),
-            _ranges(self.sizes),
-            time.perf_counter() - start,
-        )
+    def capture_all(self, pool=None) -> None:
+        """Capture every bucket into `pool` (a new one when None; `self.pool` afterwards)."""
+        if self.capture:
+            self.pool = _capture(self.graphs, self.sizes, self._forward, pool, "decode", "batch sizes")
 
     def run(
         self,
@@ -150,6 +140,179 @@ class DecodeGraphs:
         else:
             self._forward(bs)
         return self.logits[:n]
+
+
+MIXED_TOKEN_BUCKETS = (32, 64, 128, 256, 512)  # token counts of the mixed steps replayed from graphs
+MIXED_MAX_PROMPTS = 8  # prompt chunks a graphed mixed step holds; a step with more runs eagerly
+
+
+def mixed_token_buckets(max_num_tokens: int) -> list[int]:
+    """The mixed-step ladder, ascending, capped at `max_num_tokens` (steps never exceed it)."""
+    largest = min(max_num_tokens, MIXED_TOKEN_BUCKETS[-1])
+    return [t for t in MIXED_TOKEN_BUCKETS if t < largest] + [largest]
+
+
+class MixedStepGraphs:
+    """Steps with prompt tokens, up to `MIXED_TOKEN_BUCKETS[-1]` tokens and `MIXED_MAX_PROMPTS` prompt
+    chunks, replayed from one graph per token-count bucket.
+
+    The graph of bucket T runs T + 1 token rows; the last is always padding. Every launch size is
+    fixed by the bucket, so the attention state lives in static buffers with fixed capacities:
+    - decode rows: min(T, max_batch_size); a padded one has context length 0 and writes its (unused)
+      output to the padding row;
+    - prompt chunks: MIXED_MAX_PROMPTS; a padded one has query length 0, and the extend kernel's grid
+      covers T query rows per chunk, so programs past a chunk's length exit at once;
+    - sampled rows: min(T, max_batch_size); padded ones read the padding row's logits.
+    Token rows past the step's own are padding too: slot -1 (no KV written), attention output zeroed,
+    outputs never read.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        backend: TritonAttentionBackend,
+        max_batch_size: int,
+        max_num_tokens: int,
+        block_size: int,
+        num_kv_heads: int,
+        max_seq_len: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.backend = backend
+        self.device = device
+        self.block_size = block_size
+        self.max_batch_size = max_batch_size
+        self.sizes = mixed_token_buckets(max_num_tokens)
+        self.capture = device.type == "cuda"
+        rows = self.sizes[-1] + 1
+        seqs = self.seq_capacity(self.sizes[-1])
+        width = -(-max_seq_len // block_size)
+        with torch.device(device):
+            self.input_ids = torch.zeros(rows, dtype=torch.long)
+            self.positions = torch.zeros(rows, dtype=torch.long)
+            self.slot_mapping = torch.full((rows,), -1, dtype=torch.long)
+            self.logits_rows = torch.zeros(seqs, dtype=torch.long)
+            self.logits = torch.empty(seqs, model.config.vocab_size, dtype=torch.float32)
+            self.decode = {
+                "block_tables": torch.zeros(seqs, width, dtype=torch.int32),
+                "context_lens": torch.zeros(seqs, dtype=torch.int32),
+                "rows": torch.zeros(seqs, dtype=torch.int32),
+            }
+            self.extend = {
+                "block_tables": torch.zeros(MIXED_MAX_PROMPTS, width, dtype=torch.int32),
+                "context_lens": torch.zeros(MIXED_MAX_PROMPTS, dtype=torch.int32),
+                "query_start_loc": torch.zeros(MIXED_MAX_PROMPTS, dtype=torch.int32),
+                "query_lens": torch.zeros(MIXED_MAX_PROMPTS, dtype=torch.int32),
+            }
+        self.num_splits = {
+            t: choose_num_splits(self.seq_capacity(t), num_kv_heads, max_seq_len, device) for t in self.sizes
+        }
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+
+    def seq_capacity(self, tokens: int) -> int:
+        return min(tokens, self.max_batch_size)
+
+    def bucket(self, num_tokens: int) -> int:
+        return next(t for t in self.sizes if t >= num_tokens)
+
+    def fits(self, num_new_tokens: list[int]) -> bool:
+        """Whether a step (tokens per sequence) can replay a graph."""
+        prompts = sum(1 for n in num_new_tokens if n > 1)
+        return 0 < prompts <= MIXED_MAX_PROMPTS and sum(num_new_tokens) <= self.sizes[-1]
+
+    def _metadata(self, tokens: int) -> AttentionMetadata:
+        seqs = self.seq_capacity(tokens)
+        meta = AttentionMetadata(
+            query_lens=[],  # not read: the backend state below replaces its prepare()
+            context_lens=[],
+            slot_mapping=self.slot_mapping[: tokens + 1],
+            block_tables=self.decode["block_tables"][:seqs],
+            block_size=self.block_size,
+        )
+        decode = {key: value[:seqs] for key, value in self.decode.items()}
+        meta.cache["triton"] = {
+            "decode": decode | {"num_splits": self.num_splits[tokens]},
+            "extend": self.extend | {"max_query_len": tokens},
+            "padded": True,
+        }
+        return meta
+
+    def _forward(self, tokens: int) -> None:
+        rows, seqs = tokens + 1, self.seq_capacity(tokens)
+        hidden = self.model(self.input_ids[:rows], self.positions[:rows], self._metadata(tokens))
+        self.logits[:seqs].copy_(self.model.compute_logits(hidden[self.logits_rows[:seqs]]))
+
+    def capture_all(self, pool=None) -> None:
+        if self.capture:
+            _capture(self.graphs, self.sizes, self._forward, pool, "mixed-step", "token counts")
+
+    def run(self, input_ids, positions, logits_indices, meta: AttentionMetadata) -> torch.Tensor:
+        """Logits of the step's sampled rows (`logits_indices`); a view into a static buffer, valid
+        until the next run. `meta` is the step's own metadata (host lengths, device tables)."""
+        n = input_ids.shape[0]
+        tokens = self.bucket(n)
+        pad_row, seqs = tokens, self.seq_capacity(tokens)
+        self.input_ids[:n].copy_(input_ids)
+        self.positions[:n].copy_(positions)
+        self.slot_mapping[:n].copy_(meta.slot_mapping)
+        self.slot_mapping[n : tokens + 1].fill_(-1)
+        self.backend.prepare(meta, self.device)
+        state = meta.cache["triton"]
+        _fill(self.decode, state["decode"], pad={"context_lens": 0, "rows": pad_row}, capacity=seqs)
+        _fill(self.extend, state["extend"], pad={"query_lens": 0}, capacity=MIXED_MAX_PROMPTS)
+        num_sampled = logits_indices.shape[0]
+        self.logits_rows[:num_sampled].copy_(logits_indices)
+        self.logits_rows[num_sampled:seqs].fill_(pad_row)
+        if self.capture:
+            self.graphs[tokens].replay()
+        else:
+            self._forward(tokens)
+        return self.logits[:num_sampled]
+
+
+def _fill(static: dict, step: dict | None, pad: dict, capacity: int) -> None:
+    """Copy a step's attention state (decode or extend rows) into the static buffers; the remaining
+    rows up to `capacity` get the `pad` values (tables and unpadded fields keep stale values, which
+    nothing reads)."""
+    num = 0 if step is None else step["context_lens"].shape[0]
+    if num:
+        tables = step["block_tables"]
+        static["block_tables"][:num, : tables.shape[1]].copy_(tables)
+        for key in static.keys() - {"block_tables"}:
+            value = step[key]
+            if value is None:  # decode rows of a batch that only decodes: row i is sequence i
+                value = torch.arange(num, dtype=torch.int32, device=static[key].device)
+            static[key][:num].copy_(value)
+    for key, value in pad.items():
+        static[key][num:capacity].fill_(value)
+
+
+@torch.inference_mode()
+def _capture(graphs: dict, sizes: list[int], forward, pool, kind: str, unit: str):
+    """Capture forward(size) for every size, largest first (smaller graphs reuse its pool blocks)."""
+    start = time.perf_counter()
+    pool = torch.cuda.graph_pool_handle() if pool is None else pool
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for size in reversed(sizes):
+            forward(size)  # warm-up: compiles the kernels and settles the allocator
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                forward(size)
+            graphs[size] = graph
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    logger.info(
+        "captured %d %s CUDA graphs (%s %s) in %.1fs",
+        len(graphs),
+        kind,
+        unit,
+        _ranges(sizes),
+        time.perf_counter() - start,
+    )
+    return pool
 
 
 def _ranges(sizes: list[int]) -> str:

@@ -25,7 +25,7 @@ from tensorjet.runtime.device_io import to_device
 from tensorjet.runtime.sampler import SampledTokens, Sampler, SamplerOutput, SamplingRow
 
 if TYPE_CHECKING:
-    from tensorjet.runtime.cuda_graph import DecodeGraphs
+    from tensorjet.runtime.cuda_graph import DecodeGraphs, MixedStepGraphs
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,9 @@ class ModelRunner:
         self.num_layers = hf_config.num_hidden_layers
         self.sampler = Sampler(config.seed)
         self.decode_graphs: DecodeGraphs | None = None
+        self.mixed_graphs: MixedStepGraphs | None = None
         self.num_graph_steps = 0  # steps replayed from a decode graph
+        self.num_mixed_graph_steps = 0  # steps with prompt tokens replayed from a mixed-step graph
         with _explain_out_of_memory("loading the model weights"):
             self._load_model(source)
         self.attention_backend = self._select_attention_backend()
@@ -101,8 +103,9 @@ class ModelRunner:
             self.num_blocks = self._kv_cache_blocks()
             self._allocate_kv_cache(self.num_blocks)
         if config.enable_cuda_graph:
-            with _explain_out_of_memory("capturing decode CUDA graphs"):
+            with _explain_out_of_memory("capturing CUDA graphs"):
                 self.decode_graphs = self._build_decode_graphs()
+                self.mixed_graphs = self._build_mixed_graphs()
 
     def _load_model(self, source: ModelSource) -> None:
         start = time.perf_counter()
@@ -134,6 +137,24 @@ class ModelRunner:
             cache_size=self.config.cuda_graph_cache_size,
         )
         graphs.capture_all()
+        return graphs
+
+    def _build_mixed_graphs(self) -> MixedStepGraphs | None:
+        if self.decode_graphs is None:
+            return None
+        from tensorjet.runtime.cuda_graph import MixedStepGraphs
+
+        graphs = MixedStepGraphs(
+            self.model,
+            self.model.attention_layers[0].backend,
+            max_batch_size=self.config.max_batch_size,
+            max_num_tokens=self.config.max_num_tokens,
+            block_size=self.block_size,
+            num_kv_heads=self.num_kv_heads,
+            max_seq_len=self.max_seq_len,
+            device=self.device,
+        )
+        graphs.capture_all(pool=self.decode_graphs.pool)  # one memory pool for all graphs
         return graphs
 
     def _select_attention_backend(self) -> str:
@@ -304,6 +325,11 @@ class ModelRunner:
                 inputs.meta.block_tables,
                 inputs.context_lens,
             )
+        elif self._use_mixed_graph(inputs, num_new_tokens):
+            self.num_mixed_graph_steps += 1
+            logits = self.mixed_graphs.run(
+                inputs.input_ids, inputs.positions, inputs.logits_indices, inputs.meta
+            )
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
             if inputs.prompt_rows:
@@ -324,6 +350,14 @@ class ModelRunner:
             and len(num_new_tokens) <= self.decode_graphs.max_batch_size
             and not inputs.prompt_rows
             and all(n == 1 for n in num_new_tokens)
+        )
+
+    def _use_mixed_graph(self, inputs: StepInputs, num_new_tokens: list[int]) -> bool:
+        return (
+            self.mixed_graphs is not None
+            and bool(inputs.sampling_seqs)  # one that samples nothing (only early prompt chunks) runs eagerly
+            and not inputs.prompt_rows
+            and self.mixed_graphs.fits(num_new_tokens)
         )
 
     def _record_prompt_logprobs(self, hidden: torch.Tensor, inputs: StepInputs) -> None:
