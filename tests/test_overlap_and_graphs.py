@@ -1,10 +1,10 @@
-"""Overlap scheduling and the CUDA-graph decode path, run on the CPU.
+"""Overlap scheduling, the CUDA-graph paths and host-to-device copies, run on the CPU.
 
 Overlap (forced on with `disable_overlap_scheduler=False`) must not change a single output: tokens,
 text, finish reasons and logprobs equal the synchronous engine's, under stops, EOS, n > 1, seeds,
-penalties, chunking, preemption and aborts, and no block leaks. The decode-graph path (static
-buffers, batches padded to a bucket, padded rows with slot -1 and no context) runs eagerly on the
-CPU with the Triton backend under the interpreter and must give the eager path's tokens.
+penalties, chunking, preemption and aborts, and no block leaks. The decode-graph and mixed-step-graph
+paths (static buffers, steps padded to a bucket, padded rows with slot -1 and no context) run eagerly
+on the CPU with the Triton backend under the interpreter and must give the eager path's tokens.
 """
 
 import asyncio
@@ -16,6 +16,7 @@ from prompts import PLAIN, varied_prompts
 
 from tensorjet import LLM, SamplingParams
 from tensorjet.runtime.cuda_graph import MIXED_MAX_PROMPTS, graph_batch_sizes, mixed_token_buckets
+from tensorjet.runtime.device_io import to_device
 from tensorjet.runtime.model_runner import ModelRunner
 
 
@@ -84,6 +85,20 @@ def test_overlap_abort_mid_stream_frees_blocks(overlap_llm):
     other = overlap_llm.generate("The ocean is", SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)
     assert len(other[0].outputs[0].token_ids) == 5
     assert overlap_llm.stats()["kv_blocks_used"] == 0
+
+
+@pytest.mark.parametrize(
+    "dtype, values",
+    [
+        (torch.long, [3, -1, 2**40, 0]),
+        (torch.int32, [7, -2, 2**31 - 1]),
+        (torch.float32, [0.5, -1.25, 3.0]),
+        (torch.long, []),
+    ],
+)
+def test_to_device_keeps_values_and_dtype(dtype, values):
+    out = to_device(values, dtype, torch.device("cpu"))
+    assert out.dtype == dtype and out.shape == (len(values),) and out.tolist() == values
 
 
 def test_graph_batch_size_ladder():

@@ -1,4 +1,4 @@
-"""Decode steps replayed from CUDA graphs.
+"""Steps replayed from CUDA graphs.
 
 A decode step of a large model is hundreds of small kernel launches; launched one by one from Python
 the GPU waits on the CPU (our eager batch-1 step was 40 ms against a 3.8 ms bandwidth limit). Here the
@@ -7,14 +7,14 @@ launch. Inputs live in static buffers sized for the largest bucket; a batch of n
 to the next bucket with rows that write no KV (slot -1) and attend to nothing (context length 0).
 
 Buckets: 1, 2, 4, 8, then every 16 up to `max_batch_size`. `cuda_graph_cache_size` caps how many
-graphs are kept: that many buckets are picked evenly from the ladder (the largest always kept), so a
-smaller cache captures faster and holds less memory but pads more. A decode batch larger than the
-largest bucket, and every step with prompt tokens, runs eagerly. All graphs share one memory pool
-(captured largest first, so smaller ones reuse its blocks).
+decode graphs are kept: that many buckets are picked evenly from the ladder (the largest always
+kept), so a smaller cache captures faster and holds less memory but pads more.
 
 Small mixed steps (prompt tokens, with or without decodes) are captured too (`MixedStepGraphs`): with
 in-flight batching one comes whenever a finished request makes room for a new prompt, and a step of
-a few hundred tokens takes less GPU time than launching its kernels from Python does.
+a few hundred tokens takes less GPU time than launching its kernels from Python does. Steps that no
+graph holds run eagerly. All graphs share one memory pool (each ladder captured largest first, so
+smaller graphs reuse its blocks).
 
 Without a GPU there is nothing to capture: the same padded static-buffer path then runs eagerly, so
 the CPU tests exercise the bucketing and padding that the GPU replays.
