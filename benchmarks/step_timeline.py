@@ -5,7 +5,8 @@ splits into
 - GPU spans of graphed decode steps (by batch size, in bands of 64) and of eager steps (those with
   prompt tokens, by token count);
 - gaps: the device idle between one step's last kernel and the next step's first (host-bound time).
-A span includes any idle time inside an eager step whose launches outpace its kernels.
+A span includes any idle time inside an eager step whose launches outpace its kernels. NVML samples
+the SM clock and board power meanwhile (nvidia-ml-py).
 
 Workloads: the HF peer's (256 requests of 100-1024 in / 256 out) and a 1000 in / 1000 out run.
 
@@ -24,6 +25,7 @@ import time
 import torch
 
 from tensorjet import LLM, SamplingParams
+from tensorjet.bench.gpu_monitor import Sampler, nvml_probes
 
 MODEL = "meta-llama/Meta-Llama-3-8B"
 
@@ -89,11 +91,16 @@ def run(llm, prompts: list[list[int]], out_lens: list[int]) -> dict:
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in out_lens]
     torch.cuda.synchronize()
     start = time.perf_counter()
-    llm.generate(prompts, params, use_tqdm=False)
-    torch.cuda.synchronize()
+    # The SM clock and the board power while it runs: whether the power limit held the clock back.
+    with Sampler(nvml_probes(runner.device), interval_s=0.05) as sampler:
+        llm.generate(prompts, params, use_tqdm=False)
+        torch.cuda.synchronize()
     result = summarise(steps, time.perf_counter() - start)
     del runner.launch  # back to the class's method
     result["output_tok_s"] = sum(out_lens) / result["wall_s"]
+    for key in ("gpu_sm_clock_mhz", "gpu_power_w"):
+        samples = sampler.samples.get(key) or [float("nan")]
+        result[key] = {"min": min(samples), "mean": sum(samples) / len(samples), "max": max(samples)}
     return result
 
 
@@ -133,6 +140,11 @@ def main() -> None:
             longest = f"longest {g['longest_ms']:.0f} ms"
             print(f"{name:<14}  gaps {transition}: {g['gaps']}, {g['seconds']:.2f} s, {longest}")
         print(f"{name:<14}{'wall':<32}{'':>7}{r['wall_s']:>9.2f}   {r['output_tok_s']:.0f} out tok/s")
+        clock, power = r["gpu_sm_clock_mhz"], r["gpu_power_w"]
+        print(
+            f"{name:<14}SM clock {clock['min']:.0f}-{clock['max']:.0f} MHz (mean {clock['mean']:.0f}), "
+            f"power mean {power['mean']:.0f} W (max {power['max']:.0f})"
+        )
 
 
 if __name__ == "__main__":

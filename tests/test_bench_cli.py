@@ -112,6 +112,7 @@ def test_guide_command_on_cpu(tmp_path, capsys):
     report = json.loads(out_json.read_text())
     check_report(report, 8, 16, 8)
     assert report["peak_gpu_memory_gb"] is None and report["gpu_utilization_pct"] is None  # CPU
+    assert report["gpu_sm_clock_mhz"] is None and report["gpu_power_w"] is None
     assert 0 < report["kv_cache_usage"]["peak"] <= 1
     assert 0 <= report["prefix_cache_hit_rate"] <= 1 and report["num_preemptions"] == 0
     config = report["config"]

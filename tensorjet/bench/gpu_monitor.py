@@ -57,9 +57,10 @@ def peak_and_mean(samples: list[float]) -> dict[str, float] | None:
 
 
 def nvml_probes(device: torch.device | None = None) -> dict[str, Probe]:
-    """`gpu_utilization_pct` and `gpu_memory_used_gb` probes for the GPU behind `device` (offline),
-    or averaged / maxed over every visible GPU (serving, where the server's GPU is not known).
-    Empty where NVML is unavailable."""
+    """`gpu_utilization_pct`, `gpu_memory_used_gb`, `gpu_sm_clock_mhz` and `gpu_power_w` probes for
+    the GPU behind `device` (offline), or averaged (utilization, clock), maxed (memory) or summed
+    (power) over every visible GPU (serving, where the server's GPU is not known). The clock and the
+    power say whether a run was held back by its power limit. Empty where NVML is unavailable."""
     try:
         import pynvml
 
@@ -79,7 +80,18 @@ def nvml_probes(device: torch.device | None = None) -> dict[str, Probe]:
     def memory_used_gb() -> float:
         return max(pynvml.nvmlDeviceGetMemoryInfo(h).used for h in handles) / 1e9
 
-    return {"gpu_utilization_pct": utilization, "gpu_memory_used_gb": memory_used_gb}
+    def sm_clock_mhz() -> float:
+        return sum(pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM) for h in handles) / len(handles)
+
+    def power_w() -> float:
+        return sum(pynvml.nvmlDeviceGetPowerUsage(h) for h in handles) / 1e3  # milliwatts
+
+    return {
+        "gpu_utilization_pct": utilization,
+        "gpu_memory_used_gb": memory_used_gb,
+        "gpu_sm_clock_mhz": sm_clock_mhz,
+        "gpu_power_w": power_w,
+    }
 
 
 def _handles_of(pynvml, handles: list, device: torch.device) -> list:

@@ -45,6 +45,8 @@ def format_table(report: dict) -> str:
         ("total token throughput", _with_unit(report["total_token_throughput"], "tok/s")),
         ("peak GPU memory", _with_unit(report["peak_gpu_memory_gb"], "GB")),
         ("GPU utilization", _peak_mean(report["gpu_utilization_pct"], lambda v: f"{v:.0f}%")),
+        ("GPU SM clock", _peak_mean(report["gpu_sm_clock_mhz"], lambda v: f"{v:.0f} MHz")),
+        ("GPU power", _peak_mean(report["gpu_power_w"], lambda v: f"{v:.0f} W")),
         ("KV cache usage", _peak_mean(report["kv_cache_usage"], _pct)),
         ("prefix cache hit rate", _pct(report["prefix_cache_hit_rate"])),
         ("preemptions", "n/a" if report["num_preemptions"] is None else str(report["num_preemptions"])),

@@ -89,7 +89,8 @@ def _measure(args: argparse.Namespace, send: Send, vocab_size: int, probes: dict
         )
     report = summarize(records, duration)
     report["kv_cache_usage"] = peak_and_mean(sampler.samples.get("kv_cache_usage", []))
-    report["gpu_utilization_pct"] = peak_and_mean(sampler.samples.get("gpu_utilization_pct", []))
+    for key in ("gpu_utilization_pct", "gpu_sm_clock_mhz", "gpu_power_w"):
+        report[key] = peak_and_mean(sampler.samples.get(key, []))
     return BenchResult(report, records, start), sampler.samples
 
 
