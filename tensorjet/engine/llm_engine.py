@@ -270,9 +270,12 @@ class LLMEngine:
                 del seq.token_ids[index + 1 :]  # a placeholder from the step now in flight
                 self.block_manager.commit_computed_blocks(seq)
                 self.scheduler.finish(seq)
-        outputs = [self._make_output(r) for r in touched.values() if r.stream or r.finished]
+        outputs = []
         for r in touched.values():
-            if r.finished:
+            finished = r.finished
+            if r.stream or finished:
+                outputs.append(self._make_output(r))
+            if finished:
                 del self.requests[r.request_id]
         return outputs
 

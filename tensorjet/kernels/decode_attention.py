@@ -94,6 +94,21 @@ def _split_range(ctx_len, split, num_splits, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _program_keys(context_lens_ptr, rows_ptr, HAS_ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A stage-1 program's (sequence, KV head, split), its query's token row (`rows_ptr[seq]`, or seq
+    itself when every row decodes), and the keys [start, end) of its split."""
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    start, end = _split_range(tl.load(context_lens_ptr + seq), split, tl.num_programs(2), BLOCK_N)
+    if HAS_ROWS:
+        row = tl.load(rows_ptr + seq).to(tl.int64)
+    else:
+        row = seq.to(tl.int64)
+    return seq, kv_head, split, row, start, end
+
+
+@triton.jit
 def _tile_slots(table, offs_n, n_mask, PAGE_SIZE: tl.constexpr):
     """The tile's keys as (page, slot in the page), int64 for offset arithmetic over a large cache."""
     page = tl.load(table + offs_n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
@@ -190,14 +205,7 @@ def _decode_stage1_kernel(
     PDL: tl.constexpr,
 ):
     wait_for_previous_kernel(PDL)
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
-    start, end = _split_range(tl.load(context_lens_ptr + seq), split, tl.num_programs(2), BLOCK_N)
-    if HAS_ROWS:
-        row = tl.load(rows_ptr + seq).to(tl.int64)
-    else:
-        row = seq.to(tl.int64)
+    seq, kv_head, split, row, start, end = _program_keys(context_lens_ptr, rows_ptr, HAS_ROWS, BLOCK_N)
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -284,14 +292,7 @@ def _decode_fp8_stage1_kernel(
     key holds head dimensions 2w (low byte) and 2w + 1 (high byte), so the scores are
     q_even @ lo^T + q_odd @ hi^T and the output is kept as even and odd halves until the end."""
     wait_for_previous_kernel(PDL)
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
-    start, end = _split_range(tl.load(context_lens_ptr + seq), split, tl.num_programs(2), BLOCK_N)
-    if HAS_ROWS:
-        row = tl.load(rows_ptr + seq).to(tl.int64)
-    else:
-        row = seq.to(tl.int64)
+    seq, kv_head, split, row, start, end = _program_keys(context_lens_ptr, rows_ptr, HAS_ROWS, BLOCK_N)
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_w = tl.arange(0, BLOCK_D // 2)

@@ -279,11 +279,8 @@ def _fill(static: dict, step: dict | None, pad: dict, capacity: int) -> None:
     if num:
         tables = step["block_tables"]
         static["block_tables"][:num, : tables.shape[1]].copy_(tables)
-        for key in static.keys() - {"block_tables"}:
-            value = step[key]
-            if value is None:  # decode rows of a batch that only decodes: row i is sequence i
-                value = torch.arange(num, dtype=torch.int32, device=static[key].device)
-            static[key][:num].copy_(value)
+        for key in static.keys() - {"block_tables"}:  # a mixed step's decode rows always name their rows
+            static[key][:num].copy_(step[key])
     for key, value in pad.items():
         static[key][num:capacity].fill_(value)
 
