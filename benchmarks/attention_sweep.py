@@ -10,7 +10,7 @@ Triton 3.6 double-buffers a loop whose K/V addresses come from a block-table loa
 num_stages=5: at 3 or 4 the next tile's copy is issued after this tile's compute and waited for at
 once (one tile in flight per program). The sweep times both sides of that line.
 
-    python benchmarks/attention_sweep.py [--batch 256 --context 1500 --kernels decode,extend]
+    python benchmarks/attention_sweep.py [--batch 256 --context 1500 --kernels decode,ragged,extend]
 """
 
 from __future__ import annotations
@@ -31,12 +31,14 @@ BF16_TFLOPS = 782
 
 def time_ms(fn, reps: int = 20) -> float:
     """Median device time of fn's kernels. The calls are queued back to back with one sync at the end,
-    so the host's launch overhead (the Python wrapper: 50-100 us) overlaps the previous call's kernels
-    instead of being timed with them, as it was when each call was synchronised (before 2026-11-29)."""
+    behind a spin kernel that holds the GPU while the host queues them: a Triton launch costs ~60 us of
+    Python, more than a small kernel runs, and would otherwise be what is timed (before 2026-11-29
+    every call was synchronised, which timed the wrapper's launch overhead with the kernel)."""
     fn()
     torch.cuda.synchronize()
     timer = partial(torch.cuda.Event, enable_timing=True)
     events = [(timer(), timer()) for _ in range(reps)]
+    torch.cuda._sleep(500_000 * reps)  # ~0.25 ms a call at 1.98 GHz
     for start, end in events:
         start.record()
         fn()
@@ -61,6 +63,7 @@ def decode_rows(args) -> list[tuple]:
         reference = decode_attention(q, k, v, tables, lens, d**-0.5, num_splits=1)
         configs = [(None, None, None), (64, 4, 3), (64, 4, 5), (64, 4, 6), (128, 4, 3), (128, 4, 5)]
         configs += [(128, 4, 6), (128, 8, 3), (128, 8, 5), (256, 4, 5), (256, 8, 5), (64, 2, 5), (128, 2, 5)]
+        configs += [(32, 4, 3), (64, 4, 2), (64, 4, 4), (128, 4, 4), (128, 8, 4)]
         for block_n, warps, stages in configs:
             config = dict(num_splits=1, block_n=block_n, num_warps=warps, num_stages=stages)
             try:
@@ -84,28 +87,79 @@ def decode_rows(args) -> list[tuple]:
     return rows
 
 
+def ragged_decode_rows(args) -> list[tuple]:
+    """Decode over ragged contexts (HF's workload a hundred tokens in: 200-1,100) across tile / warp /
+    stage configurations; the default also longest first and with 2 KV splits (does the tail of short
+    and long programs cost anything?)."""
+    hk, group, d, page = 8, 4, 128, 16
+    gen = torch.Generator().manual_seed(1)
+    lens_host = torch.randint(200, 1101, (args.batch,), generator=gen, dtype=torch.int32)
+    blocks_per_seq = -(-1100 // page)
+    num_blocks = args.batch * blocks_per_seq
+    tables = torch.randperm(num_blocks, device="cuda", dtype=torch.int32).view(args.batch, blocks_per_seq)
+    q = torch.randn(args.batch, hk * group, d, device="cuda", dtype=torch.bfloat16)
+    longest_first = torch.argsort(lens_host, descending=True).cuda()
+    rows = []
+    for kv_dtype in (torch.bfloat16, torch.float8_e4m3fn):
+        k = torch.randn(num_blocks, page, hk, d, device="cuda").to(kv_dtype)
+        v = torch.randn(num_blocks, page, hk, d, device="cuda").to(kv_dtype)
+        nbytes = 2 * int(lens_host.sum()) * hk * d * k.element_size()
+        name = "decode-ragged " + str(kv_dtype).removeprefix("torch.")
+        configs = [(None, None, None), (64, 4, 3), (64, 4, 5), (128, 4, 3), (128, 4, 4), (128, 8, 4)]
+        runs = [("batch", None, 1, c) for c in configs] + [("longest", longest_first, 1, configs[0])]
+        runs += [("batch", None, 2, configs[0])]
+        for order, perm, splits, (block_n, warps, stages) in runs:
+            lens = lens_host.cuda() if perm is None else lens_host.cuda()[perm]
+            t = tables if perm is None else tables[perm].contiguous()
+            qq = q if perm is None else q[perm].contiguous()
+            config = dict(num_splits=splits, block_n=block_n, num_warps=warps, num_stages=stages)
+            call = partial(decode_attention, qq, k, v, t, lens, d**-0.5, max_context_len=1100, **config)
+            try:
+                ms = time_ms(call)
+            except Exception as error:
+                print(f"{name} {order} {splits} {block_n}/{warps}/{stages}: {type(error).__name__}")
+                continue
+            tbps = nbytes / ms / 1e9
+            cfg = "default" if block_n is None else f"{block_n}/{warps}/{stages}"
+            label = f"{order} s{splits} {cfg}"
+            rows.append((name, label, ms, f"{tbps:.2f} TB/s", f"{tbps / COPY_TBPS:.0%}", 0.0))
+    return rows
+
+
 def extend_rows() -> list[tuple]:
     hk, group, d, page = 8, 4, 128, 16
     rows = []
-    for kv_dtype, (num_seqs, q_len, prefix) in itertools.product(
-        (torch.bfloat16, torch.float8_e4m3fn), ((8, 1024, 0), (8, 512, 1536))
+    # 8 prompts of 1,024 (a 1000 x 1000 prefill step), 8 chunks of 512 on 1,536 cached tokens, and
+    # HF's workload's prefill step: 100-1,024-token prompts up to 8,192 tokens.
+    gen = torch.Generator().manual_seed(2)
+    ragged: list[int] = []
+    while sum(ragged) < 8192 - 1024:
+        ragged.append(int(torch.randint(100, 1025, (1,), generator=gen)))
+    cases = {
+        "8x1024+0": ([1024] * 8, 0),
+        "8x512+1536": ([512] * 8, 1536),
+        f"{len(ragged)}x100-1024": (ragged, 0),
+    }
+    for kv_dtype, (case, (q_lens_host, prefix)) in itertools.product(
+        (torch.bfloat16, torch.float8_e4m3fn), cases.items()
     ):
+        num_seqs, q_len = len(q_lens_host), max(q_lens_host)
         ctx = prefix + q_len
         blocks_per_seq = -(-ctx // page)
         num_blocks = num_seqs * blocks_per_seq
         tables = torch.randperm(num_blocks, device="cuda", dtype=torch.int32).view(num_seqs, -1)
         k = torch.randn(num_blocks, page, hk, d, device="cuda").to(kv_dtype)
         v = torch.randn_like(k, dtype=torch.float32).to(kv_dtype)
-        q = torch.randn(num_seqs * q_len, hk * group, d, device="cuda", dtype=torch.bfloat16)
-        starts = torch.arange(0, num_seqs * q_len, q_len, device="cuda", dtype=torch.int32)
-        q_lens = torch.full((num_seqs,), q_len, device="cuda", dtype=torch.int32)
-        ctx_lens = torch.full((num_seqs,), ctx, device="cuda", dtype=torch.int32)
+        q = torch.randn(sum(q_lens_host), hk * group, d, device="cuda", dtype=torch.bfloat16)
+        starts = torch.tensor([0, *itertools.accumulate(q_lens_host)][:-1], device="cuda", dtype=torch.int32)
+        q_lens = torch.tensor(q_lens_host, device="cuda", dtype=torch.int32)
+        ctx_lens = q_lens + prefix
         # causal work: every query attends to the prefix and to the new tokens up to itself
-        flops = 4 * num_seqs * hk * group * d * (q_len * prefix + q_len * (q_len + 1) / 2)
+        flops = 4 * hk * group * d * sum(n * prefix + n * (n + 1) / 2 for n in q_lens_host)
         lengths = dict(max_query_len=q_len)
         call = partial(extend_attention, q, k, v, tables, starts, q_lens, ctx_lens, d**-0.5, **lengths)
         reference = call()
-        name = f"extend {str(kv_dtype).removeprefix('torch.')} {num_seqs}x{q_len}+{prefix}"
+        name = f"extend {str(kv_dtype).removeprefix('torch.')} {case}"
         configs = [(None,) * 4, (128, 64, 8, 3), (128, 64, 8, 5), (128, 128, 8, 5), (128, 64, 4, 5)]
         configs += [(64, 64, 4, 3), (64, 64, 4, 5), (64, 128, 4, 5), (128, 32, 8, 5)]
         for block_m, block_n, warps, stages in configs:
@@ -131,10 +185,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     kernels = args.kernels.split(",")
-    rows = (decode_rows(args) if "decode" in kernels else []) + (extend_rows() if "extend" in kernels else [])
-    print(f"\n{'kernel':<34}{'config':>20}{'ms':>9}{'rate':>16}{'of limit':>9}{'max err':>9}")
+    rows = decode_rows(args) if "decode" in kernels else []
+    rows += ragged_decode_rows(args) if "ragged" in kernels else []
+    rows += extend_rows() if "extend" in kernels else []
+    print(f"\n{'kernel':<34}{'config':>24}{'ms':>9}{'rate':>16}{'of limit':>9}{'max err':>9}")
     for name, label, ms, rate, share, err in rows:
-        print(f"{name:<34}{label:>20}{ms:>9.3f}{rate:>16}{share:>9}{err:>9.1e}")
+        print(f"{name:<34}{label:>24}{ms:>9.3f}{rate:>16}{share:>9}{err:>9.1e}")
     print("decode config = BLOCK_N/warps/stages; extend config = BLOCK_M/BLOCK_N/warps/stages")
 
 

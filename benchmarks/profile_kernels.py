@@ -7,9 +7,11 @@ host waits cost.
 
 Scenarios: decode at batch 1 (context ~256) with CUDA graphs on and off, and with the fused batch-1
 layer on and off (`LlamaForCausalLM.fused_decode`), and with PDL off; decode at batch 256 with
-~1,500 tokens of context (the 1000 x 1000 workload's middle); the prefill steps that fill it.
+~1,500 tokens of context (the 1000 x 1000 workload's middle); the prefill steps that fill it. With
+`--hf_workload`, the batch-256 part runs HF's workload instead (256 prompts of 100-1,024 tokens, 256
+out): its prefill steps, and decode steps a hundred tokens in (contexts ~200-1,100).
 
-    python benchmarks/profile_kernels.py [--out $OUT/profile_kernels.json]
+    python benchmarks/profile_kernels.py [--out $OUT/profile_kernels.json] [--hf_workload]
 """
 
 from __future__ import annotations
@@ -95,6 +97,8 @@ def main() -> None:
     parser.add_argument("--max_batch_size", type=int, default=256)
     parser.add_argument("--kv_cache_dtype", default="auto")
     parser.add_argument("--batch1_only", action="store_true", help="skip the batch-256 and prefill steps")
+    parser.add_argument("--hf_workload", action="store_true", help="batch 256 on 100-1,024-token prompts")
+    parser.add_argument("--skip_batch1", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # GEMV choices, capture time
     llm = LLM(
@@ -124,7 +128,7 @@ def main() -> None:
     model = runner.model
     fused_default = model.fused_decode
     scenarios = ((True, fused_default, True), (False, fused_default, True), (True, not fused_default, True))
-    for graphs_on, fused, pdl in scenarios + ((True, fused_default, False),):
+    for graphs_on, fused, pdl in () if args.skip_batch1 else scenarios + ((True, fused_default, False),):
         saved = runner.decode_graphs
         model.fused_decode = fused
         os.environ["TENSORJET_PDL"] = "1" if pdl else "0"
@@ -148,8 +152,13 @@ def main() -> None:
         llm.shutdown()
         return
 
-    # Batch 256 at ~1,500 context: 256 prompts of 1,400, prefill profiled on the way.
-    add(llm, [ids(1400) for _ in range(args.max_batch_size)], 300, "big")
+    # Batch 256 at ~1,500 context: 256 prompts of 1,400, prefill profiled on the way (or HF's workload).
+    if args.hf_workload:
+        add(llm, [ids(rng.randint(100, 1024)) for _ in range(args.max_batch_size)], 256, "hf")
+        label, key = "~100-1,100 context (HF's workload)", "decode_b256_hf"
+    else:
+        add(llm, [ids(1400) for _ in range(args.max_batch_size)], 300, "big")
+        label, key = "~1,500 context", "decode_b256_ctx1500"
     llm.engine.step()
     results["prefill_8192"] = r = profile_steps(llm, 3)
     show("prefill steps, 8192 tokens", r)
@@ -157,10 +166,10 @@ def main() -> None:
         llm.engine.scheduler.waiting
     ):
         llm.engine.step()
-    for _ in range(60):
+    for _ in range(60 if not args.hf_workload else 100):
         llm.engine.step()
-    results["decode_b256_ctx1500"] = r = profile_steps(llm, 10)
-    show(f"decode, batch {args.max_batch_size}, ~1,500 context", r)
+    results[key] = r = profile_steps(llm, 10)
+    show(f"decode, batch {args.max_batch_size}, {label}", r)
     drain(llm)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))

@@ -20,6 +20,7 @@ import argparse
 import collections
 import json
 import random
+import statistics
 import time
 
 import torch
@@ -78,7 +79,10 @@ def summarise(steps: list[tuple], wall_s: float) -> dict:
         "gpu_spans_s": spans,
         "gaps_s": sum(gaps) / 1e3,
         "gaps_over_1ms": sum(1 for g in gaps if g > 1.0),
-        "kinds": {k: {"steps": len(v), "seconds": sum(v) / 1e3} for k, v in kinds.items()},
+        "kinds": {
+            k: {"steps": len(v), "seconds": sum(v) / 1e3, "min_ms": min(v), "median_ms": statistics.median(v)}
+            for k, v in kinds.items()
+        },
         "gaps_over_1ms_by_transition": {
             k: {"gaps": len(v), "seconds": sum(v) / 1e3, "longest_ms": max(v)} for k, v in transitions.items()
         },
@@ -110,6 +114,7 @@ def main() -> None:
     parser.add_argument("--kv_cache_dtype", default="auto")
     parser.add_argument("--max_batch_size", type=int, default=256)
     parser.add_argument("--skip_hf", action="store_true", help="only the 1000 in / 1000 out workload")
+    parser.add_argument("--hf_runs", type=int, default=1, help="run HF's workload this many times")
     parser.add_argument("--out", default="step_timeline.json")
     args = parser.parse_args()
     llm = LLM(
@@ -121,17 +126,22 @@ def main() -> None:
     warm = [[rng.randrange(vocab) for _ in range(rng.randint(16, 1200))] for _ in range(96)]
     llm.generate(warm, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
     hf_prompts = [[rng.randrange(vocab) for _ in range(rng.randint(100, 1024))] for _ in range(256)]
-    results = {} if args.skip_hf else {"hf_workload": run(llm, hf_prompts, [256] * 256)}
+    results = {}
+    for i in range(0 if args.skip_hf else args.hf_runs):
+        results["hf_workload" + (f"_{i + 1}" if i else "")] = run(llm, hf_prompts, [256] * 256)
     n = args.requests_1000
     long_prompts = [[rng.randrange(vocab) for _ in range(1000)] for _ in range(n)]
     results[f"{n}x1000"] = run(llm, long_prompts, [1000] * n)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
-    print(f"\n{'workload':<14}{'kind':<32}{'steps':>7}{'seconds':>9}{'ms/step':>9}")
+    print(f"\n{'workload':<14}{'kind':<32}{'steps':>7}{'seconds':>9}{'ms/step':>9}{'median':>9}{'min':>9}")
     for name, r in results.items():
         for kind, k in sorted(r["kinds"].items()):
             per_step = 1e3 * k["seconds"] / k["steps"]
-            print(f"{name:<14}{kind:<32}{k['steps']:>7}{k['seconds']:>9.2f}{per_step:>9.2f}")
+            print(
+                f"{name:<14}{kind:<32}{k['steps']:>7}{k['seconds']:>9.2f}{per_step:>9.2f}"
+                f"{k['median_ms']:>9.2f}{k['min_ms']:>9.2f}"
+            )
         print(
             f"{name:<14}{'gaps (GPU idle)':<32}{r['gaps_over_1ms']:>7}{r['gaps_s']:>9.2f}"
             f"   (count: gaps over 1 ms)"
