@@ -261,10 +261,14 @@ class LlamaForCausalLM(nn.Module):
         x, _ = self.norm(x, residual)
         return x
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 logits; converted straight into `out` when given (a CUDA graph's static buffer: one pass
+        over the [rows, vocab] logits instead of a conversion and then a copy)."""
         if self.lm_head is None:
-            return self.tied_head_kernel(hidden, self.embed_tokens.weight).float()
-        return self.lm_head(hidden).float()
+            logits = self.tied_head_kernel(hidden, self.embed_tokens.weight)
+        else:
+            logits = self.lm_head(hidden)
+        return logits.float() if out is None else out.copy_(logits)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors in; raises if a parameter is left unloaded or a name is unknown."""

@@ -109,7 +109,7 @@ class DecodeGraphs:
 
     def _forward(self, bs: int) -> None:
         hidden = self.model(self.input_ids[:bs], self.positions[:bs], self._metadata(bs))
-        self.logits[:bs].copy_(self.model.compute_logits(hidden))
+        self.model.compute_logits(hidden, out=self.logits[:bs])
 
     def capture_all(self, pool=None) -> None:
         """Capture every bucket into `pool` (a new one when None; `self.pool` afterwards)."""
@@ -241,7 +241,7 @@ class MixedStepGraphs:
     def _forward(self, tokens: int) -> None:
         rows, seqs = tokens + 1, self.seq_capacity(tokens)
         hidden = self.model(self.input_ids[:rows], self.positions[:rows], self._metadata(tokens))
-        self.logits[:seqs].copy_(self.model.compute_logits(hidden[self.logits_rows[:seqs]]))
+        self.model.compute_logits(hidden[self.logits_rows[:seqs]], out=self.logits[:seqs])
 
     def capture_all(self, pool=None) -> None:
         if self.capture:
