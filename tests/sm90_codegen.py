@@ -100,7 +100,7 @@ def census() -> dict:
     )  # fmt: skip
     out["decode_fp8"] = main_loop_census(compiled, decode.FP8_BLOCK_N)
 
-    block_m, block_n, warps, stages = extend._block_sizes(128, torch.bfloat16, False, torch.device("cuda"))
+    block_m, block_n, warps, stages = extend._block_sizes(128, torch.bfloat16, torch.device("cuda"))
     bf16_extend = types | {p: "*bf16" for p in ("q_ptr", "out_ptr", "k_cache_ptr", "v_cache_ptr")}
     constexprs = dict(GROUP=4, HEAD_DIM=128, BLOCK_D=128, BLOCK_M=block_m, BLOCK_N=block_n, PAGE_SIZE=16)
     constexprs |= dict(DOT_PREC="tf32", UPCAST=False, F16_COMPUTE=False)
