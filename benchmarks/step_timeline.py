@@ -125,9 +125,9 @@ def main() -> None:
     rng = random.Random(0)
     warm = [[rng.randrange(vocab) for _ in range(rng.randint(16, 1200))] for _ in range(96)]
     llm.generate(warm, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
-    hf_prompts = [[rng.randrange(vocab) for _ in range(rng.randint(100, 1024))] for _ in range(256)]
     results = {}
-    for i in range(0 if args.skip_hf else args.hf_runs):
+    for i in range(0 if args.skip_hf else args.hf_runs):  # fresh prompts each run: no prefix-cache hits
+        hf_prompts = [[rng.randrange(vocab) for _ in range(rng.randint(100, 1024))] for _ in range(256)]
         results["hf_workload" + (f"_{i + 1}" if i else "")] = run(llm, hf_prompts, [256] * 256)
     n = args.requests_1000
     long_prompts = [[rng.randrange(vocab) for _ in range(1000)] for _ in range(n)]
