@@ -1,8 +1,9 @@
 """What the attention kernels compile to on Hopper, checked on any machine (tests/sm90_codegen.py).
 
 Two properties that the GPU only shows as speed, each once measured away by an innocent change:
-- Triton's pipeliner spends a stage on the block-table load that K/V addresses depend on, so a paged
-  loop below 5 stages keeps one K/V buffer and overlaps nothing (benchmarks/attention_sweep.py);
+- Triton's pipeliner spends a stage on a masked block-table load that K/V addresses depend on, so such
+  a paged loop below 5 stages keeps one K/V buffer and overlaps nothing (benchmarks/attention_sweep.py);
+  the extend kernel's maskless loop over whole prefix tiles keeps two at its 3 stages;
 - an E4M3 tile read as bytes is loaded from shared memory one byte at a time (LDS.U8) for the
   transposed key operand, which made the FP8 decode loop slower than the bf16 one per key.
 """
