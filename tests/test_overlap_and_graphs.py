@@ -111,16 +111,20 @@ def test_graph_batch_size_ladder():
     assert graph_batch_sizes(40, cache_size=100) == graph_batch_sizes(40)
 
 
+def triton_cpu_llm(model_dir, graphs: bool, **options) -> LLM:
+    """The Triton backend on the CPU (kernels interpreted), with or without the CUDA-graph path (which
+    runs its padded static buffers eagerly here)."""
+    return LLM(model=model_dir, device="cpu", attention_backend="triton", enable_cuda_graph=graphs, **options)
+
+
 def test_padded_decode_graph_path_matches_eager(tiny_model_dir):
     prompts = [[(5 * i + j) % 128 for j in range(n)] for i, n in enumerate((3, 20, 9, 31, 14))]
     params = SamplingParams(temperature=0, max_tokens=7, ignore_eos=True)
     results = {}
     for graphs in (False, True):
-        llm = LLM(
-            model=tiny_model_dir,
-            device="cpu",
-            attention_backend="triton",
-            enable_cuda_graph=graphs,
+        llm = triton_cpu_llm(
+            tiny_model_dir,
+            graphs,
             max_batch_size=16,
             cuda_graph_cache_size=2,  # buckets 1 and 16: five sequences pad to 16
             disable_overlap_scheduler=False,
@@ -153,11 +157,9 @@ def test_padded_mixed_step_graph_path_matches_eager(tiny_model_dir):
     params = [SamplingParams(temperature=0, max_tokens=2 + (5 * i) % 9, ignore_eos=True) for i in range(16)]
     results, stats, prompt_chunks = {}, {}, []
     for graphs in (False, True):
-        llm = LLM(
-            model=tiny_model_dir,
-            device="cpu",
-            attention_backend="triton",
-            enable_cuda_graph=graphs,
+        llm = triton_cpu_llm(
+            tiny_model_dir,
+            graphs,
             max_batch_size=10,
             max_num_tokens=64,
             max_chunked_prefill_length=32,
