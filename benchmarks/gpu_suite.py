@@ -127,6 +127,7 @@ def hf_continuous_batching(model, prompts: list[list[int]], out_lens: list[int],
         num_requests=len(prompts),
     )
     finished: dict = {}
+    tokens = 0
     with torch.no_grad():
         sync()
         start = time.perf_counter()
@@ -139,14 +140,13 @@ def hf_continuous_batching(model, prompts: list[list[int]], out_lens: list[int],
                 result = manager.get_result(timeout=1)
                 if result is not None and result.is_finished():
                     finished[result.request_id] = result
+                    tokens += len(result.generated_tokens)
                     if progress is not None:
-                        done = sum(len(r.generated_tokens) for r in finished.values())
-                        progress(done, time.perf_counter() - start)
+                        progress(tokens, time.perf_counter() - start)
                 elif result is None and not manager.is_running():
                     raise RuntimeError(f"HF's generation loop stopped after {len(finished)} requests")
         sync()
         elapsed = time.perf_counter() - start
-    tokens = sum(len(r.generated_tokens) for r in finished.values())
     return {"seconds": elapsed, "output_tokens": tokens, "output_tok_s": tokens / elapsed}
 
 
