@@ -262,10 +262,14 @@ def decode_latency(llm, batch: int, in_len: int = 128, out_len: int = 256) -> di
     }
 
 
-def throughput(llm, lengths: list[tuple[int, int]], seed: int = 0) -> dict:
+def throughput(
+    llm, lengths: list[tuple[int, int]], seed: int = 0, prompts: list[list[int]] | None = None
+) -> dict:
+    """Output and total tok/s of requests of (prompt, output) lengths; random prompts drawn from `seed`
+    unless given."""
     from tensorjet import SamplingParams
 
-    prompts = workload_prompts(lengths, seed)
+    prompts = workload_prompts(lengths, seed) if prompts is None else prompts
     params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in lengths]
     steps_before = llm.stats()["num_steps"]
     elapsed, outs = timed_generate(llm, prompts, params)

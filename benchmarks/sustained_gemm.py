@@ -18,33 +18,25 @@ import time
 
 import torch
 import torch.nn.functional as F
+from gemm_sweep import SHAPES  # noqa: E402  (benchmarks/ is on the path; name: (N, K, times per pass))
 
 from tensorjet.bench.gpu_monitor import Sampler, nvml_probes
 
-HIDDEN, INTERMEDIATE, VOCAB, LAYERS = 4096, 14336, 128256, 32
-SHAPES = {"qkv": (6144, HIDDEN), "o_proj": (HIDDEN, HIDDEN), "gate_up": (2 * INTERMEDIATE, HIDDEN)}
-SHAPES["down"] = (HIDDEN, INTERMEDIATE)
 
-
-def forward_matmuls(rows: int, layers: list[dict], lm_head: torch.Tensor):
-    """One forward pass's matmuls at `rows` rows (the LM head on every row, as a decode step does)."""
-    x = torch.randn(rows, HIDDEN, device="cuda", dtype=torch.bfloat16)
-    h = torch.randn(rows, INTERMEDIATE, device="cuda", dtype=torch.bfloat16)
+def forward_matmuls(rows: int, weights: list[torch.Tensor]):
+    """One forward pass's matmuls at `rows` rows, in order (the LM head on every row, as a decode step
+    does), and their FLOPs."""
+    inputs = {k: torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) for _, k, _ in SHAPES.values()}
 
     def run() -> None:
-        for w in layers:
-            F.linear(x, w["qkv"])
-            F.linear(x, w["o_proj"])
-            F.linear(x, w["gate_up"])
-            F.linear(h, w["down"])
-        F.linear(x, lm_head)
+        for w in weights:
+            F.linear(inputs[w.shape[1]], w)
 
-    params = LAYERS * sum(n * k for n, k in SHAPES.values()) + VOCAB * HIDDEN
-    return run, 2 * rows * params
+    return run, 2 * rows * sum(w.numel() for w in weights)
 
 
-def measure(rows: int, seconds: float, layers: list[dict], lm_head: torch.Tensor) -> dict:
-    run, flops = forward_matmuls(rows, layers, lm_head)
+def measure(rows: int, seconds: float, weights: list[torch.Tensor]) -> dict:
+    run, flops = forward_matmuls(rows, weights)
     run()
     torch.cuda.synchronize()
     time.sleep(2.0)  # let the clock recover from the previous measurement
@@ -91,12 +83,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
 
-    def weight(n: int, k: int) -> torch.Tensor:
-        return torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-
-    layers = [{name: weight(*shape) for name, shape in SHAPES.items()} for _ in range(LAYERS)]
-    lm_head = weight(VOCAB, HIDDEN)
-    results = [measure(int(r), args.seconds, layers, lm_head) for r in args.rows.split(",")]
+    # Distinct weights for every layer: qkv, o_proj, gate_up, down 32 times over, then the LM head.
+    per_layer = [(n, k) for n, k, times in SHAPES.values() if times > 1]
+    layers = max(times for _, _, times in SHAPES.values())
+    shapes = per_layer * layers + [(n, k) for n, k, times in SHAPES.values() if times == 1]
+    weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for n, k in shapes]
+    results = [measure(int(r), args.seconds, weights) for r in args.rows.split(",")]
     with open(args.out, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "results": results}, f, indent=2)
     print(f"\n{'rows':>6}{'cool ms':>10}{'TFLOP/s':>9}{'sustained':>11}{'TFLOP/s':>9}{'SM MHz':>8}{'W':>6}")

@@ -28,7 +28,7 @@ from gpu_suite import (  # noqa: E402  (benchmarks/ is on the path)
     nano_vllm_workload,
     random_ids,
     release_gpu_memory,
-    timed_generate,
+    throughput,
     warm_up,
     workload_prompts,
 )
@@ -45,17 +45,13 @@ def workload(name: str) -> tuple[list[list[int]], list[int]]:
 
 
 def tensorjet_run(prompts: list[list[int]], out_lens: list[int], **options) -> dict:
-    from tensorjet import SamplingParams
-
     llm = build_engine(**options)
     warm_up(llm, seed=97)
-    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in out_lens]
-    elapsed, outs = timed_generate(llm, prompts, params)
-    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    r = throughput(llm, [(len(p), n) for p, n in zip(prompts, out_lens)], prompts=prompts)
     llm.shutdown()
     del llm
     release_gpu_memory()
-    return {"seconds": elapsed, "output_tokens": tokens, "output_tok_s": tokens / elapsed}
+    return r
 
 
 def main() -> None:
