@@ -13,19 +13,20 @@ Cases (Llama-3-8B attention, one layer, pages of 16):
 from __future__ import annotations
 
 import argparse
-import itertools
 
 import torch
+from attention_sweep import (  # noqa: E402  (benchmarks/ is on the path)
+    GROUP,
+    HK,
+    PAGE,
+    D,
+    extend_call,
+    paged_kv,
+    ragged_decode_lens,
+    ragged_prefill_lens,
+)
 
 from tensorjet.kernels.decode_attention import decode_attention
-from tensorjet.kernels.extend_attention import extend_attention
-
-HK, GROUP, D, PAGE = 8, 4, 128, 16
-
-
-def paged_cache(num_blocks: int, kv_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    k = torch.randn(num_blocks, PAGE, HK, D, device="cuda").to(kv_dtype)
-    return k, torch.randn_like(k, dtype=torch.float32).to(kv_dtype)
 
 
 def decode_call(lens_host: list[int], kv_dtype: torch.dtype):
@@ -33,21 +34,10 @@ def decode_call(lens_host: list[int], kv_dtype: torch.dtype):
     blocks_per_seq = -(-longest // PAGE)
     num_blocks = batch * blocks_per_seq
     tables = torch.randperm(num_blocks, device="cuda", dtype=torch.int32).view(batch, blocks_per_seq)
-    k, v = paged_cache(num_blocks, kv_dtype)
+    k, v = paged_kv(num_blocks, kv_dtype)
     q = torch.randn(batch, HK * GROUP, D, device="cuda", dtype=torch.bfloat16)
     lens = torch.tensor(lens_host, device="cuda", dtype=torch.int32)
     return lambda: decode_attention(q, k, v, tables, lens, D**-0.5, max_context_len=longest)
-
-
-def extend_call(q_lens_host: list[int], kv_dtype: torch.dtype):
-    num_seqs, q_len = len(q_lens_host), max(q_lens_host)
-    blocks_per_seq = -(-q_len // PAGE)
-    tables = torch.randperm(num_seqs * blocks_per_seq, device="cuda", dtype=torch.int32).view(num_seqs, -1)
-    k, v = paged_cache(num_seqs * blocks_per_seq, kv_dtype)
-    q = torch.randn(sum(q_lens_host), HK * GROUP, D, device="cuda", dtype=torch.bfloat16)
-    starts = torch.tensor([0, *itertools.accumulate(q_lens_host)][:-1], device="cuda", dtype=torch.int32)
-    q_lens = torch.tensor(q_lens_host, device="cuda", dtype=torch.int32)
-    return lambda: extend_attention(q, k, v, tables, starts, q_lens, q_lens, D**-0.5, max_query_len=q_len)
 
 
 def main() -> None:
@@ -56,16 +46,12 @@ def main() -> None:
     parser.add_argument("--kv_dtype", choices=["bf16", "fp8"], default="fp8")
     args = parser.parse_args()
     kv_dtype = torch.float8_e4m3fn if args.kv_dtype == "fp8" else torch.bfloat16
-    gen = torch.Generator().manual_seed(1)
     if args.case == "decode-ragged":
-        call = decode_call(torch.randint(200, 1101, (256,), generator=gen).tolist(), kv_dtype)
+        call = decode_call(ragged_decode_lens(256).tolist(), kv_dtype)
     elif args.case == "decode-long":
         call = decode_call([1465] * 256, kv_dtype)
     else:
-        q_lens: list[int] = []
-        while sum(q_lens) < 8192 - 1024:
-            q_lens.append(int(torch.randint(100, 1025, (1,), generator=gen)))
-        call = extend_call(q_lens, kv_dtype)
+        call = extend_call(ragged_prefill_lens(seed=1), 0, kv_dtype)
     call()  # compiles
     torch.cuda.synchronize()
     call()  # the launch to profile

@@ -27,6 +27,43 @@ from tensorjet.kernels.extend_attention import extend_attention
 
 COPY_TBPS = 4.25
 BF16_TFLOPS = 782
+HK, GROUP, D, PAGE = 8, 4, 128, 16  # Llama-3-8B attention: KV heads, queries per KV head, head_dim; page
+
+
+def paged_kv(num_blocks: int, kv_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random paged K and V cache of `num_blocks` pages."""
+    k = torch.randn(num_blocks, PAGE, HK, D, device="cuda").to(kv_dtype)
+    return k, torch.randn_like(k, dtype=torch.float32).to(kv_dtype)
+
+
+def ragged_decode_lens(batch: int) -> torch.Tensor:
+    """Contexts of HF's workload's decode steps a hundred tokens in: 200-1,100 (host, int32)."""
+    gen = torch.Generator().manual_seed(1)
+    return torch.randint(200, 1101, (batch,), generator=gen, dtype=torch.int32)
+
+
+def ragged_prefill_lens(seed: int) -> list[int]:
+    """HF's workload's prefill step: prompts of 100-1,024 tokens up to 8,192 tokens in all."""
+    gen = torch.Generator().manual_seed(seed)
+    lens: list[int] = []
+    while sum(lens) < 8192 - 1024:
+        lens.append(int(torch.randint(100, 1025, (1,), generator=gen)))
+    return lens
+
+
+def extend_call(q_lens_host: list[int], prefix: int, kv_dtype: torch.dtype) -> partial:
+    """extend_attention over prompts of `q_lens_host` new tokens, each after `prefix` cached ones, on a
+    random paged cache; keyword arguments (tile sizes) pass through."""
+    num_seqs, q_len = len(q_lens_host), max(q_lens_host)
+    blocks_per_seq = -(-(prefix + q_len) // PAGE)
+    tables = torch.randperm(num_seqs * blocks_per_seq, device="cuda", dtype=torch.int32).view(num_seqs, -1)
+    k, v = paged_kv(num_seqs * blocks_per_seq, kv_dtype)
+    q = torch.randn(sum(q_lens_host), HK * GROUP, D, device="cuda", dtype=torch.bfloat16)
+    starts = torch.tensor([0, *itertools.accumulate(q_lens_host)][:-1], device="cuda", dtype=torch.int32)
+    q_lens = torch.tensor(q_lens_host, device="cuda", dtype=torch.int32)
+    return partial(
+        extend_attention, q, k, v, tables, starts, q_lens, q_lens + prefix, D**-0.5, max_query_len=q_len
+    )
 
 
 def time_ms(fn, reps: int = 20) -> float:
@@ -48,27 +85,25 @@ def time_ms(fn, reps: int = 20) -> float:
 
 
 def decode_rows(args) -> list[tuple]:
-    hk, group, d, page = 8, 4, 128, 16
-    blocks_per_seq = -(-args.context // page)
+    blocks_per_seq = -(-args.context // PAGE)
     num_blocks = args.batch * blocks_per_seq
     tables = torch.randperm(num_blocks, device="cuda", dtype=torch.int32).view(args.batch, blocks_per_seq)
     lens = torch.full((args.batch,), args.context, dtype=torch.int32, device="cuda")
-    q = torch.randn(args.batch, hk * group, d, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(args.batch, HK * GROUP, D, device="cuda", dtype=torch.bfloat16)
     rows = []
     for kv_dtype in (torch.bfloat16, torch.float8_e4m3fn):
-        k = torch.randn(num_blocks, page, hk, d, device="cuda").to(kv_dtype)
-        v = torch.randn(num_blocks, page, hk, d, device="cuda").to(kv_dtype)
-        nbytes = 2 * args.batch * args.context * hk * d * k.element_size()
+        k, v = paged_kv(num_blocks, kv_dtype)
+        nbytes = 2 * args.batch * args.context * HK * D * k.element_size()
         name = "decode " + str(kv_dtype).removeprefix("torch.")
-        reference = decode_attention(q, k, v, tables, lens, d**-0.5, num_splits=1)
+        reference = decode_attention(q, k, v, tables, lens, D**-0.5, num_splits=1)
         configs = [(None, None, None), (64, 4, 3), (64, 4, 5), (64, 4, 6), (128, 4, 3), (128, 4, 5)]
         configs += [(128, 4, 6), (128, 8, 3), (128, 8, 5), (256, 4, 5), (256, 8, 5), (64, 2, 5), (128, 2, 5)]
         configs += [(32, 4, 3), (64, 4, 2), (64, 4, 4), (128, 4, 4), (128, 8, 4)]
         for block_n, warps, stages in configs:
             config = dict(num_splits=1, block_n=block_n, num_warps=warps, num_stages=stages)
             try:
-                out = decode_attention(q, k, v, tables, lens, d**-0.5, **config)
-                ms = time_ms(partial(decode_attention, q, k, v, tables, lens, d**-0.5, **config))
+                out = decode_attention(q, k, v, tables, lens, D**-0.5, **config)
+                ms = time_ms(partial(decode_attention, q, k, v, tables, lens, D**-0.5, **config))
             except Exception as error:  # e.g. out of shared memory
                 print(f"{name} {block_n}/{warps}/{stages}: {type(error).__name__}")
                 continue
@@ -81,8 +116,8 @@ def decode_rows(args) -> list[tuple]:
         table1 = torch.arange(blocks_per_seq, device="cuda", dtype=torch.int32)[None]
         ctx1 = min(300, args.context)
         lens1 = torch.full((1,), ctx1, dtype=torch.int32, device="cuda")
-        ms = time_ms(partial(decode_attention, q[:1], k1, v1, table1, lens1, d**-0.5, max_context_len=ctx1))
-        tbps = 2 * ctx1 * hk * d * k.element_size() / ms / 1e9
+        ms = time_ms(partial(decode_attention, q[:1], k1, v1, table1, lens1, D**-0.5, max_context_len=ctx1))
+        tbps = 2 * ctx1 * HK * D * k.element_size() / ms / 1e9
         rows.append((name, "b1 ctx300 default", ms, f"{tbps:.2f} TB/s", f"{tbps / COPY_TBPS:.0%}", 0.0))
     return rows
 
@@ -91,19 +126,16 @@ def ragged_decode_rows(args) -> list[tuple]:
     """Decode over ragged contexts (HF's workload a hundred tokens in: 200-1,100) across tile / warp /
     stage configurations; the default also longest first and with 2 KV splits (does the tail of short
     and long programs cost anything?)."""
-    hk, group, d, page = 8, 4, 128, 16
-    gen = torch.Generator().manual_seed(1)
-    lens_host = torch.randint(200, 1101, (args.batch,), generator=gen, dtype=torch.int32)
-    blocks_per_seq = -(-1100 // page)
+    lens_host = ragged_decode_lens(args.batch)
+    blocks_per_seq = -(-1100 // PAGE)
     num_blocks = args.batch * blocks_per_seq
     tables = torch.randperm(num_blocks, device="cuda", dtype=torch.int32).view(args.batch, blocks_per_seq)
-    q = torch.randn(args.batch, hk * group, d, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(args.batch, HK * GROUP, D, device="cuda", dtype=torch.bfloat16)
     longest_first = torch.argsort(lens_host, descending=True).cuda()
     rows = []
     for kv_dtype in (torch.bfloat16, torch.float8_e4m3fn):
-        k = torch.randn(num_blocks, page, hk, d, device="cuda").to(kv_dtype)
-        v = torch.randn(num_blocks, page, hk, d, device="cuda").to(kv_dtype)
-        nbytes = 2 * int(lens_host.sum()) * hk * d * k.element_size()
+        k, v = paged_kv(num_blocks, kv_dtype)
+        nbytes = 2 * int(lens_host.sum()) * HK * D * k.element_size()
         name = "decode-ragged " + str(kv_dtype).removeprefix("torch.")
         configs = [(None, None, None), (64, 4, 3), (64, 4, 5), (128, 4, 3), (128, 4, 4), (128, 8, 4)]
         runs = [("batch", None, 1, c) for c in configs] + [("longest", longest_first, 1, configs[0])]
@@ -113,7 +145,7 @@ def ragged_decode_rows(args) -> list[tuple]:
             t = tables if perm is None else tables[perm].contiguous()
             qq = q if perm is None else q[perm].contiguous()
             config = dict(num_splits=splits, block_n=block_n, num_warps=warps, num_stages=stages)
-            call = partial(decode_attention, qq, k, v, t, lens, d**-0.5, max_context_len=1100, **config)
+            call = partial(decode_attention, qq, k, v, t, lens, D**-0.5, max_context_len=1100, **config)
             try:
                 ms = time_ms(call)
             except Exception as error:
@@ -127,14 +159,10 @@ def ragged_decode_rows(args) -> list[tuple]:
 
 
 def extend_rows() -> list[tuple]:
-    hk, group, d, page = 8, 4, 128, 16
     rows = []
     # 8 prompts of 1,024 (a 1000 x 1000 prefill step), 8 chunks of 512 on 1,536 cached tokens, and
-    # HF's workload's prefill step: 100-1,024-token prompts up to 8,192 tokens.
-    gen = torch.Generator().manual_seed(2)
-    ragged: list[int] = []
-    while sum(ragged) < 8192 - 1024:
-        ragged.append(int(torch.randint(100, 1025, (1,), generator=gen)))
+    # HF's workload's prefill step.
+    ragged = ragged_prefill_lens(seed=2)
     cases = {
         "8x1024+0": ([1024] * 8, 0),
         "8x512+1536": ([512] * 8, 1536),
@@ -143,21 +171,9 @@ def extend_rows() -> list[tuple]:
     for kv_dtype, (case, (q_lens_host, prefix)) in itertools.product(
         (torch.bfloat16, torch.float8_e4m3fn), cases.items()
     ):
-        num_seqs, q_len = len(q_lens_host), max(q_lens_host)
-        ctx = prefix + q_len
-        blocks_per_seq = -(-ctx // page)
-        num_blocks = num_seqs * blocks_per_seq
-        tables = torch.randperm(num_blocks, device="cuda", dtype=torch.int32).view(num_seqs, -1)
-        k = torch.randn(num_blocks, page, hk, d, device="cuda").to(kv_dtype)
-        v = torch.randn_like(k, dtype=torch.float32).to(kv_dtype)
-        q = torch.randn(sum(q_lens_host), hk * group, d, device="cuda", dtype=torch.bfloat16)
-        starts = torch.tensor([0, *itertools.accumulate(q_lens_host)][:-1], device="cuda", dtype=torch.int32)
-        q_lens = torch.tensor(q_lens_host, device="cuda", dtype=torch.int32)
-        ctx_lens = q_lens + prefix
+        call = extend_call(q_lens_host, prefix, kv_dtype)
         # causal work: every query attends to the prefix and to the new tokens up to itself
-        flops = 4 * hk * group * d * sum(n * prefix + n * (n + 1) / 2 for n in q_lens_host)
-        lengths = dict(max_query_len=q_len)
-        call = partial(extend_attention, q, k, v, tables, starts, q_lens, ctx_lens, d**-0.5, **lengths)
+        flops = 4 * HK * GROUP * D * sum(n * prefix + n * (n + 1) / 2 for n in q_lens_host)
         reference = call()
         name = f"extend {str(kv_dtype).removeprefix('torch.')} {case}"
         configs = [(None,) * 4, (128, 64, 8, 3), (128, 64, 8, 5), (128, 128, 8, 5), (128, 64, 4, 5)]

@@ -57,12 +57,12 @@ def profile_steps(llm: LLM, num_steps: int) -> dict:
     for event in prof.events():
         if event.device_type != torch.autograd.DeviceType.CUDA:
             continue
-        us = event.device_time
+        us, group = event.device_time, kernel_group(event.name)
         busy += us
-        g = groups[kernel_group(event.name)]
+        g = groups[group]
         g[0] += us
         g[1] += 1
-        kernels.append((event.time_range.start, event.time_range.end, kernel_group(event.name)))
+        kernels.append((event.time_range.start, event.time_range.end, group))
     top = sorted(groups.items(), key=lambda kv: -kv[1][0])[:14]
     return {
         "wall_ms_per_step": wall * 1e3 / num_steps,
