@@ -116,6 +116,7 @@ def _extend_kernel(
     DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
     F16_COMPUTE: tl.constexpr,
+    FIXED_KEY_TILES: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     head = tl.program_id(1)
@@ -150,32 +151,46 @@ def _extend_kernel(
     k_base = k_cache_ptr + kv_head * stride_kh
     v_base = v_cache_ptr + kv_head * stride_vh
 
-    # Phase 1: keys before the tile's first query position, visible to every row: whole tiles with no
-    # masks, then the partial tile a prefix not a multiple of BLOCK_N leaves.
-    end1 = prefix + pid_m * BLOCK_M
-    full1 = end1 // BLOCK_N * BLOCK_N
-    for n0 in range(0, full1, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(
-            q, acc, m_i, l_i, n0 + offs_n0, None, None, table, k_base, v_base, offs_d, d_mask,
-            qk_scale, stride_kb, stride_ko, stride_vb, stride_vo, PAGE_SIZE, False, DOT_PREC, UPCAST,
-        )  # fmt: skip
-    if full1 < end1:
-        offs_n = full1 + offs_n0
-        n_mask = offs_n < end1
-        acc, m_i, l_i = _attend_tile(
-            q, acc, m_i, l_i, offs_n, n_mask[None, :], n_mask, table, k_base, v_base, offs_d, d_mask,
-            qk_scale, stride_kb, stride_ko, stride_vb, stride_vo, PAGE_SIZE, True, DOT_PREC, UPCAST,
-        )  # fmt: skip
-    # Phase 2: the diagonal, causal.
-    end2 = tl.minimum(ctx_len, prefix + (pid_m + 1) * BLOCK_M)
-    for n0 in range(end1, end2, BLOCK_N):
-        offs_n = n0 + offs_n0
-        n_mask = offs_n < end2
-        valid = n_mask[None, :] & (offs_n[None, :] <= q_pos[:, None])
-        acc, m_i, l_i = _attend_tile(
-            q, acc, m_i, l_i, offs_n, valid, n_mask, table, k_base, v_base, offs_d, d_mask,
-            qk_scale, stride_kb, stride_ko, stride_vb, stride_vo, PAGE_SIZE, True, DOT_PREC, UPCAST,
-        )  # fmt: skip
+    if FIXED_KEY_TILES:
+        # Batch-invariant order: key tiles at fixed absolute positions (0, BLOCK_N, ...), each masked by
+        # causality. A row's sums then depend only on its own position and keys, not on how its sequence
+        # was chunked or which rows share its tile: a tile wholly past a row's position adds exact zeros.
+        end = tl.minimum(ctx_len, prefix + (pid_m + 1) * BLOCK_M)
+        for n0 in range(0, end, BLOCK_N):
+            offs_n = n0 + offs_n0
+            n_mask = offs_n < end
+            valid = n_mask[None, :] & (offs_n[None, :] <= q_pos[:, None])
+            acc, m_i, l_i = _attend_tile(
+                q, acc, m_i, l_i, offs_n, valid, n_mask, table, k_base, v_base, offs_d, d_mask,
+                qk_scale, stride_kb, stride_ko, stride_vb, stride_vo, PAGE_SIZE, True, DOT_PREC, UPCAST,
+            )  # fmt: skip
+    else:
+        end1 = prefix + pid_m * BLOCK_M
+        end2 = tl.minimum(ctx_len, prefix + (pid_m + 1) * BLOCK_M)
+        # Phase 1: keys before the tile's first query position, visible to every row: whole tiles with no
+        # masks, then the partial tile a prefix not a multiple of BLOCK_N leaves.
+        full1 = end1 // BLOCK_N * BLOCK_N
+        for n0 in range(0, full1, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(
+                q, acc, m_i, l_i, n0 + offs_n0, None, None, table, k_base, v_base, offs_d, d_mask,
+                qk_scale, stride_kb, stride_ko, stride_vb, stride_vo, PAGE_SIZE, False, DOT_PREC, UPCAST,
+            )  # fmt: skip
+        if full1 < end1:
+            offs_n = full1 + offs_n0
+            n_mask = offs_n < end1
+            acc, m_i, l_i = _attend_tile(
+                q, acc, m_i, l_i, offs_n, n_mask[None, :], n_mask, table, k_base, v_base, offs_d, d_mask,
+                qk_scale, stride_kb, stride_ko, stride_vb, stride_vo, PAGE_SIZE, True, DOT_PREC, UPCAST,
+            )  # fmt: skip
+        # Phase 2: the diagonal, causal.
+        for n0 in range(end1, end2, BLOCK_N):
+            offs_n = n0 + offs_n0
+            n_mask = offs_n < end2
+            valid = n_mask[None, :] & (offs_n[None, :] <= q_pos[:, None])
+            acc, m_i, l_i = _attend_tile(
+                q, acc, m_i, l_i, offs_n, valid, n_mask, table, k_base, v_base, offs_d, d_mask,
+                qk_scale, stride_kb, stride_ko, stride_vb, stride_vo, PAGE_SIZE, True, DOT_PREC, UPCAST,
+            )  # fmt: skip
 
     o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     tl.store(
@@ -219,6 +234,7 @@ def extend_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    fixed_key_tiles: bool = False,
 ) -> torch.Tensor:
     """Causal attention of a ragged batch of query chunks over their cached contexts.
 
@@ -230,6 +246,8 @@ def extend_attention(
 
     max_query_len sizes the grid; read from query_lens (a device sync for a GPU tensor) when None.
     block_m, block_n, num_warps, num_stages override the tuned launch configuration (for sweeps).
+    fixed_key_tiles: visit keys in tiles at fixed absolute positions, so each row's result is the same
+    whatever its query chunk and its batch (a one-row decode included): the batch-invariant mode.
     """
     num_seqs = block_tables.shape[0]
     if out is None:
@@ -284,6 +302,7 @@ def extend_attention(
         DOT_PREC=dot_precision(q.dtype),
         UPCAST=dot_upcast(q.dtype),
         F16_COMPUTE=is_fp8(k_cache.dtype) and q.dtype == torch.bfloat16,
+        FIXED_KEY_TILES=fixed_key_tiles,
         num_warps=num_warps,
         num_stages=num_stages,
     )
