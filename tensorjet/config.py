@@ -126,6 +126,9 @@ class EngineConfig:
     disable_overlap_scheduler: bool | None = None
     attention_backend: str = "auto"  # "torch" (reference), "triton", or "auto" (triton on CUDA)
     kv_cache_dtype: str = "auto"  # "auto" (the model dtype) or "fp8" (E4M3, half the KV bytes)
+    # Every row's result independent of the rest of its step (fixed-shape products, per-row attention):
+    # greedy tokens alone == batched == after preemption, exactly, at some cost in speed.
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ("auto", "torch", "triton"):

@@ -2,6 +2,7 @@
 model dtype. Kernel-level checks are in test_kernels.py; these run the whole engine on the CPU."""
 
 import pytest
+from greedy import TOP_LOGPROBS, GreedyRun, assert_all_agree
 from prompts import CHAT, PLAIN
 
 from tensorjet import LLM, SamplingParams
@@ -21,12 +22,12 @@ def test_fp8_prefix_cache_hits_give_the_tokens_of_a_fresh_prompt(tiny_model_dir)
     """A fresh prompt attends to its keys as the cache stores them, so reading them back later (a
     prefix-cache hit) changes nothing."""
     prompts = [[(5 * i + j) % 128 for j in range(n)] for i, n in enumerate((40, 37, 70))]
-    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=TOP_LOGPROBS)
     llm = LLM(model=tiny_model_dir, device="cpu", kv_cache_dtype="fp8")
-    first = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    again = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    first = [GreedyRun.of(o.outputs[0]) for o in llm.generate(prompts, params, use_tqdm=False)]
+    again = [GreedyRun.of(o.outputs[0]) for o in llm.generate(prompts, params, use_tqdm=False)]
     assert llm.stats()["prefix_cache_hits_tokens"] >= 3 * 32
-    assert again == first
+    assert_all_agree(again, first, what="prefix-cache hits vs fresh")
     llm.shutdown()
 
 

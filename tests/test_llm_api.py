@@ -5,6 +5,7 @@ import asyncio
 import sys
 
 import pytest
+from greedy import TOP_LOGPROBS, GreedyRun, assert_all_agree
 
 from tensorjet import LLM, SamplingParams
 from tensorjet.config import FeatureNotAvailableError
@@ -197,7 +198,7 @@ def test_bad_sampling_params_name_the_field(make, field):
 
 def test_bad_prompts_fail_before_scheduling_and_leave_others_alone(llm):
     async def scenario():
-        params = SamplingParams(temperature=0, max_tokens=16)
+        params = SamplingParams(temperature=0, max_tokens=16, logprobs=TOP_LOGPROBS)
         good = [llm.generate_async("The ocean is", params, streaming=False) for _ in range(2)]
         tasks = [asyncio.ensure_future(_last(g)) for g in good]
         await asyncio.sleep(0.05)
@@ -214,8 +215,10 @@ def test_bad_prompts_fail_before_scheduling_and_leave_others_alone(llm):
     errors, outs = asyncio.run(scenario())
     assert "empty" in errors[0] and "empty" in errors[1]
     assert "maximum sequence length" in errors[2] and "8192" in errors[2]
-    expected = llm.generate("The ocean is", SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)[0]
-    assert all(o.outputs[0].token_ids == expected.outputs[0].token_ids for o in outs)
+    params = SamplingParams(temperature=0, max_tokens=16, logprobs=TOP_LOGPROBS)
+    expected = GreedyRun.of(llm.generate("The ocean is", params, use_tqdm=False)[0].outputs[0])
+    beside = [GreedyRun.of(o.outputs[0]) for o in outs]
+    assert_all_agree(beside, [expected] * len(outs), what="alone vs beside other requests")
     assert llm.stats()["kv_blocks_used"] == 0
 
 

@@ -1,10 +1,11 @@
 """Overlap scheduling, the CUDA-graph paths and host-to-device copies, run on the CPU.
 
-Overlap (forced on with `disable_overlap_scheduler=False`) must not change a single output: tokens,
-text, finish reasons and logprobs equal the synchronous engine's, under stops, EOS, n > 1, seeds,
-penalties, chunking, preemption and aborts, and no block leaks. The decode-graph and mixed-step-graph
-paths (static buffers, steps padded to a bucket, padded rows with slot -1 and no context) run eagerly
-on the CPU with the Triton backend under the interpreter and must give the eager path's tokens.
+Overlap (forced on with `disable_overlap_scheduler=False`) must not change a single output: in
+batch-invariant mode tokens, text, finish reasons and logprobs equal the synchronous engine's, under
+stops, EOS, n > 1, seeds, penalties and aborts, and no block leaks; under chunking and preemption the
+greedy tokens agree (tie-aware, tests/greedy.py). The decode-graph and mixed-step-graph paths (static
+buffers, steps padded to a bucket, padded rows with slot -1 and no context) run eagerly on the CPU with
+the Triton backend under the interpreter and must agree with the eager path's tokens.
 """
 
 import asyncio
@@ -12,6 +13,7 @@ import asyncio
 import pytest
 import torch
 from batching import alone_and_together
+from greedy import TOP_LOGPROBS, GreedyRun, assert_all_agree
 from prompts import PLAIN, varied_prompts
 
 from tensorjet import LLM, SamplingParams
@@ -32,8 +34,12 @@ def _summary(outputs):
     return [[(c.token_ids, c.text, c.finish_reason, c.logprobs) for c in out.outputs] for out in outputs]
 
 
-def test_overlap_gives_the_synchronous_engines_outputs(llm, overlap_llm):
-    assert not llm.engine.overlap  # the CPU default
+def test_overlap_gives_the_synchronous_engines_outputs():
+    """The two engines' steps hold different rows (an overlapped step still carries a sequence that the
+    step before finished), so they run in batch-invariant mode, where that changes no row's bits."""
+    llm = LLM(device="cpu", batch_invariant=True)
+    overlap_llm = LLM(device="cpu", batch_invariant=True, disable_overlap_scheduler=False)
+    assert not llm.engine.overlap and overlap_llm.engine.overlap  # the CPU default, and forced on
     prompts = PLAIN + varied_prompts(10, seed=5, max_words=60)
     params = [
         SamplingParams(temperature=0, max_tokens=24),  # may stop at EOS
@@ -50,13 +56,14 @@ def test_overlap_gives_the_synchronous_engines_outputs(llm, overlap_llm):
     stats = overlap_llm.stats()
     assert stats["kv_blocks_used"] == 0, "blocks leaked"
     overlap_llm.engine.block_manager.check_integrity([])
+    llm.shutdown()
+    overlap_llm.shutdown()
 
 
-def test_overlap_under_chunking_and_preemption(llm):
+def test_overlap_under_chunking_and_preemption():
     prompts = varied_prompts(24, seed=11, max_words=90)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     alone, together, stats = alone_and_together(
-        llm,
         prompts,
         params,
         disable_overlap_scheduler=False,
@@ -65,7 +72,7 @@ def test_overlap_under_chunking_and_preemption(llm):
         max_chunked_prefill_length=64,
         max_batch_size=16,
     )
-    assert together == alone
+    assert_all_agree(together, alone, what="together vs alone")
     assert stats["num_preemptions"] > 0 and stats["num_partial_prefills"] > 0, stats
     assert stats["kv_blocks_used"] == 0, "blocks leaked"
 
@@ -119,7 +126,7 @@ def triton_cpu_llm(model_dir, graphs: bool, **options) -> LLM:
 
 def test_padded_decode_graph_path_matches_eager(tiny_model_dir):
     prompts = [[(5 * i + j) % 128 for j in range(n)] for i, n in enumerate((3, 20, 9, 31, 14))]
-    params = SamplingParams(temperature=0, max_tokens=7, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=7, ignore_eos=True, logprobs=TOP_LOGPROBS)
     results = {}
     for graphs in (False, True):
         llm = triton_cpu_llm(
@@ -135,10 +142,10 @@ def test_padded_decode_graph_path_matches_eager(tiny_model_dir):
             assert runner.decode_graphs.sizes == [1, 16]
             # Poison what the padded rows could touch: a slot -1 must write nothing.
             runner.kv_cache.fill_(float("nan"))
-        results[graphs] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        results[graphs] = [GreedyRun.of(o.outputs[0]) for o in llm.generate(prompts, params, use_tqdm=False)]
         assert (llm.stats()["num_graph_steps"] > 0) == graphs
         llm.shutdown()
-    assert results[True] == results[False]
+    assert_all_agree(results[True], results[False], what="decode graphs vs eager")
 
 
 def test_mixed_step_token_ladder():
@@ -154,7 +161,10 @@ def test_padded_mixed_step_graph_path_matches_eager(tiny_model_dir):
     padded row that wrote or read KV would show."""
     lengths = [3, 5, 4, 6, 2, 7, 3, 5, 4, 40, 17, 33, 9, 21, 12, 28]  # 10 prompt chunks in the first step
     prompts = [[(7 * i + j) % 128 for j in range(n)] for i, n in enumerate(lengths)]
-    params = [SamplingParams(temperature=0, max_tokens=2 + (5 * i) % 9, ignore_eos=True) for i in range(16)]
+    params = [
+        SamplingParams(temperature=0, max_tokens=2 + (5 * i) % 9, ignore_eos=True, logprobs=TOP_LOGPROBS)
+        for i in range(16)
+    ]
     results, stats, prompt_chunks = {}, {}, []
     for graphs in (False, True):
         llm = triton_cpu_llm(
@@ -174,10 +184,10 @@ def test_padded_mixed_step_graph_path_matches_eager(tiny_model_dir):
                 return launch(seqs, num_new_tokens, prev)
 
             runner.launch = counting_launch
-        results[graphs] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        results[graphs] = [GreedyRun.of(o.outputs[0]) for o in llm.generate(prompts, params, use_tqdm=False)]
         stats[graphs] = llm.stats()
         llm.shutdown()
-    assert results[True] == results[False]
+    assert_all_agree(results[True], results[False], what="mixed-step graphs vs eager")
     assert stats[False]["num_mixed_graph_steps"] == 0
     assert stats[True]["num_mixed_graph_steps"] > 0
     assert max(prompt_chunks) > MIXED_MAX_PROMPTS, "the eager fallback for a crowded step went untested"

@@ -28,6 +28,9 @@ class TritonAttentionBackend:
 
     def __init__(self, num_splits: int | None = None) -> None:
         self.num_splits = num_splits
+        # Batch-invariant mode: decode rows run through the extend kernel too, and both visit keys in
+        # fixed tiles, so a row's result is the same as a decode, in a prompt chunk or recomputed.
+        self.batch_invariant = False
 
     def prepare(self, meta: AttentionMetadata, device: torch.device) -> None:
         if _KEY in meta.cache:
@@ -107,7 +110,17 @@ class TritonAttentionBackend:
         # A padded graph step has rows no sequence owns; zeroed, they carry no stale memory onward.
         out = torch.zeros_like(q) if state.get("padded") else torch.empty_like(q)
         d = state["decode"]
-        if d is not None:
+        if d is not None and self.batch_invariant:
+            num_rows = d["context_lens"].shape[0]
+            rows = d["rows"]
+            if rows is None:
+                rows = torch.arange(num_rows, dtype=torch.int32, device=q.device)
+            ones = torch.ones(num_rows, dtype=torch.int32, device=q.device)
+            extend_attention(
+                q, k_cache, v_cache, d["block_tables"], rows, ones, d["context_lens"], scale, out,
+                max_query_len=1, fixed_key_tiles=True,
+            )  # fmt: skip
+        elif d is not None:
             num_splits = d.get("num_splits", self.num_splits)  # fixed by a CUDA-graph bucket
             if num_splits is None:
                 num_splits = choose_num_splits(
@@ -137,6 +150,7 @@ class TritonAttentionBackend:
                 scale,
                 out,
                 max_query_len=e["max_query_len"],
+                fixed_key_tiles=self.batch_invariant,
             )
         return out
 

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tensorjet.layers.batch_invariant import attend_rows
+
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
 
 
@@ -51,8 +53,11 @@ class TorchAttentionBackend:
     """Gathers each sequence's keys/values from the cache and runs masked softmax attention.
 
     Decode rows (one query each) are batched into one padded gather; prefill/extend rows run one
-    sequence at a time with a causal mask offset by their cached prefix.
+    sequence at a time with a causal mask offset by their cached prefix. `batch_invariant`: every query
+    row attends on its own over exactly its visible keys (`attend_rows`), the same call wherever it is.
     """
+
+    batch_invariant = False
 
     @staticmethod
     def rotate_and_store_kv(rotary, positions, q, k, v, k_cache, v_cache, slot_mapping):
@@ -124,6 +129,10 @@ class TorchAttentionBackend:
 
         `k_new`/`v_new` ([T, Hk, D]) are this step's keys/values: a prompt with no cached prefix
         attends to them directly (plain causal attention, no gather from the cache)."""
+        if self.batch_invariant:
+            return attend_rows(
+                q, k_cache, v_cache, meta.block_tables, meta.query_lens, meta.context_lens, scale
+            )
         self.prepare(meta, q.device)
         num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
         k_flat = k_cache.view(-1, num_kv_heads, head_dim)

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from itertools import chain
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,8 @@ import torch
 from tensorjet.config import EngineConfig
 from tensorjet.engine.sequence import PLACEHOLDER, Sequence
 from tensorjet.layers.attention import AttentionMetadata
+from tensorjet.layers.batch_invariant import row_tile_for, row_tiled
+from tensorjet.layers.linear import Linear
 from tensorjet.models.llama import LlamaForCausalLM, head_dim_of
 from tensorjet.models.loader import ModelSource, iter_weights
 from tensorjet.runtime.device_io import to_device
@@ -99,6 +102,8 @@ class ModelRunner:
         with _explain_out_of_memory("loading the model weights"):
             self._load_model(source)
         self.attention_backend = self._select_attention_backend()
+        if config.batch_invariant:
+            self._make_batch_invariant()
         with _explain_out_of_memory("sizing and allocating the KV cache"):
             self.num_blocks = self._kv_cache_blocks()
             self._allocate_kv_cache(self.num_blocks)
@@ -172,6 +177,20 @@ class ModelRunner:
                 self.model.use_small_batch_gemv()
             self.model.use_fused_decode(timed=self.device.type == "cuda")
         return choice
+
+    def _make_batch_invariant(self) -> None:
+        """Every product in fixed-shape row tiles, no batch-1 or small-batch special kernels, and
+        attention one row at a time (torch) or over fixed key tiles (Triton)."""
+        tiled = partial(row_tiled, row_tile=row_tile_for(self.device))
+        for module in self.model.modules():
+            if isinstance(module, Linear):
+                module.kernel = tiled(module.kernel)
+                module.small_batch_kernel = None
+        if self.model.lm_head is None:
+            self.model.tied_head_kernel = tiled(self.model.tied_head_kernel)
+        self.model.fused_decode = False
+        for attn in self.model.attention_layers:
+            attn.backend.batch_invariant = True
 
     # ---- KV cache sizing ---------------------------------------------------------------------
     @property
