@@ -10,6 +10,7 @@ The parts hold the values as given; `EngineConfig` resolves the "auto"s (device,
 
 from __future__ import annotations
 
+import os
 import types
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, get_type_hints
@@ -73,8 +74,9 @@ class _Part:
     """Base of the parts: checks every field's type, then the part's own rules (`validate`)."""
 
     def __post_init__(self) -> None:
+        hints = get_type_hints(type(self))
         for f in fields(self):
-            _check_type(f.name, getattr(self, f.name), *_base_type(get_type_hints(type(self))[f.name]))
+            _check_type(f.name, getattr(self, f.name), *_base_type(hints[f.name]))
         self.validate()
 
     def validate(self) -> None:
@@ -120,6 +122,11 @@ class LoadConfig(_Part):
         "cap on prompt + output length; default: the model's positions (`max_position_embeddings`); "
         "a larger value is an error",
     )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, os.PathLike):  # a pathlib.Path names a local model as well as a str
+            self.model = os.fspath(self.model)
+        super().__post_init__()
 
     def validate(self) -> None:
         if self.quantization is not None:
@@ -320,10 +327,6 @@ class EngineConfig:
             parts[ENGINE_OPTIONS[name].part][name] = value
         hints = get_type_hints(cls)
         return cls(**{part: hints[part](**values) for part, values in parts.items()})
-
-    def options(self) -> dict[str, Any]:
-        """Every option's value, by its flat name."""
-        return {name: getattr(getattr(self, spec.part), name) for name, spec in ENGINE_OPTIONS.items()}
 
     @property
     def torch_device(self) -> torch.device:

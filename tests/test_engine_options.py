@@ -59,7 +59,8 @@ def test_engine_config_is_composed_of_its_parts():
     for spec in ENGINE_OPTIONS.values():  # each option lives in its part, and only there
         owners = [name for name in vars(config) if hasattr(getattr(config, name), spec.name)]
         assert owners == [spec.part], spec.name
-    assert EngineConfig.from_options(**config.options()) == config
+    flat = {name: getattr(getattr(config, spec.part), name) for name, spec in ENGINE_OPTIONS.items()}
+    assert EngineConfig.from_options(**flat) == config
     assert EngineConfig() == EngineConfig.from_options()
 
 
@@ -153,6 +154,10 @@ def test_a_bad_value_names_the_option_and_its_limit(option, limit):
     with pytest.raises(ValueError, match=limit) as info:
         EngineConfig.from_options(**option)
     assert not isinstance(info.value, FeatureNotAvailableError)
+
+
+def test_a_path_names_the_model_as_a_string_does(tmp_path):
+    assert EngineConfig.from_options(model=tmp_path).load.model == str(tmp_path)
 
 
 def test_an_int_is_a_valid_float():
