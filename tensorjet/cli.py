@@ -7,51 +7,13 @@ Every engine option is a flag spelled as in the guide (`--max_batch_size`) or wi
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 
-from tensorjet.config import EngineConfig
+from tensorjet.config import ENGINE_OPTIONS
+from tensorjet.engine_args import add_engine_args, engine_options
 
-# Options that are positional or set elsewhere.
-_NOT_FLAGS = {"model"}
-
-
-def _flag_type(annotation: str):
-    hint = {"int": int, "float": float, "str": str, "bool": bool}
-    base = annotation.replace(" | None", "").strip()
-    return hint.get(base, str)
-
-
-def _parse_bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-
-
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """One flag per EngineConfig field; booleans work bare (`--enable_chunked_context`) or with a value."""
-    group = parser.add_argument_group("engine options")
-    for f in dataclasses.fields(EngineConfig):
-        if f.name in _NOT_FLAGS:
-            continue
-        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        kind = _flag_type(str(f.type))
-        if kind is bool:
-            group.add_argument(*names, dest=f.name, type=_parse_bool, nargs="?", const=True, default=None)
-        else:
-            group.add_argument(*names, dest=f.name, type=kind, default=None)
-
-
-def engine_options(args: argparse.Namespace) -> dict:
-    """The engine options the user set (unset flags keep the LLM defaults)."""
-    names = set(EngineConfig.option_names()) - _NOT_FLAGS
-    options = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    options["model"] = getattr(args, "model", None)
-    return options
+MODEL_HELP = ENGINE_OPTIONS["model"].help
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -81,9 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate from prompts (streams a single prompt)")
     gen.add_argument("prompts", nargs="+", help="one or more prompts")
-    gen.add_argument(
-        "--model", default=None, help="local HF dir, .gguf file, cached hub id; default: bundled"
-    )
+    gen.add_argument("--model", default=None, help=MODEL_HELP)
     gen.add_argument(
         "--chat_template",
         "--chat-template",
@@ -100,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_bench(sub)
 
     chat = sub.add_parser("chat", help="interactive chat with the model's chat template")
-    chat.add_argument("--model", default=None)
+    chat.add_argument("--model", default=None, help=MODEL_HELP)
     chat.add_argument("--system", default=None, help="system message")
     _sampling_args(chat)
     add_engine_args(chat)

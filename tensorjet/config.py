@@ -1,8 +1,19 @@
-"""Engine options, one dataclass per concern. Each validates its fields and names the bad one."""
+"""Engine options: one dataclass per concern, composed into `EngineConfig`.
+
+Each option is declared once, as a field of its part (name, type, default, help). `ENGINE_OPTIONS`
+lists them all, flat, with the guide's names; `LLM(...)`'s keyword arguments, the command-line flags
+and the README's options table come from it. Every check of an option's value lives here, and each
+error names the option and its limit.
+
+The parts hold the values as given; `EngineConfig` resolves the "auto"s (device, dtype, overlap).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import os
+import types
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, get_type_hints
 
 import torch
 
@@ -18,6 +29,9 @@ DTYPES = {
 }
 # Quantized dtypes the guide names; they belong to the quantization capability.
 QUANTIZED_DTYPES = ("fp8", "int4_awq", "int4_gptq", "int8")
+LOAD_FORMATS = ("auto", "dummy", "safetensors", "gguf", "pt")
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
+BLOCK_SIZES = (8, 16, 32, 64, 128)
 # KV-cache element types besides "auto" (the model dtype). FP8 E4M3 halves the bytes every decode
 # step reads; values are stored unscaled (scale 1.0, as vLLM does without calibrated scales) and
 # saturate at +-448.
@@ -37,56 +51,137 @@ def not_available(feature: str, option: str) -> FeatureNotAvailableError:
     )
 
 
-def _fail(owner: str, name: str, value: object, rule: str) -> ValueError:
-    return ValueError(f"{owner}.{name} {rule}, got {value!r}")
+def _fail(name: str, value: object, rule: str) -> ValueError:
+    return ValueError(f"option {name} {rule}, got {value!r}")
+
+
+def option(default: Any, help: str) -> Any:
+    """A field that is an engine option; `help` is its line in `--help` and in the README."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    name: str
+    part: str  # the EngineConfig attribute (a part) that owns it
+    type: type  # int, float, str or bool
+    optional: bool  # whether None is allowed
+    default: Any
+    help: str
+
+
+class _Part:
+    """Base of the parts: checks every field's type, then the part's own rules (`validate`)."""
+
+    def __post_init__(self) -> None:
+        hints = get_type_hints(type(self))
+        for f in fields(self):
+            _check_type(f.name, getattr(self, f.name), *_base_type(hints[f.name]))
+        self.validate()
+
+    def validate(self) -> None:
+        pass
+
+
+def _base_type(hint: Any) -> tuple[type, bool]:
+    """(int | float | str | bool, whether None is allowed) of a field's annotation."""
+    if isinstance(hint, types.UnionType):
+        args = [a for a in hint.__args__ if a is not type(None)]
+        return args[0], len(args) < len(hint.__args__)
+    return hint, False
+
+
+def _check_type(name: str, value: object, kind: type, optional: bool) -> None:
+    if value is None:
+        if not optional:
+            raise _fail(name, value, f"must be of type {kind.__name__}")
+        return
+    allowed = (int, float) if kind is float else (kind,)
+    if isinstance(value, bool) != (kind is bool) or not isinstance(value, allowed):
+        raise _fail(name, value, f"must be of type {kind.__name__}")
 
 
 @dataclass
-class CacheConfig:
-    block_size: int = 16
-    kv_cache_free_gpu_mem_fraction: float = 0.9
-    kv_cache_max_tokens: int | None = None
-    enable_prefix_caching: bool = True
-    cpu_kv_cache_bytes: int = CPU_KV_CACHE_BYTES
+class LoadConfig(_Part):
+    """What to load and how: the checkpoint, its weight format and dtype, and its longest sequence."""
+
+    model: str | None = option(
+        None, "local HF dir, `.gguf` file, cached hub id, or a dummy preset; default: the bundled model"
+    )
+    load_format: str = option(
+        "auto", "`auto`, `safetensors`, `gguf`, `pt`, or `dummy`: random weights with the real shapes"
+    )
+    dtype: str = option(
+        "auto",
+        "`auto` (bf16 on GPU, fp32 on CPU), `float32`, `bfloat16`, `float16`; "
+        "`fp8`, `int4_awq`, `int4_gptq`, `int8` are not available yet (error)",
+    )
+    quantization: str | None = option(None, "not available yet: any value is an error")
+    max_seq_len: int | None = option(
+        None,
+        "cap on prompt + output length; default: the model's positions (`max_position_embeddings`); "
+        "a larger value is an error",
+    )
 
     def __post_init__(self) -> None:
-        if self.block_size not in (8, 16, 32, 64, 128):
-            raise _fail("LLM", "block_size", self.block_size, "must be one of 8, 16, 32, 64, 128")
-        if not 0.0 < self.kv_cache_free_gpu_mem_fraction <= 1.0:
+        if isinstance(self.model, os.PathLike):  # a pathlib.Path names a local model as well as a str
+            self.model = os.fspath(self.model)
+        super().__post_init__()
+
+    def validate(self) -> None:
+        if self.quantization is not None:
+            raise not_available(f"{self.quantization} quantization", f"quantization={self.quantization!r}")
+        if self.dtype in QUANTIZED_DTYPES:
+            raise not_available(f"{self.dtype} weights", f"dtype={self.dtype!r}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise _fail("dtype", self.dtype, f"must be 'auto' or one of {sorted(DTYPES)}")
+        if self.load_format not in LOAD_FORMATS:
+            raise _fail("load_format", self.load_format, f"must be one of {LOAD_FORMATS}")
+        if self.max_seq_len is not None and self.max_seq_len < 2:
+            raise _fail("max_seq_len", self.max_seq_len, "must be >= 2")
+
+    def resolve_max_seq_len(self, model_positions: int) -> int:
+        """The longest sequence served: max_seq_len, which may not exceed the model's positions
+        (past them rotary embeddings leave the range the model was trained on)."""
+        if self.max_seq_len is None:
+            return model_positions
+        if self.max_seq_len > model_positions:
             raise _fail(
-                "LLM",
-                "kv_cache_free_gpu_mem_fraction",
-                self.kv_cache_free_gpu_mem_fraction,
-                "must be in (0, 1]",
+                "max_seq_len",
+                self.max_seq_len,
+                f"must be <= the model's {model_positions} positions (max_position_embeddings)",
             )
-        if self.kv_cache_max_tokens is not None and self.kv_cache_max_tokens < self.block_size:
-            raise _fail(
-                "LLM",
-                "kv_cache_max_tokens",
-                self.kv_cache_max_tokens,
-                f"must be at least one block ({self.block_size} tokens)",
-            )
+        return self.max_seq_len
 
 
 @dataclass
-class SchedulerConfig:
-    max_batch_size: int = 256
-    max_num_tokens: int = 4096
-    enable_chunked_context: bool = True
-    max_chunked_prefill_length: int | None = None
-    scheduler_policy: str = "max_utilization"
+class SchedulerConfig(_Part):
+    """What one step may hold and in which order requests are admitted."""
 
-    def __post_init__(self) -> None:
+    max_batch_size: int = option(256, "most sequences in one step")
+    max_num_tokens: int = option(4096, "most tokens (prefill + decode) in one step")
+    enable_chunked_context: bool = option(
+        True, "split prompts longer than the chunk over several steps, beside decodes"
+    )
+    max_chunked_prefill_length: int | None = option(
+        None, "chunk size; default: the step's remaining token budget"
+    )
+    scheduler_policy: str = option(
+        "max_utilization",
+        "`max_utilization` (admit greedily, preempt newest on memory pressure), `guaranteed_no_evict` "
+        "(reserve prompt + max_tokens, never preempt), `static_batch` (baseline: a batch runs to "
+        "completion before the next starts)",
+    )
+
+    def validate(self) -> None:
         if self.max_batch_size < 1:
-            raise _fail("LLM", "max_batch_size", self.max_batch_size, "must be >= 1")
+            raise _fail("max_batch_size", self.max_batch_size, "must be >= 1")
         if self.max_num_tokens < 1:
-            raise _fail("LLM", "max_num_tokens", self.max_num_tokens, "must be >= 1")
+            raise _fail("max_num_tokens", self.max_num_tokens, "must be >= 1")
         if self.max_chunked_prefill_length is not None and self.max_chunked_prefill_length < 1:
-            raise _fail("LLM", "max_chunked_prefill_length", self.max_chunked_prefill_length, "must be >= 1")
+            raise _fail("max_chunked_prefill_length", self.max_chunked_prefill_length, "must be >= 1")
         if self.scheduler_policy not in SCHEDULER_POLICIES:
-            raise _fail(
-                "LLM", "scheduler_policy", self.scheduler_policy, f"must be one of {SCHEDULER_POLICIES}"
-            )
+            raise _fail("scheduler_policy", self.scheduler_policy, f"must be one of {SCHEDULER_POLICIES}")
 
     @property
     def chunk_size(self) -> int:
@@ -97,105 +192,185 @@ class SchedulerConfig:
 
 
 @dataclass
-class EngineConfig:
-    """Everything `LLM(...)` accepts, with the guide's names."""
+class CacheConfig(_Part):
+    """The paged KV cache: its size, block size, element type and prefix reuse."""
 
-    model: str | None = None
-    dtype: str = "auto"
-    quantization: str | None = None
-    max_batch_size: int = 256
-    max_num_tokens: int = 4096
-    max_seq_len: int | None = None
-    kv_cache_free_gpu_mem_fraction: float = 0.9
-    kv_cache_max_tokens: int | None = None
-    enable_prefix_caching: bool = True
-    enable_chunked_context: bool = True
-    max_chunked_prefill_length: int | None = None
-    scheduler_policy: str = "max_utilization"
-    enable_cuda_graph: bool = True
-    cuda_graph_cache_size: int | None = None
-    speculative_model: str | None = None
-    num_speculative_tokens: int = 5
-    tensor_parallel_size: int = 1
-    load_format: str = "auto"
-    device: str = "auto"
-    seed: int = 0
-    block_size: int = 16
-    # None (auto): overlap on CUDA, where the CPU can work while the GPU runs; off on CPU, where the
-    # same cores do both and overlap would only report each token one step later. False forces it on.
-    disable_overlap_scheduler: bool | None = None
-    attention_backend: str = "auto"  # "torch" (reference), "triton", or "auto" (triton on CUDA)
-    kv_cache_dtype: str = "auto"  # "auto" (the model dtype) or "fp8" (E4M3, half the KV bytes)
-    # Every row's result independent of the rest of its step (fixed-shape products, per-row attention):
-    # greedy tokens alone == batched == after preemption, exactly, at some cost in speed.
-    batch_invariant: bool = False
+    kv_cache_free_gpu_mem_fraction: float = option(
+        0.9, "GPU: share of free memory (after a profiling forward at `max_num_tokens`) for KV"
+    )
+    kv_cache_max_tokens: int | None = option(
+        None, "cap on KV cache tokens; default: no cap (on CPU the budget is 2 GiB of KV)"
+    )
+    kv_cache_dtype: str = option(
+        "auto",
+        "`auto` (the model dtype) or `fp8`: E4M3 keys/values, saturated at +-448 with no scale, read "
+        "back as the model dtype; half of bf16's bytes, so twice the tokens in the same memory; outputs "
+        "drift from full precision within a few dozen tokens on small models",
+    )
+    enable_prefix_caching: bool = option(True, "reuse the KV of shared prompt prefixes")
+    block_size: int = option(16, f"tokens per KV block: one of {', '.join(map(str, BLOCK_SIZES))}")
+    cpu_kv_cache_bytes: ClassVar[int] = CPU_KV_CACHE_BYTES
 
-    def __post_init__(self) -> None:
-        if self.attention_backend not in ("auto", "torch", "triton"):
+    def validate(self) -> None:
+        if self.block_size not in BLOCK_SIZES:
+            raise _fail("block_size", self.block_size, f"must be one of {BLOCK_SIZES}")
+        if not 0.0 < self.kv_cache_free_gpu_mem_fraction <= 1.0:
             raise _fail(
-                "LLM", "attention_backend", self.attention_backend, "must be 'auto', 'torch' or 'triton'"
+                "kv_cache_free_gpu_mem_fraction", self.kv_cache_free_gpu_mem_fraction, "must be in (0, 1]"
+            )
+        if self.kv_cache_max_tokens is not None and self.kv_cache_max_tokens < self.block_size:
+            raise _fail(
+                "kv_cache_max_tokens",
+                self.kv_cache_max_tokens,
+                f"must be at least one block ({self.block_size} tokens)",
             )
         if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise _fail(
-                "LLM",
-                "kv_cache_dtype",
-                self.kv_cache_dtype,
-                f"must be 'auto' or one of {sorted(KV_CACHE_DTYPES)}",
+                "kv_cache_dtype", self.kv_cache_dtype, f"must be 'auto' or one of {sorted(KV_CACHE_DTYPES)}"
             )
-        if self.quantization is not None:
-            raise not_available(f"{self.quantization} quantization", f"quantization={self.quantization!r}")
-        if self.dtype in QUANTIZED_DTYPES:
-            raise not_available(f"{self.dtype} weights", f"dtype={self.dtype!r}")
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise _fail("LLM", "dtype", self.dtype, f"must be 'auto' or one of {sorted(DTYPES)}")
+
+
+@dataclass
+class RuntimeConfig(_Part):
+    """How steps run: the device, the attention kernels, CUDA graphs, overlap and the sampling seed.
+    Options that change how a step computes (its kernels or their numerics) belong here."""
+
+    device: str = option("auto", "`auto` (CUDA when visible, else CPU), `cpu`, `cuda` or `cuda:N`")
+    attention_backend: str = option(
+        "auto", "`auto` (Triton kernels on CUDA, PyTorch reference on CPU), `torch`, `triton`"
+    )
+    enable_cuda_graph: bool = option(
+        True,
+        "capture steps as CUDA graphs: decode steps over batch sizes 1, 2, 4, 8, 16, 32, ... "
+        "`max_batch_size`, and steps with prompt tokens over token counts 32, 64, ... 512 (capped at "
+        "`max_num_tokens`; at most 8 prompt chunks); a step pads to the next captured size; larger or "
+        "more crowded steps, and those asking for prompt logprobs, run eagerly. Applies with the triton "
+        "attention backend only: with `torch` (the CPU default) every step runs eagerly",
+    )
+    cuda_graph_cache_size: int | None = option(
+        None,
+        "how many decode graphs to keep: that many batch sizes picked evenly from the decode ladder (the "
+        "largest always); default: all. Fewer graphs capture faster and use less memory but pad more. "
+        "The mixed-step ladder (at most 5 graphs) is not counted",
+    )
+    # None (auto): overlap on CUDA, where the CPU can work while the GPU runs; off on CPU, where the
+    # same cores do both and overlap would only report each token one step later.
+    disable_overlap_scheduler: bool | None = option(
+        None,
+        "default: overlap on GPU (the CPU schedules and prepares step n+1 while the GPU runs step n; "
+        "sampled tokens stay on the GPU), off on CPU; `True` turns it off, `False` forces it on",
+    )
+    seed: int = option(0, "seed of the engine's sampler (and of dummy weights)")
+    batch_invariant: bool = option(
+        False,
+        "compute every row independently of the rest of its step (products in fixed-shape row tiles, no "
+        "batch-1 or small-batch kernels, attention one row at a time over fixed key tiles): greedy tokens "
+        "are then identical alone, batched, chunked and after preemption; costs speed",
+    )
+
+    def validate(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise _fail("device", self.device, "must be 'auto', 'cpu' or 'cuda[:N]'")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise _fail("device", self.device, "needs a CUDA GPU, and none is visible")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise _fail("attention_backend", self.attention_backend, f"must be one of {ATTENTION_BACKENDS}")
+        if self.cuda_graph_cache_size is not None and self.cuda_graph_cache_size < 1:
+            raise _fail("cuda_graph_cache_size", self.cuda_graph_cache_size, "must be >= 1")
+
+
+@dataclass
+class ParallelConfig(_Part):
+    """How many devices share the model."""
+
+    tensor_parallel_size: int = option(1, "GPUs the weights are split over; only 1 is available yet")
+
+    def validate(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise _fail("tensor_parallel_size", self.tensor_parallel_size, "must be >= 1")
+        if self.tensor_parallel_size > 1:
+            raise not_available("tensor parallelism", f"tensor_parallel_size={self.tensor_parallel_size}")
+
+
+@dataclass
+class SpeculativeConfig(_Part):
+    """Speculative decoding: a draft model proposes tokens that the target model verifies."""
+
+    speculative_model: str | None = option(None, "draft model; not available yet: any value is an error")
+    num_speculative_tokens: int | None = option(
+        None, "draft tokens per step; not available yet: any value is an error"
+    )
+
+    def validate(self) -> None:
         if self.speculative_model is not None:
             raise not_available("speculative decoding", f"speculative_model={self.speculative_model!r}")
-        if self.tensor_parallel_size != 1:
-            raise not_available("tensor parallelism", f"tensor_parallel_size={self.tensor_parallel_size}")
-        if self.max_seq_len is not None and self.max_seq_len < 2:
-            raise _fail("LLM", "max_seq_len", self.max_seq_len, "must be >= 2")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise _fail("LLM", "device", self.device, "must be 'auto', 'cpu' or 'cuda[:N]'")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise _fail("LLM", "device", self.device, "needs a CUDA GPU, and none is visible")
-        if self.cuda_graph_cache_size is not None and self.cuda_graph_cache_size < 1:
-            raise _fail("LLM", "cuda_graph_cache_size", self.cuda_graph_cache_size, "must be >= 1")
-        self.cache = CacheConfig(
-            block_size=self.block_size,
-            kv_cache_free_gpu_mem_fraction=self.kv_cache_free_gpu_mem_fraction,
-            kv_cache_max_tokens=self.kv_cache_max_tokens,
-            enable_prefix_caching=self.enable_prefix_caching,
-        )
-        self.scheduler = SchedulerConfig(
-            max_batch_size=self.max_batch_size,
-            max_num_tokens=self.max_num_tokens,
-            enable_chunked_context=self.enable_chunked_context,
-            max_chunked_prefill_length=self.max_chunked_prefill_length,
-            scheduler_policy=self.scheduler_policy,
-        )
+        if self.num_speculative_tokens is not None:
+            raise not_available(
+                "speculative decoding", f"num_speculative_tokens={self.num_speculative_tokens}"
+            )
+
+
+@dataclass
+class EngineConfig:
+    """Everything `LLM(...)` accepts, one part per concern. Build it from the flat option names with
+    `EngineConfig.from_options(...)`; each part checks its own options as it is built."""
+
+    load: LoadConfig = field(default_factory=LoadConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     @classmethod
-    def option_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
+    def from_options(cls, **options: Any) -> EngineConfig:
+        """An EngineConfig from flat option names (`max_batch_size=64`); omitted ones keep their default."""
+        unknown = sorted(set(options) - set(ENGINE_OPTIONS))
+        if unknown:
+            raise TypeError(f"unknown engine options {unknown}; known: {sorted(ENGINE_OPTIONS)}")
+        parts: dict[str, dict[str, Any]] = {f.name: {} for f in fields(cls)}
+        for name, value in options.items():
+            parts[ENGINE_OPTIONS[name].part][name] = value
+        hints = get_type_hints(cls)
+        return cls(**{part: hints[part](**values) for part, values in parts.items()})
 
     @property
     def torch_device(self) -> torch.device:
-        if self.device == "auto":
+        if self.runtime.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
-
-    @property
-    def overlap_scheduling(self) -> bool:
-        if self.disable_overlap_scheduler is None:
-            return self.torch_device.type == "cuda"
-        return not self.disable_overlap_scheduler
+        return torch.device(self.runtime.device)
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        if self.dtype == "auto":
+        if self.load.dtype == "auto":
             return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
-        return DTYPES[self.dtype]
+        return DTYPES[self.load.dtype]
 
     @property
     def kv_cache_torch_dtype(self) -> torch.dtype:
-        return KV_CACHE_DTYPES.get(self.kv_cache_dtype, self.torch_dtype)
+        return KV_CACHE_DTYPES.get(self.cache.kv_cache_dtype, self.torch_dtype)
+
+    @property
+    def overlap_scheduling(self) -> bool:
+        if self.runtime.disable_overlap_scheduler is None:
+            return self.torch_device.type == "cuda"
+        return not self.runtime.disable_overlap_scheduler
+
+    def uses_step_graphs(self, attention_backend: str) -> bool:
+        """Whether steps go through the CUDA-graph path (captured on CUDA, the same static buffers run
+        eagerly on CPU). It is built on the triton attention kernels; with the torch backend
+        enable_cuda_graph has no effect and every step runs eagerly, as the option's help says."""
+        return self.runtime.enable_cuda_graph and attention_backend == "triton"
+
+
+def _collect_options() -> dict[str, OptionSpec]:
+    specs: dict[str, OptionSpec] = {}
+    for part_name, part_type in get_type_hints(EngineConfig).items():
+        hints = get_type_hints(part_type)
+        for f in fields(part_type):
+            kind, optional = _base_type(hints[f.name])
+            specs[f.name] = OptionSpec(f.name, part_name, kind, optional, f.default, f.metadata["help"])
+    return specs
+
+
+ENGINE_OPTIONS: dict[str, OptionSpec] = _collect_options()

@@ -23,55 +23,36 @@ class LLM:
     def __init__(
         self,
         model: str | None = None,
+        *,
+        load_format: str = "auto",
         dtype: str = "auto",
         quantization: str | None = None,
+        max_seq_len: int | None = None,
         max_batch_size: int = 256,
         max_num_tokens: int = 4096,
-        max_seq_len: int | None = None,
-        kv_cache_free_gpu_mem_fraction: float = 0.9,
-        kv_cache_max_tokens: int | None = None,
-        enable_prefix_caching: bool = True,
         enable_chunked_context: bool = True,
         max_chunked_prefill_length: int | None = None,
         scheduler_policy: str = "max_utilization",
+        kv_cache_free_gpu_mem_fraction: float = 0.9,
+        kv_cache_max_tokens: int | None = None,
+        kv_cache_dtype: str = "auto",
+        enable_prefix_caching: bool = True,
+        block_size: int = 16,
+        device: str = "auto",
+        attention_backend: str = "auto",
         enable_cuda_graph: bool = True,
         cuda_graph_cache_size: int | None = None,
-        speculative_model: str | None = None,
-        num_speculative_tokens: int = 5,
-        tensor_parallel_size: int = 1,
-        load_format: str = "auto",
-        device: str = "auto",
+        disable_overlap_scheduler: bool | None = None,
         seed: int = 0,
-        **options,
+        batch_invariant: bool = False,
+        tensor_parallel_size: int = 1,
+        speculative_model: str | None = None,
+        num_speculative_tokens: int | None = None,
     ) -> None:
-        unknown = sorted(set(options) - set(EngineConfig.option_names()))
-        if unknown:
-            raise TypeError(
-                f"LLM got unknown options {unknown}; known: {sorted(EngineConfig.option_names())}"
-            )
-        self.config = EngineConfig(
-            model=model,
-            dtype=dtype,
-            quantization=quantization,
-            max_batch_size=max_batch_size,
-            max_num_tokens=max_num_tokens,
-            max_seq_len=max_seq_len,
-            kv_cache_free_gpu_mem_fraction=kv_cache_free_gpu_mem_fraction,
-            kv_cache_max_tokens=kv_cache_max_tokens,
-            enable_prefix_caching=enable_prefix_caching,
-            enable_chunked_context=enable_chunked_context,
-            max_chunked_prefill_length=max_chunked_prefill_length,
-            scheduler_policy=scheduler_policy,
-            enable_cuda_graph=enable_cuda_graph,
-            cuda_graph_cache_size=cuda_graph_cache_size,
-            speculative_model=speculative_model,
-            num_speculative_tokens=num_speculative_tokens,
-            tensor_parallel_size=tensor_parallel_size,
-            load_format=load_format,
-            device=device,
-            seed=seed,
-            **options,
-        )
+        """One keyword argument per engine option, as tensorjet.config declares them (names, order and
+        defaults are tested to match); each is described in the README's options table."""
+        options = {name: value for name, value in locals().items() if name != "self"}  # the arguments
+        self.config = EngineConfig.from_options(**options)
         self.engine = LLMEngine(self.config)
         self.loop = EngineLoop(self.engine)
         self._request_ids = itertools.count()

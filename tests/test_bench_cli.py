@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from tensorjet.bench.cli import main
-from tensorjet.config import EngineConfig
+from tensorjet.config import ENGINE_OPTIONS
 
 TABLE_LABELS = (
     "request throughput",
@@ -195,7 +195,7 @@ def test_tune_writes_a_config_that_serve_accepts(tiny_model, tmp_path, capsys):
     assert main([*argv, "--target_p99_tpot_ms", "10000"]) == 0
     assert "recommended" in capsys.readouterr().out
     config = yaml.safe_load(out_yaml.read_text())
-    assert set(config) <= set(EngineConfig.option_names())
+    assert set(config) <= set(ENGINE_OPTIONS)
     assert config["max_batch_size"] == 4 and isinstance(config["enable_chunked_context"], bool)
     assert config["model"] == tiny_model and config["load_format"] == "dummy"
     serve_cli = pytest.importorskip("tensorjet.serve.cli")

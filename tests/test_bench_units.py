@@ -15,7 +15,7 @@ from tensorjet.bench.cli import add_bench_arguments
 from tensorjet.bench.gpu_monitor import Sampler, nvml_probes, peak_and_mean
 from tensorjet.bench.offline import is_oom
 from tensorjet.bench.sweep import parse_sweep, typed_values
-from tensorjet.config import EngineConfig
+from tensorjet.config import ENGINE_OPTIONS
 
 
 def record(start, chunks, end=None, prompt=4, output=None):
@@ -285,7 +285,7 @@ def test_write_config_is_a_flat_mapping_of_engine_options(tmp_path):
 def test_tune_config_keys_are_engine_config_fields():
     run_point, _ = fake_engine(oom_at=32)
     options, _ = tune.tune(run_point, {"scheduler_policy": "max_utilization"}, tune.Targets(), 4, 64)
-    assert set(options) <= set(EngineConfig.option_names())
+    assert set(options) <= set(ENGINE_OPTIONS)
 
 
 # ---- sweep values --------------------------------------------------------------------------------

@@ -241,12 +241,31 @@ def test_unknown_model_path_is_a_value_error(tmp_path):
         {"dtype": "fp8"},
         {"dtype": "int4_awq", "quantization": "awq"},
         {"speculative_model": "x"},
+        {"num_speculative_tokens": 3},
         {"tensor_parallel_size": 2},
     ],
 )
 def test_later_features_raise_a_clear_error(option):
-    with pytest.raises(FeatureNotAvailableError, match="not available in tensorjet yet"):
+    with pytest.raises(FeatureNotAvailableError, match="not available in tensorjet yet") as info:
         LLM(**option)
+    assert any(f"{name}=" in str(info.value) for name in option)  # it names the option
+
+
+def test_max_seq_len_beyond_the_model_positions_is_an_error(tiny_model_dir):
+    with pytest.raises(ValueError, match=r"max_seq_len must be <= the model's 256 positions"):
+        LLM(model=tiny_model_dir, device="cpu", max_seq_len=257)
+    llm = LLM(model=tiny_model_dir, device="cpu", max_seq_len=256, kv_cache_max_tokens=256)
+    assert llm.engine.max_seq_len == 256
+    llm.shutdown()
+
+
+def test_cuda_graphs_need_the_triton_backend(tiny_model_dir):
+    """With the torch attention backend enable_cuda_graph has no effect: every step runs eagerly."""
+    llm = LLM(model=tiny_model_dir, device="cpu", attention_backend="torch", enable_cuda_graph=True)
+    assert llm.engine.runner.decode_graphs is None and llm.engine.runner.mixed_graphs is None
+    out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 3 and llm.stats()["num_graph_steps"] == 0
+    llm.shutdown()
 
 
 def test_bad_engine_options_name_the_field():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tensorjet.bench import report
 from tensorjet.bench.datasets import DEFAULT_NUM_REQUESTS
-from tensorjet.cli import add_engine_args, engine_options
+from tensorjet.engine_args import add_engine_args, engine_options
 
 DEFAULT_VOCAB_SIZE = 32000  # serving mode's random ids stay below this: inside every Llama-family vocabulary
 

@@ -19,7 +19,7 @@ from tensorjet.bench.datasets import BenchRequest, load_dataset, random_requests
 from tensorjet.bench.driver import Send, drive
 from tensorjet.bench.gpu_monitor import Sampler, nvml_probes, peak_and_mean
 from tensorjet.bench.metrics import RequestRecord, summarize
-from tensorjet.cli import engine_options
+from tensorjet.engine_args import engine_options
 
 WORKLOAD_KEYS = (
     "dataset",

@@ -10,8 +10,8 @@ from contextlib import nullcontext
 
 from tensorjet.bench import offline
 from tensorjet.bench.run import run_benchmark
-from tensorjet.cli import engine_options
-from tensorjet.config import EngineConfig
+from tensorjet.config import ENGINE_OPTIONS
+from tensorjet.engine_args import engine_options
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def run_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tupl
     an out-of-memory, so that one too-large value does not lose the rest of the sweep."""
     name, texts = parse_sweep(args.sweep)
     dest, values = typed_values(parser, name, texts)
-    per_point_engine = dest in EngineConfig.option_names()
+    per_point_engine = dest in ENGINE_OPTIONS
     if per_point_engine and args.url:
         raise ValueError(f"--sweep {name}: engine options belong to the server in --url mode")
     shared = nullcontext() if per_point_engine or args.url else offline.open_llm(engine_options(args))

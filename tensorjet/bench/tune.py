@@ -4,13 +4,12 @@ that passed, then try chunked context on and off and keep the faster passing set
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from tensorjet.bench.offline import is_oom
-from tensorjet.config import EngineConfig
+from tensorjet.config import ENGINE_OPTIONS
 
 BACKOFF = 0.2  # headroom below the largest passing max_batch_size, for traffic unlike the benchmark's
 
@@ -51,10 +50,6 @@ class Trial:
         return self.outcome == "ok"
 
 
-def _default(option: str):
-    return next(f.default for f in dataclasses.fields(EngineConfig) if f.name == option)
-
-
 def tune(
     run_point: RunPoint, base_options: dict, targets: Targets, start: int, limit: int
 ) -> tuple[dict, list[Trial]]:
@@ -62,7 +57,7 @@ def tune(
     max_batch_size=start fails."""
     if not 1 <= start <= limit:
         raise ValueError(f"need 1 <= --start_batch_size ({start}) <= --batch_size_limit ({limit})")
-    base = {"enable_chunked_context": _default("enable_chunked_context"), **base_options}
+    base = {"enable_chunked_context": ENGINE_OPTIONS["enable_chunked_context"].default, **base_options}
     trials: list[Trial] = []
     done: dict[tuple, Trial] = {}
 
@@ -123,13 +118,13 @@ def _ms(value: float | None) -> str:
 
 
 def write_config(options: dict, path: Path, note: str) -> None:
-    """A flat YAML mapping of EngineConfig option names, as `tensorjet serve --config` reads it."""
+    """A flat YAML mapping of engine option names, as `tensorjet serve --config` reads it."""
     import yaml
 
-    unknown = set(options) - set(EngineConfig.option_names())
+    unknown = set(options) - set(ENGINE_OPTIONS)
     if unknown:
         raise ValueError(f"not engine options: {sorted(unknown)}")
-    kept = {k: options[k] for k in EngineConfig.option_names() if options.get(k) is not None}
+    kept = {k: options[k] for k in ENGINE_OPTIONS if options.get(k) is not None}
     header = "".join(f"# {line}\n" for line in note.splitlines())
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(header + yaml.safe_dump(kept, sort_keys=False))

@@ -54,18 +54,10 @@ class Request:
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.source: ModelSource = resolve_model(config.model, config.load_format)
+        self.source: ModelSource = resolve_model(config.load.model, config.load.load_format)
         self.tokenizer = load_tokenizer(self.source)
         self.eos_token_ids = self._eos_token_ids()
-        model_max = max_positions_of(self.source.hf_config)
-        self.max_seq_len = min(config.max_seq_len or model_max, model_max)
-        if config.max_seq_len is not None and config.max_seq_len > model_max:
-            logger.warning(
-                "max_seq_len=%d exceeds the model's %d positions; using %d",
-                config.max_seq_len,
-                model_max,
-                model_max,
-            )
+        self.max_seq_len = config.load.resolve_max_seq_len(max_positions_of(self.source.hf_config))
         self.runner = ModelRunner(config, self.source, self.eos_token_ids, self.max_seq_len)
         self.overlap = config.overlap_scheduling
         self._in_flight: StepHandle | None = None  # overlap: the launched step whose tokens are pending

@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 import transformers
 
+from tensorjet.config import LOAD_FORMATS
+
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
-LOAD_FORMATS = ("auto", "dummy", "safetensors", "gguf", "pt")
 PRESET_DIR = Path(__file__).parent / "presets"
 # Accepted spellings (lower case, org prefix dropped) -> preset file stem.
 PRESET_ALIASES = {

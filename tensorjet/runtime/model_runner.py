@@ -94,7 +94,7 @@ class ModelRunner:
         self.num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
         self.head_dim = head_dim_of(hf_config)
         self.num_layers = hf_config.num_hidden_layers
-        self.sampler = Sampler(config.seed)
+        self.sampler = Sampler(config.runtime.seed)
         self.decode_graphs: DecodeGraphs | None = None
         self.mixed_graphs: MixedStepGraphs | None = None
         self.num_graph_steps = 0  # steps replayed from a decode graph
@@ -102,12 +102,12 @@ class ModelRunner:
         with _explain_out_of_memory("loading the model weights"):
             self._load_model(source)
         self.attention_backend = self._select_attention_backend()
-        if config.batch_invariant:
+        if config.runtime.batch_invariant:
             self._make_batch_invariant()
         with _explain_out_of_memory("sizing and allocating the KV cache"):
             self.num_blocks = self._kv_cache_blocks()
             self._allocate_kv_cache(self.num_blocks)
-        if config.enable_cuda_graph:
+        if config.uses_step_graphs(self.attention_backend):
             with _explain_out_of_memory("capturing CUDA graphs"):
                 self.decode_graphs = self._build_decode_graphs()
                 self.mixed_graphs = self._build_mixed_graphs()
@@ -116,8 +116,8 @@ class ModelRunner:
         start = time.perf_counter()
         with torch.device(self.device):
             self.model = LlamaForCausalLM(source.hf_config, self.dtype)
-        if source.kind == "dummy" or self.config.load_format == "dummy":
-            self.model.init_dummy_weights(self.config.seed)
+        if source.kind == "dummy" or self.config.load.load_format == "dummy":
+            self.model.init_dummy_weights(self.config.runtime.seed)
         else:
             self.model.load_weights((name, t.to(self.dtype)) for name, t in iter_weights(source))
         if self.device.type == "cpu" and self.dtype == torch.float32 and torch.backends.mkldnn.is_available():
@@ -125,35 +125,29 @@ class ModelRunner:
         self.model.eval()
         logger.info("loaded %s in %.1fs", source.name, time.perf_counter() - start)
 
-    def _build_decode_graphs(self) -> DecodeGraphs | None:
-        if self.attention_backend != "triton":
-            if self.device.type == "cuda":
-                logger.warning("enable_cuda_graph needs attention_backend='triton'; decode runs eagerly")
-            return None  # on CPU the reference backend runs eagerly, as it should
+    def _build_decode_graphs(self) -> DecodeGraphs:
         from tensorjet.runtime.cuda_graph import DecodeGraphs
 
         graphs = DecodeGraphs(
             self.model,
-            max_batch_size=self.config.max_batch_size,
+            max_batch_size=self.config.scheduler.max_batch_size,
             block_size=self.block_size,
             num_kv_heads=self.num_kv_heads,
             max_seq_len=self.max_seq_len,
             device=self.device,
-            cache_size=self.config.cuda_graph_cache_size,
+            cache_size=self.config.runtime.cuda_graph_cache_size,
         )
         graphs.capture_all()
         return graphs
 
-    def _build_mixed_graphs(self) -> MixedStepGraphs | None:
-        if self.decode_graphs is None:
-            return None
+    def _build_mixed_graphs(self) -> MixedStepGraphs:
         from tensorjet.runtime.cuda_graph import MixedStepGraphs
 
         graphs = MixedStepGraphs(
             self.model,
             self.model.attention_layers[0].backend,
-            max_batch_size=self.config.max_batch_size,
-            max_num_tokens=self.config.max_num_tokens,
+            max_batch_size=self.config.scheduler.max_batch_size,
+            max_num_tokens=self.config.scheduler.max_num_tokens,
             block_size=self.block_size,
             num_kv_heads=self.num_kv_heads,
             max_seq_len=self.max_seq_len,
@@ -163,7 +157,7 @@ class ModelRunner:
         return graphs
 
     def _select_attention_backend(self) -> str:
-        choice = self.config.attention_backend
+        choice = self.config.runtime.attention_backend
         if choice == "auto":
             choice = "triton" if self.device.type == "cuda" else "torch"
         if choice == "triton":
@@ -218,7 +212,7 @@ class ModelRunner:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        n = self.config.max_num_tokens
+        n = self.config.scheduler.max_num_tokens
         blocks = -(-n // self.block_size)
         self._allocate_kv_cache(blocks)
         seq_meta = AttentionMetadata(
@@ -231,7 +225,7 @@ class ModelRunner:
         ids = torch.zeros(n, dtype=torch.long, device=self.device)
         with torch.inference_mode():
             hidden = self.model(ids, torch.arange(n, device=self.device), seq_meta)
-            self.model.compute_logits(hidden[-self.config.max_batch_size :])
+            self.model.compute_logits(hidden[-self.config.scheduler.max_batch_size :])
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - before
         self._release_kv_cache()

@@ -11,7 +11,8 @@ import logging
 import sys
 from pathlib import Path
 
-from tensorjet.cli import add_engine_args, engine_options
+from tensorjet.config import ENGINE_OPTIONS
+from tensorjet.engine_args import add_engine_args, engine_options
 
 DEFAULT_SERVED_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_HOST = "127.0.0.1"
@@ -30,9 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
     # Defaults are None so a --config file can fill what the command line left unset.
-    parser.add_argument(
-        "model", nargs="?", default=None, help="local HF dir, .gguf, hub id; default: bundled"
-    )
+    parser.add_argument("model", nargs="?", default=None, help=ENGINE_OPTIONS["model"].help)
     parser.add_argument("--host", default=None, help=f"address to bind (default {DEFAULT_HOST})")
     parser.add_argument("--port", type=int, default=None, help=f"port to bind (default {DEFAULT_PORT})")
     parser.add_argument(
@@ -142,9 +141,9 @@ def log_banner(llm, args: argparse.Namespace) -> None:
         stats["kv_block_size"],
         stats["kv_blocks_total"] * stats["kv_block_size"],
         llm.engine.max_seq_len,
-        config.max_batch_size,
-        config.max_num_tokens,
-        config.scheduler_policy,
+        config.scheduler.max_batch_size,
+        config.scheduler.max_num_tokens,
+        config.scheduler.scheduler_policy,
         "unlimited" if args.max_queue_size is None else args.max_queue_size,
         args.host,
         args.port,
