@@ -317,7 +317,7 @@ def test_store_kv_fp8_saturates_and_rounds_like_torch(dtype, seed):
 def test_fp8_kv_cache_backends(dtype, kind, seed):
     """With an FP8 cache, the Triton backend's store + attention equals float64 attention over the
     stored FP8 values, and equals TorchAttentionBackend on the same cache."""
-    from tensorjet.layers.attention import to_cache_dtype
+    from tensorjet.dtypes import to_cache_dtype
 
     block_size, hk, group, d = 16, 2, 4, 64
     qlens = [n for n, _ in BATCHES[kind]]
@@ -490,8 +490,8 @@ def test_rotary_and_store_kv(dtype, heads, slot_dtype, seed):
 def test_rotary_and_store_kv_fp8_cache(seed):
     """bf16 q/k/v, FP8 cache: the cache holds to_cache_dtype(k rotated and rounded to bf16), saturated
     at +-448, byte for byte, and q, k are exactly what apply_rotary gives."""
+    from tensorjet.dtypes import to_cache_dtype
     from tensorjet.kernels.rotary import apply_rotary, rotary_and_store_kv
-    from tensorjet.layers.attention import to_cache_dtype
 
     tokens, num_q, num_k, head_dim, block_size = 11, 8, 2, 64, 16
     cos, sin, positions, qkv, q, k, v = rotary_inputs(tokens, num_q, num_k, head_dim, torch.bfloat16)
