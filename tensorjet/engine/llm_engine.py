@@ -267,20 +267,16 @@ class LLMEngine:
                 sampling_seqs.append(seq)
             else:
                 self.num_partial_prefills += 1
-            prompt_logprobs = self._prompt_logprobs_request(seq, start, end)
-            if prompt_logprobs is not None:
-                prompt_logprob_seqs.append(seq)
+            prompt_logprobs = None
+            if seq.wants_prompt_logprobs:
+                prompt_logprobs = self._prompt_logprobs_request(seq, start, end)
+                if prompt_logprobs is not None:
+                    prompt_logprob_seqs.append(seq)
             tokens = seq.token_ids[start:end]
+            pending = tokens[-1] == PLACEHOLDER
+            sampling = self._sampling_row(seq) if samples else None
             step_seqs.append(
-                StepSequence(
-                    seq_id=seq.seq_id,
-                    token_ids=tokens,
-                    start=start,
-                    block_table=seq.block_table,
-                    last_token_pending=tokens[-1] == PLACEHOLDER,
-                    sampling=self._sampling_row(seq) if samples else None,
-                    prompt_logprobs=prompt_logprobs,
-                )
+                StepSequence(seq.seq_id, tokens, start, seq.block_table, pending, sampling, prompt_logprobs)
             )
         prev = None if self._in_flight is None else self._in_flight.handle
         handle = self.runner.launch(StepBatch(step_seqs), prev)
@@ -294,23 +290,26 @@ class LLMEngine:
         return LaunchedStep(handle, sampling_seqs, token_index, prompt_logprob_seqs)
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
+        if seq.sampling_row is not None:
+            return seq.sampling_row
         params = seq.params
         banned: list[int] = []
         if seq.num_output_tokens < params.min_tokens:
             banned = list(params.stop_token_ids) + ([] if params.ignore_eos else sorted(self.eos_token_ids))
         history = params.needs_token_history  # copying every context each step is O(context)
-        return SamplingRow(
+        row = SamplingRow(
             params=params,
             generator=seq.generator,
             prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens] if history else [],
             output_token_ids=seq.output_token_ids if history else [],
             banned_token_ids=banned,
         )
+        if not banned and not history:  # the same from now on: build it once
+            seq.sampling_row = row
+        return row
 
     @staticmethod
     def _prompt_logprobs_request(seq: Sequence, start: int, end: int) -> PromptLogprobsRequest | None:
-        if not seq.wants_prompt_logprobs:
-            return None
         # Position p predicts prompt token p + 1; skip positions recorded before a preemption.
         first = max(start, len(seq.prompt_logprobs) - 1)
         last = min(end, seq.num_prompt_tokens - 1)
