@@ -38,7 +38,8 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] int64 cache slot of each new token, -1: write nothing
     block_tables: torch.Tensor  # [num_seqs, max_blocks] int32, -1 padded
     block_size: int
-    context_lens_tensor: torch.Tensor | None = None  # context_lens on the device, when the runner has it
+    # context_lens on the device (the runner's copy; a decode-only CUDA graph takes it from here).
+    context_lens_tensor: torch.Tensor | None = None
     # The backend's `prepare(self)`: made by the first layer that runs, read by all (a CUDA graph sets
     # its static state here instead).
     state: object | None = None
