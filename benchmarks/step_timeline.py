@@ -36,14 +36,16 @@ def instrument(runner) -> list[tuple]:
     steps: list[tuple] = []
     launch = runner.launch
 
-    def timed_launch(seqs, num_new_tokens, prev=None):
+    def timed_launch(batch, prev=None):
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
         graphed_before = runner.num_graph_steps
         start.record()
-        handle = launch(seqs, num_new_tokens, prev)
+        handle = launch(batch, prev)
         end.record()
-        steps.append((start, end, runner.num_graph_steps > graphed_before, sum(num_new_tokens), len(seqs)))
+        steps.append(
+            (start, end, runner.num_graph_steps > graphed_before, sum(batch.query_lens), len(batch.seqs))
+        )
         return handle
 
     runner.launch = timed_launch

@@ -24,7 +24,6 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from tensorjet.kernels import (  # noqa: E402
-    TritonAttentionBackend,
     choose_num_splits,
     decode_attention,
     extend_attention,
@@ -43,6 +42,7 @@ from tensorjet.kernels.reference import (  # noqa: E402
 from tensorjet.layers.activation import silu_and_mul as torch_silu_and_mul  # noqa: E402
 from tensorjet.layers.attention import AttentionMetadata, TorchAttentionBackend  # noqa: E402
 from tensorjet.layers.norm import RMSNorm  # noqa: E402
+from tensorjet.layers.triton_attention import TritonAttentionBackend  # noqa: E402
 
 # The package re-exports the function `decode_attention`, which shadows the module attribute.
 decode_mod = importlib.import_module("tensorjet.kernels.decode_attention")
@@ -267,8 +267,9 @@ def test_backend_matches_torch(dtype, kind, seed):
         block_size=block_size,
     )
     scale = head_dim**-0.5
-    out = backend.forward(q, k_cache, v_cache, meta, scale, k_new=kv_new[:, :hk], v_new=kv_new[:, hk:])[:-1]
-    out_again = backend.forward(q, k_cache, v_cache, meta, scale)[:-1]  # cached prepare, 2nd layer
+    state = backend.prepare(meta)
+    out = backend.forward(q, k_cache, v_cache, state, scale, k_new=kv_new[:, :hk], v_new=kv_new[:, hk:])[:-1]
+    out_again = backend.forward(q, k_cache, v_cache, state, scale)[:-1]  # the same state, as a 2nd layer
     assert torch.equal(out, out_again)
 
     starts = [0]
@@ -279,14 +280,12 @@ def test_backend_matches_torch(dtype, kind, seed):
 
     # TorchAttentionBackend multiplies masked-out values by 0, so it needs finite unused slots.
     k_clean, v_clean = k_cache.nan_to_num(0.0), v_cache.nan_to_num(0.0)
-    meta_torch = AttentionMetadata(qlens, clens, slot_mapping, tables, block_size)
     k_new, v_new = kv_new[:, :hk], kv_new[:, hk:]
-    torch_out = TorchAttentionBackend().forward(
-        q, k_clean, v_clean, meta_torch, scale, k_new=k_new, v_new=v_new
-    )[:-1]
-    meta_torch64 = AttentionMetadata(qlens, clens, slot_mapping, tables, block_size)
-    torch_out64 = TorchAttentionBackend().forward(
-        q.double(), k_clean.double(), v_clean.double(), meta_torch64, scale, k_new.double(), v_new.double()
+    reference = TorchAttentionBackend()
+    state = reference.prepare(meta)
+    torch_out = reference.forward(q, k_clean, v_clean, state, scale, k_new=k_new, v_new=v_new)[:-1]
+    torch_out64 = reference.forward(
+        q.double(), k_clean.double(), v_clean.double(), state, scale, k_new.double(), v_new.double()
     )[:-1]
     assert_close(out, torch_out64, dtype, seed, f"{kind} vs TorchAttentionBackend(float64)")
     assert rel_err(out, torch_out) < 2 * TOL[dtype], f"{kind} vs TorchAttentionBackend, seed={seed}"
@@ -317,7 +316,7 @@ def test_store_kv_fp8_saturates_and_rounds_like_torch(dtype, seed):
 def test_fp8_kv_cache_backends(dtype, kind, seed):
     """With an FP8 cache, the Triton backend's store + attention equals float64 attention over the
     stored FP8 values, and equals TorchAttentionBackend on the same cache."""
-    from tensorjet.layers.attention import to_cache_dtype
+    from tensorjet.dtypes import to_cache_dtype
 
     block_size, hk, group, d = 16, 2, 4, 64
     qlens = [n for n, _ in BATCHES[kind]]
@@ -335,7 +334,7 @@ def test_fp8_kv_cache_backends(dtype, kind, seed):
     q = torch.randn(num_tokens, hk * group, d, device=DEVICE).to(dtype)
     meta = AttentionMetadata(qlens, clens, slot_mapping, tables, block_size)
     scale = d**-0.5
-    out = backend.forward(q, k_cache, v_cache, meta, scale, k_new=k_new, v_new=v_new)[:-1]
+    out = backend.forward(q, k_cache, v_cache, backend.prepare(meta), scale, k_new=k_new, v_new=v_new)[:-1]
     starts = [0]
     for n in qlens:
         starts.append(starts[-1] + n)
@@ -346,15 +345,16 @@ def test_fp8_kv_cache_backends(dtype, kind, seed):
     # attends a fresh prompt to its new keys as the cache would hold them.
     k_clean = k_cache.float().nan_to_num(0.0).to(FP8)
     v_clean = v_cache.float().nan_to_num(0.0).to(FP8)
-    meta_torch = AttentionMetadata(qlens, clens, slot_mapping, tables, block_size)
-    torch_out = TorchAttentionBackend().forward(q, k_clean, v_clean, meta_torch, scale, k_new, v_new)[:-1]
+    reference = TorchAttentionBackend()
+    state = reference.prepare(meta)
+    torch_out = reference.forward(q, k_clean, v_clean, state, scale, k_new, v_new)[:-1]
     assert rel_err(out, torch_out) < 2 * TOL[dtype], f"{kind} vs TorchAttentionBackend, seed={seed}"
     # The reference backend in float64 over the same FP8 values.
-    exact = TorchAttentionBackend().forward(
+    exact = reference.forward(
         q.double(),
         k_clean.double(),
         v_clean.double(),
-        AttentionMetadata(qlens, clens, slot_mapping, tables, block_size),
+        state,
         scale,
         to_cache_dtype(k_new, FP8).double(),
         to_cache_dtype(v_new, FP8).double(),
@@ -490,8 +490,8 @@ def test_rotary_and_store_kv(dtype, heads, slot_dtype, seed):
 def test_rotary_and_store_kv_fp8_cache(seed):
     """bf16 q/k/v, FP8 cache: the cache holds to_cache_dtype(k rotated and rounded to bf16), saturated
     at +-448, byte for byte, and q, k are exactly what apply_rotary gives."""
+    from tensorjet.dtypes import to_cache_dtype
     from tensorjet.kernels.rotary import apply_rotary, rotary_and_store_kv
-    from tensorjet.layers.attention import to_cache_dtype
 
     tokens, num_q, num_k, head_dim, block_size = 11, 8, 2, 64, 16
     cos, sin, positions, qkv, q, k, v = rotary_inputs(tokens, num_q, num_k, head_dim, torch.bfloat16)

@@ -17,7 +17,7 @@ from greedy import TOP_LOGPROBS, GreedyRun, assert_all_agree
 from prompts import PLAIN, varied_prompts
 
 from tensorjet import LLM, SamplingParams
-from tensorjet.runtime.cuda_graph import MIXED_MAX_PROMPTS, graph_batch_sizes, mixed_token_buckets
+from tensorjet.runtime.cuda_graph import MIXED_MAX_MULTI_ROW_SEQS, graph_batch_sizes, mixed_token_buckets
 from tensorjet.runtime.device_io import to_device
 from tensorjet.runtime.model_runner import ModelRunner
 
@@ -179,9 +179,9 @@ def test_padded_mixed_step_graph_path_matches_eager(tiny_model_dir):
         if graphs:
             runner.kv_cache.fill_(float("nan"))
 
-            def counting_launch(seqs, num_new_tokens, prev=None, launch=runner.launch):
-                prompt_chunks.append(sum(1 for n in num_new_tokens if n > 1))
-                return launch(seqs, num_new_tokens, prev)
+            def counting_launch(batch, prev=None, launch=runner.launch):
+                prompt_chunks.append(sum(1 for n in batch.query_lens if n > 1))
+                return launch(batch, prev)
 
             runner.launch = counting_launch
         results[graphs] = [GreedyRun.of(o.outputs[0]) for o in llm.generate(prompts, params, use_tqdm=False)]
@@ -190,7 +190,9 @@ def test_padded_mixed_step_graph_path_matches_eager(tiny_model_dir):
     assert_all_agree(results[True], results[False], what="mixed-step graphs vs eager")
     assert stats[False]["num_mixed_graph_steps"] == 0
     assert stats[True]["num_mixed_graph_steps"] > 0
-    assert max(prompt_chunks) > MIXED_MAX_PROMPTS, "the eager fallback for a crowded step went untested"
+    assert max(prompt_chunks) > MIXED_MAX_MULTI_ROW_SEQS, (
+        "the eager fallback for a crowded step went untested"
+    )
 
 
 def test_startup_out_of_memory_says_what_to_lower(monkeypatch):

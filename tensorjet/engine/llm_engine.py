@@ -11,12 +11,14 @@ import torch
 from tensorjet.config import EngineConfig
 from tensorjet.engine.block_manager import BlockManager
 from tensorjet.engine.detokenizer import IncrementalDetokenizer
-from tensorjet.engine.scheduler import Scheduler
+from tensorjet.engine.scheduler import ScheduledBatch, Scheduler
 from tensorjet.engine.sequence import PLACEHOLDER, Sequence
 from tensorjet.models.llama import max_positions_of
 from tensorjet.models.loader import ModelSource, load_tokenizer, resolve_model
-from tensorjet.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from tensorjet.runtime.model_runner import ModelRunner, StepHandle
+from tensorjet.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprobs
+from tensorjet.runtime.model_runner import ModelRunner
+from tensorjet.runtime.sampler import SamplingRow
+from tensorjet.runtime.step import PromptLogprobsRequest, StepBatch, StepHandle, StepSequence
 from tensorjet.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -32,6 +34,22 @@ class NoTextDetokenizer:
 
     def take_delta(self, final: bool = False) -> str:
         return ""
+
+
+@dataclass
+class LaunchedStep:
+    """A step handed to the runner, and what the engine must do with its result."""
+
+    handle: StepHandle
+    sampling_seqs: list[Sequence]  # the sequences it samples for, in the handle's order
+    token_index: list[int]  # where each one's sampled token goes in its token_ids (a PLACEHOLDER now)
+    prompt_logprob_seqs: list[Sequence]  # sequences whose prompt logprobs it computes
+
+    @property
+    def must_resolve_before_scheduling(self) -> bool:
+        """Penalties read past tokens on the host, and the next prompt-logprob request starts where
+        this one's entries end."""
+        return bool(self.prompt_logprob_seqs) or any(s.params.needs_token_history for s in self.sampling_seqs)
 
 
 @dataclass
@@ -58,9 +76,9 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(self.source)
         self.eos_token_ids = self._eos_token_ids()
         self.max_seq_len = config.load.resolve_max_seq_len(max_positions_of(self.source.hf_config))
-        self.runner = ModelRunner(config, self.source, self.eos_token_ids, self.max_seq_len)
+        self.runner = ModelRunner(config, self.source, self.max_seq_len)
         self.overlap = config.overlap_scheduling
-        self._in_flight: StepHandle | None = None  # overlap: the launched step whose tokens are pending
+        self._in_flight: LaunchedStep | None = None  # overlap: the launched step whose tokens are pending
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
@@ -202,61 +220,111 @@ class LLMEngine:
         PLACEHOLDER first (the next step takes its value on the device) and is filled in one step
         later. Without overlap a step is launched and resolved at once."""
         outputs: list[RequestOutput] = []
-        if self._in_flight is not None and self._needs_token_history():
-            outputs += self._resolve(self._in_flight)  # penalties read past tokens on the host
+        if self._in_flight is not None and self._in_flight.must_resolve_before_scheduling:
+            outputs += self._resolve(self._in_flight)
             self._in_flight = None
         batch = self.scheduler.schedule()
         if not batch.seqs and self._in_flight is None:
             if self.scheduler.has_work():
                 raise RuntimeError("scheduler made no progress: the KV cache cannot hold any waiting request")
             return outputs
-        handle = self._launch(batch) if batch.seqs else None
+        launched = self._launch(batch) if batch.seqs else None
         if self._in_flight is not None:
             outputs += self._resolve(self._in_flight)
-        self._in_flight = handle
-        if handle is not None and not self.overlap:
-            outputs += self._resolve(handle)
+        self._in_flight = launched
+        if launched is not None and not self.overlap:
+            outputs += self._resolve(launched)
             self._in_flight = None
         for seq in batch.seqs:  # every token they computed is known now
             if not seq.is_finished:
                 self.block_manager.commit_computed_blocks(seq)
         return outputs
 
-    def _needs_token_history(self) -> bool:
-        return any(s.params.needs_token_history for s in self._in_flight.sampling_seqs)
-
-    def _launch(self, batch) -> StepHandle:
+    def _launch(self, scheduled: ScheduledBatch) -> LaunchedStep:
+        """Describe the step to the runner (a `StepBatch`), launch it, and append a PLACEHOLDER for
+        each token it samples."""
         now = time.monotonic()
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        step_seqs: list[StepSequence] = []
+        sampling_seqs: list[Sequence] = []
+        prompt_logprob_seqs: list[Sequence] = []
+        for seq, n in zip(scheduled.seqs, scheduled.num_new_tokens):
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
-            if seq.num_computed_tokens < seq.num_prompt_tokens:
-                self.num_prompt_tokens_computed += min(n, seq.num_prompt_tokens - seq.num_computed_tokens)
-            if seq.num_computed_tokens + n < len(seq):
+            start = seq.num_computed_tokens
+            end = start + n
+            if start < seq.num_prompt_tokens:
+                self.num_prompt_tokens_computed += min(n, seq.num_prompt_tokens - start)
+            samples = end == len(seq)  # its slice reaches its last token: the step samples the next
+            if samples:
+                sampling_seqs.append(seq)
+            else:
                 self.num_partial_prefills += 1
-        handle = self.runner.launch(batch.seqs, batch.num_new_tokens, self._in_flight)
+            prompt_logprobs = None
+            if seq.wants_prompt_logprobs:
+                prompt_logprobs = self._prompt_logprobs_request(seq, start, end)
+                if prompt_logprobs is not None:
+                    prompt_logprob_seqs.append(seq)
+            tokens = seq.token_ids[start:end]
+            pending = tokens[-1] == PLACEHOLDER
+            sampling = self._sampling_row(seq) if samples else None
+            step_seqs.append(
+                StepSequence(seq.seq_id, tokens, start, seq.block_table, pending, sampling, prompt_logprobs)
+            )
+        prev = None if self._in_flight is None else self._in_flight.handle
+        handle = self.runner.launch(StepBatch(step_seqs), prev)
         self.num_steps += 1
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        for seq, n in zip(scheduled.seqs, scheduled.num_new_tokens):
             seq.num_computed_tokens += n
-        handle.token_index = []
-        for seq in handle.sampling_seqs:
-            handle.token_index.append(len(seq.token_ids))
+        token_index = []
+        for seq in sampling_seqs:
+            token_index.append(len(seq.token_ids))
             seq.token_ids.append(PLACEHOLDER)
-        return handle
+        return LaunchedStep(handle, sampling_seqs, token_index, prompt_logprob_seqs)
 
-    def _resolve(self, handle: StepHandle) -> list[RequestOutput]:
+    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+        if seq.sampling_row is not None:
+            return seq.sampling_row
+        params = seq.params
+        banned: list[int] = []
+        if seq.num_output_tokens < params.min_tokens:
+            banned = list(params.stop_token_ids) + ([] if params.ignore_eos else sorted(self.eos_token_ids))
+        history = params.needs_token_history  # copying every context each step is O(context)
+        row = SamplingRow(
+            params=params,
+            generator=seq.generator,
+            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens] if history else [],
+            output_token_ids=seq.output_token_ids if history else [],
+            banned_token_ids=banned,
+        )
+        if not banned and not history:  # the same from now on: build it once
+            seq.sampling_row = row
+        return row
+
+    @staticmethod
+    def _prompt_logprobs_request(seq: Sequence, start: int, end: int) -> PromptLogprobsRequest | None:
+        # Position p predicts prompt token p + 1; skip positions recorded before a preemption.
+        first = max(start, len(seq.prompt_logprobs) - 1)
+        last = min(end, seq.num_prompt_tokens - 1)
+        if first >= last:
+            return None
+        return PromptLogprobsRequest(first, seq.token_ids[first + 1 : last + 1], seq.params.prompt_logprobs)
+
+    def _resolve(self, step: LaunchedStep) -> list[RequestOutput]:
         """Fill in a launched step's tokens (waiting for the device), apply stops, build outputs."""
-        out = handle.result()
+        result = step.handle.result()
+        for seq in step.prompt_logprob_seqs:
+            seq.prompt_logprobs += result.prompt_logprobs[seq.seq_id]
         now = time.monotonic()
         touched: dict[str, Request] = {}
-        for seq, index, token, logprobs in zip(
-            handle.sampling_seqs, handle.token_index, out.token_ids, out.logprobs
+        for seq, index, tokens, logprobs in zip(
+            step.sampling_seqs, step.token_index, result.token_ids, result.logprobs
         ):
             request = self.requests.get(seq.request_id)
             if seq.is_finished or request is None:
                 continue  # aborted, or finished by the step before (its extra row is discarded)
+            (token,) = tokens  # one token per sequence and step
             seq.token_ids[index] = token
-            self._accept_token(request, seq, token, logprobs, now)
+            self._accept_token(request, seq, token, None if logprobs is None else logprobs[0], now)
             touched[request.request_id] = request
             if seq.is_finished:
                 del seq.token_ids[index + 1 :]  # a placeholder from the step now in flight
@@ -271,7 +339,9 @@ class LLMEngine:
                 del self.requests[r.request_id]
         return outputs
 
-    def _accept_token(self, request: Request, seq: Sequence, token: int, logprobs, now: float) -> None:
+    def _accept_token(
+        self, request: Request, seq: Sequence, token: int, logprobs: TokenLogprobs | None, now: float
+    ) -> None:
         self.num_generated_tokens += 1
         if seq.first_token_time is None:
             seq.first_token_time = now

@@ -15,6 +15,7 @@ import time
 import torch
 
 from tensorjet.outputs import TokenLogprobs
+from tensorjet.runtime.sampler import SamplingRow
 from tensorjet.sampling_params import SamplingParams
 
 
@@ -61,6 +62,7 @@ class Sequence:
         self.logprobs: list[TokenLogprobs] = []
         # One entry per prompt token (the first has no predecessor, so None), when requested.
         self.prompt_logprobs: list[TokenLogprobs | None] = [None]
+        self.sampling_row: SamplingRow | None = None  # the engine's, once it no longer changes
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
         self.finished_time: float | None = None

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tensorjet.dtypes import is_fp8
 from tensorjet.kernels._common import (
     LOG2E,
     as_f16,
@@ -44,7 +45,6 @@ from tensorjet.kernels._common import (
     with_overrides,
 )
 from tensorjet.kernels.reference import decode_attention_ref
-from tensorjet.layers.attention import is_fp8
 
 __all__ = ["decode_attention", "decode_attention_ref", "choose_num_splits"]
 

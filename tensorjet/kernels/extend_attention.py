@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tensorjet.dtypes import is_fp8
 from tensorjet.kernels._common import (
     LOG2E,
     as_f16,
@@ -28,7 +29,6 @@ from tensorjet.kernels._common import (
     with_overrides,
 )
 from tensorjet.kernels.reference import extend_attention_ref
-from tensorjet.layers.attention import is_fp8
 
 __all__ = ["extend_attention", "extend_attention_ref"]
 

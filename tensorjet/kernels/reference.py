@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from tensorjet.layers.attention import to_cache_dtype
+from tensorjet.dtypes import to_cache_dtype
 
 
 def _ints(x) -> list[int]:

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tensorjet.dtypes import is_fp8
 from tensorjet.kernels._common import (
     interpreting,
     launch_next_kernel,
@@ -28,7 +29,6 @@ from tensorjet.kernels._common import (
 )
 from tensorjet.kernels.reference import rotary_ref
 from tensorjet.kernels.store_kv import store_kv, store_to_cache
-from tensorjet.layers.attention import is_fp8
 
 __all__ = ["apply_rotary", "rotary_and_store_kv", "rotary_ref"]
 

@@ -12,9 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
+from tensorjet.dtypes import FP8_MAX, is_fp8, to_cache_dtype
 from tensorjet.kernels._common import interpreting, last_dim_contiguous, next_pow2
 from tensorjet.kernels.reference import store_kv_ref
-from tensorjet.layers.attention import FP8_MAX, is_fp8, to_cache_dtype
 
 _FP8_MAX = tl.constexpr(FP8_MAX)
 

@@ -1,63 +1,173 @@
-"""Attention over the paged KV cache.
+"""Attention over the paged KV cache, and the interface its backends implement.
 
-One step's tokens arrive flattened: sequence i owns `query_lens[i]` consecutive query tokens, the
-last ones of its `context_lens[i]` tokens (cached prefix + new). Keys and values of the new tokens are
-first written into the cache at `slot_mapping` (slot = block * block_size + offset; -1 skips a padded
-row), then every query attends over its sequence's cache through the block table.
+One step's tokens arrive flattened: sequence i owns `query_lens[i]` consecutive query rows, the last
+ones of its `context_lens[i]` tokens (cached prefix + new). A decode has one query row; a prompt chunk,
+or a run of draft tokens to verify, has several over whatever the cache already holds. Keys and values
+of the new tokens are first written into the cache at `slot_mapping` (slot = block * block_size +
+offset; -1 skips a padded row), then every query attends causally over its sequence's cache through
+the block table.
 
-`TorchAttentionBackend` is the reference: plain PyTorch, runs anywhere. Faster backends (Triton) take
-the same `AttentionMetadata` and must give the same result.
+A backend (`AttentionBackend`) turns the step's `AttentionMetadata` into its own typed state once per
+step (`prepare`); every layer's `forward` reads that state. A backend whose steps CUDA graphs replay
+(`GraphAttentionBackend`) also owns the static buffers a graph captures (`AttentionGraphBuffers`): the
+state for each captured `StepShape`, and `fill`, which puts a step's state there, so the graph code
+never sees how a backend lays its state out.
+
+`TorchAttentionBackend` is the reference: plain PyTorch, runs anywhere. The Triton backend
+(`tensorjet.layers.triton_attention`) must give the same result.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Protocol, TypeVar, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tensorjet.layers.batch_invariant import attend_rows
-
-FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
-
-
-def is_fp8(dtype: torch.dtype) -> bool:
-    return dtype == torch.float8_e4m3fn
-
-
-def to_cache_dtype(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
-    """Keys/values as the cache stores them: an FP8 cache saturates at +-448 (no scale) and rounds to
-    nearest even; any other cache dtype is a plain cast."""
-    if is_fp8(cache_dtype):
-        return x.clamp(-FP8_MAX, FP8_MAX).to(cache_dtype)
-    return x.to(cache_dtype)
+from tensorjet.dtypes import is_fp8, to_cache_dtype
 
 
 @dataclass
 class AttentionMetadata:
-    query_lens: list[int]
-    context_lens: list[int]
-    slot_mapping: torch.Tensor  # [num_tokens] int64
+    """One step's attention inputs, built by the runner and shared by every layer."""
+
+    query_lens: list[int]  # per sequence: its query rows this step
+    context_lens: list[int]  # per sequence: cached prefix + new tokens
+    slot_mapping: torch.Tensor  # [num_tokens] int64 cache slot of each new token, -1: write nothing
     block_tables: torch.Tensor  # [num_seqs, max_blocks] int32, -1 padded
     block_size: int
-    # Derived index tensors, built once per step by the backend and shared by all layers.
-    cache: dict = field(default_factory=dict)
+    # context_lens on the device (the runner's copy; a decode-only CUDA graph takes it from here).
+    context_lens_tensor: torch.Tensor | None = None
+    # The backend's `prepare(self)`: made by the first layer that runs, read by all (a CUDA graph sets
+    # its static state here instead).
+    state: object | None = None
 
     @property
     def num_seqs(self) -> int:
         return len(self.query_lens)
 
 
+@dataclass(frozen=True)
+class StepShape:
+    """What a step replayed from a CUDA graph may hold; every launch size in the graph follows from it.
+
+    At most `num_seqs` sequences, at most `num_multi_row_seqs` of them with more than one query row and
+    none with more than `max_query_len`, in `num_rows` token rows. Unless every sequence has one row
+    (`num_multi_row_seqs == 0`), a step leaves at least the last row to padding: padded sequences write
+    their unused output there.
+    """
+
+    num_rows: int
+    num_seqs: int
+    num_multi_row_seqs: int
+    max_query_len: int
+
+
+State = TypeVar("State")
+
+
+class AttentionBackend(Protocol[State]):
+    """How attention runs: `prepare` once per step, `rotate_and_store_kv` and `forward` per layer."""
+
+    def prepare(self, meta: AttentionMetadata) -> State:
+        """The step's index tensors and row routing, shared by every layer."""
+        ...
+
+    def rotate_and_store_kv(
+        self,
+        rotary: nn.Module,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate q and k at `positions`, write k and v to their cache slots; returns the rotated (q, k)."""
+        ...
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        state: State,
+        scale: float,
+        k_new: torch.Tensor | None = None,
+        v_new: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """q: [T, Hq, D]; caches: [num_blocks, block_size, Hk, D]; k_new/v_new: this step's [T, Hk, D]
+        keys/values (already in the cache). Returns [T, Hq, D]."""
+        ...
+
+
+class AttentionGraphBuffers(Protocol[State]):
+    """A backend's static state for CUDA graphs, sized for the largest `StepShape` captured."""
+
+    def state(self, shape: StepShape) -> State:
+        """The state a graph of `shape` captures: views of the static buffers, launch sizes fixed."""
+        ...
+
+    def fill(self, meta: AttentionMetadata, shape: StepShape) -> None:
+        """Copy a step's state into the buffers of `shape`; what the step leaves empty is padding that
+        reads no keys."""
+        ...
+
+
+@runtime_checkable
+class GraphAttentionBackend(AttentionBackend[State], Protocol[State]):
+    """A backend whose steps can be captured in CUDA graphs."""
+
+    def graph_buffers(
+        self,
+        capacity: StepShape,
+        *,
+        max_context_len: int,
+        block_size: int,
+        num_kv_heads: int,
+        device: torch.device,
+    ) -> AttentionGraphBuffers[State]: ...
+
+
+@dataclass
+class TorchDecodeRows:
+    """Sequences with one query row, attended in one padded batch."""
+
+    num_seqs: int
+    blocks: torch.Tensor  # [B * num_blocks] each sequence's cache blocks, padded with its last block
+    max_len: int  # the longest context
+    mask: torch.Tensor | None  # [B, 1, 1, L] positions within each context; None for one sequence
+    token_rows: torch.Tensor | None  # [B] the rows they own; None: rows 0..B-1
+
+
+@dataclass
+class TorchCachedRows:
+    """One sequence with several query rows over a cached prefix: rows start:end, the last of its
+    context_len tokens, whose keys and values are at `slots`."""
+
+    start: int
+    end: int
+    context_len: int
+    slots: torch.Tensor
+
+
+@dataclass
+class TorchAttentionState:
+    decode: TorchDecodeRows | None
+    fresh_groups: list[torch.Tensor]  # [G, n] token rows of G fresh prompts of length n
+    cached: list[TorchCachedRows]
+
+
 class TorchAttentionBackend:
     """Gathers each sequence's keys/values from the cache and runs masked softmax attention.
 
-    Decode rows (one query each) are batched into one padded gather; prefill/extend rows run one
-    sequence at a time with a causal mask offset by their cached prefix. `batch_invariant`: every query
-    row attends on its own over exactly its visible keys (`attend_rows`), the same call wherever it is.
+    Sequences with one query row are batched into one padded gather; fresh prompts (no cached prefix)
+    attend to their own new keys, those of one length in one call; any other sequence with several
+    query rows runs alone, with a causal mask offset by its cached prefix.
     """
-
-    batch_invariant = False
 
     @staticmethod
     def rotate_and_store_kv(rotary, positions, q, k, v, k_cache, v_cache, slot_mapping):
@@ -66,61 +176,61 @@ class TorchAttentionBackend:
         store_kv(k, v, k_cache, v_cache, slot_mapping)
         return q, k
 
-    def prepare(self, meta: AttentionMetadata, device: torch.device) -> None:
-        if "decode_rows" in meta.cache:
-            return
-        decode_rows = [i for i, q in enumerate(meta.query_lens) if q == 1]
+    def prepare(self, meta: AttentionMetadata) -> TorchAttentionState:
+        device = meta.slot_mapping.device
         starts = [0]
         for q in meta.query_lens:
             starts.append(starts[-1] + q)
-        meta.cache["starts"] = starts
-        meta.cache["decode_rows"] = decode_rows
-        meta.cache["extend_rows"] = [i for i, q in enumerate(meta.query_lens) if q > 1]
-        bs = meta.block_size
-        if decode_rows:
-            lens_list = [meta.context_lens[i] for i in decode_rows]
-            max_len = max(lens_list)
-            num_blocks = -(-max_len // bs)
-            # Whole blocks are gathered (one index per block, not per token). A shorter sequence's
-            # missing blocks repeat its last block, so every key read is written, finite memory;
-            # the mask removes positions past its length. One sequence needs no mask at all.
-            rows = []
-            for i, n in zip(decode_rows, lens_list):
-                table = meta.block_tables[i, : -(-n // bs)]
-                rows.append(torch.cat((table, table[-1:].expand(num_blocks - table.shape[0]))))
-            meta.cache["decode_blocks"] = torch.stack(rows).long().view(-1)
-            meta.cache["decode_len"] = max_len
-            if len(decode_rows) > 1:
-                lens = torch.tensor(lens_list, device=device)
-                pos = torch.arange(num_blocks * bs, device=device)
-                meta.cache["decode_mask"] = (pos[None, :] < lens[:, None])[:, None, None, :]
-            else:
-                meta.cache["decode_mask"] = None
-            all_decode = len(decode_rows) == meta.num_seqs
-            meta.cache["decode_token_index"] = (
-                None if all_decode else torch.tensor([starts[i] for i in decode_rows], device=device)
-            )
-        extend_slots = {}
+        decode_rows = [i for i, q in enumerate(meta.query_lens) if q == 1]
+        decode = self._decode_rows(meta, decode_rows, starts, device) if decode_rows else None
+        cached: list[TorchCachedRows] = []
         fresh_by_len: dict[int, list[int]] = {}
-        for i in meta.cache["extend_rows"]:
-            if meta.context_lens[i] == meta.query_lens[i]:
-                # A fresh prompt attends to its own new keys, not the cache; equal lengths share a call.
-                fresh_by_len.setdefault(meta.query_lens[i], []).append(starts[i])
+        bs = meta.block_size
+        for i, (n, total) in enumerate(zip(meta.query_lens, meta.context_lens)):
+            if n <= 1:
                 continue
-            pos = torch.arange(meta.context_lens[i], device=device)
-            extend_slots[i] = meta.block_tables[i, pos // bs].long() * bs + pos % bs
-        meta.cache["extend_slots"] = extend_slots
-        meta.cache["fresh_groups"] = [
+            if total == n:
+                # A fresh prompt attends to its own new keys, not the cache; equal lengths share a call.
+                fresh_by_len.setdefault(n, []).append(starts[i])
+                continue
+            pos = torch.arange(total, device=device)
+            slots = meta.block_tables[i, pos // bs].long() * bs + pos % bs
+            cached.append(TorchCachedRows(starts[i], starts[i + 1], total, slots))
+        fresh_groups = [
             torch.tensor(group_starts, device=device)[:, None] + torch.arange(n, device=device)[None, :]
             for n, group_starts in fresh_by_len.items()
         ]
+        return TorchAttentionState(decode, fresh_groups, cached)
+
+    @staticmethod
+    def _decode_rows(
+        meta: AttentionMetadata, rows: list[int], starts: list[int], device: torch.device
+    ) -> TorchDecodeRows:
+        bs = meta.block_size
+        lens = [meta.context_lens[i] for i in rows]
+        max_len = max(lens)
+        num_blocks = -(-max_len // bs)
+        # Whole blocks are gathered (one index per block, not per token). A shorter sequence's missing
+        # blocks repeat its last block, so every key read is written, finite memory; the mask removes
+        # positions past its length. One sequence needs no mask at all.
+        tables = []
+        for i, n in zip(rows, lens):
+            table = meta.block_tables[i, : -(-n // bs)]
+            tables.append(torch.cat((table, table[-1:].expand(num_blocks - table.shape[0]))))
+        mask = None
+        if len(rows) > 1:
+            pos = torch.arange(num_blocks * bs, device=device)
+            mask = (pos[None, :] < torch.tensor(lens, device=device)[:, None])[:, None, None, :]
+        all_decode = len(rows) == meta.num_seqs
+        token_rows = None if all_decode else torch.tensor([starts[i] for i in rows], device=device)
+        return TorchDecodeRows(len(rows), torch.stack(tables).long().view(-1), max_len, mask, token_rows)
 
     def forward(
         self,
         q: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
-        meta: AttentionMetadata,
+        state: TorchAttentionState,
         scale: float,
         k_new: torch.Tensor | None = None,
         v_new: torch.Tensor | None = None,
@@ -129,24 +239,17 @@ class TorchAttentionBackend:
 
         `k_new`/`v_new` ([T, Hk, D]) are this step's keys/values: a prompt with no cached prefix
         attends to them directly (plain causal attention, no gather from the cache)."""
-        if self.batch_invariant:
-            return attend_rows(
-                q, k_cache, v_cache, meta.block_tables, meta.query_lens, meta.context_lens, scale
-            )
-        self.prepare(meta, q.device)
         num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-        k_flat = k_cache.view(-1, num_kv_heads, head_dim)
-        v_flat = v_cache.view(-1, num_kv_heads, head_dim)
         group = q.shape[1] // num_kv_heads
         out = torch.empty_like(q)
-        c = meta.cache
-        if c["decode_rows"]:
-            idx, mask = c["decode_token_index"], c["decode_mask"]  # mask: [B, 1, 1, L] or None
-            b = len(c["decode_rows"])
-            k = k_cache.index_select(0, c["decode_blocks"]).view(b, -1, num_kv_heads, head_dim).to(q.dtype)
-            v = v_cache.index_select(0, c["decode_blocks"]).view(b, -1, num_kv_heads, head_dim).to(q.dtype)
+        d = state.decode
+        if d is not None:
+            idx, mask = d.token_rows, d.mask
+            b = d.num_seqs
+            k = k_cache.index_select(0, d.blocks).view(b, -1, num_kv_heads, head_dim).to(q.dtype)
+            v = v_cache.index_select(0, d.blocks).view(b, -1, num_kv_heads, head_dim).to(q.dtype)
             if mask is None:  # one sequence: attend to exactly its keys
-                k, v = k[:, : c["decode_len"]], v[:, : c["decode_len"]]
+                k, v = k[:, : d.max_len], v[:, : d.max_len]
             o = F.scaled_dot_product_attention(
                 (q[:b] if idx is None else q[idx])[:, :, None],
                 k.transpose(1, 2),  # [B, Hk, L, D]
@@ -161,12 +264,12 @@ class TorchAttentionBackend:
                 out[:b] = o[:, :, 0]
             else:
                 out[idx] = o[:, :, 0]
-        if c["fresh_groups"] and k_cache.dtype != q.dtype:
+        if state.fresh_groups and k_cache.dtype != q.dtype:
             # Attend to the keys/values as the cache holds them, as if read back from it: a prompt's
             # result must not depend on whether its prefix came from the cache.
             k_new = to_cache_dtype(k_new, k_cache.dtype).to(q.dtype)
             v_new = to_cache_dtype(v_new, v_cache.dtype).to(q.dtype)
-        for tokens in c["fresh_groups"]:  # [G, n] token rows of G fresh prompts of length n
+        for tokens in state.fresh_groups:  # [G, n] token rows of G fresh prompts of length n
             o = F.scaled_dot_product_attention(
                 q[tokens].transpose(1, 2),
                 k_new[tokens].transpose(1, 2),
@@ -176,17 +279,23 @@ class TorchAttentionBackend:
                 enable_gqa=group > 1,
             )
             out[tokens] = o.transpose(1, 2)
-        for i, slots in c["extend_slots"].items():  # prompts extending a cached prefix
-            start, end = c["starts"][i], c["starts"][i + 1]
-            n, total = end - start, meta.context_lens[i]
-            k = k_flat[slots].to(q.dtype).transpose(0, 1)  # [Hk, L, D]
-            v = v_flat[slots].to(q.dtype).transpose(0, 1)
+        k_flat = k_cache.view(-1, num_kv_heads, head_dim)
+        v_flat = v_cache.view(-1, num_kv_heads, head_dim)
+        for rows in state.cached:  # query rows over a cached prefix
+            n, total = rows.end - rows.start, rows.context_len
+            k = k_flat[rows.slots].to(q.dtype).transpose(0, 1)  # [Hk, L, D]
+            v = v_flat[rows.slots].to(q.dtype).transpose(0, 1)
             # Query j (absolute position total - n + j) sees keys at positions <= its own.
             mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(diagonal=total - n)
             o = F.scaled_dot_product_attention(
-                q[start:end].transpose(0, 1), k, v, attn_mask=mask, scale=scale, enable_gqa=group > 1
+                q[rows.start : rows.end].transpose(0, 1),
+                k,
+                v,
+                attn_mask=mask,
+                scale=scale,
+                enable_gqa=group > 1,
             )
-            out[start:end] = o.transpose(0, 1)
+            out[rows.start : rows.end] = o.transpose(0, 1)
         return out
 
 
@@ -213,16 +322,21 @@ def store_kv(
 
 class Attention(nn.Module):
     """Rotates this layer's new q/k, stores the new K/V and attends over the cache. The runner binds
-    the cache tensors."""
+    the cache tensors and may swap the backend (all layers share one)."""
 
     def __init__(
-        self, num_heads: int, num_kv_heads: int, head_dim: int, rotary: nn.Module, backend=None
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        rotary: nn.Module,
+        backend: AttentionBackend | None = None,
     ) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim**-0.5
         self.rotary = rotary  # `tensorjet.layers.rotary.RotaryEmbedding`, shared by all layers
-        self.backend = backend or TorchAttentionBackend()
+        self.backend: AttentionBackend = backend or TorchAttentionBackend()
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
@@ -234,7 +348,9 @@ class Attention(nn.Module):
         v: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
+        if meta.state is None:  # the step's first layer prepares what every layer reads
+            meta.state = self.backend.prepare(meta)
         q, k = self.backend.rotate_and_store_kv(
             self.rotary, positions, q, k, v, self.k_cache, self.v_cache, meta.slot_mapping
         )
-        return self.backend.forward(q, self.k_cache, self.v_cache, meta, self.scale, k_new=k, v_new=v)
+        return self.backend.forward(q, self.k_cache, self.v_cache, meta.state, self.scale, k_new=k, v_new=v)

@@ -12,9 +12,12 @@ decode, one of a prompt chunk or a recomputation after preemption.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from tensorjet.layers.attention import AttentionMetadata, TorchAttentionBackend
 
 Product = Callable[..., torch.Tensor]  # (x [M, K], weight [N, K], bias [N] | None) -> [M, N]
 
@@ -79,3 +82,31 @@ def attend_rows(
             out[row + j] = o[:, 0]
         row += num_queries
     return out
+
+
+@dataclass
+class RowwiseAttentionState:
+    block_tables: torch.Tensor
+    query_lens: list[int]
+    context_lens: list[int]
+
+
+class RowwiseAttentionBackend(TorchAttentionBackend):
+    """The reference backend in batch-invariant mode: every query row attends on its own (`attend_rows`)."""
+
+    def prepare(self, meta: AttentionMetadata) -> RowwiseAttentionState:
+        return RowwiseAttentionState(meta.block_tables, list(meta.query_lens), list(meta.context_lens))
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        state: RowwiseAttentionState,
+        scale: float,
+        k_new: torch.Tensor | None = None,
+        v_new: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return attend_rows(
+            q, k_cache, v_cache, state.block_tables, state.query_lens, state.context_lens, scale
+        )

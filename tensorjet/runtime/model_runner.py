@@ -1,8 +1,8 @@
 """Runs the model for one scheduled step: builds device inputs, owns the KV cache, samples.
 
-The runner knows nothing about requests or policies; it gets sequences with how many new tokens
-each computes this step, and returns one sampled token for each sequence whose slice reaches the
-end of its known tokens.
+The runner knows nothing about requests, sequences or policies: it gets a `StepBatch` (plain data,
+`tensorjet.runtime.step`) and returns a `StepHandle` whose result holds the tokens sampled for the
+sequences that asked for one.
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from tensorjet.config import EngineConfig
-from tensorjet.engine.sequence import PLACEHOLDER, Sequence
-from tensorjet.layers.attention import AttentionMetadata
-from tensorjet.layers.batch_invariant import row_tile_for, row_tiled
+from tensorjet.layers.attention import AttentionMetadata, GraphAttentionBackend
+from tensorjet.layers.batch_invariant import RowwiseAttentionBackend, row_tile_for, row_tiled
 from tensorjet.layers.linear import Linear
 from tensorjet.models.llama import LlamaForCausalLM, head_dim_of
 from tensorjet.models.loader import ModelSource, iter_weights
 from tensorjet.runtime.device_io import to_device
-from tensorjet.runtime.sampler import SampledTokens, Sampler, SamplerOutput, SamplingRow
+from tensorjet.runtime.sampler import Sampler, SamplingRow
+from tensorjet.runtime.step import PendingPromptLogprobs, StepBatch, StepHandle, StepSequence
 
 if TYPE_CHECKING:
     from tensorjet.runtime.cuda_graph import DecodeGraphs, MixedStepGraphs
@@ -35,16 +35,16 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class StepInputs:
+    """A step on the device, flattened over its sequences' query rows."""
+
     input_ids: torch.Tensor
     positions: torch.Tensor
-    meta: AttentionMetadata
-    context_lens: torch.Tensor  # [num_seqs] int64, cached prefix + new tokens
+    meta: AttentionMetadata  # its context_lens_tensor: [num_seqs] int64, cached prefix + new tokens
     logits_indices: torch.Tensor  # rows of the flattened step whose logits are sampled
-    sampling_seqs: list[Sequence]
-    # Prompt logprobs: flattened rows, the prompt token each row predicts, and whose it is.
-    prompt_rows: list[int]
-    prompt_targets: list[int]
-    prompt_seqs: list[Sequence]
+    sampled_seq_ids: list[int]  # whose they are
+    sampling_rows: list[SamplingRow]
+    prompt_rows: list[int]  # rows whose prompt logprobs are reported ...
+    prompt_seqs: list[StepSequence]  # ... for these sequences' requests, in order
 
 
 OUT_OF_MEMORY_ADVICE = (
@@ -63,32 +63,13 @@ def _explain_out_of_memory(stage: str):
         raise RuntimeError(f"out of GPU memory while {stage}. {OUT_OF_MEMORY_ADVICE}") from error
 
 
-class StepHandle:
-    """A launched step: which sequences it samples for and their tokens, still on the device."""
-
-    def __init__(self, sampling_seqs: list[Sequence], sampled: SampledTokens | None) -> None:
-        self.sampling_seqs = sampling_seqs
-        self.sampled = sampled
-        self.row_of = {seq.seq_id: i for i, seq in enumerate(sampling_seqs)}
-        self.token_index: list[int] = []  # where each sampled token goes in its sequence (engine's)
-
-    def result(self) -> SamplerOutput:
-        """Wait for the step and return its sampled tokens (and logprobs) on the host."""
-        if self.sampled is None:
-            return SamplerOutput(token_ids=[], logprobs=[])
-        return self.sampled.to_host()
-
-
 class ModelRunner:
-    def __init__(
-        self, config: EngineConfig, source: ModelSource, eos_token_ids: set[int], max_seq_len: int
-    ) -> None:
+    def __init__(self, config: EngineConfig, source: ModelSource, max_seq_len: int) -> None:
         self.config = config
         self.device = config.torch_device
         self.dtype = config.torch_dtype
         self.kv_dtype = config.kv_cache_torch_dtype
         self.block_size = config.cache.block_size
-        self.eos_token_ids = eos_token_ids
         self.max_seq_len = max_seq_len
         hf_config = source.hf_config
         self.num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
@@ -126,10 +107,13 @@ class ModelRunner:
         logger.info("loaded %s in %.1fs", source.name, time.perf_counter() - start)
 
     def _build_decode_graphs(self) -> DecodeGraphs:
+        backend = self.model.attention_layers[0].backend
+        assert isinstance(backend, GraphAttentionBackend)
         from tensorjet.runtime.cuda_graph import DecodeGraphs
 
         graphs = DecodeGraphs(
             self.model,
+            backend,
             max_batch_size=self.config.scheduler.max_batch_size,
             block_size=self.block_size,
             num_kv_heads=self.num_kv_heads,
@@ -161,7 +145,7 @@ class ModelRunner:
         if choice == "auto":
             choice = "triton" if self.device.type == "cuda" else "torch"
         if choice == "triton":
-            from tensorjet.kernels.backend import TritonAttentionBackend
+            from tensorjet.layers.triton_attention import TritonAttentionBackend
 
             backend = TritonAttentionBackend()
             for attn in self.model.attention_layers:
@@ -183,8 +167,12 @@ class ModelRunner:
         if self.model.lm_head is None:
             self.model.tied_head_kernel = tiled(self.model.tied_head_kernel)
         self.model.fused_decode = False
-        for attn in self.model.attention_layers:
-            attn.backend.batch_invariant = True
+        if self.attention_backend == "triton":
+            self.model.attention_layers[0].backend.batch_invariant = True  # shared by every layer
+        else:
+            backend = RowwiseAttentionBackend()
+            for attn in self.model.attention_layers:
+                attn.backend = backend
 
     # ---- KV cache sizing ---------------------------------------------------------------------
     @property
@@ -246,51 +234,50 @@ class ModelRunner:
         del self.kv_cache
 
     # ---- one step ----------------------------------------------------------------------------
-    def prepare(
-        self, seqs: list[Sequence], num_new_tokens: list[int], prev: StepHandle | None = None
-    ) -> StepInputs:
+    def prepare(self, batch: StepBatch, prev: StepHandle | None = None) -> StepInputs:
         """Flatten the step's tokens into device tensors with one host-to-device copy.
 
-        A sequence's last token may still be a PLACEHOLDER for what `prev` (the step in flight)
-        samples: its input id is then taken from `prev.sampled.tokens` on the device."""
+        A sequence's last token may be pending (`last_token_pending`): `prev`, the step in flight,
+        samples it, and its input id is taken from `prev.sampled.tokens` on the device."""
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        logits_indices: list[int] = []
-        sampling_seqs: list[Sequence] = []
+        query_lens: list[int] = []
         context_lens: list[int] = []
+        logits_indices: list[int] = []
+        sampled_seq_ids: list[int] = []
+        sampling_rows: list[SamplingRow] = []
         fill_rows: list[int] = []  # input rows whose token is still on the device ...
         fill_from: list[int] = []  # ... at this index of prev's sampled tokens
         prompt_rows: list[int] = []
-        prompt_targets: list[int] = []
-        prompt_seqs: list[Sequence] = []
-        for seq, n in zip(seqs, num_new_tokens):
-            start = seq.num_computed_tokens
+        prompt_seqs: list[StepSequence] = []
+        for seq in batch.seqs:
+            start, n, offset = seq.start, len(seq.token_ids), len(input_ids)
             end = start + n
-            if seq.wants_prompt_logprobs:
-                # Row p predicts prompt token p + 1; skip positions recorded before a preemption.
-                for p in range(max(start, len(seq.prompt_logprobs) - 1), min(end, seq.num_prompt_tokens - 1)):
-                    prompt_rows.append(len(input_ids) + p - start)
-                    prompt_targets.append(seq.token_ids[p + 1])
-                    prompt_seqs.append(seq)
-            input_ids += seq.token_ids[start:end]
-            if input_ids[-1] == PLACEHOLDER:
+            request = seq.prompt_logprobs
+            if request is not None:
+                first_row = offset + request.first - start
+                prompt_rows += range(first_row, first_row + len(request.targets))
+                prompt_seqs.append(seq)
+            input_ids += seq.token_ids
+            if seq.last_token_pending:
                 if prev is None or seq.seq_id not in prev.row_of:
-                    raise RuntimeError(f"sequence {seq.seq_id} has an unresolved token and no step in flight")
-                input_ids[-1] = 0
-                fill_rows.append(len(input_ids) - 1)
+                    raise RuntimeError(f"sequence {seq.seq_id} has a pending token and no step in flight")
+                fill_rows.append(offset + n - 1)
                 fill_from.append(prev.row_of[seq.seq_id])
             positions += range(start, end)
             table = seq.block_table
             slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            query_lens.append(n)
             context_lens.append(end)
-            if end == len(seq):
-                logits_indices.append(len(input_ids) - 1)
-                sampling_seqs.append(seq)
-        max_blocks = max(len(s.block_table) for s in seqs)
+            if seq.sampling is not None:
+                logits_indices.append(offset + n - 1)
+                sampled_seq_ids.append(seq.seq_id)
+                sampling_rows.append(seq.sampling)
+        max_blocks = max(len(s.block_table) for s in batch.seqs)
         tables: list[int] = []
-        for s in seqs:
+        for s in batch.seqs:
             tables += s.block_table + [-1] * (max_blocks - len(s.block_table))
         parts = (input_ids, positions, slots, logits_indices, context_lens, fill_rows, fill_from, tables)
         # One copy for all of them; each part padded to 16 bytes so the kernels see aligned pointers
@@ -303,42 +290,33 @@ class ModelRunner:
         if fill_rows:
             ids_t[fill_rows_t] = prev.sampled.tokens[fill_from_t]
         meta = AttentionMetadata(
-            query_lens=list(num_new_tokens),
+            query_lens=query_lens,
             context_lens=context_lens,
             slot_mapping=slots_t,
-            block_tables=tables_t.view(len(seqs), max_blocks).to(torch.int32),
+            block_tables=tables_t.view(len(batch.seqs), max_blocks).to(torch.int32),
             block_size=bs,
+            context_lens_tensor=ctx_t,
         )
         return StepInputs(
             input_ids=ids_t,
             positions=pos_t,
             meta=meta,
-            context_lens=ctx_t,
             logits_indices=logits_t,
-            sampling_seqs=sampling_seqs,
+            sampled_seq_ids=sampled_seq_ids,
+            sampling_rows=sampling_rows,
             prompt_rows=prompt_rows,
-            prompt_targets=prompt_targets,
             prompt_seqs=prompt_seqs,
         )
 
     @torch.inference_mode()
-    def launch(
-        self, seqs: list[Sequence], num_new_tokens: list[int], prev: StepHandle | None = None
-    ) -> StepHandle:
-        """Queue the step on the device and return at once; the sampled tokens stay on the device.
-
-        Sequences whose slice reaches the end of their tokens are sampled (`handle.sampling_seqs`)."""
-        inputs = self.prepare(seqs, num_new_tokens, prev)
-        if self._use_graph(inputs, num_new_tokens):
+    def launch(self, batch: StepBatch, prev: StepHandle | None = None) -> StepHandle:
+        """Queue the step on the device and return at once; the sampled tokens stay on the device."""
+        inputs = self.prepare(batch, prev)
+        prompt_logprobs = None
+        if self._use_decode_graph(inputs):
             self.num_graph_steps += 1
-            logits = self.decode_graphs.run(
-                inputs.input_ids,
-                inputs.positions,
-                inputs.meta.slot_mapping,
-                inputs.meta.block_tables,
-                inputs.context_lens,
-            )
-        elif self._use_mixed_graph(inputs, num_new_tokens):
+            logits = self.decode_graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+        elif self._use_mixed_graph(inputs):
             self.num_mixed_graph_steps += 1
             logits = self.mixed_graphs.run(
                 inputs.input_ids, inputs.positions, inputs.logits_indices, inputs.meta
@@ -346,57 +324,47 @@ class ModelRunner:
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
             if inputs.prompt_rows:
-                self._record_prompt_logprobs(hidden, inputs)
+                prompt_logprobs = self._prompt_logprobs(hidden, inputs)
             logits = None
-            if inputs.sampling_seqs:
+            if inputs.sampling_rows:
                 logits = self.model.compute_logits(hidden[inputs.logits_indices])
         sampled = None
         if logits is not None:
-            rows = [self._sampling_row(seq) for seq in inputs.sampling_seqs]
-            sampled = self.sampler.sample(logits, rows)
+            sampled = self.sampler.sample(logits, inputs.sampling_rows)
             sampled.start_copy()
-        return StepHandle(inputs.sampling_seqs, sampled)
+        return StepHandle(inputs.sampled_seq_ids, sampled, prompt_logprobs)
 
-    def _use_graph(self, inputs: StepInputs, num_new_tokens: list[int]) -> bool:
+    def _use_decode_graph(self, inputs: StepInputs) -> bool:
+        num_seqs = inputs.meta.num_seqs
         return (
             self.decode_graphs is not None
-            and len(num_new_tokens) <= self.decode_graphs.max_batch_size
+            and num_seqs <= self.decode_graphs.max_batch_size
             and not inputs.prompt_rows
-            and all(n == 1 for n in num_new_tokens)
+            and inputs.input_ids.shape[0] == num_seqs  # one query row each
         )
 
-    def _use_mixed_graph(self, inputs: StepInputs, num_new_tokens: list[int]) -> bool:
+    def _use_mixed_graph(self, inputs: StepInputs) -> bool:
         return (
             self.mixed_graphs is not None
-            and bool(inputs.sampling_seqs)  # one that samples nothing (only early prompt chunks) runs eagerly
+            and bool(inputs.sampling_rows)  # one that samples nothing (only early prompt chunks) runs eagerly
             and not inputs.prompt_rows
-            and self.mixed_graphs.fits(num_new_tokens)
+            and self.mixed_graphs.fits(inputs.meta.query_lens)
         )
 
-    def _record_prompt_logprobs(self, hidden: torch.Tensor, inputs: StepInputs) -> None:
+    def _prompt_logprobs(self, hidden: torch.Tensor, inputs: StepInputs) -> PendingPromptLogprobs:
+        """Logprobs of the prompt tokens that the step's rows predict; they stay on the device."""
+        requests = [seq.prompt_logprobs for seq in inputs.prompt_seqs]
         rows = torch.tensor(inputs.prompt_rows, device=self.device)
         logprobs = self.model.compute_logits(hidden[rows]).log_softmax(-1)
-        targets = torch.tensor(inputs.prompt_targets, device=self.device)
-        chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
-        k = max(s.params.prompt_logprobs for s in inputs.prompt_seqs)
-        top_lp, top_ids = logprobs.topk(max(k, 1), dim=-1)
-        top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
-        for i, (seq, target) in enumerate(zip(inputs.prompt_seqs, inputs.prompt_targets)):
-            n = seq.params.prompt_logprobs
-            entry = dict(zip(top_ids[i][:n], top_lp[i][:n]))
-            entry[target] = chosen[i]
-            seq.prompt_logprobs.append(entry)
-
-    def _sampling_row(self, seq: Sequence) -> SamplingRow:
-        params = seq.params
-        banned: list[int] = []
-        if seq.num_output_tokens < params.min_tokens:
-            banned = list(params.stop_token_ids) + ([] if params.ignore_eos else sorted(self.eos_token_ids))
-        history = params.needs_token_history  # copying every context each step is O(context)
-        return SamplingRow(
-            params=params,
-            generator=seq.generator,
-            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens] if history else [],
-            output_token_ids=seq.output_token_ids if history else [],
-            banned_token_ids=banned,
+        targets = list(chain.from_iterable(r.targets for r in requests))
+        chosen = logprobs.gather(1, torch.tensor(targets, device=self.device)[:, None])[:, 0]
+        top_values, top_ids = logprobs.topk(max(max(r.top for r in requests), 1), dim=-1)
+        return PendingPromptLogprobs(
+            seq_ids=[seq.seq_id for seq in inputs.prompt_seqs],
+            counts=[len(r.targets) for r in requests],
+            tops=[r.top for r in requests],
+            targets=targets,
+            chosen=chosen,
+            top_values=top_values,
+            top_ids=top_ids,
         )
