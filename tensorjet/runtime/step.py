@@ -43,9 +43,8 @@ class StepSequence:
     # token_ids[-1] stands for the token the step in flight samples for this sequence: its value is
     # taken from that step's handle on the device.
     last_token_pending: bool
-    sampling: (
-        SamplingRow | None
-    )  # sample the token after the last row; None: nothing (a prompt's early chunk)
+    # What to sample after the last row; None: nothing (a prompt's early chunk).
+    sampling: SamplingRow | None
     prompt_logprobs: PromptLogprobsRequest | None = None
 
 
