@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from tensorjet.layers.attention import AttentionMetadata, TorchAttentionBackend
 
@@ -60,26 +59,26 @@ def attend_rows(
     """Causal attention, one query row at a time over exactly its visible keys.
 
     q: [T, Hq, D], sequence i owning the next `query_lens[i]` rows, the last of its `context_lens[i]`
-    positions; caches: [num_blocks, block_size, Hk, D]. A row at position p attends with one call of the
-    same shape ([Hq, 1, D] over [Hk, p + 1, D], the same strides) wherever it comes from."""
+    positions; caches: [num_blocks, block_size, Hk, D]. A row at position p runs the same three calls
+    (scores [Hk, group, p + 1], their softmax, the weighted sum of values) of the same shapes and
+    strides wherever it comes from."""
     block_size, num_kv_heads, head_dim = k_cache.shape[1:]
     k_flat = k_cache.view(-1, num_kv_heads, head_dim)
     v_flat = v_cache.view(-1, num_kv_heads, head_dim)
-    gqa = q.shape[1] != num_kv_heads
+    queries = q.reshape(q.shape[0], num_kv_heads, -1, head_dim)  # [T, Hk, group, D]
     out = torch.empty_like(q)
+    rows = out.view(queries.shape)
     row = 0
     for seq, (num_queries, num_keys) in enumerate(zip(query_lens, context_lens)):
         pos = torch.arange(num_keys, device=q.device)
         slots = block_tables[seq, pos // block_size].long() * block_size + pos % block_size
-        keys = k_flat[slots].to(q.dtype).transpose(0, 1)  # [Hk, L, D]
-        values = v_flat[slots].to(q.dtype).transpose(0, 1)
+        keys_t = k_flat[slots].to(q.dtype).permute(1, 2, 0)  # [Hk, D, L]
+        values = v_flat[slots].to(q.dtype).transpose(0, 1)  # [Hk, L, D]
         first = num_keys - num_queries
         for j in range(num_queries):
             visible = first + j + 1
-            o = F.scaled_dot_product_attention(
-                q[row + j][:, None], keys[:, :visible], values[:, :visible], scale=scale, enable_gqa=gqa
-            )
-            out[row + j] = o[:, 0]
+            scores = torch.matmul(queries[row + j], keys_t[:, :, :visible]).mul_(scale)
+            torch.matmul(scores.softmax(-1), values[:, :visible], out=rows[row + j])
         row += num_queries
     return out
 
