@@ -22,6 +22,7 @@ from tensorjet.layers.attention import AttentionMetadata
 from tensorjet.models.llama import LlamaForCausalLM, head_dim_of
 from tensorjet.models.loader import ModelSource, iter_weights
 from tensorjet.runtime.device_io import to_device
+from tensorjet.runtime.kernel_selection import linear_method_for, select_kernels
 from tensorjet.runtime.sampler import SampledTokens, Sampler, SamplerOutput, SamplingRow
 
 if TYPE_CHECKING:
@@ -110,13 +111,13 @@ class ModelRunner:
     def _load_model(self, source: ModelSource) -> None:
         start = time.perf_counter()
         with torch.device(self.device):
-            self.model = LlamaForCausalLM(source.hf_config, self.dtype)
+            self.model = LlamaForCausalLM(
+                source.hf_config, self.dtype, linear_method=linear_method_for(self.config)
+            )
         if source.kind == "dummy" or self.config.load_format == "dummy":
             self.model.init_dummy_weights(self.config.seed)
         else:
             self.model.load_weights((name, t.to(self.dtype)) for name, t in iter_weights(source))
-        if self.device.type == "cpu" and self.dtype == torch.float32 and torch.backends.mkldnn.is_available():
-            self.model.use_onednn_linear()
         self.model.eval()
         logger.info("loaded %s in %.1fs", source.name, time.perf_counter() - start)
 
@@ -167,10 +168,7 @@ class ModelRunner:
             backend = TritonAttentionBackend()
             for attn in self.model.attention_layers:
                 attn.backend = backend
-            self.model.use_triton_kernels()
-            if self.device.type == "cuda":
-                self.model.use_small_batch_gemv()
-            self.model.use_fused_decode(timed=self.device.type == "cuda")
+        select_kernels(self.model, self.config, choice)
         return choice
 
     # ---- KV cache sizing ---------------------------------------------------------------------
