@@ -184,9 +184,9 @@ def bound_out_tok_s(llm, lengths: list[tuple[int, int]]) -> float:
     token reads its whole context of KV (prompt + output / 2 tokens on average)."""
     model = llm.engine.runner.model
     runner = llm.engine.runner
-    head = model.lm_head.weight.numel() if model.lm_head is not None else model.embed_tokens.weight.numel()
+    head = model.lm_head.weight.numel()  # the embedding's own weight where the two are tied
     body = sum(p.numel() for p in model.parameters()) - model.embed_tokens.weight.numel()
-    if model.lm_head is not None:
+    if not model.tie_word_embeddings:
         body -= head
     kv_bytes_per_token = runner.kv_bytes_per_block / runner.block_size
     seconds = 0.0

@@ -609,9 +609,12 @@ def test_fused_gemv(dtype, bias, seed):
 def test_fused_decode_layers_match_the_unfused_model(seed):
     """A one-token decode step through the fused GEMVs (all, or some with the separate-op fallback)
     gives the unfused model's hidden states."""
+    from dataclasses import replace
+
     from transformers import LlamaConfig
 
     from tensorjet.models.llama import LlamaForCausalLM
+    from tensorjet.runtime.kernel_selection import select_fused_decode
 
     config = LlamaConfig(
         hidden_size=64,
@@ -652,20 +655,21 @@ def test_fused_decode_layers_match_the_unfused_model(seed):
         return model(ids, torch.tensor([c - 1 for c in context], device=DEVICE), meta)
 
     unfused = step()
-    model.use_fused_decode(timed=False)
+    select_fused_decode(model, timed=False)
     assert model.fused_decode
     fused = step()
     assert rel_err(fused, unfused) < 1e-5, f"fused vs unfused hidden states, seed={seed}"
-    for layer in model.layers:  # where a fused GEMV does not pay: separate ops around the product
-        layer.self_attn.o_proj.fused_gemv = None
-        layer.mlp.gate_up_proj.fused_gemv = None
+    for layer in model.layers:  # a method without a fused GEMV: separate ops around its product
+        for proj in (layer.self_attn.o_proj, layer.mlp.gate_up_proj):
+            proj.method.kernels = replace(proj.method.kernels, fused=None)
+            assert not proj.method.supports_fused
     mixed = step()
     assert rel_err(mixed, unfused) < 1e-5, f"partly fused vs unfused hidden states, seed={seed}"
 
 
 def test_linear_dispatches_small_batches_to_its_gemv(seed):
     from tensorjet.kernels.gemv import gemv
-    from tensorjet.layers.linear import Linear
+    from tensorjet.layers.linear import Linear, LinearKernels
 
     layer = Linear(40, [24, 8], bias=True, dtype=torch.float32).to(DEVICE)
     layer.weight.data.normal_()
@@ -676,7 +680,7 @@ def test_linear_dispatches_small_batches_to_its_gemv(seed):
         calls.append(args[0].shape[0])
         return gemv(*args, **kwargs)
 
-    layer.small_batch_kernel, layer.small_batch_max_rows = counted, 4
+    layer.method.kernels = LinearKernels(small_batch=counted, small_batch_max_rows=4)
     for rows in (1, 4, 9):
         x = torch.randn(rows, 40, device=DEVICE)
         assert rel_err(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias)) < 1e-5

@@ -69,3 +69,71 @@ def test_missing_models_name_the_problem(tmp_path, monkeypatch):
         resolve_model("not-a-preset", load_format="dummy")
     with pytest.raises(ValueError, match="load_format"):
         resolve_model(None, load_format="tensorrt")
+
+
+def _tiny_llama_and_checkpoint(tie: bool = False):
+    from tensorjet.models.llama import LlamaForCausalLM
+
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie,
+    )
+    torch.manual_seed(0)
+    checkpoint = transformers.AutoModelForCausalLM.from_config(config).state_dict()
+    return LlamaForCausalLM(config), checkpoint
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_load_weights_routes_each_tensor_through_its_parameters_loader(tie):
+    model, checkpoint = _tiny_llama_and_checkpoint(tie)
+    qkv = model.layers[1].self_attn.qkv_proj.weight
+    routed = []
+    default = qkv.weight_loader
+
+    def recording_loader(param, tensor, shard_id):
+        routed.append(shard_id)
+        default(param, tensor, shard_id)
+
+    qkv.weight_loader = recording_loader
+    model.load_weights(checkpoint.items())
+    assert routed == [0, 1, 2], "q, k and v each reach the merged weight's loader with their shard id"
+    attn, mlp = "model.layers.1.self_attn", "model.layers.1.mlp"
+    expected_qkv = torch.cat([checkpoint[f"{attn}.{p}_proj.weight"] for p in "qkv"])
+    assert torch.equal(qkv, expected_qkv)
+    gate_up = torch.cat([checkpoint[f"{mlp}.gate_proj.weight"], checkpoint[f"{mlp}.up_proj.weight"]])
+    assert torch.equal(model.layers[1].mlp.gate_up_proj.weight, gate_up)
+    assert torch.equal(model.layers[1].mlp.down_proj.weight, checkpoint[f"{mlp}.down_proj.weight"])
+    assert torch.equal(model.embed_tokens.weight, checkpoint["model.embed_tokens.weight"])
+    head = checkpoint["model.embed_tokens.weight" if tie else "lm_head.weight"]
+    assert torch.equal(model.lm_head.weight, head)
+    assert (model.lm_head.weight is model.embed_tokens.weight) == tie
+
+
+def test_load_weights_names_unknown_misshapen_and_missing_tensors():
+    model, checkpoint = _tiny_llama_and_checkpoint()
+    extra = dict(checkpoint) | {"model.layers.0.mlp.extra_proj.weight": torch.zeros(4, 4)}
+    with pytest.raises(
+        ValueError, match=r"'layers.0.mlp.extra_proj.weight' does not belong to a llama model"
+    ):
+        model.load_weights(extra.items())
+
+    k = "model.layers.0.self_attn.k_proj.weight"
+    misshapen = dict(checkpoint) | {k: checkpoint[k][:-1]}
+    with pytest.raises(
+        ValueError, match=r"'layers.0.self_attn.k_proj.weight' has shape \(15, 32\), expected \(16, 32\)"
+    ):
+        model.load_weights(misshapen.items())
+
+    norm = "model.norm.weight"
+    misshapen = dict(checkpoint) | {norm: torch.ones(31)}
+    with pytest.raises(ValueError, match=r"'norm.weight' has shape \(31,\), expected \(32,\)"):
+        model.load_weights(misshapen.items())
+
+    missing = {n: t for n, t in checkpoint.items() if n != "model.layers.1.mlp.up_proj.weight"}
+    with pytest.raises(ValueError, match=r"missing 1 tensors, e.g. \['layers.1.mlp.up_proj.weight'\]"):
+        model.load_weights(missing.items())

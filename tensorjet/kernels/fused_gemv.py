@@ -13,7 +13,7 @@ the small ones over:
 It is an FMA GEMV, not a tensor-core one: with one row of x there is nothing to pad to a 16-row MMA
 tile, and the weight tile goes straight from global memory into registers (no shared-memory stage).
 Each program owns BLOCK_N output rows and keeps a [BLOCK_N, BLOCK_K] tile of partial sums that it
-reduces once at the end. `tensorjet.models.llama.LlamaForCausalLM.use_fused_decode` times it against
+reduces once at the end. `tensorjet.runtime.kernel_selection.select_fused_decode` times it against
 cuBLAS plus the kernels it replaces and uses it only where the whole layer comes out faster.
 """
 

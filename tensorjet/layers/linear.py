@@ -1,54 +1,148 @@
 """Linear layers with a pluggable weight format.
 
-A `LinearMethod` owns how a layer's weights are stored and multiplied. Unquantized bf16/fp32 is the
-only method today; FP8 and INT4 slot in as further methods without touching the model code.
-Merged layers (q|k|v, gate|up) keep one weight and load each checkpoint shard into its rows.
+A `LinearMethod` owns how a layer's weights are stored and loaded and every product of the layer: the
+plain product (`apply`), and the batch-1 product with the layer's neighbouring norm, residual add or
+SiLU-and-multiply fused in (`apply_fused`). Models call `layer(x)` and `layer.forward_fused(...)`,
+which delegate to it; nothing else reads the weights. Unquantized bf16/fp32 is the only method today;
+FP8 and INT4 slot in as further methods without touching the model code.
+
+Which kernels a method runs is chosen once at start-up (`tensorjet.runtime.kernel_selection`) and kept
+on the method (`LinearKernels` for the unquantized one). Merged layers (q|k|v, gate|up) keep one weight;
+each checkpoint shard loads into its rows through the parameter's `weight_loader`.
 """
 
 from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tensorjet.layers.norm import RMSNorm
+from tensorjet.layers.weight_loader import copy_checked, set_weight_loader
+
+# y [M, N] = kernel(x [M, K], weight [N, K], bias [N] or None)
+LinearKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+# `tensorjet.kernels.fused_gemv.fused_gemv` with its tile configuration bound
+FusedLinearKernel = Callable[..., torch.Tensor]
 
 
-class LinearMethod:
+@dataclass(frozen=True)
+class LinearKernels:
+    """The kernels an unquantized layer's products run, chosen at start-up for its weight shape."""
+
+    dense: LinearKernel = F.linear  # every batch the GEMV does not take; `onednn_linear` on CPU fp32
+    # A decode GEMV for up to `small_batch_max_rows` rows, where it measured faster than cuBLAS
+    # (`tensorjet.kernels.gemv.gemv`).
+    small_batch: LinearKernel | None = None
+    small_batch_max_rows: int = 0
+    # The batch-1 GEMV with the neighbouring ops fused in (`tensorjet.kernels.fused_gemv.fused_gemv`),
+    # set where the fused decode layer pays.
+    fused: FusedLinearKernel | None = None
+
+
+class LinearMethod(ABC):
+    """How a `Linear` layer's weights are stored, loaded and multiplied."""
+
+    @abstractmethod
     def create_weights(self, layer: Linear, dtype: torch.dtype) -> None:
-        raise NotImplementedError
+        """Register the layer's parameters, each with the `weight_loader` its layout needs."""
 
-    def load_shard(self, layer: Linear, name: str, shard: int, tensor: torch.Tensor) -> None:
-        raise NotImplementedError
-
+    @abstractmethod
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """x [M, K] -> x W^T (+ b) [M, N], for any M."""
+
+    @property
+    def supports_fused(self) -> bool:
+        """Whether `apply_fused` runs this layer's fused batch-1 product. Where not (a format without
+        a fused kernel), `Linear.forward_fused` runs the neighbouring ops around `apply` instead."""
+        return False
+
+    def apply_fused(
+        self,
+        layer: Linear,
+        x: torch.Tensor,
+        *,
+        norm: RMSNorm | None,
+        residual: torch.Tensor | None,
+        silu_mul: bool,
+    ) -> torch.Tensor:
+        """One row through the product with `norm` applied to x first, the result added into `residual`
+        in place (and returned), or SiLU-and-multiply applied to a [gate; up] result."""
+        raise NotImplementedError(
+            f"{type(self).__name__} has no fused batch-1 product (supports_fused is False)"
+        )
+
+
+# Makes a layer's method: one instance per layer, as each keeps the kernels chosen for its layer.
+LinearMethodFactory = Callable[[], LinearMethod]
 
 
 class UnquantizedLinearMethod(LinearMethod):
+    """The checkpoint's bf16/fp32 weight [N, K] as it is, multiplied by the kernels in `kernels`."""
+
+    def __init__(self) -> None:
+        self.kernels = LinearKernels()
+
     def create_weights(self, layer: Linear, dtype: torch.dtype) -> None:
         out_features = sum(layer.output_sizes)
         layer.weight = nn.Parameter(
             torch.empty(out_features, layer.input_size, dtype=dtype), requires_grad=False
         )
+        set_weight_loader(layer.weight, layer.weight_loader)
         if layer.has_bias:
             layer.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False)
-
-    def load_shard(self, layer: Linear, name: str, shard: int, tensor: torch.Tensor) -> None:
-        param = layer.weight if name == "weight" else layer.bias
-        start = sum(layer.output_sizes[:shard])
-        rows = param.data[start : start + layer.output_sizes[shard]]
-        if rows.shape != tensor.shape:
-            raise ValueError(
-                f"checkpoint tensor {name} shard {shard} has shape {tuple(tensor.shape)}, "
-                f"expected {tuple(rows.shape)}"
-            )
-        rows.copy_(tensor)
+            set_weight_loader(layer.bias, layer.weight_loader)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        if layer.small_batch_kernel is not None and x.shape[0] <= layer.small_batch_max_rows:
-            return layer.small_batch_kernel(x, layer.weight, layer.bias)
-        return layer.kernel(x, layer.weight, layer.bias)
+        kernels = self.kernels
+        if kernels.small_batch is not None and x.shape[0] <= kernels.small_batch_max_rows:
+            return kernels.small_batch(x, layer.weight, layer.bias)
+        return kernels.dense(x, layer.weight, layer.bias)
+
+    @property
+    def supports_fused(self) -> bool:
+        return self.kernels.fused is not None
+
+    def apply_fused(
+        self,
+        layer: Linear,
+        x: torch.Tensor,
+        *,
+        norm: RMSNorm | None,
+        residual: torch.Tensor | None,
+        silu_mul: bool,
+    ) -> torch.Tensor:
+        fused = self.kernels.fused
+        if fused is None:
+            raise NotImplementedError("no fused GEMV was chosen for this layer (supports_fused is False)")
+        return fused(
+            x,
+            layer.weight,
+            layer.bias,
+            norm_weight=None if norm is None else norm.weight,
+            eps=0.0 if norm is None else norm.eps,
+            residual=residual,
+            silu_mul=silu_mul,
+        )
+
+
+class TiedLinearMethod(UnquantizedLinearMethod):
+    """The unquantized products over a weight another module owns: a tied LM head multiplies by the
+    token embedding's own Parameter (one tensor in memory, loaded once, as the embedding)."""
+
+    def __init__(self, weight: nn.Parameter) -> None:
+        super().__init__()
+        self.tied_weight = weight
+
+    def create_weights(self, layer: Linear, dtype: torch.dtype) -> None:
+        shape = (sum(layer.output_sizes), layer.input_size)
+        if tuple(self.tied_weight.shape) != shape or layer.has_bias:
+            raise ValueError(f"a tied weight must be [{shape[0]}, {shape[1]}] with no bias")
+        layer.weight = self.tied_weight
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -76,19 +170,17 @@ class Linear(nn.Module):
         self.output_sizes = [output_sizes] if isinstance(output_sizes, int) else list(output_sizes)
         self.has_bias = bias
         self.bias = None
-        self.method = method or UnquantizedLinearMethod()
-        # A decode GEMV for up to `small_batch_max_rows` rows, set by the runner where it measured
-        # faster than cuBLAS for this weight shape (`tensorjet.kernels.gemv.select_gemv`).
-        self.small_batch_kernel = None
-        self.small_batch_max_rows = 0
-        # The batch-1 GEMV with this layer's neighbouring ops fused in
-        # (`tensorjet.kernels.fused_gemv.fused_gemv`), set where it pays; see `forward_fused`.
-        self.fused_gemv = None
-        self.kernel = F.linear  # the product for every other batch; `onednn_linear` on CPU fp32
+        self.method = method if method is not None else UnquantizedLinearMethod()
         self.method.create_weights(self, dtype)
 
-    def load_shard(self, name: str, tensor: torch.Tensor, shard: int = 0) -> None:
-        self.method.load_shard(self, name, shard, tensor)
+    def weight_loader(self, param: nn.Parameter, tensor: torch.Tensor, shard_id: int | None) -> None:
+        """Load a parameter whose rows are this layer's outputs: shard `shard_id` of a merged layer into
+        its row block, or (None) the whole parameter."""
+        rows = param.data
+        if shard_id is not None:
+            start = sum(self.output_sizes[:shard_id])
+            rows = rows[start : start + self.output_sizes[shard_id]]
+        copy_checked(rows, tensor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, x)
@@ -99,22 +191,14 @@ class Linear(nn.Module):
         *,
         norm: RMSNorm | None = None,
         residual: torch.Tensor | None = None,
-        act=None,
+        act: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """This layer's product for one row with the ops around it: `norm` applied to x first, the
         result added into `residual` in place (and returned), or `act` (SiLU-and-multiply of a
-        [gate; up] layer) applied to it. With a fused GEMV they run inside it; without one, as
-        separate ops around `forward`."""
-        if self.fused_gemv is not None:
-            return self.fused_gemv(
-                x,
-                self.weight,
-                self.bias,
-                norm_weight=None if norm is None else norm.weight,
-                eps=0.0 if norm is None else norm.eps,
-                residual=residual,
-                silu_mul=act is not None,
-            )
+        [gate; up] layer) applied to it. Where the method fuses them (`apply_fused`) they run inside
+        its kernel; otherwise as separate ops around `forward`."""
+        if self.method.supports_fused:
+            return self.method.apply_fused(self, x, norm=norm, residual=residual, silu_mul=act is not None)
         y = self(x if norm is None else norm(x))
         if act is not None:
             return act(y)

@@ -6,27 +6,20 @@ tokens belong to which sequence. Weights load from HF-named tensors into merged 
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Iterable
-from functools import partial
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from tensorjet.layers.activation import silu_and_mul
+from tensorjet.layers.activation import SiluAndMul
 from tensorjet.layers.attention import Attention, AttentionMetadata
-from tensorjet.layers.linear import Linear, onednn_linear
+from tensorjet.layers.linear import Linear, LinearMethodFactory, TiedLinearMethod, UnquantizedLinearMethod
 from tensorjet.layers.norm import RMSNorm
 from tensorjet.layers.rotary import RotaryEmbedding
-
-logger = logging.getLogger(__name__)
+from tensorjet.models.loader import load_packed_weights
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
-# What one kernel fused away at batch 1 saves: its run time plus its launch gap in a CUDA graph
-# (~1.5-2 + ~1 us for a norm or SiLU on the H200; `benchmarks/profile_kernels.py`).
-FUSED_LAUNCH_US = 2.5
 
 
 def head_dim_of(config: PretrainedConfig) -> int:
@@ -38,7 +31,13 @@ def max_positions_of(config: PretrainedConfig) -> int:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: PretrainedConfig, rotary: RotaryEmbedding, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        rotary: RotaryEmbedding,
+        dtype: torch.dtype,
+        linear_method: LinearMethodFactory,
+    ) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
@@ -46,9 +45,19 @@ class LlamaAttention(nn.Module):
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.q_size, self.kv_size = q_size, kv_size
         qkv_bias = config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
-        self.qkv_proj = Linear(config.hidden_size, [q_size, kv_size, kv_size], bias=qkv_bias, dtype=dtype)
+        self.qkv_proj = Linear(
+            config.hidden_size,
+            [q_size, kv_size, kv_size],
+            bias=qkv_bias,
+            dtype=dtype,
+            method=linear_method(),
+        )
         self.o_proj = Linear(
-            q_size, config.hidden_size, bias=bool(getattr(config, "attention_bias", False)), dtype=dtype
+            q_size,
+            config.hidden_size,
+            bias=bool(getattr(config, "attention_bias", False)),
+            dtype=dtype,
+            method=linear_method(),
         )
         self.qk_norm = config.model_type == "qwen3"
         if self.qk_norm:
@@ -71,23 +80,33 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: PretrainedConfig, dtype: torch.dtype) -> None:
+    def __init__(
+        self, config: PretrainedConfig, dtype: torch.dtype, linear_method: LinearMethodFactory
+    ) -> None:
         super().__init__()
         inter = config.intermediate_size
         bias = bool(getattr(config, "mlp_bias", False))
-        self.gate_up_proj = Linear(config.hidden_size, [inter, inter], bias=bias, dtype=dtype)
-        self.down_proj = Linear(inter, config.hidden_size, bias=bias, dtype=dtype)
-        self.act = silu_and_mul
+        self.gate_up_proj = Linear(
+            config.hidden_size, [inter, inter], bias=bias, dtype=dtype, method=linear_method()
+        )
+        self.down_proj = Linear(inter, config.hidden_size, bias=bias, dtype=dtype, method=linear_method())
+        self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: PretrainedConfig, rotary: RotaryEmbedding, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        rotary: RotaryEmbedding,
+        dtype: torch.dtype,
+        linear_method: LinearMethodFactory,
+    ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, rotary, dtype)
-        self.mlp = LlamaMLP(config, dtype)
+        self.self_attn = LlamaAttention(config, rotary, dtype, linear_method)
+        self.mlp = LlamaMLP(config, dtype, linear_method)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
@@ -101,7 +120,7 @@ class LlamaDecoderLayer(nn.Module):
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
-    def fused_projections(self) -> dict[str, tuple[Linear, dict]]:
+    def fused_projections(self) -> dict[str, tuple[Linear, dict[str, bool]]]:
         """The projections `forward_fused` runs, each with what it fuses in (`fused_gemv` options)."""
         return {
             "qkv_proj": (self.self_attn.qkv_proj, dict(norm=True)),
@@ -121,16 +140,20 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    # HF checkpoint name fragment -> (our merged module name fragment, shard index)
-    MERGED = {
-        "q_proj": ("qkv_proj", 0),
-        "k_proj": ("qkv_proj", 1),
-        "v_proj": ("qkv_proj", 2),
-        "gate_proj": ("gate_up_proj", 0),
-        "up_proj": ("gate_up_proj", 1),
+    # Our merged module -> the checkpoint modules whose weights it holds, in row order (shard ids).
+    packed_modules_mapping = {
+        "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+        "gate_up_proj": ("gate_proj", "up_proj"),
     }
 
-    def __init__(self, config: PretrainedConfig, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        dtype: torch.dtype = torch.float32,
+        linear_method: LinearMethodFactory = UnquantizedLinearMethod,
+    ) -> None:
+        """linear_method: the weight format of the decoder layers' projections; the LM head keeps the
+        unquantized one (over the token embedding where the two are tied)."""
         super().__init__()
         if config.model_type not in SUPPORTED_ARCHITECTURES:
             raise ValueError(
@@ -142,105 +165,18 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(
-            [LlamaDecoderLayer(config, self.rotary, dtype) for _ in range(config.num_hidden_layers)]
+            [
+                LlamaDecoderLayer(config, self.rotary, dtype, linear_method)
+                for _ in range(config.num_hidden_layers)
+            ]
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        if self.tie_word_embeddings:
-            self.lm_head = None
-            self.tied_head_kernel = nn.functional.linear
-        else:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype=dtype)
-        # One-token steps run `LlamaDecoderLayer.forward_fused` (set by `use_fused_decode`).
+        head_method = TiedLinearMethod(self.embed_tokens.weight) if self.tie_word_embeddings else None
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype=dtype, method=head_method)
+        # One-token steps run `LlamaDecoderLayer.forward_fused`; set at start-up where it pays
+        # (`tensorjet.runtime.kernel_selection`), and a benchmark may flip it to compare.
         self.fused_decode = False
-
-    def use_triton_kernels(self) -> None:
-        """Swap the PyTorch norm, rotary and activation ops for fused Triton kernels (same numerics)."""
-        from tensorjet.kernels.activation import silu_and_mul as fused_silu_and_mul
-        from tensorjet.kernels.norm import rms_norm
-        from tensorjet.kernels.rotary import apply_rotary
-
-        self.rotary.kernel = apply_rotary
-        for module in self.modules():
-            if isinstance(module, RMSNorm):
-                module.kernel = rms_norm
-            elif isinstance(module, LlamaMLP):
-                module.act = fused_silu_and_mul
-
-    def use_small_batch_gemv(self) -> None:
-        """Give each linear shape the decode GEMV where it measures faster than cuBLAS (CUDA only)."""
-        from tensorjet.kernels.gemv import MAX_M, gemv, select_gemv
-
-        chosen: dict[tuple, object] = {}
-        for module in self.modules():
-            if not isinstance(module, Linear):
-                continue
-            key = (tuple(module.weight.shape), module.bias is not None)
-            if key not in chosen:
-                config, timings = select_gemv(module.weight, module.bias)
-                chosen[key] = config
-                gbps = module.weight.numel() * module.weight.element_size() / timings["gemv_m1"] / 1e6
-                logger.info(
-                    "linear %s: GEMV %.1f us (%.0f GB/s) vs cuBLAS %.1f us at M=1 -> %s",
-                    key[0],
-                    timings["gemv_m1"] * 1e3,
-                    gbps,
-                    timings["cublas_m1"] * 1e3,
-                    config or "cuBLAS",
-                )
-            if chosen[key] is not None:
-                module.small_batch_kernel = partial(gemv, config=chosen[key])
-                module.small_batch_max_rows = MAX_M
-
-    def use_fused_decode(self, timed: bool = True) -> None:
-        """Run one-token steps through `LlamaDecoderLayer.forward_fused`: each projection's GEMV
-        carries the norm, residual add or SiLU next to it (`tensorjet.kernels.fused_gemv`).
-
-        timed: time each projection's best fused GEMV on this GPU and sum them over a layer, against
-        cuBLAS plus the three kernels the fusion removes (two norms with their residual adds, SiLU;
-        `FUSED_LAUNCH_US` each); the path is on only if the fused layer wins. Untimed (the CPU
-        interpreter), it is on with the first candidate."""
-        from tensorjet.kernels.fused_gemv import CANDIDATES, fused_gemv, select_fused_gemv
-
-        projections = self.layers[0].fused_projections()
-        configs = {name: CANDIDATES[0] for name in projections}
-        use = True
-        if timed:
-            start = time.perf_counter()
-            fused_us = 0.0
-            unfused_us = 3 * FUSED_LAUNCH_US
-            for name, (module, fusion) in projections.items():
-                configs[name], timings = select_fused_gemv(module.weight, module.bias, **fusion)
-                fused_us += timings["fused"] * 1e3
-                unfused_us += timings["cublas"] * 1e3
-                logger.info(
-                    "fused decode %s: %.1f us (%s) vs cuBLAS %.1f us",
-                    name,
-                    timings["fused"] * 1e3,
-                    configs[name],
-                    timings["cublas"] * 1e3,
-                )
-            use = fused_us < unfused_us
-            logger.info(
-                "fused batch-1 decode layer: %.1f us vs %.1f us unfused -> %s (chosen in %.1fs)",
-                fused_us,
-                unfused_us,
-                "on" if use else "off",
-                time.perf_counter() - start,
-            )
-        # The GEMVs are bound either way, so a benchmark can flip `fused_decode` to compare.
-        for layer in self.layers:
-            for name, (module, _) in layer.fused_projections().items():
-                module.fused_gemv = partial(fused_gemv, config=configs[name])
-        self.fused_decode = use
-
-    def use_onednn_linear(self) -> None:
-        """CPU fp32: every weight product, the tied LM head's included, through oneDNN (`onednn_linear`)."""
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.kernel = onednn_linear
-        if self.lm_head is None:
-            self.tied_head_kernel = onednn_linear
 
     @property
     def attention_layers(self) -> list[Attention]:
@@ -264,58 +200,18 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """fp32 logits; converted straight into `out` when given (a CUDA graph's static buffer: one pass
         over the [rows, vocab] logits instead of a conversion and then a copy)."""
-        if self.lm_head is None:
-            logits = self.tied_head_kernel(hidden, self.embed_tokens.weight)
-        else:
-            logits = self.lm_head(hidden)
+        logits = self.lm_head(hidden)
         return logits.float() if out is None else out.copy_(logits)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors in; raises if a parameter is left unloaded or a name is unknown."""
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            if "rotary_emb" in name:
-                continue
-            name = name.removeprefix("model.")
-            if name == "lm_head.weight" and self.lm_head is None:
-                continue  # tied: the embedding serves as the head
-            module_name, _, kind = name.rpartition(".")
-            parts = module_name.split(".")
-            if parts[-1] in self.MERGED:
-                merged, shard = self.MERGED[parts[-1]]
-                parts[-1] = merged
-                self.get_submodule(".".join(parts)).load_shard(kind, tensor, shard)
-                loaded.add(f"{'.'.join(parts)}.{kind}:{shard}")
-                continue
-            if parts[-1] in ("o_proj", "down_proj", "lm_head"):
-                self.get_submodule(module_name).load_shard(kind, tensor)
-                loaded.add(f"{module_name}.{kind}:0")
-                continue
-            if name not in params:
-                raise ValueError(
-                    f"checkpoint tensor {name!r} does not belong to a {self.config.model_type} model"
-                )
-            if params[name].shape != tensor.shape:
-                raise ValueError(
-                    f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
-                    f"expected {tuple(params[name].shape)}"
-                )
-            params[name].data.copy_(tensor)
-            loaded.add(f"{name}:0")
-        missing = [n for n in self._expected_loads() if n not in loaded]
-        if missing:
-            raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
-
-    def _expected_loads(self) -> list[str]:
-        expected = []
-        for name, module in self.named_modules():
-            if isinstance(module, Linear):
-                for kind in ("weight", "bias") if module.has_bias else ("weight",):
-                    expected += [f"{name}.{kind}:{s}" for s in range(len(module.output_sizes))]
-            elif isinstance(module, (RMSNorm, nn.Embedding)):
-                expected.append(f"{name}.weight:0")
-        return expected
+        skip = "lm_head.weight" if self.tie_word_embeddings else None  # tied: the embedding serves
+        ours = (
+            (name.removeprefix("model."), tensor)
+            for name, tensor in weights
+            if "rotary_emb" not in name and name != skip
+        )
+        load_packed_weights(self, ours, self.packed_modules_mapping, self.config.model_type)
 
     def init_dummy_weights(self, seed: int = 0) -> None:
         """Random weights with the real shapes, scaled so activations stay finite (benchmarks only)."""

@@ -1,7 +1,8 @@
 """Where a model comes from: a local HF directory, a GGUF file, the local HF cache, a dummy preset,
 or (no model named) the bundled SmolLM2-135M-Instruct. Offline by design: nothing is downloaded.
 
-`iter_weights` yields HF-named tensors lazily, so the model copies them in one at a time.
+`iter_weights` yields HF-named tensors lazily, so the model copies them in one at a time;
+`load_packed_weights` routes each to its parameter's own `weight_loader`.
 """
 
 from __future__ import annotations
@@ -10,14 +11,16 @@ import importlib.util
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import transformers
+from torch import nn
 
 from tensorjet.config import LOAD_FORMATS
+from tensorjet.layers.weight_loader import weight_loader_of
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
@@ -211,3 +214,52 @@ def _unpermute_rope(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
         .transpose(1, 2)
         .reshape(weight.shape)
     )
+
+
+def load_packed_weights(
+    model: nn.Module,
+    weights: Iterable[tuple[str, torch.Tensor]],
+    packed_modules_mapping: Mapping[str, Sequence[str]],
+    model_type: str,
+) -> None:
+    """Copy checkpoint tensors, named as `model`'s parameters, into them through each parameter's
+    `weight_loader`. A tensor of a module that `packed_modules_mapping` merges ("q_proj" into
+    "qkv_proj") goes to the merged parameter as the shard of its position in the mapping. Raises
+    where a name is unknown, a shape differs, or a parameter (or shard) is left unloaded."""
+    params = dict(model.named_parameters())
+    # checkpoint module -> (our merged module, shard id)
+    shard_of = {
+        part: (packed, i) for packed, parts in packed_modules_mapping.items() for i, part in enumerate(parts)
+    }
+    loaded: set[str] = set()
+    for name, tensor in weights:
+        module_name, _, kind = name.rpartition(".")
+        parent, _, module = module_name.rpartition(".")
+        param_name, shard_id = name, None
+        if module in shard_of:
+            packed, shard_id = shard_of[module]
+            param_name = ".".join(filter(None, (parent, packed, kind)))
+        param = params.get(param_name)
+        if param is None:
+            raise ValueError(f"checkpoint tensor {name!r} does not belong to a {model_type} model")
+        try:
+            weight_loader_of(param)(param, tensor, shard_id)
+        except ValueError as error:
+            raise ValueError(f"checkpoint tensor {name!r} {error}") from None
+        loaded.add(name)
+    missing = [n for n in _checkpoint_names(params, packed_modules_mapping) if n not in loaded]
+    if missing:
+        raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
+
+
+def _checkpoint_names(
+    params: Iterable[str], packed_modules_mapping: Mapping[str, Sequence[str]]
+) -> list[str]:
+    """The checkpoint tensors that `params` load from: one per parameter, one per shard of a merged one."""
+    names = []
+    for name in params:
+        module_name, _, kind = name.rpartition(".")
+        parent, _, module = module_name.rpartition(".")
+        parts = packed_modules_mapping.get(module, (module,))
+        names += [".".join(filter(None, (parent, part, kind))) for part in parts]
+    return names

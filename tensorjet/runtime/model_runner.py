@@ -11,7 +11,6 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from functools import partial
 from itertools import chain
 from typing import TYPE_CHECKING
 
@@ -19,11 +18,11 @@ import torch
 
 from tensorjet.config import EngineConfig
 from tensorjet.layers.attention import AttentionMetadata, GraphAttentionBackend
-from tensorjet.layers.batch_invariant import RowwiseAttentionBackend, row_tile_for, row_tiled
-from tensorjet.layers.linear import Linear
+from tensorjet.layers.batch_invariant import RowwiseAttentionBackend
 from tensorjet.models.llama import LlamaForCausalLM, head_dim_of
 from tensorjet.models.loader import ModelSource, iter_weights
 from tensorjet.runtime.device_io import to_device
+from tensorjet.runtime.kernel_selection import linear_method_for, select_kernels
 from tensorjet.runtime.sampler import Sampler, SamplingRow
 from tensorjet.runtime.step import PendingPromptLogprobs, StepBatch, StepHandle, StepSequence
 
@@ -83,8 +82,6 @@ class ModelRunner:
         with _explain_out_of_memory("loading the model weights"):
             self._load_model(source)
         self.attention_backend = self._select_attention_backend()
-        if config.runtime.batch_invariant:
-            self._make_batch_invariant()
         with _explain_out_of_memory("sizing and allocating the KV cache"):
             self.num_blocks = self._kv_cache_blocks()
             self._allocate_kv_cache(self.num_blocks)
@@ -96,13 +93,13 @@ class ModelRunner:
     def _load_model(self, source: ModelSource) -> None:
         start = time.perf_counter()
         with torch.device(self.device):
-            self.model = LlamaForCausalLM(source.hf_config, self.dtype)
+            self.model = LlamaForCausalLM(
+                source.hf_config, self.dtype, linear_method=linear_method_for(self.config)
+            )
         if source.kind == "dummy" or self.config.load.load_format == "dummy":
             self.model.init_dummy_weights(self.config.runtime.seed)
         else:
             self.model.load_weights((name, t.to(self.dtype)) for name, t in iter_weights(source))
-        if self.device.type == "cpu" and self.dtype == torch.float32 and torch.backends.mkldnn.is_available():
-            self.model.use_onednn_linear()
         self.model.eval()
         logger.info("loaded %s in %.1fs", source.name, time.perf_counter() - start)
 
@@ -144,35 +141,19 @@ class ModelRunner:
         choice = self.config.runtime.attention_backend
         if choice == "auto":
             choice = "triton" if self.device.type == "cuda" else "torch"
+        invariant = self.config.runtime.batch_invariant
+        backend = None
         if choice == "triton":
             from tensorjet.layers.triton_attention import TritonAttentionBackend
 
-            backend = TritonAttentionBackend()
-            for attn in self.model.attention_layers:
-                attn.backend = backend
-            self.model.use_triton_kernels()
-            if self.device.type == "cuda":
-                self.model.use_small_batch_gemv()
-            self.model.use_fused_decode(timed=self.device.type == "cuda")
-        return choice
-
-    def _make_batch_invariant(self) -> None:
-        """Every product in fixed-shape row tiles, no batch-1 or small-batch special kernels, and
-        attention one row at a time (torch) or over fixed key tiles (Triton)."""
-        tiled = partial(row_tiled, row_tile=row_tile_for(self.device))
-        for module in self.model.modules():
-            if isinstance(module, Linear):
-                module.kernel = tiled(module.kernel)
-                module.small_batch_kernel = None
-        if self.model.lm_head is None:
-            self.model.tied_head_kernel = tiled(self.model.tied_head_kernel)
-        self.model.fused_decode = False
-        if self.attention_backend == "triton":
-            self.model.attention_layers[0].backend.batch_invariant = True  # shared by every layer
-        else:
+            backend = TritonAttentionBackend(batch_invariant=invariant)
+        elif invariant:
             backend = RowwiseAttentionBackend()
+        if backend is not None:  # one backend shared by every layer
             for attn in self.model.attention_layers:
                 attn.backend = backend
+        select_kernels(self.model, self.config, choice)
+        return choice
 
     # ---- KV cache sizing ---------------------------------------------------------------------
     @property

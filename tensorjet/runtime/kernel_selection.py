@@ -1,0 +1,196 @@
+"""Start-up choices of how the model's products run, all in one place.
+
+- The weight format of the decoder layers' projections (`linear_method_for`).
+- For each unquantized linear layer, the kernels its method runs, kept on the method (`LinearKernels`):
+  oneDNN's matmul on CPU fp32, else `F.linear`; on the Triton path on a GPU, a small-batch GEMV per
+  weight shape where it times faster than cuBLAS.
+- On the Triton path: fused norm, rotary and SiLU kernels, and the fused batch-1 decode layer (each
+  projection's GEMV with its neighbouring ops fused in), on where it times faster than the unfused
+  layer on a GPU, and with its first candidate tile under the CPU interpreter.
+- In batch-invariant mode: every product in fixed-shape row tiles, no GEMV and no fused layer.
+
+A model declares only which projections its one-token path fuses with which neighbour
+(`fused_projections()` of each decoder layer); nothing here is specific to one model family.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from functools import partial
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tensorjet.config import EngineConfig
+from tensorjet.layers.activation import SiluAndMul
+from tensorjet.layers.batch_invariant import row_tile_for, row_tiled
+from tensorjet.layers.linear import (
+    Linear,
+    LinearKernel,
+    LinearKernels,
+    LinearMethodFactory,
+    UnquantizedLinearMethod,
+    onednn_linear,
+)
+from tensorjet.layers.norm import RMSNorm
+from tensorjet.layers.rotary import RotaryEmbedding
+
+logger = logging.getLogger(__name__)
+
+# What one kernel fused away at batch 1 saves: its run time plus its launch gap in a CUDA graph
+# (~1.5-2 + ~1 us for a norm or SiLU on the H200; `benchmarks/profile_kernels.py`).
+FUSED_LAUNCH_US = 2.5
+
+
+class FusedDecoderLayer(Protocol):
+    def fused_projections(self) -> dict[str, tuple[Linear, dict[str, bool]]]:
+        """The projections the layer's one-token path runs, each with what it fuses in (`fused_gemv`
+        options: norm, residual, silu_mul)."""
+        ...
+
+
+class DecoderModel(Protocol):
+    """What kernel selection needs of a model: its modules, its decoder layers, and the switch that
+    sends one-token steps through the fused layer."""
+
+    layers: Sequence[FusedDecoderLayer]
+    fused_decode: bool
+
+    def modules(self) -> Iterator[nn.Module]: ...
+
+
+def linear_method_for(config: EngineConfig) -> LinearMethodFactory:
+    """The weight format of the decoder layers' projections. Unquantized is the only one so far
+    (`EngineConfig` refuses `quantization`); an FP8 or INT4 method is chosen here by it."""
+    return UnquantizedLinearMethod
+
+
+def select_kernels(model: DecoderModel, config: EngineConfig, attention_backend: str) -> None:
+    """Every start-up kernel choice for `model` on `config`'s device and dtype, given the attention
+    backend in use ("torch" or "triton")."""
+    on_gpu = config.torch_device.type == "cuda"
+    triton = attention_backend == "triton"
+    invariant = config.runtime.batch_invariant
+    if triton:
+        use_triton_elementwise_kernels(model)
+    dense = dense_kernel(config)
+    if invariant:
+        # The same bits for a row at every batch size: every product in fixed-shape row tiles, and
+        # neither the small-batch GEMV nor the fused batch-1 layer (kernels chosen by batch size).
+        dense = row_tiled(dense, row_tile_for(config.torch_device))
+    select_linear_kernels(model, dense, small_batch_gemv=triton and on_gpu and not invariant)
+    if triton and not invariant:
+        select_fused_decode(model, timed=on_gpu)
+
+
+def dense_kernel(config: EngineConfig) -> LinearKernel:
+    """oneDNN's matmul on CPU fp32 (`onednn_linear`: faster than MKL's there), else `F.linear`."""
+    cpu_fp32 = config.torch_device.type == "cpu" and config.torch_dtype == torch.float32
+    return onednn_linear if cpu_fp32 and torch.backends.mkldnn.is_available() else F.linear
+
+
+def use_triton_elementwise_kernels(model: DecoderModel) -> None:
+    """Swap the PyTorch norm, rotary and SiLU-and-multiply ops for fused Triton kernels (same numerics)."""
+    from tensorjet.kernels.activation import silu_and_mul
+    from tensorjet.kernels.norm import rms_norm
+    from tensorjet.kernels.rotary import apply_rotary
+
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            module.kernel = rms_norm
+        elif isinstance(module, RotaryEmbedding):
+            module.kernel = apply_rotary
+        elif isinstance(module, SiluAndMul):
+            module.kernel = silu_and_mul
+
+
+def select_linear_kernels(model: DecoderModel, dense: LinearKernel, small_batch_gemv: bool) -> None:
+    """Give every unquantized linear layer's method its kernels, chosen once per weight shape:
+    `dense` for every batch, and with `small_batch_gemv` the decode GEMV where it times faster than
+    cuBLAS on this GPU (`tensorjet.kernels.gemv.select_gemv`)."""
+    chosen: dict[tuple, LinearKernels] = {}
+    for layer in model.modules():
+        if not isinstance(layer, Linear) or not isinstance(layer.method, UnquantizedLinearMethod):
+            continue
+        key = (tuple(layer.weight.shape), layer.bias is not None)
+        if key not in chosen:
+            chosen[key] = LinearKernels(dense=dense)
+            if small_batch_gemv:
+                chosen[key] = _with_timed_gemv(chosen[key], layer.weight, layer.bias)
+        layer.method.kernels = chosen[key]
+
+
+def _with_timed_gemv(
+    kernels: LinearKernels, weight: torch.Tensor, bias: torch.Tensor | None
+) -> LinearKernels:
+    from tensorjet.kernels.gemv import MAX_M, gemv, select_gemv
+
+    config, timings = select_gemv(weight, bias)
+    gbps = weight.numel() * weight.element_size() / timings["gemv_m1"] / 1e6
+    logger.info(
+        "linear %s: GEMV %.1f us (%.0f GB/s) vs cuBLAS %.1f us at M=1 -> %s",
+        tuple(weight.shape),
+        timings["gemv_m1"] * 1e3,
+        gbps,
+        timings["cublas_m1"] * 1e3,
+        config or "cuBLAS",
+    )
+    if config is None:
+        return kernels
+    return replace(kernels, small_batch=partial(gemv, config=config), small_batch_max_rows=MAX_M)
+
+
+def select_fused_decode(model: DecoderModel, timed: bool = True) -> None:
+    """Run one-token steps through the decoder layers' fused path: each projection's GEMV carries the
+    norm, residual add or SiLU next to it (`tensorjet.kernels.fused_gemv`).
+
+    timed: time each projection's best fused GEMV on this GPU and sum them over a layer, against
+    cuBLAS plus the three kernels the fusion removes (two norms with their residual adds, SiLU;
+    `FUSED_LAUNCH_US` each); the path is on only if the fused layer wins. Untimed (the CPU
+    interpreter), it is on with the first candidate. It stays off where a projection's weight format
+    has no fused GEMV (not unquantized): those layers run unfused."""
+    from tensorjet.kernels.fused_gemv import CANDIDATES, fused_gemv, select_fused_gemv
+
+    layers = [layer.fused_projections() for layer in model.layers]
+    methods = [proj.method for projections in layers for proj, _ in projections.values()]
+    others = sorted({type(m).__name__ for m in methods if not isinstance(m, UnquantizedLinearMethod)})
+    if others:
+        logger.info("fused batch-1 decode layer: off (no fused GEMV for %s)", ", ".join(others))
+        model.fused_decode = False
+        return
+    configs = {name: CANDIDATES[0] for name in layers[0]}
+    use = True
+    if timed:
+        start = time.perf_counter()
+        fused_us = 0.0
+        unfused_us = 3 * FUSED_LAUNCH_US
+        for name, (proj, fusion) in layers[0].items():
+            configs[name], timings = select_fused_gemv(proj.weight, proj.bias, **fusion)
+            fused_us += timings["fused"] * 1e3
+            unfused_us += timings["cublas"] * 1e3
+            logger.info(
+                "fused decode %s: %.1f us (%s) vs cuBLAS %.1f us",
+                name,
+                timings["fused"] * 1e3,
+                configs[name],
+                timings["cublas"] * 1e3,
+            )
+        use = fused_us < unfused_us
+        logger.info(
+            "fused batch-1 decode layer: %.1f us vs %.1f us unfused -> %s (chosen in %.1fs)",
+            fused_us,
+            unfused_us,
+            "on" if use else "off",
+            time.perf_counter() - start,
+        )
+    # The GEMVs are bound either way, so a benchmark can flip `fused_decode` to compare.
+    kernels = {name: partial(fused_gemv, config=config) for name, config in configs.items()}
+    for projections in layers:
+        for name, (proj, _) in projections.items():
+            proj.method.kernels = replace(proj.method.kernels, fused=kernels[name])
+    model.fused_decode = use
