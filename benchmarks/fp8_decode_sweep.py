@@ -11,13 +11,13 @@ so that only the tile shapes, operand order and conversions differ:
   a 16-row tile on sm90 Triton still converts the operands to fp16 for mma.sync, as the SASS shows);
 - `load-only`: the same loads summed, no products (not pipelined by Triton: a latency-bound floor);
 - `library`: `decode_attention` itself at the given tile, warps and stages;
-  Since the fifth session (2026-11-29) the library's FP8 loop reads the cache as int16 words, two
+  Since 2026-11-29 the library's FP8 loop reads the cache as int16 words, two
   E4M3 -> fp16 per cvt, even and odd head dimensions kept apart: 0.21 ms (128 keys, 4 warps, 5 stages)
   where these loops take 0.30-0.47. Compiled for sm90 it has 7.2 instructions per key per warp against
   10.9 for `q.kT`, whose transposed E4M3 tile Triton reads from shared memory a byte at a time (128
-  LDS.U8 per 128 keys). Times before that session include the library wrapper's launch overhead (each
+  LDS.U8 per 128 keys). Times before that change include the library wrapper's launch overhead (each
   call was synchronised); `time_ms` now queues the calls back to back.
-(Run 5, 2026-11-29 fifth session, timed a head-packed loop, 4 KV heads per program with a
+(A run on 2026-11-29 timed a head-packed loop, 4 KV heads per program with a
 block-diagonal q: 0.43 ms at best (32 keys, 4 warps, 5 stages), no better than the library; dropped.)
 Each runs on two cache layouts: NHD ([blocks, page, heads, D], the engine's: a head's page is 16 rows
 of 128-256 bytes, 1-2 KiB apart) and HND ([blocks, heads, page, D]: a head's page is contiguous).

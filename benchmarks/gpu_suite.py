@@ -8,10 +8,10 @@ Every figure is printed beside its physical limit:
 Ablations toggle one feature on the same engine between runs (graphs, overlap, policy, prefix cache),
 so each ratio compares like with like.
 
-The HF peer runs the issue's comparison workload, the nano-vllm one (256 requests of 100-1,024 tokens
+The HF peer runs the nano-vllm workload (256 requests of 100-1,024 tokens
 in and 100-1,024 out): about five of the suite's nine minutes are HF's. To fit, the bf16-KV engine runs
 1000 x 1000 on one batch of 256 requests; the FP8-KV engine, the one the 12,000 goal is read on, runs all
-1,000. GUIDE.md's HF workload (256 tokens out) is `benchmarks/vs_hf.py --workload guide`.
+1,000. The comparison with 256-token outputs is `benchmarks/vs_hf.py --workload guide`.
 
     python benchmarks/gpu_suite.py --out $OUT/gpu_suite.json [--quick] [--budget_s 540]
 (--budget_s caps the two 1000 x 1000 runs to fit. Runs cut to different request counts are not
@@ -36,7 +36,7 @@ MODEL = "meta-llama/Meta-Llama-3-8B"
 COPY_TBPS = 4.25
 BF16_TFLOPS = 782.0
 FP8_MAX_BATCH = 512  # the FP8 engine's max_batch_size: its KV pool holds 900 sequences of 2,000 tokens
-GPT_FAST_MS = {1: 5.42, 8: 7.50, 64: 23.75}  # measured on this H200 (GUIDE.md section 4)
+GPT_FAST_MS = {1: 5.42, 8: 7.50, 64: 23.75}  # gpt-fast's compiled decode, measured on the H200
 VOCAB = 128000  # random prompt ids stay below the vocabulary
 
 

@@ -1,10 +1,10 @@
 """tensorjet against HF transformers' continuous batching on one workload, in one run: the suite's
-comparison with the peer on its own, or on GUIDE.md's workload (the suite's prompts, seeds and helpers):
+comparison with the peer on its own, or on a workload with shorter outputs (the suite's prompts, seeds
+and helpers):
 
-- nano-vllm: 256 requests of 100-1,024 tokens in and 100-1,024 out: the issue's comparison, the one
-  `gpu_suite.py` makes; HF takes about five minutes;
-- guide: 256 requests of 100-1,024 in, 256 out: GUIDE.md's reference workload (HF 542 out tok/s there),
-  the suite's comparison until 2026-11-29.
+- nano-vllm: 256 requests of 100-1,024 tokens in and 100-1,024 out, the one `gpu_suite.py` compares on;
+  HF takes about five minutes;
+- guide: 256 requests of 100-1,024 in, 256 out (HF measured 542 out tok/s there on the H200).
 
 tensorjet runs first (FP8 KV cache, and the bf16 cache unless --skip_bf16), then HF. HF's progress is
 printed as its requests finish and kept in the JSON, so a run cut short still says how fast HF was going.

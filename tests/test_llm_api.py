@@ -1,5 +1,5 @@
 """The public API end to end on the bundled model: outputs, streaming, chat, stats, sampling
-options through the engine, prefix caching, and bad input (acceptance 5, 6)."""
+options through the engine, prefix caching, and bad input."""
 
 import asyncio
 import sys
