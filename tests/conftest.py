@@ -1,4 +1,17 @@
-"""Shared fixtures: the bundled SmolLM2-135M model, loaded once per test session."""
+"""Shared fixtures (the bundled SmolLM2-135M model, loaded once per test session) and the test tiers.
+
+Two tiers: `python3 -m pytest` runs everything; `python3 -m pytest -m "not slow"` is the inner loop,
+the unit, invariant and small kernel-vs-reference tests, in well under a minute on a CPU.
+A test is `slow` when it
+- requests a fixture that loads the bundled model, `llm` or `hf_model` (directly or through another
+  fixture, such as a server built on `llm`): marked here, at collection;
+- otherwise loads the bundled model, starts a server or runs the whole engine with the Triton kernels
+  interpreted: marked where it is defined (`pytestmark = pytest.mark.slow` for a module,
+  `@pytest.mark.slow` for a test);
+- is off the diagonal of a kernel test's dtype x shape cross product: tests/test_kernels.py runs every
+  dtype and every shape in the fast tier, but not every pair (its `cross` helper marks the rest).
+Engines on the tiny random models (`tiny_model_dir`) are fast.
+"""
 
 import importlib.util
 import os
@@ -12,6 +25,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_MODEL_FIXTURES = {"llm", "hf_model"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if BUNDLED_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 def smollm2_gguf() -> Path:

@@ -100,6 +100,7 @@ def check_report(report, num_requests, input_len, output_len, served=False):
         assert itl_total == pytest.approx(after_first)
 
 
+@pytest.mark.slow  # the bundled model
 def test_guide_command_on_cpu(tmp_path, capsys):
     """The guide's command with float32 instead of fp8, shrunk to a CPU-sized workload."""
     out_json = tmp_path / "report.json"
@@ -239,6 +240,7 @@ def server(tiny_model, tmp_path_factory):
     log.close()
 
 
+@pytest.mark.slow  # starts a server
 def test_serving_mode_times_streamed_chunks(server, tmp_path):
     out_json = tmp_path / "serving.json"
     argv = [

@@ -70,6 +70,7 @@ def test_overlap_under_chunking_and_preemption(llm):
     assert stats["kv_blocks_used"] == 0, "blocks leaked"
 
 
+@pytest.mark.slow  # the bundled model
 def test_overlap_abort_mid_stream_frees_blocks(overlap_llm):
     async def take_three():
         seen = 0
@@ -117,6 +118,7 @@ def triton_cpu_llm(model_dir, graphs: bool, **options) -> LLM:
     return LLM(model=model_dir, device="cpu", attention_backend="triton", enable_cuda_graph=graphs, **options)
 
 
+@pytest.mark.slow  # the engine with every kernel interpreted
 def test_padded_decode_graph_path_matches_eager(tiny_model_dir):
     prompts = [[(5 * i + j) % 128 for j in range(n)] for i, n in enumerate((3, 20, 9, 31, 14))]
     params = SamplingParams(temperature=0, max_tokens=7, ignore_eos=True)
@@ -147,6 +149,7 @@ def test_mixed_step_token_ladder():
     assert mixed_token_buckets(24) == [24]
 
 
+@pytest.mark.slow  # the engine with every kernel interpreted
 def test_padded_mixed_step_graph_path_matches_eager(tiny_model_dir):
     """Steps with prompt tokens replay a mixed-step graph (on the CPU the same padded static buffers
     run eagerly): new prompts join running decodes, chunked prompts finish alongside them, and a step
@@ -183,7 +186,7 @@ def test_padded_mixed_step_graph_path_matches_eager(tiny_model_dir):
     assert max(prompt_chunks) > MIXED_MAX_PROMPTS, "the eager fallback for a crowded step went untested"
 
 
-def test_startup_out_of_memory_says_what_to_lower(monkeypatch):
+def test_startup_out_of_memory_says_what_to_lower(monkeypatch, tiny_model_dir):
     def out_of_memory(self, num_blocks):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
 
@@ -191,6 +194,6 @@ def test_startup_out_of_memory_says_what_to_lower(monkeypatch):
     with pytest.raises(
         RuntimeError, match="out of GPU memory while sizing and allocating the KV cache"
     ) as info:
-        LLM(device="cpu")
+        LLM(model=tiny_model_dir, device="cpu")
     for option in ("max_num_tokens", "kv_cache_free_gpu_mem_fraction", "kv_cache_max_tokens"):
         assert option in str(info.value)
