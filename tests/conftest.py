@@ -1,16 +1,19 @@
 """Shared fixtures (the bundled SmolLM2-135M model, loaded once per test session) and the test tiers.
 
-Two tiers: `python3 -m pytest` runs everything; `python3 -m pytest -m "not slow"` is the inner loop,
-the unit, invariant and small kernel-vs-reference tests, in well under a minute on a CPU.
-A test is `slow` when it
-- requests a fixture that loads the bundled model, `llm` or `hf_model` (directly or through another
-  fixture, such as a server built on `llm`): marked here, at collection;
-- otherwise loads the bundled model, starts a server or runs the whole engine with the Triton kernels
-  interpreted: marked where it is defined (`pytestmark = pytest.mark.slow` for a module,
-  `@pytest.mark.slow` for a test);
-- is off the diagonal of a kernel test's dtype x shape cross product: tests/test_kernels.py runs every
-  dtype and every shape in the fast tier, but not every pair (its `cross` helper marks the rest).
-Engines on the tiny random models (`tiny_model_dir`) are fast.
+`python3 -m pytest` runs every test; `python3 -m pytest -m "not slow"` is the inner loop: the unit,
+invariant and small kernel-vs-reference tests, well under a minute on a 2-core CPU. A test is `slow`
+when it
+- requests `llm` or `hf_model`, the fixtures that load the bundled model, directly or through another
+  fixture (a server built on `llm`): marked here, at collection, so a new test that uses them is slow
+  without being told;
+- loads the bundled model otherwise (a subprocess, a fixture of its own), starts a server, runs the
+  engine with its Triton kernels interpreted, or runs the benchmark tool several times over: marked
+  where it is defined, `pytestmark = pytest.mark.slow` for a module, `@pytest.mark.slow` for a test;
+- is one of the larger kernel tests' cases off the diagonal of its dtype x shape product:
+  tests/test_kernels.py's `cross` keeps a set of cases that runs every dtype and every shape fast,
+  and marks the other pairs slow.
+Engines on the tiny random models with the PyTorch attention backend are fast. `codegen` marks tests
+that compile kernels for a GPU and check the code (tests/test_kernel_codegen.py); they need no GPU.
 """
 
 import importlib.util
