@@ -7,13 +7,14 @@ when it
   fixture (a server built on `llm`): marked here, at collection, so a new test that uses them is slow
   without being told;
 - loads the bundled model otherwise (a subprocess, a fixture of its own), starts a server, runs the
-  engine with its Triton kernels interpreted, or runs the benchmark tool several times over: marked
-  where it is defined, `pytestmark = pytest.mark.slow` for a module, `@pytest.mark.slow` for a test;
-- is one of the larger kernel tests' cases off the diagonal of its dtype x shape product:
-  tests/test_kernels.py's `cross` keeps a set of cases that runs every dtype and every shape fast,
-  and marks the other pairs slow.
-Engines on the tiny random models with the PyTorch attention backend are fast. `codegen` marks tests
-that compile kernels for a GPU and check the code (tests/test_kernel_codegen.py); they need no GPU.
+  engine with its Triton kernels interpreted, or runs engines for seconds on the tiny models (the
+  benchmark tool's sweeps and tuning, the FP8 KV cache's engine tests): marked where it is defined,
+  `pytestmark = pytest.mark.slow` for a module, `@pytest.mark.slow` for a test, with a comment why;
+- is a kernel test's case off the diagonal of its dtype x shape product: tests/test_kernels.py's
+  `cross` keeps a set of cases that runs every dtype and every shape fast, and marks the other pairs
+  slow;
+- compiles kernels for a GPU to check the code they became (marked `codegen` too; needs no GPU).
+A short engine run on a tiny random model with the PyTorch attention backend (under a second) is fast.
 """
 
 import importlib.util

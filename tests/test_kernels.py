@@ -119,8 +119,9 @@ def assert_close(out, ref, dtype, seed, what):
 # ---- store_kv -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("block_size,num_kv_heads,head_dim", [(16, 2, 64), (8, 3, 128), (32, 1, 80)])
+@pytest.mark.parametrize(
+    "dtype,block_size,num_kv_heads,head_dim", cross(DTYPES, [(16, 2, 64), (8, 3, 128), (32, 1, 80)])
+)
 def test_store_kv(dtype, block_size, num_kv_heads, head_dim, seed):
     num_blocks, num_tokens = 6, 11 * SCALE
     num_tokens = min(num_tokens, num_blocks * block_size - 4)
@@ -378,8 +379,7 @@ def test_fp8_kv_cache_backends(dtype, kind, seed):
 # ---- norm / activation ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("hidden", [64, 576, 4096])
+@pytest.mark.parametrize("dtype,hidden", cross(DTYPES, [64, 576, 4096]))
 def test_rms_norm(dtype, hidden, seed):
     rows, eps = 7 * SCALE, 1e-5
     x = torch.randn(rows, hidden, device=DEVICE).to(dtype)
@@ -430,13 +430,14 @@ def rotary_inputs(tokens, num_q, num_k, head_dim, dtype, max_pos=300):
     return freqs.cos(), freqs.sin(), positions, qkv, *views
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads", [(4, 2, 16), (6, 6, 8), (5, 1, 64)])  # (Hq, Hk, D), odd head counts too
-def test_rotary_in_place_on_qkv_views(dtype, heads, seed):
+@pytest.mark.parametrize(
+    "dtype,num_q,num_k,head_dim",
+    cross(DTYPES, [(4, 2, 16), (6, 6, 8), (5, 1, 64)]),  # odd head counts too
+)
+def test_rotary_in_place_on_qkv_views(dtype, num_q, num_k, head_dim, seed):
     from tensorjet.kernels.reference import rotary_ref
     from tensorjet.kernels.rotary import apply_rotary
 
-    num_q, num_k, head_dim = heads
     cos, sin, positions, qkv, q, k, v = rotary_inputs(9 * SCALE, num_q, num_k, head_dim, dtype)
     v_before = v.clone()
     q_ref, k_ref = rotary_ref(positions, q, cos, sin), rotary_ref(positions, k, cos, sin)
@@ -464,16 +465,16 @@ def written_rows(buf, block_size, slots):
     return rows[index], rows[untouched]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads", [(8, 2, 64), (4, 4, 128)])  # (Hq, Hk, D): GQA and MHA
-@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
-def test_rotary_and_store_kv(dtype, heads, slot_dtype, seed):
+@pytest.mark.parametrize(
+    "dtype,num_q,num_k,head_dim,slot_dtype",
+    cross(DTYPES, [(8, 2, 64), (4, 4, 128)], [torch.int32, torch.int64]),  # GQA and MHA
+)
+def test_rotary_and_store_kv(dtype, num_q, num_k, head_dim, slot_dtype, seed):
     """Fused rotary + KV write: q, k rotated in place, rotated k and v in the cache at their slots,
     padded (-1) rows and every other slot left untouched."""
     from tensorjet.kernels.reference import rotary_ref
     from tensorjet.kernels.rotary import rotary_and_store_kv
 
-    num_q, num_k, head_dim = heads
     tokens, block_size = 13 * SCALE, 16
     cos, sin, positions, qkv, q, k, v = rotary_inputs(tokens, num_q, num_k, head_dim, dtype)
     k_buf, v_buf, k_cache, v_cache = guarded_nan_caches(
@@ -559,9 +560,7 @@ def test_rotary_and_store_kv_rejects_bad_shapes(bad):
     assert torch.equal(q, q_before), "validation must run before anything is written"
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m", [1, 3, 16])
-@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype,m,bias", cross(DTYPES, [1, 3, 16], [False, True]))
 def test_gemv_small_batch(dtype, m, bias, seed):
     from tensorjet.kernels.gemv import CANDIDATES, gemv
     from tensorjet.kernels.reference import gemv_ref
