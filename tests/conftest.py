@@ -1,4 +1,21 @@
-"""Shared fixtures: the bundled SmolLM2-135M model, loaded once per test session."""
+"""Shared fixtures (the bundled SmolLM2-135M model, loaded once per test session) and the test tiers.
+
+`python3 -m pytest` runs every test; `python3 -m pytest -m "not slow"` is the inner loop: the unit,
+invariant and small kernel-vs-reference tests, well under a minute on a 2-core CPU. A test is `slow`
+when it
+- requests `llm` or `hf_model`, the fixtures that load the bundled model, directly or through another
+  fixture (a server built on `llm`): marked here, at collection, so a new test that uses them is slow
+  without being told;
+- loads the bundled model otherwise (a subprocess, a fixture of its own), starts a server, runs the
+  engine with its Triton kernels interpreted, or runs engines for seconds on the tiny models (the
+  benchmark tool's sweeps and tuning, the FP8 KV cache's engine tests): marked where it is defined,
+  `pytestmark = pytest.mark.slow` for a module, `@pytest.mark.slow` for a test, with a comment why;
+- is a kernel test's case off the diagonal of its dtype x shape product: tests/test_kernels.py's
+  `cross` keeps a set of cases that runs every dtype and every shape fast, and marks the other pairs
+  slow;
+- compiles kernels for a GPU to check the code they became (marked `codegen` too; needs no GPU).
+A short engine run on a tiny random model with the PyTorch attention backend (under a second) is fast.
+"""
 
 import importlib.util
 import os
@@ -12,6 +29,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_MODEL_FIXTURES = {"llm", "hf_model"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if BUNDLED_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 def smollm2_gguf() -> Path:

@@ -100,6 +100,7 @@ def check_report(report, num_requests, input_len, output_len, served=False):
         assert itl_total == pytest.approx(after_first)
 
 
+@pytest.mark.slow  # the bundled model
 def test_guide_command_on_cpu(tmp_path, capsys):
     """The guide's command with float32 instead of fp8, shrunk to a CPU-sized workload."""
     out_json = tmp_path / "report.json"
@@ -164,6 +165,7 @@ def test_jsonl_dataset_and_poisson_arrivals(tiny_model, tmp_path):
     assert report["config"]["request_rate"] == 50
 
 
+@pytest.mark.slow  # a benchmark per point, and a plot
 def test_sweep_writes_the_table_and_plot(tiny_model, tmp_path, capsys):
     out_json = tmp_path / "sweep.json"
     argv = ["bench", *tiny_args(tiny_model), "--input_len", "16", "--output_len", "4", "--num_requests", "8"]
@@ -188,6 +190,7 @@ def test_sweep_writes_the_table_and_plot(tiny_model, tmp_path, capsys):
         assert point["report"]["config"]["engine_options"]["max_batch_size"] == point["value"]
 
 
+@pytest.mark.slow  # a benchmark per step of the search
 def test_tune_writes_a_config_that_serve_accepts(tiny_model, tmp_path, capsys):
     out_yaml = tmp_path / "tuned.yaml"
     argv = ["tune", *tiny_args(tiny_model), "--input_len", "16", "--output_len", "4", "--num_requests", "8"]
@@ -239,6 +242,7 @@ def server(tiny_model, tmp_path_factory):
     log.close()
 
 
+@pytest.mark.slow  # starts a server
 def test_serving_mode_times_streamed_chunks(server, tmp_path):
     out_json = tmp_path / "serving.json"
     argv = [

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from tensorjet import SamplingParams
 
 CLI = [sys.executable, "-m", "tensorjet.cli"]
@@ -20,6 +22,7 @@ def test_generate_streams_the_greedy_completion(llm):
     assert result.stdout.strip() == expected.outputs[0].text.strip()
 
 
+@pytest.mark.slow  # the bundled model, in a subprocess
 def test_generate_batch_shows_a_progress_bar_and_all_outputs():
     result = run(["generate", "One plus one is", "The sky is", "--max_tokens", "6", "--device", "cpu"])
     assert result.returncode == 0, result.stderr

@@ -11,6 +11,8 @@ Two properties that the GPU only shows as speed, each once measured away by an i
 import pytest
 from sm90_codegen import run_census_in_subprocess
 
+pytestmark = [pytest.mark.codegen, pytest.mark.slow]  # ptxas compiles Llama-3-8B's configurations
+
 
 @pytest.fixture(scope="module")
 def census() -> dict:

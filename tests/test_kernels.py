@@ -11,6 +11,7 @@ from a wrong slot shows up as an error.
 import ast
 import importlib
 import inspect
+import itertools
 import os
 import pkgutil
 import textwrap
@@ -53,6 +54,20 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 NAN = float("nan")
 FP8 = torch.float8_e4m3fn
+
+
+def cross(*axes: list) -> list:
+    """Every combination of one value per axis, as pytest params (a tuple value fills several
+    arguments). Case i of the first max(len(axis)) takes value i % len(axis) of every axis, so these
+    cases run each value of each axis at least once: they are the fast tier. The rest are `slow`."""
+    fast = {tuple(i % len(axis) for axis in axes) for i in range(max(map(len, axes)))}
+    params = []
+    for index in itertools.product(*(range(len(axis)) for axis in axes)):
+        chosen = [axis[i] for axis, i in zip(axes, index)]
+        values = [v for c in chosen for v in (c if isinstance(c, tuple) else (c,))]
+        name = "-".join(str(v).removeprefix("torch.") for v in values)
+        params.append(pytest.param(*values, id=name, marks=() if index in fast else pytest.mark.slow))
+    return params
 
 
 @pytest.fixture
@@ -104,8 +119,9 @@ def assert_close(out, ref, dtype, seed, what):
 # ---- store_kv -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("block_size,num_kv_heads,head_dim", [(16, 2, 64), (8, 3, 128), (32, 1, 80)])
+@pytest.mark.parametrize(
+    "dtype,block_size,num_kv_heads,head_dim", cross(DTYPES, [(16, 2, 64), (8, 3, 128), (32, 1, 80)])
+)
 def test_store_kv(dtype, block_size, num_kv_heads, head_dim, seed):
     num_blocks, num_tokens = 6, 11 * SCALE
     num_tokens = min(num_tokens, num_blocks * block_size - 4)
@@ -141,9 +157,10 @@ def test_store_kv_all_padded():
 DECODE_CONFIGS = [(16, 2, 1, 64), (16, 2, 4, 128), (8, 2, 3, 64), (32, 1, 8, 128)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("block_size,num_kv_heads,group,head_dim", DECODE_CONFIGS)
-@pytest.mark.parametrize("cache", ["model dtype", "fp8"])
+@pytest.mark.parametrize(
+    "dtype,block_size,num_kv_heads,group,head_dim,cache",
+    cross(DTYPES, DECODE_CONFIGS, ["model dtype", "fp8"]),
+)
 def test_decode_attention(dtype, block_size, num_kv_heads, group, head_dim, cache, seed):
     """Against float64 attention over the stored values. An FP8 cache takes its own stage 1, which reads
     int16 words (head dimensions 2w and 2w + 1 per word): unused slots hold NaN, so a word read from
@@ -194,8 +211,7 @@ def test_choose_num_splits():
 EXTEND_CONFIGS = [(16, 2, 1, 64), (16, 1, 4, 128), (8, 1, 3, 64), (32, 1, 8, 64)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("block_size,num_kv_heads,group,head_dim", EXTEND_CONFIGS)
+@pytest.mark.parametrize("dtype,block_size,num_kv_heads,group,head_dim", cross(DTYPES, EXTEND_CONFIGS))
 def test_extend_attention(dtype, block_size, num_kv_heads, group, head_dim, seed):
     # (query_len, context_len): cached prefix, fresh prompt, single token with/without prefix, a
     # query spanning several tiles behind a prefix that ends mid-block.
@@ -230,8 +246,7 @@ BATCHES = {
 }
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kind", list(BATCHES))
+@pytest.mark.parametrize("dtype,kind", cross(DTYPES, list(BATCHES)))
 def test_backend_matches_torch(dtype, kind, seed):
     """store_kv + forward through TritonAttentionBackend == TorchAttentionBackend, on batches built as
     the runner builds them, with q a strided view and one CUDA-graph padding row (slot -1)."""
@@ -311,8 +326,7 @@ def test_store_kv_fp8_saturates_and_rounds_like_torch(dtype, seed):
     assert k_cache.float().abs().nan_to_num(0).max() == 448.0  # saturated, never NaN
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kind", list(BATCHES))
+@pytest.mark.parametrize("dtype,kind", cross([torch.float32, torch.bfloat16], list(BATCHES)))
 def test_fp8_kv_cache_backends(dtype, kind, seed):
     """With an FP8 cache, the Triton backend's store + attention equals float64 attention over the
     stored FP8 values, and equals TorchAttentionBackend on the same cache."""
@@ -365,8 +379,7 @@ def test_fp8_kv_cache_backends(dtype, kind, seed):
 # ---- norm / activation ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("hidden", [64, 576, 4096])
+@pytest.mark.parametrize("dtype,hidden", cross(DTYPES, [64, 576, 4096]))
 def test_rms_norm(dtype, hidden, seed):
     rows, eps = 7 * SCALE, 1e-5
     x = torch.randn(rows, hidden, device=DEVICE).to(dtype)
@@ -417,13 +430,14 @@ def rotary_inputs(tokens, num_q, num_k, head_dim, dtype, max_pos=300):
     return freqs.cos(), freqs.sin(), positions, qkv, *views
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads", [(4, 2, 16), (6, 6, 8), (5, 1, 64)])  # (Hq, Hk, D), odd head counts too
-def test_rotary_in_place_on_qkv_views(dtype, heads, seed):
+@pytest.mark.parametrize(
+    "dtype,num_q,num_k,head_dim",
+    cross(DTYPES, [(4, 2, 16), (6, 6, 8), (5, 1, 64)]),  # odd head counts too
+)
+def test_rotary_in_place_on_qkv_views(dtype, num_q, num_k, head_dim, seed):
     from tensorjet.kernels.reference import rotary_ref
     from tensorjet.kernels.rotary import apply_rotary
 
-    num_q, num_k, head_dim = heads
     cos, sin, positions, qkv, q, k, v = rotary_inputs(9 * SCALE, num_q, num_k, head_dim, dtype)
     v_before = v.clone()
     q_ref, k_ref = rotary_ref(positions, q, cos, sin), rotary_ref(positions, k, cos, sin)
@@ -451,16 +465,16 @@ def written_rows(buf, block_size, slots):
     return rows[index], rows[untouched]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads", [(8, 2, 64), (4, 4, 128)])  # (Hq, Hk, D): GQA and MHA
-@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
-def test_rotary_and_store_kv(dtype, heads, slot_dtype, seed):
+@pytest.mark.parametrize(
+    "dtype,num_q,num_k,head_dim,slot_dtype",
+    cross(DTYPES, [(8, 2, 64), (4, 4, 128)], [torch.int32, torch.int64]),  # GQA and MHA
+)
+def test_rotary_and_store_kv(dtype, num_q, num_k, head_dim, slot_dtype, seed):
     """Fused rotary + KV write: q, k rotated in place, rotated k and v in the cache at their slots,
     padded (-1) rows and every other slot left untouched."""
     from tensorjet.kernels.reference import rotary_ref
     from tensorjet.kernels.rotary import rotary_and_store_kv
 
-    num_q, num_k, head_dim = heads
     tokens, block_size = 13 * SCALE, 16
     cos, sin, positions, qkv, q, k, v = rotary_inputs(tokens, num_q, num_k, head_dim, dtype)
     k_buf, v_buf, k_cache, v_cache = guarded_nan_caches(
@@ -546,9 +560,7 @@ def test_rotary_and_store_kv_rejects_bad_shapes(bad):
     assert torch.equal(q, q_before), "validation must run before anything is written"
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m", [1, 3, 16])
-@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype,m,bias", cross(DTYPES, [1, 3, 16], [False, True]))
 def test_gemv_small_batch(dtype, m, bias, seed):
     from tensorjet.kernels.gemv import CANDIDATES, gemv
     from tensorjet.kernels.reference import gemv_ref
@@ -563,8 +575,7 @@ def test_gemv_small_batch(dtype, m, bias, seed):
         assert_close(out, gemv_ref(x, w, b), dtype, seed, f"gemv {config}")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype,bias", cross(DTYPES, [False, True]))
 def test_fused_gemv(dtype, bias, seed):
     """RMSNorm before, residual add after, SiLU-and-multiply of [gate; up]: each against float64.
 

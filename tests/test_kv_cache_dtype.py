@@ -8,6 +8,7 @@ from prompts import CHAT, PLAIN
 from tensorjet import LLM, SamplingParams
 
 
+@pytest.mark.slow  # two engines, each allocating the whole CPU KV budget
 def test_fp8_cache_holds_four_times_the_fp32_tokens_in_the_same_bytes(tiny_model_dir):
     totals = {}
     for kv in ("auto", "fp8"):
@@ -18,6 +19,7 @@ def test_fp8_cache_holds_four_times_the_fp32_tokens_in_the_same_bytes(tiny_model
     assert totals["fp8"] == 4 * totals["auto"]
 
 
+@pytest.mark.slow  # the engine end to end, converting every K/V to FP8 and back
 def test_fp8_prefix_cache_hits_give_the_tokens_of_a_fresh_prompt(tiny_model_dir):
     """A fresh prompt attends to its keys as the cache stores them, so reading them back later (a
     prefix-cache hit) changes nothing."""

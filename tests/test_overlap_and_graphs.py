@@ -17,7 +17,12 @@ from greedy import TOP_LOGPROBS, GreedyRun, assert_all_agree
 from prompts import PLAIN, varied_prompts
 
 from tensorjet import LLM, SamplingParams
-from tensorjet.runtime.cuda_graph import MIXED_MAX_MULTI_ROW_SEQS, graph_batch_sizes, mixed_token_buckets
+from tensorjet.runtime.cuda_graph import (
+    MIXED_MAX_MULTI_ROW_SEQS,
+    MIXED_TOKEN_BUCKETS,
+    graph_batch_sizes,
+    mixed_token_buckets,
+)
 from tensorjet.runtime.device_io import to_device
 from tensorjet.runtime.model_runner import ModelRunner
 
@@ -77,6 +82,7 @@ def test_overlap_under_chunking_and_preemption():
     assert stats["kv_blocks_used"] == 0, "blocks leaked"
 
 
+@pytest.mark.slow  # the bundled model
 def test_overlap_abort_mid_stream_frees_blocks(overlap_llm):
     async def take_three():
         seen = 0
@@ -108,14 +114,37 @@ def test_to_device_keeps_values_and_dtype(dtype, values):
     assert out.dtype == dtype and out.shape == (len(values),) and out.tolist() == values
 
 
-def test_graph_batch_size_ladder():
-    assert graph_batch_sizes(256) == [1, 2, 4, 8] + list(range(16, 257, 16))
-    assert graph_batch_sizes(5) == [1, 2, 4, 5]
-    assert graph_batch_sizes(1) == [1]
-    assert graph_batch_sizes(256, cache_size=1) == [256]
-    few = graph_batch_sizes(256, cache_size=4)
-    assert len(few) == 4 and few[0] == 1 and few[-1] == 256 and few == sorted(set(few))
-    assert graph_batch_sizes(40, cache_size=100) == graph_batch_sizes(40)
+DECODE_PAD_LIMIT = 16  # most rows a decode step may pad by: padded rows cost as much as real ones
+
+
+def padding(buckets: list[int], size: int) -> int:
+    """Rows a step of `size` pads by: it replays the smallest bucket that holds it."""
+    return min(b for b in buckets if b >= size) - size
+
+
+@pytest.mark.parametrize("max_batch_size", [1, 2, 5, 16, 17, 40, 256, 1000])
+def test_decode_graph_buckets_cover_every_batch_with_bounded_padding(max_batch_size):
+    buckets = graph_batch_sizes(max_batch_size)
+    assert buckets == sorted(set(buckets)) and buckets[0] >= 1
+    assert buckets[-1] == max_batch_size, "the largest batch must replay a graph"
+    for size in range(1, max_batch_size + 1):
+        pad = padding(buckets, size)
+        assert pad < size and pad < DECODE_PAD_LIMIT, f"batch {size} pads by {pad} rows: {buckets}"
+
+
+@pytest.mark.parametrize("max_batch_size", [5, 40, 256])
+def test_cuda_graph_cache_size_keeps_that_many_buckets_picked_evenly(max_batch_size):
+    ladder = graph_batch_sizes(max_batch_size)
+    assert graph_batch_sizes(max_batch_size, cache_size=len(ladder) + 10) == ladder
+    assert graph_batch_sizes(max_batch_size, cache_size=1) == [max_batch_size]
+    for cache_size in range(2, len(ladder) + 1):
+        few = graph_batch_sizes(max_batch_size, cache_size=cache_size)
+        assert len(few) == cache_size and set(few) <= set(ladder) and few == sorted(few)
+        assert few[0] == ladder[0] and few[-1] == max_batch_size, "a lone sequence must not pad to the max"
+        # Evenly: the kept buckets' positions in the ladder are spaced alike (gaps differ by at most one).
+        positions = [ladder.index(s) for s in few]
+        gaps = [b - a for a, b in zip(positions, positions[1:])]
+        assert max(gaps) - min(gaps) <= 1, f"cache_size={cache_size}: {few} from {ladder}"
 
 
 def triton_cpu_llm(model_dir, graphs: bool, **options) -> LLM:
@@ -124,6 +153,7 @@ def triton_cpu_llm(model_dir, graphs: bool, **options) -> LLM:
     return LLM(model=model_dir, device="cpu", attention_backend="triton", enable_cuda_graph=graphs, **options)
 
 
+@pytest.mark.slow  # the engine with every kernel interpreted
 def test_padded_decode_graph_path_matches_eager(tiny_model_dir):
     prompts = [[(5 * i + j) % 128 for j in range(n)] for i, n in enumerate((3, 20, 9, 31, 14))]
     params = SamplingParams(temperature=0, max_tokens=7, ignore_eos=True, logprobs=TOP_LOGPROBS)
@@ -133,13 +163,13 @@ def test_padded_decode_graph_path_matches_eager(tiny_model_dir):
             tiny_model_dir,
             graphs,
             max_batch_size=16,
-            cuda_graph_cache_size=2,  # buckets 1 and 16: five sequences pad to 16
+            cuda_graph_cache_size=2,  # few buckets: the five sequences pad
             disable_overlap_scheduler=False,
         )
         runner = llm.engine.runner
         assert (runner.decode_graphs is not None) == graphs
         if graphs:
-            assert runner.decode_graphs.sizes == [1, 16]
+            assert padding(runner.decode_graphs.sizes, len(prompts)) > 0, "no padded rows to check"
             # Poison what the padded rows could touch: a slot -1 must write nothing.
             runner.kv_cache.fill_(float("nan"))
         results[graphs] = [GreedyRun.of(o.outputs[0]) for o in llm.generate(prompts, params, use_tqdm=False)]
@@ -148,12 +178,18 @@ def test_padded_decode_graph_path_matches_eager(tiny_model_dir):
     assert_all_agree(results[True], results[False], what="decode graphs vs eager")
 
 
-def test_mixed_step_token_ladder():
-    assert mixed_token_buckets(8192) == [32, 64, 128, 256, 512]
-    assert mixed_token_buckets(48) == [32, 48]
-    assert mixed_token_buckets(24) == [24]
+@pytest.mark.parametrize("max_num_tokens", [1, 24, 32, 48, 100, 512, 513, 8192])
+def test_mixed_step_buckets_cover_every_step_up_to_the_largest_graph(max_num_tokens):
+    buckets = mixed_token_buckets(max_num_tokens)
+    assert buckets == sorted(set(buckets)) and buckets[0] >= 1
+    # Steps never exceed max_num_tokens, so no graph is larger; steps past the largest graph run eagerly.
+    assert buckets[-1] == min(max_num_tokens, MIXED_TOKEN_BUCKETS[-1])
+    for size in range(1, buckets[-1] + 1):
+        pad = padding(buckets, size)
+        assert pad < size or size < buckets[0], f"a step of {size} tokens pads by {pad}: {buckets}"
 
 
+@pytest.mark.slow  # the engine with every kernel interpreted
 def test_padded_mixed_step_graph_path_matches_eager(tiny_model_dir):
     """Steps with prompt tokens replay a mixed-step graph (on the CPU the same padded static buffers
     run eagerly): new prompts join running decodes, chunked prompts finish alongside them, and a step
@@ -195,7 +231,7 @@ def test_padded_mixed_step_graph_path_matches_eager(tiny_model_dir):
     )
 
 
-def test_startup_out_of_memory_says_what_to_lower(monkeypatch):
+def test_startup_out_of_memory_says_what_to_lower(monkeypatch, tiny_model_dir):
     def out_of_memory(self, num_blocks):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
 
@@ -203,6 +239,6 @@ def test_startup_out_of_memory_says_what_to_lower(monkeypatch):
     with pytest.raises(
         RuntimeError, match="out of GPU memory while sizing and allocating the KV cache"
     ) as info:
-        LLM(device="cpu")
+        LLM(model=tiny_model_dir, device="cpu")
     for option in ("max_num_tokens", "kv_cache_free_gpu_mem_fraction", "kv_cache_max_tokens"):
         assert option in str(info.value)

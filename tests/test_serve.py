@@ -455,6 +455,7 @@ def test_cli_flags_config_file_and_precedence(tmp_path):
         resolve_args(build_parser().parse_args(["serve", "--config", str(config)]))
 
 
+@pytest.mark.slow  # a server process on the bundled model
 def test_cli_serve_starts_a_working_server(tmp_path):
     """`serve` as a real process: the banner, a completion with --served_model_name, clean shutdown."""
     with socket.socket() as s:

@@ -6,6 +6,8 @@ from greedy import TOP_LOGPROBS, GreedyRun, assert_all_agree
 
 from tensorjet import LLM, SamplingParams
 
+pytestmark = pytest.mark.slow  # the whole engine with every kernel interpreted
+
 
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
 def test_triton_backend_matches_torch_backend(tiny_model_dir, kv_cache_dtype):
