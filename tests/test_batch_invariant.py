@@ -50,7 +50,7 @@ def _paged(context_len, block_size, num_kv_heads, head_dim, dtype, seed=0):
 def _splits(context_len):
     """The ways one sequence's rows reach attention: one prompt, chunks, and one-row decodes."""
     whole = [(0, context_len)]
-    chunked = [(0, 21), (21, 50), (50, context_len)]
+    chunked = [(0, 21), (21, 37), (37, context_len)]
     decodes = [(0, 40)] + [(p, p + 1) for p in range(40, context_len)]
     return {"whole": whole, "chunked": chunked, "decodes": decodes}
 
@@ -63,24 +63,19 @@ def _run_split(attend, q, pieces, companions):
     return out
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_attention_rows_are_the_same_bits_whatever_the_split_and_batch(dtype):
-    block_size, num_kv_heads, group, head_dim, context_len = 16, 2, 3, 64, 70
-    k_cache, v_cache, table = _paged(context_len, block_size, num_kv_heads, head_dim, dtype)
-    torch.manual_seed(1)
-    q = torch.randn(context_len, num_kv_heads * group, head_dim, device=DEVICE).to(dtype)
-    other_q = torch.randn(9, num_kv_heads * group, head_dim, device=DEVICE).to(dtype)
-    scale = head_dim**-0.5
-
-    def torch_rows(start, end, companions):
-        # The sequence after `companions` rows of a decode of the same keys at position 30.
+def _torch_rows(q, other_q, k_cache, v_cache, table, scale):
+    def attend(start, end, companions):
+        # The sequence's rows start:end after `companions` one-row decodes at position 30.
         qs = torch.cat((other_q[:companions], q[start:end]))
         tables = table.expand(companions + 1, -1)
         qlens, clens = [1] * companions + [end - start], [31] * companions + [end]
-        out = attend_rows(qs, k_cache, v_cache, tables, qlens, clens, scale)
-        return out[companions:]
+        return attend_rows(qs, k_cache, v_cache, tables, qlens, clens, scale)[companions:]
 
-    def triton_rows(start, end, companions):
+    return attend
+
+
+def _triton_rows(q, other_q, k_cache, v_cache, table, scale):
+    def attend(start, end, companions):
         qs = torch.cat((other_q[:companions], q[start:end]))
         tables = table.expand(companions + 1, -1).contiguous()
         qlens, clens = [1] * companions + [end - start], [31] * companions + [end]
@@ -90,16 +85,32 @@ def test_attention_rows_are_the_same_bits_whatever_the_split_and_batch(dtype):
         )
         return out[companions:]
 
+    return attend
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "rows",
+    [_torch_rows, pytest.param(_triton_rows, marks=pytest.mark.slow)],  # slow: the interpreted kernel
+    ids=["torch", "triton"],
+)
+def test_attention_rows_are_the_same_bits_whatever_the_split_and_batch(rows, dtype):
+    block_size, num_kv_heads, group, head_dim, context_len = 16, 2, 3, 64, 50
+    k_cache, v_cache, table = _paged(context_len, block_size, num_kv_heads, head_dim, dtype)
+    torch.manual_seed(1)
+    q = torch.randn(context_len, num_kv_heads * group, head_dim, device=DEVICE).to(dtype)
+    other_q = torch.randn(9, num_kv_heads * group, head_dim, device=DEVICE).to(dtype)
+    scale = head_dim**-0.5
+    attend = rows(q, other_q, k_cache, v_cache, table, scale)
+    runs = {
+        (name, companions): _run_split(attend, q, pieces, companions)
+        for name, pieces in _splits(context_len).items()
+        for companions in (0, 4)
+    }
+    first = runs[("whole", 0)]
+    for key, out in runs.items():
+        assert torch.equal(out, first), f"{key}: rows differ from the whole prompt"
     whole = [context_len]
     expected = extend_attention_ref(q, k_cache, v_cache, table, torch.tensor([0]), whole, whole, scale)
-    for attend in (torch_rows, triton_rows):
-        runs = {
-            (name, companions): _run_split(attend, q, pieces, companions)
-            for name, pieces in _splits(context_len).items()
-            for companions in (0, 4)
-        }
-        first = runs[("whole", 0)]
-        for key, out in runs.items():
-            assert torch.equal(out, first), f"{attend.__name__} {key}: rows differ from the whole prompt"
-        tol = 1e-5 if dtype == torch.float32 else 2e-2
-        torch.testing.assert_close(first.float(), expected.float(), rtol=tol, atol=tol)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(first.float(), expected.float(), rtol=tol, atol=tol)

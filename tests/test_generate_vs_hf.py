@@ -12,6 +12,8 @@ from prompts import CHAT, PLAIN, varied_prompts
 
 from tensorjet import SamplingParams
 
+pytestmark = pytest.mark.slow  # every test runs the bundled model, most of them twice
+
 NEW_TOKENS = 48
 GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, logprobs=TOP_LOGPROBS)
 

@@ -133,6 +133,7 @@ def test_fused_batch1_layer_goes_through_the_method(llm, monkeypatch):
     assert calls == [("plain", prompt_len)] * 4 * num_layers + [("fused", 1)] * 4 * num_layers
 
 
+@pytest.mark.slow  # two engines with every kernel interpreted
 def test_a_method_without_a_fused_product_runs_the_unfused_layer(tiny_model_dir, monkeypatch):
     """A weight format with no fused GEMV keeps the fused decode layer off and still gives the
     unmodified Triton engine's tokens (which runs the fused layer)."""

@@ -39,6 +39,7 @@ def _summary(outputs):
     return [[(c.token_ids, c.text, c.finish_reason, c.logprobs) for c in out.outputs] for out in outputs]
 
 
+@pytest.mark.slow  # two engines on the bundled model
 def test_overlap_gives_the_synchronous_engines_outputs():
     """The two engines' steps hold different rows (an overlapped step still carries a sequence that the
     step before finished), so they run in batch-invariant mode, where that changes no row's bits."""
@@ -65,6 +66,7 @@ def test_overlap_gives_the_synchronous_engines_outputs():
     overlap_llm.shutdown()
 
 
+@pytest.mark.slow  # two engines on the bundled model
 def test_overlap_under_chunking_and_preemption():
     prompts = varied_prompts(24, seed=11, max_words=90)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
