@@ -26,19 +26,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from batching import TIGHT  # noqa: E402
 from gpu_suite import build_engine, decode_latency, release_gpu_memory, set_model, throughput  # noqa: E402
 from prompts import CHAT, PLAIN, varied_prompts  # noqa: E402
 
 from tensorjet import LLM, SamplingParams  # noqa: E402
-
-# A pool of 1,024 tokens for 64 prompts of up to ~130 tokens: chunks of 96, steps of 256, preemption.
-TIGHT = dict(
-    kv_cache_max_tokens=1024,
-    block_size=16,
-    max_num_tokens=256,
-    max_chunked_prefill_length=96,
-    max_batch_size=32,
-)
 
 
 def exactness(model: str | None, batch_invariant: bool) -> dict:

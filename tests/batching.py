@@ -7,6 +7,16 @@ from greedy import TOP_LOGPROBS, GreedyRun
 
 from tensorjet import LLM, SamplingParams
 
+# A KV pool of 1,024 tokens for dozens of prompts of up to ~130 tokens: chunks of 96, steps of 256, and
+# preemption once the pool fills.
+TIGHT = dict(
+    kv_cache_max_tokens=1024,
+    block_size=16,
+    max_num_tokens=256,
+    max_chunked_prefill_length=96,
+    max_batch_size=32,
+)
+
 
 def alone_and_together(
     prompts: list, params: SamplingParams, **tight_options

@@ -89,3 +89,11 @@ def tiny_model_dir(tmp_path_factory) -> str:
     )
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture
+def seed():
+    """A random seed per test (TJ_KERNEL_TEST_SEED fixes it), set for torch and named in failures."""
+    s = int(os.environ.get("TJ_KERNEL_TEST_SEED", 0)) or int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(s)
+    return s

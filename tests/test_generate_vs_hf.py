@@ -6,7 +6,7 @@ tie-aware (tests/greedy.py); with `batch_invariant=True` the engine's own runs a
 import dataclasses
 
 import pytest
-from batching import alone_and_together
+from batching import TIGHT, alone_and_together
 from greedy import TOP_LOGPROBS, GreedyRun, assert_all_agree, hf_greedy
 from prompts import CHAT, PLAIN, varied_prompts
 
@@ -46,15 +46,6 @@ def test_greedy_matches_hf_all_in_one_batch(llm, prompt_ids, hf_runs):
         assert out.outputs[0].finish_reason == (
             "stop" if tokens[-1] == llm.tokenizer.eos_token_id else "length"
         )
-
-
-TIGHT = dict(
-    kv_cache_max_tokens=1024,
-    block_size=16,
-    max_num_tokens=256,
-    max_chunked_prefill_length=96,
-    max_batch_size=32,
-)
 
 
 def _check_tight_run(stats):

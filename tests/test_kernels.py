@@ -18,6 +18,7 @@ import textwrap
 
 import pytest
 import torch
+from numerics import cdiv, rel_err
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -68,21 +69,6 @@ def cross(*axes: list) -> list:
         name = "-".join(str(v).removeprefix("torch.") for v in values)
         params.append(pytest.param(*values, id=name, marks=() if index in fast else pytest.mark.slow))
     return params
-
-
-@pytest.fixture
-def seed():
-    s = int(os.environ.get("TJ_KERNEL_TEST_SEED", 0)) or int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(s)
-    return s
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def nan_like(x: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ import os
 import pytest
 import torch
 import transformers
+from numerics import cdiv, rel_err
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -38,21 +39,6 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 MIXED_STEP = [(1, 37), (4, 29), (6, 50), (1, 3), (9, 9), (4, 17)]
 # Another step over other sequences of the same cache: a CUDA graph captured on one replays the other.
 OTHER_STEP = [(6, 21), (1, 44), (1, 8), (4, 4), (4, 40)]
-
-
-@pytest.fixture
-def seed():
-    s = int(os.environ.get("TJ_KERNEL_TEST_SEED", 0)) or int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(s)
-    return s
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 class PagedSteps:
