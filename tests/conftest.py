@@ -45,6 +45,15 @@ def smollm2_gguf() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
 
 
+@pytest.fixture(scope="session", autouse=True)
+def gguf_cache_dir(tmp_path_factory) -> Path:
+    """The GGUF conversion cache of this test session (unless TENSORJET_CACHE names one): the suite
+    converts the bundled model once, and never writes into the user's home."""
+    if not os.environ.get("TENSORJET_CACHE"):
+        os.environ["TENSORJET_CACHE"] = str(tmp_path_factory.mktemp("tensorjet-cache"))
+    return Path(os.environ["TENSORJET_CACHE"])
+
+
 @pytest.fixture(scope="session")
 def gguf_path() -> Path:
     return smollm2_gguf()

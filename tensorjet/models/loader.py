@@ -1,5 +1,6 @@
 """Where a model comes from: a local HF directory, a GGUF file, the local HF cache, a dummy preset,
 or (no model named) the bundled SmolLM2-135M-Instruct. Offline by design: nothing is downloaded.
+A GGUF file is read through its converted form in the cache (`gguf_cache`), made on its first use.
 
 `iter_weights` yields HF-named tensors lazily, so the model copies them in one at a time;
 `load_packed_weights` routes each to its parameter's own `weight_loader`.
@@ -21,6 +22,7 @@ from torch import nn
 
 from tensorjet.config import LOAD_FORMATS
 from tensorjet.layers.weight_loader import weight_loader_of
+from tensorjet.models.gguf_cache import WEIGHTS_FILE, converted, iter_gguf_weights
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
@@ -43,22 +45,7 @@ PRESET_ALIASES = {
     "qwen2-7b": "qwen2-7b",
     "qwen2-72b": "qwen2-72b",
 }
-# GGUF tensor name -> HF name, for the llama-style architectures GGUF files use.
-_GGUF_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-_GGUF_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
 @dataclass
@@ -68,6 +55,7 @@ class ModelSource:
     path: Path  # HF directory, .gguf file, or preset config json
     hf_config: transformers.PretrainedConfig
     tokenizer_dir: Path | None  # None: use the bundled default tokenizer
+    converted: Path | None = None  # a GGUF's cache entry (an HF directory); None: read the GGUF itself
 
 
 def default_gguf() -> Path:
@@ -103,8 +91,11 @@ def _gguf_source(path: Path, name: str) -> ModelSource:
         raise ValueError(
             f"model file {str(path)!r} is not a .gguf file (a model directory needs config.json)"
         )
-    config = transformers.AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    return ModelSource(name, "gguf", path, config, path.parent)
+    entry = converted(path)
+    if entry is None:
+        config = transformers.AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        return ModelSource(name, "gguf", path, config, path.parent)
+    return ModelSource(name, "gguf", path, transformers.AutoConfig.from_pretrained(entry), entry, entry)
 
 
 def _hf_source(path: Path, name: str) -> ModelSource:
@@ -143,77 +134,52 @@ def load_tokenizer(source: ModelSource):
     weights-only directory, or no bundled model installed): prompts must then be token ids."""
     if source.tokenizer_dir is None:
         try:
-            gguf = default_gguf()
-            return transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            return _gguf_tokenizer(default_gguf())
         except (ValueError, ImportError):
             return None
-    if source.path.suffix == ".gguf":
+    if source.path.suffix == ".gguf" and source.converted is None:
         return transformers.AutoTokenizer.from_pretrained(source.path.parent, gguf_file=source.path.name)
     if not any((source.tokenizer_dir / f).exists() for f in _TOKENIZER_FILES):
         return None  # weights only: prompts must be token ids
     return transformers.AutoTokenizer.from_pretrained(source.tokenizer_dir)
 
 
+def _gguf_tokenizer(path: Path):
+    entry = converted(path)
+    if entry is None:
+        return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return transformers.AutoTokenizer.from_pretrained(entry)
+
+
 def iter_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
     if source.kind == "dummy":
         return iter(())
+    if source.kind == "gguf" and source.converted is not None:
+        return _iter_safetensors([source.converted / WEIGHTS_FILE])
     if source.kind == "gguf":
-        return _iter_gguf(source.path, source.hf_config)
+        return iter_gguf_weights(source.path, source.hf_config)
     return _iter_hf_dir(source.path)
 
 
-def _iter_hf_dir(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
 
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def _iter_hf_dir(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     files = sorted(path.glob("*.safetensors"))
     if files:
-        for file in files:
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
+        yield from _iter_safetensors(files)
         return
     bins = sorted(path.glob("pytorch_model*.bin"))
     if not bins:
         raise ValueError(f"model directory {str(path)!r} has no *.safetensors or pytorch_model*.bin weights")
     for file in bins:
         yield from torch.load(file, map_location="cpu", weights_only=True).items()
-
-
-def _iter_gguf(path: Path, config: transformers.PretrainedConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    import numpy as np
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
-
-    reader = GGUFReader(str(path))
-    for tensor in reader.tensors:
-        name = _hf_name(tensor.name)
-        shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists dims fastest-first
-        data = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(shape)
-        weight = torch.from_numpy(data.copy())
-        if config.model_type == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-            heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
-            weight = _unpermute_rope(weight, heads)
-        yield name, weight
-
-
-def _hf_name(gguf_name: str) -> str:
-    base, _, kind = gguf_name.rpartition(".")
-    if base in _GGUF_TOP_NAMES:
-        return f"{_GGUF_TOP_NAMES[base]}.{kind}"
-    match = re.fullmatch(r"blk\.(\d+)\.(\w+)", base)
-    if match is None or match.group(2) not in _GGUF_LAYER_NAMES:
-        raise ValueError(f"GGUF tensor {gguf_name!r} has no known HF counterpart")
-    return f"model.layers.{match.group(1)}.{_GGUF_LAYER_NAMES[match.group(2)]}.{kind}"
-
-
-def _unpermute_rope(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """llama.cpp interleaves each head's rotary halves; HF keeps them as two halves. Undo it."""
-    rows = weight.shape[0]
-    return (
-        weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:])
-        .transpose(1, 2)
-        .reshape(weight.shape)
-    )
 
 
 def load_packed_weights(
