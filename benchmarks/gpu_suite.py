@@ -1,10 +1,10 @@
-"""GPU benchmark suite (H200): decode latency, offline throughput, the HF peer and every feature
+"""GPU benchmark suite (H100 or H200): decode latency, offline throughput, the HF peer and every feature
 ablation in one run, one engine, under 10 minutes. Prints a table last; writes JSON after each figure.
 
 Model: Llama-3-8B shapes with random bf16 weights (`load_format="dummy"`), so no download is needed.
 Every figure is printed beside its physical limit:
-  decode at small batch is bound by bytes: (weights + KV read per step) / 4.25 TB/s;
-  large-batch work by FLOPs: 2 x params per token / 782 TFLOP/s (bf16 dense).
+  decode at small batch is bound by bytes: (weights + KV read per step) / the GPU's copy rate;
+  large-batch work by FLOPs: 2 x params per token / its bf16 GEMM rate (`LIMITS`, measured per GPU).
 Ablations toggle one feature on the same engine between runs (graphs, overlap, policy, prefix cache),
 so each ratio compares like with like.
 
@@ -33,10 +33,14 @@ from pathlib import Path
 import torch
 
 MODEL = "meta-llama/Meta-Llama-3-8B"
-COPY_TBPS = 4.25
-BF16_TFLOPS = 782.0
+# Measured per GPU with the same scripts and dummy Llama-3-8B: the device copy rate (TB/s), large bf16
+# GEMMs (TFLOP/s), and gpt-fast's compiled decode (ms/step at batch 1, 8, 64).
+LIMITS = {
+    "H200": (4.25, 782.0, {1: 5.42, 8: 7.50, 64: 23.75}),
+    "H100": (3.01, 760.0, {1: 6.32, 8: 9.71, 64: 32.15}),
+}
+COPY_TBPS, BF16_TFLOPS, GPT_FAST_MS = LIMITS["H200"]
 FP8_MAX_BATCH = 512  # the FP8 engine's max_batch_size: its KV pool holds 900 sequences of 2,000 tokens
-GPT_FAST_MS = {1: 5.42, 8: 7.50, 64: 23.75}  # gpt-fast's compiled decode, measured on the H200
 VOCAB = 128000  # random prompt ids stay below the vocabulary
 
 
@@ -73,6 +77,14 @@ def timed_generate(llm, prompts, params) -> tuple[float, list]:
     outs = llm.generate(prompts, params, use_tqdm=False)
     sync()
     return time.perf_counter() - start, outs
+
+
+def set_limits(device_name: str) -> str:
+    """Use the limits measured on this GPU kind (the H200's for any other); returns the kind used."""
+    global COPY_TBPS, BF16_TFLOPS, GPT_FAST_MS
+    kind = next((k for k in LIMITS if k in device_name), "H200")
+    COPY_TBPS, BF16_TFLOPS, GPT_FAST_MS = LIMITS[kind]
+    return kind
 
 
 def set_model(name: str) -> None:
@@ -344,9 +356,11 @@ def main() -> None:
     args = parser.parse_args()
     set_model(args.model)
     begin = time.perf_counter()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     results: dict = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "device": device,
+        "limits_of": set_limits(device),
         "torch": torch.__version__,
         "commit": subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
