@@ -10,7 +10,8 @@ so each ratio compares like with like.
 
 The HF peer runs the nano-vllm workload (256 requests of 100-1,024 tokens in and 100-1,024 out):
 about five of the suite's nine minutes on an H200 are HF's. To fit, the bf16-KV engine runs 1000 x 1000
-on one batch of 256 requests; the FP8-KV engine runs all 1,000. The comparison with 256-token outputs is `benchmarks/vs_hf.py --workload guide`.
+on one batch of 256 requests; the FP8-KV engine runs all 1,000. The comparison with 256-token outputs is
+`benchmarks/vs_hf.py --workload guide`.
 
     python benchmarks/gpu_suite.py --out $OUT/gpu_suite.json [--quick] [--budget_s 540]
 (--budget_s caps the two 1000 x 1000 runs to fit. Runs cut to different request counts are not
