@@ -377,7 +377,7 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(results, indent=2, default=str))
 
     quick = args.quick
-    # The comparison with HF: the nano-vllm workload, the same prompts for both.
+    # The comparison with HF: the nano-vllm workload, the same prompts for both.
     mixed = nano_vllm_workload(32, 256) if quick else nano_vllm_workload()
 
     # 1. The peer first: HF needs the GPU memory our KV pool takes later.
