@@ -151,46 +151,38 @@ def _extend_kernel(
     k_base = k_cache_ptr + kv_head * stride_kh
     v_base = v_cache_ptr + kv_head * stride_vh
 
+    end2 = tl.minimum(ctx_len, prefix + (pid_m + 1) * BLOCK_M)
     if FIXED_KEY_TILES:
-        # Batch-invariant order: key tiles at fixed absolute positions (0, BLOCK_N, ...), each masked by
-        # causality. A row's sums then depend only on its own position and keys, not on how its sequence
-        # was chunked or which rows share its tile: a tile wholly past a row's position adds exact zeros.
-        end = tl.minimum(ctx_len, prefix + (pid_m + 1) * BLOCK_M)
-        for n0 in range(0, end, BLOCK_N):
-            offs_n = n0 + offs_n0
-            n_mask = offs_n < end
-            valid = n_mask[None, :] & (offs_n[None, :] <= q_pos[:, None])
-            acc, m_i, l_i = _attend_tile(
-                q, acc, m_i, l_i, offs_n, valid, n_mask, table, k_base, v_base, offs_d, d_mask,
-                qk_scale, stride_kb, stride_ko, stride_vb, stride_vo, PAGE_SIZE, True, DOT_PREC, UPCAST,
-            )  # fmt: skip
+        # Batch-invariant order: no prefix phase, so every key tile starts at a multiple of BLOCK_N and is
+        # masked by causality. A row's sums then depend only on its own position and keys, not on how
+        # its sequence was chunked or which rows share its tile (a tile past a row adds exact zeros).
+        end1 = 0
     else:
         end1 = prefix + pid_m * BLOCK_M
-        end2 = tl.minimum(ctx_len, prefix + (pid_m + 1) * BLOCK_M)
-        # Phase 1: keys before the tile's first query position, visible to every row: whole tiles with no
-        # masks, then the partial tile a prefix not a multiple of BLOCK_N leaves.
-        full1 = end1 // BLOCK_N * BLOCK_N
-        for n0 in range(0, full1, BLOCK_N):
-            acc, m_i, l_i = _attend_tile(
-                q, acc, m_i, l_i, n0 + offs_n0, None, None, table, k_base, v_base, offs_d, d_mask,
-                qk_scale, stride_kb, stride_ko, stride_vb, stride_vo, PAGE_SIZE, False, DOT_PREC, UPCAST,
-            )  # fmt: skip
-        if full1 < end1:
-            offs_n = full1 + offs_n0
-            n_mask = offs_n < end1
-            acc, m_i, l_i = _attend_tile(
-                q, acc, m_i, l_i, offs_n, n_mask[None, :], n_mask, table, k_base, v_base, offs_d, d_mask,
-                qk_scale, stride_kb, stride_ko, stride_vb, stride_vo, PAGE_SIZE, True, DOT_PREC, UPCAST,
-            )  # fmt: skip
-        # Phase 2: the diagonal, causal.
-        for n0 in range(end1, end2, BLOCK_N):
-            offs_n = n0 + offs_n0
-            n_mask = offs_n < end2
-            valid = n_mask[None, :] & (offs_n[None, :] <= q_pos[:, None])
-            acc, m_i, l_i = _attend_tile(
-                q, acc, m_i, l_i, offs_n, valid, n_mask, table, k_base, v_base, offs_d, d_mask,
-                qk_scale, stride_kb, stride_ko, stride_vb, stride_vo, PAGE_SIZE, True, DOT_PREC, UPCAST,
-            )  # fmt: skip
+    # Phase 1: keys before the tile's first query position, visible to every row: whole tiles with no
+    # masks, then the partial tile a prefix not a multiple of BLOCK_N leaves.
+    full1 = end1 // BLOCK_N * BLOCK_N
+    for n0 in range(0, full1, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(
+            q, acc, m_i, l_i, n0 + offs_n0, None, None, table, k_base, v_base, offs_d, d_mask,
+            qk_scale, stride_kb, stride_ko, stride_vb, stride_vo, PAGE_SIZE, False, DOT_PREC, UPCAST,
+        )  # fmt: skip
+    if full1 < end1:
+        offs_n = full1 + offs_n0
+        n_mask = offs_n < end1
+        acc, m_i, l_i = _attend_tile(
+            q, acc, m_i, l_i, offs_n, n_mask[None, :], n_mask, table, k_base, v_base, offs_d, d_mask,
+            qk_scale, stride_kb, stride_ko, stride_vb, stride_vo, PAGE_SIZE, True, DOT_PREC, UPCAST,
+        )  # fmt: skip
+    # Phase 2: the diagonal, causal.
+    for n0 in range(end1, end2, BLOCK_N):
+        offs_n = n0 + offs_n0
+        n_mask = offs_n < end2
+        valid = n_mask[None, :] & (offs_n[None, :] <= q_pos[:, None])
+        acc, m_i, l_i = _attend_tile(
+            q, acc, m_i, l_i, offs_n, valid, n_mask, table, k_base, v_base, offs_d, d_mask,
+            qk_scale, stride_kb, stride_ko, stride_vb, stride_vo, PAGE_SIZE, True, DOT_PREC, UPCAST,
+        )  # fmt: skip
 
     o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     tl.store(

@@ -62,6 +62,17 @@ class TritonAttentionBackend:
 
     def __init__(self, batch_invariant: bool = False) -> None:
         self.batch_invariant = batch_invariant
+        self._row_ids = torch.empty(0, dtype=torch.int32)  # 0, 1, ...: single-row sequences' rows
+        self._ones = torch.empty(0, dtype=torch.int32)  # their query lengths
+
+    def _single_rows(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row ids 0..n-1 and n ones, shared by every layer and step. Made at the first step with single-row
+        sequences; with CUDA graphs that is the largest decode graph's warm-up (no step holds more), so
+        the buffers a graph captured are never replaced."""
+        if self._ones.shape[0] < n or self._ones.device != device:
+            self._row_ids = torch.arange(n, dtype=torch.int32, device=device)
+            self._ones = torch.ones(n, dtype=torch.int32, device=device)
+        return self._row_ids[:n], self._ones[:n]
 
     def prepare(self, meta: AttentionMetadata) -> TritonAttentionState:
         device = meta.slot_mapping.device
@@ -137,9 +148,8 @@ class TritonAttentionBackend:
         out = torch.zeros_like(q) if state.zero_padding else torch.empty_like(q)
         d = state.decode
         if d is not None and self.batch_invariant:
-            n = d.context_lens.shape[0]
-            rows = torch.arange(n, dtype=torch.int32, device=q.device) if d.rows is None else d.rows
-            ones = torch.ones(n, dtype=torch.int32, device=q.device)
+            row_ids, ones = self._single_rows(d.context_lens.shape[0], q.device)
+            rows = row_ids if d.rows is None else d.rows
             extend_attention(
                 q, k_cache, v_cache, d.block_tables, rows, ones, d.context_lens, scale, out,
                 max_query_len=1, fixed_key_tiles=True,
