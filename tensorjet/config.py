@@ -27,8 +27,12 @@ DTYPES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }
-# Quantized dtypes the guide names; they belong to the quantization capability.
-QUANTIZED_DTYPES = ("fp8", "int4_awq", "int4_gptq", "int8")
+# Quantized weight formats, by the `quantization` option's value. `dtype` may name one too (the guide's
+# `dtype="fp8"`): the model's activations then stay in the default dtype and its linear layers run FP8.
+QUANTIZATION_METHODS = ("fp8",)
+# Quantized dtypes the guide names whose capability is not built yet.
+UNAVAILABLE_QUANTIZED_DTYPES = ("int4_awq", "int4_gptq", "int8")
+UNAVAILABLE_QUANTIZATION_METHODS = ("awq", "gptq", "int4_awq", "int4_gptq", "int8")
 LOAD_FORMATS = ("auto", "dummy", "safetensors", "gguf", "pt")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 BLOCK_SIZES = (8, 16, 32, 64, 128)
@@ -113,10 +117,17 @@ class LoadConfig(_Part):
     )
     dtype: str = option(
         "auto",
-        "`auto` (bf16 on GPU, fp32 on CPU), `float32`, `bfloat16`, `float16`; "
-        "`fp8`, `int4_awq`, `int4_gptq`, `int8` are not available yet (error)",
+        "`auto` (bf16 on GPU, fp32 on CPU), `float32`, `bfloat16`, `float16`, or `fp8`: the same as "
+        "`quantization=fp8` with the default activation dtype; `int4_awq`, `int4_gptq`, `int8` are not "
+        "available yet (error)",
     )
-    quantization: str | None = option(None, "not available yet: any value is an error")
+    quantization: str | None = option(
+        None,
+        "`fp8`: FP8 (E4M3) W8A8 linear layers, quantized at load (per-channel weights, dynamic per-token "
+        "activations) unless the checkpoint is already FP8; default: the checkpoint's own format "
+        "(`quantization_config` in config.json), else unquantized. Embeddings and the LM head stay in "
+        "the model dtype",
+    )
     max_seq_len: int | None = option(
         None,
         "cap on prompt + output length; default: the model's positions (`max_position_embeddings`); "
@@ -129,12 +140,18 @@ class LoadConfig(_Part):
         super().__post_init__()
 
     def validate(self) -> None:
-        if self.quantization is not None:
+        if self.quantization in UNAVAILABLE_QUANTIZATION_METHODS:
             raise not_available(f"{self.quantization} quantization", f"quantization={self.quantization!r}")
-        if self.dtype in QUANTIZED_DTYPES:
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise _fail("quantization", self.quantization, f"must be None or one of {QUANTIZATION_METHODS}")
+        if self.dtype in UNAVAILABLE_QUANTIZED_DTYPES:
             raise not_available(f"{self.dtype} weights", f"dtype={self.dtype!r}")
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise _fail("dtype", self.dtype, f"must be 'auto' or one of {sorted(DTYPES)}")
+        if self.dtype != "auto" and self.dtype not in DTYPES and self.dtype not in QUANTIZATION_METHODS:
+            raise _fail(
+                "dtype", self.dtype, f"must be 'auto' or one of {sorted(DTYPES) + list(QUANTIZATION_METHODS)}"
+            )
+        if self.dtype in QUANTIZATION_METHODS and self.quantization not in (None, self.dtype):
+            raise _fail("quantization", self.quantization, f"contradicts dtype={self.dtype!r}")
         if self.load_format not in LOAD_FORMATS:
             raise _fail("load_format", self.load_format, f"must be one of {LOAD_FORMATS}")
         if self.max_seq_len is not None and self.max_seq_len < 2:
@@ -342,9 +359,17 @@ class EngineConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        if self.load.dtype == "auto":
+        """The model's activation dtype (a quantized `dtype` names the weights' format instead)."""
+        if self.load.dtype not in DTYPES:
             return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
         return DTYPES[self.load.dtype]
+
+    @property
+    def quantization(self) -> str | None:
+        """The weight format asked for (`quantization`, or a quantized `dtype`); None: the checkpoint's."""
+        if self.load.quantization is not None:
+            return self.load.quantization
+        return self.load.dtype if self.load.dtype in QUANTIZATION_METHODS else None
 
     @property
     def kv_cache_torch_dtype(self) -> torch.dtype:

@@ -102,9 +102,9 @@ def check_report(report, num_requests, input_len, output_len, served=False):
 
 @pytest.mark.slow  # the bundled model
 def test_guide_command_on_cpu(tmp_path, capsys):
-    """The guide's command with float32 instead of fp8, shrunk to a CPU-sized workload."""
+    """The guide's command (FP8 weights), shrunk to a CPU-sized workload."""
     out_json = tmp_path / "report.json"
-    argv = ["bench", "--batch_size", "4", "--input_len", "16", "--output_len", "8", "--dtype", "float32"]
+    argv = ["bench", "--batch_size", "4", "--input_len", "16", "--output_len", "8", "--dtype", "fp8"]
     argv += ["--num_requests", "8", "--warmup", "1", "--device", "cpu", "--kv_cache_max_tokens", "2048"]
     assert main([*argv, "--report_json", str(out_json), "--plot", str(tmp_path / "plots")]) == 0
     stdout = capsys.readouterr().out
@@ -113,13 +113,15 @@ def test_guide_command_on_cpu(tmp_path, capsys):
     report = json.loads(out_json.read_text())
     check_report(report, 8, 16, 8)
     assert report["peak_gpu_memory_gb"] is None and report["gpu_utilization_pct"] is None  # CPU
+    # FP8 decoder layers (1 byte per weight) beside the fp32 embedding: well under the 0.54 GB of fp32
+    assert report["weight_format"] == "fp8 (online)" and 0.15 < report["weight_memory_gb"] < 0.3
     assert report["gpu_sm_clock_mhz"] is None and report["gpu_power_w"] is None
     assert 0 < report["kv_cache_usage"]["peak"] <= 1
     assert 0 <= report["prefix_cache_hit_rate"] <= 1 and report["num_preemptions"] == 0
     config = report["config"]
     assert config["mode"] == "offline" and config["max_concurrency"] == 4 and config["num_requests"] == 8
     assert config["request_rate"] is None  # unlimited (inf) is not JSON
-    assert config["engine_options"]["dtype"] == "float32"
+    assert config["engine_options"]["dtype"] == "fp8"
     env = report["environment"]
     assert env["torch_version"] == torch.__version__ and env["cpu_count"] >= 1
     assert env["device"] == "cpu" and env["device_name"] and env["tensorjet_version"]
@@ -130,11 +132,11 @@ def test_guide_command_on_cpu(tmp_path, capsys):
     ]
 
 
-def test_fp8_exits_2_with_the_not_available_message(capsys):
-    argv = ["bench", "--batch_size", "64", "--input_len", "128", "--output_len", "256", "--dtype", "fp8"]
+def test_an_unbuilt_weight_format_exits_2_with_the_not_available_message(capsys):
+    argv = ["bench", "--batch_size", "64", "--input_len", "128", "--output_len", "256", "--dtype", "int4_awq"]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "fp8" in err and "not available" in err
+    assert err.startswith("error: ") and "int4_awq" in err and "not available" in err
     assert "Traceback" not in err
 
 

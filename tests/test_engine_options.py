@@ -169,7 +169,7 @@ def test_an_int_is_a_valid_float():
     "option, named",
     [
         ({"quantization": "awq"}, "quantization='awq'"),
-        ({"dtype": "fp8"}, "dtype='fp8'"),
+        ({"quantization": "gptq"}, "quantization='gptq'"),
         ({"dtype": "int4_awq"}, "dtype='int4_awq'"),
         ({"dtype": "int4_gptq"}, "dtype='int4_gptq'"),
         ({"dtype": "int8"}, "dtype='int8'"),

@@ -74,6 +74,9 @@ class TransposedWeightMethod(LinearMethod):
         y = x @ layer.weight
         return y if layer.bias is None else y + layer.bias
 
+    def init_dummy_weights(self, layer: Linear, generator: torch.Generator) -> None:
+        layer.weight.data.uniform_(-0.1, 0.1, generator=generator)
+
 
 def engine_with(monkeypatch, method_factory, **options) -> LLM:
     monkeypatch.setattr(model_runner, "linear_method_for", lambda config: method_factory)

@@ -237,8 +237,7 @@ def test_unknown_model_path_is_a_value_error(tmp_path):
 @pytest.mark.parametrize(
     "option",
     [
-        {"quantization": "fp8"},
-        {"dtype": "fp8"},
+        {"quantization": "gptq"},
         {"dtype": "int4_awq", "quantization": "awq"},
         {"speculative_model": "x"},
         {"num_speculative_tokens": 3},

@@ -43,6 +43,7 @@ def format_table(report: dict) -> str:
         ("request throughput", _with_unit(report["request_throughput"], "req/s")),
         ("output token throughput", _with_unit(report["output_throughput"], "tok/s")),
         ("total token throughput", _with_unit(report["total_token_throughput"], "tok/s")),
+        ("weights", _weights(report)),
         ("peak GPU memory", _with_unit(report["peak_gpu_memory_gb"], "GB")),
         ("GPU utilization", _peak_mean(report["gpu_utilization_pct"], lambda v: f"{v:.0f}%")),
         ("GPU SM clock", _peak_mean(report["gpu_sm_clock_mhz"], lambda v: f"{v:.0f} MHz")),
@@ -58,6 +59,12 @@ def format_table(report: dict) -> str:
         lines.append(f"{label:<{width}}" + "".join(f"{_num(report[key][k]):>11}" for k in STAT_KEYS))
     rule = "=" * len(max(lines, key=len))
     return "\n".join([rule, "tensorjet bench", rule, *lines, rule])
+
+
+def _weights(report: dict) -> str:
+    if report["weight_memory_gb"] is None:
+        return "n/a"
+    return f"{report['weight_memory_gb']:.3f} GB, {report['weight_format']}"
 
 
 def _workload(config: dict) -> str:

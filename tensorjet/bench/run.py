@@ -105,6 +105,8 @@ def _run_offline(args: argparse.Namespace, llm) -> BenchResult:
     result, _ = _measure(args, send, vocab_size, probes)
     result.report["peak_gpu_memory_gb"] = offline.peak_memory_gb(device)
     result.report.update(offline.engine_counters(before, llm.stats()))
+    result.report["weight_format"] = before["weight_format"]
+    result.report["weight_memory_gb"] = before["weight_bytes"] / 1e9
     _finish(result.report, args, device)
     return result
 
@@ -122,6 +124,7 @@ def _run_serving(args: argparse.Namespace) -> BenchResult:
     # The server's GPU as NVML sees it (the whole process, KV pool included), if it is local.
     memory = samples.get("gpu_memory_used_gb")
     result.report["peak_gpu_memory_gb"] = max(memory) if memory else None
+    result.report["weight_format"] = result.report["weight_memory_gb"] = None  # the server's own
     result.report.update(serving.server_counters(before, serving.server_metrics(args.url)))
     _finish(result.report, args, None)
     return result

@@ -404,6 +404,8 @@ class LLMEngine:
     def stats(self) -> dict:
         bm = self.block_manager
         return {
+            "weight_format": self.runner.weight_format,
+            "weight_bytes": self.runner.weight_bytes,
             "kv_blocks_total": bm.num_blocks,
             "kv_blocks_used": bm.num_used_blocks,
             "kv_blocks_free": bm.num_free_blocks,

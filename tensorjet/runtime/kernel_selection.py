@@ -1,6 +1,8 @@
 """Start-up choices of how the model's products run, all in one place.
 
-- The weight format of the decoder layers' projections (`linear_method_for`).
+- The weight format of the decoder layers' projections (`linear_method_for`), and for FP8 layers their
+  kernels: on the CPU the reference product over the weights' exact float copy; on an FP8 GPU (sm89+)
+  `torch._scaled_mm` with row-wise scales, and for decode-sized batches the FP8 GEMV where it times faster.
 - For each unquantized linear layer, the kernels its method runs, kept on the method (`LinearKernels`):
   oneDNN's matmul on CPU fp32, else `F.linear`; on the Triton path on a GPU, a small-batch GEMV per
   weight shape where it times faster than cuBLAS.
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from functools import partial
 from typing import Protocol
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tensorjet.config import EngineConfig
+from tensorjet.kernels.fp8_linear import fp8_linear_reference, scaled_mm_linear
 from tensorjet.layers.activation import SiluAndMul
 from tensorjet.layers.batch_invariant import row_tile_for, row_tiled
 from tensorjet.layers.linear import (
@@ -39,12 +42,15 @@ from tensorjet.layers.linear import (
 )
 from tensorjet.layers.norm import RMSNorm
 from tensorjet.layers.rotary import RotaryEmbedding
+from tensorjet.quant.formats import QuantizationSpec
+from tensorjet.quant.fp8 import Fp8Kernels, Fp8LinearMethod
 
 logger = logging.getLogger(__name__)
 
 # What one kernel fused away at batch 1 saves: its run time plus its launch gap in a CUDA graph
 # (~1.5-2 + ~1 us for a norm or SiLU on the H200; `benchmarks/profile_kernels.py`).
 FUSED_LAUNCH_US = 2.5
+FP8_MIN_CAPABILITY = (8, 9)
 
 
 class FusedDecoderLayer(Protocol):
@@ -64,10 +70,28 @@ class DecoderModel(Protocol):
     def modules(self) -> Iterator[nn.Module]: ...
 
 
-def linear_method_for(config: EngineConfig) -> LinearMethodFactory:
-    """The weight format of the decoder layers' projections. Unquantized is the only one so far
-    (`EngineConfig` refuses `quantization`); an FP8 or INT4 method is chosen here by it."""
-    return UnquantizedLinearMethod
+def linear_method_for(config: EngineConfig, spec: QuantizationSpec | None) -> LinearMethodFactory:
+    """The weight format of the decoder layers' projections: unquantized, or the one `spec` names.
+    Raises where this device cannot run it."""
+    if spec is None:
+        return UnquantizedLinearMethod
+    check_fp8_device(config.torch_device)
+    return partial(Fp8LinearMethod, spec.fp8)
+
+
+def check_fp8_device(device: torch.device, capability: tuple[int, int] | None = None) -> None:
+    """FP8 runs on the CPU (the reference product) and on GPUs with FP8 tensor cores (compute capability
+    8.9+: Ada, Hopper, Blackwell). Elsewhere it stops, rather than run some other format."""
+    if device.type != "cuda":
+        return
+    major, minor = capability or torch.cuda.get_device_capability(device)
+    if (major, minor) < FP8_MIN_CAPABILITY:
+        raise ValueError(
+            f"option quantization='fp8' (or dtype='fp8') needs a GPU with FP8 tensor cores (compute "
+            f"capability >= {FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]}: Ada, Hopper); "
+            f"{torch.cuda.get_device_name(device) if capability is None else 'this GPU'} is "
+            f"{major}.{minor}"
+        )
 
 
 def select_kernels(model: DecoderModel, config: EngineConfig, attention_backend: str) -> None:
@@ -84,6 +108,7 @@ def select_kernels(model: DecoderModel, config: EngineConfig, attention_backend:
         # neither the small-batch GEMV nor the fused batch-1 layer (kernels chosen by batch size).
         dense = row_tiled(dense, row_tile_for(config.torch_device))
     select_linear_kernels(model, dense, small_batch_gemv=triton and on_gpu and not invariant)
+    select_fp8_kernels(model, config, small_batch_gemv=triton and on_gpu and not invariant)
     if triton and not invariant:
         select_fused_decode(model, timed=on_gpu)
 
@@ -123,6 +148,61 @@ def select_linear_kernels(model: DecoderModel, dense: LinearKernel, small_batch_
             if small_batch_gemv:
                 chosen[key] = _with_timed_gemv(chosen[key], layer.weight, layer.bias)
         layer.method.kernels = chosen[key]
+
+
+def select_fp8_kernels(model: DecoderModel, config: EngineConfig, small_batch_gemv: bool) -> None:
+    """Give every FP8 layer's method its kernels. CPU: the reference product over an exact float copy of
+    the E4M3 weights. GPU: `torch._scaled_mm` (row-wise scales) for every batch, and with
+    `small_batch_gemv` the FP8 GEMV where it times faster at one row (`select_fp8_gemv`). Batch-invariant
+    mode cuts every product into fixed-shape row tiles."""
+    layers = [m for m in model.modules() if isinstance(m, Linear) and isinstance(m.method, Fp8LinearMethod)]
+    if not layers:
+        return
+    on_gpu = config.torch_device.type == "cuda"
+    row_tile = row_tile_for(config.torch_device) if config.runtime.batch_invariant else None
+    chosen: dict[tuple, Fp8Kernels] = {}
+    for layer in layers:
+        method: Fp8LinearMethod = layer.method
+        if not on_gpu:
+            method.grid_weight = layer.weight.to(config.torch_dtype)
+            dense: Callable = fp8_linear_reference
+        else:
+            _check_scaled_mm_shape(layer)
+            dense = scaled_mm_linear
+        if row_tile is not None:
+            dense = row_tiled(dense, row_tile)
+        key = (tuple(layer.weight.shape), layer.bias is not None, layer.input_scale is not None)
+        if key not in chosen:
+            chosen[key] = Fp8Kernels(dense=dense)
+            if small_batch_gemv:
+                chosen[key] = _with_timed_fp8_gemv(chosen[key], layer)
+        method.kernels = chosen[key]
+
+
+def _check_scaled_mm_shape(layer: Linear) -> None:
+    rows, cols = layer.weight.shape
+    if rows % 16 or cols % 16:
+        raise ValueError(
+            f"option quantization='fp8': a linear layer of shape [{rows}, {cols}] cannot run FP8 on the GPU "
+            "(torch._scaled_mm needs both dimensions to be multiples of 16)"
+        )
+
+
+def _with_timed_fp8_gemv(kernels: Fp8Kernels, layer: Linear) -> Fp8Kernels:
+    from tensorjet.kernels.fp8_linear import MAX_M, fp8_gemv, select_fp8_gemv
+
+    config, timings = select_fp8_gemv(layer.weight, layer.weight_scale, layer.bias, layer.input_scale)
+    logger.info(
+        "FP8 linear %s: GEMV %.1f us (%.0f GB/s) vs scaled_mm %.1f us at M=1 -> %s",
+        tuple(layer.weight.shape),
+        timings["gemv_m1"] * 1e3,
+        layer.weight.numel() / timings["gemv_m1"] / 1e6,
+        timings["scaled_mm_m1"] * 1e3,
+        config or "scaled_mm",
+    )
+    if config is None:
+        return kernels
+    return replace(kernels, small_batch=partial(fp8_gemv, config=config), small_batch_max_rows=MAX_M)
 
 
 def _with_timed_gemv(

@@ -21,6 +21,7 @@ from tensorjet.layers.attention import AttentionMetadata, GraphAttentionBackend
 from tensorjet.layers.batch_invariant import RowwiseAttentionBackend
 from tensorjet.models.llama import LlamaForCausalLM, head_dim_of
 from tensorjet.models.loader import ModelSource, iter_weights
+from tensorjet.quant.formats import quantization_spec
 from tensorjet.runtime.device_io import to_device
 from tensorjet.runtime.kernel_selection import linear_method_for, select_kernels
 from tensorjet.runtime.sampler import Sampler, SamplingRow
@@ -92,16 +93,30 @@ class ModelRunner:
 
     def _load_model(self, source: ModelSource) -> None:
         start = time.perf_counter()
+        self.quantization = quantization_spec(self.config.quantization, source.quantization_config)
         with torch.device(self.device):
             self.model = LlamaForCausalLM(
-                source.hf_config, self.dtype, linear_method=linear_method_for(self.config)
+                source.hf_config, self.dtype, linear_method=linear_method_for(self.config, self.quantization)
             )
         if source.kind == "dummy" or self.config.load.load_format == "dummy":
             self.model.init_dummy_weights(self.config.runtime.seed)
-        else:
-            self.model.load_weights((name, t.to(self.dtype)) for name, t in iter_weights(source))
+        else:  # each parameter's loader converts its tensors (an FP8 format quantizes floats as they load)
+            self.model.load_weights(iter_weights(source))
         self.model.eval()
         logger.info("loaded %s in %.1fs", source.name, time.perf_counter() - start)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the model's weights as stored (parameters and buffers; a tied head counted once)."""
+        tensors = {id(t): t for t in chain(self.model.parameters(), self.model.buffers())}
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    @property
+    def weight_format(self) -> str:
+        """The decoder layers' linear format, e.g. "bfloat16" or "fp8 (compressed-tensors)"."""
+        if self.quantization is None:
+            return str(self.dtype).removeprefix("torch.")
+        return f"{self.quantization.method} ({self.quantization.source})"
 
     def _build_decode_graphs(self) -> DecodeGraphs:
         backend = self.model.attention_layers[0].backend
