@@ -339,6 +339,21 @@ class Attention(nn.Module):
         self.backend: AttentionBackend = backend or TorchAttentionBackend()
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+        # An FP8 cache stores k / k_scale and v / v_scale (per-tensor, calibrated by the checkpoint;
+        # 1.0 without one). Attention over the stored values multiplies the scores by k_scale and the
+        # output by v_scale. Set once at start-up (`use_kv_scales`), so graphs capture plain numbers.
+        self.k_scale = 1.0
+        self.v_scale = 1.0
+
+    def add_kv_scale_parameters(self) -> None:
+        """Parameters for a checkpoint's `k_scale`/`v_scale`, applied by `use_kv_scales` once loaded."""
+        self.k_scale_param = nn.Parameter(torch.ones((), dtype=torch.float32), requires_grad=False)
+        self.v_scale_param = nn.Parameter(torch.ones((), dtype=torch.float32), requires_grad=False)
+
+    def use_kv_scales(self, k_scale: float, v_scale: float) -> None:
+        if not (k_scale > 0 and v_scale > 0):
+            raise ValueError(f"KV-cache scales must be positive, got k_scale={k_scale}, v_scale={v_scale}")
+        self.k_scale, self.v_scale = k_scale, v_scale
 
     def forward(
         self,
@@ -350,7 +365,13 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         if meta.state is None:  # the step's first layer prepares what every layer reads
             meta.state = self.backend.prepare(meta)
+        scaled = self.k_scale != 1.0 or self.v_scale != 1.0
+        if scaled:  # rotation is linear: rotating k / k_scale stores the rotated k / k_scale
+            k, v = k * (1.0 / self.k_scale), v * (1.0 / self.v_scale)
         q, k = self.backend.rotate_and_store_kv(
             self.rotary, positions, q, k, v, self.k_cache, self.v_cache, meta.slot_mapping
         )
-        return self.backend.forward(q, self.k_cache, self.v_cache, meta.state, self.scale, k_new=k, v_new=v)
+        out = self.backend.forward(
+            q, self.k_cache, self.v_cache, meta.state, self.scale * self.k_scale, k_new=k, v_new=v
+        )
+        return out * self.v_scale if scaled else out

@@ -139,6 +139,26 @@ class LlamaDecoderLayer(nn.Module):
         mlp.down_proj.forward_fused(act, residual=hidden)
 
 
+# Where checkpoints keep an FP8 KV cache's per-layer scales (compressed-tensors, ModelOpt, older
+# exports), relative to a decoder layer -> our attention module's parameter.
+_KV_SCALE_NAMES = {
+    "self_attn.k_scale": "self_attn.attn.k_scale_param",
+    "self_attn.v_scale": "self_attn.attn.v_scale_param",
+    "self_attn.k_proj.k_scale": "self_attn.attn.k_scale_param",
+    "self_attn.v_proj.v_scale": "self_attn.attn.v_scale_param",
+    "self_attn.k_proj.output_scale": "self_attn.attn.k_scale_param",
+    "self_attn.v_proj.output_scale": "self_attn.attn.v_scale_param",
+}
+
+
+def _kv_scale_name(name: str) -> str:
+    """`layers.N.self_attn.k_scale` (or another exporter's spelling) -> our parameter's name."""
+    prefix, dot, rest = name.partition(".")
+    index, dot2, local = rest.partition(".")
+    ours = _KV_SCALE_NAMES.get(local) if prefix == "layers" else None
+    return f"layers.{index}.{ours}" if ours else name
+
+
 class LlamaForCausalLM(nn.Module):
     # Our merged module -> the checkpoint modules whose weights it holds, in row order (shard ids).
     packed_modules_mapping = {
@@ -151,9 +171,11 @@ class LlamaForCausalLM(nn.Module):
         config: PretrainedConfig,
         dtype: torch.dtype = torch.float32,
         linear_method: LinearMethodFactory = UnquantizedLinearMethod,
+        kv_cache_scales: bool = False,
     ) -> None:
         """linear_method: the weight format of the decoder layers' projections; the LM head keeps the
-        unquantized one (over the token embedding where the two are tied)."""
+        unquantized one (over the token embedding where the two are tied). kv_cache_scales: the
+        checkpoint has per-layer `k_scale`/`v_scale` tensors for an FP8 KV cache."""
         super().__init__()
         if config.model_type not in SUPPORTED_ARCHITECTURES:
             raise ValueError(
@@ -170,6 +192,9 @@ class LlamaForCausalLM(nn.Module):
                 for _ in range(config.num_hidden_layers)
             ]
         )
+        if kv_cache_scales:
+            for attn in self.attention_layers:
+                attn.add_kv_scale_parameters()
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         head_method = TiedLinearMethod(self.embed_tokens.weight) if self.tie_word_embeddings else None
@@ -181,6 +206,12 @@ class LlamaForCausalLM(nn.Module):
     @property
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.layers]
+
+    def kv_scales(self) -> list[tuple[float, float]] | None:
+        """Each layer's loaded (k_scale, v_scale); None where the checkpoint has none."""
+        if not hasattr(self.attention_layers[0], "k_scale_param"):
+            return None
+        return [(a.k_scale_param.item(), a.v_scale_param.item()) for a in self.attention_layers]
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
@@ -207,7 +238,7 @@ class LlamaForCausalLM(nn.Module):
         """Copy HF-named tensors in; raises if a parameter is left unloaded or a name is unknown."""
         skip = "lm_head.weight" if self.tie_word_embeddings else None  # tied: the embedding serves
         ours = (
-            (name.removeprefix("model."), tensor)
+            (_kv_scale_name(name.removeprefix("model.")), tensor)
             for name, tensor in weights
             if "rotary_emb" not in name and name != skip
         )
@@ -220,7 +251,7 @@ class LlamaForCausalLM(nn.Module):
         linears = [m for m in self.modules() if isinstance(m, Linear)]
         owned = {id(p) for m in linears if not isinstance(m.method, TiedLinearMethod) for p in m.parameters()}
         for name, param in self.named_parameters():
-            if id(param) in owned:
+            if id(param) in owned or param.dim() == 0:  # linear layers' own; KV scales stay 1.0
                 continue
             if "norm" in name:
                 param.data.fill_(1.0)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from tensorjet.config import EngineConfig
+from tensorjet.dtypes import is_fp8
 from tensorjet.layers.attention import AttentionMetadata, GraphAttentionBackend
 from tensorjet.layers.batch_invariant import RowwiseAttentionBackend
 from tensorjet.models.llama import LlamaForCausalLM, head_dim_of
@@ -96,14 +97,32 @@ class ModelRunner:
         self.quantization = quantization_spec(self.config.quantization, source.quantization_config)
         with torch.device(self.device):
             self.model = LlamaForCausalLM(
-                source.hf_config, self.dtype, linear_method=linear_method_for(self.config, self.quantization)
+                source.hf_config,
+                self.dtype,
+                linear_method=linear_method_for(self.config, self.quantization),
+                kv_cache_scales=self.quantization is not None and self.quantization.kv_cache_scales,
             )
         if source.kind == "dummy" or self.config.load.load_format == "dummy":
             self.model.init_dummy_weights(self.config.runtime.seed)
         else:  # each parameter's loader converts its tensors (an FP8 format quantizes floats as they load)
             self.model.load_weights(iter_weights(source))
         self.model.eval()
+        self._apply_kv_scales()
         logger.info("loaded %s in %.1fs", source.name, time.perf_counter() - start)
+
+    def _apply_kv_scales(self) -> None:
+        """A checkpoint's k/v scales serve an FP8 cache; with a cache in the model dtype they do not apply."""
+        scales = self.model.kv_scales()
+        if scales is None:
+            return
+        if not is_fp8(self.kv_dtype):
+            logger.info(
+                "the checkpoint's KV-cache scales apply with kv_cache_dtype='fp8'; the cache is %s",
+                self.kv_dtype,
+            )
+            return
+        for attn, (k_scale, v_scale) in zip(self.model.attention_layers, scales):
+            attn.use_kv_scales(k_scale, v_scale)
 
     @property
     def weight_bytes(self) -> int:
