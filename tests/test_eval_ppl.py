@@ -62,6 +62,7 @@ def test_perplexity_equals_the_one_from_hf_logits(llm, hf_model, score_from, add
     assert result.num_windows == 2 and result.num_text_tokens == len(ids)
     assert result.add_bos is bool(add_bos) and result.first_scored_position == first
     assert result.num_scored_tokens == len(nlls) == 2 * (CONTEXT_LEN - 1 - first)
+    assert result.token_nlls == pytest.approx(nlls.tolist(), abs=1e-3)
     assert result.nll == pytest.approx(nlls.mean().item(), abs=2e-4)
     assert result.perplexity == pytest.approx(math.exp(nlls.mean().item()), rel=2e-4)
     stderr = result.perplexity * (nlls.var(unbiased=False).item() / (len(nlls) - 1)) ** 0.5
@@ -158,7 +159,29 @@ def _write(tmp_path, text: str) -> str:
     ],
     ids=["missing_file", "empty_file", "context_len_1", "score_from_1", "max_chars_0"],
 )
-def test_cli_bad_input_is_a_clean_error_before_loading_the_model(tmp_path, args, message):
-    result = run(args(tmp_path) + ["--device", "cpu"])
-    assert result.returncode == 2, result.stderr
-    assert message.format(tmp=tmp_path) in result.stderr and "Traceback" not in result.stderr
+def test_cli_bad_input_is_a_clean_error_before_loading_the_model(tmp_path, capsys, args, message):
+    from tensorjet.cli import main
+
+    try:
+        code = main(["eval", "ppl"] + args(tmp_path) + ["--device", "cpu"])
+    except SystemExit as error:  # argparse's own checks
+        code = error.code
+    assert code == 2
+    assert message.format(tmp=tmp_path) in capsys.readouterr().err
+
+
+def test_cli_takes_every_engine_option():
+    """Like `tensorjet generate`: each engine option's flag reaches the engine (`--dtype fp8` as well)."""
+    from tensorjet.cli import build_parser
+    from tensorjet.config import ENGINE_OPTIONS
+    from tensorjet.engine_args import engine_options
+
+    parser = build_parser()
+    required = ["eval", "ppl", "--data", "text.txt"]
+    assert engine_options(parser.parse_args(required)) == {"model": None}
+    assert engine_options(parser.parse_args([*required, "--model", "m"])) == {"model": "m"}
+    samples = {int: ("3", 3), float: ("0.5", 0.5), str: ("x", "x"), bool: ("off", False)}
+    for spec in ENGINE_OPTIONS.values():
+        if spec.name != "model":
+            text, value = samples[spec.type]
+            assert engine_options(parser.parse_args([*required, f"--{spec.name}", text]))[spec.name] == value

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from tensorjet.llm import LLM
 from tensorjet.sampling_params import SamplingParams
@@ -39,9 +39,14 @@ class PerplexityResult:
     num_text_tokens: int  # tokens of the (possibly cut) text, including the tail left out of any window
     seconds: float  # wall time of the engine run (tokenization not included)
     tokens_per_second: float  # window tokens the engine processed per second
+    # -log p of each scored token, in window order: two runs over the same text compare token by token.
+    token_nlls: tuple[float, ...] = field(repr=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The summary numbers (token_nlls left out)."""
+        numbers = asdict(self)
+        del numbers["token_nlls"]
+        return numbers
 
     def summary(self) -> str:
         return (
@@ -161,4 +166,5 @@ def perplexity(
         num_text_tokens=len(token_ids),
         seconds=seconds,
         tokens_per_second=len(windows) * context_len / seconds,
+        token_nlls=tuple(nlls),
     )
