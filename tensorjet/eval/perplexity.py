@@ -18,9 +18,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
-from tensorjet.llm import LLM
 from tensorjet.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # the engine loads only when a command runs, not for `tensorjet --help`
+    from tensorjet.llm import LLM
 
 DEFAULT_CONTEXT_LEN = 512
 DEFAULT_SCORE_FROM = 0.5
