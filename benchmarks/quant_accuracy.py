@@ -44,14 +44,6 @@ CONFIGS: dict[str, dict] = {
 REFERENCE = next(iter(CONFIGS))
 
 
-def weight_bytes(llm: LLM) -> int:
-    """Bytes of the model's weights (with the scales of quantized ones): its state dict, each storage
-    once (tied embeddings share one)."""
-    state = llm.engine.runner.model.state_dict()
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in state.values()}
-    return sum(storages.values())
-
-
 def run_row(
     name: str, options: dict, text: str, args: argparse.Namespace
 ) -> tuple[dict, PerplexityResult | None]:
@@ -70,7 +62,7 @@ def run_row(
         print(result.summary(), flush=True)
         numbers = {
             "model": llm.engine.source.name,
-            "weight_bytes": weight_bytes(llm),
+            "weight_bytes": llm.stats()["weight_bytes"],
             "load_seconds": load_seconds,
         }
         return {**row, "status": "ok", **numbers, **result.to_dict()}, result

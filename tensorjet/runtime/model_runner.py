@@ -126,9 +126,12 @@ class ModelRunner:
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes of the model's weights as stored (parameters and buffers; a tied head counted once)."""
-        tensors = {id(t): t for t in chain(self.model.parameters(), self.model.buffers())}
-        return sum(t.numel() * t.element_size() for t in tensors.values())
+        """Bytes of the model's weights as stored, with the scales of quantized ones: its state dict,
+        each storage once (a tied head shares the embedding's)."""
+        state = self.model.state_dict()
+        return sum(
+            {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in state.values()}.values()
+        )
 
     @property
     def weight_format(self) -> str:
