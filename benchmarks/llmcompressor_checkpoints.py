@@ -16,8 +16,8 @@ the tokenizer files):
         --prefix smollm2 [--schemes fp8-dynamic fp8-static fp8-static-kv] [--num-samples 64 --seq-len 512]
 
 Regenerate the test fixtures in tests/data/quantized/ (a seeded tiny random Llama, bf16, and its three
-quantized forms: config.json + model.safetensors each, plus reference_logits.safetensors, HF's fp32 logits
-for a fixed prompt):
+quantized forms: config.json + model.safetensors each, plus reference_logits/<name>.safetensors, HF's
+fp32 logits for a fixed prompt):
     /tmp/lcvenv/bin/python benchmarks/llmcompressor_checkpoints.py --tiny
 """
 
@@ -210,7 +210,8 @@ def make_tiny_fixtures(text_path: Path) -> None:
             seconds = quantize(source, out, scheme, text_path, TINY_NUM_SAMPLES, TINY_SEQ_LEN)
             fixture = FIXTURE_DIR / f"llama-tiny-{scheme}"
             keep_fixture_files(out, fixture)
-            write_reference_logits(out, fixture / "reference_logits.safetensors")
+            # Beside the checkpoint directories, not in them: a loader reads every *.safetensors there.
+            write_reference_logits(out, FIXTURE_DIR / "reference_logits" / f"llama-tiny-{scheme}.safetensors")
             print(f"llama-tiny-{scheme}: oneshot {seconds:.1f} s")
     for path in sorted(FIXTURE_DIR.glob("*/*")):
         print(f"{path.relative_to(REPO_ROOT)}: {path.stat().st_size} bytes")

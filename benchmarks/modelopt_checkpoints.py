@@ -17,7 +17,7 @@ safetensors and the tokenizer files):
 
 Regenerate the ModelOpt test fixtures in tests/data/quantized/ from the committed tiny Llama
 (tests/data/quantized/llama-tiny, written by llmcompressor_checkpoints.py --tiny), each with
-reference_logits.safetensors (ModelOpt's fp32 fake-quantized logits for a fixed prompt):
+reference_logits/<name>.safetensors (ModelOpt's fp32 fake-quantized logits for a fixed prompt):
     /tmp/movenv/bin/python benchmarks/modelopt_checkpoints.py --tiny
 """
 
@@ -140,7 +140,9 @@ def make_tiny_fixtures(text_path: Path, work_dir: Path) -> None:
         # hf_quant_config.json is ModelOpt's own description of the checkpoint, which loaders also read.
         for name in ("config.json", "hf_quant_config.json", "model.safetensors"):
             shutil.copy(out / name, fixture / name)
-        write_reference_logits(model, out, fixture / "reference_logits.safetensors")
+        write_reference_logits(
+            model, out, FIXTURE_DIR / "reference_logits" / f"llama-tiny-{scheme}.safetensors"
+        )
         print(f"llama-tiny-{scheme}: calibration {seconds:.1f} s")
     for path in sorted(FIXTURE_DIR.glob("llama-tiny-modelopt-*/*")):
         print(f"{path.relative_to(REPO_ROOT)}: {path.stat().st_size} bytes")

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tensorjet.dtypes import is_fp8, to_cache_dtype
+from tensorjet.layers.weight_loader import scalar_weight_loader, set_weight_loader
 
 
 @dataclass
@@ -349,6 +350,8 @@ class Attention(nn.Module):
         """Parameters for a checkpoint's `k_scale`/`v_scale`, applied by `use_kv_scales` once loaded."""
         self.k_scale_param = nn.Parameter(torch.ones((), dtype=torch.float32), requires_grad=False)
         self.v_scale_param = nn.Parameter(torch.ones((), dtype=torch.float32), requires_grad=False)
+        set_weight_loader(self.k_scale_param, scalar_weight_loader)
+        set_weight_loader(self.v_scale_param, scalar_weight_loader)
 
     def use_kv_scales(self, k_scale: float, v_scale: float) -> None:
         if not (k_scale > 0 and v_scale > 0):

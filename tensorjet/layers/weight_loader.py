@@ -32,6 +32,13 @@ def default_weight_loader(param: nn.Parameter, tensor: torch.Tensor, shard_id: i
     copy_checked(param.data, tensor)
 
 
+def scalar_weight_loader(param: nn.Parameter, tensor: torch.Tensor, shard_id: int | None = None) -> None:
+    """A per-tensor scale: one value, whatever shape the checkpoint gives it ([], [1])."""
+    if tensor.numel() != 1 or shard_id is not None:
+        raise ValueError(f"has shape {tuple(tensor.shape)}: a per-tensor scale is one value")
+    param.data.copy_(tensor.reshape(param.shape))
+
+
 def set_weight_loader(param: nn.Parameter, loader: WeightLoader) -> None:
     param.weight_loader = loader
 

@@ -21,9 +21,9 @@ from typing import Any
 from tensorjet.config import FeatureNotAvailableError
 from tensorjet.quant.fp8 import Fp8Scheme
 
-# Modules a checkpoint may leave unquantized: tensorjet keeps the LM head (and embeddings) in the model
+# Modules a checkpoint may leave unquantized: tensorjet keeps the LM head and embeddings in the model
 # dtype anyway.
-UNQUANTIZED_MODULES = {"lm_head"}
+UNQUANTIZED_MODULES = {"lm_head", "embed_tokens"}
 
 
 @dataclass(frozen=True)
@@ -121,12 +121,19 @@ def _modelopt(config: Mapping[str, Any]) -> QuantizationSpec:
             f"{where}.quant_algo={config.get('quant_algo')!r} (modelopt) is not supported; tensorjet "
             "reads ModelOpt FP8 checkpoints"
         )
+    # hf_quant_config.json says `kv_cache_quant_algo: FP8`; the export's config.json, a `kv_cache_scheme`
     kv_algo = config.get("kv_cache_quant_algo")
     if kv_algo is not None and str(kv_algo).upper() != "FP8":
         raise UnsupportedCheckpointError(f"{where}.kv_cache_quant_algo={kv_algo!r} is not supported (FP8 is)")
-    _check_ignored(config.get("exclude_modules") or [], f"{where}.exclude_modules")
+    kv_scheme = config.get("kv_cache_scheme")
+    if kv_scheme is not None:
+        _require_fp8(kv_scheme | {"symmetric": kv_scheme.get("symmetric", True)}, f"{where}.kv_cache_scheme")
+    # hf_quant_config.json names them `exclude_modules`; the export's config.json, `ignore`
+    for field in ("exclude_modules", "ignore"):
+        _check_ignored(config.get(field) or [], f"{where}.{field}")
     scheme = Fp8Scheme(checkpoint_weights=True, static_input_scale=True)
-    return QuantizationSpec("fp8", "modelopt", scheme, kv_cache_scales=kv_algo is not None)
+    kv_cache_scales = kv_algo is not None or kv_scheme is not None
+    return QuantizationSpec("fp8", "modelopt", scheme, kv_cache_scales=kv_cache_scales)
 
 
 def _require_fp8(args: Mapping[str, Any], where: str) -> None:
@@ -142,5 +149,5 @@ def _check_ignored(modules: list[str], where: str) -> None:
     if extra:
         raise UnsupportedCheckpointError(
             f"{where} leaves {extra[:3]} unquantized; tensorjet runs every decoder-layer projection in "
-            "one format (only the LM head may be left out)"
+            "one format (only the LM head and embeddings may be left out)"
         )
