@@ -219,6 +219,31 @@ def test_quantization_rounds_every_e4m3_tie_to_even():
     )
 
 
+def test_quantization_divides_exactly():
+    """x / scale is the correctly rounded quotient: with a scale of 63 and x 63 times each E4M3
+    midpoint, x / 63 is exactly the midpoint (a tie, to even), where x * RN(1/63) lands just off 250
+    of the 252 midpoints and rounds to the nearer neighbour, odd or even. A row whose maximum is
+    63 * 448 gets the per-token scale 63."""
+    grid = E4M3_GRID.to(DEVICE)
+    mid = (grid[1:] + grid[:-1]) / 2
+    x = torch.cat([63 * mid[mid.abs() < 448], torch.tensor([63 * FP8_MAX], device=DEVICE)])[None, :]
+    expected = (x / torch.full_like(x, 63.0)).to(FP8).float()
+    scale = torch.tensor(63.0, device=DEVICE)
+    for input_scale in (scale, None):
+        xq, x_scale = quantize_per_token_triton(x, input_scale)
+        assert (x_scale == 63.0).all() and torch.equal(xq.float(), expected), (
+            f"static={input_scale is not None}"
+        )
+        assert torch.equal(quantize_per_token(x, input_scale)[0].float(), expected)
+    n = 32  # the GEMV and the fused GEMV through identity weights, as above
+    picks = torch.linspace(0, x.shape[1] - 2, n, device=DEVICE).long()
+    sample, sample_expected = x[:, picks], expected[:, picks]
+    eye, ones = torch.eye(n, device=DEVICE).to(FP8), torch.ones(n, device=DEVICE)
+    assert torch.equal(fp8_gemv(sample, eye, ones, None, scale), 63 * sample_expected)
+    for config in FUSED_CANDIDATES[0], next(c for c in FUSED_CANDIDATES if c.tensor_cores):
+        assert torch.equal(fp8_fused_gemv(sample, eye, ones, None, scale, config), 63 * sample_expected)
+
+
 # ---- GEMV / GEMM ----------------------------------------------------------------------------------
 
 
