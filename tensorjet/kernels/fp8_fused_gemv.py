@@ -9,9 +9,14 @@ inside the kernel, as `fp8_linear_reference` does, optionally with:
 - `residual`: the result added into `residual` in place (the o and down projections);
 - `silu_mul`: W holds [gate; up]; returns silu(gate) * up (the gate|up projection).
 
-As in `fused_gemv`, an FMA GEMV: each program owns BLOCK_N output rows, keeps [BLOCK_N, BLOCK_K]
-partial sums and reduces them once at the end; the weight tile goes from global memory straight into
-registers, one byte per value, half the bytes of the bf16 layer.
+Two main loops, chosen by the tile configuration (`select_fp8_fused_gemv` times both kinds):
+- FMA, as `fused_gemv`: each program owns a few output rows, keeps [BLOCK_N, BLOCK_K] fp32 partial
+  sums (E4M3 products are exact in fp32) and reduces them once at the end; the weight tile goes from
+  global memory straight into registers, one byte per value. Converting each byte to fp32 costs
+  several instructions, so this loop is instruction-bound before it is bandwidth-bound;
+- tensor cores: W [64+ rows, BLOCK_K] @ xq^T on the FP8 MMA with the one row of x broadcast to its
+  16 columns (`tensorjet.kernels.fp8_linear`'s numerics): few instructions per byte, but only
+  N / BLOCK_N programs, too few to stream a 4096-row weight at the full rate.
 """
 
 from __future__ import annotations

@@ -2,13 +2,18 @@
 
 The weight is E4M3 with one float32 scale per output channel; the activation is quantized per token
 (its row's absolute maximum maps to 448) or with a checkpoint's static scale. The numerics are the
-reference's (`fp8_linear_reference`, pure PyTorch); every kernel here computes the same quantized
-values and differs from it only in the order its fp32 sums run:
+reference's (`fp8_linear_reference`, pure PyTorch): every kernel here computes the same quantized
+values (bit for bit, the division included) and the same fp32 epilogue, and differs from it only in
+how its sums run: in another order and, on Hopper's FP8 tensor cores (the Triton GEMV/GEMM and
+torch._scaled_mm alike), with each instruction's 32 products added at less than fp32 precision
+before they join the fp32 accumulator (every PROMOTE_K of K), about 1e-4 relative.
 - `fp8_gemv` (up to MAX_M rows, the decode batches): reads the E4M3 weight (half the bytes of bf16)
   and quantizes x inside the kernel, so a projection stays one launch;
+- `fp8_gemm` (tens to hundreds of rows): x quantized once, then the same kernel on larger tiles;
 - `scaled_mm_linear` (any M, sm89+): one launch quantizes x (`quantize_per_token_triton`), then
   torch._scaled_mm multiplies on the FP8 tensor cores with row-wise scales.
 `select_fp8_gemv` times the GEMV's tiles against `scaled_mm_linear` per weight shape at start-up.
+The fused batch-1 decode layer's FP8 projections are `tensorjet.kernels.fp8_fused_gemv`.
 """
 
 from __future__ import annotations
