@@ -247,3 +247,23 @@ def test_dummy_fp8_weights_are_e4m3_in_every_projection_and_the_head_stays_full_
         assert len(out[0].outputs[0].token_ids) == 4
     finally:
         engine.shutdown()
+
+
+def test_fp8_triton_path_with_the_fused_batch1_layer_matches_the_reference_path(tiny_model_dir):
+    """The tiny Llama on the Triton path (interpreted here): its one-prompt decode steps run the fused FP8
+    batch-1 layer and give the log-probabilities of the reference path."""
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, 128, (12,), generator=gen).tolist()
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=1)
+    runs = {}
+    for backend in ("torch", "triton"):
+        engine = LLM(model=tiny_model_dir, device="cpu", dtype="fp8", attention_backend=backend)
+        try:
+            assert engine.engine.runner.model.fused_decode == (backend == "triton")
+            runs[backend] = engine.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+        finally:
+            engine.shutdown()
+    assert runs["triton"].token_ids == runs["torch"].token_ids
+    ours = [lp[t] for lp, t in zip(runs["triton"].logprobs, runs["triton"].token_ids)]
+    ref = [lp[t] for lp, t in zip(runs["torch"].logprobs, runs["torch"].token_ids)]
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor(ref), rtol=0, atol=1e-3)

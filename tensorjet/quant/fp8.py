@@ -21,6 +21,7 @@ from torch import nn
 
 from tensorjet.kernels.fp8_linear import E4M3, fp8_linear_reference, quantize_weight_per_channel
 from tensorjet.layers.linear import Linear, LinearMethod
+from tensorjet.layers.norm import RMSNorm
 from tensorjet.layers.weight_loader import copy_checked, set_weight_loader
 
 # y [M, N] = kernel(x [M, K], weight [N, K] E4M3, weight_scale [N] f32, bias [N] | None,
@@ -42,11 +43,16 @@ class Fp8Scheme:
 class Fp8Kernels:
     """The kernels an FP8 layer's products run, chosen at start-up (`tensorjet.runtime.kernel_selection`)."""
 
-    dense: Fp8Kernel = fp8_linear_reference  # every batch the small-batch kernel does not take
-    small_batch: Fp8Kernel | None = (
-        None  # a decode GEMV reading the E4M3 weight, up to `small_batch_max_rows`
-    )
+    dense: Fp8Kernel = fp8_linear_reference  # every batch the other kernels do not take
+    # A decode GEMV reading the E4M3 weight, for up to `small_batch_max_rows` rows.
+    small_batch: Fp8Kernel | None = None
     small_batch_max_rows: int = 0
+    # The Triton GEMM on the FP8 tensor cores for up to `mid_batch_max_rows` rows (past the GEMV's),
+    # where it times faster than `dense`.
+    mid_batch: Fp8Kernel | None = None
+    mid_batch_max_rows: int = 0
+    # The batch-1 GEMV with the neighbouring ops fused in (`tensorjet.kernels.fp8_fused_gemv`).
+    fused: Callable[..., torch.Tensor] | None = None
 
 
 class Fp8LinearMethod(LinearMethod):
@@ -126,10 +132,41 @@ class Fp8LinearMethod(LinearMethod):
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         kernels = self.kernels
         weight = layer.weight if self.grid_weight is None else self.grid_weight
+        rows = x.shape[0]
         kernel = kernels.dense
-        if kernels.small_batch is not None and x.shape[0] <= kernels.small_batch_max_rows:
+        if kernels.small_batch is not None and rows <= kernels.small_batch_max_rows:
             kernel = kernels.small_batch
+        elif kernels.mid_batch is not None and rows <= kernels.mid_batch_max_rows:
+            kernel = kernels.mid_batch
         return kernel(x, weight, layer.weight_scale, layer.bias, layer.input_scale)
+
+    @property
+    def supports_fused(self) -> bool:
+        return self.kernels.fused is not None
+
+    def apply_fused(
+        self,
+        layer: Linear,
+        x: torch.Tensor,
+        *,
+        norm: RMSNorm | None,
+        residual: torch.Tensor | None,
+        silu_mul: bool,
+    ) -> torch.Tensor:
+        fused = self.kernels.fused
+        if fused is None:
+            raise NotImplementedError("no fused FP8 GEMV was chosen for this layer (supports_fused is False)")
+        return fused(
+            x,
+            layer.weight,
+            layer.weight_scale,
+            layer.bias,
+            layer.input_scale,
+            norm_weight=None if norm is None else norm.weight,
+            eps=0.0 if norm is None else norm.eps,
+            residual=residual,
+            silu_mul=silu_mul,
+        )
 
     def init_dummy_weights(self, layer: Linear, generator: torch.Generator) -> None:
         """Random weights with the real shapes, quantized as float checkpoint weights would be; a static

@@ -176,6 +176,7 @@ def select_fp8_kernels(model: DecoderModel, config: EngineConfig, small_batch_ge
             chosen[key] = Fp8Kernels(dense=dense)
             if small_batch_gemv:
                 chosen[key] = _with_timed_fp8_gemv(chosen[key], layer)
+                chosen[key] = _with_timed_fp8_gemm(chosen[key], layer)
         method.kernels = chosen[key]
 
 
@@ -205,6 +206,33 @@ def _with_timed_fp8_gemv(kernels: Fp8Kernels, layer: Linear) -> Fp8Kernels:
     return replace(kernels, small_batch=partial(fp8_gemv, config=config), small_batch_max_rows=MAX_M)
 
 
+def _with_timed_fp8_gemm(kernels: Fp8Kernels, layer: Linear) -> Fp8Kernels:
+    """The Triton FP8 GEMM for batches past the GEMV's, up to the largest size at which it times faster
+    than `torch._scaled_mm` (its tiles are chosen per batch size: `gemm_config`)."""
+    from tensorjet.kernels.fp8_linear import GEMM_MAX_M, fp8_gemm
+    from tensorjet.kernels.gemv import cold_copies, time_in_graph_ms
+
+    weights = cold_copies(layer.weight)
+    operands = (layer.weight_scale, layer.bias, layer.input_scale)
+    max_rows = 0
+    for rows in (32, 64, 128, 256):
+        if rows > GEMM_MAX_M:
+            break
+        x = torch.randn(rows, layer.input_size, dtype=torch.bfloat16, device=layer.weight.device)
+        gemm_ms = time_in_graph_ms(lambda w, x=x: fp8_gemm(x, w, *operands), weights)
+        dense_ms = time_in_graph_ms(lambda w, x=x: kernels.dense(x, w, *operands), weights)
+        logger.info(
+            "FP8 linear %s at M=%d: GEMM %.1f us vs scaled_mm %.1f us",
+            tuple(layer.weight.shape), rows, gemm_ms * 1e3, dense_ms * 1e3,
+        )  # fmt: skip
+        if gemm_ms >= dense_ms:
+            break
+        max_rows = rows
+    if max_rows == 0:
+        return kernels
+    return replace(kernels, mid_batch=fp8_gemm, mid_batch_max_rows=max_rows)
+
+
 def _with_timed_gemv(
     kernels: LinearKernels, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> LinearKernels:
@@ -227,39 +255,39 @@ def _with_timed_gemv(
 
 def select_fused_decode(model: DecoderModel, timed: bool = True) -> None:
     """Run one-token steps through the decoder layers' fused path: each projection's GEMV carries the
-    norm, residual add or SiLU next to it (`tensorjet.kernels.fused_gemv`).
+    norm, residual add or SiLU next to it (`tensorjet.kernels.fused_gemv` for unquantized weights,
+    `tensorjet.kernels.fp8_fused_gemv` for FP8 ones).
 
-    timed: time each projection's best fused GEMV on this GPU and sum them over a layer, against
-    cuBLAS plus the three kernels the fusion removes (two norms with their residual adds, SiLU;
-    `FUSED_LAUNCH_US` each); the path is on only if the fused layer wins. Untimed (the CPU
-    interpreter), it is on with the first candidate. It stays off where a projection's weight format
-    has no fused GEMV (not unquantized): those layers run unfused."""
-    from tensorjet.kernels.fused_gemv import CANDIDATES, fused_gemv, select_fused_gemv
-
+    timed: time each projection's best fused GEMV on this GPU and sum them over a layer, against its
+    plain product (cuBLAS, or `torch._scaled_mm` for FP8) plus the three kernels the fusion removes (two
+    norms with their residual adds, SiLU; `FUSED_LAUNCH_US` each); the path is on only if the fused
+    layer wins. Untimed (the CPU interpreter), it is on with the first candidate. It stays off where a
+    projection's weight format has no fused GEMV."""
     layers = [layer.fused_projections() for layer in model.layers]
     methods = [proj.method for projections in layers for proj, _ in projections.values()]
-    others = sorted({type(m).__name__ for m in methods if not isinstance(m, UnquantizedLinearMethod)})
-    if others:
-        logger.info("fused batch-1 decode layer: off (no fused GEMV for %s)", ", ".join(others))
+    formats = {type(m) for m in methods}
+    if len(formats) != 1 or not formats <= {UnquantizedLinearMethod, Fp8LinearMethod}:
+        names = ", ".join(sorted(f.__name__ for f in formats))
+        logger.info("fused batch-1 decode layer: off (no fused GEMV for the mix %s)", names)
         model.fused_decode = False
         return
-    configs = {name: CANDIDATES[0] for name in layers[0]}
+    fp8 = formats == {Fp8LinearMethod}
+    select, candidates, fused_kernel = _fused_gemv_family(fp8)
+    configs = {name: candidates[0] for name in layers[0]}
     use = True
     if timed:
         start = time.perf_counter()
         fused_us = 0.0
         unfused_us = 3 * FUSED_LAUNCH_US
         for name, (proj, fusion) in layers[0].items():
-            configs[name], timings = select_fused_gemv(proj.weight, proj.bias, **fusion)
+            configs[name], timings = select(proj, fusion)
+            plain = timings["scaled_mm" if fp8 else "cublas"]
             fused_us += timings["fused"] * 1e3
-            unfused_us += timings["cublas"] * 1e3
+            unfused_us += plain * 1e3
             logger.info(
-                "fused decode %s: %.1f us (%s) vs cuBLAS %.1f us",
-                name,
-                timings["fused"] * 1e3,
-                configs[name],
-                timings["cublas"] * 1e3,
-            )
+                "fused decode %s: %.1f us (%s) vs %.1f us plain", name, timings["fused"] * 1e3, configs[name],
+                plain * 1e3,
+            )  # fmt: skip
         use = fused_us < unfused_us
         logger.info(
             "fused batch-1 decode layer: %.1f us vs %.1f us unfused -> %s (chosen in %.1fs)",
@@ -269,8 +297,27 @@ def select_fused_decode(model: DecoderModel, timed: bool = True) -> None:
             time.perf_counter() - start,
         )
     # The GEMVs are bound either way, so a benchmark can flip `fused_decode` to compare.
-    kernels = {name: partial(fused_gemv, config=config) for name, config in configs.items()}
+    kernels = {name: partial(fused_kernel, config=config) for name, config in configs.items()}
     for projections in layers:
         for name, (proj, _) in projections.items():
             proj.method.kernels = replace(proj.method.kernels, fused=kernels[name])
     model.fused_decode = use
+
+
+def _fused_gemv_family(fp8: bool) -> tuple[Callable, Sequence, Callable]:
+    """(select(projection, fusion) -> (config, timings), the candidate configs, the fused kernel)."""
+    if fp8:
+        from tensorjet.kernels import fp8_fused_gemv as family
+
+        def select(proj: Linear, fusion: dict) -> tuple:
+            return family.select_fp8_fused_gemv(
+                proj.weight, proj.weight_scale, proj.bias, proj.input_scale, **fusion
+            )
+
+        return select, family.CANDIDATES, family.fp8_fused_gemv
+    from tensorjet.kernels import fused_gemv as family
+
+    def select(proj: Linear, fusion: dict) -> tuple:
+        return family.select_fused_gemv(proj.weight, proj.bias, **fusion)
+
+    return select, family.CANDIDATES, family.fused_gemv
