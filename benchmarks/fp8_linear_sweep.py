@@ -13,21 +13,28 @@ comes from HBM) and checked against `fp8_linear_reference` on the same GPU (max 
 The table gives microseconds, GB/s of weight read, and that rate as a fraction of a device-to-device
 copy's (bytes read + written per second) measured in the same run.
 
+With --fused-tiles it sweeps instead the fused batch-1 GEMV's tiles (FMA and tensor-core, 31 of them)
+for each projection with its fusion, as benchmarks/gemv_sweep.py does for the bf16 one; the
+candidates in `tensorjet.kernels.fp8_fused_gemv` come from such a run.
+
     python benchmarks/fp8_linear_sweep.py [--out $OUT/fp8_linear_sweep.json] [--m 1,16,256]
+    python benchmarks/fp8_linear_sweep.py --fused-tiles [--out $OUT/fp8_fused_sweep.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from tensorjet.kernels.fp8_fused_gemv import CANDIDATES as FUSED_CANDIDATES
-from tensorjet.kernels.fp8_fused_gemv import fp8_fused_gemv
+from tensorjet.kernels.fp8_fused_gemv import Fp8FusedGemvConfig, fp8_fused_gemv
 from tensorjet.kernels.fp8_linear import (
     CANDIDATES,
     GEMM_CONFIGS,
@@ -53,6 +60,22 @@ PROJECTIONS = {  # name: (output rows, input size, fusion at batch 1), as the de
     "lm_head": (VOCAB, HIDDEN, None),  # stays bf16: timed with F.linear only
 }
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096)
+# --fused-tiles: FMA tiles of 2,048-16,384 partial sums (8 warps from 8,192 up), tensor-core tiles of
+# 64 or 128 weight rows (some exceed the shared memory: reported, skipped).
+FUSED_TILES = [
+    Fp8FusedGemvConfig(block_n, block_k, warps)
+    for block_n, block_k, warps in itertools.product((4, 8, 16, 32), (256, 512, 1024, 2048), (4, 8))
+    if 2048 <= block_n * block_k <= 16384 and (warps == 4 or block_n * block_k >= 8192)
+]
+FUSED_TILES += [
+    Fp8FusedGemvConfig(64, block_k, 4, stages, tensor_cores=True)
+    for block_k, stages in itertools.product((128, 256, 512), (3, 4, 6))
+]
+FUSED_TILES += [
+    Fp8FusedGemvConfig(128, 256, 4, 3, tensor_cores=True),
+    Fp8FusedGemvConfig(128, 256, 8, 4, tensor_cores=True),
+    Fp8FusedGemvConfig(64, 256, 8, 4, tensor_cores=True),
+]
 
 
 def copy_rate_gbps(nbytes: int = 2**30) -> float:
@@ -143,12 +166,41 @@ def sweep_projection(name: str, n: int, k: int, fusion: dict | None, batches) ->
     return rows
 
 
+def sweep_fused_tiles(copy_gbps: float) -> dict:
+    """Every tile of FUSED_TILES per projection at M=1 with its fusion: {projection: [(us, tile)]},
+    fastest first; the best few of each are printed."""
+    results = {}
+    for name, (n, k, fusion) in PROJECTIONS.items():
+        if fusion is None:
+            continue
+        wq, ws = quantize_weight_per_channel(torch.randn(n, k, device="cuda") / k**0.5)
+        weights = cold_copies(wq)
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        options = fusion_args(fusion, n // 2 if fusion.get("silu_mul") else n, k)
+        launch = lambda t, wt, x=x, ws=ws, o=options: fp8_fused_gemv(x, wt, ws, None, None, t, **o)  # noqa: E731
+        timed = []
+        for tile in FUSED_TILES:
+            try:
+                timed.append((time_in_graph_ms(partial(launch, tile), weights) * 1e3, str(tile)))
+            except Exception as error:  # out of shared memory for this tile
+                print(f"  {tile}: {repr(error)[:100]}")
+        timed.sort()
+        results[name] = timed
+        print(f"{name}: {wq.numel() / 1e6:.1f} MB, {wq.numel() / copy_gbps / 1e3:.1f} us at the copy rate")
+        for us, tile in timed[:6]:
+            print(f"  {us:6.1f} us  {wq.numel() / us / 1e3 / copy_gbps:.2f} of copy  {tile}")
+        del weights, wq
+        torch.cuda.empty_cache()
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     default_out = Path(os.environ["OUT"]) / "fp8_linear_sweep.json" if os.environ.get("OUT") else None
     parser.add_argument("--out", type=Path, default=default_out)
     parser.add_argument("--m", default=",".join(map(str, BATCHES)), help="batch sizes, comma-separated")
     parser.add_argument("--projections", default=",".join(PROJECTIONS))
+    parser.add_argument("--fused-tiles", action="store_true", help="sweep the fused GEMV's tiles instead")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("fp8_linear_sweep.py times GPU kernels inside CUDA graphs: it needs a CUDA GPU")
@@ -156,6 +208,13 @@ def main() -> None:
     batches = [int(m) for m in args.m.split(",")]
     copy_gbps = copy_rate_gbps()
     print(f"{torch.cuda.get_device_name()}: device-to-device copy {copy_gbps:.0f} GB/s (read + write)")
+    if args.fused_tiles:
+        results = sweep_fused_tiles(copy_gbps)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            report = dict(device=torch.cuda.get_device_name(), copy_gbps=copy_gbps, tiles=results)
+            args.out.write_text(json.dumps(report, indent=1))
+        return
     rows = []
     for name in args.projections.split(","):
         n, k, fusion = PROJECTIONS[name]

@@ -59,13 +59,17 @@ class Fp8FusedGemvConfig:
     tensor_cores: bool = False
 
 
-# FMA: fused_gemv's fastest tile for Llama-3-8B's projections on an H100 (benchmarks/fp8_linear_sweep.py)
-# and one with twice the rows; tensor cores: the fastest `fp8_gemv` tiles at M=1 there.
+# The fastest of 31 FMA and tensor-core tiles per Llama-3-8B projection with its fusion on an H100
+# (graph-timed, L2-cold, 2026-12-06; benchmarks/results/fp8_fused_sweep_h100_2026-12-06.json), as a
+# fraction of the copy rate: o 9.5 us (0.59) and down 28.6 us (0.69) on FMAs (16, 512, 8 warps; 4
+# warps 2-4% slower), qkv 12.7 us (0.66) on tensor cores (64, 128, 6 stages; FMAs 12.8), gate|up
+# 43.8 us (0.89) on tensor cores (128, 256, 3 stages; FMAs 52.3). Tensor-core tiles over 64 x 256
+# at 4+ stages run out of shared memory.
 CANDIDATES = (
     Fp8FusedGemvConfig(16, 512, 4),
-    Fp8FusedGemvConfig(8, 1024, 4),
-    Fp8FusedGemvConfig(64, 256, 4, 4, tensor_cores=True),
-    Fp8FusedGemvConfig(64, 512, 4, 3, tensor_cores=True),
+    Fp8FusedGemvConfig(16, 512, 8),
+    Fp8FusedGemvConfig(64, 128, 4, 6, tensor_cores=True),
+    Fp8FusedGemvConfig(128, 256, 4, 3, tensor_cores=True),
 )
 
 
