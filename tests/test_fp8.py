@@ -232,8 +232,8 @@ def test_fp8_on_the_bundled_model_costs_little_next_token_likelihood(llm):
     assert abs(fp8.mean() - full.mean()) < 0.1
 
 
-def test_dummy_fp8_weights_are_e4m3_in_every_projection_and_the_head_stays_full_precision():
-    engine = LLM(device="cpu", dtype="fp8", load_format="dummy", max_seq_len=64)
+def test_dummy_fp8_weights_are_e4m3_in_every_projection_and_the_head_stays_full_precision(tiny_model_dir):
+    engine = LLM(model=tiny_model_dir, device="cpu", dtype="fp8", load_format="dummy", max_seq_len=64)
     try:
         model = engine.engine.runner.model
         for layer in model.layers:
@@ -249,6 +249,7 @@ def test_dummy_fp8_weights_are_e4m3_in_every_projection_and_the_head_stays_full_
         engine.shutdown()
 
 
+@pytest.mark.slow  # interpreted Triton kernels through the whole engine
 def test_fp8_triton_path_with_the_fused_batch1_layer_matches_the_reference_path(tiny_model_dir):
     """The tiny Llama on the Triton path (interpreted here): its one-prompt decode steps run the fused FP8
     batch-1 layer and give the log-probabilities of the reference path."""
