@@ -79,7 +79,7 @@ class TransposedWeightMethod(LinearMethod):
 
 
 def engine_with(monkeypatch, method_factory, **options) -> LLM:
-    monkeypatch.setattr(model_runner, "linear_method_for", lambda config: method_factory)
+    monkeypatch.setattr(model_runner, "linear_method_for", lambda config, spec: method_factory)
     return LLM(device="cpu", **options)
 
 

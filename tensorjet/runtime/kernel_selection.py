@@ -265,13 +265,12 @@ def select_fused_decode(model: DecoderModel, timed: bool = True) -> None:
     projection's weight format has no fused GEMV."""
     layers = [layer.fused_projections() for layer in model.layers]
     methods = [proj.method for projections in layers for proj, _ in projections.values()]
-    formats = {type(m) for m in methods}
-    if len(formats) != 1 or not formats <= {UnquantizedLinearMethod, Fp8LinearMethod}:
-        names = ", ".join(sorted(f.__name__ for f in formats))
-        logger.info("fused batch-1 decode layer: off (no fused GEMV for the mix %s)", names)
+    fp8 = all(isinstance(m, Fp8LinearMethod) for m in methods)
+    if not fp8 and not all(isinstance(m, UnquantizedLinearMethod) for m in methods):
+        names = ", ".join(sorted({type(m).__name__ for m in methods}))
+        logger.info("fused batch-1 decode layer: off (no fused GEMV for %s)", names)
         model.fused_decode = False
         return
-    fp8 = formats == {Fp8LinearMethod}
     select, candidates, fused_kernel = _fused_gemv_family(fp8)
     configs = {name: candidates[0] for name in layers[0]}
     use = True
