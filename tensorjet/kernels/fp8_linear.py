@@ -105,7 +105,7 @@ def fp8_linear_reference(
 
 @triton.jit
 def row_scale(amax):
-    """A row's scale from its absolute maximum, max(amax, 1e-12) / 448 rounded once (as in torch)."""
+    """A row's scale from its absolute maximum, max(amax, 1e-12) / 448 rounded once (`scale_for`)."""
     return tl.math.div_rn(tl.maximum(amax, _MIN_AMAX), _FP8_MAX)
 
 
@@ -115,14 +115,15 @@ def quantize_e4m3(x, scale, inv_scale, EMULATE: tl.constexpr):
 
     The quotient is the correctly rounded x / scale, which `/` (an approximate division on the GPU)
     does not promise: q0 = x * RN(1/scale) is within an ulp of it, and one FMA step
-    q0 + RN(x - q0 * scale) * RN(1/scale) rounds it correctly (Markstein's theorem; three
-    instructions against ~8 for a full-precision division per element). `inv_scale` is RN(1/scale).
+    q0 + RN(x - q0 * scale) * RN(1/scale) rounds it correctly (Markstein's theorem, and no miss in
+    8e7 random quotients against float64 division; three instructions against ~8 for a full-precision
+    division per element). `inv_scale` is RN(1/scale).
     (A -0.0 in x comes out +0.0 where torch keeps the sign: the same value.)
 
-    EMULATE (the interpreter): the interpreter's float -> E4M3 cast truncates instead of rounding to
-    nearest even (126.5 -> 64: a mantissa carry is lost), so it rounds here in fp32 and casts only
-    values already on the E4M3 grid, which it converts exactly. Compiled kernels use the hardware
-    cast (cvt.rn.satfinite on sm89+)."""
+    EMULATE (the interpreter): the interpreter's float -> E4M3 cast does not round to nearest even
+    (-126.3 comes out -64, not -128: a mantissa carry into the exponent is lost), so it rounds here in
+    fp32 and casts only values already on the E4M3 grid, which it converts exactly. Compiled kernels
+    use the hardware cast (cvt.rn.satfinite on sm89+)."""
     q0 = x * inv_scale
     q = tl.fma(tl.fma(-q0, scale, x), inv_scale, q0)
     q = tl.minimum(tl.maximum(q, -_FP8_MAX), _FP8_MAX)
