@@ -8,7 +8,8 @@ Schemes (all leave `lm_head` unquantized, as llmcompressor's examples do):
 Calibration text: consecutive chunks of tinyshakespeare (no network), tokenized with the model's tokenizer.
 
 llmcompressor pins its own transformers, so this runs in a separate virtualenv, made with one line:
-    python3 -m venv /tmp/lcvenv && /tmp/lcvenv/bin/pip install llmcompressor==0.14.0.1 torch==2.13.0
+    python3 -m venv /tmp/lcvenv && /tmp/lcvenv/bin/pip install llmcompressor==0.14.0.1 torch==2.13.0 \
+        transformers==5.17.0
 
 Quantize a Hugging Face model directory (writes OUT/<prefix>-<scheme>/ with config.json, safetensors and
 the tokenizer files):
