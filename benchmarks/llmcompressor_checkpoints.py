@@ -8,7 +8,8 @@ Schemes (all leave `lm_head` unquantized, as llmcompressor's examples do):
 Calibration text: consecutive chunks of tinyshakespeare (no network), tokenized with the model's tokenizer.
 
 llmcompressor pins its own transformers, so this runs in a separate virtualenv, made with one line:
-    python3 -m venv /tmp/lcvenv && /tmp/lcvenv/bin/pip install llmcompressor==0.14.0.1 torch==2.13.0
+    python3 -m venv /tmp/lcvenv && /tmp/lcvenv/bin/pip install llmcompressor==0.14.0.1 torch==2.13.0 \
+        transformers==5.17.0
 
 Quantize a Hugging Face model directory (writes OUT/<prefix>-<scheme>/ with config.json, safetensors and
 the tokenizer files):
@@ -39,8 +40,8 @@ DEFAULT_TEXT = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 FIXTURE_DIR = REPO_ROOT / "tests" / "data" / "quantized"
 SEED = 0
 
-# The tiny Llama the fixtures are made from: every shape distinct (hidden 64, q 64, kv 32, mlp 128,
-# vocab 256) so a transposed or misplaced tensor cannot load silently; untied lm_head.
+# The tiny Llama the fixtures are made from: kv width (32), hidden (64), mlp (128) and vocab (256) all
+# differ, so a misplaced or transposed k/v, MLP or head tensor cannot load silently; untied lm_head.
 TINY_LLAMA = dict(
     hidden_size=64,
     intermediate_size=128,

@@ -80,6 +80,10 @@ def calibrate(source: Path, scheme: str, tokenizer, text_path: Path, num_samples
 def export(model: torch.nn.Module, out_dir: Path) -> None:
     from modelopt.torch.export import export_hf_checkpoint
 
+    if not model.config.architectures:
+        # The export reads it (to tell language models from multimodal ones); configs converted from
+        # other formats may lack it.
+        model.config.architectures = [type(model).__name__]
     if out_dir.exists():
         shutil.rmtree(out_dir)
     with torch.inference_mode():
