@@ -81,6 +81,16 @@ class LinearMethod(ABC):
         """Random weights with the real shapes, scaled so activations stay finite (benchmarks only)."""
 
 
+def fused_options(norm: RMSNorm | None, residual: torch.Tensor | None, silu_mul: bool) -> dict:
+    """A fused GEMV's keyword arguments for the ops `apply_fused` folds in (every fused kernel's)."""
+    return dict(
+        norm_weight=None if norm is None else norm.weight,
+        eps=0.0 if norm is None else norm.eps,
+        residual=residual,
+        silu_mul=silu_mul,
+    )
+
+
 # Makes a layer's method: one instance per layer, as each keeps the kernels chosen for its layer.
 LinearMethodFactory = Callable[[], LinearMethod]
 
@@ -129,15 +139,7 @@ class UnquantizedLinearMethod(LinearMethod):
         fused = self.kernels.fused
         if fused is None:
             raise NotImplementedError("no fused GEMV was chosen for this layer (supports_fused is False)")
-        return fused(
-            x,
-            layer.weight,
-            layer.bias,
-            norm_weight=None if norm is None else norm.weight,
-            eps=0.0 if norm is None else norm.eps,
-            residual=residual,
-            silu_mul=silu_mul,
-        )
+        return fused(x, layer.weight, layer.bias, **fused_options(norm, residual, silu_mul))
 
 
 class TiedLinearMethod(UnquantizedLinearMethod):
@@ -186,14 +188,17 @@ class Linear(nn.Module):
         self.method = method if method is not None else UnquantizedLinearMethod()
         self.method.create_weights(self, dtype)
 
+    def shard_rows(self, shard_id: int | None) -> slice:
+        """The output rows of shard `shard_id` of a merged layer, or (None) all of them."""
+        if shard_id is None:
+            return slice(0, sum(self.output_sizes))
+        start = sum(self.output_sizes[:shard_id])
+        return slice(start, start + self.output_sizes[shard_id])
+
     def weight_loader(self, param: nn.Parameter, tensor: torch.Tensor, shard_id: int | None) -> None:
         """Load a parameter whose rows are this layer's outputs: shard `shard_id` of a merged layer into
         its row block, or (None) the whole parameter."""
-        rows = param.data
-        if shard_id is not None:
-            start = sum(self.output_sizes[:shard_id])
-            rows = rows[start : start + self.output_sizes[shard_id]]
-        copy_checked(rows, tensor)
+        copy_checked(param.data[self.shard_rows(shard_id)], tensor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, x)

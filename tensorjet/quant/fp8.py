@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from tensorjet.kernels.fp8_linear import E4M3, fp8_linear_reference, quantize_weight_per_channel
-from tensorjet.layers.linear import Linear, LinearMethod
+from tensorjet.layers.linear import Linear, LinearMethod, fused_options
 from tensorjet.layers.norm import RMSNorm
 from tensorjet.layers.weight_loader import copy_checked, set_weight_loader
 
@@ -93,7 +93,7 @@ class Fp8LinearMethod(LinearMethod):
                     f"is {tensor.dtype}: online FP8 quantization takes float weights (an FP8 checkpoint "
                     "declares itself in config.json's quantization_config)"
                 )
-            rows = _shard_rows(layer, shard_id)
+            rows = layer.shard_rows(shard_id)
             expected = (rows.stop - rows.start, layer.input_size)
             if tuple(tensor.shape) != expected:
                 raise ValueError(f"has shape {tuple(tensor.shape)}, expected {expected}")
@@ -108,14 +108,14 @@ class Fp8LinearMethod(LinearMethod):
         def load(param: nn.Parameter, tensor: torch.Tensor, shard_id: int | None) -> None:
             if tensor.dtype != E4M3:
                 raise ValueError(f"is {tensor.dtype}, expected {E4M3} (the checkpoint's FP8 format)")
-            copy_checked(param.data[_shard_rows(layer, shard_id)], tensor)
+            copy_checked(param.data[layer.shard_rows(shard_id)], tensor)
 
         return load
 
     @staticmethod
     def _load_weight_scale(layer: Linear):
         def load(param: nn.Parameter, tensor: torch.Tensor, shard_id: int | None) -> None:
-            rows = param.data[_shard_rows(layer, shard_id)]
+            rows = param.data[layer.shard_rows(shard_id)]
             if tensor.numel() == 1:  # per-tensor: every row of the shard
                 rows.fill_(tensor.float().item())
             elif tensor.numel() == rows.numel():  # per-channel: [rows] or [rows, 1]
@@ -156,17 +156,8 @@ class Fp8LinearMethod(LinearMethod):
         fused = self.kernels.fused
         if fused is None:
             raise NotImplementedError("no fused FP8 GEMV was chosen for this layer (supports_fused is False)")
-        return fused(
-            x,
-            layer.weight,
-            layer.weight_scale,
-            layer.bias,
-            layer.input_scale,
-            norm_weight=None if norm is None else norm.weight,
-            eps=0.0 if norm is None else norm.eps,
-            residual=residual,
-            silu_mul=silu_mul,
-        )
+        operands = (layer.weight, layer.weight_scale, layer.bias, layer.input_scale)
+        return fused(x, *operands, **fused_options(norm, residual, silu_mul))
 
     def init_dummy_weights(self, layer: Linear, generator: torch.Generator) -> None:
         """Random weights with the real shapes, quantized as float checkpoint weights would be; a static
@@ -180,13 +171,6 @@ class Fp8LinearMethod(LinearMethod):
             layer.bias.data.copy_(
                 _uniform(layer.bias.shape, layer.input_size**-0.5, layer.bias.dtype, generator)
             )
-
-
-def _shard_rows(layer: Linear, shard_id: int | None) -> slice:
-    if shard_id is None:
-        return slice(0, sum(layer.output_sizes))
-    start = sum(layer.output_sizes[:shard_id])
-    return slice(start, start + layer.output_sizes[shard_id])
 
 
 def _load_input_scale(param: nn.Parameter, tensor: torch.Tensor, shard_id: int | None) -> None:
