@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import time
 from contextlib import redirect_stdout
 from pathlib import Path
@@ -95,18 +96,30 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000, help="requests of 1000 in / 1000 out")
     parser.add_argument("--only", choices=sorted(WEIGHTS), default=None, help="one weight format alone")
     parser.add_argument("--skip_bench", action="store_true", help="skip the guide's bench command")
+    parser.add_argument("--bench_only", action="store_true", help="only the guide's bench command")
     parser.add_argument("--out", default="benchmarks/results/fp8_gpu.json")
     args = parser.parse_args()
+    # The kernel each FP8 projection gets, with its timings (the engine logs them at start-up).
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("tensorjet.runtime.kernel_selection").setLevel(logging.INFO)
     set_model(args.model)
     device = torch.cuda.get_device_name()
     results: dict = {"model": args.model, "device": device, "copy_tbps": copy_rate_tbps(), "runs": {}}
     print(f"{device}: copy rate {results['copy_tbps']:.2f} TB/s", flush=True)
     formats = [args.only] if args.only else ["bf16", "fp8"]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     for weights in formats:
+        run: dict = results["runs"].setdefault(weights, {})
+        if args.bench_only:
+            run["guide_bench"] = guide_bench(args.model, WEIGHTS[weights])
+            release_gpu_memory()
+            out.write_text(json.dumps(results, indent=2))
+            continue
         begin = time.perf_counter()
         torch.cuda.reset_peak_memory_stats()
         llm = engine(args.model, weights)
-        run: dict = {"load_and_capture_s": time.perf_counter() - begin}
+        run["load_and_capture_s"] = time.perf_counter() - begin
         stats = llm.stats()
         run["weight_gb"] = stats["weight_bytes"] / 1e9
         run["weight_format"] = stats["weight_format"]
@@ -126,17 +139,19 @@ def main() -> None:
         llm.shutdown()
         del llm
         release_gpu_memory()
+        out.write_text(json.dumps(results, indent=2))  # what is done so far survives a time limit
         if not args.skip_bench:
             run["guide_bench"] = guide_bench(args.model, WEIGHTS[weights])
             release_gpu_memory()
-        results["runs"][weights] = run
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
+            out.write_text(json.dumps(results, indent=2))
     print_table(results)
 
 
-def _guide_bench_tok_s(run: dict) -> str:
-    return f"{run['guide_bench']['output_throughput']:.0f}" if "guide_bench" in run else "-"
+def _cell(value, run: dict) -> str:
+    try:
+        return value(run)
+    except KeyError:  # a part this run skipped
+        return "-"
 
 
 def print_table(results: dict) -> None:
@@ -160,7 +175,7 @@ def print_table(results: dict) -> None:
     names = list(runs)
     print(f"{'':<30}" + "".join(f"{n:>12}" for n in names) + ("   fp8/bf16" if len(names) == 2 else ""))
     for label, value in rows:
-        cells = [value(runs[n]) for n in names]
+        cells = [_cell(value, runs[n]) for n in names]
         ratio = ""
         if len(names) == 2:
             try:

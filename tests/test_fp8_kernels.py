@@ -24,11 +24,13 @@ pytest.importorskip("triton")
 from tensorjet.dtypes import FP8_MAX  # noqa: E402
 from tensorjet.kernels.activation import silu_and_mul  # noqa: E402
 from tensorjet.kernels.fp8_fused_gemv import CANDIDATES as FUSED_CANDIDATES  # noqa: E402
-from tensorjet.kernels.fp8_fused_gemv import fp8_fused_gemv  # noqa: E402
+from tensorjet.kernels.fp8_fused_gemv import Fp8FusedGemvConfig, fp8_fused_gemv  # noqa: E402
 from tensorjet.kernels.fp8_linear import (  # noqa: E402
     CANDIDATES,
     GEMM_CONFIGS,
     MAX_M,
+    Fp8GemmConfig,
+    Fp8GemvConfig,
     fp8_gemm,
     fp8_gemv,
     fp8_linear_reference,
@@ -271,6 +273,26 @@ def test_fp8_gemv_strided_x_and_k_across_tiles(seed):
     assert_matches(fp8_gemv(x, wq, ws), exact_product(x, wq, ws, None, None), torch.bfloat16, "strided", seed)
 
 
+@pytest.mark.parametrize("m,static", [(1, False), (5, True), (MAX_M, False)])
+def test_fp8_gemv_split_k(m, static, seed):
+    """K in slices summed by separate programs (the last to arrive adds them in order): the reference's
+    result, bit-identical on a second launch (the arrival counters are left at zero)."""
+    n, k = 70, 1100  # five tiles of 256 in three slices (two, two, one ragged) and one of 128 in eight
+    x = random_x(m, k, torch.bfloat16)
+    wq, ws = random_weight(n, k)
+    input_scale = torch.tensor(0.02, device=DEVICE) if static else None
+    exact = exact_product(x, wq, ws, None, input_scale)
+    for config in Fp8GemvConfig(64, 256, 4, 4, split_k=3), Fp8GemvConfig(64, 128, 4, 4, split_k=8):
+        out = fp8_gemv(x, wq, ws, None, input_scale, config=config)
+        assert_matches(out, exact, torch.bfloat16, f"fp8_gemv {config}", seed)
+        assert torch.equal(fp8_gemv(x, wq, ws, None, input_scale, config=config), out), "second launch"
+    gemm = Fp8GemmConfig(32, 64, 64, split_k=3)  # M tiles of 32 rows, each with its own counter
+    out = fp8_gemm(x.repeat(3, 1), wq, ws, None, input_scale, config=gemm)
+    assert_matches(
+        out, exact_product(x.repeat(3, 1), wq, ws, None, input_scale), torch.bfloat16, "gemm", seed
+    )
+
+
 @pytest.mark.parametrize("dtype,m,static", cross(DTYPES, [1, 17, 40, 100], [False, True]))
 def test_fp8_gemm(dtype, m, static, seed):
     n, k = 150, 200
@@ -343,6 +365,38 @@ def test_fp8_fused_gemv(dtype, bias, static, seed):
         assert out.shape == (1, n)
         ref = silu_and_mul(fp8_linear_reference(normed, wq, ws, b, input_scale))
         assert_chain_close(out, ref, f"+ norm + silu_mul {config}")
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        Fp8FusedGemvConfig(16, 512, 4, split_k=3),  # K's five tiles: slices of two, two and one (ragged)
+        Fp8FusedGemvConfig(64, 128, 4, 4, tensor_cores=True, split_k=8),  # six slices, two empty
+    ],
+    ids=["fma", "tensor-cores"],
+)
+def test_fp8_fused_gemv_split_k(config, seed):
+    """Split over K, each slice summed by its own program and the last to arrive adding them up: the
+    same results as the reference, with every fusion, twice in a row (the arrival counters are left
+    at zero for the next launch), and bit-identical between launches (slices added in a fixed order)."""
+    n, k, eps = 70, 2100, 1e-5
+    x = (3 * torch.randn(1, k, device=DEVICE)).to(torch.bfloat16)
+    norm_w = (1 + 0.5 * torch.randn(k, device=DEVICE)).to(torch.bfloat16)
+    wq, ws = random_weight(2 * n, k)
+    exact = exact_product(x, wq, ws, None, None)
+    first = fp8_fused_gemv(x, wq, ws, config=config)
+    assert_matches(first, exact, torch.bfloat16, f"split-K {config}", seed)
+    assert torch.equal(fp8_fused_gemv(x, wq, ws, config=config), first), "a second launch differs"
+
+    residual_before = torch.randn(1, 2 * n, device=DEVICE).to(torch.bfloat16)
+    residual = residual_before.clone()
+    fp8_fused_gemv(x, wq, ws, config=config, residual=residual)
+    ref = residual_before.double() + fp8_linear_reference(x, wq, ws).double()
+    assert rel_err(residual, ref) < 3e-2, f"+ residual: {rel_err(residual, ref):.3g}, seed={seed}"
+
+    out = fp8_fused_gemv(x, wq, ws, config=config, norm_weight=norm_w, eps=eps, silu_mul=True)
+    ref = silu_and_mul(fp8_linear_reference(rms_norm(x, norm_w, eps), wq, ws))
+    assert out.shape == (1, n) and rel_err(out, ref) < 3e-2, f"+ norm + silu_mul, seed={seed}"
 
 
 def test_fp8_fused_gemv_quantizes_the_normed_row(seed):

@@ -16,7 +16,11 @@ Two main loops, chosen by the tile configuration (`select_fp8_fused_gemv` times 
   several instructions, so this loop is instruction-bound before it is bandwidth-bound;
 - tensor cores: W [64+ rows, BLOCK_K] @ xq^T on the FP8 MMA with the one row of x broadcast to its
   16 columns (`tensorjet.kernels.fp8_linear`'s numerics): few instructions per byte, but only
-  N / BLOCK_N programs, too few to stream a 4096-row weight at the full rate.
+  N / BLOCK_N programs, too few to stream a 4096-row weight at the full rate, unless
+- split over K (SPLIT_K > 1): SPLIT_K programs per row block each sum a slice of K into an fp32
+  scratch row; the last of them to finish (an atomic counter per row block) adds the slices in a
+  fixed order and runs the epilogue, so the result does not depend on which program came last, and
+  the whole product stays one launch. Every program still reads all of x for its scale.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from tensorjet.kernels.fp8_linear import (
     quantize_e4m3,
     row_scale,
     scaled_mm_linear,
+    split_k_scratch,
 )
 from tensorjet.kernels.gemv import cold_copies, fastest_in_graph, time_in_graph_ms
 
@@ -57,6 +62,7 @@ class Fp8FusedGemvConfig:
     # The FP8 tensor cores (W as the MMA's 64+-row operand, x broadcast to 16 columns) instead of
     # FMAs: far fewer instructions per weight byte, but BLOCK_N >= 64 leaves N / 64 programs.
     tensor_cores: bool = False
+    split_k: int = 1  # programs per row block, each over a slice of K
 
 
 # The fastest of 31 FMA and tensor-core tiles per Llama-3-8B projection with its fusion on an H100
@@ -70,6 +76,10 @@ CANDIDATES = (
     Fp8FusedGemvConfig(16, 512, 8),
     Fp8FusedGemvConfig(64, 128, 4, 6, tensor_cores=True),
     Fp8FusedGemvConfig(128, 256, 4, 3, tensor_cores=True),
+    # Split over K: enough programs for the 4096-row o and down projections on the tensor cores.
+    Fp8FusedGemvConfig(64, 256, 4, 3, tensor_cores=True, split_k=2),
+    Fp8FusedGemvConfig(64, 256, 4, 3, tensor_cores=True, split_k=4),
+    Fp8FusedGemvConfig(64, 128, 4, 6, tensor_cores=True, split_k=4),
 )
 
 
@@ -88,6 +98,8 @@ def _fp8_fused_gemv_kernel(
     in_scale_ptr,
     norm_w_ptr,
     y_ptr,
+    partial_ptr,
+    arrivals_ptr,
     N,
     K,
     stride_wn,
@@ -101,22 +113,27 @@ def _fp8_fused_gemv_kernel(
     BLOCK_K: tl.constexpr,
     X_BLOCK: tl.constexpr,
     TENSOR_CORES: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     PROMOTE: tl.constexpr,
     EMULATE: tl.constexpr,
     PDL: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # This program's slice of K: [k_begin, k_end), whole BLOCK_K tiles but for the last slice.
+    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_begin = tl.program_id(1) * k_per_split
+    k_end = tl.minimum(K, k_begin + k_per_split)
     offs_k = tl.arange(0, BLOCK_K)
     offs_x = tl.arange(0, X_BLOCK)
     n_mask = offs_n < N
     dtype = y_ptr.dtype.element_ty
-    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + k_begin + offs_k[None, :]
     # SILU_MUL: the up rows follow the N gate rows.
-    w_up_ptrs = w_ptr + (offs_n[:, None] + N).to(tl.int64) * stride_wn + offs_k[None, :]
+    w_up_ptrs = w_ptr + (offs_n[:, None] + N).to(tl.int64) * stride_wn + k_begin + offs_k[None, :]
     if not TENSOR_CORES:
         # Each iteration multiplies the weight tile loaded by the one before and loads the next, so a
         # tile is always in flight; the first is loaded before waiting on the kernel that writes x.
-        w_mask = n_mask[:, None] & (offs_k < K)[None, :]
+        w_mask = n_mask[:, None] & (k_begin + offs_k < k_end)[None, :]
         w = tl.load(w_ptrs, mask=w_mask, other=0.0)
         w_up = w
         if SILU_MUL:
@@ -148,8 +165,8 @@ def _fp8_fused_gemv_kernel(
         # (every column of the product is the same; the first is kept).
         acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k_mask = (k0 + offs_k) < K
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            k_mask = (k0 + offs_k) < k_end
             x = tl.load(x_ptr + k0 + offs_k, mask=k_mask, other=0.0).to(tl.float32)
             if NORM:
                 x = _normed(x, tl.load(norm_w_ptr + k0 + offs_k, mask=k_mask, other=0.0), inv_rms, dtype)
@@ -157,9 +174,10 @@ def _fp8_fused_gemv_kernel(
                 tl.broadcast_to(quantize_e4m3(x, x_scale, inv_scale, EMULATE)[None, :], (16, BLOCK_K))
             )
             w_mask = n_mask[:, None] & k_mask[None, :]
-            acc = tl.dot(tl.load(w_ptrs + k0, mask=w_mask, other=0.0), xq, acc, max_num_imprecise_acc=PROMOTE)
+            w = tl.load(w_ptrs + (k0 - k_begin), mask=w_mask, other=0.0)
+            acc = tl.dot(w, xq, acc, max_num_imprecise_acc=PROMOTE)
             if SILU_MUL:
-                w_up = tl.load(w_up_ptrs + k0, mask=w_mask, other=0.0)
+                w_up = tl.load(w_up_ptrs + (k0 - k_begin), mask=w_mask, other=0.0)
                 acc_up = tl.dot(w_up, xq, acc_up, max_num_imprecise_acc=PROMOTE)
         launch_next_kernel(PDL)
         first = tl.arange(0, 16)[None, :] == 0
@@ -168,8 +186,8 @@ def _fp8_fused_gemv_kernel(
     else:
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k_mask = (k0 + offs_k) < K
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            k_mask = (k0 + offs_k) < k_end
             x = tl.load(x_ptr + k0 + offs_k, mask=k_mask, other=0.0).to(tl.float32)
             if NORM:
                 x = _normed(x, tl.load(norm_w_ptr + k0 + offs_k, mask=k_mask, other=0.0), inv_rms, dtype)
@@ -180,13 +198,34 @@ def _fp8_fused_gemv_kernel(
                 acc_up += w_up.to(tl.float32) * xq[None, :]
             w_ptrs += BLOCK_K
             w_up_ptrs += BLOCK_K
-            w_mask = n_mask[:, None] & (k0 + BLOCK_K + offs_k < K)[None, :]  # past the end: loads nothing
+            w_mask = n_mask[:, None] & (k0 + BLOCK_K + offs_k < k_end)[None, :]  # past the end: nothing
             w = tl.load(w_ptrs, mask=w_mask, other=0.0)
             if SILU_MUL:
                 w_up = tl.load(w_up_ptrs, mask=w_mask, other=0.0)
         launch_next_kernel(PDL)
         y = tl.sum(acc, 1)
         y_up = tl.sum(acc_up, 1)
+    if SPLIT_K > 1:
+        # This slice's sums go to scratch; the program that arrives last adds all slices (in order)
+        # and alone runs the epilogue below (n_mask is empty for the others), then resets its counter
+        # for the next launch. The barrier puts every thread's stores before the counter's increment.
+        rows = 2 * N if SILU_MUL else N
+        tl.store(partial_ptr + tl.program_id(1) * rows + offs_n, y, mask=n_mask)
+        if SILU_MUL:
+            tl.store(partial_ptr + tl.program_id(1) * rows + N + offs_n, y_up, mask=n_mask)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(arrivals_ptr + tl.program_id(0), 1, sem="acq_rel")
+        # (arrived broadcast by an add: the interpreter rejects a scalar's comparison in a vector mask)
+        n_mask = n_mask & (tl.zeros((BLOCK_N,), dtype=tl.int32) + arrived == SPLIT_K - 1)
+        y = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        y_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for s in tl.static_range(SPLIT_K):
+            y += tl.load(partial_ptr + s * rows + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg")
+            if SILU_MUL:
+                y_up += tl.load(
+                    partial_ptr + s * rows + N + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg"
+                )
+        tl.store(arrivals_ptr + tl.program_id(0), 0, mask=arrived == SPLIT_K - 1)
     y = y * x_scale * tl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0)
     if SILU_MUL:
         y_up = y_up * x_scale * tl.load(w_scale_ptr + N + offs_n, mask=n_mask, other=0.0)
@@ -247,7 +286,11 @@ def fp8_fused_gemv(
     else:
         y = torch.empty((1, n), dtype=x.dtype, device=x.device)
     pdl = pdl_enabled(x.device)
-    _fp8_fused_gemv_kernel[(triton.cdiv(n, config.block_n),)](
+    row_blocks = triton.cdiv(n, config.block_n)
+    partial, arrivals = y, y  # unused unless split over K
+    if config.split_k > 1:
+        partial, arrivals = split_k_scratch(x.device, config.split_k * weight.shape[0], row_blocks)
+    _fp8_fused_gemv_kernel[(row_blocks, config.split_k)](
         x,
         weight,
         weight_scale,
@@ -255,6 +298,8 @@ def fp8_fused_gemv(
         input_scale if input_scale is not None else weight_scale,
         norm_weight if norm_weight is not None else weight_scale,
         y,
+        partial,
+        arrivals,
         n,
         x.shape[1],
         weight.stride(0),
@@ -268,6 +313,7 @@ def fp8_fused_gemv(
         BLOCK_K=config.block_k,
         X_BLOCK=min(next_pow2(x.shape[1]), X_BLOCK),
         TENSOR_CORES=config.tensor_cores,
+        SPLIT_K=config.split_k,
         PROMOTE=min(PROMOTE_K, config.block_k),
         EMULATE=interpreting(),
         PDL=pdl,

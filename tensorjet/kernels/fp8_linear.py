@@ -18,6 +18,7 @@ The fused batch-1 decode layer's FP8 projections are `tensorjet.kernels.fp8_fuse
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -239,6 +240,8 @@ class Fp8GemvConfig:
     block_k: int
     num_warps: int = 4
     num_stages: int = 4
+    # Programs per tile, each summing a slice of K: a 4096-row weight makes only 64 tiles of 64 rows.
+    split_k: int = 1
 
 
 @dataclass(frozen=True)
@@ -248,6 +251,7 @@ class Fp8GemmConfig:
     block_k: int
     num_warps: int = 4
     num_stages: int = 4
+    split_k: int | None = None  # None: enough slices of K for the tiles to fill the GPU (`_split_for`)
 
 
 CANDIDATES = (
@@ -255,6 +259,8 @@ CANDIDATES = (
     Fp8GemvConfig(64, 512, 4, 3),
     Fp8GemvConfig(128, 256, 4, 4),
     Fp8GemvConfig(64, 128, 4, 6),
+    Fp8GemvConfig(64, 256, 4, 4, split_k=2),
+    Fp8GemvConfig(64, 256, 4, 4, split_k=4),
 )
 
 # Rows of weight x rows of x per program by batch size (up to 256 rows; `fp8_gemm`).
@@ -282,6 +288,8 @@ def _fp8_matmul_kernel(
     w_scale_ptr,
     b_ptr,
     y_ptr,
+    partial_ptr,
+    arrivals_ptr,
     M,
     N,
     K,
@@ -296,6 +304,7 @@ def _fp8_matmul_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     X_BLOCK: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     PROMOTE: tl.constexpr,
     EMULATE: tl.constexpr,
 ):
@@ -305,14 +314,19 @@ def _fp8_matmul_kernel(
     X_QUANTIZED: x is E4M3 with its per-row scales at x_scale_ptr. Otherwise x is float and each
     program quantizes the rows it multiplies: per token (a first pass over K for the row's absolute
     maximum; x is small and read again from cache) or with the static scale at x_scale_ptr (STATIC).
-    ONE_ROW (M == 1): one row is quantized and broadcast to the 16-row tile, not 16 rows of padding."""
+    ONE_ROW (M == 1): one row is quantized and broadcast to the 16-row tile, not 16 rows of padding.
+    SPLIT_K > 1: program_id(2) sums one slice of K (whole BLOCK_K tiles) into fp32 scratch; the last of
+    a tile's programs to finish adds the slices in a fixed order and runs the epilogue."""
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
-    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_begin = tl.program_id(2) * k_per_split
+    k_end = tl.minimum(K, k_begin + k_per_split)
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + k_begin + offs_k[None, :]
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + k_begin + offs_k[None, :]
     if X_QUANTIZED:
         x_scale = tl.load(x_scale_ptr + offs_m, mask=m_mask, other=1.0)
     elif ONE_ROW:
@@ -332,14 +346,16 @@ def _fp8_matmul_kernel(
             x_scale = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.load(x_scale_ptr).to(tl.float32)
         else:
             amax = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                x = tl.load(x_ptrs + k0, mask=m_mask[:, None] & (k0 + offs_k < K)[None, :], other=0.0)
+            for k0 in range(0, K, BLOCK_K):  # over all of K (x_ptrs start at this program's slice)
+                x = tl.load(
+                    x_ptrs - k_begin + k0, mask=m_mask[:, None] & (k0 + offs_k < K)[None, :], other=0.0
+                )
                 amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
             x_scale = row_scale(tl.max(amax, 1))
         inv_scale = tl.math.div_rn(1.0, x_scale)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_mask = (k0 + offs_k) < K
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        k_mask = (k0 + offs_k) < k_end
         if X_QUANTIZED:
             xq = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         elif ONE_ROW:
@@ -353,12 +369,48 @@ def _fp8_matmul_kernel(
         acc = tl.dot(w, tl.trans(xq), acc, max_num_imprecise_acc=PROMOTE)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    if SPLIT_K > 1:
+        # As in `tensorjet.kernels.fp8_fused_gemv`: partial sums to scratch [SPLIT_K, M, N]; the last
+        # program of this tile to arrive adds them in order and alone stores (its counter reset).
+        tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        offs_mn = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
+        mn_mask = m_mask[None, :] & n_mask[:, None]
+        tl.store(partial_ptr + tl.program_id(2) * M * N + offs_mn, acc, mask=mn_mask)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(arrivals_ptr + tile, 1, sem="acq_rel")
+        # (arrived broadcast by an add: the interpreter rejects a scalar's comparison in a vector mask)
+        n_mask = n_mask & (tl.zeros((BLOCK_N,), dtype=tl.int32) + arrived == SPLIT_K - 1)
+        mn_mask = m_mask[None, :] & n_mask[:, None]
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for s in tl.static_range(SPLIT_K):
+            acc += tl.load(partial_ptr + s * M * N + offs_mn, mask=mn_mask, other=0.0, cache_modifier=".cg")
+        tl.store(arrivals_ptr + tile, 0, mask=arrived == SPLIT_K - 1)
     w_scale = tl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0)
     acc = acc * x_scale[None, :] * w_scale[:, None]
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
     y_ptrs = y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[None, :] & n_mask[:, None])
+
+
+_scratch: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def split_k_scratch(device: torch.device, floats: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp32 scratch for split-K partial sums and the zeroed arrival counters, one pair per device
+    shared by every split-K launch: launches on a stream run one after another (a PDL launch touches
+    them only after waiting for the one before), and each launch leaves its counters at zero. Grown
+    outside CUDA graph capture only: each shape runs eagerly (kernel selection, warm-up) before it."""
+    partial, arrivals = _scratch.get(device, (None, None))
+    if partial is None or partial.numel() < floats or arrivals.numel() < counters:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the split-K scratch must be sized before CUDA graph capture")
+        floats = max(floats, 0 if partial is None else partial.numel())
+        counters = max(counters, 0 if arrivals is None else arrivals.numel())
+        partial = torch.empty(floats, dtype=torch.float32, device=device)
+        arrivals = torch.zeros(counters, dtype=torch.int32, device=device)
+        _scratch[device] = (partial, arrivals)
+    return partial, arrivals
 
 
 def _launch_matmul(
@@ -372,6 +424,8 @@ def _launch_matmul(
     *,
     x_quantized: bool,
     static: bool,
+    split_k: int = 1,
+    max_rows: int,
 ) -> torch.Tensor:
     m, k = x.shape
     n = weight.shape[0]
@@ -384,13 +438,21 @@ def _launch_matmul(
     if m == 0:
         return y
     block_m, block_n, block_k, num_warps, num_stages = tile
-    _fp8_matmul_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, block_m))](
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split_k)
+    partial, arrivals = y, y  # unused unless split over K
+    if split_k > 1:  # scratch for the largest batch this kernel takes: a graph's capture never grows it
+        rows = max(m, max_rows)
+        tiles = triton.cdiv(n, block_n) * triton.cdiv(rows, block_m)
+        partial, arrivals = split_k_scratch(x.device, split_k * rows * n, tiles)
+    _fp8_matmul_kernel[grid](
         x,
         x_scale,
         weight,
         weight_scale,
         bias if bias is not None else weight_scale,
         y,
+        partial,
+        arrivals,
         m,
         n,
         k,
@@ -405,6 +467,7 @@ def _launch_matmul(
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         X_BLOCK=min(next_pow2(k), X_BLOCK),
+        SPLIT_K=split_k,
         PROMOTE=min(PROMOTE_K, block_k),
         EMULATE=interpreting(),
         num_warps=num_warps,
@@ -438,6 +501,8 @@ def fp8_gemv(
         (MAX_M, c.block_n, c.block_k, c.num_warps, c.num_stages),
         x_quantized=False,
         static=input_scale is not None,
+        split_k=c.split_k,
+        max_rows=MAX_M,
     )
 
 
@@ -460,6 +525,7 @@ def fp8_gemm(
     row scales applied after the sum. The same arguments as `fp8_gemv`; config None: `gemm_config`."""
     xq, x_scale = quantize_per_token_triton(x, input_scale)
     c = config or gemm_config(x.shape[0])
+    split_k = c.split_k or _split_for(x, weight, c)
     return _launch_matmul(
         xq,
         x_scale,
@@ -470,7 +536,24 @@ def fp8_gemm(
         (c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages),
         x_quantized=True,
         static=False,
+        split_k=split_k,
+        max_rows=GEMM_MAX_M,
     )
+
+
+def _split_for(x: torch.Tensor, weight: torch.Tensor, config: Fp8GemmConfig) -> int:
+    """Slices of K (1 to 4, each of 2+ tiles) so that the tiles x slices fill the GPU's SMs once: a
+    4096-row weight in 128-row tiles is 32 programs at 64 rows of x, a quarter of an H100."""
+    if x.device.type != "cuda":
+        return 1
+    tiles = triton.cdiv(weight.shape[0], config.block_n) * triton.cdiv(x.shape[0], config.block_m)
+    k_tiles = triton.cdiv(weight.shape[1], config.block_k)
+    return max(1, min(4, triton.cdiv(_sm_count(x.device), tiles), k_tiles // 2))
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def select_fp8_gemv(
