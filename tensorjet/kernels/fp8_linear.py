@@ -140,6 +140,32 @@ def quantize_e4m3(x, scale, inv_scale, EMULATE: tl.constexpr):
     return q.to(tl.float8e4nv)
 
 
+@triton.jit
+def arrive_last(counter_ptr, SPLIT_K: tl.constexpr):
+    """Split-K: count this program in at its tile's counter once its slice sums are stored; True for
+    the tile's last program to arrive, which also resets the counter to zero for the next launch. The
+    barrier puts every thread's stores before the increment; the increment is acquire-release, so
+    the last program sees every other slice's stores."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    last = arrived == SPLIT_K - 1
+    tl.store(counter_ptr, 0, mask=last)
+    return last
+
+
+@triton.jit
+def sum_slices(partial_ptr, slice_stride, offs, mask, last, SPLIT_K: tl.constexpr):
+    """Split-K: the sum of all SPLIT_K slices at `offs` (slice s at partial_ptr + s * slice_stride),
+    added in slice order so the result does not depend on which program arrived last; zeros where
+    `mask` is off or this program is not the `last`. Read past L1, which may hold no other SM's stores."""
+    # (last broadcast by an add: the interpreter rejects a scalar's comparison in a vector mask)
+    mask = mask & ((tl.zeros(offs.shape, dtype=tl.int32) + last.to(tl.int32)) != 0)
+    total = tl.zeros(offs.shape, dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        total += tl.load(partial_ptr + s * slice_stride + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    return total, mask
+
+
 def fp8_kernels_supported(device: torch.device) -> bool:
     """Whether the Triton FP8 kernels run on `device`: compiled for sm89+ (Ada, Hopper: E4M3
     conversions in hardware), or under the CPU interpreter."""
@@ -372,19 +398,12 @@ def _fp8_matmul_kernel(
     if SPLIT_K > 1:
         # As in `tensorjet.kernels.fp8_fused_gemv`: partial sums to scratch [SPLIT_K, M, N]; the last
         # program of this tile to arrive adds them in order and alone stores (its counter reset).
-        tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
         offs_mn = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
         mn_mask = m_mask[None, :] & n_mask[:, None]
         tl.store(partial_ptr + tl.program_id(2) * M * N + offs_mn, acc, mask=mn_mask)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(arrivals_ptr + tile, 1, sem="acq_rel")
-        # (arrived broadcast by an add: the interpreter rejects a scalar's comparison in a vector mask)
-        n_mask = n_mask & (tl.zeros((BLOCK_N,), dtype=tl.int32) + arrived == SPLIT_K - 1)
-        mn_mask = m_mask[None, :] & n_mask[:, None]
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for s in tl.static_range(SPLIT_K):
-            acc += tl.load(partial_ptr + s * M * N + offs_mn, mask=mn_mask, other=0.0, cache_modifier=".cg")
-        tl.store(arrivals_ptr + tile, 0, mask=arrived == SPLIT_K - 1)
+        last = arrive_last(arrivals_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), SPLIT_K)
+        acc, mn_mask = sum_slices(partial_ptr, M * N, offs_mn, mn_mask, last, SPLIT_K)
+        n_mask = tl.max(mn_mask.to(tl.int32), 1) != 0  # empty but in the last program
     w_scale = tl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0)
     acc = acc * x_scale[None, :] * w_scale[:, None]
     if HAS_BIAS:
