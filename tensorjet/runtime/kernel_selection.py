@@ -3,6 +3,9 @@
 - The weight format of the decoder layers' projections (`linear_method_for`), and for FP8 layers their
   kernels: on the CPU the reference product over the weights' exact float copy; on an FP8 GPU (sm89+)
   `torch._scaled_mm` with row-wise scales, and for decode-sized batches the FP8 GEMV where it times faster.
+- For INT4 layers: on the CPU a float matmul over the dequantized weight (the reference's numerics); on
+  a GPU the Triton W4A16 GEMV (its tile timed per weight shape) for decode batches, the Triton GEMM past
+  it, and from the batch size where it times faster, the weight dequantized whole and cuBLAS.
 - For each unquantized linear layer, the kernels its method runs, kept on the method (`LinearKernels`):
   oneDNN's matmul on CPU fp32, else `F.linear`; on the Triton path on a GPU, a small-batch GEMV per
   weight shape where it times faster than cuBLAS.
@@ -44,6 +47,7 @@ from tensorjet.layers.norm import RMSNorm
 from tensorjet.layers.rotary import RotaryEmbedding
 from tensorjet.quant.formats import QuantizationSpec
 from tensorjet.quant.fp8 import Fp8Kernels, Fp8LinearMethod
+from tensorjet.quant.int4 import Int4Kernels, Int4LinearMethod
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +79,8 @@ def linear_method_for(config: EngineConfig, spec: QuantizationSpec | None) -> Li
     Raises where this device cannot run it."""
     if spec is None:
         return UnquantizedLinearMethod
+    if spec.int4 is not None:
+        return partial(Int4LinearMethod, spec.int4)
     check_fp8_device(config.torch_device)
     return partial(Fp8LinearMethod, spec.fp8)
 
@@ -109,6 +115,7 @@ def select_kernels(model: DecoderModel, config: EngineConfig, attention_backend:
         dense = row_tiled(dense, row_tile_for(config.torch_device))
     select_linear_kernels(model, dense, small_batch_gemv=triton and on_gpu and not invariant)
     select_fp8_kernels(model, config, small_batch_gemv=triton and on_gpu and not invariant)
+    select_int4_kernels(model, config, timed=on_gpu and not invariant)
     if triton and not invariant:
         select_fused_decode(model, timed=on_gpu)
 
@@ -231,6 +238,81 @@ def _with_timed_fp8_gemm(kernels: Fp8Kernels, layer: Linear) -> Fp8Kernels:
     if max_rows == 0:
         return kernels
     return replace(kernels, mid_batch=fp8_gemm, mid_batch_max_rows=max_rows)
+
+
+def select_int4_kernels(model: DecoderModel, config: EngineConfig, timed: bool) -> None:
+    """Give every INT4 layer's method its kernels. CPU: the float product (`dense_kernel`) over the
+    dequantized weight, made once here. GPU: the Triton GEMM for every batch; with `timed`, the GEMV
+    tile that times fastest per weight shape for decode batches and, from the batch size at which it
+    times faster, the weight dequantized whole and cuBLAS. Batch-invariant mode cuts every product into
+    fixed-shape row tiles (and times nothing: the kernels then depend on the batch size)."""
+    layers = [m for m in model.modules() if isinstance(m, Linear) and isinstance(m.method, Int4LinearMethod)]
+    if not layers:
+        return
+    row_tile = row_tile_for(config.torch_device) if config.runtime.batch_invariant else None
+    if config.torch_device.type != "cuda":
+        from tensorjet.kernels.int4_linear import dequantize
+
+        float_kernel = dense_kernel(config)
+        if row_tile is not None:
+            float_kernel = row_tiled(float_kernel, row_tile)
+        for layer in layers:
+            layer.method.float_weight = dequantize(layer.method.weight, config.torch_dtype)
+            layer.method.float_kernel = float_kernel
+        return
+    from tensorjet.kernels.int4_linear import int4_gemm
+
+    dense = int4_gemm if row_tile is None else row_tiled(int4_gemm, row_tile)
+    chosen: dict[tuple, Int4Kernels] = {}
+    for layer in layers:
+        weight = layer.method.weight
+        key = (
+            tuple(weight.qweight.shape),
+            weight.group_size,
+            weight.zeros is not None,
+            weight.perm is not None,
+        )
+        key += (layer.bias is not None,)
+        if key not in chosen:
+            chosen[key] = Int4Kernels(dense=dense)
+            if timed:
+                chosen[key] = _with_timed_int4_kernels(chosen[key], layer)
+        layer.method.kernels = chosen[key]
+
+
+def _with_timed_int4_kernels(kernels: Int4Kernels, layer: Linear) -> Int4Kernels:
+    from tensorjet.kernels.int4_linear import (
+        GEMV_MAX_M,
+        dequantized_linear,
+        int4_gemv,
+        select_int4_gemm,
+        select_int4_gemv,
+    )
+
+    weight = layer.method.weight
+    config, timings = select_int4_gemv(weight, layer.bias)
+    packed_bytes = weight.qweight.numel() * 4 + weight.scales.numel() * weight.scales.element_size()
+    logger.info(
+        "INT4 linear [%d, %d]: GEMV %.1f us (%.0f GB/s) vs bf16 cuBLAS %.1f us at M=1 -> %s",
+        weight.out_features,
+        weight.in_features,
+        timings["gemv_m1"] * 1e3,
+        packed_bytes / timings["gemv_m1"] / 1e6,
+        timings["bf16_m1"] * 1e3,
+        config,
+    )
+    kernels = replace(kernels, small_batch=partial(int4_gemv, config=config), small_batch_max_rows=GEMV_MAX_M)
+    min_rows, timings = select_int4_gemm(weight, layer.bias)
+    logger.info(
+        "INT4 linear [%d, %d]: dequantize + cuBLAS from %s rows (%s)",
+        weight.out_features,
+        weight.in_features,
+        min_rows,
+        ", ".join(f"{name} {ms * 1e3:.0f} us" for name, ms in timings.items()),
+    )
+    if min_rows is None:
+        return kernels
+    return replace(kernels, large_batch=dequantized_linear, large_batch_min_rows=min_rows)
 
 
 def _with_timed_gemv(

@@ -1,0 +1,479 @@
+"""INT4 weight-only (W4A16) linear products: y[M, N] = x[M, K] @ W[N, K]^T, W stored as 4-bit codes.
+
+The weight (`Int4Weight`, tensorjet's layout from `tensorjet.quant.int4_packing`): `qweight` int32
+[N, ceil(K / 8)] with the code of column k at bits 4 (k % 8) of word k // 8; `scales` [N, groups] in
+the activation dtype and `zeros` uint8 [N, groups] (None: every zero point is 8, a symmetric format),
+one each per `group_size` columns; `perm` int32 [K] or None: stored column j multiplies input column
+perm[j] (GPTQ's act order, its groups made contiguous at load).
+
+Numerics, shared by every kernel (`int4_linear_reference`): w = (code - zero) * scale in fp32, rounded
+to x's dtype, then x @ w^T with fp32 accumulation. The kernels dequantize each weight tile the same way
+inside the product, so they differ from the reference only in the order of their sums:
+- `int4_matmul`: the weight tile [BLOCK_N, BLOCK_K] is dequantized in registers and multiplied by the
+  x tile on the tensor cores (W as the MMA's 64+-row operand, x its narrow one). With 16-row x tiles
+  and split-K (a 4096-row weight makes only 32-64 row blocks: SPLIT_K programs per block each sum a
+  slice of K, the last to arrive adds the slices in order) it is the decode GEMV; with larger tiles,
+  the prefill GEMM;
+- `dequantized_linear`: the whole weight dequantized by one launch (`int4_dequantize`), then cuBLAS:
+  for large prefill batches, where the GEMM's dequantization cost per row vanishes.
+`select_int4_gemv` and `select_int4_gemm` time the tiles on the GPU at start-up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from tensorjet.kernels._common import dot_precision, dot_upcast, tl_dot
+from tensorjet.kernels.fp8_linear import split_k_scratch
+from tensorjet.kernels.gemv import cold_copies, fastest_in_graph, time_in_graph_ms
+
+__all__ = [
+    "GEMV_CANDIDATES",
+    "GEMV_MAX_M",
+    "Int4MatmulConfig",
+    "Int4Weight",
+    "dequantize",
+    "dequantized_linear",
+    "int4_dequantize",
+    "int4_gemm",
+    "int4_gemv",
+    "int4_linear_reference",
+    "int4_matmul",
+    "select_int4_gemm",
+    "select_int4_gemv",
+]
+
+CODES_PER_WORD = 8
+GEMV_MAX_M = 16  # rows of x one GEMV launch handles (the tl.dot minimum)
+
+
+@dataclass(frozen=True)
+class Int4Weight:
+    """A linear layer's 4-bit weight in tensorjet's layout (see the module docstring)."""
+
+    qweight: torch.Tensor  # int32 [N, ceil(K / 8)]
+    scales: torch.Tensor  # [N, groups], the activation dtype
+    zeros: torch.Tensor | None  # uint8 [N, groups]; None: 8 everywhere
+    perm: torch.Tensor | None  # int32 [K]; None: stored column j is input column j
+    group_size: int  # a multiple of 8; one group per row (per channel): K rounded up to 8
+    in_features: int  # K
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[0]
+
+
+# ---- reference ------------------------------------------------------------------------------------
+
+
+def dequantize(
+    weight: Int4Weight, dtype: torch.dtype = torch.float32, stored_order: bool = False
+) -> torch.Tensor:
+    """W [N, K] = (code - zero) * scale computed in fp32 and rounded to `dtype`; its columns in input
+    order (act order undone), or as stored with `stored_order`."""
+    n, k = weight.out_features, weight.in_features
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=weight.qweight.device)
+    codes = ((weight.qweight[:, :, None] >> shifts) & 0xF).reshape(n, -1)[:, :k].float()
+    groups = torch.arange(k, device=codes.device) // weight.group_size
+    zeros = 8.0 if weight.zeros is None else weight.zeros.float()[:, groups]
+    w = ((codes - zeros) * weight.scales.float()[:, groups]).to(dtype)
+    if weight.perm is None or stored_order:
+        return w
+    dense = torch.empty_like(w)
+    dense[:, weight.perm.long()] = w
+    return dense
+
+
+def int4_linear_reference(
+    x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [M, K] @ dequantize(weight)^T (+ bias) in x's dtype."""
+    return F.linear(x, dequantize(weight, x.dtype), bias)
+
+
+# ---- the Triton product ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Int4MatmulConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+    split_k: int = 1  # programs per output tile, each summing a slice of K
+
+
+GEMV_CANDIDATES = (
+    Int4MatmulConfig(16, 64, 128, 4, 4),
+    Int4MatmulConfig(16, 64, 256, 4, 3),
+    Int4MatmulConfig(16, 128, 128, 4, 4),
+    Int4MatmulConfig(16, 64, 128, 4, 4, split_k=2),
+    Int4MatmulConfig(16, 64, 256, 4, 3, split_k=2),
+    Int4MatmulConfig(16, 64, 128, 4, 4, split_k=4),
+    Int4MatmulConfig(16, 32, 256, 4, 3, split_k=4),
+)
+# Tiles by batch size (rows of x up to the first value) for the prefill GEMM.
+GEMM_CONFIGS = (
+    (32, Int4MatmulConfig(32, 128, 64, 4, 4)),
+    (64, Int4MatmulConfig(64, 128, 64, 4, 4)),
+    (128, Int4MatmulConfig(128, 128, 64, 8, 3)),
+    (1 << 30, Int4MatmulConfig(128, 256, 64, 8, 3)),
+)
+
+
+@triton.jit
+def _dequantized_tile(
+    qw_ptr,
+    scale_ptr,
+    zero_ptr,
+    offs_n,
+    n_mask,
+    k0,
+    k_end,
+    stride_qn,
+    stride_sn,
+    GROUP: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """W[offs_n, k0:k0+BLOCK_K] as fp32 (code - zero) * scale; columns at or past k_end are 0."""
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_word = tl.arange(0, BLOCK_K // 8)
+    word_mask = n_mask[:, None] & (k0 + offs_word * 8 < k_end)[None, :]
+    words = tl.load(
+        qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn + (k0 // 8 + offs_word)[None, :],
+        mask=word_mask,
+        other=0,
+    )
+    # Each word repeated 8 times in a row (word k // 8 at column k), then its nibble k % 8.
+    words = tl.interleave(words, words)
+    words = tl.interleave(words, words)
+    words = tl.interleave(words, words)
+    codes = (words >> ((offs_k % 8) * 4)[None, :]) & 0xF
+    # code + 2^23 as an fp32 bit pattern (exact; cheaper than an int -> float conversion)
+    magic = (codes | 0x4B000000).to(tl.float32, bitcast=True)
+    k_mask = n_mask[:, None] & (k0 + offs_k < k_end)[None, :]
+    if GROUP % BLOCK_K == 0:
+        # the tile lies in one group: a scale and zero point per row
+        group = k0 // GROUP
+        scale = tl.load(scale_ptr + offs_n.to(tl.int64) * stride_sn + group, mask=n_mask, other=0.0)
+        scale = scale.to(tl.float32)[:, None]
+        zero = 8.0
+        if HAS_ZEROS:
+            zero = tl.load(zero_ptr + offs_n.to(tl.int64) * stride_sn + group, mask=n_mask, other=0)
+            zero = zero.to(tl.float32)[:, None]
+    else:
+        group_ptrs = offs_n[:, None].to(tl.int64) * stride_sn + ((k0 + offs_k) // GROUP)[None, :]
+        scale = tl.load(scale_ptr + group_ptrs, mask=k_mask, other=0.0).to(tl.float32)
+        zero = 8.0
+        if HAS_ZEROS:
+            zero = tl.load(zero_ptr + group_ptrs, mask=k_mask, other=0).to(tl.float32)
+    w = (magic - (8388608.0 + zero)) * scale
+    return tl.where(k_mask, w, 0.0)
+
+
+# M changes with the batch: specialising on M == 1 would compile a second variant of every config.
+@triton.jit(do_not_specialize=["M"])
+def _int4_matmul_kernel(
+    x_ptr,
+    qw_ptr,
+    scale_ptr,
+    zero_ptr,
+    perm_ptr,
+    b_ptr,
+    y_ptr,
+    partial_ptr,
+    arrivals_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_qn,
+    stride_sn,
+    stride_ym,
+    GROUP: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
+    HAS_PERM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """y^T [BLOCK_N, BLOCK_M] tiles = W [BLOCK_N, K] @ x^T: each weight tile dequantized in registers,
+    rounded to x's dtype (the reference's numerics) and multiplied on the tensor cores.
+    SPLIT_K > 1: program_id(2) sums one slice of K (whole BLOCK_K tiles) into fp32 scratch; the last of
+    a tile's programs to finish adds the slices in a fixed order and runs the epilogue."""
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_begin = tl.program_id(2) * k_per_split
+    k_end = tl.minimum(K, k_begin + k_per_split)
+    dtype = x_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        k_mask = k0 + offs_k < k_end
+        w = _dequantized_tile(
+            qw_ptr, scale_ptr, zero_ptr, offs_n, n_mask, k0, k_end, stride_qn, stride_sn,
+            GROUP, HAS_ZEROS, BLOCK_K,
+        )  # fmt: skip
+        if HAS_PERM:
+            cols = tl.load(perm_ptr + k0 + offs_k, mask=k_mask, other=0)
+        else:
+            cols = k0 + offs_k
+        x = tl.load(
+            x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + cols[None, :],
+            mask=m_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        acc += tl_dot(w.to(dtype), tl.trans(x), DOT_PREC, UPCAST)
+    if SPLIT_K > 1:
+        # As in `tensorjet.kernels.fp8_linear`: partial sums to scratch [SPLIT_K, M, N]; the last
+        # program of this tile to arrive adds them in order and alone stores (its counter reset).
+        tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        offs_mn = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
+        mn_mask = m_mask[None, :] & n_mask[:, None]
+        tl.store(partial_ptr + tl.program_id(2) * M * N + offs_mn, acc, mask=mn_mask)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(arrivals_ptr + tile, 1, sem="acq_rel")
+        # (arrived broadcast by an add: the interpreter rejects a scalar's comparison in a vector mask)
+        n_mask = n_mask & (tl.zeros((BLOCK_N,), dtype=tl.int32) + arrived == SPLIT_K - 1)
+        mn_mask = m_mask[None, :] & n_mask[:, None]
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for s in tl.static_range(SPLIT_K):
+            acc += tl.load(partial_ptr + s * M * N + offs_mn, mask=mn_mask, other=0.0, cache_modifier=".cg")
+        tl.store(arrivals_ptr + tile, 0, mask=arrived == SPLIT_K - 1)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+    y_ptrs = y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[None, :] & n_mask[:, None])
+
+
+def _check(x: torch.Tensor, weight: Int4Weight) -> None:
+    n, k = weight.out_features, weight.in_features
+    if x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"x must be [M, {k}]; got {tuple(x.shape)}")
+    if weight.qweight.dtype != torch.int32 or weight.qweight.shape != (n, triton.cdiv(k, CODES_PER_WORD)):
+        raise ValueError(f"qweight must be int32 [{n}, {triton.cdiv(k, 8)}]; got {weight.qweight.shape}")
+    if weight.group_size % CODES_PER_WORD:
+        raise ValueError(f"group_size must be a multiple of 8; got {weight.group_size}")
+
+
+def int4_matmul(
+    x: torch.Tensor,
+    weight: Int4Weight,
+    bias: torch.Tensor | None = None,
+    *,
+    config: Int4MatmulConfig,
+    max_rows: int = GEMV_MAX_M,
+) -> torch.Tensor:
+    """`int4_linear_reference` in one launch with `config`'s tiles. `max_rows`: the largest batch this
+    config serves, for which split-K scratch is sized (a CUDA graph's capture never grows it). No host
+    synchronisation; CUDA-graph safe."""
+    _check(x, weight)
+    m = x.shape[0]
+    n = weight.out_features
+    x = x if x.stride(1) == 1 else x.contiguous()
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
+    c = config
+    grid = (triton.cdiv(n, c.block_n), triton.cdiv(m, c.block_m), c.split_k)
+    partial, arrivals = y, y  # unused unless split over K
+    if c.split_k > 1:
+        rows = max(m, max_rows)
+        tiles = triton.cdiv(n, c.block_n) * triton.cdiv(rows, c.block_m)
+        partial, arrivals = split_k_scratch(x.device, c.split_k * rows * n, tiles)
+    scales = weight.scales
+    _int4_matmul_kernel[grid](
+        x,
+        weight.qweight,
+        scales,
+        weight.zeros if weight.zeros is not None else scales,
+        weight.perm if weight.perm is not None else scales,
+        bias if bias is not None else scales,
+        y,
+        partial,
+        arrivals,
+        m,
+        n,
+        weight.in_features,
+        x.stride(0),
+        weight.qweight.stride(0),
+        scales.stride(0),
+        y.stride(0),
+        GROUP=weight.group_size,
+        HAS_ZEROS=weight.zeros is not None,
+        HAS_PERM=weight.perm is not None,
+        HAS_BIAS=bias is not None,
+        BLOCK_M=c.block_m,
+        BLOCK_N=c.block_n,
+        BLOCK_K=c.block_k,
+        SPLIT_K=c.split_k,
+        DOT_PREC=dot_precision(x.dtype),
+        UPCAST=dot_upcast(x.dtype),
+        num_warps=c.num_warps,
+        num_stages=c.num_stages,
+    )
+    return y
+
+
+def int4_gemv(
+    x: torch.Tensor,
+    weight: Int4Weight,
+    bias: torch.Tensor | None = None,
+    *,
+    config: Int4MatmulConfig = GEMV_CANDIDATES[0],
+) -> torch.Tensor:
+    """The decode product, x of up to GEMV_MAX_M rows, with one of GEMV_CANDIDATES."""
+    if x.shape[0] > GEMV_MAX_M:
+        raise ValueError(f"int4_gemv takes up to {GEMV_MAX_M} rows; got {x.shape[0]}")
+    return int4_matmul(x, weight, bias, config=config, max_rows=GEMV_MAX_M)
+
+
+def gemm_config(m: int) -> Int4MatmulConfig:
+    """The tile for an M-row batch (the first of GEMM_CONFIGS whose rows cover it)."""
+    return next(config for rows, config in GEMM_CONFIGS if m <= rows)
+
+
+def int4_gemm(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The product for any number of rows with the tile `gemm_config` picks for it."""
+    return int4_matmul(x, weight, bias, config=gemm_config(x.shape[0]), max_rows=0)
+
+
+# ---- dequantize, then cuBLAS ----------------------------------------------------------------------
+
+
+@triton.jit
+def _dequantize_kernel(
+    qw_ptr,
+    scale_ptr,
+    zero_ptr,
+    perm_ptr,
+    w_ptr,
+    N,
+    K,
+    stride_qn,
+    stride_sn,
+    stride_wn,
+    GROUP: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
+    HAS_PERM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
+    w = _dequantized_tile(
+        qw_ptr, scale_ptr, zero_ptr, offs_n, n_mask, k0, K, stride_qn, stride_sn, GROUP, HAS_ZEROS, BLOCK_K
+    )
+    k_mask = offs_k < K
+    cols = tl.load(perm_ptr + offs_k, mask=k_mask, other=0) if HAS_PERM else offs_k
+    tl.store(
+        w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + cols[None, :],
+        w.to(w_ptr.dtype.element_ty),
+        mask=n_mask[:, None] & k_mask[None, :],
+    )
+
+
+def int4_dequantize(weight: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """`dequantize(weight, dtype)` in one launch: W [N, K], columns in input order."""
+    n, k = weight.out_features, weight.in_features
+    w = torch.empty((n, k), dtype=dtype, device=weight.qweight.device)
+    block_n, block_k = 32, 128
+    scales = weight.scales
+    _dequantize_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
+        weight.qweight,
+        scales,
+        weight.zeros if weight.zeros is not None else scales,
+        weight.perm if weight.perm is not None else scales,
+        w,
+        n,
+        k,
+        weight.qweight.stride(0),
+        scales.stride(0),
+        w.stride(0),
+        GROUP=weight.group_size,
+        HAS_ZEROS=weight.zeros is not None,
+        HAS_PERM=weight.perm is not None,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=4,
+    )
+    return w
+
+
+def dequantized_linear(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The weight dequantized whole (one launch), then `F.linear`: for prefill batches large enough
+    that writing and reading back the dense weight costs less than dequantizing it per row tile."""
+    _check(x, weight)
+    return F.linear(x, int4_dequantize(weight, x.dtype), bias)
+
+
+# ---- start-up timing ------------------------------------------------------------------------------
+
+
+def _cold_weights(weight: Int4Weight) -> list[Int4Weight]:
+    """Copies of `weight` cycled in a timing loop so each launch reads its codes from HBM."""
+    return [
+        Int4Weight(q, weight.scales, weight.zeros, weight.perm, weight.group_size, weight.in_features)
+        for q in cold_copies(weight.qweight)
+    ]
+
+
+def select_int4_gemv(
+    weight: Int4Weight, bias: torch.Tensor | None, *, activation_dtype: torch.dtype = torch.bfloat16
+) -> tuple[Int4MatmulConfig, dict]:
+    """The fastest GEMV candidate at M=1 on this GPU, and timings (ms) of it at M=1 and M=16 and of
+    the bf16 product it replaces (`F.linear` over the dequantized weight), in CUDA graphs with cold
+    weights (as `tensorjet.kernels.gemv.select_gemv` times)."""
+    weights = _cold_weights(weight)
+    device = weight.qweight.device
+    xs = {
+        m: torch.randn(m, weight.in_features, dtype=activation_dtype, device=device) for m in (1, GEMV_MAX_M)
+    }
+    timings: dict = {}
+    best, timings["gemv_m1"] = fastest_in_graph(
+        GEMV_CANDIDATES, lambda c, w: int4_gemv(xs[1], w, bias, config=c), weights
+    )
+    timings[f"gemv_m{GEMV_MAX_M}"] = time_in_graph_ms(
+        lambda w: int4_gemv(xs[GEMV_MAX_M], w, bias, config=best), weights
+    )
+    dense = cold_copies(int4_dequantize(weight, activation_dtype))
+    timings["bf16_m1"] = time_in_graph_ms(lambda w: F.linear(xs[1], w, bias), dense)
+    return best, timings
+
+
+def select_int4_gemm(
+    weight: Int4Weight,
+    bias: torch.Tensor | None,
+    *,
+    activation_dtype: torch.dtype = torch.bfloat16,
+    sizes: tuple[int, ...] = (64, 256, 1024, 4096),
+) -> tuple[int | None, dict]:
+    """The smallest batch size in `sizes` from which dequantizing the whole weight and running cuBLAS
+    (`dequantized_linear`) times faster than the Triton GEMM; None where it never does. With timings."""
+    device = weight.qweight.device
+    timings: dict = {}
+    for m in sizes:
+        x = torch.randn(m, weight.in_features, dtype=activation_dtype, device=device)
+        timings[f"gemm_m{m}"] = time_in_graph_ms(lambda w, x=x: int4_gemm(x, w, bias), [weight], launches=8)
+        timings[f"dequant_m{m}"] = time_in_graph_ms(
+            lambda w, x=x: dequantized_linear(x, w, bias), [weight], launches=8
+        )
+        if timings[f"dequant_m{m}"] < timings[f"gemm_m{m}"]:
+            return m, timings
+    return None, timings
