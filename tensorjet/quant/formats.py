@@ -81,8 +81,9 @@ def quantization_spec(
         if dummy:
             return QuantizationSpec("int4", "dummy", int4=DUMMY_INT4[requested])
         raise FeatureNotAvailableError(
-            f"option quantization={requested!r} on an unquantized checkpoint would calibrate "
-            f"{requested.upper()} as the model loads, which is not available in tensorjet yet; load a "
+            f"option quantization={requested!r} (or dtype='int4_{requested}') on an unquantized checkpoint "
+            f"would calibrate {requested.upper()} as the model loads, which is not available in tensorjet "
+            "yet; load a "
             f"checkpoint already quantized with {requested.upper()} (AutoAWQ, GPTQ, or llmcompressor's "
             "compressed-tensors W4A16)"
         )
