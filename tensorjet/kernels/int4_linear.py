@@ -462,10 +462,12 @@ def select_int4_gemm(
     bias: torch.Tensor | None,
     *,
     activation_dtype: torch.dtype = torch.bfloat16,
-    sizes: tuple[int, ...] = (64, 256, 1024, 4096),
+    sizes: tuple[int, ...] = (1024, 2048, 4096),
 ) -> tuple[int | None, dict]:
     """The smallest batch size in `sizes` from which dequantizing the whole weight and running cuBLAS
-    (`dequantized_linear`) times faster than the Triton GEMM; None where it never does. With timings."""
+    (`dequantized_linear`) times faster than the Triton GEMM; None where it never does. With timings.
+    The sizes start past the largest step a CUDA graph captures (512 tokens), so the dense weight is
+    only ever a transient of an eager prefill step (counted by the memory-profiling forward)."""
     device = weight.qweight.device
     timings: dict = {}
     for m in sizes:

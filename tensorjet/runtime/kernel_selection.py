@@ -240,17 +240,18 @@ def _with_timed_fp8_gemm(kernels: Fp8Kernels, layer: Linear) -> Fp8Kernels:
     return replace(kernels, mid_batch=fp8_gemm, mid_batch_max_rows=max_rows)
 
 
-def select_int4_kernels(model: DecoderModel, config: EngineConfig, timed: bool) -> None:
-    """Give every INT4 layer's method its kernels. CPU: the float product (`dense_kernel`) over the
-    dequantized weight, made once here. GPU: the Triton GEMM for every batch; with `timed`, the GEMV
-    tile that times fastest per weight shape for decode batches and, from the batch size at which it
-    times faster, the weight dequantized whole and cuBLAS. Batch-invariant mode cuts every product into
-    fixed-shape row tiles (and times nothing: the kernels then depend on the batch size)."""
+def select_int4_kernels(model: DecoderModel, config: EngineConfig, triton: bool, timed: bool) -> None:
+    """Give every INT4 layer's method its kernels. On the CPU's torch path: the float product
+    (`dense_kernel`) over the dequantized weight, made once here. On the Triton path: the Triton GEMM
+    for every batch and the GEMV (its first tile untimed, under the CPU interpreter) for decode
+    batches; with `timed` (a GPU), the GEMV tile that times fastest per weight shape and, from the
+    batch size at which it times faster, the weight dequantized whole and cuBLAS. Batch-invariant mode
+    runs one kernel for every batch size, in fixed-shape row tiles."""
     layers = [m for m in model.modules() if isinstance(m, Linear) and isinstance(m.method, Int4LinearMethod)]
     if not layers:
         return
     row_tile = row_tile_for(config.torch_device) if config.runtime.batch_invariant else None
-    if config.torch_device.type != "cuda":
+    if config.torch_device.type != "cuda" and not triton:
         from tensorjet.kernels.int4_linear import dequantize
 
         float_kernel = dense_kernel(config)
@@ -260,21 +261,24 @@ def select_int4_kernels(model: DecoderModel, config: EngineConfig, timed: bool) 
             layer.method.float_weight = dequantize(layer.method.weight, config.torch_dtype)
             layer.method.float_kernel = float_kernel
         return
-    from tensorjet.kernels.int4_linear import int4_gemm
+    from tensorjet.kernels.int4_linear import GEMV_MAX_M, int4_gemm, int4_gemv
 
-    dense = int4_gemm if row_tile is None else row_tiled(int4_gemm, row_tile)
+    if row_tile is not None:
+        for layer in layers:
+            layer.method.kernels = Int4Kernels(dense=row_tiled(int4_gemm, row_tile))
+        return
     chosen: dict[tuple, Int4Kernels] = {}
     for layer in layers:
         weight = layer.method.weight
-        key = (
-            tuple(weight.qweight.shape),
+        layout = (
             weight.group_size,
             weight.zeros is not None,
             weight.perm is not None,
+            layer.bias is not None,
         )
-        key += (layer.bias is not None,)
+        key = (tuple(weight.qweight.shape), *layout)
         if key not in chosen:
-            chosen[key] = Int4Kernels(dense=dense)
+            chosen[key] = Int4Kernels(dense=int4_gemm, small_batch=int4_gemv, small_batch_max_rows=GEMV_MAX_M)
             if timed:
                 chosen[key] = _with_timed_int4_kernels(chosen[key], layer)
         layer.method.kernels = chosen[key]
@@ -282,7 +286,6 @@ def select_int4_kernels(model: DecoderModel, config: EngineConfig, timed: bool) 
 
 def _with_timed_int4_kernels(kernels: Int4Kernels, layer: Linear) -> Int4Kernels:
     from tensorjet.kernels.int4_linear import (
-        GEMV_MAX_M,
         dequantized_linear,
         int4_gemv,
         select_int4_gemm,
@@ -301,7 +304,7 @@ def _with_timed_int4_kernels(kernels: Int4Kernels, layer: Linear) -> Int4Kernels
         timings["bf16_m1"] * 1e3,
         config,
     )
-    kernels = replace(kernels, small_batch=partial(int4_gemv, config=config), small_batch_max_rows=GEMV_MAX_M)
+    kernels = replace(kernels, small_batch=partial(int4_gemv, config=config))
     min_rows, timings = select_int4_gemm(weight, layer.bias)
     logger.info(
         "INT4 linear [%d, %d]: dequantize + cuBLAS from %s rows (%s)",
