@@ -115,7 +115,7 @@ def select_kernels(model: DecoderModel, config: EngineConfig, attention_backend:
         dense = row_tiled(dense, row_tile_for(config.torch_device))
     select_linear_kernels(model, dense, small_batch_gemv=triton and on_gpu and not invariant)
     select_fp8_kernels(model, config, small_batch_gemv=triton and on_gpu and not invariant)
-    select_int4_kernels(model, config, timed=on_gpu and not invariant)
+    select_int4_kernels(model, config, triton=triton, timed=on_gpu and not invariant)
     if triton and not invariant:
         select_fused_decode(model, timed=on_gpu)
 
