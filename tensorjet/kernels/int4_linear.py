@@ -37,6 +37,7 @@ __all__ = [
     "GEMV_MAX_M",
     "Int4MatmulConfig",
     "Int4Weight",
+    "cold_weights",
     "dequantize",
     "dequantized_linear",
     "int4_dequantize",
@@ -426,7 +427,7 @@ def dequantized_linear(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor |
 # ---- start-up timing ------------------------------------------------------------------------------
 
 
-def _cold_weights(weight: Int4Weight) -> list[Int4Weight]:
+def cold_weights(weight: Int4Weight) -> list[Int4Weight]:
     """Copies of `weight` cycled in a timing loop so each launch reads its codes from HBM."""
     return [
         Int4Weight(q, weight.scales, weight.zeros, weight.perm, weight.group_size, weight.in_features)
@@ -440,7 +441,7 @@ def select_int4_gemv(
     """The fastest GEMV candidate at M=1 on this GPU, and timings (ms) of it at M=1 and M=16 and of
     the bf16 product it replaces (`F.linear` over the dequantized weight), in CUDA graphs with cold
     weights (as `tensorjet.kernels.gemv.select_gemv` times)."""
-    weights = _cold_weights(weight)
+    weights = cold_weights(weight)
     device = weight.qweight.device
     xs = {
         m: torch.randn(m, weight.in_features, dtype=activation_dtype, device=device) for m in (1, GEMV_MAX_M)
