@@ -100,8 +100,8 @@ def test_act_order_columns_are_stored_by_group_with_their_permutation():
 
 @pytest.mark.slow
 def test_the_triton_int4_kernels_in_the_engine_match_the_reference_path():
-    """The act-order GPTQ checkpoint on the Triton path (interpreted here: the W4A16 GEMV for decode
-    steps, the GEMM for the prompt) generates what the CPU's float path generates."""
+    """The act-order GPTQ checkpoint on the Triton path (interpreted here: the fused batch-1 INT4 layer
+    for decode steps, the GEMM for the prompt) generates what the CPU's float path generates."""
     prompt = list(b"ROMEO:\nBut, soft!")
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=1)
     runs = {}
@@ -110,6 +110,7 @@ def test_the_triton_int4_kernels_in_the_engine_match_the_reference_path():
         try:
             method = llm.engine.runner.model.layers[0].self_attn.qkv_proj.method
             assert (method.float_weight is None) == (backend == "triton")
+            assert llm.engine.runner.model.fused_decode == (backend == "triton")
             runs[backend] = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
         finally:
             llm.shutdown()

@@ -1,13 +1,16 @@
 """INT4 packing and the W4A16 kernels (under TRITON_INTERPRET=1, set by conftest) against the PyTorch
 reference: every format's packing round-trips and matches its published unpacking, and the Triton
-GEMV / GEMM / dequantization compute the reference's numerics at small sizes, with zero points or
-without, act-order permutations, ragged K and every group size."""
+GEMV / GEMM / dequantization and the fused batch-1 GEMV compute the reference's numerics at small
+sizes, with zero points or without, act-order permutations, ragged K and every group size."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from tensorjet.kernels.activation import silu_and_mul
+from tensorjet.kernels.int4_fused_gemv import CANDIDATES as FUSED_CANDIDATES
+from tensorjet.kernels.int4_fused_gemv import Int4FusedGemvConfig, int4_fused_gemv
 from tensorjet.kernels.int4_linear import (
     GEMV_CANDIDATES,
     Int4MatmulConfig,
@@ -20,6 +23,7 @@ from tensorjet.kernels.int4_linear import (
     int4_linear_reference,
     int4_matmul,
 )
+from tensorjet.kernels.norm import rms_norm
 from tensorjet.quant import int4_packing as packing
 
 
@@ -178,3 +182,47 @@ def test_a_wrong_input_width_is_refused():
         int4_gemm(torch.randn(1, 32), weight)
     with pytest.raises(ValueError, match="up to 16 rows"):
         int4_gemv(torch.randn(17, 64), weight)
+
+
+# ---- the fused batch-1 product --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "config", [FUSED_CANDIDATES[0], Int4FusedGemvConfig(32, 64, split_k=3)], ids=["plain", "split3"]
+)
+def test_fused_gemv_matches_the_chain_of_separate_kernels(dtype, config):
+    """Plain, RMSNorm before, residual add after, SiLU-and-multiply of [gate; up], with act order and
+    zero points: each against the reference product with the separate norm / add / SiLU kernels."""
+    n, k, eps = 24, 200, 1e-5  # ragged K: three and a bit 64-column tiles
+    weight = _weight(2 * n, k, 64, zeros=True, act_order=True, dtype=dtype)
+    gen = torch.Generator().manual_seed(4)
+    x = (3 * torch.randn(1, k, generator=gen)).to(dtype)  # not unit scale: the norm must matter
+    norm_w = (1 + 0.5 * torch.randn(k, generator=gen)).to(dtype)
+    bias = torch.randn(2 * n, generator=gen).to(dtype)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+
+    def close(out, ref):
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
+
+    close(int4_fused_gemv(x, weight, bias, config), int4_linear_reference(x, weight, bias))
+    normed = rms_norm(x, norm_w, eps)
+    out = int4_fused_gemv(x, weight, bias, config, norm_weight=norm_w, eps=eps)
+    close(out, int4_linear_reference(normed, weight, bias))
+    residual = torch.randn(1, 2 * n, generator=gen).to(dtype)
+    before = residual.clone()
+    out = int4_fused_gemv(x, weight, bias, config, residual=residual)
+    assert out is residual, "the residual is updated in place"
+    close(residual, before.float() + int4_linear_reference(x, weight, bias).float())
+    out = int4_fused_gemv(x, weight, bias, config, norm_weight=norm_w, eps=eps, silu_mul=True)
+    assert out.shape == (1, n)
+    close(out, silu_and_mul(int4_linear_reference(normed, weight, bias)))
+
+
+def test_fused_gemv_refuses_what_it_cannot_fuse():
+    weight = _weight(16, 64, 32, zeros=False, act_order=False)
+    with pytest.raises(ValueError, match=r"x \[1, 64\]"):
+        int4_fused_gemv(torch.randn(2, 64), weight)
+    with pytest.raises(ValueError, match="do not combine"):
+        int4_fused_gemv(torch.randn(1, 64), weight, residual=torch.zeros(1, 8), silu_mul=True)

@@ -129,7 +129,7 @@ GEMM_CONFIGS = (
 
 
 @triton.jit
-def _dequantized_tile(
+def dequantized_tile(
     qw_ptr,
     scale_ptr,
     zero_ptr,
@@ -225,7 +225,7 @@ def _int4_matmul_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         k_mask = k0 + offs_k < k_end
-        w = _dequantized_tile(
+        w = dequantized_tile(
             qw_ptr, scale_ptr, zero_ptr, offs_n, n_mask, k0, k_end, stride_qn, stride_sn,
             GROUP, HAS_ZEROS, BLOCK_K,
         )  # fmt: skip
@@ -378,7 +378,7 @@ def _dequantize_kernel(
     k0 = tl.program_id(1) * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
-    w = _dequantized_tile(
+    w = dequantized_tile(
         qw_ptr, scale_ptr, zero_ptr, offs_n, n_mask, k0, K, stride_qn, stride_sn, GROUP, HAS_ZEROS, BLOCK_K
     )
     k_mask = offs_k < K

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from tensorjet.kernels.int4_linear import Int4Weight, int4_linear_reference
-from tensorjet.layers.linear import Linear, LinearKernel, LinearMethod
+from tensorjet.layers.linear import Linear, LinearKernel, LinearMethod, fused_options
+from tensorjet.layers.norm import RMSNorm
 from tensorjet.layers.weight_loader import copy_checked, set_weight_loader
 from tensorjet.quant import int4_packing as packing
 
@@ -82,6 +83,8 @@ class Int4Kernels:
     # From `large_batch_min_rows` rows on: the weight dequantized whole, then cuBLAS.
     large_batch: Int4Kernel | None = None
     large_batch_min_rows: int = 0
+    # The batch-1 GEMV with the neighbouring ops fused in (`tensorjet.kernels.int4_fused_gemv`).
+    fused: Callable[..., torch.Tensor] | None = None
 
 
 class Int4LinearMethod(LinearMethod):
@@ -255,6 +258,26 @@ class Int4LinearMethod(LinearMethod):
         elif kernels.large_batch is not None and rows >= kernels.large_batch_min_rows:
             kernel = kernels.large_batch
         return kernel(x, weight, layer.bias)
+
+    @property
+    def supports_fused(self) -> bool:
+        return self.kernels.fused is not None and self.float_weight is None
+
+    def apply_fused(
+        self,
+        layer: Linear,
+        x: torch.Tensor,
+        *,
+        norm: RMSNorm | None,
+        residual: torch.Tensor | None,
+        silu_mul: bool,
+    ) -> torch.Tensor:
+        fused = self.kernels.fused
+        if fused is None:
+            raise NotImplementedError(
+                "no fused INT4 GEMV was chosen for this layer (supports_fused is False)"
+            )
+        return fused(x, self.weight, layer.bias, **fused_options(norm, residual, silu_mul))
 
     def init_dummy_weights(self, layer: Linear, generator: torch.Generator) -> None:
         """Random codes with the real shapes (zero points around 8 where the format has them) and scales

@@ -341,22 +341,29 @@ def _with_timed_gemv(
 def select_fused_decode(model: DecoderModel, timed: bool = True) -> None:
     """Run one-token steps through the decoder layers' fused path: each projection's GEMV carries the
     norm, residual add or SiLU next to it (`tensorjet.kernels.fused_gemv` for unquantized weights,
-    `tensorjet.kernels.fp8_fused_gemv` for FP8 ones).
+    `tensorjet.kernels.fp8_fused_gemv` for FP8 ones, `tensorjet.kernels.int4_fused_gemv` for INT4 ones).
 
     timed: time each projection's best fused GEMV on this GPU and sum them over a layer, against its
-    plain product (cuBLAS, or `torch._scaled_mm` for FP8) plus the three kernels the fusion removes (two
+    plain product (cuBLAS, `torch._scaled_mm` for FP8, the layer's own GEMV for INT4) plus the three kernels the fusion removes (two
     norms with their residual adds, SiLU; `FUSED_LAUNCH_US` each); the path is on only if the fused
     layer wins. Untimed (the CPU interpreter), it is on with the first candidate. It stays off where a
     projection's weight format has no fused GEMV."""
     layers = [layer.fused_projections() for layer in model.layers]
     methods = [proj.method for projections in layers for proj, _ in projections.values()]
-    fp8 = all(isinstance(m, Fp8LinearMethod) for m in methods)
-    if not fp8 and not all(isinstance(m, UnquantizedLinearMethod) for m in methods):
-        names = ", ".join(sorted({type(m).__name__ for m in methods}))
-        logger.info("fused batch-1 decode layer: off (no fused GEMV for %s)", names)
+    kinds = {type(m) for m in methods}
+    family = next(iter(kinds)) if len(kinds) == 1 else None
+    if family not in (Fp8LinearMethod, Int4LinearMethod, UnquantizedLinearMethod) or any(
+        isinstance(m, Int4LinearMethod) and m.float_weight is not None for m in methods
+    ):
+        names = ", ".join(sorted(kind.__name__ for kind in kinds))
+        logger.info("fused batch-1 decode layer: off (no fused GEMV for %s on this path)", names)
         model.fused_decode = False
         return
-    select, candidates, fused_kernel = _fused_gemv_family(fp8)
+    fp8 = family is Fp8LinearMethod
+    if family is Int4LinearMethod:
+        select, candidates, fused_kernel = _int4_fused_gemv_family()
+    else:
+        select, candidates, fused_kernel = _fused_gemv_family(fp8)
     configs = {name: candidates[0] for name in layers[0]}
     use = True
     if timed:
@@ -365,7 +372,7 @@ def select_fused_decode(model: DecoderModel, timed: bool = True) -> None:
         unfused_us = 3 * FUSED_LAUNCH_US
         for name, (proj, fusion) in layers[0].items():
             configs[name], timings = select(proj, fusion)
-            plain = timings["scaled_mm" if fp8 else "cublas"]
+            plain = timings["plain" if family is Int4LinearMethod else "scaled_mm" if fp8 else "cublas"]
             fused_us += timings["fused"] * 1e3
             unfused_us += plain * 1e3
             logger.info(
@@ -386,6 +393,18 @@ def select_fused_decode(model: DecoderModel, timed: bool = True) -> None:
         for name, (proj, _) in projections.items():
             proj.method.kernels = replace(proj.method.kernels, fused=kernels[name])
     model.fused_decode = use
+
+
+def _int4_fused_gemv_family() -> tuple[Callable, Sequence, Callable]:
+    """As `_fused_gemv_family`, for INT4 layers: timed against each layer's own unfused INT4 GEMV."""
+    from tensorjet.kernels import int4_fused_gemv as family
+
+    def select(proj: Linear, fusion: dict) -> tuple:
+        kernels = proj.method.kernels
+        plain = kernels.small_batch or kernels.dense
+        return family.select_int4_fused_gemv(proj.method.weight, proj.bias, plain, **fusion)
+
+    return select, family.CANDIDATES, family.int4_fused_gemv
 
 
 def _fused_gemv_family(fp8: bool) -> tuple[Callable, Sequence, Callable]:
