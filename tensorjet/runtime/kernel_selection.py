@@ -344,18 +344,17 @@ def select_fused_decode(model: DecoderModel, timed: bool = True) -> None:
     `tensorjet.kernels.fp8_fused_gemv` for FP8 ones, `tensorjet.kernels.int4_fused_gemv` for INT4 ones).
 
     timed: time each projection's best fused GEMV on this GPU and sum them over a layer, against its
-    plain product (cuBLAS, `torch._scaled_mm` for FP8, the layer's own GEMV for INT4) plus the three kernels the fusion removes (two
-    norms with their residual adds, SiLU; `FUSED_LAUNCH_US` each); the path is on only if the fused
-    layer wins. Untimed (the CPU interpreter), it is on with the first candidate. It stays off where a
-    projection's weight format has no fused GEMV."""
+    plain product (cuBLAS, `torch._scaled_mm` for FP8, the layer's own GEMV for INT4) plus the three
+    kernels the fusion removes (two norms with their residual adds, SiLU; `FUSED_LAUNCH_US` each); the
+    path is on only if the fused layer wins. Untimed (the CPU interpreter), it is on with the first
+    candidate. It stays off where a projection's weight format has no fused GEMV (or, INT4 on the CPU's
+    torch path, runs as a float product)."""
     layers = [layer.fused_projections() for layer in model.layers]
     methods = [proj.method for projections in layers for proj, _ in projections.values()]
-    kinds = {type(m) for m in methods}
-    family = next(iter(kinds)) if len(kinds) == 1 else None
-    if family not in (Fp8LinearMethod, Int4LinearMethod, UnquantizedLinearMethod) or any(
-        isinstance(m, Int4LinearMethod) and m.float_weight is not None for m in methods
-    ):
-        names = ", ".join(sorted(kind.__name__ for kind in kinds))
+    families = (Fp8LinearMethod, Int4LinearMethod, UnquantizedLinearMethod)
+    family = next((f for f in families if all(isinstance(m, f) for m in methods)), None)
+    if family is None or any(isinstance(m, Int4LinearMethod) and m.float_weight is not None for m in methods):
+        names = ", ".join(sorted({type(m).__name__ for m in methods}))
         logger.info("fused batch-1 decode layer: off (no fused GEMV for %s on this path)", names)
         model.fused_decode = False
         return
