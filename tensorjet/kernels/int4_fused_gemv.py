@@ -1,17 +1,19 @@
 """Batch-1 INT4 (W4A16) decode projections with the ops around them fused in: `int4_fused_gemv`.
 
-y[N] = x[K] @ W[N, K]^T with W an `Int4Weight` (`tensorjet.kernels.int4_linear`'s layout and numerics:
-each tile dequantized in registers and rounded to x's dtype), optionally with:
+y[N] = x[K] @ W[N, K]^T with W an `Int4Weight` (`tensorjet.kernels.int4_linear`'s layout and decode
+numerics), optionally with:
 - `norm_weight`: the product uses RMSNorm(x), rounded to x's dtype as the norm kernel stores it; a pass
   over x for its sum of squares comes first (x is one row: it is read from cache);
 - `residual`: the result added into `residual` in place (the o and down projections);
 - `silu_mul`: W holds [gate; up]; returns silu(gate) * up (the gate|up projection).
 An act-order weight reads x (and the norm weight) at its permutation's columns.
 
-Each program multiplies a [BLOCK_N, BLOCK_K] tile on the tensor cores with the one row of x broadcast to
-the MMA's 16 columns; SPLIT_K programs per row block each sum a slice of K into fp32 scratch, and the
-last to finish (an atomic counter per row block) adds the slices in a fixed order and runs the epilogue,
-so the whole projection stays one launch (as `tensorjet.kernels.fp8_fused_gemv` does).
+Each program multiplies [BLOCK_N, BLOCK_K] tiles on the tensor cores as `int4_matmul` does (eight
+slices, one nibble of each word; where a tile lies in one group, exact code - zero products summed in
+fp32 and the group's scale applied to the sum), with the one row of x broadcast to the MMA's 16 columns.
+SPLIT_K programs per row block each sum a slice of K into fp32 scratch, and the last to finish (an
+atomic counter per row block) adds the slices in a fixed order and runs the epilogue, so the whole
+projection stays one launch (as `tensorjet.kernels.fp8_fused_gemv` does).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from tensorjet.kernels._common import (
 )
 from tensorjet.kernels.fp8_linear import split_k_scratch
 from tensorjet.kernels.gemv import fastest_in_graph, time_in_graph_ms
-from tensorjet.kernels.int4_linear import Int4Weight, cold_weights, dequantized_tile
+from tensorjet.kernels.int4_linear import Int4Weight, cold_weights, load_codes, nibble
 
 __all__ = ["CANDIDATES", "Int4FusedGemvConfig", "int4_fused_gemv", "select_int4_fused_gemv"]
 
@@ -53,10 +55,10 @@ class Int4FusedGemvConfig:
 
 CANDIDATES = (
     Int4FusedGemvConfig(64, 128, 4, 4),
-    Int4FusedGemvConfig(64, 256, 4, 3),
+    Int4FusedGemvConfig(128, 128, 4, 4),
     Int4FusedGemvConfig(64, 128, 4, 4, split_k=2),
     Int4FusedGemvConfig(64, 128, 4, 4, split_k=4),
-    Int4FusedGemvConfig(32, 256, 4, 3, split_k=4),
+    Int4FusedGemvConfig(32, 128, 4, 4, split_k=4),
     Int4FusedGemvConfig(128, 128, 4, 4, split_k=2),
 )
 
@@ -91,6 +93,7 @@ def _int4_fused_gemv_kernel(
     NORM: tl.constexpr,
     SILU_MUL: tl.constexpr,
     ADD_TO_Y: tl.constexpr,
+    SCALE_AFTER: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     X_BLOCK: tl.constexpr,
@@ -104,7 +107,6 @@ def _int4_fused_gemv_kernel(
     k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     k_begin = tl.program_id(1) * k_per_split
     k_end = tl.minimum(K, k_begin + k_per_split)
-    offs_k = tl.arange(0, BLOCK_K)
     dtype = y_ptr.dtype.element_ty
     wait_for_previous_kernel(PDL)
     inv_rms = 1.0
@@ -118,27 +120,42 @@ def _int4_fused_gemv_kernel(
     acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
-        k_mask = k0 + offs_k < k_end
-        if HAS_PERM:
-            cols = tl.load(perm_ptr + k0 + offs_k, mask=k_mask, other=0)
-        else:
-            cols = k0 + offs_k
-        x = tl.load(x_ptr + cols, mask=k_mask, other=0.0).to(tl.float32)
-        if NORM:
-            x = _normed(x, tl.load(norm_w_ptr + cols, mask=k_mask, other=0.0), inv_rms, dtype)
-        # the row broadcast to the MMA's 16 columns (every column of the product is the same)
-        xt = tl.trans(tl.broadcast_to(x.to(dtype)[None, :], (16, BLOCK_K)))
-        w = dequantized_tile(
+        words, scale, offset = load_codes(
             qw_ptr, scale_ptr, zero_ptr, offs_n, n_mask, k0, k_end, stride_qn, stride_sn,
             GROUP, HAS_ZEROS, BLOCK_K,
         )  # fmt: skip
-        acc += tl_dot(w.to(dtype), xt, DOT_PREC, UPCAST)
+        words_up, scale_up, offset_up = words, scale, offset
         if SILU_MUL:  # the up rows follow the N gate rows
-            w_up = dequantized_tile(
+            words_up, scale_up, offset_up = load_codes(
                 qw_ptr, scale_ptr, zero_ptr, offs_n + N, n_mask, k0, k_end, stride_qn, stride_sn,
                 GROUP, HAS_ZEROS, BLOCK_K,
             )  # fmt: skip
-            acc_up += tl_dot(w_up.to(dtype), xt, DOT_PREC, UPCAST)
+        part = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+        part_up = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+        for j in tl.static_range(8):
+            cols = k0 + tl.arange(0, BLOCK_K // 8) * 8 + j
+            k_mask = cols < k_end
+            if HAS_PERM:
+                cols = tl.load(perm_ptr + cols, mask=k_mask, other=0)
+            x = tl.load(x_ptr + cols, mask=k_mask, other=0.0).to(tl.float32)
+            if NORM:
+                x = _normed(x, tl.load(norm_w_ptr + cols, mask=k_mask, other=0.0), inv_rms, dtype)
+            # the row broadcast to the MMA's 16 columns (every column of the product is the same)
+            xt = tl.trans(tl.broadcast_to(x.to(dtype)[None, :], (16, BLOCK_K // 8)))
+            w = nibble(words, offset, j)
+            if not SCALE_AFTER:
+                w = w * scale
+            part += tl_dot(w.to(dtype), xt, DOT_PREC, UPCAST)
+            if SILU_MUL:
+                w_up = nibble(words_up, offset_up, j)
+                if not SCALE_AFTER:
+                    w_up = w_up * scale_up
+                part_up += tl_dot(w_up.to(dtype), xt, DOT_PREC, UPCAST)
+        if SCALE_AFTER:
+            part = part * scale
+            part_up = part_up * scale_up
+        acc += part
+        acc_up += part_up
     launch_next_kernel(PDL)
     first = tl.arange(0, 16)[None, :] == 0
     y = tl.sum(tl.where(first, acc, 0.0), 1)
@@ -239,6 +256,7 @@ def int4_fused_gemv(
         NORM=norm_weight is not None,
         SILU_MUL=silu_mul,
         ADD_TO_Y=residual is not None,
+        SCALE_AFTER=weight.group_size % config.block_k == 0,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
         X_BLOCK=min(next_pow2(k), X_BLOCK),

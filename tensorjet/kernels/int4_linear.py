@@ -6,14 +6,18 @@ the activation dtype and `zeros` uint8 [N, groups] (None: every zero point is 8,
 one each per `group_size` columns; `perm` int32 [K] or None: stored column j multiplies input column
 perm[j] (GPTQ's act order, its groups made contiguous at load).
 
-Numerics, shared by every kernel (`int4_linear_reference`): w = (code - zero) * scale in fp32, rounded
-to x's dtype, then x @ w^T with fp32 accumulation. The kernels dequantize each weight tile the same way
-inside the product, so they differ from the reference only in the order of their sums:
-- `int4_matmul`: the weight tile [BLOCK_N, BLOCK_K] is dequantized in registers and multiplied by the
-  x tile on the tensor cores (W as the MMA's 64+-row operand, x its narrow one). With 16-row x tiles
-  and split-K (a 4096-row weight makes only 32-64 row blocks: SPLIT_K programs per block each sum a
-  slice of K, the last to arrive adds the slices in order) it is the decode GEMV; with larger tiles,
-  the prefill GEMM;
+Numerics of the reference (`int4_linear_reference`, the CPU path): w = (code - zero) * scale in fp32,
+rounded to x's dtype, then x @ w^T with fp32 accumulation. The kernels:
+- `int4_matmul`: each [BLOCK_N, BLOCK_K] weight tile is multiplied on the tensor cores as eight
+  [BLOCK_N, BLOCK_K / 8] slices, slice J holding nibble J of every word against the x columns 8i + J
+  (no codes move between threads), W as the MMA's 64+-row operand and x its narrow one. A nibble
+  becomes an exact float by ORing it into the mantissa of 2^23 (two integer instructions and an add).
+  With 16-row x tiles and split-K (a 4096-row weight makes only 32-64 row blocks: SPLIT_K programs per
+  block each sum a slice of K, the last to arrive adds the slices in order) it is the decode GEMV,
+  whose tiles lie in one group: it multiplies the exact code - zero values and applies the group's
+  scale to their fp32 sum (`scale_after`: one multiply per output instead of per weight; in bf16 it
+  differs from the reference by the reference's rounding of w, under 2^-8 relative per weight). With
+  larger tiles it is the prefill GEMM, in the reference's numerics;
 - `dequantized_linear`: the whole weight dequantized by one launch (`int4_dequantize`), then cuBLAS:
   for large prefill batches, where the GEMM's dequantization cost per row vanishes.
 `select_int4_gemv` and `select_int4_gemm` time the tiles on the GPU at start-up.
@@ -108,28 +112,31 @@ class Int4MatmulConfig:
     num_warps: int = 4
     num_stages: int = 3
     split_k: int = 1  # programs per output tile, each summing a slice of K
+    # Where a tile lies in one group: multiply exact code - zero values and scale the group's fp32 sum
+    # (one multiply per output instead of per weight; decode), else the reference's numerics.
+    scale_after: bool = False
 
 
 GEMV_CANDIDATES = (
-    Int4MatmulConfig(16, 64, 128, 4, 4),
-    Int4MatmulConfig(16, 64, 256, 4, 3),
-    Int4MatmulConfig(16, 128, 128, 4, 4),
-    Int4MatmulConfig(16, 64, 128, 4, 4, split_k=2),
-    Int4MatmulConfig(16, 64, 256, 4, 3, split_k=2),
-    Int4MatmulConfig(16, 64, 128, 4, 4, split_k=4),
-    Int4MatmulConfig(16, 32, 256, 4, 3, split_k=4),
+    Int4MatmulConfig(16, 64, 128, 4, 4, scale_after=True),
+    Int4MatmulConfig(16, 128, 128, 4, 4, scale_after=True),
+    Int4MatmulConfig(16, 64, 256, 4, 3, scale_after=True),
+    Int4MatmulConfig(16, 64, 128, 4, 4, split_k=2, scale_after=True),
+    Int4MatmulConfig(16, 128, 128, 4, 4, split_k=2, scale_after=True),
+    Int4MatmulConfig(16, 64, 128, 4, 4, split_k=4, scale_after=True),
+    Int4MatmulConfig(16, 32, 128, 4, 4, split_k=4, scale_after=True),
 )
 # Tiles by batch size (rows of x up to the first value) for the prefill GEMM.
 GEMM_CONFIGS = (
-    (32, Int4MatmulConfig(32, 128, 64, 4, 4)),
-    (64, Int4MatmulConfig(64, 128, 64, 4, 4)),
-    (128, Int4MatmulConfig(128, 128, 64, 8, 3)),
-    (1 << 30, Int4MatmulConfig(128, 256, 64, 8, 3)),
+    (32, Int4MatmulConfig(32, 128, 128, 4, 3)),
+    (64, Int4MatmulConfig(64, 128, 128, 4, 3)),
+    (128, Int4MatmulConfig(128, 128, 128, 8, 3)),
+    (1 << 30, Int4MatmulConfig(128, 256, 128, 8, 3)),
 )
 
 
 @triton.jit
-def dequantized_tile(
+def load_codes(
     qw_ptr,
     scale_ptr,
     zero_ptr,
@@ -143,40 +150,61 @@ def dequantized_tile(
     HAS_ZEROS: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """W[offs_n, k0:k0+BLOCK_K] as fp32 (code - zero) * scale; columns at or past k_end are 0."""
-    offs_k = tl.arange(0, BLOCK_K)
+    """The codes of W[offs_n, k0:k0+BLOCK_K] as int32 words [BLOCK_N, BLOCK_K // 8] (word i: columns
+    k0 + 8i .. k0 + 8i + 7; none at or past k_end), with their fp32 scales and `2^23 + zero point`
+    (`nibble`'s offset): per row [BLOCK_N, 1] where the tile lies in one group (GROUP % BLOCK_K == 0),
+    else per word [BLOCK_N, BLOCK_K // 8] (a group is whole words)."""
     offs_word = tl.arange(0, BLOCK_K // 8)
     word_mask = n_mask[:, None] & (k0 + offs_word * 8 < k_end)[None, :]
-    words = tl.load(
-        qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn + (k0 // 8 + offs_word)[None, :],
-        mask=word_mask,
-        other=0,
-    )
-    # Each word repeated 8 times in a row (word k // 8 at column k), then its nibble k % 8.
-    words = tl.interleave(words, words)
-    words = tl.interleave(words, words)
-    words = tl.interleave(words, words)
-    codes = (words >> ((offs_k % 8) * 4)[None, :]) & 0xF
-    # code + 2^23 as an fp32 bit pattern (exact; cheaper than an int -> float conversion)
-    magic = (codes | 0x4B000000).to(tl.float32, bitcast=True)
-    k_mask = n_mask[:, None] & (k0 + offs_k < k_end)[None, :]
+    rows = offs_n[:, None].to(tl.int64)
+    words = tl.load(qw_ptr + rows * stride_qn + (k0 // 8 + offs_word)[None, :], mask=word_mask, other=0)
     if GROUP % BLOCK_K == 0:
-        # the tile lies in one group: a scale and zero point per row
-        group = k0 // GROUP
-        scale = tl.load(scale_ptr + offs_n.to(tl.int64) * stride_sn + group, mask=n_mask, other=0.0)
-        scale = scale.to(tl.float32)[:, None]
-        zero = 8.0
-        if HAS_ZEROS:
-            zero = tl.load(zero_ptr + offs_n.to(tl.int64) * stride_sn + group, mask=n_mask, other=0)
-            zero = zero.to(tl.float32)[:, None]
+        group_ptrs = rows * stride_sn + k0 // GROUP
+        group_mask = n_mask[:, None]
     else:
-        group_ptrs = offs_n[:, None].to(tl.int64) * stride_sn + ((k0 + offs_k) // GROUP)[None, :]
-        scale = tl.load(scale_ptr + group_ptrs, mask=k_mask, other=0.0).to(tl.float32)
-        zero = 8.0
-        if HAS_ZEROS:
-            zero = tl.load(zero_ptr + group_ptrs, mask=k_mask, other=0).to(tl.float32)
-    w = (magic - (8388608.0 + zero)) * scale
-    return tl.where(k_mask, w, 0.0)
+        group_ptrs = rows * stride_sn + ((k0 // 8 + offs_word) // (GROUP // 8))[None, :]
+        group_mask = word_mask
+    scale = tl.load(scale_ptr + group_ptrs, mask=group_mask, other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        offset = tl.load(zero_ptr + group_ptrs, mask=group_mask, other=0).to(tl.float32) + 8388608.0
+    else:
+        offset = tl.zeros_like(scale) + (8388608.0 + 8.0)
+    return words, scale, offset
+
+
+@triton.jit
+def nibble(words, offset, J: tl.constexpr):
+    """code - zero of nibble J of each word (columns 8i + J) in fp32, exactly: the code ORed into the
+    mantissa of 2^23 is 2^23 + code, from which `offset` (2^23 + zero) is subtracted. Two integer
+    instructions and an add, against a slower int -> float conversion."""
+    codes = (words >> (4 * J)) & 0xF
+    return (codes | 0x4B000000).to(tl.float32, bitcast=True) - offset
+
+
+@triton.jit
+def x_columns(
+    x_ptr,
+    perm_ptr,
+    offs_m,
+    m_mask,
+    stride_xm,
+    k0,
+    k_end,
+    J: tl.constexpr,
+    HAS_PERM: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """x[offs_m, columns k0 + 8i + J] [BLOCK_M, BLOCK_K // 8]: the input columns nibble J of each word
+    multiplies (through the act-order permutation where there is one); 0 past k_end."""
+    cols = k0 + tl.arange(0, BLOCK_K // 8) * 8 + J
+    k_mask = cols < k_end
+    if HAS_PERM:
+        cols = tl.load(perm_ptr + cols, mask=k_mask, other=0)
+    return tl.load(
+        x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + cols[None, :],
+        mask=m_mask[:, None] & k_mask[None, :],
+        other=0.0,
+    )
 
 
 # M changes with the batch: specialising on M == 1 would compile a second variant of every config.
@@ -202,6 +230,7 @@ def _int4_matmul_kernel(
     HAS_ZEROS: tl.constexpr,
     HAS_PERM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    SCALE_AFTER: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -209,13 +238,17 @@ def _int4_matmul_kernel(
     DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """y^T [BLOCK_N, BLOCK_M] tiles = W [BLOCK_N, K] @ x^T: each weight tile dequantized in registers,
-    rounded to x's dtype (the reference's numerics) and multiplied on the tensor cores.
+    """y^T [BLOCK_N, BLOCK_M] tiles = W [BLOCK_N, K] @ x^T on the tensor cores. Each weight tile is
+    multiplied as eight [BLOCK_N, BLOCK_K / 8] slices, slice J holding nibble J of every word (no
+    shuffling of codes between threads), against the x columns they multiply.
+    SCALE_AFTER (the tile lies in one group): the slices are exact code - zero values and the group's
+    scale multiplies their fp32 sum; else each value is scaled and rounded to x's dtype first (the
+    reference's numerics).
     SPLIT_K > 1: program_id(2) sums one slice of K (whole BLOCK_K tiles) into fp32 scratch; the last of
     a tile's programs to finish adds the slices in a fixed order and runs the epilogue."""
+    tl.static_assert(not SCALE_AFTER or GROUP % BLOCK_K == 0, "SCALE_AFTER needs tiles within one group")
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m < M
     n_mask = offs_n < N
     k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
@@ -224,21 +257,20 @@ def _int4_matmul_kernel(
     dtype = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
-        k_mask = k0 + offs_k < k_end
-        w = dequantized_tile(
+        words, scale, offset = load_codes(
             qw_ptr, scale_ptr, zero_ptr, offs_n, n_mask, k0, k_end, stride_qn, stride_sn,
             GROUP, HAS_ZEROS, BLOCK_K,
         )  # fmt: skip
-        if HAS_PERM:
-            cols = tl.load(perm_ptr + k0 + offs_k, mask=k_mask, other=0)
-        else:
-            cols = k0 + offs_k
-        x = tl.load(
-            x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + cols[None, :],
-            mask=m_mask[:, None] & k_mask[None, :],
-            other=0.0,
-        )
-        acc += tl_dot(w.to(dtype), tl.trans(x), DOT_PREC, UPCAST)
+        part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for j in tl.static_range(8):
+            w = nibble(words, offset, j)
+            if not SCALE_AFTER:
+                w = w * scale
+            x = x_columns(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k0, k_end, j, HAS_PERM, BLOCK_K)
+            part += tl_dot(w.to(dtype), tl.trans(x), DOT_PREC, UPCAST)
+        if SCALE_AFTER:
+            part = part * scale
+        acc += part
     if SPLIT_K > 1:
         # As in `tensorjet.kernels.fp8_linear`: partial sums to scratch [SPLIT_K, M, N]; the last
         # program of this tile to arrive adds them in order and alone stores (its counter reset).
@@ -318,6 +350,7 @@ def int4_matmul(
         HAS_ZEROS=weight.zeros is not None,
         HAS_PERM=weight.perm is not None,
         HAS_BIAS=bias is not None,
+        SCALE_AFTER=c.scale_after and weight.group_size % c.block_k == 0,
         BLOCK_M=c.block_m,
         BLOCK_N=c.block_n,
         BLOCK_K=c.block_k,
@@ -376,25 +409,28 @@ def _dequantize_kernel(
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
-    offs_k = k0 + tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
-    w = dequantized_tile(
+    words, scale, offset = load_codes(
         qw_ptr, scale_ptr, zero_ptr, offs_n, n_mask, k0, K, stride_qn, stride_sn, GROUP, HAS_ZEROS, BLOCK_K
     )
-    k_mask = offs_k < K
-    cols = tl.load(perm_ptr + offs_k, mask=k_mask, other=0) if HAS_PERM else offs_k
-    tl.store(
-        w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + cols[None, :],
-        w.to(w_ptr.dtype.element_ty),
-        mask=n_mask[:, None] & k_mask[None, :],
-    )
+    for j in tl.static_range(8):
+        cols = k0 + tl.arange(0, BLOCK_K // 8) * 8 + j
+        k_mask = cols < K
+        if HAS_PERM:
+            cols = tl.load(perm_ptr + cols, mask=k_mask, other=0)
+        w = nibble(words, offset, j) * scale
+        tl.store(
+            w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + cols[None, :],
+            w.to(w_ptr.dtype.element_ty),
+            mask=n_mask[:, None] & k_mask[None, :],
+        )
 
 
 def int4_dequantize(weight: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
     """`dequantize(weight, dtype)` in one launch: W [N, K], columns in input order."""
     n, k = weight.out_features, weight.in_features
     w = torch.empty((n, k), dtype=dtype, device=weight.qweight.device)
-    block_n, block_k = 32, 128
+    block_n, block_k = 64, 128
     scales = weight.scales
     _dequantize_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
         weight.qweight,
