@@ -170,3 +170,23 @@ def _set(name: str, value):
 def test_a_malformed_checkpoint_names_the_tensor(tmp_path, name, edit, message):
     with pytest.raises(ValueError, match=message):
         _engine(_broken_copy(tmp_path, name, edit))
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("llama-tiny-awq-gemm", {"dtype": "int4_awq", "quantization": "awq"}),
+        ("llama-tiny-gptq-act-order", {"dtype": "int4_gptq", "quantization": "gptq"}),
+        ("llama-tiny-w4a16-awq", {"quantization": "awq"}),  # llmcompressor's: either algorithm's name
+    ],
+)
+def test_the_guides_snippets_run_as_written(name, options):
+    """`LLM(model=..., dtype="int4_awq", quantization="awq")` and the GPTQ one, on the CPU."""
+    llm = LLM(model=str(DATA / name), device="cpu", kv_cache_max_tokens=256, **options)
+    try:
+        prompt = list(b"ROMEO:")  # the fixtures ship no tokenizer: token ids are bytes
+        out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0]
+        assert llm.engine.runner.weight_format.startswith("int4 (")
+        assert len(out.outputs[0].token_ids) >= 1
+    finally:
+        llm.shutdown()
