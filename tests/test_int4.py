@@ -81,6 +81,14 @@ def test_each_format_is_read_from_its_quantization_config():
     assert channel.int4 == Int4Scheme("compressed-tensors", -1, zero_points=False, act_order=True)
 
 
+def test_a_w4a16_checkpoint_with_an_fp8_kv_cache_scheme_has_kv_scales():
+    kv = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
+    assert quantization_spec(None, _w4a16() | {"kv_cache_scheme": kv}).kv_cache_scales
+    assert not quantization_spec(None, _w4a16()).kv_cache_scales
+    with pytest.raises(UnsupportedCheckpointError, match="kv_cache_scheme"):
+        quantization_spec(None, _w4a16() | {"kv_cache_scheme": kv | {"num_bits": 4}})
+
+
 def test_a_request_for_the_other_algorithm_contradicts_an_awq_or_gptq_checkpoint():
     with pytest.raises(
         ValueError, match=r"quantization='gptq' contradicts the checkpoint, which is int4 \(awq\)"

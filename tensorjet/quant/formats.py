@@ -208,15 +208,20 @@ def _compressed_tensors(config: Mapping[str, Any]) -> QuantizationSpec:
             f"dynamic={dynamic} is not supported; tensorjet reads dynamic per-token or static per-tensor"
         )
     _check_ignored(config.get("ignore") or [], f"{where}.ignore")
+    scheme = Fp8Scheme(checkpoint_weights=True, static_input_scale=not dynamic)
+    return QuantizationSpec("fp8", "compressed-tensors", scheme, kv_cache_scales=_kv_cache_scales(config))
+
+
+def _kv_cache_scales(config: Mapping[str, Any]) -> bool:
+    """Whether a compressed-tensors checkpoint has per-layer k_scale/v_scale (its `kv_cache_scheme`)."""
     kv = config.get("kv_cache_scheme")
     if kv is not None:
-        _require_fp8(kv, f"{where}.kv_cache_scheme")
+        _require_fp8(kv, f"{WHERE}.kv_cache_scheme")
         if kv.get("strategy", "tensor") != "tensor" or kv.get("dynamic"):
             raise UnsupportedCheckpointError(
-                f"{where}.kv_cache_scheme must be static per-tensor FP8 (one k_scale and v_scale per layer)"
+                f"{WHERE}.kv_cache_scheme must be static per-tensor FP8 (one k_scale and v_scale per layer)"
             )
-    scheme = Fp8Scheme(checkpoint_weights=True, static_input_scale=not dynamic)
-    return QuantizationSpec("fp8", "compressed-tensors", scheme, kv_cache_scales=kv is not None)
+    return kv is not None
 
 
 def _compressed_tensors_int4(config: Mapping[str, Any], group: Mapping[str, Any]) -> QuantizationSpec:
@@ -255,7 +260,9 @@ def _compressed_tensors_int4(config: Mapping[str, Any], group: Mapping[str, Any]
         zero_points=not weights.get("symmetric", True),
         act_order=actorder == "group",  # "group" stores a weight_g_idx; the others leave groups contiguous
     )
-    return QuantizationSpec("int4", "compressed-tensors", int4=scheme)
+    return QuantizationSpec(
+        "int4", "compressed-tensors", int4=scheme, kv_cache_scales=_kv_cache_scales(config)
+    )
 
 
 def _modelopt(config: Mapping[str, Any]) -> QuantizationSpec:
