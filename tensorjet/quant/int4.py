@@ -108,7 +108,7 @@ class Int4LinearMethod(LinearMethod):
         words = -(-k // packing.CODES_PER_WORD)
         self._register(layer, codes_name, torch.zeros(rows, words, dtype=torch.int32), self._load_codes)
         self._register(layer, scales_name, torch.zeros(rows, groups, dtype=dtype), self._load_scales)
-        if scheme.zero_points or scheme.checkpoint_format == "gptq":
+        if scheme.zero_points or scheme.checkpoint_format != "compressed-tensors":  # AWQ, GPTQ: always
             zeros = torch.full((rows, groups), 8, dtype=torch.uint8)
             self._register(layer, zeros_name, zeros, self._load_zeros)
         if scheme.act_order or scheme.checkpoint_format == "gptq":
