@@ -28,11 +28,13 @@ DTYPES = {
     "bf16": torch.bfloat16,
 }
 # Quantized weight formats, by the `quantization` option's value. `dtype` may name one too (the guide's
-# `dtype="fp8"`): the model's activations then stay in the default dtype and its linear layers run FP8.
-QUANTIZATION_METHODS = ("fp8",)
+# `dtype="fp8"`, `dtype="int4_awq"`): the model's activations then stay in the default dtype and its
+# linear layers run that format.
+QUANTIZATION_METHODS = ("fp8", "awq", "gptq")
+QUANTIZED_DTYPES = {"fp8": "fp8", "int4_awq": "awq", "int4_gptq": "gptq"}  # dtype -> quantization
 # Quantized dtypes the guide names whose capability is not built yet.
-UNAVAILABLE_QUANTIZED_DTYPES = ("int4_awq", "int4_gptq", "int8")
-UNAVAILABLE_QUANTIZATION_METHODS = ("awq", "gptq", "int4_awq", "int4_gptq", "int8")
+UNAVAILABLE_QUANTIZED_DTYPES = ("int8",)
+UNAVAILABLE_QUANTIZATION_METHODS = ("int8",)
 LOAD_FORMATS = ("auto", "dummy", "safetensors", "gguf", "pt")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 BLOCK_SIZES = (8, 16, 32, 64, 128)
@@ -117,16 +119,18 @@ class LoadConfig(_Part):
     )
     dtype: str = option(
         "auto",
-        "`auto` (bf16 on GPU, fp32 on CPU), `float32`, `bfloat16`, `float16`, or `fp8`: the same as "
-        "`quantization=fp8` with the default activation dtype; `int4_awq`, `int4_gptq`, `int8` are not "
-        "available yet (error)",
+        "`auto` (bf16 on GPU, fp32 on CPU), `float32`, `bfloat16`, `float16`, or a weight format with the "
+        "default activation dtype: `fp8` (the same as `quantization=fp8`), `int4_awq` (`quantization=awq`), "
+        "`int4_gptq` (`quantization=gptq`); `int8` is not available yet (error)",
     )
     quantization: str | None = option(
         None,
         "`fp8`: FP8 (E4M3) W8A8 linear layers, quantized at load (per-channel weights, dynamic per-token "
-        "activations) unless the checkpoint is already FP8; default: the checkpoint's own format "
-        "(`quantization_config` in config.json), else unquantized. Embeddings and the LM head stay in "
-        "the model dtype",
+        "activations) unless the checkpoint is already FP8; `awq` / `gptq`: INT4 weight-only (W4A16) "
+        "linear layers from a pre-quantized checkpoint (AutoAWQ GEMM, GPTQ, or compressed-tensors W4A16 as "
+        "llmcompressor writes it; random INT4 weights with `load_format=dummy`); default: the checkpoint's "
+        "own format (`quantization_config` in config.json), else unquantized. Embeddings and the LM head "
+        "stay in the model dtype",
     )
     max_seq_len: int | None = option(
         None,
@@ -146,11 +150,11 @@ class LoadConfig(_Part):
             raise _fail("quantization", self.quantization, f"must be None or one of {QUANTIZATION_METHODS}")
         if self.dtype in UNAVAILABLE_QUANTIZED_DTYPES:
             raise not_available(f"{self.dtype} weights", f"dtype={self.dtype!r}")
-        if self.dtype != "auto" and self.dtype not in DTYPES and self.dtype not in QUANTIZATION_METHODS:
+        if self.dtype != "auto" and self.dtype not in DTYPES and self.dtype not in QUANTIZED_DTYPES:
             raise _fail(
-                "dtype", self.dtype, f"must be 'auto' or one of {sorted(DTYPES) + list(QUANTIZATION_METHODS)}"
+                "dtype", self.dtype, f"must be 'auto' or one of {sorted(DTYPES) + list(QUANTIZED_DTYPES)}"
             )
-        if self.dtype in QUANTIZATION_METHODS and self.quantization not in (None, self.dtype):
+        if self.dtype in QUANTIZED_DTYPES and self.quantization not in (None, QUANTIZED_DTYPES[self.dtype]):
             raise _fail("quantization", self.quantization, f"contradicts dtype={self.dtype!r}")
         if self.load_format not in LOAD_FORMATS:
             raise _fail("load_format", self.load_format, f"must be one of {LOAD_FORMATS}")
@@ -369,7 +373,7 @@ class EngineConfig:
         """The weight format asked for (`quantization`, or a quantized `dtype`); None: the checkpoint's."""
         if self.load.quantization is not None:
             return self.load.quantization
-        return self.load.dtype if self.load.dtype in QUANTIZATION_METHODS else None
+        return QUANTIZED_DTYPES.get(self.load.dtype)
 
     @property
     def kv_cache_torch_dtype(self) -> torch.dtype:

@@ -106,6 +106,43 @@ def census() -> dict:
     constexprs |= dict(DOT_PREC="tf32", UPCAST=False, F16_COMPUTE=False)
     compiled = compile_sm90(extend._extend_kernel, bf16_extend, constexprs, warps, stages, ("stride_bt",))
     out["extend_bf16"] = main_loop_census(compiled, block_n)
+    out |= int4_census()
+    return out
+
+
+def int4_census() -> dict:
+    """The INT4 GEMV's and fused batch-1 GEMV's main loops at each candidate tile (bf16, group 128,
+    zero points; split-K candidates share their tile's loop), with the weights each loop iteration
+    multiplies per thread."""
+    int4 = importlib.import_module("tensorjet.kernels.int4_linear")
+    fused = importlib.import_module("tensorjet.kernels.int4_fused_gemv")
+    pointers = {
+        "x_ptr": "*bf16",
+        "qw_ptr": "*i32",
+        "scale_ptr": "*bf16",
+        "zero_ptr": "*u8",
+        "perm_ptr": "*i32",
+    }
+    pointers |= {"b_ptr": "*bf16", "y_ptr": "*bf16", "partial_ptr": "*fp32", "arrivals_ptr": "*i32"}
+    layout = dict(GROUP=128, HAS_ZEROS=True, HAS_PERM=False, HAS_BIAS=False, SCALE_AFTER=True)
+    layout |= dict(DOT_PREC="tf32", UPCAST=False)
+    out = {}
+    for i, c in enumerate(c for c in int4.GEMV_CANDIDATES if c.split_k == 1):
+        tiles = dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT_K=c.split_k)
+        compiled = compile_sm90(
+            int4._int4_matmul_kernel, pointers, layout | tiles, c.num_warps, c.num_stages, ("M",)
+        )
+        out[f"int4_gemv_{i}"] = main_loop_census(compiled, c.block_k)
+        out[f"int4_gemv_{i}"]["weights_per_thread"] = c.block_n * c.block_k / (32 * c.num_warps)
+    fusion = dict(NORM=True, SILU_MUL=True, ADD_TO_Y=False, X_BLOCK=4096, PDL=True)
+    for i, c in enumerate(c for c in fused.CANDIDATES if c.split_k == 1):
+        tiles = dict(BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT_K=c.split_k)
+        types = pointers | {"norm_w_ptr": "*bf16", "eps": "fp32"}
+        compiled = compile_sm90(
+            fused._int4_fused_gemv_kernel, types, layout | fusion | tiles, c.num_warps, c.num_stages
+        )
+        out[f"int4_fused_{i}"] = main_loop_census(compiled, c.block_k)
+        out[f"int4_fused_{i}"]["weights_per_thread"] = 2 * c.block_n * c.block_k / (32 * c.num_warps)
     return out
 
 

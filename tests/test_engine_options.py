@@ -168,10 +168,6 @@ def test_an_int_is_a_valid_float():
 @pytest.mark.parametrize(
     "option, named",
     [
-        ({"quantization": "awq"}, "quantization='awq'"),
-        ({"quantization": "gptq"}, "quantization='gptq'"),
-        ({"dtype": "int4_awq"}, "dtype='int4_awq'"),
-        ({"dtype": "int4_gptq"}, "dtype='int4_gptq'"),
         ({"dtype": "int8"}, "dtype='int8'"),
         ({"speculative_model": "draft"}, "speculative_model='draft'"),
         ({"num_speculative_tokens": 3}, "num_speculative_tokens=3"),

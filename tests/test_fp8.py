@@ -35,8 +35,11 @@ def test_fp8_with_an_explicit_activation_dtype():
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"quantization": "int3"}, r"option quantization must be None or one of \('fp8',\), got 'int3'"),
-        ({"dtype": "fp8", "quantization": "awq"}, "awq quantization is not available"),
+        (
+            {"quantization": "int3"},
+            r"option quantization must be None or one of \('fp8', 'awq', 'gptq'\), got 'int3'",
+        ),
+        ({"dtype": "fp8", "quantization": "awq"}, "option quantization contradicts dtype='fp8', got 'awq'"),
         ({"dtype": "float8"}, "option dtype must be 'auto' or one of"),
     ],
 )
@@ -46,8 +49,7 @@ def test_bad_quantization_options_name_the_option(options, message):
 
 
 def test_a_quantized_dtype_and_another_quantization_contradict():
-    # Only "fp8" is accepted by both options so far; a contradiction is what a second method would hit.
-    with pytest.raises(FeatureNotAvailableError, match="gptq"):
+    with pytest.raises(ValueError, match="option quantization contradicts dtype='fp8', got 'gptq'"):
         EngineConfig.from_options(dtype="fp8", quantization="gptq")
 
 
@@ -105,7 +107,7 @@ def test_modelopt_fp8():
     "declared, error, message",
     [
         ({"quant_method": "bitsandbytes"}, UnsupportedCheckpointError, "quant_method='bitsandbytes'"),
-        ({"quant_method": "awq"}, FeatureNotAvailableError, "awq checkpoints are not available"),
+        ({"quant_method": "awq", "bits": 8}, UnsupportedCheckpointError, "quantization_config.bits=8"),
         (_compressed_tensors(DYNAMIC, "block"), UnsupportedCheckpointError, r"weights.strategy='block'"),
         (_compressed_tensors(None), FeatureNotAvailableError, "input_activations is null"),
         (

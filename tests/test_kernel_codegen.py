@@ -6,6 +6,9 @@ Two properties that the GPU only shows as speed, each once measured away by an i
   the extend kernel's maskless loop over whole prefix tiles keeps two at its 3 stages;
 - an E4M3 tile read as bytes is loaded from shared memory one byte at a time (LDS.U8) for the
   transposed key operand, which made the FP8 decode loop slower than the bf16 one per key.
+And the INT4 GEMVs, whose batch-1 speed is their instruction count per weight (the dequantization is
+ALU work on every 4-bit value): each candidate tile keeps its dequantized weights in registers (no
+shared-memory round trip, no spills) and spends at most 10 instructions per weight.
 """
 
 import pytest
@@ -30,3 +33,17 @@ def test_fp8_decode_loop_double_buffers_and_never_loads_single_bytes(census):
 def test_bf16_extend_loop_double_buffers(census):
     loop = census["extend_bf16"]
     assert loop["kv_buffers"] and min(loop["kv_buffers"]) >= 2, f"K/V not double-buffered: {loop}"
+
+
+@pytest.mark.parametrize("kind", ["int4_gemv", "int4_fused"])
+def test_int4_gemv_loops_stay_in_registers_and_short(census, kind):
+    loops = {name: loop for name, loop in census.items() if name.startswith(kind)}
+    assert loops, f"no {kind} loop compiled"
+    for name, loop in loops.items():
+        ops = loop["opcodes"]
+        spills = sum(n for op, n in ops.items() if op.startswith(("STL", "LDL")))
+        assert not spills, f"{name} spills registers: {loop}"
+        per_weight = loop["loop_instructions"] / loop["weights_per_thread"]
+        assert per_weight <= 10, f"{name}: {per_weight:.1f} instructions per weight: {ops}"
+        staged = ops.get("STS.U16", 0) / loop["weights_per_thread"]
+        assert staged < 0.5, f"{name} stores its dequantized weights to shared memory: {ops}"

@@ -76,6 +76,11 @@ class LinearMethod(ABC):
             f"{type(self).__name__} has no fused batch-1 product (supports_fused is False)"
         )
 
+    def process_weights_after_loading(self, layer: Linear) -> None:
+        """Called once every checkpoint tensor is in: a format whose tensors depend on each other (an
+        act-order permutation) converts them here. Nothing by default."""
+        return None
+
     @abstractmethod
     def init_dummy_weights(self, layer: Linear, generator: torch.Generator) -> None:
         """Random weights with the real shapes, scaled so activations stay finite (benchmarks only)."""

@@ -243,6 +243,9 @@ class LlamaForCausalLM(nn.Module):
             if "rotary_emb" not in name and name != skip
         )
         load_packed_weights(self, ours, self.packed_modules_mapping, self.config.model_type)
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.method.process_weights_after_loading(module)
 
     def init_dummy_weights(self, seed: int = 0) -> None:
         """Random weights with the real shapes, scaled so activations stay finite (benchmarks only); each

@@ -1,13 +1,18 @@
-"""Which weight format a model runs in: what the user asked for (`quantization`, or `dtype="fp8"`) checked
-against what the checkpoint declares (config.json's `quantization_config`, or ModelOpt's
+"""Which weight format a model runs in: what the user asked for (`quantization`, or a quantized `dtype`)
+checked against what the checkpoint declares (config.json's `quantization_config`, or ModelOpt's
 `hf_quant_config.json`).
 
-Recognised checkpoint formats, all FP8 E4M3 linear layers:
-- compressed-tensors (`quant_method: compressed-tensors`, written by llmcompressor): `weight` E4M3 +
-  `weight_scale` per tensor or per output channel; activations dynamic per token, or static with an
-  `input_scale` per layer; with a `kv_cache_scheme`, per-layer `k_scale`/`v_scale`;
-- NVIDIA ModelOpt (`quant_method: modelopt` / `quant_algo: FP8`): per-tensor `weight_scale` and static
-  `input_scale`; with `kv_cache_quant_algo: FP8`, `k_scale`/`v_scale`.
+Recognised checkpoint formats:
+- FP8 E4M3 linear layers: compressed-tensors (`quant_method: compressed-tensors`, written by
+  llmcompressor): `weight` E4M3 + `weight_scale` per tensor or per output channel; activations dynamic
+  per token, or static with an `input_scale` per layer; with a `kv_cache_scheme`, per-layer
+  `k_scale`/`v_scale`; NVIDIA ModelOpt (`quant_method: modelopt` / `quant_algo: FP8`): per-tensor
+  `weight_scale` and static `input_scale`; with `kv_cache_quant_algo: FP8`, `k_scale`/`v_scale`;
+- INT4 weight-only linear layers (`tensorjet.quant.int4`), 4 bits in groups of a multiple of 8 columns
+  or per output channel: AutoAWQ (`quant_method: awq`, `version: gemm`), GPTQ (`quant_method: gptq`,
+  `checkpoint_format` `gptq` (v1) or `gptq_v2`, act order included) and compressed-tensors W4A16
+  (`format: pack-quantized`, int weights, no input quantization), as llmcompressor's GPTQ, AWQ and
+  round-to-nearest recipes write it.
 A format or scheme outside these stops at load with the field that is not supported; nothing falls
 back to unquantized weights.
 """
@@ -20,35 +25,70 @@ from typing import Any
 
 from tensorjet.config import FeatureNotAvailableError
 from tensorjet.quant.fp8 import Fp8Scheme
+from tensorjet.quant.int4 import Int4Scheme
 
 # Modules a checkpoint may leave unquantized: tensorjet keeps the LM head and embeddings in the model
 # dtype anyway.
 UNQUANTIZED_MODULES = {"lm_head", "embed_tokens"}
 
 
+# INT4 layers of `load_format="dummy"` (random weights), by the `quantization` option: AWQ's asymmetric
+# and GPTQ's symmetric layout, in the group size their tools default to.
+DUMMY_INT4 = {
+    "awq": Int4Scheme("awq", 128, zero_points=True),
+    "gptq": Int4Scheme("gptq", 128, zero_points=False),
+}
+
+
 @dataclass(frozen=True)
 class QuantizationSpec:
-    """The decoder layers' linear format and where its scales come from."""
+    """The decoder layers' linear format and where its weights and scales come from."""
 
-    method: str  # "fp8"
-    source: str  # "online" (quantized at load), "compressed-tensors" or "modelopt"
-    fp8: Fp8Scheme
+    method: str  # "fp8" or "int4"
+    # fp8: "online" (quantized at load), "compressed-tensors" or "modelopt";
+    # int4: "awq", "gptq", "compressed-tensors", or "dummy" (random weights)
+    source: str
+    fp8: Fp8Scheme | None = None
     kv_cache_scales: bool = False  # per-layer k_scale/v_scale tensors in the checkpoint
+    int4: Int4Scheme | None = None
+
+    @property
+    def quantization_options(self) -> tuple[str, ...]:
+        """The values of the `quantization` option that name this format: an AWQ or a GPTQ checkpoint
+        is that algorithm's; compressed-tensors INT4 does not say which algorithm made it."""
+        if self.method == "fp8":
+            return ("fp8",)
+        if self.source in ("awq", "gptq"):
+            return (self.source,)
+        return ("awq", "gptq")
 
 
 class UnsupportedCheckpointError(ValueError):
     """A checkpoint's quantization_config names a format or scheme tensorjet cannot run."""
 
 
-def quantization_spec(requested: str | None, checkpoint: Mapping[str, Any] | None) -> QuantizationSpec | None:
+def quantization_spec(
+    requested: str | None, checkpoint: Mapping[str, Any] | None, *, dummy: bool = False
+) -> QuantizationSpec | None:
     """The format to run: the checkpoint's own where it declares one (`requested` must agree), else
-    `requested` applied at load, else None (unquantized)."""
+    `requested` applied at load (FP8 quantizes float weights; INT4 makes random weights where `dummy`),
+    else None (unquantized)."""
     if checkpoint is None:
         if requested is None:
             return None
-        return QuantizationSpec(requested, "online", Fp8Scheme())
+        if requested == "fp8":
+            return QuantizationSpec("fp8", "online", Fp8Scheme())
+        if dummy:
+            return QuantizationSpec("int4", "dummy", int4=DUMMY_INT4[requested])
+        raise FeatureNotAvailableError(
+            f"option quantization={requested!r} (or dtype='int4_{requested}') on an unquantized checkpoint "
+            f"would calibrate {requested.upper()} as the model loads, which is not available in tensorjet "
+            "yet; load a "
+            f"checkpoint already quantized with {requested.upper()} (AutoAWQ, GPTQ, or llmcompressor's "
+            "compressed-tensors W4A16)"
+        )
     spec = _checkpoint_spec(checkpoint)
-    if requested is not None and requested != spec.method:
+    if requested is not None and requested not in spec.quantization_options:
         raise ValueError(
             f"option quantization={requested!r} contradicts the checkpoint, which is {spec.method} "
             f"({spec.source}); leave quantization unset to run the checkpoint's format"
@@ -62,15 +102,79 @@ def _checkpoint_spec(config: Mapping[str, Any]) -> QuantizationSpec:
         return _compressed_tensors(config)
     if method == "modelopt" or "quant_algo" in config:
         return _modelopt(config)
-    if method in ("awq", "gptq", "marlin", "gptq_marlin", "awq_marlin"):
-        raise FeatureNotAvailableError(
-            f"checkpoint quantization_config.quant_method={method!r}: {method} checkpoints are not "
-            "available in tensorjet yet; FP8 ones (compressed-tensors, modelopt) are"
-        )
+    if method == "awq":
+        return _awq(config)
+    if method == "gptq":
+        return _gptq(config)
     raise UnsupportedCheckpointError(
         f"checkpoint quantization_config.quant_method={method or None!r} is not a format tensorjet "
-        "reads; supported: 'compressed-tensors' (FP8, as llmcompressor writes) and 'modelopt' (FP8)"
+        "reads; supported: 'compressed-tensors' (FP8, or INT4 W4A16 as llmcompressor writes them), "
+        "'modelopt' (FP8), 'awq' (AutoAWQ GEMM) and 'gptq'"
     )
+
+
+WHERE = "checkpoint quantization_config"
+
+
+def _awq(config: Mapping[str, Any]) -> QuantizationSpec:
+    _require_4_bits(config.get("bits", config.get("w_bit")), f"{WHERE}.bits")
+    version = str(config.get("version", "gemm")).lower()
+    if version != "gemm":
+        raise UnsupportedCheckpointError(
+            f"{WHERE}.version={config.get('version')!r} is not supported; tensorjet reads AutoAWQ's 'gemm' "
+            "packing (its GEMV, Marlin and exllama layouts are not)"
+        )
+    group_size = _group_size(config.get("group_size", config.get("q_group_size")), f"{WHERE}.group_size")
+    _check_ignored(config.get("modules_to_not_convert") or [], f"{WHERE}.modules_to_not_convert")
+    zero_points = bool(config.get("zero_point", True))
+    return QuantizationSpec("int4", "awq", int4=Int4Scheme("awq", group_size, zero_points=zero_points))
+
+
+GPTQ_FORMATS = {"gptq": True, "gptq_v2": False}  # checkpoint_format -> v1 zero points
+
+
+def _gptq(config: Mapping[str, Any]) -> QuantizationSpec:
+    _require_4_bits(config.get("bits"), f"{WHERE}.bits")
+    if config.get("is_marlin_format"):
+        raise UnsupportedCheckpointError(
+            f"{WHERE}.is_marlin_format=true: Marlin-packed GPTQ is not supported"
+        )
+    field = "checkpoint_format" if "checkpoint_format" in config else "format"
+    checkpoint_format = str(config.get(field, "gptq")).lower()
+    if checkpoint_format not in GPTQ_FORMATS:
+        raise UnsupportedCheckpointError(
+            f"{WHERE}.{field}={config.get(field)!r} is not supported; tensorjet reads {sorted(GPTQ_FORMATS)}"
+        )
+    group_size = _group_size(config.get("group_size"), f"{WHERE}.group_size")
+    scheme = Int4Scheme(
+        "gptq",
+        group_size,
+        zero_points=not config.get("sym", True),
+        act_order=bool(config.get("desc_act")),
+        gptq_v1=GPTQ_FORMATS[checkpoint_format],
+    )
+    return QuantizationSpec("int4", "gptq", int4=scheme)
+
+
+def _require_4_bits(bits: object, where: str) -> None:
+    if bits != 4:
+        raise UnsupportedCheckpointError(f"{where}={bits!r} is not supported; tensorjet reads 4-bit weights")
+
+
+def _group_size(value: object, where: str) -> int:
+    """-1 (per output channel) or a positive multiple of 8 (whole int32 words of codes per group)."""
+    if value is None:
+        return -1
+    if (
+        not isinstance(value, int)
+        or isinstance(value, bool)
+        or not (value == -1 or (value > 0 and value % 8 == 0))
+    ):
+        raise UnsupportedCheckpointError(
+            f"{where}={value!r} is not supported; tensorjet reads groups of a multiple of 8 columns "
+            "(32, 64, 128, ...) or -1 (one scale per output channel)"
+        )
+    return value
 
 
 def _compressed_tensors(config: Mapping[str, Any]) -> QuantizationSpec:
@@ -78,10 +182,12 @@ def _compressed_tensors(config: Mapping[str, Any]) -> QuantizationSpec:
     groups = list((config.get("config_groups") or {}).values())
     if len(groups) != 1:
         raise UnsupportedCheckpointError(
-            f"{where}.config_groups has {len(groups)} groups; tensorjet reads one FP8 group for every Linear"
+            f"{where}.config_groups has {len(groups)} groups; tensorjet reads one group for every Linear"
         )
     group = groups[0]
     weights, inputs = group.get("weights") or {}, group.get("input_activations")
+    if weights.get("type") == "int":
+        return _compressed_tensors_int4(config, group)
     _require_fp8(weights, f"{where}.config_groups.*.weights")
     if weights.get("strategy") not in ("tensor", "channel"):
         raise UnsupportedCheckpointError(
@@ -102,15 +208,61 @@ def _compressed_tensors(config: Mapping[str, Any]) -> QuantizationSpec:
             f"dynamic={dynamic} is not supported; tensorjet reads dynamic per-token or static per-tensor"
         )
     _check_ignored(config.get("ignore") or [], f"{where}.ignore")
+    scheme = Fp8Scheme(checkpoint_weights=True, static_input_scale=not dynamic)
+    return QuantizationSpec("fp8", "compressed-tensors", scheme, kv_cache_scales=_kv_cache_scales(config))
+
+
+def _kv_cache_scales(config: Mapping[str, Any]) -> bool:
+    """Whether a compressed-tensors checkpoint has per-layer k_scale/v_scale (its `kv_cache_scheme`)."""
     kv = config.get("kv_cache_scheme")
     if kv is not None:
-        _require_fp8(kv, f"{where}.kv_cache_scheme")
+        _require_fp8(kv, f"{WHERE}.kv_cache_scheme")
         if kv.get("strategy", "tensor") != "tensor" or kv.get("dynamic"):
             raise UnsupportedCheckpointError(
-                f"{where}.kv_cache_scheme must be static per-tensor FP8 (one k_scale and v_scale per layer)"
+                f"{WHERE}.kv_cache_scheme must be static per-tensor FP8 (one k_scale and v_scale per layer)"
             )
-    scheme = Fp8Scheme(checkpoint_weights=True, static_input_scale=not dynamic)
-    return QuantizationSpec("fp8", "compressed-tensors", scheme, kv_cache_scales=kv is not None)
+    return kv is not None
+
+
+def _compressed_tensors_int4(config: Mapping[str, Any], group: Mapping[str, Any]) -> QuantizationSpec:
+    where = f"{WHERE}.config_groups.*"
+    weights = group["weights"]
+    packing = group.get("format") or config.get("format")
+    if packing != "pack-quantized":
+        raise UnsupportedCheckpointError(
+            f"{where}.format={packing!r} is not supported; tensorjet reads int weights 'pack-quantized'"
+        )
+    _require_4_bits(weights.get("num_bits"), f"{where}.weights.num_bits")
+    if group.get("input_activations") is not None:
+        raise UnsupportedCheckpointError(
+            f"{where}.input_activations is set: tensorjet reads INT4 weight-only checkpoints (W4A16), "
+            "activations unquantized"
+        )
+    strategy = weights.get("strategy")
+    if strategy == "group":
+        group_size = _group_size(weights.get("group_size"), f"{where}.weights.group_size")
+    elif strategy == "channel":
+        group_size = -1
+    else:
+        raise UnsupportedCheckpointError(
+            f"{where}.weights.strategy={strategy!r} is not supported; INT4 weights are read per group or "
+            "per channel"
+        )
+    if weights.get("dynamic"):
+        raise UnsupportedCheckpointError(f"{where}.weights.dynamic=true is not supported")
+    actorder = weights.get("actorder")
+    if actorder not in (None, False, "static", "weight", "group"):
+        raise UnsupportedCheckpointError(f"{where}.weights.actorder={actorder!r} is not supported")
+    _check_ignored(config.get("ignore") or [], f"{WHERE}.ignore")
+    scheme = Int4Scheme(
+        "compressed-tensors",
+        group_size,
+        zero_points=not weights.get("symmetric", True),
+        act_order=actorder == "group",  # "group" stores a weight_g_idx; the others leave groups contiguous
+    )
+    return QuantizationSpec(
+        "int4", "compressed-tensors", int4=scheme, kv_cache_scales=_kv_cache_scales(config)
+    )
 
 
 def _modelopt(config: Mapping[str, Any]) -> QuantizationSpec:

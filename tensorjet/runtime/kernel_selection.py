@@ -3,6 +3,9 @@
 - The weight format of the decoder layers' projections (`linear_method_for`), and for FP8 layers their
   kernels: on the CPU the reference product over the weights' exact float copy; on an FP8 GPU (sm89+)
   `torch._scaled_mm` with row-wise scales, and for decode-sized batches the FP8 GEMV where it times faster.
+- For INT4 layers: on the CPU a float matmul over the dequantized weight (the reference's numerics); on
+  a GPU the Triton W4A16 GEMV (its tile timed per weight shape) for decode batches, the Triton GEMM past
+  it, and from the batch size where it times faster, the weight dequantized whole and cuBLAS.
 - For each unquantized linear layer, the kernels its method runs, kept on the method (`LinearKernels`):
   oneDNN's matmul on CPU fp32, else `F.linear`; on the Triton path on a GPU, a small-batch GEMV per
   weight shape where it times faster than cuBLAS.
@@ -44,6 +47,7 @@ from tensorjet.layers.norm import RMSNorm
 from tensorjet.layers.rotary import RotaryEmbedding
 from tensorjet.quant.formats import QuantizationSpec
 from tensorjet.quant.fp8 import Fp8Kernels, Fp8LinearMethod
+from tensorjet.quant.int4 import Int4Kernels, Int4LinearMethod
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +79,8 @@ def linear_method_for(config: EngineConfig, spec: QuantizationSpec | None) -> Li
     Raises where this device cannot run it."""
     if spec is None:
         return UnquantizedLinearMethod
+    if spec.int4 is not None:
+        return partial(Int4LinearMethod, spec.int4)
     check_fp8_device(config.torch_device)
     return partial(Fp8LinearMethod, spec.fp8)
 
@@ -109,6 +115,7 @@ def select_kernels(model: DecoderModel, config: EngineConfig, attention_backend:
         dense = row_tiled(dense, row_tile_for(config.torch_device))
     select_linear_kernels(model, dense, small_batch_gemv=triton and on_gpu and not invariant)
     select_fp8_kernels(model, config, small_batch_gemv=triton and on_gpu and not invariant)
+    select_int4_kernels(model, config, triton=triton, timed=on_gpu and not invariant)
     if triton and not invariant:
         select_fused_decode(model, timed=on_gpu)
 
@@ -233,6 +240,84 @@ def _with_timed_fp8_gemm(kernels: Fp8Kernels, layer: Linear) -> Fp8Kernels:
     return replace(kernels, mid_batch=fp8_gemm, mid_batch_max_rows=max_rows)
 
 
+def select_int4_kernels(model: DecoderModel, config: EngineConfig, triton: bool, timed: bool) -> None:
+    """Give every INT4 layer's method its kernels. On the CPU's torch path: the float product
+    (`dense_kernel`) over the dequantized weight, made once here. On the Triton path: the Triton GEMM
+    for every batch and the GEMV (its first tile untimed, under the CPU interpreter) for decode
+    batches; with `timed` (a GPU), the GEMV tile that times fastest per weight shape and, from the
+    batch size at which it times faster, the weight dequantized whole and cuBLAS. Batch-invariant mode
+    runs one kernel for every batch size, in fixed-shape row tiles."""
+    layers = [m for m in model.modules() if isinstance(m, Linear) and isinstance(m.method, Int4LinearMethod)]
+    if not layers:
+        return
+    row_tile = row_tile_for(config.torch_device) if config.runtime.batch_invariant else None
+    if config.torch_device.type != "cuda" and not triton:
+        from tensorjet.kernels.int4_linear import dequantize
+
+        float_kernel = dense_kernel(config)
+        if row_tile is not None:
+            float_kernel = row_tiled(float_kernel, row_tile)
+        for layer in layers:
+            layer.method.float_weight = dequantize(layer.method.weight, config.torch_dtype)
+            layer.method.float_kernel = float_kernel
+        return
+    from tensorjet.kernels.int4_linear import GEMV_MAX_M, int4_gemm, int4_gemv
+
+    if row_tile is not None:
+        for layer in layers:
+            layer.method.kernels = Int4Kernels(dense=row_tiled(int4_gemm, row_tile))
+        return
+    chosen: dict[tuple, Int4Kernels] = {}
+    for layer in layers:
+        weight = layer.method.weight
+        layout = (
+            weight.group_size,
+            weight.zeros is not None,
+            weight.perm is not None,
+            layer.bias is not None,
+        )
+        key = (tuple(weight.qweight.shape), *layout)
+        if key not in chosen:
+            chosen[key] = Int4Kernels(dense=int4_gemm, small_batch=int4_gemv, small_batch_max_rows=GEMV_MAX_M)
+            if timed:
+                chosen[key] = _with_timed_int4_kernels(chosen[key], layer)
+        layer.method.kernels = chosen[key]
+
+
+def _with_timed_int4_kernels(kernels: Int4Kernels, layer: Linear) -> Int4Kernels:
+    from tensorjet.kernels.int4_linear import (
+        dequantized_linear,
+        int4_gemv,
+        select_int4_gemm,
+        select_int4_gemv,
+    )
+
+    weight = layer.method.weight
+    config, timings = select_int4_gemv(weight, layer.bias)
+    packed_bytes = weight.qweight.numel() * 4 + weight.scales.numel() * weight.scales.element_size()
+    logger.info(
+        "INT4 linear [%d, %d]: GEMV %.1f us (%.0f GB/s) vs bf16 cuBLAS %.1f us at M=1 -> %s",
+        weight.out_features,
+        weight.in_features,
+        timings["gemv_m1"] * 1e3,
+        packed_bytes / timings["gemv_m1"] / 1e6,
+        timings["bf16_m1"] * 1e3,
+        config,
+    )
+    kernels = replace(kernels, small_batch=partial(int4_gemv, config=config))
+    min_rows, timings = select_int4_gemm(weight, layer.bias)
+    logger.info(
+        "INT4 linear [%d, %d]: dequantize + cuBLAS from %s rows (%s)",
+        weight.out_features,
+        weight.in_features,
+        min_rows,
+        ", ".join(f"{name} {ms * 1e3:.0f} us" for name, ms in timings.items()),
+    )
+    if min_rows is None:
+        return kernels
+    return replace(kernels, large_batch=dequantized_linear, large_batch_min_rows=min_rows)
+
+
 def _with_timed_gemv(
     kernels: LinearKernels, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> LinearKernels:
@@ -256,22 +341,28 @@ def _with_timed_gemv(
 def select_fused_decode(model: DecoderModel, timed: bool = True) -> None:
     """Run one-token steps through the decoder layers' fused path: each projection's GEMV carries the
     norm, residual add or SiLU next to it (`tensorjet.kernels.fused_gemv` for unquantized weights,
-    `tensorjet.kernels.fp8_fused_gemv` for FP8 ones).
+    `tensorjet.kernels.fp8_fused_gemv` for FP8 ones, `tensorjet.kernels.int4_fused_gemv` for INT4 ones).
 
     timed: time each projection's best fused GEMV on this GPU and sum them over a layer, against its
-    plain product (cuBLAS, or `torch._scaled_mm` for FP8) plus the three kernels the fusion removes (two
-    norms with their residual adds, SiLU; `FUSED_LAUNCH_US` each); the path is on only if the fused
-    layer wins. Untimed (the CPU interpreter), it is on with the first candidate. It stays off where a
-    projection's weight format has no fused GEMV."""
+    plain product (cuBLAS, `torch._scaled_mm` for FP8, the layer's own GEMV for INT4) plus the three
+    kernels the fusion removes (two norms with their residual adds, SiLU; `FUSED_LAUNCH_US` each); the
+    path is on only if the fused layer wins. Untimed (the CPU interpreter), it is on with the first
+    candidate. It stays off where a projection's weight format has no fused GEMV (or, INT4 on the CPU's
+    torch path, runs as a float product)."""
     layers = [layer.fused_projections() for layer in model.layers]
     methods = [proj.method for projections in layers for proj, _ in projections.values()]
-    fp8 = all(isinstance(m, Fp8LinearMethod) for m in methods)
-    if not fp8 and not all(isinstance(m, UnquantizedLinearMethod) for m in methods):
+    families = (Fp8LinearMethod, Int4LinearMethod, UnquantizedLinearMethod)
+    family = next((f for f in families if all(isinstance(m, f) for m in methods)), None)
+    if family is None or any(isinstance(m, Int4LinearMethod) and m.float_weight is not None for m in methods):
         names = ", ".join(sorted({type(m).__name__ for m in methods}))
-        logger.info("fused batch-1 decode layer: off (no fused GEMV for %s)", names)
+        logger.info("fused batch-1 decode layer: off (no fused GEMV for %s on this path)", names)
         model.fused_decode = False
         return
-    select, candidates, fused_kernel = _fused_gemv_family(fp8)
+    fp8 = family is Fp8LinearMethod
+    if family is Int4LinearMethod:
+        select, candidates, fused_kernel = _int4_fused_gemv_family()
+    else:
+        select, candidates, fused_kernel = _fused_gemv_family(fp8)
     configs = {name: candidates[0] for name in layers[0]}
     use = True
     if timed:
@@ -280,7 +371,7 @@ def select_fused_decode(model: DecoderModel, timed: bool = True) -> None:
         unfused_us = 3 * FUSED_LAUNCH_US
         for name, (proj, fusion) in layers[0].items():
             configs[name], timings = select(proj, fusion)
-            plain = timings["scaled_mm" if fp8 else "cublas"]
+            plain = timings["plain" if family is Int4LinearMethod else "scaled_mm" if fp8 else "cublas"]
             fused_us += timings["fused"] * 1e3
             unfused_us += plain * 1e3
             logger.info(
@@ -301,6 +392,18 @@ def select_fused_decode(model: DecoderModel, timed: bool = True) -> None:
         for name, (proj, _) in projections.items():
             proj.method.kernels = replace(proj.method.kernels, fused=kernels[name])
     model.fused_decode = use
+
+
+def _int4_fused_gemv_family() -> tuple[Callable, Sequence, Callable]:
+    """As `_fused_gemv_family`, for INT4 layers: timed against each layer's own unfused INT4 GEMV."""
+    from tensorjet.kernels import int4_fused_gemv as family
+
+    def select(proj: Linear, fusion: dict) -> tuple:
+        kernels = proj.method.kernels
+        plain = kernels.small_batch or kernels.dense
+        return family.select_int4_fused_gemv(proj.method.weight, proj.bias, plain, **fusion)
+
+    return select, family.CANDIDATES, family.int4_fused_gemv
 
 
 def _fused_gemv_family(fp8: bool) -> tuple[Callable, Sequence, Callable]:

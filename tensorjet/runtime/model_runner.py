@@ -94,7 +94,9 @@ class ModelRunner:
 
     def _load_model(self, source: ModelSource) -> None:
         start = time.perf_counter()
-        self.quantization = quantization_spec(self.config.quantization, source.quantization_config)
+        self.quantization = quantization_spec(
+            self.config.quantization, source.quantization_config, dummy=source.kind == "dummy"
+        )
         with torch.device(self.device):
             self.model = LlamaForCausalLM(
                 source.hf_config,

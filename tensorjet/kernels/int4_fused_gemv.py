@@ -1,0 +1,304 @@
+"""Batch-1 INT4 (W4A16) decode projections with the ops around them fused in: `int4_fused_gemv`.
+
+y[N] = x[K] @ W[N, K]^T with W an `Int4Weight` (`tensorjet.kernels.int4_linear`'s layout and decode
+numerics), optionally with:
+- `norm_weight`: the product uses RMSNorm(x), rounded to x's dtype as the norm kernel stores it; a pass
+  over x for its sum of squares comes first (x is one row: it is read from cache);
+- `residual`: the result added into `residual` in place (the o and down projections);
+- `silu_mul`: W holds [gate; up]; returns silu(gate) * up (the gate|up projection).
+An act-order weight reads x (and the norm weight) at its permutation's columns.
+
+Each program multiplies [BLOCK_N, BLOCK_K] tiles on the tensor cores as `int4_matmul` does (eight
+slices, one nibble of each word; where a tile lies in one group, exact code - zero products summed in
+fp32 and the group's scale applied to the sum), with the one row of x broadcast to the MMA's 16 columns.
+SPLIT_K programs per row block each sum a slice of K into fp32 scratch, and the last to finish (an
+atomic counter per row block) adds the slices in a fixed order and runs the epilogue, so the whole
+projection stays one launch (as `tensorjet.kernels.fp8_fused_gemv` does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from tensorjet.kernels._common import (
+    dot_precision,
+    dot_upcast,
+    launch_next_kernel,
+    next_pow2,
+    pdl_enabled,
+    pdl_launch,
+    tl_dot,
+    wait_for_previous_kernel,
+)
+from tensorjet.kernels.fp8_linear import split_k_scratch
+from tensorjet.kernels.gemv import fastest_in_graph, time_in_graph_ms
+from tensorjet.kernels.int4_linear import Int4Weight, cold_weights, load_codes, nibble
+
+__all__ = ["CANDIDATES", "Int4FusedGemvConfig", "int4_fused_gemv", "select_int4_fused_gemv"]
+
+X_BLOCK = 4096  # the pass over x for its sum of squares reads it this many elements at a time
+
+
+@dataclass(frozen=True)
+class Int4FusedGemvConfig:
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+    split_k: int = 1  # programs per row block, each over a slice of K
+
+
+# As `tensorjet.kernels.int4_linear.GEMV_CANDIDATES`: 64 rows on 4 warps or 128 rows on 8 (one
+# warpgroup per 64 rows keeps the dequantized tile in registers), split over K for the 4096-row weights.
+# (fp32 FMAs instead of the MMA compile to 12-17 instructions per weight on sm_90, against 8-9 here.)
+CANDIDATES = (
+    Int4FusedGemvConfig(64, 128, 4, 4),
+    Int4FusedGemvConfig(128, 128, 8, 4),
+    Int4FusedGemvConfig(64, 128, 4, 4, split_k=2),
+    Int4FusedGemvConfig(128, 128, 8, 4, split_k=2),
+    Int4FusedGemvConfig(64, 128, 4, 4, split_k=4),
+    Int4FusedGemvConfig(128, 128, 8, 4, split_k=4),
+)
+
+
+@triton.jit
+def _normed(x, norm_w, inv_rms, OUT_DTYPE: tl.constexpr):
+    """RMSNorm of an fp32 tile as `tensorjet.kernels.norm.rms_norm` computes and rounds it."""
+    return ((x * inv_rms).to(OUT_DTYPE).to(tl.float32) * norm_w.to(tl.float32)).to(OUT_DTYPE).to(tl.float32)
+
+
+@triton.jit
+def _int4_fused_gemv_kernel(
+    x_ptr,
+    qw_ptr,
+    scale_ptr,
+    zero_ptr,
+    perm_ptr,
+    b_ptr,
+    norm_w_ptr,
+    y_ptr,
+    partial_ptr,
+    arrivals_ptr,
+    N,
+    K,
+    stride_qn,
+    stride_sn,
+    eps,
+    GROUP: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
+    HAS_PERM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    NORM: tl.constexpr,
+    SILU_MUL: tl.constexpr,
+    ADD_TO_Y: tl.constexpr,
+    SCALE_AFTER: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    X_BLOCK: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_begin = tl.program_id(1) * k_per_split
+    k_end = tl.minimum(K, k_begin + k_per_split)
+    dtype = y_ptr.dtype.element_ty
+    wait_for_previous_kernel(PDL)
+    inv_rms = 1.0
+    if NORM:
+        offs_x = tl.arange(0, X_BLOCK)
+        sum_sq = tl.zeros((X_BLOCK,), dtype=tl.float32)
+        for k0 in range(0, K, X_BLOCK):
+            x = tl.load(x_ptr + k0 + offs_x, mask=k0 + offs_x < K, other=0.0).to(tl.float32)
+            sum_sq += x * x
+        inv_rms = tl.rsqrt(tl.sum(sum_sq, 0) / K + eps)
+    acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        words, scale, offset = load_codes(
+            qw_ptr, scale_ptr, zero_ptr, offs_n, n_mask, k0, k_end, stride_qn, stride_sn,
+            GROUP, HAS_ZEROS, BLOCK_K,
+        )  # fmt: skip
+        words_up, scale_up, offset_up = words, scale, offset
+        if SILU_MUL:  # the up rows follow the N gate rows
+            words_up, scale_up, offset_up = load_codes(
+                qw_ptr, scale_ptr, zero_ptr, offs_n + N, n_mask, k0, k_end, stride_qn, stride_sn,
+                GROUP, HAS_ZEROS, BLOCK_K,
+            )  # fmt: skip
+        part = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+        part_up = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+        for j in tl.static_range(8):
+            cols = k0 + tl.arange(0, BLOCK_K // 8) * 8 + j
+            k_mask = cols < k_end
+            if HAS_PERM:
+                cols = tl.load(perm_ptr + cols, mask=k_mask, other=0)
+            x = tl.load(x_ptr + cols, mask=k_mask, other=0.0).to(tl.float32)
+            if NORM:
+                x = _normed(x, tl.load(norm_w_ptr + cols, mask=k_mask, other=0.0), inv_rms, dtype)
+            # the row broadcast to the MMA's 16 columns (every column of the product is the same)
+            xt = tl.trans(tl.broadcast_to(x.to(dtype)[None, :], (16, BLOCK_K // 8)))
+            w = nibble(words, offset, j)
+            if not SCALE_AFTER:
+                w = w * scale
+            part += tl_dot(w.to(dtype), xt, DOT_PREC, UPCAST)
+            if SILU_MUL:
+                w_up = nibble(words_up, offset_up, j)
+                if not SCALE_AFTER:
+                    w_up = w_up * scale_up
+                part_up += tl_dot(w_up.to(dtype), xt, DOT_PREC, UPCAST)
+        if SCALE_AFTER:
+            part = part * scale
+            part_up = part_up * scale_up
+        acc += part
+        acc_up += part_up
+    launch_next_kernel(PDL)
+    first = tl.arange(0, 16)[None, :] == 0
+    y = tl.sum(tl.where(first, acc, 0.0), 1)
+    y_up = tl.sum(tl.where(first, acc_up, 0.0), 1)
+    if SPLIT_K > 1:
+        # This slice's sums go to scratch; the program that arrives last adds all slices (in order)
+        # and alone runs the epilogue below (n_mask is empty for the others), then resets its counter
+        # for the next launch. The barrier puts every thread's stores before the counter's increment.
+        rows = 2 * N if SILU_MUL else N
+        tl.store(partial_ptr + tl.program_id(1) * rows + offs_n, y, mask=n_mask)
+        if SILU_MUL:
+            tl.store(partial_ptr + tl.program_id(1) * rows + N + offs_n, y_up, mask=n_mask)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(arrivals_ptr + tl.program_id(0), 1, sem="acq_rel")
+        # (arrived broadcast by an add: the interpreter rejects a scalar's comparison in a vector mask)
+        n_mask = n_mask & (tl.zeros((BLOCK_N,), dtype=tl.int32) + arrived == SPLIT_K - 1)
+        y = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        y_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for s in tl.static_range(SPLIT_K):
+            y += tl.load(partial_ptr + s * rows + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg")
+            if SILU_MUL:
+                y_up += tl.load(
+                    partial_ptr + s * rows + N + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg"
+                )
+        tl.store(arrivals_ptr + tl.program_id(0), 0, mask=arrived == SPLIT_K - 1)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        if SILU_MUL:
+            y_up += tl.load(b_ptr + N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    # Round each product to the activation dtype before the next op, as the unfused layers do.
+    out = y.to(dtype)
+    if SILU_MUL:
+        gate = out.to(tl.float32)
+        up = y_up.to(dtype).to(tl.float32)
+        out = (gate / (1.0 + tl.exp(-gate)) * up).to(dtype)
+    if ADD_TO_Y:
+        residual = tl.load(y_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        out = (out.to(tl.float32) + residual).to(dtype)
+    tl.store(y_ptr + offs_n, out, mask=n_mask)
+
+
+def int4_fused_gemv(
+    x: torch.Tensor,
+    weight: Int4Weight,
+    bias: torch.Tensor | None = None,
+    config: Int4FusedGemvConfig = CANDIDATES[0],
+    *,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 0.0,
+    residual: torch.Tensor | None = None,
+    silu_mul: bool = False,
+) -> torch.Tensor:
+    """`int4_linear_reference(x, weight, bias)` for x [1, K] -> [1, N] in x's dtype, with:
+
+    norm_weight [K]: RMSNorm(x) (weight `norm_weight`, epsilon `eps`) multiplied instead of x;
+    residual [1, N]: the product added into `residual` in place, which is returned;
+    silu_mul: weight and bias hold [gate; up] (2N rows); returns silu(x W_gate^T) * (x W_up^T) [1, N].
+    No host synchronisation; CUDA-graph safe."""
+    k = weight.in_features
+    if x.dim() != 2 or x.shape != (1, k):
+        raise ValueError(f"int4_fused_gemv takes x [1, {k}]; got {tuple(x.shape)}")
+    if silu_mul and residual is not None:
+        raise ValueError("silu_mul and residual do not combine")
+    n = weight.out_features // 2 if silu_mul else weight.out_features
+    x = x.contiguous()
+    if residual is not None:
+        if residual.shape != (1, n) or residual.dtype != x.dtype or not residual.is_contiguous():
+            raise ValueError(f"residual must be a contiguous [1, {n}] {x.dtype} tensor")
+        y = residual
+    else:
+        y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    pdl = pdl_enabled(x.device)
+    row_blocks = triton.cdiv(n, config.block_n)
+    partial, arrivals = y, y  # unused unless split over K
+    if config.split_k > 1:
+        partial, arrivals = split_k_scratch(x.device, config.split_k * weight.out_features, row_blocks)
+    scales = weight.scales
+    _int4_fused_gemv_kernel[(row_blocks, config.split_k)](
+        x,
+        weight.qweight,
+        scales,
+        weight.zeros if weight.zeros is not None else scales,
+        weight.perm if weight.perm is not None else scales,
+        bias if bias is not None else scales,
+        norm_weight if norm_weight is not None else scales,
+        y,
+        partial,
+        arrivals,
+        n,
+        k,
+        weight.qweight.stride(0),
+        scales.stride(0),
+        eps,
+        GROUP=weight.group_size,
+        HAS_ZEROS=weight.zeros is not None,
+        HAS_PERM=weight.perm is not None,
+        HAS_BIAS=bias is not None,
+        NORM=norm_weight is not None,
+        SILU_MUL=silu_mul,
+        ADD_TO_Y=residual is not None,
+        SCALE_AFTER=weight.group_size % config.block_k == 0,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        X_BLOCK=min(next_pow2(k), X_BLOCK),
+        SPLIT_K=config.split_k,
+        DOT_PREC=dot_precision(x.dtype),
+        UPCAST=dot_upcast(x.dtype),
+        PDL=pdl,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+        **pdl_launch(pdl),
+    )
+    return y
+
+
+def select_int4_fused_gemv(
+    weight: Int4Weight,
+    bias: torch.Tensor | None,
+    plain: Callable[[torch.Tensor, Int4Weight, torch.Tensor | None], torch.Tensor],
+    *,
+    activation_dtype: torch.dtype = torch.bfloat16,
+    norm: bool = False,
+    residual: bool = False,
+    silu_mul: bool = False,
+) -> tuple[Int4FusedGemvConfig, dict]:
+    """The fastest candidate for this projection with its fusions, and the timings (ms) of it and of
+    `plain` (the layer's unfused product), both at M=1 inside a CUDA graph with cold weights."""
+    device = weight.qweight.device
+    k = weight.in_features
+    n = weight.out_features // 2 if silu_mul else weight.out_features
+    x = torch.randn(1, k, dtype=activation_dtype, device=device)
+    fusion = dict(
+        norm_weight=torch.ones(k, dtype=activation_dtype, device=device) if norm else None,
+        eps=1e-5,
+        residual=torch.zeros(1, n, dtype=activation_dtype, device=device) if residual else None,
+        silu_mul=silu_mul,
+    )
+    weights = cold_weights(weight)
+    timings = {"plain": time_in_graph_ms(lambda w: plain(x, w, bias), weights)}
+    best, timings["fused"] = fastest_in_graph(
+        CANDIDATES, lambda c, w: int4_fused_gemv(x, w, bias, c, **fusion), weights
+    )
+    return best, timings

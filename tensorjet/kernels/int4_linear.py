@@ -1,0 +1,520 @@
+"""INT4 weight-only (W4A16) linear products: y[M, N] = x[M, K] @ W[N, K]^T, W stored as 4-bit codes.
+
+The weight (`Int4Weight`, tensorjet's layout from `tensorjet.quant.int4_packing`): `qweight` int32
+[N, ceil(K / 8)] with the code of column k at bits 4 (k % 8) of word k // 8; `scales` [N, groups] in
+the activation dtype and `zeros` uint8 [N, groups] (None: every zero point is 8, a symmetric format),
+one each per `group_size` columns; `perm` int32 [K] or None: stored column j multiplies input column
+perm[j] (GPTQ's act order, its groups made contiguous at load).
+
+Numerics of the reference (`int4_linear_reference`, the CPU path): w = (code - zero) * scale in fp32,
+rounded to x's dtype, then x @ w^T with fp32 accumulation. The kernels:
+- `int4_matmul`: each [BLOCK_N, BLOCK_K] weight tile is multiplied on the tensor cores as eight
+  [BLOCK_N, BLOCK_K / 8] slices, slice J holding nibble J of every word against the x columns 8i + J
+  (no codes move between threads), W as the MMA's 64+-row operand and x its narrow one. A nibble
+  becomes an exact float by ORing it into the mantissa of 2^23 (two integer instructions and an add).
+  With 16-row x tiles and split-K (a 4096-row weight makes only 32-64 row blocks: SPLIT_K programs per
+  block each sum a slice of K, the last to arrive adds the slices in order) it is the decode GEMV,
+  whose tiles lie in one group: it multiplies the exact code - zero values and applies the group's
+  scale to their fp32 sum (`scale_after`: one multiply per output instead of per weight; in bf16 it
+  differs from the reference by the reference's rounding of w, under 2^-8 relative per weight). With
+  larger tiles it is the prefill GEMM, in the reference's numerics;
+- `dequantized_linear`: the whole weight dequantized by one launch (`int4_dequantize`), then cuBLAS:
+  for large prefill batches, where the GEMM's dequantization cost per row vanishes.
+`select_int4_gemv` and `select_int4_gemm` time the tiles on the GPU at start-up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from tensorjet.kernels._common import dot_precision, dot_upcast, tl_dot
+from tensorjet.kernels.fp8_linear import split_k_scratch
+from tensorjet.kernels.gemv import cold_copies, fastest_in_graph, time_in_graph_ms
+
+__all__ = [
+    "GEMV_CANDIDATES",
+    "GEMV_MAX_M",
+    "Int4MatmulConfig",
+    "Int4Weight",
+    "cold_weights",
+    "dequantize",
+    "dequantized_linear",
+    "int4_dequantize",
+    "int4_gemm",
+    "int4_gemv",
+    "int4_linear_reference",
+    "int4_matmul",
+    "select_int4_gemm",
+    "select_int4_gemv",
+]
+
+CODES_PER_WORD = 8
+GEMV_MAX_M = 16  # rows of x one GEMV launch handles (the tl.dot minimum)
+
+
+@dataclass(frozen=True)
+class Int4Weight:
+    """A linear layer's 4-bit weight in tensorjet's layout (see the module docstring)."""
+
+    qweight: torch.Tensor  # int32 [N, ceil(K / 8)]
+    scales: torch.Tensor  # [N, groups], the activation dtype
+    zeros: torch.Tensor | None  # uint8 [N, groups]; None: 8 everywhere
+    perm: torch.Tensor | None  # int32 [K]; None: stored column j is input column j
+    group_size: int  # a multiple of 8; one group per row (per channel): K rounded up to 8
+    in_features: int  # K
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[0]
+
+
+# ---- reference ------------------------------------------------------------------------------------
+
+
+def dequantize(
+    weight: Int4Weight, dtype: torch.dtype = torch.float32, stored_order: bool = False
+) -> torch.Tensor:
+    """W [N, K] = (code - zero) * scale computed in fp32 and rounded to `dtype`; its columns in input
+    order (act order undone), or as stored with `stored_order`."""
+    n, k = weight.out_features, weight.in_features
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=weight.qweight.device)
+    codes = ((weight.qweight[:, :, None] >> shifts) & 0xF).reshape(n, -1)[:, :k].float()
+    groups = torch.arange(k, device=codes.device) // weight.group_size
+    zeros = 8.0 if weight.zeros is None else weight.zeros.float()[:, groups]
+    w = ((codes - zeros) * weight.scales.float()[:, groups]).to(dtype)
+    if weight.perm is None or stored_order:
+        return w
+    dense = torch.empty_like(w)
+    dense[:, weight.perm.long()] = w
+    return dense
+
+
+def int4_linear_reference(
+    x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [M, K] @ dequantize(weight)^T (+ bias) in x's dtype."""
+    return F.linear(x, dequantize(weight, x.dtype), bias)
+
+
+# ---- the Triton product ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Int4MatmulConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+    split_k: int = 1  # programs per output tile, each summing a slice of K
+    # Where a tile lies in one group: multiply exact code - zero values and scale the group's fp32 sum
+    # (one multiply per output instead of per weight; decode), else the reference's numerics.
+    scale_after: bool = False
+
+
+# sm_90 main loops (tests/sm90_codegen.py's compile, bf16, group 128): 9.6 instructions per weight at
+# 64 rows and 4 warps, 8.6 at 128 rows and 8 warps (two warpgroups share the staged x columns; at 4
+# warps Triton stages the dequantized tile through shared memory instead, one store per value).
+GEMV_CANDIDATES = (
+    Int4MatmulConfig(16, 64, 128, 4, 4, scale_after=True),
+    Int4MatmulConfig(16, 128, 128, 8, 4, scale_after=True),
+    Int4MatmulConfig(16, 64, 128, 4, 4, split_k=2, scale_after=True),
+    Int4MatmulConfig(16, 128, 128, 8, 4, split_k=2, scale_after=True),
+    Int4MatmulConfig(16, 64, 128, 4, 4, split_k=4, scale_after=True),
+    Int4MatmulConfig(16, 128, 128, 8, 4, split_k=4, scale_after=True),
+)
+# Tiles by batch size (rows of x up to the first value) for the prefill GEMM. (A 256-row weight tile
+# at 128 rows of x spills registers on sm_90.)
+GEMM_CONFIGS = (
+    (32, Int4MatmulConfig(32, 128, 128, 4, 3)),
+    (64, Int4MatmulConfig(64, 128, 128, 4, 3)),
+    (1 << 30, Int4MatmulConfig(128, 128, 128, 8, 3)),
+)
+
+
+@triton.jit
+def load_codes(
+    qw_ptr,
+    scale_ptr,
+    zero_ptr,
+    offs_n,
+    n_mask,
+    k0,
+    k_end,
+    stride_qn,
+    stride_sn,
+    GROUP: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """The codes of W[offs_n, k0:k0+BLOCK_K] as int32 words [BLOCK_N, BLOCK_K // 8] (word i: columns
+    k0 + 8i .. k0 + 8i + 7; none at or past k_end), with their fp32 scales and `2^23 + zero point`
+    (`nibble`'s offset): per row [BLOCK_N, 1] where the tile lies in one group (GROUP % BLOCK_K == 0),
+    else per word [BLOCK_N, BLOCK_K // 8] (a group is whole words)."""
+    offs_word = tl.arange(0, BLOCK_K // 8)
+    word_mask = n_mask[:, None] & (k0 + offs_word * 8 < k_end)[None, :]
+    rows = offs_n[:, None].to(tl.int64)
+    words = tl.load(qw_ptr + rows * stride_qn + (k0 // 8 + offs_word)[None, :], mask=word_mask, other=0)
+    if GROUP % BLOCK_K == 0:
+        group_ptrs = rows * stride_sn + k0 // GROUP
+        group_mask = n_mask[:, None]
+    else:
+        group_ptrs = rows * stride_sn + ((k0 // 8 + offs_word) // (GROUP // 8))[None, :]
+        group_mask = word_mask
+    scale = tl.load(scale_ptr + group_ptrs, mask=group_mask, other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        offset = tl.load(zero_ptr + group_ptrs, mask=group_mask, other=0).to(tl.float32) + 8388608.0
+    else:
+        offset = tl.zeros_like(scale) + (8388608.0 + 8.0)
+    return words, scale, offset
+
+
+@triton.jit
+def nibble(words, offset, J: tl.constexpr):
+    """code - zero of nibble J of each word (columns 8i + J) in fp32, exactly: the code ORed into the
+    mantissa of 2^23 is 2^23 + code, from which `offset` (2^23 + zero) is subtracted. Two integer
+    instructions and an add, against a slower int -> float conversion."""
+    codes = (words >> (4 * J)) & 0xF
+    return (codes | 0x4B000000).to(tl.float32, bitcast=True) - offset
+
+
+@triton.jit
+def x_columns(
+    x_ptr,
+    perm_ptr,
+    offs_m,
+    m_mask,
+    stride_xm,
+    k0,
+    k_end,
+    J: tl.constexpr,
+    HAS_PERM: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """x[offs_m, columns k0 + 8i + J] [BLOCK_M, BLOCK_K // 8]: the input columns nibble J of each word
+    multiplies (through the act-order permutation where there is one); 0 past k_end."""
+    cols = k0 + tl.arange(0, BLOCK_K // 8) * 8 + J
+    k_mask = cols < k_end
+    if HAS_PERM:
+        cols = tl.load(perm_ptr + cols, mask=k_mask, other=0)
+    return tl.load(
+        x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + cols[None, :],
+        mask=m_mask[:, None] & k_mask[None, :],
+        other=0.0,
+    )
+
+
+# M changes with the batch: specialising on M == 1 would compile a second variant of every config.
+@triton.jit(do_not_specialize=["M"])
+def _int4_matmul_kernel(
+    x_ptr,
+    qw_ptr,
+    scale_ptr,
+    zero_ptr,
+    perm_ptr,
+    b_ptr,
+    y_ptr,
+    partial_ptr,
+    arrivals_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_qn,
+    stride_sn,
+    stride_ym,
+    GROUP: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
+    HAS_PERM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SCALE_AFTER: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """y^T [BLOCK_N, BLOCK_M] tiles = W [BLOCK_N, K] @ x^T on the tensor cores. Each weight tile is
+    multiplied as eight [BLOCK_N, BLOCK_K / 8] slices, slice J holding nibble J of every word (no
+    shuffling of codes between threads), against the x columns they multiply.
+    SCALE_AFTER (the tile lies in one group): the slices are exact code - zero values and the group's
+    scale multiplies their fp32 sum; else each value is scaled and rounded to x's dtype first (the
+    reference's numerics).
+    SPLIT_K > 1: program_id(2) sums one slice of K (whole BLOCK_K tiles) into fp32 scratch; the last of
+    a tile's programs to finish adds the slices in a fixed order and runs the epilogue."""
+    tl.static_assert(not SCALE_AFTER or GROUP % BLOCK_K == 0, "SCALE_AFTER needs tiles within one group")
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_begin = tl.program_id(2) * k_per_split
+    k_end = tl.minimum(K, k_begin + k_per_split)
+    dtype = x_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        words, scale, offset = load_codes(
+            qw_ptr, scale_ptr, zero_ptr, offs_n, n_mask, k0, k_end, stride_qn, stride_sn,
+            GROUP, HAS_ZEROS, BLOCK_K,
+        )  # fmt: skip
+        part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for j in tl.static_range(8):
+            w = nibble(words, offset, j)
+            if not SCALE_AFTER:
+                w = w * scale
+            x = x_columns(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k0, k_end, j, HAS_PERM, BLOCK_K)
+            part += tl_dot(w.to(dtype), tl.trans(x), DOT_PREC, UPCAST)
+        if SCALE_AFTER:
+            part = part * scale
+        acc += part
+    if SPLIT_K > 1:
+        # As in `tensorjet.kernels.fp8_linear`: partial sums to scratch [SPLIT_K, M, N]; the last
+        # program of this tile to arrive adds them in order and alone stores (its counter reset).
+        tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        offs_mn = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
+        mn_mask = m_mask[None, :] & n_mask[:, None]
+        tl.store(partial_ptr + tl.program_id(2) * M * N + offs_mn, acc, mask=mn_mask)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(arrivals_ptr + tile, 1, sem="acq_rel")
+        # (arrived broadcast by an add: the interpreter rejects a scalar's comparison in a vector mask)
+        n_mask = n_mask & (tl.zeros((BLOCK_N,), dtype=tl.int32) + arrived == SPLIT_K - 1)
+        mn_mask = m_mask[None, :] & n_mask[:, None]
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for s in tl.static_range(SPLIT_K):
+            acc += tl.load(partial_ptr + s * M * N + offs_mn, mask=mn_mask, other=0.0, cache_modifier=".cg")
+        tl.store(arrivals_ptr + tile, 0, mask=arrived == SPLIT_K - 1)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+    y_ptrs = y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[None, :] & n_mask[:, None])
+
+
+def _check(x: torch.Tensor, weight: Int4Weight) -> None:
+    n, k = weight.out_features, weight.in_features
+    if x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"x must be [M, {k}]; got {tuple(x.shape)}")
+    if weight.qweight.dtype != torch.int32 or weight.qweight.shape != (n, triton.cdiv(k, CODES_PER_WORD)):
+        raise ValueError(f"qweight must be int32 [{n}, {triton.cdiv(k, 8)}]; got {weight.qweight.shape}")
+    if weight.group_size % CODES_PER_WORD:
+        raise ValueError(f"group_size must be a multiple of 8; got {weight.group_size}")
+
+
+def int4_matmul(
+    x: torch.Tensor,
+    weight: Int4Weight,
+    bias: torch.Tensor | None = None,
+    *,
+    config: Int4MatmulConfig,
+    max_rows: int = GEMV_MAX_M,
+) -> torch.Tensor:
+    """`int4_linear_reference` in one launch with `config`'s tiles. `max_rows`: the largest batch this
+    config serves, for which split-K scratch is sized (a CUDA graph's capture never grows it). No host
+    synchronisation; CUDA-graph safe."""
+    _check(x, weight)
+    m = x.shape[0]
+    n = weight.out_features
+    x = x if x.stride(1) == 1 else x.contiguous()
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
+    c = config
+    grid = (triton.cdiv(n, c.block_n), triton.cdiv(m, c.block_m), c.split_k)
+    partial, arrivals = y, y  # unused unless split over K
+    if c.split_k > 1:
+        rows = max(m, max_rows)
+        tiles = triton.cdiv(n, c.block_n) * triton.cdiv(rows, c.block_m)
+        partial, arrivals = split_k_scratch(x.device, c.split_k * rows * n, tiles)
+    scales = weight.scales
+    _int4_matmul_kernel[grid](
+        x,
+        weight.qweight,
+        scales,
+        weight.zeros if weight.zeros is not None else scales,
+        weight.perm if weight.perm is not None else scales,
+        bias if bias is not None else scales,
+        y,
+        partial,
+        arrivals,
+        m,
+        n,
+        weight.in_features,
+        x.stride(0),
+        weight.qweight.stride(0),
+        scales.stride(0),
+        y.stride(0),
+        GROUP=weight.group_size,
+        HAS_ZEROS=weight.zeros is not None,
+        HAS_PERM=weight.perm is not None,
+        HAS_BIAS=bias is not None,
+        SCALE_AFTER=c.scale_after and weight.group_size % c.block_k == 0,
+        BLOCK_M=c.block_m,
+        BLOCK_N=c.block_n,
+        BLOCK_K=c.block_k,
+        SPLIT_K=c.split_k,
+        DOT_PREC=dot_precision(x.dtype),
+        UPCAST=dot_upcast(x.dtype),
+        num_warps=c.num_warps,
+        num_stages=c.num_stages,
+    )
+    return y
+
+
+def int4_gemv(
+    x: torch.Tensor,
+    weight: Int4Weight,
+    bias: torch.Tensor | None = None,
+    *,
+    config: Int4MatmulConfig = GEMV_CANDIDATES[0],
+) -> torch.Tensor:
+    """The decode product, x of up to GEMV_MAX_M rows, with one of GEMV_CANDIDATES."""
+    if x.shape[0] > GEMV_MAX_M:
+        raise ValueError(f"int4_gemv takes up to {GEMV_MAX_M} rows; got {x.shape[0]}")
+    return int4_matmul(x, weight, bias, config=config, max_rows=GEMV_MAX_M)
+
+
+def gemm_config(m: int) -> Int4MatmulConfig:
+    """The tile for an M-row batch (the first of GEMM_CONFIGS whose rows cover it)."""
+    return next(config for rows, config in GEMM_CONFIGS if m <= rows)
+
+
+def int4_gemm(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The product for any number of rows with the tile `gemm_config` picks for it."""
+    return int4_matmul(x, weight, bias, config=gemm_config(x.shape[0]), max_rows=0)
+
+
+# ---- dequantize, then cuBLAS ----------------------------------------------------------------------
+
+
+@triton.jit
+def _dequantize_kernel(
+    qw_ptr,
+    scale_ptr,
+    zero_ptr,
+    perm_ptr,
+    w_ptr,
+    N,
+    K,
+    stride_qn,
+    stride_sn,
+    stride_wn,
+    GROUP: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
+    HAS_PERM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    n_mask = offs_n < N
+    words, scale, offset = load_codes(
+        qw_ptr, scale_ptr, zero_ptr, offs_n, n_mask, k0, K, stride_qn, stride_sn, GROUP, HAS_ZEROS, BLOCK_K
+    )
+    for j in tl.static_range(8):
+        cols = k0 + tl.arange(0, BLOCK_K // 8) * 8 + j
+        k_mask = cols < K
+        if HAS_PERM:
+            cols = tl.load(perm_ptr + cols, mask=k_mask, other=0)
+        w = nibble(words, offset, j) * scale
+        tl.store(
+            w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + cols[None, :],
+            w.to(w_ptr.dtype.element_ty),
+            mask=n_mask[:, None] & k_mask[None, :],
+        )
+
+
+def int4_dequantize(weight: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """`dequantize(weight, dtype)` in one launch: W [N, K], columns in input order."""
+    n, k = weight.out_features, weight.in_features
+    w = torch.empty((n, k), dtype=dtype, device=weight.qweight.device)
+    block_n, block_k = 64, 128
+    scales = weight.scales
+    _dequantize_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
+        weight.qweight,
+        scales,
+        weight.zeros if weight.zeros is not None else scales,
+        weight.perm if weight.perm is not None else scales,
+        w,
+        n,
+        k,
+        weight.qweight.stride(0),
+        scales.stride(0),
+        w.stride(0),
+        GROUP=weight.group_size,
+        HAS_ZEROS=weight.zeros is not None,
+        HAS_PERM=weight.perm is not None,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=4,
+    )
+    return w
+
+
+def dequantized_linear(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The weight dequantized whole (one launch), then `F.linear`: for prefill batches large enough
+    that writing and reading back the dense weight costs less than dequantizing it per row tile."""
+    _check(x, weight)
+    return F.linear(x, int4_dequantize(weight, x.dtype), bias)
+
+
+# ---- start-up timing ------------------------------------------------------------------------------
+
+
+def cold_weights(weight: Int4Weight) -> list[Int4Weight]:
+    """Copies of `weight` cycled in a timing loop so each launch reads its codes from HBM."""
+    return [
+        Int4Weight(q, weight.scales, weight.zeros, weight.perm, weight.group_size, weight.in_features)
+        for q in cold_copies(weight.qweight)
+    ]
+
+
+def select_int4_gemv(
+    weight: Int4Weight, bias: torch.Tensor | None, *, activation_dtype: torch.dtype = torch.bfloat16
+) -> tuple[Int4MatmulConfig, dict]:
+    """The fastest GEMV candidate at M=1 on this GPU, and timings (ms) of it at M=1 and M=16 and of
+    the bf16 product it replaces (`F.linear` over the dequantized weight), in CUDA graphs with cold
+    weights (as `tensorjet.kernels.gemv.select_gemv` times)."""
+    weights = cold_weights(weight)
+    device = weight.qweight.device
+    xs = {
+        m: torch.randn(m, weight.in_features, dtype=activation_dtype, device=device) for m in (1, GEMV_MAX_M)
+    }
+    timings: dict = {}
+    best, timings["gemv_m1"] = fastest_in_graph(
+        GEMV_CANDIDATES, lambda c, w: int4_gemv(xs[1], w, bias, config=c), weights
+    )
+    timings[f"gemv_m{GEMV_MAX_M}"] = time_in_graph_ms(
+        lambda w: int4_gemv(xs[GEMV_MAX_M], w, bias, config=best), weights
+    )
+    dense = cold_copies(int4_dequantize(weight, activation_dtype))
+    timings["bf16_m1"] = time_in_graph_ms(lambda w: F.linear(xs[1], w, bias), dense)
+    return best, timings
+
+
+def select_int4_gemm(
+    weight: Int4Weight,
+    bias: torch.Tensor | None,
+    *,
+    activation_dtype: torch.dtype = torch.bfloat16,
+    sizes: tuple[int, ...] = (1024, 2048, 4096),
+) -> tuple[int | None, dict]:
+    """The smallest batch size in `sizes` from which dequantizing the whole weight and running cuBLAS
+    (`dequantized_linear`) times faster than the Triton GEMM; None where it never does. With timings.
+    The sizes start past the largest step a CUDA graph captures (512 tokens), so the dense weight is
+    only ever a transient of an eager prefill step (counted by the memory-profiling forward)."""
+    device = weight.qweight.device
+    timings: dict = {}
+    for m in sizes:
+        x = torch.randn(m, weight.in_features, dtype=activation_dtype, device=device)
+        timings[f"gemm_m{m}"] = time_in_graph_ms(lambda w, x=x: int4_gemm(x, w, bias), [weight], launches=8)
+        timings[f"dequant_m{m}"] = time_in_graph_ms(
+            lambda w, x=x: dequantized_linear(x, w, bias), [weight], launches=8
+        )
+        if timings[f"dequant_m{m}"] < timings[f"gemm_m{m}"]:
+            return m, timings
+    return None, timings
