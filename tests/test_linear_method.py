@@ -112,28 +112,31 @@ def test_prefill_and_decode_products_go_through_the_method(llm, monkeypatch):
     assert max(rows) > len(PROMPTS) and min(rows) <= len(PROMPTS), "prefill and decode products"
 
 
-def test_fused_batch1_layer_goes_through_the_method(llm, monkeypatch):
-    """Bundled model, Triton attention (interpreted): one prompt, so its decode step runs the fused
-    batch-1 layer, every projection of it through the doubled-weight method's fused product. One
-    decode step only: the interpreted fused GEMVs of 30 layers take about a minute a step here."""
-    expected_tokens, _, (prompt_len,) = generate(llm, PROMPTS[:1], 2)
-    calls = []
-    custom = engine_with(
-        monkeypatch,
-        partial(DoubledWeightMethod, calls),
-        attention_backend="triton",
-        enable_cuda_graph=False,
+def test_fused_batch1_layer_goes_through_the_method(tiny_model_dir, monkeypatch):
+    """Tiny model, Triton attention (interpreted): one prompt, so its decode steps run the fused
+    batch-1 layer, every projection of it through the doubled-weight method's fused product, with
+    the unmodified engine's tokens and log-probabilities."""
+    options = dict(
+        model=tiny_model_dir, attention_backend="triton", enable_cuda_graph=False, max_num_tokens=32,
         max_batch_size=1,
-        max_seq_len=64,
-    )
+    )  # fmt: skip
+    prompt = [[(5 * j + 3) % 128 for j in range(7)]]
+    reference = LLM(device="cpu", **options)
+    try:
+        expected_tokens, expected_logprobs, _ = generate(reference, prompt, 3)
+    finally:
+        reference.shutdown()
+    calls = []
+    custom = engine_with(monkeypatch, partial(DoubledWeightMethod, calls), **options)
     try:
         assert custom.engine.runner.model.fused_decode
-        tokens, _, _ = generate(custom, PROMPTS[:1], 2)
+        tokens, logprobs, _ = generate(custom, prompt, 3)
         num_layers = custom.engine.runner.model.config.num_hidden_layers
     finally:
         custom.shutdown()
     assert tokens == expected_tokens
-    assert calls == [("plain", prompt_len)] * 4 * num_layers + [("fused", 1)] * 4 * num_layers
+    torch.testing.assert_close(logprobs, expected_logprobs, rtol=0, atol=1e-4)
+    assert calls == [("plain", len(prompt[0]))] * 4 * num_layers + [("fused", 1)] * 4 * num_layers * 2
 
 
 @pytest.mark.slow  # two engines with every kernel interpreted
