@@ -93,6 +93,11 @@ class _Layout:
         return layout
 
 
+def accepts(uniform: torch.Tensor, target_p: torch.Tensor, draft_q: torch.Tensor) -> torch.Tensor:
+    """Keep a draft with probability min(1, p(d) / q(d)), from one U[0, 1) draw each (p(d) = 0 never)."""
+    return uniform * draft_q < target_p
+
+
 class RejectionSampler:
     """Keeps or rejects each sequence's drafts and samples the token after the kept ones."""
 
@@ -194,8 +199,9 @@ class RejectionSampler:
             residual[local_t] = (probs[local_t] - q).clamp_min_(0.0)
         # p == q leaves no residual; a rejection can then only come from rounding, and p is the answer.
         residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, probs)
-        uniform = self._uniform_draws(rows, num_drafts, sampled, device)
-        accepted[drafts_t] = uniform * draft_q < target_p
+        accepted[drafts_t] = accepts(
+            self._uniform_draws(rows, num_drafts, sampled, device), target_p, draft_q
+        )
         noise = self.sampler.exponential_noise(residual, row_params)
         recovered[logit_rows_t] = argmax_rows(residual / noise.clamp_min_(torch.finfo(noise.dtype).tiny))
 
