@@ -16,6 +16,7 @@ from collections import Counter
 import pytest
 import torch
 import transformers
+from greedy import TOP_LOGPROBS, GreedyRun, assert_all_agree
 
 from tensorjet import LLM, SamplingParams
 from tensorjet.config import MIN_ACCEPTANCE_STEPS
@@ -262,6 +263,42 @@ def test_seeded_sampling_reproduces_alone_and_batched(models):
         assert 0 < llm.stats()["speculative_acceptance_rate"] < 1
     finally:
         llm.shutdown()
+
+
+@pytest.mark.slow  # the engine with every Triton kernel interpreted
+def test_verify_and_draft_steps_through_graph_buffers_match_eager(models):
+    """With the Triton backend the target's verify steps replay `VerifyGraphs` and the draft model's
+    steps its decode and two-row graphs (on the CPU the same padded static buffers run eagerly: five
+    sequences pad to a bucket of eight). Both KV caches are poisoned with NaN, so a padded row that wrote
+    or read KV would show; the draft is the target, so a wrong draft cache would show as rejections."""
+    prompts = [p[:12] for p in copy_heavy_prompts(5, seed=9)]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=TOP_LOGPROBS)
+    options = dict(speculative_model=models["sharp_target"], num_speculative_tokens=3, max_batch_size=16)
+    results, stats = {}, {}
+    for graphs in (False, True):
+        llm = LLM(
+            models["sharp_target"],
+            device="cpu",
+            attention_backend="triton",
+            enable_cuda_graph=graphs,
+            **options,
+        )
+        runners = [llm.engine.runner, *llm.engine.speculator.runners]
+        assert all((r.verify_graphs is not None) == graphs for r in runners)
+        for runner in runners:
+            runner.kv_cache.fill_(float("nan"))
+        try:
+            results[graphs] = [
+                GreedyRun.of(o.outputs[0]) for o in llm.generate(prompts, params, use_tqdm=False)
+            ]
+            stats[graphs] = llm.stats()
+            draft = runners[1]
+            assert (draft.num_graph_steps > 0 and draft.num_verify_graph_steps > 0) == graphs
+        finally:
+            llm.shutdown()
+    assert_all_agree(results[True], results[False], what="verify graphs vs eager")
+    assert stats[True]["num_verify_graph_steps"] > 0 and stats[False]["num_verify_graph_steps"] == 0
+    assert stats[True]["speculative_acceptance_rate"] > 0.9
 
 
 # ---- the sampled distribution through the engine ----------------------------------------------------
