@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from itertools import repeat
 
 import torch
 
@@ -46,7 +47,7 @@ class LaunchedStep:
     sampling_seqs: list[Sequence]  # the sequences it samples for, in the handle's order
     token_index: list[int]  # where each one's sampled token goes in its token_ids (a PLACEHOLDER now)
     prompt_logprob_seqs: list[Sequence]  # sequences whose prompt logprobs it computes
-    num_drafts: list[int]  # per sampling sequence: the drafts it verifies
+    num_drafts: list[int]  # per sampling sequence: the drafts it verifies (empty when nobody drafted)
 
     @property
     def verifies(self) -> bool:
@@ -275,7 +276,9 @@ class LLMEngine:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
             start = seq.num_computed_tokens
-            end = min(start + n, len(seq))  # its own tokens; slots past them are for drafts
+            end = start + n
+            if proposals is not None and end > len(seq):  # slots past its own tokens are for drafts
+                end = len(seq)
             if start < seq.num_prompt_tokens:
                 self.num_prompt_tokens_computed += min(end, seq.num_prompt_tokens) - start
             samples = end == len(seq)  # its slice reaches its last token: the step samples the next
@@ -290,13 +293,13 @@ class LLMEngine:
                     prompt_logprob_seqs.append(seq)
             tokens = seq.token_ids[start:end]
             pending = tokens[-1] == PLACEHOLDER
-            m = proposals.num_drafts.get(seq.seq_id, 0) if proposals is not None and samples else 0
-            if m:
-                tokens = tokens + (
-                    proposals.token_ids[seq.seq_id] if proposals.token_ids else [PLACEHOLDER] * m
-                )
-            if samples:
+            m = 0
+            if proposals is not None and samples:
+                m = proposals.num_drafts.get(seq.seq_id, 0)
                 num_drafts.append(m)
+                if m:
+                    drafts = proposals.token_ids[seq.seq_id] if proposals.token_ids else [PLACEHOLDER] * m
+                    tokens = tokens + drafts
             sampling = self._sampling_row(seq) if samples else None
             step_seqs.append(
                 StepSequence(
@@ -307,10 +310,14 @@ class LLMEngine:
         drafts = None if proposals is None else proposals.device
         handle = self.runner.launch(StepBatch(step_seqs, drafts), prev)
         self.num_steps += 1
-        for seq, n, step_seq in zip(scheduled.seqs, scheduled.num_new_tokens, step_seqs):
-            seq.num_computed_tokens += len(step_seq.token_ids)
-            if len(step_seq.token_ids) < n:  # fewer drafts than slots: give back the blocks unused
-                self.block_manager.trim(seq, seq.num_computed_tokens + 1)
+        if proposals is None:
+            for seq, n in zip(scheduled.seqs, scheduled.num_new_tokens):
+                seq.num_computed_tokens += n
+        else:
+            for seq, n, step_seq in zip(scheduled.seqs, scheduled.num_new_tokens, step_seqs):
+                seq.num_computed_tokens += len(step_seq.token_ids)
+                if len(step_seq.token_ids) < n:  # fewer drafts than slots: give back the blocks unused
+                    self.block_manager.trim(seq, seq.num_computed_tokens + 1)
         token_index = []
         for seq in sampling_seqs:
             token_index.append(len(seq.token_ids))
@@ -352,25 +359,23 @@ class LLMEngine:
             seq.prompt_logprobs += result.prompt_logprobs[seq.seq_id]
         now = time.monotonic()
         touched: dict[str, Request] = {}
-        for seq, index, tokens, logprobs, num_drafts in zip(
-            step.sampling_seqs, step.token_index, result.token_ids, result.logprobs, step.num_drafts
+        num_drafts = step.num_drafts or repeat(0)
+        for seq, index, tokens, logprobs, drafts in zip(
+            step.sampling_seqs, step.token_index, result.token_ids, result.logprobs, num_drafts
         ):
             request = self.requests.get(seq.request_id)
             if seq.is_finished or request is None:
                 continue  # aborted, or finished by the step before (its extra row is discarded)
-            if num_drafts:
-                self._keep_accepted(seq, num_drafts, len(tokens) - 1)
-            for i, token in enumerate(tokens):  # accepted drafts, then the token sampled after them
-                if i == 0:
-                    seq.token_ids[index] = token
-                else:
-                    seq.token_ids.append(token)
-                self._accept_token(request, seq, token, None if logprobs is None else logprobs[i], now)
-                if seq.is_finished:
-                    break
+            if drafts:
+                kept = self._take_verified(request, seq, index, tokens, logprobs, drafts, now)
+            else:
+                (token,) = tokens  # one token per sequence and step
+                seq.token_ids[index] = token
+                self._accept_token(request, seq, token, None if logprobs is None else logprobs[0], now)
+                kept = 1
             touched[request.request_id] = request
             if seq.is_finished:
-                del seq.token_ids[index + i + 1 :]  # a placeholder from the step now in flight
+                del seq.token_ids[index + kept :]  # a placeholder from the step now in flight
                 # Tokens past the finishing one (drafts after a stop) were computed but are not kept.
                 seq.num_computed_tokens = min(seq.num_computed_tokens, len(seq.token_ids))
                 self.block_manager.commit_computed_blocks(seq)
@@ -384,12 +389,33 @@ class LLMEngine:
                 del self.requests[r.request_id]
         return outputs
 
-    def _keep_accepted(self, seq: Sequence, num_drafts: int, num_accepted: int) -> None:
-        """Roll the cache back past the rejected drafts: their KV is not the sequence's, and the blocks
-        that held only them go back to the pool."""
+    def _take_verified(
+        self,
+        request: Request,
+        seq: Sequence,
+        index: int,
+        tokens: list[int],
+        logprobs: list[TokenLogprobs] | None,
+        num_drafts: int,
+        now: float,
+    ) -> int:
+        """A verify step's tokens for `seq` (its accepted drafts, then the token sampled after them): roll
+        the cache back past the rejected drafts, then take the tokens one by one until one finishes it.
+        Returns how many it kept."""
+        num_accepted = len(tokens) - 1
+        # The rejected drafts' KV is not the sequence's; the blocks that held only them go back.
         seq.num_computed_tokens -= num_drafts - num_accepted
         self.block_manager.trim(seq, seq.num_computed_tokens + 1)  # + the token sampled after them
         self.speculator.record(seq, num_drafts, num_accepted)
+        for kept, token in enumerate(tokens):
+            if kept:
+                seq.token_ids.append(token)
+            else:
+                seq.token_ids[index] = token  # the step's placeholder
+            self._accept_token(request, seq, token, None if logprobs is None else logprobs[kept], now)
+            if seq.is_finished:
+                break
+        return kept + 1
 
     def _accept_token(
         self, request: Request, seq: Sequence, token: int, logprobs: TokenLogprobs | None, now: float

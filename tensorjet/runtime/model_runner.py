@@ -353,14 +353,16 @@ class ModelRunner:
             context_lens.append(end)
             if seq.sampling is not None:
                 m = seq.num_drafts
-                logits_indices += range(offset + n - 1 - m, offset + n)
                 sampled_seq_ids.append(seq.seq_id)
                 sampling_rows.append(seq.sampling)
                 num_drafts.append(m)
-                if m:
+                if m:  # the row before each draft and the last row
+                    logits_indices += range(offset + n - 1 - m, offset + n)
                     draft_rows += range(offset + n - m, offset + n)
                     if batch.drafts is not None:
                         draft_entries += batch.drafts.index[seq.seq_id][:m]
+                else:
+                    logits_indices.append(offset + n - 1)
         max_blocks = max(len(s.block_table) for s in batch.seqs)
         tables: list[int] = []
         for s in batch.seqs:
