@@ -267,8 +267,9 @@ class RuntimeConfig(_Part):
     enable_cuda_graph: bool = option(
         True,
         "capture steps as CUDA graphs: decode steps over batch sizes 1, 2, 4, 8, 16, 32, ... "
-        "`max_batch_size`, and steps with prompt tokens over token counts 32, 64, ... 512 (capped at "
-        "`max_num_tokens`; at most 8 prompt chunks); a step pads to the next captured size; larger or "
+        "`max_batch_size`, steps with prompt tokens over token counts 32, 64, ... 512 (capped at "
+        "`max_num_tokens`; at most 8 prompt chunks), and with speculation verify steps over batch sizes "
+        "up to `speculative_disable_by_batch_size`; a step pads to the next captured size; larger or "
         "more crowded steps, and those asking for prompt logprobs, run eagerly. Applies with the triton "
         "attention backend only: with `torch` (the CPU default) every step runs eagerly",
     )

@@ -13,8 +13,9 @@ kept), so a smaller cache captures faster and holds less memory but pads more.
 Small mixed steps (sequences with several query rows, with or without decodes) are captured too
 (`MixedStepGraphs`): with in-flight batching one comes whenever a finished request makes room for a new
 prompt, and a step of a few hundred tokens takes less GPU time than launching its kernels from Python
-does. Steps that no graph holds run eagerly. All graphs share one memory pool (each ladder captured
-largest first, so smaller graphs reuse its blocks).
+does. With speculative decoding, steps whose sequences have a few rows each (drafts to verify) replay
+`VerifyGraphs`, one per batch-size bucket. Steps that no graph holds run eagerly. All graphs share one
+memory pool (each ladder captured largest first, so smaller graphs reuse its blocks).
 
 The attention backend owns its part of the static state (`GraphAttentionBackend.graph_buffers`): this
 module says which `StepShape` each graph holds and hands each step's metadata to the backend's buffers.
