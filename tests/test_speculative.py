@@ -133,6 +133,29 @@ def test_greedy_speculation_is_token_exact_alone_batched_and_under_preemption(me
         assert stats["speculative_mean_accepted_tokens"] > 2.0
 
 
+def test_an_fp8_target_gets_an_fp8_draft(models):
+    """dtype="fp8" applies to the draft model too; its drafts are still the target's own choices."""
+    prompts = copy_heavy_prompts(3, seed=10)
+    plain = LLM(models["target"], device="cpu", dtype="fp8", batch_invariant=True)
+    try:
+        reference = tokens_of(plain.generate(prompts, greedy(16), use_tqdm=False))
+    finally:
+        plain.shutdown()
+    llm = LLM(
+        models["target"],
+        device="cpu",
+        dtype="fp8",
+        batch_invariant=True,
+        **spec_options("draft_is_target", models),
+    )
+    try:
+        assert tokens_of(llm.generate(prompts, greedy(16), use_tqdm=False)) == reference
+        assert llm.engine.speculator.runners[0].weight_format == "fp8 (online)"
+        assert llm.stats()["speculative_acceptance_rate"] == 1.0
+    finally:
+        llm.shutdown()
+
+
 def test_prefix_cache_hits_and_shared_prefixes_stay_exact(models, plain, self_draft):
     """Prompts sharing two blocks, run twice: the second run's prompts come from the prefix cache (the
     target's KV) while the draft recomputes its own; only verified blocks are ever cached."""
