@@ -137,6 +137,10 @@ MIXED_TOKEN_BUCKETS = (32, 64, 128, 256, 512)  # token counts of the mixed steps
 # Sequences with several query rows (prompt chunks, drafts to verify) a graphed mixed step holds; a step
 # with more runs eagerly.
 MIXED_MAX_MULTI_ROW_SEQS = 8
+# The largest verify graph's sequences: its logits buffer holds every row of each (64 x 6 rows of a
+# 128k vocabulary in fp32: 197 MB at k = 5); larger speculating steps take the mixed-step ladder or run
+# eagerly.
+VERIFY_MAX_SEQS = 64
 
 
 def mixed_token_buckets(max_num_tokens: int) -> list[int]:
@@ -275,8 +279,8 @@ class VerifyGraphs(_MultiRowGraphs):
     """Steps whose sequences have at most `rows_per_seq` query rows each, every row's logits read: a
     target verifying up to rows_per_seq - 1 drafts per sequence, or a draft model's first step of a round
     (the last token and, after a fully accepted round, its own last draft). One graph per batch-size
-    bucket (`graph_batch_sizes`) of n sequences: n * rows_per_seq + 1 token rows, all n possibly
-    multi-row, so a step pads only to its bucket, not to a token count of the mixed ladder.
+    bucket (`graph_batch_sizes`, up to VERIFY_MAX_SEQS) of n sequences: n * rows_per_seq + 1 token rows,
+    all n possibly multi-row, so a step pads only to its bucket, not to a token count of the mixed ladder.
     """
 
     def __init__(
@@ -291,7 +295,7 @@ class VerifyGraphs(_MultiRowGraphs):
         device: torch.device,
     ) -> None:
         self.rows_per_seq = rows_per_seq
-        sizes = graph_batch_sizes(max_batch_size)
+        sizes = graph_batch_sizes(min(max_batch_size, VERIFY_MAX_SEQS))
         shapes = {n: StepShape(n * rows_per_seq + 1, n, n, max_query_len=rows_per_seq) for n in sizes}
         sampled = {n: n * rows_per_seq for n in sizes}
         super().__init__(model, backend, shapes, sampled, block_size, num_kv_heads, max_seq_len, device)
