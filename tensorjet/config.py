@@ -42,6 +42,14 @@ BLOCK_SIZES = (8, 16, 32, 64, 128)
 # step reads; values are stored unscaled (scale 1.0, as vLLM does without calibrated scales) and
 # saturate at +-448.
 KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
+# Speculative decoding: `speculative_model` names a draft model or this method (vLLM's spelling).
+NGRAM = "[ngram]"
+DEFAULT_SPECULATIVE_TOKENS = 5
+MAX_SPECULATIVE_TOKENS = 16
+# A sequence's acceptance rate is judged over its last ACCEPTANCE_WINDOW verify steps, from the
+# MIN_ACCEPTANCE_STEPS-th on.
+ACCEPTANCE_WINDOW = 8
+MIN_ACCEPTANCE_STEPS = 4
 # Documented default KV budget on CPU, where there is no "free GPU memory" to take a fraction of.
 CPU_KV_CACHE_BYTES = 2 * 1024**3
 
@@ -263,8 +271,9 @@ class RuntimeConfig(_Part):
     enable_cuda_graph: bool = option(
         True,
         "capture steps as CUDA graphs: decode steps over batch sizes 1, 2, 4, 8, 16, 32, ... "
-        "`max_batch_size`, and steps with prompt tokens over token counts 32, 64, ... 512 (capped at "
-        "`max_num_tokens`; at most 8 prompt chunks); a step pads to the next captured size; larger or "
+        "`max_batch_size`, steps with prompt tokens over token counts 32, 64, ... 512 (capped at "
+        "`max_num_tokens`; at most 8 prompt chunks), and with speculation verify steps over batch sizes "
+        "up to `speculative_disable_by_batch_size`; a step pads to the next captured size; larger or "
         "more crowded steps, and those asking for prompt logprobs, run eagerly. Applies with the triton "
         "attention backend only: with `torch` (the CPU default) every step runs eagerly",
     )
@@ -315,20 +324,75 @@ class ParallelConfig(_Part):
 
 @dataclass
 class SpeculativeConfig(_Part):
-    """Speculative decoding: a draft model proposes tokens that the target model verifies."""
+    """Speculative decoding: a proposer drafts tokens that the target model verifies in one step, with
+    rejection sampling, so the output follows the target's distribution exactly."""
 
-    speculative_model: str | None = option(None, "draft model; not available yet: any value is an error")
+    speculative_model: str | None = option(
+        None,
+        f"draft model (a local HF dir, `.gguf` file, cached hub id or dummy preset with the target's "
+        f"vocabulary), or `{NGRAM}`: drafts copied from earlier tokens of the same sequence (prompt "
+        "lookup); default: no speculation",
+    )
     num_speculative_tokens: int | None = option(
-        None, "draft tokens per step; not available yet: any value is an error"
+        None,
+        f"draft tokens proposed per step, 1 to {MAX_SPECULATIVE_TOKENS}; default "
+        f"{DEFAULT_SPECULATIVE_TOKENS} with `speculative_model`",
+    )
+    prompt_lookup_min: int = option(2, f"`{NGRAM}`: the shortest n-gram matched against earlier tokens")
+    prompt_lookup_max: int = option(4, f"`{NGRAM}`: the longest n-gram tried (the longest match wins)")
+    speculative_disable_by_batch_size: int | None = option(
+        32,
+        "a step speculates only while at most this many sequences are running or waiting (larger "
+        "batches gain little from drafts); None: at any batch size",
+    )
+    speculative_disable_by_acceptance_rate: float = option(
+        0.1,
+        f"a sequence stops speculating once the share of its drafts accepted over its last "
+        f"{ACCEPTANCE_WINDOW} verify steps falls below this (checked from the {MIN_ACCEPTANCE_STEPS}th); "
+        "0: never",
     )
 
     def validate(self) -> None:
-        if self.speculative_model is not None:
-            raise not_available("speculative decoding", f"speculative_model={self.speculative_model!r}")
-        if self.num_speculative_tokens is not None:
-            raise not_available(
-                "speculative decoding", f"num_speculative_tokens={self.num_speculative_tokens}"
+        model, k = self.speculative_model, self.num_speculative_tokens
+        if model is not None and (not model or (model.startswith("[") and model != NGRAM)):
+            raise _fail("speculative_model", model, f"must be a draft model or {NGRAM!r}")
+        if k is not None and model is None:
+            raise _fail("num_speculative_tokens", k, "needs speculative_model (a draft model or '[ngram]')")
+        if k is not None and not 1 <= k <= MAX_SPECULATIVE_TOKENS:
+            raise _fail("num_speculative_tokens", k, f"must be in [1, {MAX_SPECULATIVE_TOKENS}]")
+        if self.prompt_lookup_min < 1:
+            raise _fail("prompt_lookup_min", self.prompt_lookup_min, "must be >= 1")
+        if self.prompt_lookup_max < self.prompt_lookup_min:
+            raise _fail(
+                "prompt_lookup_max",
+                self.prompt_lookup_max,
+                f"must be >= prompt_lookup_min={self.prompt_lookup_min}",
             )
+        if self.speculative_disable_by_batch_size is not None and self.speculative_disable_by_batch_size < 1:
+            raise _fail(
+                "speculative_disable_by_batch_size", self.speculative_disable_by_batch_size, "must be >= 1"
+            )
+        if not 0.0 <= self.speculative_disable_by_acceptance_rate <= 1.0:
+            raise _fail(
+                "speculative_disable_by_acceptance_rate",
+                self.speculative_disable_by_acceptance_rate,
+                "must be in [0, 1]",
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.speculative_model is not None
+
+    @property
+    def uses_ngram(self) -> bool:
+        return self.speculative_model == NGRAM
+
+    @property
+    def num_tokens(self) -> int:
+        """Draft tokens per step: 0 without speculation."""
+        if self.speculative_model is None:
+            return 0
+        return self.num_speculative_tokens or DEFAULT_SPECULATIVE_TOKENS
 
 
 @dataclass
@@ -384,6 +448,12 @@ class EngineConfig:
         if self.runtime.disable_overlap_scheduler is None:
             return self.torch_device.type == "cuda"
         return not self.runtime.disable_overlap_scheduler
+
+    @property
+    def speculative_batch_size(self) -> int:
+        """The most sequences a step that speculates holds."""
+        limit = self.speculative.speculative_disable_by_batch_size
+        return min(self.scheduler.max_batch_size, limit or self.scheduler.max_batch_size)
 
     def uses_step_graphs(self, attention_backend: str) -> bool:
         """Whether steps go through the CUDA-graph path (captured on CUDA, the same static buffers run

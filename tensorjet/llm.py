@@ -48,6 +48,10 @@ class LLM:
         tensor_parallel_size: int = 1,
         speculative_model: str | None = None,
         num_speculative_tokens: int | None = None,
+        prompt_lookup_min: int = 2,
+        prompt_lookup_max: int = 4,
+        speculative_disable_by_batch_size: int | None = 32,
+        speculative_disable_by_acceptance_rate: float = 0.1,
     ) -> None:
         """One keyword argument per engine option, as tensorjet.config declares them (names, order and
         defaults are tested to match); each is described in the README's options table."""

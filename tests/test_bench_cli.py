@@ -30,6 +30,7 @@ TABLE_LABELS = (
     "KV cache usage",
     "prefix cache hit rate",
     "preemptions",
+    "speculative decoding",
 )
 LATENCY_KEYS = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")
 TINY_VOCAB = 512
@@ -149,6 +150,28 @@ def test_shared_prefix_workload_hits_the_prefix_cache(tiny_model, tmp_path):
     check_report(report, 8, 48, 4)
     # One at a time: 2 full blocks (32 tokens) of each later prompt come from the cache.
     assert report["prefix_cache_hit_rate"] == pytest.approx(7 * 32 / (8 * 48))
+
+
+def test_speculative_bench_reports_acceptance_and_the_speed_up_without_speculation(
+    tiny_model, tmp_path, capsys
+):
+    """--speculative_model runs the workload twice (a fresh engine without speculation second)."""
+    out_json = tmp_path / "r.json"
+    argv = ["bench", *tiny_args(tiny_model), "--input_len", "24", "--output_len", "24", "--num_requests", "2"]
+    argv += ["--speculative_model", "[ngram]", "--prompt_lookup_min", "1", "--warmup", "0"]
+    assert main([*argv, "--report_json", str(out_json)]) == 0
+    table = capsys.readouterr().out
+    report = json.loads(out_json.read_text())
+    # Several tokens per update: the gaps between updates are fewer than the tokens after the first.
+    assert report["num_completed"] == 2 and report["total_output_tokens"] == 2 * 24
+    assert 0 < report["speculative_acceptance_rate"] <= 1 and report["speculative_mean_accepted_tokens"] > 0
+    base = report["without_speculation"]
+    assert report["speculative_speedup"] == pytest.approx(
+        report["output_throughput"] / base["output_throughput"]
+    )
+    assert set(base) >= {"output_throughput", "tpot_ms", "itl_ms"}
+    assert "accepted tokens per verify step" in table and "vs no speculation" in table
+    assert report["config"]["engine_options"]["speculative_model"] == "[ngram]"
 
 
 def test_jsonl_dataset_and_poisson_arrivals(tiny_model, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from tensorjet.bench import datasets, driver, metrics, serving, tune
+from tensorjet.bench import datasets, driver, metrics, offline, serving, tune
 from tensorjet.bench.cli import add_bench_arguments
 from tensorjet.bench.gpu_monitor import Sampler, nvml_probes, peak_and_mean
 from tensorjet.bench.offline import is_oom
@@ -204,8 +204,39 @@ def test_server_metrics_parsing():
     assert serving.find_metric(parsed, ("nothing_like_this",)) is None
     after = dict(parsed, tensorjet_prefix_cache_queries_total=1400.0, tensorjet_prefix_cache_hits_total=400.0)
     after["tensorjet_num_preemptions_total"] = 5.0
-    assert serving.server_counters(parsed, after) == {"prefix_cache_hit_rate": 0.25, "num_preemptions": 3}
-    assert serving.server_counters({}, {}) == {"prefix_cache_hit_rate": None, "num_preemptions": None}
+    no_speculation = {"speculative_acceptance_rate": None, "speculative_mean_accepted_tokens": None}
+    expected = {"prefix_cache_hit_rate": 0.25, "num_preemptions": 3, **no_speculation}
+    assert serving.server_counters(parsed, after) == expected
+    assert serving.server_counters({}, {}) == {
+        "prefix_cache_hit_rate": None,
+        "num_preemptions": None,
+        **no_speculation,
+    }
+
+
+def test_speculation_counters_of_a_server_and_of_the_engine():
+    """vLLM's counter names serve both; acceptance = accepted / drafted, per step = accepted / drafts."""
+    before = {
+        "vllm:spec_decode_num_draft_tokens_total": 100.0,
+        "vllm:spec_decode_num_accepted_tokens_total": 40.0,
+    }
+    before["vllm:spec_decode_num_drafts_total"] = 20.0
+    after = {
+        "vllm:spec_decode_num_draft_tokens_total": 300.0,
+        "vllm:spec_decode_num_accepted_tokens_total": 190.0,
+    }
+    after["vllm:spec_decode_num_drafts_total"] = 60.0
+    counters = serving.server_counters(before, after)
+    assert (
+        counters["speculative_acceptance_rate"] == 0.75
+        and counters["speculative_mean_accepted_tokens"] == 3.75
+    )
+    stats = {"prefix_cache_hits_tokens": 0, "prefix_cache_queries_tokens": 0, "num_preemptions": 0}
+    idle = dict(stats, speculative_draft_tokens=8, speculative_accepted_tokens=4, speculative_verify_steps=2)
+    busy = dict(idle, speculative_draft_tokens=28, speculative_accepted_tokens=19, speculative_verify_steps=6)
+    assert offline.engine_counters(idle, busy)["speculative_acceptance_rate"] == 0.75
+    assert offline.engine_counters(idle, busy)["speculative_mean_accepted_tokens"] == 3.75
+    assert offline.engine_counters(idle, idle)["speculative_acceptance_rate"] is None
 
 
 # ---- tuning --------------------------------------------------------------------------------------

@@ -119,9 +119,9 @@ def test_flags_show_the_option_help_and_default():
 def test_an_unbuilt_feature_on_the_command_line_is_a_clean_error(command, capsys):
     from tensorjet.cli import main
 
-    assert main([command, *required_args(command), "--num-speculative-tokens", "4", "--device", "cpu"]) == 2
+    assert main([command, *required_args(command), "--tensor-parallel-size", "2", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert "num_speculative_tokens=4" in err and "not available" in err and "Traceback" not in err
+    assert "tensor_parallel_size=2" in err and "not available" in err and "Traceback" not in err
 
 
 # ---- validation --------------------------------------------------------------------------------------
@@ -147,6 +147,27 @@ def test_an_unbuilt_feature_on_the_command_line_is_a_clean_error(command, capsys
         ({"max_batch_size": "8"}, "max_batch_size must be of type int"),
         ({"max_batch_size": True}, "max_batch_size must be of type int"),
         ({"enable_prefix_caching": 1}, "enable_prefix_caching must be of type bool"),
+        ({"speculative_model": "[eagle]"}, r"speculative_model must be a draft model or '\[ngram\]'"),
+        ({"speculative_model": ""}, r"speculative_model must be a draft model or '\[ngram\]'"),
+        ({"num_speculative_tokens": 3}, "num_speculative_tokens needs speculative_model"),
+        (
+            {"speculative_model": "[ngram]", "num_speculative_tokens": 0},
+            r"num_speculative_tokens must be in \[1, 16\]",
+        ),
+        (
+            {"speculative_model": "[ngram]", "num_speculative_tokens": 17},
+            r"num_speculative_tokens must be in \[1, 16\]",
+        ),
+        ({"prompt_lookup_min": 0}, "prompt_lookup_min must be >= 1"),
+        (
+            {"prompt_lookup_min": 3, "prompt_lookup_max": 2},
+            "prompt_lookup_max must be >= prompt_lookup_min=3",
+        ),
+        ({"speculative_disable_by_batch_size": 0}, "speculative_disable_by_batch_size must be >= 1"),
+        (
+            {"speculative_disable_by_acceptance_rate": 1.5},
+            r"speculative_disable_by_acceptance_rate must be in \[0, 1\]",
+        ),
         ({"kv_cache_free_gpu_mem_fraction": None}, "kv_cache_free_gpu_mem_fraction must be of type float"),
     ],
 )
@@ -169,8 +190,6 @@ def test_an_int_is_a_valid_float():
     "option, named",
     [
         ({"dtype": "int8"}, "dtype='int8'"),
-        ({"speculative_model": "draft"}, "speculative_model='draft'"),
-        ({"num_speculative_tokens": 3}, "num_speculative_tokens=3"),
         ({"tensor_parallel_size": 2}, "tensor_parallel_size=2"),
     ],
 )

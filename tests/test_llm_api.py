@@ -239,8 +239,6 @@ def test_unknown_model_path_is_a_value_error(tmp_path):
     [
         {"quantization": "gptq"},
         {"dtype": "int4_awq", "quantization": "awq"},
-        {"speculative_model": "x"},
-        {"num_speculative_tokens": 3},
         {"tensor_parallel_size": 2},
     ],
 )

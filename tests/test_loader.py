@@ -44,6 +44,7 @@ def test_sharded_hf_directory_round_trips(tmp_path):
     "name, billions",
     [
         ("meta-llama/Meta-Llama-3-8B", 8.03),
+        ("meta-llama/Llama-3.2-1B", 1.24),
         ("Llama-3-70B", 70.6),
         ("meta-llama/Llama-3.1-405B", 405.8),
         ("Qwen/Qwen2-7B", 7.62),

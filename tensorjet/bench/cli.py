@@ -151,9 +151,11 @@ def _guarded(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse
 def bench_command(args: argparse.Namespace) -> int:
     if args.sweep:
         return _sweep_command(args)
-    from tensorjet.bench.run import run_benchmark
+    from tensorjet.bench.run import compare_without_speculation, run_benchmark
 
     result = run_benchmark(args)
+    if args.speculative_model is not None and not args.url:
+        compare_without_speculation(args, result.report)
     print(report.format_table(result.report))
     _warn_failures(result.records)
     if args.report_json:

@@ -108,3 +108,13 @@ def output_throughput_over_time(
 
 def ratio(numerator: float, denominator: float) -> float | None:
     return numerator / denominator if denominator else None
+
+
+def speculation_numbers(drafted: float | None, accepted: float | None, verify_steps: float | None) -> dict:
+    """Acceptance rate (accepted / drafted tokens) and accepted tokens per verify step; None where the
+    run verified no drafts (or the counters are missing)."""
+    verified = drafted is not None and accepted is not None and verify_steps
+    return {
+        "speculative_acceptance_rate": ratio(accepted, drafted) if verified else None,
+        "speculative_mean_accepted_tokens": ratio(accepted, verify_steps) if verified else None,
+    }

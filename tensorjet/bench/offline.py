@@ -14,7 +14,7 @@ import torch
 from tensorjet.bench.datasets import BenchRequest
 from tensorjet.bench.driver import Send
 from tensorjet.bench.gpu_monitor import Probe
-from tensorjet.bench.metrics import RequestRecord, ratio
+from tensorjet.bench.metrics import RequestRecord, ratio, speculation_numbers
 from tensorjet.sampling_params import SamplingParams
 
 
@@ -104,12 +104,17 @@ def peak_memory_gb(device: torch.device) -> float | None:
 
 
 def engine_counters(before: dict, after: dict) -> dict:
-    """Prefix-cache hit rate and preemptions of the measured run alone (warmup excluded)."""
+    """Prefix-cache hit rate, preemptions and speculation of the measured run alone (warmup excluded)."""
     hits = after["prefix_cache_hits_tokens"] - before["prefix_cache_hits_tokens"]
     queries = after["prefix_cache_queries_tokens"] - before["prefix_cache_queries_tokens"]
+    drafted, accepted, verify_steps = (
+        after[key] - before[key]
+        for key in ("speculative_draft_tokens", "speculative_accepted_tokens", "speculative_verify_steps")
+    )
     return {
         "prefix_cache_hit_rate": ratio(hits, queries),
         "num_preemptions": after["num_preemptions"] - before["num_preemptions"],
+        **speculation_numbers(drafted, accepted, verify_steps),
     }
 
 

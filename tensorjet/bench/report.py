@@ -51,7 +51,10 @@ def format_table(report: dict) -> str:
         ("KV cache usage", _peak_mean(report["kv_cache_usage"], _pct)),
         ("prefix cache hit rate", _pct(report["prefix_cache_hit_rate"])),
         ("preemptions", "n/a" if report["num_preemptions"] is None else str(report["num_preemptions"])),
+        ("speculative decoding", _speculation(report)),
     ]
+    if "without_speculation" in report:
+        rows.append(("vs no speculation", _speedup(report)))
     width = max(len(name) for name, _ in rows)
     lines = [f"{name:<{width}}  {value}" for name, value in rows]
     lines += ["", f"{'latency (ms)':<{width}}" + "".join(f"{k:>11}" for k in STAT_KEYS)]
@@ -59,6 +62,22 @@ def format_table(report: dict) -> str:
         lines.append(f"{label:<{width}}" + "".join(f"{_num(report[key][k]):>11}" for k in STAT_KEYS))
     rule = "=" * len(max(lines, key=len))
     return "\n".join([rule, "tensorjet bench", rule, *lines, rule])
+
+
+def _speculation(report: dict) -> str:
+    rate = report.get("speculative_acceptance_rate")
+    if rate is None:
+        return "n/a (no drafts verified)"
+    mean = report["speculative_mean_accepted_tokens"]
+    return f"acceptance {_pct(rate)}, {mean:.2f} accepted tokens per verify step"
+
+
+def _speedup(report: dict) -> str:
+    base = report["without_speculation"]
+    return (
+        f"{report['speculative_speedup']:.2f}x output tok/s ({base['output_throughput']:,.2f} tok/s and "
+        f"TPOT p50 {_num(base['tpot_ms']['p50'])} ms without)"
+    )
 
 
 def _weights(report: dict) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import os
 import platform
 import subprocess
@@ -18,7 +19,8 @@ from tensorjet.bench import offline, serving
 from tensorjet.bench.datasets import BenchRequest, load_dataset, random_requests
 from tensorjet.bench.driver import Send, drive
 from tensorjet.bench.gpu_monitor import Sampler, nvml_probes, peak_and_mean
-from tensorjet.bench.metrics import RequestRecord, summarize
+from tensorjet.bench.metrics import RequestRecord, ratio, summarize
+from tensorjet.config import ENGINE_OPTIONS
 from tensorjet.engine_args import engine_options
 
 WORKLOAD_KEYS = (
@@ -49,6 +51,21 @@ def run_benchmark(args: argparse.Namespace, llm=None) -> BenchResult:
         return _run_offline(args, llm)
     with offline.open_llm(engine_options(args)) as fresh:
         return _run_offline(args, fresh)
+
+
+def compare_without_speculation(args: argparse.Namespace, report: dict) -> None:
+    """Run the same workload on a fresh engine without speculation; add its throughput and latencies to
+    `report` (`without_speculation`) with the speed-up of output tokens/s (`speculative_speedup`)."""
+    plain = copy.copy(args)
+    for name, spec in ENGINE_OPTIONS.items():
+        if spec.part == "speculative":
+            setattr(plain, name, None)
+    base = run_benchmark(plain).report
+    report["without_speculation"] = {
+        key: base[key]
+        for key in ("output_throughput", "request_throughput", "ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")
+    }
+    report["speculative_speedup"] = ratio(report["output_throughput"], base["output_throughput"])
 
 
 def bench_config(args: argparse.Namespace) -> dict:

@@ -17,13 +17,16 @@ from urllib.parse import urlsplit
 from tensorjet.bench.datasets import BenchRequest
 from tensorjet.bench.driver import Send
 from tensorjet.bench.gpu_monitor import Probe
-from tensorjet.bench.metrics import RequestRecord, ratio
+from tensorjet.bench.metrics import RequestRecord, ratio, speculation_numbers
 
 # Metric names end with one of these, after any namespace ("tensorjet_", "vllm:") and "_total".
 KV_USAGE_NAMES = ("kv_cache_usage", "kv_cache_usage_ratio", "kv_cache_usage_perc", "gpu_cache_usage_perc")
 PREFIX_HIT_NAMES = ("prefix_cache_hits_tokens", "prefix_cache_hits")
 PREFIX_QUERY_NAMES = ("prefix_cache_queries_tokens", "prefix_cache_queries")
 PREEMPTION_NAMES = ("num_preemptions", "preemptions")
+DRAFT_TOKEN_NAMES = ("spec_decode_num_draft_tokens",)
+ACCEPTED_TOKEN_NAMES = ("spec_decode_num_accepted_tokens",)
+DRAFT_STEP_NAMES = ("spec_decode_num_drafts",)
 
 
 class HTTPError(Exception):
@@ -185,7 +188,7 @@ def kv_usage_probe(base_url: str) -> Probe:
 
 
 def server_counters(before: dict[str, float], after: dict[str, float]) -> dict:
-    """Prefix-cache hit rate and preemptions during the run, from the server's counters."""
+    """Prefix-cache hit rate, preemptions and speculation during the run, from the server's counters."""
 
     def delta(names: tuple[str, ...]) -> float | None:
         start, end = find_metric(before, names), find_metric(after, names)
@@ -195,4 +198,5 @@ def server_counters(before: dict[str, float], after: dict[str, float]) -> dict:
     return {
         "prefix_cache_hit_rate": None if hits is None or queries is None else ratio(hits, queries),
         "num_preemptions": None if preemptions is None else int(preemptions),
+        **speculation_numbers(delta(DRAFT_TOKEN_NAMES), delta(ACCEPTED_TOKEN_NAMES), delta(DRAFT_STEP_NAMES)),
     }

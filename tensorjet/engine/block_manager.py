@@ -139,19 +139,33 @@ class BlockManager:
         seq.num_committed_blocks = max(seq.num_committed_blocks, num_full)
 
     def free(self, seq: Sequence) -> None:
-        """Drop `seq`'s references; its cached blocks stay findable, tail blocks evicted first."""
+        """Drop `seq`'s references; its cached blocks stay findable, tail blocks evicted first. What every
+        cache held for it (the target's and a draft model's) is gone with them."""
         for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            assert block.ref_count >= 0, f"block {block_id} freed twice"
-            if block.ref_count == 0:
-                if block.hash is not None:
-                    self.evictable[block_id] = None
-                else:
-                    self.free_ids.append(block_id)
+            self._release(block_id)
         seq.block_table = []
         seq.num_computed_tokens = 0
+        seq.num_draft_computed_tokens = 0
         seq.num_committed_blocks = 0
+
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Release `seq`'s blocks past the first `num_tokens` tokens (slots of rejected drafts). They hold
+        no committed block: only verified tokens are ever offered to the prefix cache."""
+        keep = self.blocks_needed(num_tokens)
+        assert keep >= seq.num_committed_blocks, "trimming a block the prefix cache holds"
+        for block_id in reversed(seq.block_table[keep:]):
+            self._release(block_id)
+        del seq.block_table[keep:]
+
+    def _release(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        assert block.ref_count >= 0, f"block {block_id} freed twice"
+        if block.ref_count == 0:
+            if block.hash is not None:
+                self.evictable[block_id] = None
+            else:
+                self.free_ids.append(block_id)
 
     # ---- invariants (used by tests) -----------------------------------------------------------
     def check_integrity(self, live_seqs: list[Sequence]) -> None:

@@ -5,14 +5,17 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from itertools import repeat
 
 import torch
 
 from tensorjet.config import EngineConfig
 from tensorjet.engine.block_manager import BlockManager
 from tensorjet.engine.detokenizer import IncrementalDetokenizer
+from tensorjet.engine.proposers import Proposals
 from tensorjet.engine.scheduler import ScheduledBatch, Scheduler
 from tensorjet.engine.sequence import PLACEHOLDER, Sequence
+from tensorjet.engine.speculation import build_speculator, speculation_stats
 from tensorjet.models.llama import max_positions_of
 from tensorjet.models.loader import ModelSource, load_tokenizer, resolve_model
 from tensorjet.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprobs
@@ -44,6 +47,11 @@ class LaunchedStep:
     sampling_seqs: list[Sequence]  # the sequences it samples for, in the handle's order
     token_index: list[int]  # where each one's sampled token goes in its token_ids (a PLACEHOLDER now)
     prompt_logprob_seqs: list[Sequence]  # sequences whose prompt logprobs it computes
+    num_drafts: list[int]  # per sampling sequence: the drafts it verifies (empty when nobody drafted)
+
+    @property
+    def verifies(self) -> bool:
+        return any(self.num_drafts)
 
     @property
     def must_resolve_before_scheduling(self) -> bool:
@@ -77,10 +85,16 @@ class LLMEngine:
         self.eos_token_ids = self._eos_token_ids()
         self.max_seq_len = config.load.resolve_max_seq_len(max_positions_of(self.source.hf_config))
         self.runner = ModelRunner(config, self.source, self.max_seq_len)
+        self.speculator = build_speculator(config, self.source, self.tokenizer, self.max_seq_len)
+        # A draft model's cache shares the target's block tables: one pool of blocks sized for both.
+        runners = [self.runner, *(self.speculator.runners if self.speculator else [])]
+        num_blocks = self.runner.kv_cache_blocks(sum(r.kv_bytes_per_block for r in runners))
+        for runner in runners:
+            runner.start(num_blocks)
         self.overlap = config.overlap_scheduling
         self._in_flight: LaunchedStep | None = None  # overlap: the launched step whose tokens are pending
         self.block_manager = BlockManager(
-            self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
+            num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_seq_len)
         self.requests: dict[str, Request] = {}
@@ -218,21 +232,31 @@ class LLMEngine:
         With overlap scheduling the step is launched and, while the device runs it, the previous
         step's tokens are read back and processed: each sampled token enters its sequence as a
         PLACEHOLDER first (the next step takes its value on the device) and is filled in one step
-        later. Without overlap a step is launched and resolved at once."""
+        later. Without overlap a step is launched and resolved at once.
+
+        While speculating there is no overlap: drafts are proposed from known tokens, and how many a
+        step accepts decides where the next one starts, so every step resolves before the next is
+        scheduled."""
         outputs: list[RequestOutput] = []
-        if self._in_flight is not None and self._in_flight.must_resolve_before_scheduling:
+        speculating = self.speculator is not None and self.speculator.active(
+            len(self.scheduler.running) + len(self.scheduler.waiting)
+        )
+        if self._in_flight is not None and (self._in_flight.must_resolve_before_scheduling or speculating):
             outputs += self._resolve(self._in_flight)
             self._in_flight = None
-        batch = self.scheduler.schedule()
+        batch = self.scheduler.schedule(self.speculator.lookahead if speculating else None)
         if not batch.seqs and self._in_flight is None:
             if self.scheduler.has_work():
                 raise RuntimeError("scheduler made no progress: the KV cache cannot hold any waiting request")
             return outputs
-        launched = self._launch(batch) if batch.seqs else None
+        launched = None
+        if batch.seqs:
+            proposals = self.speculator.propose(batch, self._sampling_row) if speculating else None
+            launched = self._launch(batch, proposals)
         if self._in_flight is not None:
             outputs += self._resolve(self._in_flight)
         self._in_flight = launched
-        if launched is not None and not self.overlap:
+        if launched is not None and (not self.overlap or launched.verifies):
             outputs += self._resolve(launched)
             self._in_flight = None
         for seq in batch.seqs:  # every token they computed is known now
@@ -240,20 +264,23 @@ class LLMEngine:
                 self.block_manager.commit_computed_blocks(seq)
         return outputs
 
-    def _launch(self, scheduled: ScheduledBatch) -> LaunchedStep:
+    def _launch(self, scheduled: ScheduledBatch, proposals: Proposals | None = None) -> LaunchedStep:
         """Describe the step to the runner (a `StepBatch`), launch it, and append a PLACEHOLDER for
-        each token it samples."""
+        each sequence it samples for. A sequence's slots past its own tokens hold its drafts."""
         now = time.monotonic()
         step_seqs: list[StepSequence] = []
         sampling_seqs: list[Sequence] = []
         prompt_logprob_seqs: list[Sequence] = []
+        num_drafts: list[int] = []
         for seq, n in zip(scheduled.seqs, scheduled.num_new_tokens):
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
             start = seq.num_computed_tokens
             end = start + n
+            if proposals is not None and end > len(seq):  # slots past its own tokens are for drafts
+                end = len(seq)
             if start < seq.num_prompt_tokens:
-                self.num_prompt_tokens_computed += min(n, seq.num_prompt_tokens - start)
+                self.num_prompt_tokens_computed += min(end, seq.num_prompt_tokens) - start
             samples = end == len(seq)  # its slice reaches its last token: the step samples the next
             if samples:
                 sampling_seqs.append(seq)
@@ -266,20 +293,36 @@ class LLMEngine:
                     prompt_logprob_seqs.append(seq)
             tokens = seq.token_ids[start:end]
             pending = tokens[-1] == PLACEHOLDER
+            m = 0
+            if proposals is not None and samples:
+                m = proposals.num_drafts.get(seq.seq_id, 0)
+                num_drafts.append(m)
+                if m:
+                    drafts = proposals.token_ids[seq.seq_id] if proposals.token_ids else [PLACEHOLDER] * m
+                    tokens = tokens + drafts
             sampling = self._sampling_row(seq) if samples else None
             step_seqs.append(
-                StepSequence(seq.seq_id, tokens, start, seq.block_table, pending, sampling, prompt_logprobs)
+                StepSequence(
+                    seq.seq_id, tokens, start, seq.block_table, pending, sampling, prompt_logprobs, m
+                )
             )
         prev = None if self._in_flight is None else self._in_flight.handle
-        handle = self.runner.launch(StepBatch(step_seqs), prev)
+        drafts = None if proposals is None else proposals.device
+        handle = self.runner.launch(StepBatch(step_seqs, drafts), prev)
         self.num_steps += 1
-        for seq, n in zip(scheduled.seqs, scheduled.num_new_tokens):
-            seq.num_computed_tokens += n
+        if proposals is None:
+            for seq, n in zip(scheduled.seqs, scheduled.num_new_tokens):
+                seq.num_computed_tokens += n
+        else:
+            for seq, n, step_seq in zip(scheduled.seqs, scheduled.num_new_tokens, step_seqs):
+                seq.num_computed_tokens += len(step_seq.token_ids)
+                if len(step_seq.token_ids) < n:  # fewer drafts than slots: give back the blocks unused
+                    self.block_manager.trim(seq, seq.num_computed_tokens + 1)
         token_index = []
         for seq in sampling_seqs:
             token_index.append(len(seq.token_ids))
             seq.token_ids.append(PLACEHOLDER)
-        return LaunchedStep(handle, sampling_seqs, token_index, prompt_logprob_seqs)
+        return LaunchedStep(handle, sampling_seqs, token_index, prompt_logprob_seqs, num_drafts)
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
         if seq.sampling_row is not None:
@@ -316,18 +359,25 @@ class LLMEngine:
             seq.prompt_logprobs += result.prompt_logprobs[seq.seq_id]
         now = time.monotonic()
         touched: dict[str, Request] = {}
-        for seq, index, tokens, logprobs in zip(
-            step.sampling_seqs, step.token_index, result.token_ids, result.logprobs
+        num_drafts = step.num_drafts or repeat(0)
+        for seq, index, tokens, logprobs, drafts in zip(
+            step.sampling_seqs, step.token_index, result.token_ids, result.logprobs, num_drafts
         ):
             request = self.requests.get(seq.request_id)
             if seq.is_finished or request is None:
                 continue  # aborted, or finished by the step before (its extra row is discarded)
-            (token,) = tokens  # one token per sequence and step
-            seq.token_ids[index] = token
-            self._accept_token(request, seq, token, None if logprobs is None else logprobs[0], now)
+            if drafts:
+                kept = self._take_verified(request, seq, index, tokens, logprobs, drafts, now)
+            else:
+                (token,) = tokens  # one token per sequence and step
+                seq.token_ids[index] = token
+                self._accept_token(request, seq, token, None if logprobs is None else logprobs[0], now)
+                kept = 1
             touched[request.request_id] = request
             if seq.is_finished:
-                del seq.token_ids[index + 1 :]  # a placeholder from the step now in flight
+                del seq.token_ids[index + kept :]  # a placeholder from the step now in flight
+                # Tokens past the finishing one (drafts after a stop) were computed but are not kept.
+                seq.num_computed_tokens = min(seq.num_computed_tokens, len(seq.token_ids))
                 self.block_manager.commit_computed_blocks(seq)
                 self.scheduler.finish(seq)
         outputs = []
@@ -338,6 +388,34 @@ class LLMEngine:
             if finished:
                 del self.requests[r.request_id]
         return outputs
+
+    def _take_verified(
+        self,
+        request: Request,
+        seq: Sequence,
+        index: int,
+        tokens: list[int],
+        logprobs: list[TokenLogprobs] | None,
+        num_drafts: int,
+        now: float,
+    ) -> int:
+        """A verify step's tokens for `seq` (its accepted drafts, then the token sampled after them): roll
+        the cache back past the rejected drafts, then take the tokens one by one until one finishes it.
+        Returns how many it kept."""
+        num_accepted = len(tokens) - 1
+        # The rejected drafts' KV is not the sequence's; the blocks that held only them go back.
+        seq.num_computed_tokens -= num_drafts - num_accepted
+        self.block_manager.trim(seq, seq.num_computed_tokens + 1)  # + the token sampled after them
+        self.speculator.record(seq, num_drafts, num_accepted)
+        for kept, token in enumerate(tokens):
+            if kept:
+                seq.token_ids.append(token)
+            else:
+                seq.token_ids[index] = token  # the step's placeholder
+            self._accept_token(request, seq, token, None if logprobs is None else logprobs[kept], now)
+            if seq.is_finished:
+                break
+        return kept + 1
 
     def _accept_token(
         self, request: Request, seq: Sequence, token: int, logprobs: TokenLogprobs | None, now: float
@@ -424,4 +502,6 @@ class LLMEngine:
             "num_steps": self.num_steps,
             "num_graph_steps": self.runner.num_graph_steps,
             "num_mixed_graph_steps": self.runner.num_mixed_graph_steps,
+            "num_verify_graph_steps": self.runner.num_verify_graph_steps,
+            **(self.speculator.stats() if self.speculator else speculation_stats()),
         }

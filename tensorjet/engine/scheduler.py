@@ -17,6 +17,7 @@ Policies:
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tensorjet.config import SchedulerConfig
@@ -58,7 +59,10 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     # ---- one step --------------------------------------------------------------------------
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, lookahead: Callable[[Sequence], int] | None = None) -> ScheduledBatch:
+        """lookahead(seq): draft tokens a decoding sequence may verify this step; each gets that many more
+        slots where the token budget and free blocks allow (never by preempting), after every running
+        sequence has its own tokens and before waiting ones are admitted."""
         batch = ScheduledBatch()
         budget = self.config.max_num_tokens
         scheduled: set[int] = set()
@@ -73,8 +77,22 @@ class Scheduler:
             batch.add(seq, num)
             scheduled.add(seq.seq_id)
             budget -= num
+        if lookahead is not None:
+            budget = self._add_lookahead(batch, budget, lookahead)
         self._admit(batch, budget)
         return batch
+
+    def _add_lookahead(self, batch: ScheduledBatch, budget: int, lookahead: Callable[[Sequence], int]) -> int:
+        for i, seq in enumerate(batch.seqs):
+            if budget <= 0:
+                break
+            if seq.num_uncomputed_tokens != 1 or batch.num_new_tokens[i] != 1:
+                continue  # only a decode: its last token is known and the step samples after it
+            extra = min(lookahead(seq), budget)
+            if extra > 0 and self.block_manager.allocate(seq, 1 + extra):
+                batch.num_new_tokens[i] += extra
+                budget -= extra
+        return budget
 
     def _allocate_or_preempt(self, seq: Sequence, num: int, scheduled: set[int]) -> bool:
         while not self.block_manager.allocate(seq, num):

@@ -11,9 +11,11 @@ from __future__ import annotations
 import enum
 import itertools
 import time
+from collections import deque
 
 import torch
 
+from tensorjet.config import ACCEPTANCE_WINDOW
 from tensorjet.outputs import TokenLogprobs
 from tensorjet.runtime.sampler import SamplingRow
 from tensorjet.sampling_params import SamplingParams
@@ -63,6 +65,13 @@ class Sequence:
         # One entry per prompt token (the first has no predecessor, so None), when requested.
         self.prompt_logprobs: list[TokenLogprobs | None] = [None]
         self.sampling_row: SamplingRow | None = None  # the engine's, once it no longer changes
+        # Speculative decoding. Tokens whose KV a draft model's cache holds (it shares the block table, so
+        # losing the blocks resets it); a proposer's own state (an n-gram index); (drafted, accepted) of
+        # the last verify steps; whether it still speculates.
+        self.num_draft_computed_tokens = 0
+        self.proposer_state: object | None = None
+        self.verify_history: deque[tuple[int, int]] = deque(maxlen=ACCEPTANCE_WINDOW)
+        self.speculates = True
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
         self.finished_time: float | None = None

@@ -38,6 +38,8 @@ PRESET_ALIASES = {
     "llama-3-70b": "llama-3-70b",
     "llama-3.1-70b": "llama-3-70b",
     "meta-llama-3.1-70b": "llama-3-70b",
+    "llama-3.2-1b": "llama-3.2-1b",
+    "llama-3.2-1b-instruct": "llama-3.2-1b",
     "meta-llama-3-405b": "llama-3-405b",
     "llama-3-405b": "llama-3-405b",
     "llama-3.1-405b": "llama-3-405b",

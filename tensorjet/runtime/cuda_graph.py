@@ -13,8 +13,9 @@ kept), so a smaller cache captures faster and holds less memory but pads more.
 Small mixed steps (sequences with several query rows, with or without decodes) are captured too
 (`MixedStepGraphs`): with in-flight batching one comes whenever a finished request makes room for a new
 prompt, and a step of a few hundred tokens takes less GPU time than launching its kernels from Python
-does. Steps that no graph holds run eagerly. All graphs share one memory pool (each ladder captured
-largest first, so smaller graphs reuse its blocks).
+does. With speculative decoding, steps whose sequences have a few rows each (drafts to verify) replay
+`VerifyGraphs`, one per batch-size bucket. Steps that no graph holds run eagerly. All graphs share one
+memory pool (each ladder captured largest first, so smaller graphs reuse its blocks).
 
 The attention backend owns its part of the static state (`GraphAttentionBackend.graph_buffers`): this
 module says which `StepShape` each graph holds and hands each step's metadata to the backend's buffers.
@@ -136,6 +137,10 @@ MIXED_TOKEN_BUCKETS = (32, 64, 128, 256, 512)  # token counts of the mixed steps
 # Sequences with several query rows (prompt chunks, drafts to verify) a graphed mixed step holds; a step
 # with more runs eagerly.
 MIXED_MAX_MULTI_ROW_SEQS = 8
+# The largest verify graph's sequences: its logits buffer holds every row of each (64 x 6 rows of a
+# 128k vocabulary in fp32: 197 MB at k = 5); larger speculating steps take the mixed-step ladder or run
+# eagerly.
+VERIFY_MAX_SEQS = 64
 
 
 def mixed_token_buckets(max_num_tokens: int) -> list[int]:
@@ -144,16 +149,84 @@ def mixed_token_buckets(max_num_tokens: int) -> list[int]:
     return [t for t in MIXED_TOKEN_BUCKETS if t < largest] + [largest]
 
 
-class MixedStepGraphs:
+class _MultiRowGraphs:
+    """Static buffers and one graph per bucket for steps with multi-row sequences. Bucket b's graph runs
+    `shapes[b].num_rows` token rows (the last always padding) and reads `sampled_rows[b]` logits rows;
+    every launch size is fixed by its `StepShape`, so the attention state lives in the backend's static
+    buffers, which pad what a step leaves empty. Padded sampled rows read the padding row's logits; token
+    rows past the step's own are padding too: slot -1 (no KV written), outputs never read. The largest
+    bucket is the largest in every dimension."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        backend: GraphAttentionBackend,
+        shapes: dict[int, StepShape],
+        sampled_rows: dict[int, int],
+        block_size: int,
+        num_kv_heads: int,
+        max_seq_len: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.device = device
+        self.block_size = block_size
+        self.sizes = sorted(shapes)
+        self.shapes = shapes
+        self.sampled_rows = sampled_rows
+        self.capture = device.type == "cuda"
+        largest = shapes[self.sizes[-1]]
+        with torch.device(device):
+            self.input_ids = torch.zeros(largest.num_rows, dtype=torch.long)
+            self.positions = torch.zeros(largest.num_rows, dtype=torch.long)
+            self.slot_mapping = torch.full((largest.num_rows,), -1, dtype=torch.long)
+            self.logits_rows = torch.zeros(sampled_rows[self.sizes[-1]], dtype=torch.long)
+            self.logits = torch.empty(
+                sampled_rows[self.sizes[-1]], model.config.vocab_size, dtype=torch.float32
+            )
+        self.attention = backend.graph_buffers(
+            largest,
+            max_context_len=max_seq_len,
+            block_size=block_size,
+            num_kv_heads=num_kv_heads,
+            device=device,
+        )
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+
+    def _forward(self, size: int) -> None:
+        rows, sampled = self.shapes[size].num_rows, self.sampled_rows[size]
+        meta = _graph_metadata(
+            self.slot_mapping[:rows], self.block_size, self.attention.state(self.shapes[size])
+        )
+        hidden = self.model(self.input_ids[:rows], self.positions[:rows], meta)
+        self.model.compute_logits(hidden[self.logits_rows[:sampled]], out=self.logits[:sampled])
+
+    def _run(self, size: int, input_ids, positions, logits_indices, meta: AttentionMetadata) -> torch.Tensor:
+        n = input_ids.shape[0]
+        shape = self.shapes[size]
+        pad_row = shape.num_rows - 1
+        self.input_ids[:n].copy_(input_ids)
+        self.positions[:n].copy_(positions)
+        self.slot_mapping[:n].copy_(meta.slot_mapping)
+        self.slot_mapping[n : shape.num_rows].fill_(-1)
+        self.attention.fill(meta, shape)
+        num_sampled = logits_indices.shape[0]
+        self.logits_rows[:num_sampled].copy_(logits_indices)
+        self.logits_rows[num_sampled : self.sampled_rows[size]].fill_(pad_row)
+        if self.capture:
+            self.graphs[size].replay()
+        else:
+            self._forward(size)
+        return self.logits[:num_sampled]
+
+
+class MixedStepGraphs(_MultiRowGraphs):
     """Steps with multi-row sequences (prompt chunks, drafts to verify), up to `MIXED_TOKEN_BUCKETS[-1]`
     tokens and `MIXED_MAX_MULTI_ROW_SEQS` such sequences, replayed from one graph per token-count bucket.
 
-    The graph of bucket T runs T + 1 token rows; the last is always padding. Every launch size is fixed
-    by the bucket's `StepShape` (T + 1 rows, min(T, max_batch_size) sequences, MIXED_MAX_MULTI_ROW_SEQS
-    of them multi-row, up to T rows each), so the attention state lives in the backend's static buffers,
-    which pad what a step leaves empty. Sampled rows: min(T, max_batch_size); padded ones read the
-    padding row's logits. Token rows past the step's own are padding too: slot -1 (no KV written),
-    outputs never read.
+    The graph of bucket T runs T + 1 token rows (the last always padding) for min(T, max_batch_size)
+    sequences, MIXED_MAX_MULTI_ROW_SEQS of them multi-row, up to T rows each, and reads that many sampled
+    rows' logits.
     """
 
     def __init__(
@@ -167,32 +240,14 @@ class MixedStepGraphs:
         max_seq_len: int,
         device: torch.device,
     ) -> None:
-        self.model = model
-        self.device = device
-        self.block_size = block_size
         self.max_batch_size = max_batch_size
-        self.sizes = mixed_token_buckets(max_num_tokens)
-        self.shapes = {
+        sizes = mixed_token_buckets(max_num_tokens)
+        shapes = {
             t: StepShape(t + 1, self.seq_capacity(t), MIXED_MAX_MULTI_ROW_SEQS, max_query_len=t)
-            for t in self.sizes
+            for t in sizes
         }
-        self.capture = device.type == "cuda"
-        rows = self.sizes[-1] + 1
-        seqs = self.seq_capacity(self.sizes[-1])
-        with torch.device(device):
-            self.input_ids = torch.zeros(rows, dtype=torch.long)
-            self.positions = torch.zeros(rows, dtype=torch.long)
-            self.slot_mapping = torch.full((rows,), -1, dtype=torch.long)
-            self.logits_rows = torch.zeros(seqs, dtype=torch.long)
-            self.logits = torch.empty(seqs, model.config.vocab_size, dtype=torch.float32)
-        self.attention = backend.graph_buffers(
-            self.shapes[self.sizes[-1]],
-            max_context_len=max_seq_len,
-            block_size=block_size,
-            num_kv_heads=num_kv_heads,
-            device=device,
-        )
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        sampled = {t: self.seq_capacity(t) for t in sizes}
+        super().__init__(model, backend, shapes, sampled, block_size, num_kv_heads, max_seq_len, device)
 
     def seq_capacity(self, tokens: int) -> int:
         return min(tokens, self.max_batch_size)
@@ -200,17 +255,15 @@ class MixedStepGraphs:
     def bucket(self, num_tokens: int) -> int:
         return next(t for t in self.sizes if t >= num_tokens)
 
-    def fits(self, query_lens: list[int]) -> bool:
-        """Whether a step (query rows per sequence) can replay a graph."""
+    def fits(self, query_lens: list[int], num_sampled: int = 0) -> bool:
+        """Whether a step (query rows per sequence, sampled rows) can replay a graph."""
         multi_row = sum(1 for n in query_lens if n > 1)
-        return 0 < multi_row <= MIXED_MAX_MULTI_ROW_SEQS and sum(query_lens) <= self.sizes[-1]
-
-    def _forward(self, tokens: int) -> None:
-        rows, seqs = tokens + 1, self.seq_capacity(tokens)
-        state = self.attention.state(self.shapes[tokens])
-        meta = _graph_metadata(self.slot_mapping[:rows], self.block_size, state)
-        hidden = self.model(self.input_ids[:rows], self.positions[:rows], meta)
-        self.model.compute_logits(hidden[self.logits_rows[:seqs]], out=self.logits[:seqs])
+        tokens = sum(query_lens)
+        return (
+            0 < multi_row <= MIXED_MAX_MULTI_ROW_SEQS
+            and tokens <= self.sizes[-1]
+            and num_sampled <= self.sampled_rows[self.bucket(tokens)]
+        )
 
     def capture_all(self, pool=None) -> None:
         if self.capture:
@@ -219,22 +272,45 @@ class MixedStepGraphs:
     def run(self, input_ids, positions, logits_indices, meta: AttentionMetadata) -> torch.Tensor:
         """Logits of the step's sampled rows (`logits_indices`); a view into a static buffer, valid
         until the next run. `meta` is the step's own metadata (host lengths, device tables)."""
-        n = input_ids.shape[0]
-        tokens = self.bucket(n)
-        pad_row, seqs = tokens, self.seq_capacity(tokens)
-        self.input_ids[:n].copy_(input_ids)
-        self.positions[:n].copy_(positions)
-        self.slot_mapping[:n].copy_(meta.slot_mapping)
-        self.slot_mapping[n : tokens + 1].fill_(-1)
-        self.attention.fill(meta, self.shapes[tokens])
-        num_sampled = logits_indices.shape[0]
-        self.logits_rows[:num_sampled].copy_(logits_indices)
-        self.logits_rows[num_sampled:seqs].fill_(pad_row)
+        return self._run(self.bucket(input_ids.shape[0]), input_ids, positions, logits_indices, meta)
+
+
+class VerifyGraphs(_MultiRowGraphs):
+    """Steps whose sequences have at most `rows_per_seq` query rows each, every row's logits read: a
+    target verifying up to rows_per_seq - 1 drafts per sequence, or a draft model's first step of a round
+    (the last token and, after a fully accepted round, its own last draft). One graph per batch-size
+    bucket (`graph_batch_sizes`, up to VERIFY_MAX_SEQS) of n sequences: n * rows_per_seq + 1 token rows,
+    all n possibly multi-row, so a step pads only to its bucket, not to a token count of the mixed ladder.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        backend: GraphAttentionBackend,
+        max_batch_size: int,
+        rows_per_seq: int,
+        block_size: int,
+        num_kv_heads: int,
+        max_seq_len: int,
+        device: torch.device,
+    ) -> None:
+        self.rows_per_seq = rows_per_seq
+        sizes = graph_batch_sizes(min(max_batch_size, VERIFY_MAX_SEQS))
+        shapes = {n: StepShape(n * rows_per_seq + 1, n, n, max_query_len=rows_per_seq) for n in sizes}
+        sampled = {n: n * rows_per_seq for n in sizes}
+        super().__init__(model, backend, shapes, sampled, block_size, num_kv_heads, max_seq_len, device)
+
+    def fits(self, query_lens: list[int]) -> bool:
+        return len(query_lens) <= self.sizes[-1] and max(query_lens) <= self.rows_per_seq
+
+    def capture_all(self, pool=None) -> None:
         if self.capture:
-            self.graphs[tokens].replay()
-        else:
-            self._forward(tokens)
-        return self.logits[:num_sampled]
+            _capture(self.graphs, self.sizes, self._forward, pool, f"{self.rows_per_seq}-row", "batch sizes")
+
+    def run(self, input_ids, positions, logits_indices, meta: AttentionMetadata) -> torch.Tensor:
+        """Logits of the step's sampled rows; a view into a static buffer, valid until the next run."""
+        size = next(n for n in self.sizes if n >= meta.num_seqs)
+        return self._run(size, input_ids, positions, logits_indices, meta)
 
 
 @torch.inference_mode()

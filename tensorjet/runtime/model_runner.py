@@ -2,7 +2,11 @@
 
 The runner knows nothing about requests, sequences or policies: it gets a `StepBatch` (plain data,
 `tensorjet.runtime.step`) and returns a `StepHandle` whose result holds the tokens sampled for the
-sequences that asked for one.
+sequences that asked for one (several, for a sequence whose drafts it verified).
+
+It starts in two phases: the constructor loads the model; `start(num_blocks)` allocates the KV cache and
+captures the graphs. In between the engine sizes one pool of blocks for every runner that shares its
+block tables (a target and its draft model) with `kv_cache_blocks`.
 """
 
 from __future__ import annotations
@@ -25,11 +29,12 @@ from tensorjet.models.loader import ModelSource, iter_weights
 from tensorjet.quant.formats import quantization_spec
 from tensorjet.runtime.device_io import to_device
 from tensorjet.runtime.kernel_selection import linear_method_for, select_kernels
-from tensorjet.runtime.sampler import Sampler, SamplingRow
-from tensorjet.runtime.step import PendingPromptLogprobs, StepBatch, StepHandle, StepSequence
+from tensorjet.runtime.rejection_sampler import RejectionSampler, VerifiedTokens
+from tensorjet.runtime.sampler import SampledTokens, Sampler, SamplingRow
+from tensorjet.runtime.step import DeviceDrafts, PendingPromptLogprobs, StepBatch, StepHandle, StepSequence
 
 if TYPE_CHECKING:
-    from tensorjet.runtime.cuda_graph import DecodeGraphs, MixedStepGraphs
+    from tensorjet.runtime.cuda_graph import DecodeGraphs, MixedStepGraphs, VerifyGraphs
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +47,18 @@ class StepInputs:
     positions: torch.Tensor
     meta: AttentionMetadata  # its context_lens_tensor: [num_seqs] int64, cached prefix + new tokens
     logits_indices: torch.Tensor  # rows of the flattened step whose logits are sampled
-    sampled_seq_ids: list[int]  # whose they are
+    sampled_seq_ids: list[int]  # whose they are (one entry per sequence) ...
     sampling_rows: list[SamplingRow]
+    num_drafts: list[int]  # ... and how many drafts each verifies (its logits rows: 1 + that)
+    draft_rows: torch.Tensor  # the rows holding drafts, in order
+    draft_entries: torch.Tensor  # their entries in the batch's DeviceDrafts (empty without)
+    drafts: DeviceDrafts | None
     prompt_rows: list[int]  # rows whose prompt logprobs are reported ...
     prompt_seqs: list[StepSequence]  # ... for these sequences' requests, in order
+
+    @property
+    def verifies(self) -> bool:
+        return any(self.num_drafts)
 
 
 OUT_OF_MEMORY_ADVICE = (
@@ -65,32 +78,55 @@ def _explain_out_of_memory(stage: str):
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, source: ModelSource, max_seq_len: int) -> None:
+    """draft: this runner is a draft model's; its steps keep the distributions they sample from, and its
+    graphs hold first steps of two rows per sequence (`VerifyGraphs`)."""
+
+    def __init__(
+        self, config: EngineConfig, source: ModelSource, max_seq_len: int, draft: bool = False
+    ) -> None:
         self.config = config
         self.device = config.torch_device
         self.dtype = config.torch_dtype
         self.kv_dtype = config.kv_cache_torch_dtype
         self.block_size = config.cache.block_size
         self.max_seq_len = max_seq_len
+        self.draft = draft
         hf_config = source.hf_config
         self.num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
         self.head_dim = head_dim_of(hf_config)
         self.num_layers = hf_config.num_hidden_layers
         self.sampler = Sampler(config.runtime.seed)
+        self.verifier = RejectionSampler(self.sampler)
         self.decode_graphs: DecodeGraphs | None = None
         self.mixed_graphs: MixedStepGraphs | None = None
+        self.verify_graphs: VerifyGraphs | None = None
         self.num_graph_steps = 0  # steps replayed from a decode graph
         self.num_mixed_graph_steps = 0  # steps with prompt tokens replayed from a mixed-step graph
+        self.num_verify_graph_steps = 0  # steps with drafts replayed from a verify graph
+        self.num_blocks = 0
         with _explain_out_of_memory("loading the model weights"):
             self._load_model(source)
         self.attention_backend = self._select_attention_backend()
+
+    def start(self, num_blocks: int) -> None:
+        """Allocate a KV cache of `num_blocks` blocks and capture the step graphs."""
         with _explain_out_of_memory("sizing and allocating the KV cache"):
-            self.num_blocks = self._kv_cache_blocks()
-            self._allocate_kv_cache(self.num_blocks)
-        if config.uses_step_graphs(self.attention_backend):
+            self.num_blocks = num_blocks
+            self._allocate_kv_cache(num_blocks)
+        if self.config.uses_step_graphs(self.attention_backend):
             with _explain_out_of_memory("capturing CUDA graphs"):
                 self.decode_graphs = self._build_decode_graphs()
                 self.mixed_graphs = self._build_mixed_graphs()
+                self.verify_graphs = self._build_verify_graphs()
+
+    @property
+    def verify_rows_per_seq(self) -> int:
+        """Query rows per sequence the verify graphs hold: 1 + drafts for a target that speculates, two
+        for a draft model; 0: no verify graphs."""
+        if self.draft:
+            return 2
+        k = self.config.speculative.num_tokens
+        return k + 1 if k else 0
 
     def _load_model(self, source: ModelSource) -> None:
         start = time.perf_counter()
@@ -176,6 +212,25 @@ class ModelRunner:
         graphs.capture_all(pool=self.decode_graphs.pool)  # one memory pool for all graphs
         return graphs
 
+    def _build_verify_graphs(self) -> VerifyGraphs | None:
+        rows = self.verify_rows_per_seq
+        if not rows:
+            return None
+        from tensorjet.runtime.cuda_graph import VerifyGraphs
+
+        graphs = VerifyGraphs(
+            self.model,
+            self.model.attention_layers[0].backend,
+            max_batch_size=self.config.speculative_batch_size,
+            rows_per_seq=rows,
+            block_size=self.block_size,
+            num_kv_heads=self.num_kv_heads,
+            max_seq_len=self.max_seq_len,
+            device=self.device,
+        )
+        graphs.capture_all(pool=self.decode_graphs.pool)
+        return graphs
+
     def _select_attention_backend(self) -> str:
         choice = self.config.runtime.attention_backend
         if choice == "auto":
@@ -200,13 +255,17 @@ class ModelRunner:
         elem = torch.empty(0, dtype=self.kv_dtype).element_size()
         return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
 
-    def _kv_cache_blocks(self) -> int:
+    def kv_cache_blocks(self, bytes_per_block: int | None = None) -> int:
+        """How many blocks the KV budget holds at `bytes_per_block` (default: this runner's; the sum of
+        every runner sharing the block tables). On CUDA the budget is measured from this runner's
+        profiling forward, so build every runner first."""
         cache = self.config.cache
-        if self.device.type == "cuda":
-            budget = self._free_gpu_bytes_after_profile() * cache.kv_cache_free_gpu_mem_fraction
-        else:
-            budget = cache.cpu_kv_cache_bytes
-        num_blocks = int(budget // self.kv_bytes_per_block)
+        with _explain_out_of_memory("sizing and allocating the KV cache"):
+            if self.device.type == "cuda":
+                budget = self._free_gpu_bytes_after_profile() * cache.kv_cache_free_gpu_mem_fraction
+            else:
+                budget = cache.cpu_kv_cache_bytes
+        num_blocks = int(budget // (bytes_per_block or self.kv_bytes_per_block))
         if cache.kv_cache_max_tokens is not None:
             num_blocks = min(num_blocks, cache.kv_cache_max_tokens // self.block_size)
         if num_blocks < 1:
@@ -270,6 +329,9 @@ class ModelRunner:
         sampling_rows: list[SamplingRow] = []
         fill_rows: list[int] = []  # input rows whose token is still on the device ...
         fill_from: list[int] = []  # ... at this index of prev's sampled tokens
+        num_drafts: list[int] = []
+        draft_rows: list[int] = []
+        draft_entries: list[int] = []  # a draft row's entry in batch.drafts
         prompt_rows: list[int] = []
         prompt_seqs: list[StepSequence] = []
         for seq in batch.seqs:
@@ -292,23 +354,53 @@ class ModelRunner:
             query_lens.append(n)
             context_lens.append(end)
             if seq.sampling is not None:
-                logits_indices.append(offset + n - 1)
+                m = seq.num_drafts
                 sampled_seq_ids.append(seq.seq_id)
                 sampling_rows.append(seq.sampling)
+                num_drafts.append(m)
+                if m:  # the row before each draft and the last row
+                    logits_indices += range(offset + n - 1 - m, offset + n)
+                    draft_rows += range(offset + n - m, offset + n)
+                    if batch.drafts is not None:
+                        draft_entries += batch.drafts.index[seq.seq_id][:m]
+                else:
+                    logits_indices.append(offset + n - 1)
         max_blocks = max(len(s.block_table) for s in batch.seqs)
         tables: list[int] = []
         for s in batch.seqs:
             tables += s.block_table + [-1] * (max_blocks - len(s.block_table))
-        parts = (input_ids, positions, slots, logits_indices, context_lens, fill_rows, fill_from, tables)
+        parts = (
+            input_ids,
+            positions,
+            slots,
+            logits_indices,
+            context_lens,
+            fill_rows,
+            fill_from,
+            draft_rows,
+            draft_entries,
+            tables,
+        )
         # One copy for all of them; each part padded to 16 bytes so the kernels see aligned pointers
         # (Triton compiles a variant per pointer alignment).
         padded = [p + [0] * (len(p) % 2) for p in parts]
         flat = to_device(list(chain.from_iterable(padded)), torch.long, self.device)
-        (ids_t, pos_t, slots_t, logits_t, ctx_t, fill_rows_t, fill_from_t, tables_t) = (
-            chunk[: len(p)] for chunk, p in zip(flat.split([len(p) for p in padded]), parts)
-        )
+        (
+            ids_t,
+            pos_t,
+            slots_t,
+            logits_t,
+            ctx_t,
+            fill_rows_t,
+            fill_from_t,
+            draft_rows_t,
+            entries_t,
+            tables_t,
+        ) = (chunk[: len(p)] for chunk, p in zip(flat.split([len(p) for p in padded]), parts))
         if fill_rows:
             ids_t[fill_rows_t] = prev.sampled.tokens[fill_from_t]
+        if draft_entries:
+            ids_t[draft_rows_t] = batch.drafts.tokens[entries_t]
         meta = AttentionMetadata(
             query_lens=query_lens,
             context_lens=context_lens,
@@ -324,18 +416,30 @@ class ModelRunner:
             logits_indices=logits_t,
             sampled_seq_ids=sampled_seq_ids,
             sampling_rows=sampling_rows,
+            num_drafts=num_drafts,
+            draft_rows=draft_rows_t,
+            draft_entries=entries_t,
+            drafts=batch.drafts,
             prompt_rows=prompt_rows,
             prompt_seqs=prompt_seqs,
         )
 
     @torch.inference_mode()
-    def launch(self, batch: StepBatch, prev: StepHandle | None = None) -> StepHandle:
-        """Queue the step on the device and return at once; the sampled tokens stay on the device."""
+    def launch(
+        self, batch: StepBatch, prev: StepHandle | None = None, copy_to_host: bool = True
+    ) -> StepHandle:
+        """Queue the step on the device and return at once; the sampled tokens stay on the device.
+        copy_to_host=False: nobody reads them on the host (a draft model's steps), so no copy is queued."""
         inputs = self.prepare(batch, prev)
         prompt_logprobs = None
         if self._use_decode_graph(inputs):
             self.num_graph_steps += 1
             logits = self.decode_graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+        elif self._use_verify_graph(inputs):
+            self.num_verify_graph_steps += 1
+            logits = self.verify_graphs.run(
+                inputs.input_ids, inputs.positions, inputs.logits_indices, inputs.meta
+            )
         elif self._use_mixed_graph(inputs):
             self.num_mixed_graph_steps += 1
             logits = self.mixed_graphs.run(
@@ -350,9 +454,22 @@ class ModelRunner:
                 logits = self.model.compute_logits(hidden[inputs.logits_indices])
         sampled = None
         if logits is not None:
-            sampled = self.sampler.sample(logits, inputs.sampling_rows)
-            sampled.start_copy()
+            sampled = self._sample(logits, inputs)
+            if copy_to_host:
+                sampled.start_copy()
         return StepHandle(inputs.sampled_seq_ids, sampled, prompt_logprobs)
+
+    def _sample(self, logits: torch.Tensor, inputs: StepInputs) -> SampledTokens | VerifiedTokens:
+        if not inputs.verifies:
+            return self.sampler.sample(logits, inputs.sampling_rows, keep_probs=self.draft)
+        drafts = inputs.drafts
+        draft_probs = None
+        if drafts is not None and drafts.probs is not None:
+            draft_probs = drafts.probs[inputs.draft_entries]
+        draft_tokens = inputs.input_ids[inputs.draft_rows]
+        return self.verifier.verify(
+            logits, inputs.sampling_rows, inputs.num_drafts, draft_tokens, draft_probs
+        )
 
     def _use_decode_graph(self, inputs: StepInputs) -> bool:
         num_seqs = inputs.meta.num_seqs
@@ -363,12 +480,20 @@ class ModelRunner:
             and inputs.input_ids.shape[0] == num_seqs  # one query row each
         )
 
+    def _use_verify_graph(self, inputs: StepInputs) -> bool:
+        return (
+            self.verify_graphs is not None
+            and bool(inputs.sampling_rows)
+            and not inputs.prompt_rows
+            and self.verify_graphs.fits(inputs.meta.query_lens)
+        )
+
     def _use_mixed_graph(self, inputs: StepInputs) -> bool:
         return (
             self.mixed_graphs is not None
             and bool(inputs.sampling_rows)  # one that samples nothing (only early prompt chunks) runs eagerly
             and not inputs.prompt_rows
-            and self.mixed_graphs.fits(inputs.meta.query_lens)
+            and self.mixed_graphs.fits(inputs.meta.query_lens, inputs.logits_indices.shape[0])
         )
 
     def _prompt_logprobs(self, hidden: torch.Tensor, inputs: StepInputs) -> PendingPromptLogprobs:

@@ -134,26 +134,44 @@ class Sampler:
         """Sample and bring the result to the host (waits for the device)."""
         return self.sample(logits, rows).to_host()
 
-    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampledTokens:
-        """Sample one token per row; the result stays on the device, and nothing here waits for it."""
+    def sample(
+        self, logits: torch.Tensor, rows: list[SamplingRow], keep_probs: bool = False
+    ) -> SampledTokens:
+        """Sample one token per row; the result stays on the device, and nothing here waits for it.
+
+        keep_probs: also keep the distribution each non-greedy row was drawn from (a draft model's, which
+        rejection sampling needs); greedy rows' are left zero."""
         raw_logprobs = None
         if any(r.params.logprobs is not None for r in rows):
             raw_logprobs = logits.log_softmax(-1)
         logits = apply_penalties(logits, rows)
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
+        probs = None
         if len(sampled) == len(rows):
-            tokens = self._sample(logits, rows)
+            tokens, probs = self._sample(logits, rows)
         else:
             tokens = argmax_rows(logits)
             if sampled:
                 index = to_device(sampled, torch.long, logits.device)
-                tokens[index] = self._sample(logits[index], [rows[i] for i in sampled])
-        return SampledTokens(tokens, rows, _top_logprobs(raw_logprobs, tokens, rows))
+                tokens[index], sampled_probs = self._sample(logits[index], [rows[i] for i in sampled])
+                if keep_probs:
+                    probs = logits.new_zeros(logits.shape).index_copy_(0, index, sampled_probs)
+        return SampledTokens(
+            tokens, rows, _top_logprobs(raw_logprobs, tokens, rows), probs=probs if keep_probs else None
+        )
 
-    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        """Temperature, filters, then an exponential race: argmax(p / E), E ~ Exp(1), samples from p."""
-        logits = logits / _column(rows, "temperature", logits.device)
-        probs = apply_top_k_top_p_min_p(logits, rows).softmax(-1)
+    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Temperature, filters, then an exponential race: argmax(p / E), E ~ Exp(1), samples from p.
+        Returns the tokens and p."""
+        probs = filtered_probs(logits, rows)
+        noise = self.exponential_noise(probs, rows)
+        # Guards p / 0: a zero draw would turn a masked token (p == 0) into NaN, which argmax picks.
+        return argmax_rows(probs / noise.clamp_min_(torch.finfo(noise.dtype).tiny)), probs
+
+    def exponential_noise(self, probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """Exp(1) draws shaped as `probs`: rows without a generator from the shared one, in one call;
+        a seeded row draws exactly one vocabulary-sized block from its own generator, wherever it sits in
+        the batch, so its tokens are reproducible."""
         noise = torch.empty_like(probs)
         shared = [i for i, r in enumerate(rows) if r.generator is None]
         if shared:
@@ -163,13 +181,24 @@ class Sampler:
             else:
                 index = to_device(shared, torch.long, probs.device)
                 noise[index] = probs.new_empty(len(shared), probs.shape[-1]).exponential_(generator=generator)
-        # A seeded row draws exactly one vocabulary-sized block from its own generator per step,
-        # wherever it sits in the batch, so its tokens are reproducible.
         for i, row in enumerate(rows):
             if row.generator is not None:
                 noise[i].exponential_(generator=row.generator)
-        # Guards p / 0: a zero draw would turn a masked token (p == 0) into NaN, which argmax picks.
-        return argmax_rows(probs / noise.clamp_min_(torch.finfo(noise.dtype).tiny))
+        return noise
+
+    def uniform(
+        self, count: int, device: torch.device, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """`count` U[0, 1) draws from `generator`, or from the shared one."""
+        generator = generator or self._shared_generator(device)
+        return torch.rand(count, device=device, generator=generator)
+
+
+def filtered_probs(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """The distribution a non-greedy row samples from: softmax of its logits over its temperature,
+    after top-k, top-p and min-p."""
+    logits = logits / _column(rows, "temperature", logits.device)
+    return apply_top_k_top_p_min_p(logits, rows).softmax(-1)
 
 
 ARGMAX_CHUNK = 1024
@@ -212,6 +241,7 @@ class SampledTokens:
     tokens: torch.Tensor  # [B] int64
     rows: list[SamplingRow]
     logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    probs: torch.Tensor | None = None  # [B, vocab] each row's distribution, when kept (`keep_probs`)
     _copies: list[HostCopy] | None = None
 
     def start_copy(self) -> None:

@@ -9,6 +9,11 @@ state: each side keeps its own.
 Overlap scheduling: a step may be launched before the previous one's tokens reach the host. The
 engine then marks a sequence whose last token is the previous step's sample as `last_token_pending`,
 and the runtime takes that token from the previous handle on the device.
+
+Speculative decoding: a sequence's last `num_drafts` rows may be proposed tokens. The step samples
+after each of its last `num_drafts + 1` rows and keeps the drafts that rejection sampling accepts, so
+its result holds 1 to `num_drafts + 1` tokens. Drafts are either in `token_ids` (host proposals) or,
+from a draft model, still on the device (`DeviceDrafts`, with the draft's distributions).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from tensorjet.outputs import TokenLogprobs
+from tensorjet.runtime.rejection_sampler import VerifiedTokens
 from tensorjet.runtime.sampler import SampledTokens, SamplingRow
 
 
@@ -46,11 +52,26 @@ class StepSequence:
     # What to sample after the last row; None: nothing (a prompt's early chunk).
     sampling: SamplingRow | None
     prompt_logprobs: PromptLogprobsRequest | None = None
+    # Its last num_drafts rows are draft tokens to verify (then `sampling` is set): their values are
+    # in token_ids, or PLACEHOLDERs taken from the batch's `DeviceDrafts`.
+    num_drafts: int = 0
+
+
+@dataclass
+class DeviceDrafts:
+    """Draft tokens a draft model sampled, still on the device: entry `index[seq_id][i]` of `tokens` is
+    that sequence's i-th draft, and the same row of `probs` the distribution it was drawn from (None:
+    every draft was greedy, so no distribution is needed)."""
+
+    tokens: torch.Tensor  # [N] int64
+    probs: torch.Tensor | None  # [N, vocab] float32
+    index: dict[int, list[int]]
 
 
 @dataclass
 class StepBatch:
     seqs: list[StepSequence]
+    drafts: DeviceDrafts | None = None  # where the PLACEHOLDER draft rows' values are
 
     @property
     def query_lens(self) -> list[int]:
@@ -95,12 +116,13 @@ class PendingPromptLogprobs:
 
 
 class StepHandle:
-    """A launched step: the sequences it samples for, and their tokens, still on the device."""
+    """A launched step: the sequences it samples for, and their tokens, still on the device (one token
+    each, or, for a step that verifies drafts, `VerifiedTokens`: one to 1 + drafts each)."""
 
     def __init__(
         self,
         seq_ids: list[int],
-        sampled: SampledTokens | None,
+        sampled: SampledTokens | VerifiedTokens | None,
         prompt_logprobs: PendingPromptLogprobs | None = None,
     ) -> None:
         self.seq_ids = seq_ids
@@ -113,6 +135,9 @@ class StepHandle:
         prompt = {} if self.prompt_logprobs is None else self.prompt_logprobs.to_host()
         if self.sampled is None:
             return StepResult([], [], [], prompt)
+        if isinstance(self.sampled, VerifiedTokens):
+            verified = self.sampled.to_host()
+            return StepResult(self.seq_ids, verified.token_ids, verified.logprobs, prompt)
         out = self.sampled.to_host()
         logprobs = [None if lp is None else [lp] for lp in out.logprobs]
         return StepResult(self.seq_ids, [[t] for t in out.token_ids], logprobs, prompt)

@@ -25,6 +25,16 @@ _GAUGES = [
         "prefix_cache_hit_rate",
         "Prompt tokens served by the prefix cache / looked up",
     ),
+    (
+        "speculative_acceptance_rate",
+        "spec_decode_acceptance_rate",
+        "Draft tokens accepted / proposed (speculative decoding)",
+    ),
+    (
+        "speculative_mean_accepted_tokens",
+        "spec_decode_mean_accepted_tokens",
+        "Draft tokens accepted per sequence per verify step (speculative decoding)",
+    ),
 ]
 _COUNTERS = [
     ("prompt_tokens_computed", "prompt_tokens", "Prompt tokens computed (prefix-cache hits excluded)"),
@@ -32,6 +42,9 @@ _COUNTERS = [
     ("num_preemptions", "num_preemptions", "Sequences preempted for lack of KV-cache blocks"),
     ("prefix_cache_queries_tokens", "prefix_cache_queries", "Prompt tokens looked up in the prefix cache"),
     ("prefix_cache_hits_tokens", "prefix_cache_hits", "Prompt tokens found in the prefix cache"),
+    ("speculative_draft_tokens", "spec_decode_num_draft_tokens", "Draft tokens proposed"),
+    ("speculative_accepted_tokens", "spec_decode_num_accepted_tokens", "Draft tokens accepted"),
+    ("speculative_verify_steps", "spec_decode_num_drafts", "Sequence steps that verified drafts"),
 ]
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80)
