@@ -5,26 +5,68 @@ sizes, with zero points or without, act-order permutations, ragged K and every g
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
+from tensorjet.kernels import int4_fused_gemv as fused_module
+from tensorjet.kernels import int4_linear as linear_module
 from tensorjet.kernels.activation import silu_and_mul
 from tensorjet.kernels.int4_fused_gemv import CANDIDATES as FUSED_CANDIDATES
-from tensorjet.kernels.int4_fused_gemv import Int4FusedGemvConfig, int4_fused_gemv
+from tensorjet.kernels.int4_fused_gemv import Int4FusedGemvConfig
 from tensorjet.kernels.int4_linear import (
     GEMV_CANDIDATES,
     Int4MatmulConfig,
     Int4Weight,
     dequantize,
-    dequantized_linear,
-    int4_dequantize,
-    int4_gemm,
-    int4_gemv,
     int4_linear_reference,
-    int4_matmul,
 )
 from tensorjet.kernels.norm import rms_norm
 from tensorjet.quant import int4_packing as packing
+
+# Inputs and references are made on the CPU; on a machine with a GPU the kernels run there, compiled.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _moved(value, device, copies: list):
+    if isinstance(value, torch.Tensor):
+        moved = value.to(device)
+        copies.append((value, moved))
+        return moved
+    if isinstance(value, Int4Weight):
+        fields = {f.name: _moved(getattr(value, f.name), device, copies) for f in dataclasses.fields(value)}
+        return Int4Weight(**fields)
+    return value
+
+
+def _on_device(kernel):
+    """`kernel` run on DEVICE with its tensor arguments moved there; tensors it updates in place are
+    copied back into the caller's, and its result comes back to the CPU."""
+    if DEVICE.type == "cpu":
+        return kernel
+
+    def run(*args, **kwargs):
+        copies: list = []
+        out = kernel(
+            *(_moved(a, DEVICE, copies) for a in args),
+            **{k: _moved(v, DEVICE, copies) for k, v in kwargs.items()},
+        )
+        for original, moved in copies:
+            original.copy_(moved)
+            if out is moved:  # a tensor updated in place and returned (the residual)
+                return original
+        return out.cpu()
+
+    return run
+
+
+int4_gemv = _on_device(linear_module.int4_gemv)
+int4_gemm = _on_device(linear_module.int4_gemm)
+int4_matmul = _on_device(linear_module.int4_matmul)
+int4_dequantize = _on_device(linear_module.int4_dequantize)
+dequantized_linear = _on_device(linear_module.dequantized_linear)
+int4_fused_gemv = _on_device(fused_module.int4_fused_gemv)
 
 
 def _codes(*shape: int, seed: int = 0) -> torch.Tensor:
