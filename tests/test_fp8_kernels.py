@@ -27,7 +27,7 @@ from tensorjet.kernels.fp8_fused_gemv import CANDIDATES as FUSED_CANDIDATES  # n
 from tensorjet.kernels.fp8_fused_gemv import Fp8FusedGemvConfig, fp8_fused_gemv  # noqa: E402
 from tensorjet.kernels.fp8_linear import (  # noqa: E402
     CANDIDATES,
-    GEMM_CONFIGS,
+    GEMM_CANDIDATES,
     MAX_M,
     Fp8GemmConfig,
     Fp8GemvConfig,
@@ -303,7 +303,7 @@ def test_fp8_gemm(dtype, m, static, seed):
     exact = exact_product(x, wq, ws, b, input_scale)
     assert_matches(fp8_gemm(x, wq, ws, b, input_scale), exact, dtype, f"fp8_gemm m={m}", seed)
     if m == 100:  # every tile size on the same rows
-        for _, config in GEMM_CONFIGS:
+        for config in GEMM_CANDIDATES:
             out = fp8_gemm(x, wq, ws, b, input_scale, config=config)
             assert_matches(out, exact, dtype, f"fp8_gemm {config}", seed)
 

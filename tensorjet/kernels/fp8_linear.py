@@ -37,6 +37,7 @@ __all__ = [
     "Fp8GemmConfig",
     "Fp8GemvConfig",
     "fp8_gemm",
+    "select_fp8_gemm_tiles",
     "fp8_gemv",
     "fp8_kernels_supported",
     "fp8_linear_reference",
@@ -289,13 +290,23 @@ CANDIDATES = (
     Fp8GemvConfig(64, 256, 4, 4, split_k=4),
 )
 
-# Rows of weight x rows of x per program by batch size (up to 256 rows; `fp8_gemm`).
+# Rows of weight x rows of x per program by batch size (up to 256 rows; `fp8_gemm`'s default).
 GEMM_CONFIGS = (
     (32, Fp8GemmConfig(32, 128, 128, 4, 4)),
     (64, Fp8GemmConfig(64, 128, 128, 4, 4)),
     (256, Fp8GemmConfig(128, 128, 128, 8, 3)),
 )
 GEMM_MAX_M = GEMM_CONFIGS[-1][0]
+# The tiles `select_fp8_gemm_tiles` times per weight shape and batch size: narrower weight tiles
+# and deeper K steps give a 4096-row weight more programs and fewer loop trips at 32-64 rows.
+GEMM_CANDIDATES = (
+    *(config for _, config in GEMM_CONFIGS),
+    Fp8GemmConfig(32, 64, 256, 4, 4),
+    Fp8GemmConfig(64, 64, 256, 4, 3),
+    Fp8GemmConfig(64, 128, 256, 8, 3),
+    Fp8GemmConfig(128, 64, 128, 4, 4),
+    Fp8GemmConfig(64, 256, 128, 8, 3),
+)
 
 # The FP8 tensor cores of Hopper add their products at less than fp32 precision; each dot adds its
 # partial sums into the fp32 accumulator at least every this many K (as CUTLASS and cuBLAS do).
@@ -525,9 +536,12 @@ def fp8_gemv(
     )
 
 
-def gemm_config(m: int) -> Fp8GemmConfig:
-    """The tile for an M-row batch (the first of GEMM_CONFIGS whose rows cover it)."""
-    return next((config for rows, config in GEMM_CONFIGS if m <= rows), GEMM_CONFIGS[-1][1])
+GemmTiles = tuple[tuple[int, Fp8GemmConfig], ...]  # (up to this many rows, tile), by rows
+
+
+def gemm_config(m: int, tiles: GemmTiles = GEMM_CONFIGS) -> Fp8GemmConfig:
+    """The tile for an M-row batch (the first of `tiles` whose rows cover it)."""
+    return next((config for rows, config in tiles if m <= rows), tiles[-1][1])
 
 
 def fp8_gemm(
@@ -538,12 +552,14 @@ def fp8_gemm(
     input_scale: torch.Tensor | None = None,
     *,
     config: Fp8GemmConfig | None = None,
+    tiles: GemmTiles = GEMM_CONFIGS,
 ) -> torch.Tensor:
     """`fp8_linear_reference` for mid-size batches (tens to hundreds of rows) in two launches: x
     quantized once (`quantize_per_token_triton`), then the product on the FP8 tensor cores with the
-    row scales applied after the sum. The same arguments as `fp8_gemv`; config None: `gemm_config`."""
+    row scales applied after the sum. The same arguments as `fp8_gemv`; config None: the tile of
+    `tiles` for this many rows (`gemm_config`)."""
     xq, x_scale = quantize_per_token_triton(x, input_scale)
-    c = config or gemm_config(x.shape[0])
+    c = config or gemm_config(x.shape[0], tiles)
     split_k = c.split_k or _split_for(x, weight, c)
     return _launch_matmul(
         xq,
@@ -573,6 +589,30 @@ def _split_for(x: torch.Tensor, weight: torch.Tensor, config: Fp8GemmConfig) -> 
 @functools.cache
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def select_fp8_gemm_tiles(
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    input_scale: torch.Tensor | None,
+    rows: tuple[int, ...],
+    *,
+    activation_dtype: torch.dtype = torch.bfloat16,
+) -> tuple[GemmTiles, dict]:
+    """The fastest of GEMM_CANDIDATES at each of `rows` (ascending) for this weight on this GPU, timed as
+    `select_fp8_gemv` times (in a CUDA graph, weights read from HBM), and the times (ms) by rows."""
+    weights = cold_copies(weight)
+    tiles, timings = [], {}
+    for m in rows:
+        x = torch.randn(m, weight.shape[1], dtype=activation_dtype, device=weight.device)
+        best, timings[m] = fastest_in_graph(
+            GEMM_CANDIDATES,
+            lambda c, w, x=x: fp8_gemm(x, w, weight_scale, bias, input_scale, config=c),
+            weights,
+        )
+        tiles.append((m, best))
+    return tuple(tiles), timings
 
 
 def select_fp8_gemv(

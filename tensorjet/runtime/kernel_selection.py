@@ -214,30 +214,30 @@ def _with_timed_fp8_gemv(kernels: Fp8Kernels, layer: Linear) -> Fp8Kernels:
 
 
 def _with_timed_fp8_gemm(kernels: Fp8Kernels, layer: Linear) -> Fp8Kernels:
-    """The Triton FP8 GEMM for batches past the GEMV's, up to the largest size at which it times faster
-    than `torch._scaled_mm` (its tiles are chosen per batch size: `gemm_config`)."""
-    from tensorjet.kernels.fp8_linear import GEMM_MAX_M, fp8_gemm
+    """The Triton FP8 GEMM for batches past the GEMV's, with the fastest tile per batch size, up to the
+    largest size at which it times faster than `torch._scaled_mm`."""
+    from tensorjet.kernels.fp8_linear import fp8_gemm, select_fp8_gemm_tiles
     from tensorjet.kernels.gemv import cold_copies, time_in_graph_ms
 
-    weights = cold_copies(layer.weight)
     operands = (layer.weight_scale, layer.bias, layer.input_scale)
+    sizes = (32, 64, 128, 256)
+    tiles, gemm_ms = select_fp8_gemm_tiles(layer.weight, *operands, sizes)
+    weights = cold_copies(layer.weight)
     max_rows = 0
-    for rows in (32, 64, 128, 256):
-        if rows > GEMM_MAX_M:
-            break
+    for rows, tile in tiles:
         x = torch.randn(rows, layer.input_size, dtype=torch.bfloat16, device=layer.weight.device)
-        gemm_ms = time_in_graph_ms(lambda w, x=x: fp8_gemm(x, w, *operands), weights)
         dense_ms = time_in_graph_ms(lambda w, x=x: kernels.dense(x, w, *operands), weights)
         logger.info(
-            "FP8 linear %s at M=%d: GEMM %.1f us vs scaled_mm %.1f us",
-            tuple(layer.weight.shape), rows, gemm_ms * 1e3, dense_ms * 1e3,
+            "FP8 linear %s at M=%d: GEMM %.1f us (%s) vs scaled_mm %.1f us",
+            tuple(layer.weight.shape), rows, gemm_ms[rows] * 1e3, tile, dense_ms * 1e3,
         )  # fmt: skip
-        if gemm_ms >= dense_ms:
+        if gemm_ms[rows] >= dense_ms:
             break
         max_rows = rows
     if max_rows == 0:
         return kernels
-    return replace(kernels, mid_batch=fp8_gemm, mid_batch_max_rows=max_rows)
+    mid_batch = partial(fp8_gemm, tiles=tiles)
+    return replace(kernels, mid_batch=mid_batch, mid_batch_max_rows=max_rows)
 
 
 def select_int4_kernels(model: DecoderModel, config: EngineConfig, triton: bool, timed: bool) -> None:
