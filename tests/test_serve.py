@@ -7,16 +7,14 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
-from contextlib import contextmanager
 
 import httpx2 as httpx
 import openai
 import pytest
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 from prompts import CHAT, PLAIN, varied_prompts
+from serving import running_server
 
 from tensorjet import SamplingParams
 from tensorjet.serve.app import build_app
@@ -24,26 +22,6 @@ from tensorjet.serve.cli import build_parser, resolve_args
 from tensorjet.serve.options import DEFAULT_SERVED_MODEL_NAME, ServerOptions
 
 MODEL = DEFAULT_SERVED_MODEL_NAME
-
-
-@contextmanager
-def running_server(app):
-    """uvicorn on a socket bound to a free port, in a background thread."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, access_log=False, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
 
 
 @pytest.fixture(scope="module")

@@ -92,7 +92,7 @@ def build_app(llm, options: ServerOptions | None = None) -> FastAPI:
 def _add_routes(app: FastAPI, server: "OpenAIServer", models: RequestModels, options: ServerOptions) -> None:
     """The routes, typed with this server's request models (FastAPI reads them from the signatures)."""
     key = (401,) if options.api_key is not None else ()
-    generation = {**_errors(400, *key, 404, 413, 429, 500), 200: _stream_or(None)}
+    generation = _errors(400, *key, 404, 413, 429, 500)
 
     async def create_completion(request: models.completion, http_request: Request) -> Response:
         return await server.create_completion(request, http_request)
@@ -157,9 +157,23 @@ _STATUS_TEXT = {
 }
 
 
+# One server-sent event (OpenAPI 3.1 describes a stream by its events).
+_EVENT_SCHEMA = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "type": "string",
+            "description": "A chunk as JSON (the shape of the whole response, with the choices' new "
+            "text), an error body as JSON, or `[DONE]` last",
+        }
+    },
+}
+
+
 def _stream_or(model: type[BaseModel] | None) -> dict:
     """A JSON body, or server-sent events when the request asks to stream."""
-    response: dict = {"content": {"text/event-stream": {"schema": {"type": "string"}}}}
+    response: dict = {"content": {"text/event-stream": {"schema": _EVENT_SCHEMA}}}
     if model is not None:
         response["model"] = model
     return response

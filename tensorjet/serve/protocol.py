@@ -8,7 +8,15 @@ import time
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    create_model,
+    model_validator,
+)
 
 from tensorjet.sampling_params import SamplingParams
 
@@ -82,6 +90,16 @@ def _utf8_encodable(text: str) -> str:
     return text
 
 
+def _integral(value: Any) -> Any:
+    """JSON has one number type, and JSON Schema counts 4.0 as the integer 4; "4" and true are none."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def integer(**bounds: int) -> Any:
+    """An integer field's type (with its bounds: given after the conversion, they stay in the schema)."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
+
+
 Text = Annotated[str, AfterValidator(_utf8_encodable)]
 NonEmptyText = Annotated[Text, Field(min_length=1)]
 StopText = Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)]
@@ -90,7 +108,7 @@ Role = Literal["system", "developer", "user", "assistant", "tool"]
 
 
 def token_id_type(vocab_size: int | None = None) -> Any:
-    return Annotated[int, Field(ge=0, lt=vocab_size)]
+    return integer(ge=0, lt=vocab_size)
 
 
 def prompt_type(vocab_size: int | None = None) -> Any:
@@ -120,19 +138,19 @@ class SamplingRequest(OpenAIRequest):
     `n`, `max_tokens` and `min_tokens` get this server's bounds in `request_models`."""
 
     model: Text | None = None
-    n: int | None = Field(1, ge=1)
+    n: integer(ge=1) | None = 1
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)
+    top_k: integer(ge=-1) | None = None
     min_p: float | None = Field(None, ge=0, le=1)
     stop: Stop | None = None
-    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    seed: integer(ge=SEED_MIN, le=SEED_MAX) | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     # Divides positive logits and multiplies negative ones: kept where float32 stays finite and nonzero.
     repetition_penalty: float | None = Field(None, ge=0.01, le=100)
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: integer(ge=0) = 0
     stream: bool | None = False
     stream_options: StreamOptions | None = None
 
@@ -185,8 +203,8 @@ def _default(value, default):
 class CompletionRequest(SamplingRequest):
     prompt: Prompt
     # 0 only with echo: score the prompt and generate nothing (lm-eval's loglikelihood).
-    max_tokens: int | None = Field(16, ge=0)
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: integer(ge=0) | None = 16
+    logprobs: integer(ge=0, le=MAX_LOGPROBS) | None = None
     echo: bool | None = False
 
 
@@ -209,10 +227,10 @@ class ChatMessage(OpenAIRequest):
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: integer(ge=1) | None = None
+    max_completion_tokens: integer(ge=1) | None = None
     logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: integer(ge=0, le=MAX_LOGPROBS) | None = None
     add_generation_prompt: bool = True
 
     @property
@@ -270,8 +288,8 @@ def request_models(limits: RequestLimits) -> RequestModels:
     context), and the token ids."""
     longest = limits.max_seq_len - 1
     shared = {
-        "n": (int | None, Field(1, ge=1, le=limits.max_n)),
-        "min_tokens": (int, Field(0, ge=0, le=longest)),
+        "n": (integer(ge=1, le=limits.max_n) | None, 1),
+        "min_tokens": (integer(ge=0, le=longest), 0),
     }
 
     def bounded(base: type[BaseModel], **fields) -> Any:
@@ -282,13 +300,13 @@ def request_models(limits: RequestLimits) -> RequestModels:
             CompletionRequest,
             **shared,
             prompt=(prompt_type(limits.vocab_size), ...),
-            max_tokens=(int | None, Field(16, ge=0, le=longest)),
+            max_tokens=(integer(ge=0, le=longest) | None, 16),
         ),
         chat=bounded(
             ChatCompletionRequest,
             **shared,
-            max_tokens=(int | None, Field(None, ge=1, le=longest)),
-            max_completion_tokens=(int | None, Field(None, ge=1, le=longest)),
+            max_tokens=(integer(ge=1, le=longest) | None, None),
+            max_completion_tokens=(integer(ge=1, le=longest) | None, None),
         ),
         tokenize=TokenizeRequest,
         detokenize=bounded(DetokenizeRequest, tokens=(list[token_id_type(limits.tokenizer_size)], ...)),
