@@ -193,6 +193,24 @@ def test_a_500_shows_a_request_id_and_logs_the_traceback_once(url, monkeypatch, 
     assert post(url, "/v1/completions", {"prompt": "x", "max_tokens": 1}).status_code == 200
 
 
+def test_an_engine_failure_shows_a_request_id_and_is_logged_once(url, tiny_llm, monkeypatch, caplog):
+    def broken_step():
+        raise RuntimeError("secret engine detail")
+
+    monkeypatch.setattr(tiny_llm.engine, "step", broken_step)
+    with caplog.at_level(logging.INFO):
+        r = post(url, "/v1/completions", {"prompt": "x", "max_tokens": 2})
+        error = assert_error(r, 500)
+        assert "secret" not in r.text and "request id" in error["message"]
+        r = post(url, "/v1/completions", {"prompt": "x", "max_tokens": 2, "stream": True})
+        assert r.status_code == 200 and "secret" not in r.text
+        event = json.loads(r.text.split("data: ")[1])
+        assert event["error"]["type"] == "internal_error" and "request id" in event["error"]["message"]
+    assert len([rec for rec in caplog.records if rec.exc_info]) == 2  # the engine loop's, one per failure
+    monkeypatch.undo()
+    assert post(url, "/v1/completions", {"prompt": "x", "max_tokens": 1}).status_code == 200
+
+
 # ---- 3. the event loop never waits for the tokenizer -----------------------------------------------------
 def test_a_prompt_too_long_for_the_context_is_refused_by_its_bytes(url, tiny_llm, monkeypatch):
     limit = Tokenization(tiny_llm, MAX_POSITIONS).max_prompt_bytes

@@ -460,9 +460,10 @@ def _event_stream(events: AsyncIterator[str], generation: Generation) -> Streami
         try:
             async for event in events:
                 yield event
-        except EngineFailure:
-            # The headers are sent: the error goes in the stream, its details only in the log.
-            logger.exception("%s failed in the engine", generation.request_id)
+        except EngineFailure as error:
+            # The headers are sent: the error goes in the stream, its details only in the log (the engine
+            # loop has logged the traceback).
+            logger.error("%s failed: %s", generation.request_id, error)
             yield sse(internal_error(generation.request_id).body())
         finally:
             generation.close()

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tensorjet.serve.engine_client import EngineFailure
 from tensorjet.serve.protocol import APIError
 
 logger = logging.getLogger("tensorjet.serve")
@@ -106,9 +107,14 @@ class InternalErrors:
 
         try:
             await self.app(scope, receive, tracking_send)
-        except Exception:
+        except Exception as error:
             request_id = uuid.uuid4().hex
-            logger.exception("%s %s failed (request id %s)", scope["method"], scope["path"], request_id)
+            if isinstance(error, EngineFailure):  # the engine loop has logged its traceback
+                logger.error(
+                    "%s %s failed (request id %s): %s", scope["method"], scope["path"], request_id, error
+                )
+            else:
+                logger.exception("%s %s failed (request id %s)", scope["method"], scope["path"], request_id)
             if not started:  # a stream already under way can only be cut short
                 error = internal_error(request_id)
                 await JSONResponse(error.body(), status_code=500)(scope, receive, send)
