@@ -90,7 +90,8 @@ def build_app(llm, options: ServerOptions | None = None) -> FastAPI:
 
 
 def _add_routes(app: FastAPI, server: "OpenAIServer", models: RequestModels, options: ServerOptions) -> None:
-    """The routes, typed with this server's request models (FastAPI reads them from the signatures)."""
+    """The routes, typed with this server's request models: FastAPI reads them from the signatures (this
+    module has no `from __future__ import annotations`, so these are classes, not names to resolve)."""
     key = (401,) if options.api_key is not None else ()
     generation = _errors(400, *key, 404, 413, 429, 500)
 
@@ -301,7 +302,7 @@ class OpenAIServer:
     # ---- /v1/chat/completions ------------------------------------------------------------------
     async def create_chat_completion(self, request: ChatCompletionRequest, http_request: Request) -> Response:
         self._check_model(request.model)
-        prompt = await self.tokenization.chat(request.messages, request.add_generation_prompt, "messages")
+        prompt = await self.tokenization.chat_prompt(request.messages, request.add_generation_prompt)
         limit_param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
         max_tokens = self._fit_context(prompt, request.requested_max_tokens, "messages", limit_param)
         top_logprobs = (request.top_logprobs or 0) if request.logprobs else None
@@ -354,7 +355,7 @@ class OpenAIServer:
     async def tokenize(self, request: TokenizeRequest) -> Response:
         self._check_model(request.model)
         if request.messages is not None:
-            tokens = await self.tokenization.chat(request.messages, request.add_generation_prompt, "messages")
+            tokens = await self.tokenization.chat(request.messages, request.add_generation_prompt)
         else:
             tokens = await self.tokenization.encode(request.prompt, request.add_special_tokens)
         return _json(TokenizeResponse(count=len(tokens), max_model_len=self.max_seq_len, tokens=tokens))

@@ -65,7 +65,8 @@ class ErrorResponse(BaseModel):
 
 
 # ---- requests ------------------------------------------------------------------------------------
-# A stop string is checked against the text's tail after every token, on the engine thread.
+# Every stop string is checked against the text's tail after every token, on the engine thread: their
+# number and length bound that work.
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 64
 MAX_LOGPROBS = 20

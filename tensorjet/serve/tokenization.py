@@ -53,15 +53,19 @@ class Tokenization:
     async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return await self._run(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
 
-    async def chat(self, messages: list[ChatMessage], add_generation_prompt: bool, param: str) -> list[int]:
+    async def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
+        """A conversation's prompt ids (400 when its text alone cannot fit the context)."""
         self._check_bytes(
-            sum(len(m.as_template_message()["content"].encode("utf-8")) for m in messages), param
+            sum(len(m.as_template_message()["content"].encode("utf-8")) for m in messages), "messages"
         )
+        return await self.chat(messages, add_generation_prompt)
+
+    async def chat(self, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
         conversation = [m.as_template_message() for m in messages]
         try:
             return await self._run(self.llm.apply_chat_template, conversation, add_generation_prompt)
         except (ValueError, TemplateError) as error:
-            raise APIError(400, f"cannot apply the chat template: {error}", param=param) from error
+            raise APIError(400, f"cannot apply the chat template: {error}", param="messages") from error
 
     async def decode(self, ids: list[int]) -> str:
         return await self._run(self.tokenizer.decode, ids)
