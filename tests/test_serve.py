@@ -7,47 +7,26 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
-from contextlib import contextmanager
 
 import httpx2 as httpx
 import openai
 import pytest
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 from prompts import CHAT, PLAIN, varied_prompts
+from serving import running_server
 
 from tensorjet import SamplingParams
 from tensorjet.serve.app import build_app
-from tensorjet.serve.cli import DEFAULT_SERVED_MODEL_NAME, build_parser, resolve_args
+from tensorjet.serve.cli import build_parser, resolve_args
+from tensorjet.serve.options import DEFAULT_SERVED_MODEL_NAME, ServerOptions
 
 MODEL = DEFAULT_SERVED_MODEL_NAME
 
 
-@contextmanager
-def running_server(app):
-    """uvicorn on a socket bound to a free port, in a background thread."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, access_log=False, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
-
-
 @pytest.fixture(scope="module")
 def base_url(llm):
-    with running_server(build_app(llm, MODEL)) as url:
+    with running_server(build_app(llm)) as url:
         yield url
 
 
@@ -373,7 +352,7 @@ def test_queue_limit_rejects_with_429_and_recovers(llm):
     """A second app on the same engine with max_queue_size=1: a request waiting for its first token (a
     long prompt still in prefill) fills the queue; the next gets 429; later ones are served."""
     long_prompt = " ".join(varied_prompts(12, seed=11, min_words=40, max_words=40))
-    with running_server(build_app(llm, MODEL, max_queue_size=1)) as url:
+    with running_server(build_app(llm, ServerOptions(max_queue_size=1))) as url:
         qclient = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
         first = qclient.completions.create(model=MODEL, prompt=long_prompt, max_tokens=4, stream=True)
         with pytest.raises(openai.RateLimitError, match="queue is full"):

@@ -1,27 +1,29 @@
 """The FastAPI app: OpenAI-compatible routes over one `LLM`, OpenAI-style error bodies for every
-failure (4xx for anything the client sent), and server-sent events for streams."""
-
-from __future__ import annotations
+failure (4xx for anything the client sent), server-sent events for streams, and an OpenAPI schema that
+says what the routes accept and answer: the same pydantic models validate the requests, bounded by this
+server's engine and options (`request_models`)."""
 
 import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from jinja2 import TemplateError
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tensorjet import __version__
 from tensorjet.outputs import RequestOutput
 from tensorjet.sampling_params import SamplingParams
 from tensorjet.serve.engine_client import EngineClient, EngineFailure, Generation
+from tensorjet.serve.errors import InternalErrors, install_error_handlers, internal_error
 from tensorjet.serve.formatting import ChatChoiceState, CompletionChoiceState, TokenText, sse, usage
+from tensorjet.serve.guard import OPEN_PATHS, RequestGuard
 from tensorjet.serve.metrics import ServerMetrics
+from tensorjet.serve.options import ServerOptions
 from tensorjet.serve.protocol import (
     APIError,
     AssistantMessage,
@@ -29,70 +31,204 @@ from tensorjet.serve.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChatMessage,
     CompletionRequest,
     CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
+    ErrorResponse,
+    HealthResponse,
     ModelCard,
     ModelList,
+    RequestLimits,
+    RequestModels,
     SamplingRequest,
     TokenizeRequest,
     TokenizeResponse,
+    VersionResponse,
+    request_models,
 )
+from tensorjet.serve.tokenization import Tokenization
 
 logger = logging.getLogger("tensorjet.serve")
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the response (never sent)
 
 
-def build_app(llm, served_model_name: str, max_queue_size: int | None = None) -> FastAPI:
+def build_app(llm, options: ServerOptions | None = None) -> FastAPI:
+    options = options or ServerOptions()
     if llm.tokenizer is None:
         raise ValueError("serving needs the model's tokenizer, and none is installed for it")
     metrics = ServerMetrics(llm)
-    server = OpenAIServer(llm, served_model_name, EngineClient(llm, metrics, max_queue_size), metrics)
-    app = FastAPI(title="tensorjet", version=__version__)
-    app.add_exception_handler(APIError, _api_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(Exception, _internal_error)
-    app.post("/v1/completions")(server.create_completion)
-    app.post("/v1/chat/completions")(server.create_chat_completion)
-    app.get("/v1/models")(server.list_models)
-    app.post("/tokenize")(server.tokenize)
-    app.post("/detokenize")(server.detokenize)
-    app.get("/metrics")(server.metrics_text)
-    app.get("/health")(_health)
-    app.get("/version")(_version)
+    server = OpenAIServer(llm, options, EngineClient(llm, metrics, options), metrics)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        server.tokenization.close()
+
+    docs = not options.disable_docs
+    app = FastAPI(
+        title="tensorjet",
+        version=__version__,
+        lifespan=lifespan,
+        openapi_url="/openapi.json" if docs else None,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+    )
+    install_error_handlers(app)
+    app.add_middleware(RequestGuard, options=options)
+    app.add_middleware(InternalErrors)  # outermost of the two: a failing guard is a 500 too
+    limits = RequestLimits(
+        max_n=options.max_n,
+        max_seq_len=server.max_seq_len,
+        vocab_size=llm.engine.source.hf_config.vocab_size,
+        tokenizer_size=len(llm.tokenizer),
+    )
+    _add_routes(app, server, request_models(limits), options)
+    app.openapi = lambda: _openapi_schema(app, options)
     return app
 
 
+def _add_routes(app: FastAPI, server: "OpenAIServer", models: RequestModels, options: ServerOptions) -> None:
+    """The routes, typed with this server's request models: FastAPI reads them from the signatures (this
+    module has no `from __future__ import annotations`, so these are classes, not names to resolve)."""
+    key = (401,) if options.api_key is not None else ()
+    generation = _errors(400, *key, 404, 413, 429, 500)
+
+    async def create_completion(request: models.completion, http_request: Request) -> Response:
+        return await server.create_completion(request, http_request)
+
+    async def create_chat_completion(request: models.chat, http_request: Request) -> Response:
+        return await server.create_chat_completion(request, http_request)
+
+    async def tokenize(request: models.tokenize) -> Response:
+        return await server.tokenize(request)
+
+    async def detokenize(request: models.detokenize) -> Response:
+        return await server.detokenize(request)
+
+    post, get = ["POST"], ["GET"]
+    routes = [
+        ("/v1/completions", create_completion, post, {**generation, 200: _stream_or(CompletionResponse)}),
+        (
+            "/v1/chat/completions",
+            create_chat_completion,
+            post,
+            {**generation, 200: _stream_or(ChatCompletionResponse)},
+        ),
+        ("/v1/models", server.list_models, get, {**_errors(*key, 500), 200: {"model": ModelList}}),
+        (
+            "/tokenize",
+            tokenize,
+            post,
+            {**_errors(400, *key, 404, 413, 500), 200: {"model": TokenizeResponse}},
+        ),
+        (
+            "/detokenize",
+            detokenize,
+            post,
+            {**_errors(400, *key, 404, 413, 500), 200: {"model": DetokenizeResponse}},
+        ),
+        (
+            "/metrics",
+            server.metrics_text,
+            get,
+            {200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}},
+        ),
+        ("/health", _health, get, {200: {"model": HealthResponse}}),
+        ("/version", _version, get, {200: {"model": VersionResponse}}),
+    ]
+    for path, endpoint, methods, responses in routes:
+        if options.allowed_hosts:
+            responses = {**_errors(400), **responses}  # a Host the server does not answer to
+        app.add_api_route(path, endpoint, methods=methods, responses=responses, response_model=None)
+
+
+def _errors(*statuses: int) -> dict:
+    return {status: {"model": ErrorResponse, "description": _STATUS_TEXT[status]} for status in statuses}
+
+
+_STATUS_TEXT = {
+    400: "The request is malformed or asks for what the server cannot do; `param` names the field",
+    401: "Missing or wrong API key",
+    404: "No such model",
+    413: "The request body is larger than --max_request_body_bytes",
+    429: "The queue (--max_queue_size) or the server (--max_sequences) is full; retry later",
+    500: "An internal error, with an id to find it in the server log",
+}
+
+
+# One server-sent event (OpenAPI 3.1 describes a stream by its events).
+_EVENT_SCHEMA = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "type": "string",
+            "description": "A chunk as JSON (the shape of the whole response, with the choices' new "
+            "text), an error body as JSON, or `[DONE]` last",
+        }
+    },
+}
+
+
+def _stream_or(model: type[BaseModel] | None) -> dict:
+    """A JSON body, or server-sent events when the request asks to stream."""
+    response: dict = {"content": {"text/event-stream": {"schema": _EVENT_SCHEMA}}}
+    if model is not None:
+        response["model"] = model
+    return response
+
+
+def _openapi_schema(app: FastAPI, options: ServerOptions) -> dict:
+    """FastAPI's schema less the 422 it documents for every body (this server answers 400 instead),
+    plus the bearer scheme when an API key is set."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for path, operations in schema["paths"].items():
+            for operation in operations.values():
+                operation["responses"].pop("422", None)
+                if options.api_key is not None and path not in OPEN_PATHS:
+                    operation["security"] = [{"bearer": []}]
+        components = schema.get("components", {}).get("schemas", {})
+        for unused in ("HTTPValidationError", "ValidationError"):
+            components.pop(unused, None)
+        if options.api_key is not None:
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer"}
+            }
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
 class OpenAIServer:
-    def __init__(self, llm, model_name: str, client: EngineClient, metrics: ServerMetrics) -> None:
+    def __init__(self, llm, options: ServerOptions, client: EngineClient, metrics: ServerMetrics) -> None:
         self.llm = llm
-        self.model_name = model_name
+        self.model_name = options.served_model_name
         self.client = client
         self.metrics = metrics
         self.tokens = TokenText(llm.tokenizer)
         self.max_seq_len: int = llm.engine.max_seq_len
+        self.tokenization = Tokenization(llm, self.max_seq_len)
 
     # ---- /v1/completions -----------------------------------------------------------------------
     async def create_completion(self, request: CompletionRequest, http_request: Request) -> Response:
         self._check_model(request.model)
-        texts, prompts = self._completion_prompts(request.prompt)
+        texts, prompts = await self._completion_prompts(request.prompt)
         params = [self._completion_params(request, prompt) for prompt in prompts]
         request_id = f"cmpl-{uuid.uuid4().hex}"
         generation = await self._start(request_id, prompts, params, "prompt")
         keep_generated = request.max_tokens != 0
-        states = self._completion_states(request, texts, prompts, keep_generated)
-        if request.stream:
+        n = request.num_choices
+        states = await self._completion_states(request, texts, prompts, keep_generated)
+        if request.streams:
             events = self._completion_events(request, request_id, generation, states, keep_generated)
             return _event_stream(events, generation)
         outputs = await _final_outputs(http_request, generation)
         if outputs is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         choices = [
-            states[p * request.n + c.index].advance(out, c, c.text)
+            states[p * n + c.index].advance(out, c, c.text)
             for p, out in enumerate(outputs)
             for c in out.outputs
         ]
@@ -101,17 +237,17 @@ class OpenAIServer:
         )
         return _json(response)
 
-    def _completion_prompts(self, prompt) -> tuple[list[str | None], list[list[int]]]:
+    async def _completion_prompts(self, prompt) -> tuple[list[str | None], list[list[int]]]:
         """Normalize the four prompt shapes to a batch: (text or None, token ids) per prompt."""
-        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        if isinstance(prompt, str) or isinstance(prompt[0], int):
             prompt = [prompt]
-        if not prompt or any(len(p) == 0 for p in prompt):
-            raise APIError(400, "prompt must not be empty", param="prompt")
         texts = [p if isinstance(p, str) else None for p in prompt]
-        ids = [self.llm.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+        ids = [await self.tokenization.prompt(p, "prompt") if isinstance(p, str) else list(p) for p in prompt]
+        if any(not p for p in ids):
+            raise APIError(400, "prompt must not be empty (a text gave no tokens)", param="prompt")
         return texts, ids
 
-    def _completion_states(
+    async def _completion_states(
         self,
         request: CompletionRequest,
         texts: list[str | None],
@@ -122,23 +258,23 @@ class OpenAIServer:
         echo_texts: list[str | None] = [None] * len(prompts)
         if request.echo:
             echo_texts = [
-                t if t is not None else self.llm.tokenizer.decode(p) for t, p in zip(texts, prompts)
+                t if t is not None else await self.tokenization.decode(p) for t, p in zip(texts, prompts)
             ]
         logprobs = request.logprobs is not None
+        n = request.num_choices
         return [
-            CompletionChoiceState(p * request.n + j, self.tokens, logprobs, echo_texts[p], keep_generated)
+            CompletionChoiceState(p * n + j, self.tokens, logprobs, echo_texts[p], keep_generated)
             for p in range(len(prompts))
-            for j in range(request.n)
+            for j in range(n)
         ]
 
     def _completion_params(self, request: CompletionRequest, prompt: list[int]) -> SamplingParams:
         max_tokens = request.max_tokens
-        if max_tokens is None:
-            max_tokens = self._rest_of_context(prompt)
-        elif max_tokens == 0:
+        if max_tokens == 0:
             if not request.echo:
                 raise APIError(400, "max_tokens=0 needs echo=true (it scores the prompt)", param="max_tokens")
             max_tokens = 1  # echo only: the engine must generate a token, which is then dropped
+        max_tokens = self._fit_context(prompt, max_tokens, "prompt", "max_tokens")
         prompt_logprobs = request.logprobs if request.echo else None
         return _sampling_params(request, max_tokens, request.logprobs, prompt_logprobs)
 
@@ -150,9 +286,10 @@ class OpenAIServer:
         states: list[CompletionChoiceState],
         keep_generated: bool,
     ) -> AsyncIterator[str]:
+        n = request.num_choices
         async for update in generation.updates():
             choices = [
-                states[update.index * request.n + c.index].advance(update.output, c, c.text_diff)
+                states[update.index * n + c.index].advance(update.output, c, c.text_diff)
                 for c in update.output.outputs
             ]
             choices = [c for c in choices if c is not None]
@@ -165,14 +302,15 @@ class OpenAIServer:
     # ---- /v1/chat/completions ------------------------------------------------------------------
     async def create_chat_completion(self, request: ChatCompletionRequest, http_request: Request) -> Response:
         self._check_model(request.model)
-        prompt = self._chat_prompt(request.messages, request.add_generation_prompt)
-        max_tokens = request.requested_max_tokens or self._rest_of_context(prompt)
+        prompt = await self.tokenization.chat_prompt(request.messages, request.add_generation_prompt)
+        limit_param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+        max_tokens = self._fit_context(prompt, request.requested_max_tokens, "messages", limit_param)
         top_logprobs = (request.top_logprobs or 0) if request.logprobs else None
         params = _sampling_params(request, max_tokens, top_logprobs)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         generation = await self._start(request_id, [prompt], [params], "messages")
-        states = [ChatChoiceState(j, self.tokens, top_logprobs) for j in range(request.n)]
-        if request.stream:
+        states = [ChatChoiceState(j, self.tokens, top_logprobs) for j in range(request.num_choices)]
+        if request.streams:
             return _event_stream(self._chat_events(request, request_id, generation, states), generation)
         outputs = await _final_outputs(http_request, generation)
         if outputs is None:
@@ -191,13 +329,6 @@ class OpenAIServer:
             id=request_id, model=self.model_name, choices=choices, usage=usage([out])
         )
         return _json(response)
-
-    def _chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
-        try:
-            conversation = [m.as_template_message() for m in messages]
-            return self.llm.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt)
-        except (ValueError, TemplateError) as error:
-            raise APIError(400, f"cannot apply the chat template: {error}", param="messages") from error
 
     async def _chat_events(
         self,
@@ -224,17 +355,14 @@ class OpenAIServer:
     async def tokenize(self, request: TokenizeRequest) -> Response:
         self._check_model(request.model)
         if request.messages is not None:
-            tokens = self._chat_prompt(request.messages, request.add_generation_prompt)
+            tokens = await self.tokenization.chat(request.messages, request.add_generation_prompt)
         else:
-            tokens = self.llm.tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens)
+            tokens = await self.tokenization.encode(request.prompt, request.add_special_tokens)
         return _json(TokenizeResponse(count=len(tokens), max_model_len=self.max_seq_len, tokens=tokens))
 
     async def detokenize(self, request: DetokenizeRequest) -> Response:
         self._check_model(request.model)
-        vocab = len(self.llm.tokenizer)
-        if any(not 0 <= t < vocab for t in request.tokens):
-            raise APIError(400, f"tokens must be integers in [0, {vocab})", param="tokens")
-        return _json(DetokenizeResponse(prompt=self.llm.tokenizer.decode(request.tokens)))
+        return _json(DetokenizeResponse(prompt=await self.tokenization.decode(request.tokens)))
 
     async def metrics_text(self) -> Response:
         body = await asyncio.to_thread(self.metrics.render)
@@ -249,10 +377,28 @@ class OpenAIServer:
                 code="model_not_found",
             )
 
-    def _rest_of_context(self, prompt: list[int]) -> int:
-        """OpenAI's default for an unset max_tokens: as much as the context leaves (at least 1, so an
-        over-long prompt gets the engine's message about the length limit)."""
-        return max(1, self.max_seq_len - len(prompt))
+    def _fit_context(
+        self, prompt: list[int], max_tokens: int | None, prompt_param: str, limit_param: str
+    ) -> int:
+        """max_tokens, checked against the context (never cut to fit: the client would get less than it
+        asked for without knowing why); unset, it is what the context leaves, as OpenAI does."""
+        if len(prompt) >= self.max_seq_len:
+            raise APIError(
+                400,
+                f"prompt is {len(prompt)} tokens long, the maximum sequence length is {self.max_seq_len} "
+                "(prompt plus at least one generated token)",
+                param=prompt_param,
+            )
+        if max_tokens is None:
+            return self.max_seq_len - len(prompt)
+        if len(prompt) + max_tokens > self.max_seq_len:
+            raise APIError(
+                400,
+                f"the maximum sequence length is {self.max_seq_len} tokens: the prompt takes {len(prompt)} "
+                f"and {limit_param}={max_tokens} asks for {len(prompt) + max_tokens} in all",
+                param=limit_param,
+            )
+        return max_tokens
 
     async def _start(
         self, request_id: str, prompts: list[list[int]], params: list[SamplingParams], prompt_param: str
@@ -316,8 +462,10 @@ def _event_stream(events: AsyncIterator[str], generation: Generation) -> Streami
             async for event in events:
                 yield event
         except EngineFailure as error:
-            logger.error("%s: %s", generation.request_id, error)
-            yield sse(APIError(500, str(error), type="internal_error").body())
+            # The headers are sent: the error goes in the stream, its details only in the log (the engine
+            # loop has logged the traceback).
+            logger.error("%s failed: %s", generation.request_id, error)
+            yield sse(internal_error(generation.request_id).body())
         finally:
             generation.close()
         yield "data: [DONE]\n\n"
@@ -331,38 +479,3 @@ async def _health() -> Response:
 
 async def _version() -> Response:
     return JSONResponse({"version": __version__})
-
-
-# ---- errors ------------------------------------------------------------------------------------
-def _error_response(request: Request, error: APIError) -> JSONResponse:
-    logger.info("%s %s -> %d %s", request.method, request.url.path, error.status, error.message)
-    headers = {"Retry-After": "1"} if error.status == 429 else None
-    return JSONResponse(error.body(), status_code=error.status, headers=headers)
-
-
-async def _api_error(request: Request, error: APIError) -> JSONResponse:
-    return _error_response(request, error)
-
-
-async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-    """Pydantic's errors as one 400 naming the field (FastAPI's default would be a 422)."""
-    problems = error.errors()
-    if problems and problems[0]["type"] == "json_invalid":
-        detail = problems[0].get("ctx", {}).get("error", "")
-        return _error_response(request, APIError(400, f"malformed JSON body: {detail}".rstrip(": ")))
-    messages, param = [], None
-    for problem in problems[:3]:
-        loc = [str(part) for part in problem["loc"] if part != "body"]
-        param = param or (loc[0] if loc else None)
-        messages.append(f"{'.'.join(loc) or 'body'}: {problem['msg']}")
-    return _error_response(request, APIError(400, "; ".join(messages), param=param))
-
-
-async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-    kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
-    return _error_response(request, APIError(error.status_code, str(error.detail), type=kind))
-
-
-async def _internal_error(request: Request, error: Exception) -> JSONResponse:
-    logger.exception("%s %s failed", request.method, request.url.path)
-    return JSONResponse(APIError(500, f"internal error: {error}", type="internal_error").body(), 500)

@@ -8,15 +8,24 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 from tensorjet.config import ENGINE_OPTIONS
-from tensorjet.engine_args import add_engine_args, engine_options
+from tensorjet.engine_args import add_engine_args, engine_options, parse_bool
+from tensorjet.serve.options import (
+    API_KEY_ENV,
+    DEFAULT_MAX_N,
+    DEFAULT_MAX_REQUEST_BODY_BYTES,
+    DEFAULT_MAX_SEQUENCES,
+    DEFAULT_SERVED_MODEL_NAME,
+    ServerOptions,
+)
 
-DEFAULT_SERVED_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
+DEFAULT_SHUTDOWN_TIMEOUT_S = 10.0
 
 logger = logging.getLogger("tensorjet.serve")
 
@@ -47,6 +56,60 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="most requests waiting for their first token; more get HTTP 429 (default: unlimited)",
     )
+    parser.add_argument(
+        "--max_n",
+        "--max-n",
+        type=_positive_int,
+        default=None,
+        help=f"most completions per prompt a request may ask for (`n`) (default {DEFAULT_MAX_N})",
+    )
+    parser.add_argument(
+        "--max_sequences",
+        "--max-sequences",
+        type=_positive_int,
+        default=None,
+        help="most sequences (prompts x n) in progress at once; a request that would go past it gets HTTP "
+        f"429, one larger than it 400 (default {DEFAULT_MAX_SEQUENCES})",
+    )
+    parser.add_argument(
+        "--max_request_body_bytes",
+        "--max-request-body-bytes",
+        type=_positive_int,
+        default=None,
+        help="largest request body in bytes; larger ones get HTTP 413 unread "
+        f"(default {DEFAULT_MAX_REQUEST_BODY_BYTES})",
+    )
+    parser.add_argument(
+        "--api_key",
+        "--api-key",
+        default=None,
+        help="require `Authorization: Bearer KEY` on every route but /health, /metrics, /version and the "
+        f"docs (default: ${API_KEY_ENV}, else none)",
+    )
+    parser.add_argument(
+        "--allowed_hosts",
+        "--allowed-hosts",
+        default=None,
+        help="comma-separated Host header values to answer (`example.com`, `*.example.com`); others get HTTP "
+        "400, which stops DNS rebinding (default: any)",
+    )
+    parser.add_argument(
+        "--disable_docs",
+        "--disable-docs",
+        type=parse_bool,
+        nargs="?",
+        const=True,
+        default=None,
+        help="serve no /docs, /redoc or /openapi.json (default: false)",
+    )
+    parser.add_argument(
+        "--shutdown_timeout",
+        "--shutdown-timeout",
+        type=_non_negative_float,
+        default=None,
+        help="on SIGTERM or Ctrl-C, seconds to let requests in progress finish before they are cancelled "
+        f"(default {DEFAULT_SHUTDOWN_TIMEOUT_S:g})",
+    )
     parser.add_argument("--config", default=None, help="YAML file of options (flag names as keys)")
     add_engine_args(parser)
 
@@ -55,6 +118,20 @@ def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
 
 
@@ -87,7 +164,26 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     args.host = args.host or DEFAULT_HOST
     args.port = DEFAULT_PORT if args.port is None else args.port
     args.served_model_name = args.served_model_name or args.model or DEFAULT_SERVED_MODEL_NAME
+    args.api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if args.shutdown_timeout is None:
+        args.shutdown_timeout = DEFAULT_SHUTDOWN_TIMEOUT_S
     return args
+
+
+def server_options(args: argparse.Namespace) -> ServerOptions:
+    """The server's options from resolved arguments (unset ones keep ServerOptions' defaults)."""
+    given = {
+        "served_model_name": args.served_model_name,
+        "max_queue_size": args.max_queue_size,
+        "max_n": args.max_n,
+        "max_sequences": args.max_sequences,
+        "max_request_body_bytes": args.max_request_body_bytes,
+        "api_key": args.api_key,
+        "disable_docs": args.disable_docs,
+    }
+    if args.allowed_hosts:
+        given["allowed_hosts"] = tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip())
+    return ServerOptions(**{name: value for name, value in given.items() if value is not None})
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -99,12 +195,13 @@ def run_serve(args: argparse.Namespace) -> int:
     args = resolve_args(args)
     _configure_logging(getattr(args, "log_level", "INFO"))
     try:
+        options = server_options(args)
         llm = LLM(**engine_options(args))
-        app = build_app(llm, args.served_model_name, args.max_queue_size)
+        app = build_app(llm, options)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    log_banner(llm, args)
+    log_banner(llm, args, options)
     try:
         uvicorn.run(
             app,
@@ -112,7 +209,8 @@ def run_serve(args: argparse.Namespace) -> int:
             port=args.port,
             access_log=False,
             log_level="info",
-            timeout_graceful_shutdown=5,
+            # After this, streams still open are cancelled, which aborts their engine requests.
+            timeout_graceful_shutdown=args.shutdown_timeout,
         )
     finally:
         llm.shutdown()
@@ -126,13 +224,13 @@ def _configure_logging(level: str) -> None:
     logger.setLevel(min(logging.INFO, logging.getLogger().getEffectiveLevel()))
 
 
-def log_banner(llm, args: argparse.Namespace) -> None:
+def log_banner(llm, args: argparse.Namespace, options: ServerOptions) -> None:
     stats = llm.stats()
     config = llm.config
     logger.info(
         "tensorjet serve: model=%s served as %s dtype=%s device=%s kv_cache=%d blocks x %d = %d tokens "
         "max_seq_len=%d max_batch_size=%d max_num_tokens=%d scheduler_policy=%s max_queue_size=%s "
-        "on http://%s:%d",
+        "max_n=%d max_sequences=%d api_key=%s allowed_hosts=%s on http://%s:%d",
         llm.engine.source.name,
         args.served_model_name,
         str(config.torch_dtype).removeprefix("torch."),
@@ -144,7 +242,11 @@ def log_banner(llm, args: argparse.Namespace) -> None:
         config.scheduler.max_batch_size,
         config.scheduler.max_num_tokens,
         config.scheduler.scheduler_policy,
-        "unlimited" if args.max_queue_size is None else args.max_queue_size,
+        "unlimited" if options.max_queue_size is None else options.max_queue_size,
+        options.max_n,
+        options.max_sequences,
+        "required" if options.api_key is not None else "none",
+        ",".join(options.allowed_hosts) or "any",
         args.host,
         args.port,
     )

@@ -18,6 +18,7 @@ from functools import partial
 from tensorjet.outputs import RequestOutput
 from tensorjet.sampling_params import SamplingParams
 from tensorjet.serve.metrics import ServerMetrics
+from tensorjet.serve.options import ServerOptions
 from tensorjet.serve.protocol import APIError
 
 logger = logging.getLogger("tensorjet.serve")
@@ -34,44 +35,59 @@ class Update:
 
 
 class EngineClient:
-    def __init__(self, llm, metrics: ServerMetrics, max_queue_size: int | None = None) -> None:
+    def __init__(self, llm, metrics: ServerMetrics, options: ServerOptions) -> None:
         self.llm = llm
         self.metrics = metrics
-        self.max_queue_size = max_queue_size
-        # Engine requests admitted that have not produced a token yet (waiting or prefilling).
-        # Only touched on the event loop thread, so it needs no lock.
+        self.max_queue_size = options.max_queue_size
+        self.max_sequences = options.max_sequences
+        # Only touched on the event loop thread, so they need no lock: engine requests admitted that have
+        # not produced a token yet (waiting or prefilling), and sequences (n per request) not finished.
         self.num_queued = 0
+        self.num_sequences = 0
 
     async def start(
         self, request_id: str, prompts: list[list[int]], params: list[SamplingParams]
     ) -> Generation:
         """Admit and submit every prompt, or none, before anything is sent to the client: raises APIError
-        (429) when the queue is full, ValueError for a prompt the engine rejects."""
-        if self.max_queue_size is not None and self.num_queued >= self.max_queue_size:
-            self.metrics.requests.labels("rejected").inc()
-            raise APIError(
-                429,
-                f"the request queue is full ({self.num_queued} requests waiting, max_queue_size="
-                f"{self.max_queue_size}); retry later",
-                type="rate_limit_error",
-                code="queue_full",
-            )
-        generation = Generation(self, request_id, prompts)
+        (429) when the queue or the server is full, ValueError for a prompt the engine rejects."""
+        self._admit(sum(p.n for p in params))
+        generation = Generation(self, request_id, prompts, params)
         try:
             await asyncio.get_running_loop().run_in_executor(None, generation.submit_all, prompts, params)
         except ValueError:
-            generation.release_queue_slots()  # submit_all already aborted what got in
+            generation.release()  # submit_all already aborted what got in
             raise
         except BaseException:
             generation.close()  # cancelled mid-submission: abort what got in
             raise
         return generation
 
+    def _admit(self, sequences: int) -> None:
+        if sequences > self.max_sequences:
+            raise APIError(
+                400,
+                f"the request asks for {sequences} sequences (prompts x n), more than this server holds "
+                f"at once (max_sequences={self.max_sequences})",
+                param="n",
+            )
+        if self.max_queue_size is not None and self.num_queued >= self.max_queue_size:
+            full = f"the request queue is full ({self.num_queued} requests waiting, max_queue_size="
+            full += f"{self.max_queue_size})"
+        elif self.num_sequences + sequences > self.max_sequences:
+            full = f"the server is full ({self.num_sequences} sequences in progress, max_sequences="
+            full += f"{self.max_sequences})"
+        else:
+            return
+        self.metrics.requests.labels("rejected").inc()
+        raise APIError(429, f"{full}; retry later", type="rate_limit_error", code="queue_full")
+
 
 class Generation:
     """One HTTP request's engine requests (one per prompt) as one stream of updates."""
 
-    def __init__(self, client: EngineClient, request_id: str, prompts: list[list[int]]) -> None:
+    def __init__(
+        self, client: EngineClient, request_id: str, prompts: list[list[int]], params: list[SamplingParams]
+    ) -> None:
         self.client = client
         self.request_id = request_id
         self.engine_ids = [f"{request_id}-{i}" for i in range(len(prompts))]
@@ -81,6 +97,8 @@ class Generation:
         self._updates: asyncio.Queue = asyncio.Queue()
         self._queued = set(range(len(prompts)))
         client.num_queued += len(prompts)
+        self._sequences = {i: p.n for i, p in enumerate(params)}  # of prompts not finished
+        client.num_sequences += sum(self._sequences.values())
         self._finished: set[int] = set()
         self._start = time.monotonic()
         self._first_token: float | None = None
@@ -130,16 +148,19 @@ class Generation:
         if self._closed:
             return
         self._closed = True
-        self.release_queue_slots()
+        self.release()
         unfinished = [rid for i, rid in enumerate(self.engine_ids) if i not in self._finished]
         if unfinished:
             # Fire and forget: never wait for the engine lock here (this may run during cancellation).
             self._loop.run_in_executor(None, self._abort, unfinished)
             self._log_end(time.monotonic(), "aborted")
 
-    def release_queue_slots(self) -> None:
+    def release(self) -> None:
+        """Give back the queue slots and sequences of every prompt not finished."""
         self.client.num_queued -= len(self._queued)
         self._queued.clear()
+        self.client.num_sequences -= sum(self._sequences.values())
+        self._sequences.clear()
 
     def _abort(self, request_ids: list[str]) -> None:
         for request_id in request_ids:
@@ -163,6 +184,7 @@ class Generation:
                 self._last_token[key] = at
         if out.finished:
             self._finished.add(index)
+            self.client.num_sequences -= self._sequences.pop(index, 0)
             if len(self._finished) == len(self.engine_ids):
                 metrics.e2e_latency.observe(at - self._start)
                 self._log_end(at, "finished")
