@@ -10,9 +10,9 @@ import dataclasses
 import pytest
 import torch
 
+from tensorjet.kernels import activation, norm
 from tensorjet.kernels import int4_fused_gemv as fused_module
 from tensorjet.kernels import int4_linear as linear_module
-from tensorjet.kernels.activation import silu_and_mul
 from tensorjet.kernels.int4_fused_gemv import CANDIDATES as FUSED_CANDIDATES
 from tensorjet.kernels.int4_fused_gemv import Int4FusedGemvConfig
 from tensorjet.kernels.int4_linear import (
@@ -22,7 +22,6 @@ from tensorjet.kernels.int4_linear import (
     dequantize,
     int4_linear_reference,
 )
-from tensorjet.kernels.norm import rms_norm
 from tensorjet.quant import int4_packing as packing
 
 # Inputs and references are made on the CPU; on a machine with a GPU the kernels run there, compiled.
@@ -67,6 +66,9 @@ int4_matmul = _on_device(linear_module.int4_matmul)
 int4_dequantize = _on_device(linear_module.int4_dequantize)
 dequantized_linear = _on_device(linear_module.dequantized_linear)
 int4_fused_gemv = _on_device(fused_module.int4_fused_gemv)
+# The reference chain's norm and SiLU are Triton kernels too.
+rms_norm = _on_device(norm.rms_norm)
+silu_and_mul = _on_device(activation.silu_and_mul)
 
 
 def _codes(*shape: int, seed: int = 0) -> torch.Tensor:
