@@ -43,14 +43,12 @@ from tensorjet.kernels.fp8_linear import (
     E4M3,
     PROMOTE_K,
     X_BLOCK,
-    arrive_last,
     quantize_e4m3,
     row_scale,
     scaled_mm_linear,
-    split_k_scratch,
-    sum_slices,
 )
 from tensorjet.kernels.gemv import cold_copies, fastest_in_graph, time_in_graph_ms
+from tensorjet.kernels.split_k import arrive_last, split_k_scratch, sum_slices
 
 __all__ = ["CANDIDATES", "Fp8FusedGemvConfig", "fp8_fused_gemv", "select_fp8_fused_gemv"]
 

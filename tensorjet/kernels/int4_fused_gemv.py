@@ -35,9 +35,9 @@ from tensorjet.kernels._common import (
     tl_dot,
     wait_for_previous_kernel,
 )
-from tensorjet.kernels.fp8_linear import split_k_scratch
 from tensorjet.kernels.gemv import fastest_in_graph, time_in_graph_ms
 from tensorjet.kernels.int4_linear import Int4Weight, cold_weights, load_codes, nibble
+from tensorjet.kernels.split_k import arrive_last, split_k_scratch, sum_slices
 
 __all__ = ["CANDIDATES", "Int4FusedGemvConfig", "int4_fused_gemv", "select_int4_fused_gemv"]
 
@@ -165,25 +165,14 @@ def _int4_fused_gemv_kernel(
     y_up = tl.sum(tl.where(first, acc_up, 0.0), 1)
     if SPLIT_K > 1:
         # This slice's sums go to scratch; the program that arrives last adds all slices (in order)
-        # and alone runs the epilogue below (n_mask is empty for the others), then resets its counter
-        # for the next launch. The barrier puts every thread's stores before the counter's increment.
+        # and alone runs the epilogue below (n_mask is empty for the others).
         rows = 2 * N if SILU_MUL else N
         tl.store(partial_ptr + tl.program_id(1) * rows + offs_n, y, mask=n_mask)
         if SILU_MUL:
             tl.store(partial_ptr + tl.program_id(1) * rows + N + offs_n, y_up, mask=n_mask)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(arrivals_ptr + tl.program_id(0), 1, sem="acq_rel")
-        # (arrived broadcast by an add: the interpreter rejects a scalar's comparison in a vector mask)
-        n_mask = n_mask & (tl.zeros((BLOCK_N,), dtype=tl.int32) + arrived == SPLIT_K - 1)
-        y = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        y_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for s in tl.static_range(SPLIT_K):
-            y += tl.load(partial_ptr + s * rows + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg")
-            if SILU_MUL:
-                y_up += tl.load(
-                    partial_ptr + s * rows + N + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg"
-                )
-        tl.store(arrivals_ptr + tl.program_id(0), 0, mask=arrived == SPLIT_K - 1)
+        last = arrive_last(arrivals_ptr + tl.program_id(0), SPLIT_K)
+        y_up, _ = sum_slices(partial_ptr + N, rows, offs_n, n_mask & SILU_MUL, last, SPLIT_K)
+        y, n_mask = sum_slices(partial_ptr, rows, offs_n, n_mask, last, SPLIT_K)
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         if SILU_MUL:

@@ -33,8 +33,8 @@ import triton
 import triton.language as tl
 
 from tensorjet.kernels._common import dot_precision, dot_upcast, tl_dot
-from tensorjet.kernels.fp8_linear import split_k_scratch
 from tensorjet.kernels.gemv import cold_copies, fastest_in_graph, time_in_graph_ms
+from tensorjet.kernels.split_k import arrive_last, split_k_scratch, sum_slices
 
 __all__ = [
     "GEMV_CANDIDATES",
@@ -274,21 +274,14 @@ def _int4_matmul_kernel(
             part = part * scale
         acc += part
     if SPLIT_K > 1:
-        # As in `tensorjet.kernels.fp8_linear`: partial sums to scratch [SPLIT_K, M, N]; the last
-        # program of this tile to arrive adds them in order and alone stores (its counter reset).
-        tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        # Partial sums to scratch [SPLIT_K, M, N]; the last program of this tile to arrive adds them
+        # in order and alone stores (`tensorjet.kernels.split_k`).
         offs_mn = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
         mn_mask = m_mask[None, :] & n_mask[:, None]
         tl.store(partial_ptr + tl.program_id(2) * M * N + offs_mn, acc, mask=mn_mask)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(arrivals_ptr + tile, 1, sem="acq_rel")
-        # (arrived broadcast by an add: the interpreter rejects a scalar's comparison in a vector mask)
-        n_mask = n_mask & (tl.zeros((BLOCK_N,), dtype=tl.int32) + arrived == SPLIT_K - 1)
-        mn_mask = m_mask[None, :] & n_mask[:, None]
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for s in tl.static_range(SPLIT_K):
-            acc += tl.load(partial_ptr + s * M * N + offs_mn, mask=mn_mask, other=0.0, cache_modifier=".cg")
-        tl.store(arrivals_ptr + tile, 0, mask=arrived == SPLIT_K - 1)
+        last = arrive_last(arrivals_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), SPLIT_K)
+        acc, mn_mask = sum_slices(partial_ptr, M * N, offs_mn, mn_mask, last, SPLIT_K)
+        n_mask = tl.max(mn_mask.to(tl.int32), 1) != 0  # empty but in the last program
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
     y_ptrs = y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
