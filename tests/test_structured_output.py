@@ -47,10 +47,8 @@ def test_json_schema_holds_for_every_sample_and_leaves_batch_mates_alone(tiny_ch
         free = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
         alone = [generate(llm, p, free)[0].token_ids for p in ("the quick", "a server")]
         constraint = StructuredOutput("json", json.dumps(SCHEMA))
-        constrained = SamplingParams(max_tokens=60, temperature=1.0, n=3, seed=7, structured_output=constraint)
-        outs = llm.generate(
-            ["the quick", "tokens in", "a server"], [free, constrained, free], use_tqdm=False
-        )
+        constrained = SamplingParams(max_tokens=60, temperature=1, n=3, seed=7, structured_output=constraint)
+        outs = llm.generate(["the quick", "tokens in", "a server"], [free, constrained, free], use_tqdm=False)
         assert [outs[0].outputs[0].token_ids, outs[2].outputs[0].token_ids] == alone
         for completion in outs[1].outputs:
             assert completion.finish_reason == "stop", completion
