@@ -64,7 +64,7 @@ def build_app(llm, options: ServerOptions | None = None) -> FastAPI:
     options = options or ServerOptions()
     if llm.tokenizer is None:
         raise ValueError("serving needs the model's tokenizer, and none is installed for it")
-    metrics = ServerMetrics(llm)
+    metrics = ServerMetrics(llm, options.served_model_name)
     server = OpenAIServer(llm, options, EngineClient(llm, metrics, options), metrics)
 
     @asynccontextmanager
