@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import queue
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 from tqdm import tqdm
 
@@ -16,7 +17,7 @@ from tensorjet.outputs import RequestOutput
 from tensorjet.sampling_params import SamplingParams
 
 Prompt = str | list[int]
-Message = dict[str, str]
+Message = dict[str, Any]
 
 
 class LLM:
@@ -139,7 +140,11 @@ class LLM:
         prompts = [self.apply_chat_template(c, add_generation_prompt) for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
-    def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True) -> list[int]:
+    def apply_chat_template(
+        self, messages: list[Message], add_generation_prompt: bool = True, tools: list[dict] | None = None
+    ) -> list[int]:
+        """The conversation's prompt ids; `tools` (OpenAI function definitions) are rendered where the
+        template has a place for them."""
         if not messages:
             raise ValueError("messages must not be empty")
         if self.tokenizer is None or self.tokenizer.chat_template is None:
@@ -147,7 +152,7 @@ class LLM:
                 "this model's tokenizer has no chat template; use generate() with a plain prompt"
             )
         ids = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, tokenize=True
+            messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=True
         )
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 

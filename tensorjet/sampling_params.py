@@ -3,7 +3,44 @@ fails with a ValueError naming the field before anything is scheduled."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Literal
+
+# What a constraint's `spec` holds, per kind: a JSON schema (as JSON text), none (any JSON object), a
+# regular expression, the choices (a tuple of strings), a grammar (GBNF/EBNF or Lark text).
+StructuredOutputKind = Literal["json", "json_object", "regex", "choice", "grammar"]
+STRUCTURED_OUTPUT_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 bans a token, +100 all but forces it
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on the generated text, enforced token by token with a grammar: the sequence may only
+    sample tokens that keep its text a prefix of a match, and ends once the match is complete."""
+
+    kind: StructuredOutputKind
+    spec: str | tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in STRUCTURED_OUTPUT_KINDS:
+            raise ValueError(
+                f"structured_output.kind must be one of {STRUCTURED_OUTPUT_KINDS}, got {self.kind!r}"
+            )
+        if self.kind == "json_object":
+            if self.spec is not None:
+                raise ValueError("structured_output of kind 'json_object' takes no spec")
+        elif self.kind == "choice":
+            if (
+                not isinstance(self.spec, tuple)
+                or not self.spec
+                or not all(isinstance(c, str) and c for c in self.spec)
+            ):
+                raise ValueError(
+                    "structured_output of kind 'choice' needs a non-empty tuple of non-empty strings"
+                )
+        elif not isinstance(self.spec, str) or not self.spec:
+            raise ValueError(f"structured_output of kind {self.kind!r} needs its spec as a non-empty string")
 
 
 @dataclass
@@ -26,6 +63,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # top logprobs per prompt token (echo)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Added to the token's logit before sampling, in [-100, 100] (OpenAI's `logit_bias`).
+    logit_bias: dict[int, float] | None = None
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -34,6 +74,7 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        self.logit_bias = dict(self.logit_bias) if self.logit_bias else None
         self._validate()
 
     def _validate(self) -> None:
@@ -68,6 +109,13 @@ class SamplingParams:
             fail("stop", "must be non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             fail("stop_token_ids", "must be non-negative integers")
+        for token, bias in (self.logit_bias or {}).items():
+            if not isinstance(token, int) or token < 0:
+                fail("logit_bias", "must map non-negative token ids to biases")
+            if not (math.isfinite(bias) and -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS):
+                fail("logit_bias", f"must hold biases in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
+        if self.structured_output is not None and not isinstance(self.structured_output, StructuredOutput):
+            fail("structured_output", "must be a StructuredOutput")
 
     @property
     def greedy(self) -> bool:

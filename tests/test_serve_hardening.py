@@ -535,7 +535,7 @@ def within_the_runtime_rules(body):
     within max_sequences. Prompts are cut to PROMPT_BYTES bytes to bound their tokens."""
     if not isinstance(body, dict):
         return body
-    body = dict(body)
+    body = within_the_field_dependencies(dict(body))
     n = int(body.get("n") or 1)
     if body.get("seed") is not None:
         # Also below: a seed within 2048 of -2**63 is the bound itself to a float, as schemathesis compares.
@@ -567,6 +567,41 @@ def within_the_runtime_rules(body):
             body[field] = min(body[field], room)
     if body.get("min_tokens") is not None:
         body["min_tokens"] = min(body["min_tokens"], asked, room)
+    return body
+
+
+STRUCTURED_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+
+
+def within_the_field_dependencies(body: dict) -> dict:
+    """Fields that need another one get it, at most one structured output field stays, and what must
+    compile (a schema, regex or grammar) or fit the context (tool definitions, rendered into the prompt) is
+    made to: the server answers the rest with 400. A suffix needs fill-in-the-middle tokens, which the tiny
+    tokenizer lacks."""
+    if body.get("stream_options") is not None and not body.get("stream"):
+        body.pop("stream_options")
+    if body.get("top_logprobs") is not None and not body.get("logprobs"):
+        body.pop("top_logprobs")
+    best_of = body.get("best_of")
+    if best_of is not None and (best_of < int(body.get("n") or 1) or body.get("stream")):
+        body.pop("best_of")
+    body.pop("suffix", None)
+    for field in ("tools", "tool_choice", "guided_json", "guided_regex", "guided_grammar"):
+        body.pop(field, None)
+    given = [f for f in STRUCTURED_FIELDS if body.get(f) is not None]
+    for field in given[1:]:
+        body.pop(field)
+    response_format = body.get("response_format")
+    if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
+        body["response_format"] = {**response_format, "json_schema": {"name": "any", "schema": {"enum": [1]}}}
+    if isinstance(body.get("messages"), list) and body["messages"]:
+        message = dict(body["messages"][0])
+        message.pop("tool_calls", None)
+        if message.get("content") is None:
+            message["content"] = "x"
+        if message.get("role") == "tool" and not message.get("tool_call_id"):
+            message["tool_call_id"] = "call_1"
+        body["messages"] = [message, *body["messages"][1:]]
     return body
 
 

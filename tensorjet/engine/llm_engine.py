@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import repeat
 
 import torch
@@ -16,11 +17,12 @@ from tensorjet.engine.proposers import Proposals
 from tensorjet.engine.scheduler import ScheduledBatch, Scheduler
 from tensorjet.engine.sequence import PLACEHOLDER, Sequence
 from tensorjet.engine.speculation import build_speculator, speculation_stats
+from tensorjet.engine.structured_output import GrammarCompiler, StepBitmask
 from tensorjet.models.llama import max_positions_of
 from tensorjet.models.loader import ModelSource, load_tokenizer, resolve_model
 from tensorjet.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprobs
 from tensorjet.runtime.model_runner import ModelRunner
-from tensorjet.runtime.sampler import SamplingRow
+from tensorjet.runtime.sampler import SamplingRow, TokenBitmask
 from tensorjet.runtime.step import PromptLogprobsRequest, StepBatch, StepHandle, StepSequence
 from tensorjet.sampling_params import SamplingParams
 
@@ -98,6 +100,11 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_seq_len)
         self.requests: dict[str, Request] = {}
+        self.vocab_size: int = self.source.hf_config.vocab_size
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, sorted(self.eos_token_ids))
+        self.step_bitmask = StepBitmask(self.vocab_size, self.runner.device)
+        # Outputs of the step in flight when a constrained step had it resolved early (`_token_bitmask`).
+        self._early_outputs: list[RequestOutput] = []
         self.num_prompt_tokens_computed = 0
         self.num_generated_tokens = 0
         self.num_partial_prefills = 0  # steps in which a prompt was computed only in part (chunked context)
@@ -149,7 +156,10 @@ class LLMEngine:
             generator = None
             if params.seed is not None:
                 generator = torch.Generator(self.runner.device).manual_seed(params.seed + i)
-            seqs.append(Sequence(request_id, i, prompt_ids, params, arrival, generator))
+            seq = Sequence(request_id, i, prompt_ids, params, arrival, generator)
+            if params.structured_output is not None:
+                seq.grammar = self.grammars.matcher(params.structured_output)  # compiled: a cache hit
+            seqs.append(seq)
             detoks.append(
                 NoTextDetokenizer()
                 if self.tokenizer is None
@@ -168,9 +178,14 @@ class LLMEngine:
             self.scheduler.add(seq)
 
     def check_prompt(self, prompt: str | list[int], params: SamplingParams) -> tuple[str | None, list[int]]:
-        """Tokenize and validate without queueing: (prompt text or None, prompt token ids)."""
+        """Tokenize and validate without queueing: (prompt text or None, prompt token ids). Compiles the
+        request's grammar, if it has one, on the caller's thread (the engine's admission reuses it)."""
         text, ids = self._tokenize(prompt)
         self._validate_length(ids, params)
+        if params.logit_bias and max(params.logit_bias) >= self.vocab_size:
+            raise ValueError(f"logit_bias token ids must be below the vocabulary size {self.vocab_size}")
+        if params.structured_output is not None:
+            self.grammars.compile(params.structured_output)
         return text, ids
 
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -253,6 +268,8 @@ class LLMEngine:
         if batch.seqs:
             proposals = self.speculator.propose(batch, self._sampling_row) if speculating else None
             launched = self._launch(batch, proposals)
+            outputs += self._early_outputs
+            self._early_outputs = []
         if self._in_flight is not None:
             outputs += self._resolve(self._in_flight)
         self._in_flight = launched
@@ -308,8 +325,8 @@ class LLMEngine:
             )
         prev = None if self._in_flight is None else self._in_flight.handle
         drafts = None if proposals is None else proposals.device
-        handle = self.runner.launch(StepBatch(step_seqs, drafts), prev)
-        self.num_steps += 1
+        # The sequences' own state moves on before the launch: a constrained step resolves the step in
+        # flight from inside it (`_token_bitmask`), which must find this step's placeholders in place.
         if proposals is None:
             for seq, n in zip(scheduled.seqs, scheduled.num_new_tokens):
                 seq.num_computed_tokens += n
@@ -322,7 +339,25 @@ class LLMEngine:
         for seq in sampling_seqs:
             token_index.append(len(seq.token_ids))
             seq.token_ids.append(PLACEHOLDER)
+        bitmask = None
+        if any(seq.grammar is not None for seq in sampling_seqs):
+            bitmask = partial(self._token_bitmask, sampling_seqs)
+        handle = self.runner.launch(StepBatch(step_seqs, drafts, bitmask), prev)
+        self.num_steps += 1
         return LaunchedStep(handle, sampling_seqs, token_index, prompt_logprob_seqs, num_drafts)
+
+    def _token_bitmask(self, sampling_seqs: list[Sequence]) -> TokenBitmask | None:
+        """Called by the runner once the step's forward pass is queued: the grammars' masks for its
+        constrained sequences. Their last token may be the step in flight's sample, so that step is
+        resolved first (its outputs go out with this step's); the device is busy with the forward pass
+        meanwhile. Finished sequences' rows are discarded and stay unmasked."""
+        if self._in_flight is not None:
+            self._early_outputs += self._resolve(self._in_flight)
+            self._in_flight = None
+        rows = [i for i, seq in enumerate(sampling_seqs) if seq.grammar is not None and not seq.is_finished]
+        if not rows:
+            return None
+        return self.step_bitmask.fill(rows, [sampling_seqs[i].grammar for i in rows])
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
         if seq.sampling_row is not None:
@@ -427,6 +462,9 @@ class LLMEngine:
             seq.logprobs.append(logprobs)
         params = seq.params
         stop_string = request.detokenizers[seq.index].add_tokens([token])
+        # A grammar refuses a token only when nothing it allows could be sampled (min_tokens banning the
+        # stop token of a complete match): the text cannot go on within it.
+        grammar_done = seq.grammar is not None and (not seq.grammar.accept(token) or seq.grammar.terminated)
         # The sampler bans EOS and stop tokens until min_tokens, so reaching these means it is allowed.
         # The length checks count known tokens only (a later placeholder may already be appended).
         num_known = seq.num_known_tokens
@@ -436,6 +474,8 @@ class LLMEngine:
             seq.finish("stop", None)
         elif stop_string is not None:
             seq.finish("stop", stop_string)
+        elif grammar_done:
+            seq.finish("stop", None)
         elif num_known - seq.num_prompt_tokens >= params.max_tokens or num_known >= self.max_seq_len:
             seq.finish("length")
 

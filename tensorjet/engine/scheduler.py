@@ -5,6 +5,12 @@ go first (decodes, then unfinished prompt chunks), then waiting ones in arrival 
 longer than the chunk size, or than what is left of the budget, is prefilled over several steps
 alongside other requests' decodes (chunked context).
 
+Fair prefill: a running prompt's chunk leaves room for the prompts behind it (running ones later in the
+order, then waiting ones), up to half the token budget: a short request that arrives behind a long
+prompt is prefilled in the next step beside the long one's chunk, instead of after all of them. The
+budget a step uses is unchanged when prompts are waiting (they take the room left), so large batches
+keep their throughput.
+
 Policies:
 - max_utilization: admit greedily; when blocks run out, preempt the newest running sequence
   (its blocks are freed and it is recomputed later, from the prefix cache where possible).
@@ -19,6 +25,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import islice
 
 from tensorjet.config import SchedulerConfig
 from tensorjet.engine.block_manager import BlockManager
@@ -66,12 +73,18 @@ class Scheduler:
         batch = ScheduledBatch()
         budget = self.config.max_num_tokens
         scheduled: set[int] = set()
+        wanted_after = self._prompt_tokens_wanted_after()
         for seq in list(self.running):
             if seq.seq_id in scheduled or seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
             if len(batch) >= self.config.max_batch_size or budget <= 0:
                 break
-            num = min(seq.num_uncomputed_tokens, budget, self.config.chunk_size)
+            room = budget
+            if seq.num_uncomputed_tokens > 1:  # a prompt chunk: leave the prompts behind it their share
+                room -= min(wanted_after[seq.seq_id], self.config.max_num_tokens // 2)
+                if room <= 0:
+                    continue
+            num = min(seq.num_uncomputed_tokens, room, self.config.chunk_size)
             if not self._allocate_or_preempt(seq, num, scheduled):
                 continue
             batch.add(seq, num)
@@ -81,6 +94,20 @@ class Scheduler:
             budget = self._add_lookahead(batch, budget, lookahead)
         self._admit(batch, budget)
         return batch
+
+    def _prompt_tokens_wanted_after(self) -> dict[int, int]:
+        """Per running sequence: prompt tokens still to compute by the prompts after it (running ones later
+        in the order, then as many waiting ones as the batch has seats for)."""
+        seats = max(self.config.max_batch_size - len(self.running), 0)
+        if self.config.scheduler_policy == "static_batch":
+            seats = 0  # waiting sequences join only with the next batch
+        behind = sum(len(s) - s.num_computed_tokens for s in islice(self.waiting, seats))
+        wanted: dict[int, int] = {}
+        for seq in reversed(self.running):
+            wanted[seq.seq_id] = behind
+            if seq.num_uncomputed_tokens > 1:
+                behind += seq.num_uncomputed_tokens
+        return wanted
 
     def _add_lookahead(self, batch: ScheduledBatch, budget: int, lookahead: Callable[[Sequence], int]) -> int:
         for i, seq in enumerate(batch.seqs):

@@ -16,6 +16,7 @@ from collections import deque
 import torch
 
 from tensorjet.config import ACCEPTANCE_WINDOW
+from tensorjet.engine.structured_output import GrammarState
 from tensorjet.outputs import TokenLogprobs
 from tensorjet.runtime.sampler import SamplingRow
 from tensorjet.sampling_params import SamplingParams
@@ -65,6 +66,9 @@ class Sequence:
         # One entry per prompt token (the first has no predecessor, so None), when requested.
         self.prompt_logprobs: list[TokenLogprobs | None] = [None]
         self.sampling_row: SamplingRow | None = None  # the engine's, once it no longer changes
+        # Structured output: its place in the request's grammar (a `GrammarState`), advanced by every
+        # token it keeps.
+        self.grammar: GrammarState | None = None
         # Speculative decoding. Tokens whose KV a draft model's cache holds (it shares the block table, so
         # losing the blocks resets it); a proposer's own state (an n-gram index); (drafted, accepted) of
         # the last verify steps; whether it still speculates.

@@ -8,7 +8,8 @@ drafts (`record`); one whose acceptance rate over its recent verify steps falls 
 `speculative_disable_by_acceptance_rate` stops speculating.
 
 Sequences that sample with penalties (the history of every row would differ by the drafts before it),
-or that still ban EOS (min_tokens), decode one token at a time.
+that still ban EOS (min_tokens), or that follow a grammar (structured output: each draft row would need
+the mask of the grammar advanced by the drafts before it) decode one token at a time.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class Speculator:
         params = seq.params
         if (
             not seq.speculates
+            or seq.grammar is not None
             or params.needs_token_history
             or seq.num_output_tokens < params.min_tokens
             or seq.token_ids[-1] == PLACEHOLDER

@@ -26,6 +26,13 @@ def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
+def host_tensor_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`, queued without waiting when it is page-locked."""
+    if device.type != "cuda":
+        return tensor
+    return tensor.to(device, non_blocking=tensor.is_pinned())
+
+
 class HostCopy:
     """A device tensor copied to pinned host memory in the background; `.get()` waits for it."""
 

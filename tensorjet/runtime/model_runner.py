@@ -30,7 +30,7 @@ from tensorjet.quant.formats import quantization_spec
 from tensorjet.runtime.device_io import to_device
 from tensorjet.runtime.kernel_selection import linear_method_for, select_kernels
 from tensorjet.runtime.rejection_sampler import RejectionSampler, VerifiedTokens
-from tensorjet.runtime.sampler import SampledTokens, Sampler, SamplingRow
+from tensorjet.runtime.sampler import SampledTokens, Sampler, SamplingRow, TokenBitmask
 from tensorjet.runtime.step import DeviceDrafts, PendingPromptLogprobs, StepBatch, StepHandle, StepSequence
 
 if TYPE_CHECKING:
@@ -454,21 +454,24 @@ class ModelRunner:
                 logits = self.model.compute_logits(hidden[inputs.logits_indices])
         sampled = None
         if logits is not None:
-            sampled = self._sample(logits, inputs)
+            bitmask = None if batch.token_bitmask is None else batch.token_bitmask()
+            sampled = self._sample(logits, inputs, bitmask)
             if copy_to_host:
                 sampled.start_copy()
         return StepHandle(inputs.sampled_seq_ids, sampled, prompt_logprobs)
 
-    def _sample(self, logits: torch.Tensor, inputs: StepInputs) -> SampledTokens | VerifiedTokens:
+    def _sample(
+        self, logits: torch.Tensor, inputs: StepInputs, bitmask: TokenBitmask | None = None
+    ) -> SampledTokens | VerifiedTokens:
         if not inputs.verifies:
-            return self.sampler.sample(logits, inputs.sampling_rows, keep_probs=self.draft)
+            return self.sampler.sample(logits, inputs.sampling_rows, keep_probs=self.draft, bitmask=bitmask)
         drafts = inputs.drafts
         draft_probs = None
         if drafts is not None and drafts.probs is not None:
             draft_probs = drafts.probs[inputs.draft_entries]
         draft_tokens = inputs.input_ids[inputs.draft_rows]
         return self.verifier.verify(
-            logits, inputs.sampling_rows, inputs.num_drafts, draft_tokens, draft_probs
+            logits, inputs.sampling_rows, inputs.num_drafts, draft_tokens, draft_probs, bitmask
         )
 
     def _use_decode_graph(self, inputs: StepInputs) -> bool:

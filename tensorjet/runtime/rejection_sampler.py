@@ -24,7 +24,15 @@ import torch
 
 from tensorjet.outputs import TokenLogprobs
 from tensorjet.runtime.device_io import HostCopy, to_device
-from tensorjet.runtime.sampler import Sampler, SamplingRow, apply_penalties, argmax_rows, filtered_probs
+from tensorjet.runtime.sampler import (
+    Sampler,
+    SamplingRow,
+    TokenBitmask,
+    apply_penalties,
+    apply_token_bitmask,
+    argmax_rows,
+    filtered_probs,
+)
 
 
 @dataclass
@@ -114,10 +122,12 @@ class RejectionSampler:
         num_drafts: list[int],
         draft_tokens: torch.Tensor,
         draft_probs: torch.Tensor | None = None,
+        bitmask: TokenBitmask | None = None,
     ) -> VerifiedTokens:
         """logits: [sum(m + 1), vocab] float32, each sequence's m + 1 rows in turn; rows and num_drafts:
         per sequence; draft_tokens: [sum(m)] its drafts in turn; draft_probs: [sum(m), vocab] the
-        distribution each draft was drawn from, None where drafts are point masses."""
+        distribution each draft was drawn from, None where drafts are point masses; bitmask: the tokens
+        constrained sequences may sample, which never draft (their one row is masked)."""
         device = logits.device
         layout = _Layout.of(rows, num_drafts)
         num_seqs, width = len(rows), max(num_drafts) + 1
@@ -125,6 +135,9 @@ class RejectionSampler:
         if any(r.params.logprobs is not None for r in rows):
             raw_logprobs = logits.log_softmax(-1)
         logits = apply_penalties(logits, layout.row_params)
+        if bitmask is not None:
+            last_rows = list(accumulate(m + 1 for m in num_drafts))
+            logits = apply_token_bitmask(logits, [last_rows[s] - 1 for s in bitmask.rows], bitmask.words)
         draft_rows = to_device(layout.draft_rows, torch.long, device)
         # The greedy choice of every row; a non-greedy sequence's rows are replaced below.
         recovered = argmax_rows(logits)

@@ -1,10 +1,11 @@
 """Turns one step's logits into tokens, vectorised over the batch (vLLM semantics).
 
-Order: raw logprobs (reported) -> banned tokens -> repetition penalty (prompt + output) ->
-frequency/presence penalties (output) -> greedy argmax, or temperature -> top-k -> top-p -> min-p ->
-sample. Seeded rows draw from their own generator, so their tokens do not depend on batch-mates.
-Per-row settings become one tensor per call and decisions about what to skip are taken from the
-Python-side params, so no step waits on the device to learn whether a penalty is active.
+Order: raw logprobs (reported) -> banned tokens -> logit bias -> repetition penalty (prompt + output)
+-> frequency/presence penalties (output) -> grammar bitmask (structured output) -> greedy argmax, or
+temperature -> top-k -> top-p -> min-p -> sample. Seeded rows draw from their own generator, so their
+tokens do not depend on batch-mates. Per-row settings become one tensor per call and decisions about what
+to skip are taken from the Python-side params, so no step waits on the device to learn whether a penalty
+is active.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from itertools import chain
 
 import torch
 
-from tensorjet.runtime.device_io import HostCopy, to_device
+from tensorjet.runtime.device_io import HostCopy, host_tensor_to_device, to_device
 from tensorjet.sampling_params import SamplingParams
 
 NEG_INF = float("-inf")
@@ -29,6 +30,31 @@ class SamplingRow:
     prompt_token_ids: list[int]
     output_token_ids: list[int]  # tokens generated so far (both lists empty unless penalties need them)
     banned_token_ids: list[int]  # must not be sampled this step (e.g. EOS while below min_tokens)
+
+
+@dataclass
+class TokenBitmask:
+    """The tokens some rows of a step may sample (structured output): row `rows[i]` may sample token t
+    when bit t % 32 of `words[i, t // 32]` is set. On the host; the sampler copies it to the device."""
+
+    rows: list[int]  # sampler rows, one per sequence that samples (a verify step maps them to its rows)
+    words: torch.Tensor  # [len(rows), ceil(vocab / 32)] int32
+
+
+_BIT_SHIFTS: dict[torch.device, torch.Tensor] = {}
+
+
+def apply_token_bitmask(logits: torch.Tensor, rows: list[int], words: torch.Tensor) -> torch.Tensor:
+    """-inf for every token the bitmask leaves out, in `rows` of `logits` only (other rows are not
+    touched, so their tokens are what they would be alone). Returns a new tensor."""
+    device = logits.device
+    if device not in _BIT_SHIFTS:
+        _BIT_SHIFTS[device] = torch.arange(32, dtype=torch.int32, device=device)
+    words = host_tensor_to_device(words, device)
+    index = to_device(rows, torch.long, device)
+    vocab = logits.shape[-1]
+    allowed = ((words[:, :, None] >> _BIT_SHIFTS[device]) & 1).view(len(rows), -1)[:, :vocab].bool()
+    return logits.index_put((index,), logits[index].masked_fill(~allowed, NEG_INF))
 
 
 @dataclass
@@ -62,6 +88,11 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
     if any(r.banned_token_ids for r in rows):
         banned = _flat_index([r.banned_token_ids for r in rows], device)
         logits = logits.index_put(banned, logits.new_full((), NEG_INF))
+    if any(r.params.logit_bias for r in rows):
+        biases = [r.params.logit_bias or {} for r in rows]
+        index = _flat_index([list(b) for b in biases], device)
+        values = to_device([v for b in biases for v in b.values()], torch.float32, device)
+        logits = logits.index_put(index, values.to(logits.dtype), accumulate=True)
     if any(r.params.repetition_penalty != 1.0 for r in rows):
         seen_ids = [
             r.prompt_token_ids + r.output_token_ids if r.params.repetition_penalty != 1.0 else []
@@ -135,16 +166,23 @@ class Sampler:
         return self.sample(logits, rows).to_host()
 
     def sample(
-        self, logits: torch.Tensor, rows: list[SamplingRow], keep_probs: bool = False
+        self,
+        logits: torch.Tensor,
+        rows: list[SamplingRow],
+        keep_probs: bool = False,
+        bitmask: TokenBitmask | None = None,
     ) -> SampledTokens:
         """Sample one token per row; the result stays on the device, and nothing here waits for it.
 
         keep_probs: also keep the distribution each non-greedy row was drawn from (a draft model's, which
-        rejection sampling needs); greedy rows' are left zero."""
+        rejection sampling needs); greedy rows' are left zero. bitmask: the tokens constrained rows may
+        sample."""
         raw_logprobs = None
         if any(r.params.logprobs is not None for r in rows):
             raw_logprobs = logits.log_softmax(-1)
         logits = apply_penalties(logits, rows)
+        if bitmask is not None:
+            logits = apply_token_bitmask(logits, bitmask.rows, bitmask.words)
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         probs = None
         if len(sampled) == len(rows):

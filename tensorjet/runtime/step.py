@@ -18,13 +18,14 @@ from a draft model, still on the device (`DeviceDrafts`, with the draft's distri
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from tensorjet.outputs import TokenLogprobs
 from tensorjet.runtime.rejection_sampler import VerifiedTokens
-from tensorjet.runtime.sampler import SampledTokens, SamplingRow
+from tensorjet.runtime.sampler import SampledTokens, SamplingRow, TokenBitmask
 
 
 @dataclass(slots=True)
@@ -72,6 +73,9 @@ class DeviceDrafts:
 class StepBatch:
     seqs: list[StepSequence]
     drafts: DeviceDrafts | None = None  # where the PLACEHOLDER draft rows' values are
+    # Structured output: called once the step's forward pass is queued (the engine computes the grammar
+    # masks while the device runs it); returns the tokens each constrained sequence may sample.
+    token_bitmask: Callable[[], TokenBitmask | None] | None = None
 
     @property
     def query_lens(self) -> list[int]:

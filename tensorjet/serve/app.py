@@ -4,6 +4,8 @@ says what the routes accept and answer: the same pydantic models validate the re
 server's engine and options (`request_models`)."""
 
 import asyncio
+import dataclasses
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -16,8 +18,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
 from tensorjet import __version__
+from tensorjet.engine.structured_output import StructuredOutputError
 from tensorjet.outputs import RequestOutput
-from tensorjet.sampling_params import SamplingParams
+from tensorjet.sampling_params import SamplingParams, StructuredOutput
 from tensorjet.serve.engine_client import EngineClient, EngineFailure, Generation
 from tensorjet.serve.errors import InternalErrors, install_error_handlers, internal_error
 from tensorjet.serve.formatting import ChatChoiceState, CompletionChoiceState, TokenText, sse, usage
@@ -36,6 +39,7 @@ from tensorjet.serve.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
     ErrorResponse,
+    FunctionCall,
     HealthResponse,
     ModelCard,
     ModelList,
@@ -44,10 +48,12 @@ from tensorjet.serve.protocol import (
     SamplingRequest,
     TokenizeRequest,
     TokenizeResponse,
+    ToolCall,
     VersionResponse,
     request_models,
 )
-from tensorjet.serve.tokenization import Tokenization
+from tensorjet.serve.tokenization import Tokenization, fim_prompt
+from tensorjet.serve.tools import ToolCallState, detect_parser, forced_tool_schema, make_parser
 
 logger = logging.getLogger("tensorjet.serve")
 
@@ -58,7 +64,7 @@ def build_app(llm, options: ServerOptions | None = None) -> FastAPI:
     options = options or ServerOptions()
     if llm.tokenizer is None:
         raise ValueError("serving needs the model's tokenizer, and none is installed for it")
-    metrics = ServerMetrics(llm)
+    metrics = ServerMetrics(llm, options.served_model_name)
     server = OpenAIServer(llm, options, EngineClient(llm, metrics, options), metrics)
 
     @asynccontextmanager
@@ -117,6 +123,12 @@ def _add_routes(app: FastAPI, server: "OpenAIServer", models: RequestModels, opt
             {**generation, 200: _stream_or(ChatCompletionResponse)},
         ),
         ("/v1/models", server.list_models, get, {**_errors(*key, 500), 200: {"model": ModelList}}),
+        (
+            "/v1/models/{model_id}",
+            server.retrieve_model,
+            get,
+            {**_errors(*key, 404, 500), 200: {"model": ModelCard}},
+        ),
         (
             "/tokenize",
             tokenize,
@@ -210,12 +222,15 @@ class OpenAIServer:
         self.tokens = TokenText(llm.tokenizer)
         self.max_seq_len: int = llm.engine.max_seq_len
         self.tokenization = Tokenization(llm, self.max_seq_len)
+        self.tool_call_parser = options.tool_call_parser or detect_parser(llm.tokenizer.chat_template)
 
     # ---- /v1/completions -----------------------------------------------------------------------
     async def create_completion(self, request: CompletionRequest, http_request: Request) -> Response:
         self._check_model(request.model)
-        texts, prompts = await self._completion_prompts(request.prompt)
-        params = [self._completion_params(request, prompt) for prompt in prompts]
+        request.check_dependent_fields()
+        constraint = await self._structured_output(request)
+        texts, prompts = await self._completion_prompts(request.prompt, request.suffix)
+        params = [self._completion_params(request, prompt, constraint) for prompt in prompts]
         request_id = f"cmpl-{uuid.uuid4().hex}"
         generation = await self._start(request_id, prompts, params, "prompt")
         keep_generated = request.max_tokens != 0
@@ -227,20 +242,28 @@ class OpenAIServer:
         outputs = await _final_outputs(http_request, generation)
         if outputs is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
+        final_usage = usage(outputs, keep_generated)  # best_of: every candidate's tokens count
+        if params[0].n > n:
+            outputs = [_best_of(out, n) for out in outputs]
         choices = [
             states[p * n + c.index].advance(out, c, c.text)
             for p, out in enumerate(outputs)
             for c in out.outputs
         ]
         response = CompletionResponse(
-            id=request_id, model=self.model_name, choices=choices, usage=usage(outputs, keep_generated)
+            id=request_id, model=self.model_name, choices=choices, usage=final_usage
         )
         return _json(response)
 
-    async def _completion_prompts(self, prompt) -> tuple[list[str | None], list[list[int]]]:
-        """Normalize the four prompt shapes to a batch: (text or None, token ids) per prompt."""
+    async def _completion_prompts(
+        self, prompt, suffix: str | None = None
+    ) -> tuple[list[str | None], list[list[int]]]:
+        """Normalize the four prompt shapes to a batch: (text or None, token ids) per prompt. With a
+        suffix, each text prompt becomes a fill-in-the-middle prompt."""
         if isinstance(prompt, str) or isinstance(prompt[0], int):
             prompt = [prompt]
+        if suffix is not None:
+            prompt = [self._fim(p, suffix) for p in prompt]
         texts = [p if isinstance(p, str) else None for p in prompt]
         ids = [await self.tokenization.prompt(p, "prompt") if isinstance(p, str) else list(p) for p in prompt]
         if any(not p for p in ids):
@@ -268,7 +291,22 @@ class OpenAIServer:
             for j in range(n)
         ]
 
-    def _completion_params(self, request: CompletionRequest, prompt: list[int]) -> SamplingParams:
+    def _fim(self, prompt, suffix: str) -> str:
+        if not isinstance(prompt, str):
+            raise APIError(400, "suffix needs the prompt as text, not token ids", param="suffix")
+        text = fim_prompt(self.llm.tokenizer, prompt, suffix)
+        if text is None:
+            raise APIError(
+                400,
+                "suffix needs a fill-in-the-middle prompt format, and this model's tokenizer has none "
+                "(no <fim_prefix>, <fim_suffix> and <fim_middle> tokens)",
+                param="suffix",
+            )
+        return text
+
+    def _completion_params(
+        self, request: CompletionRequest, prompt: list[int], constraint: StructuredOutput | None
+    ) -> SamplingParams:
         max_tokens = request.max_tokens
         if max_tokens == 0:
             if not request.echo:
@@ -276,7 +314,10 @@ class OpenAIServer:
             max_tokens = 1  # echo only: the engine must generate a token, which is then dropped
         max_tokens = self._fit_context(prompt, max_tokens, "prompt", "max_tokens")
         prompt_logprobs = request.logprobs if request.echo else None
-        return _sampling_params(request, max_tokens, request.logprobs, prompt_logprobs)
+        n = request.best_of or request.num_choices
+        # best_of ranks candidates by their tokens' logprobs, which the engine then reports.
+        logprobs = request.logprobs if n == request.num_choices else (request.logprobs or 0)
+        return _sampling_params(request, max_tokens, logprobs, prompt_logprobs, constraint, n)
 
     async def _completion_events(
         self,
@@ -294,7 +335,12 @@ class OpenAIServer:
             ]
             choices = [c for c in choices if c is not None]
             if choices:
-                yield sse(CompletionResponse(id=request_id, model=self.model_name, choices=choices))
+                so_far = (
+                    usage(generation.latest.values(), keep_generated) if request.continuous_usage else None
+                )
+                yield sse(
+                    CompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=so_far)
+                )
         if request.include_usage:
             final_usage = usage(generation.latest.values(), keep_generated)
             yield sse(CompletionResponse(id=request_id, model=self.model_name, choices=[], usage=final_usage))
@@ -302,14 +348,20 @@ class OpenAIServer:
     # ---- /v1/chat/completions ------------------------------------------------------------------
     async def create_chat_completion(self, request: ChatCompletionRequest, http_request: Request) -> Response:
         self._check_model(request.model)
-        prompt = await self.tokenization.chat_prompt(request.messages, request.add_generation_prompt)
+        request.check_dependent_fields()
+        constraint = await self._structured_output(request)
+        tools = None if request.tool_mode == "none" else [t.model_dump() for t in request.tools]
+        prompt = await self.tokenization.chat_prompt(request.messages, request.add_generation_prompt, tools)
         limit_param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
         max_tokens = self._fit_context(prompt, request.requested_max_tokens, "messages", limit_param)
         top_logprobs = (request.top_logprobs or 0) if request.logprobs else None
-        params = _sampling_params(request, max_tokens, top_logprobs)
+        params = _sampling_params(request, max_tokens, top_logprobs, structured_output=constraint)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         generation = await self._start(request_id, [prompt], [params], "messages")
-        states = [ChatChoiceState(j, self.tokens, top_logprobs) for j in range(request.num_choices)]
+        states = [
+            ChatChoiceState(j, self.tokens, top_logprobs, self._tool_state(request))
+            for j in range(request.num_choices)
+        ]
         if request.streams:
             return _event_stream(self._chat_events(request, request_id, generation, states), generation)
         outputs = await _final_outputs(http_request, generation)
@@ -319,10 +371,14 @@ class OpenAIServer:
         choices = []
         for c in out.outputs:
             piece = states[c.index].advance(c, c.text)
-            message = AssistantMessage(content=piece.delta.content)
+            calls = [
+                ToolCall(id=d.id, function=FunctionCall(name=d.function.name, arguments=d.function.arguments))
+                for d in piece.delta.tool_calls or []
+            ]
+            message = AssistantMessage(content=piece.delta.content, tool_calls=calls)
             choices.append(
                 ChatChoice(
-                    index=c.index, message=message, logprobs=piece.logprobs, finish_reason=c.finish_reason
+                    index=c.index, message=message, logprobs=piece.logprobs, finish_reason=piece.finish_reason
                 )
             )
         response = ChatCompletionResponse(
@@ -341,16 +397,51 @@ class OpenAIServer:
             choices = [states[c.index].advance(c, c.text_diff) for c in update.output.outputs]
             choices = [c for c in choices if c is not None]
             if choices:
-                yield sse(ChatCompletionChunk(id=request_id, model=self.model_name, choices=choices))
+                so_far = usage(generation.latest.values()) if request.continuous_usage else None
+                yield sse(
+                    ChatCompletionChunk(id=request_id, model=self.model_name, choices=choices, usage=so_far)
+                )
         if request.include_usage:
             final_usage = usage(generation.latest.values())
             yield sse(
                 ChatCompletionChunk(id=request_id, model=self.model_name, choices=[], usage=final_usage)
             )
 
+    def _tool_state(self, request: ChatCompletionRequest) -> ToolCallState | None:
+        mode = request.tool_mode
+        if mode == "none":
+            return None
+        if mode == "named":
+            return ToolCallState(mode, function_name=request.tool_choice.function.name)
+        return ToolCallState(mode, parser=make_parser(self.tool_call_parser))
+
+    async def _structured_output(self, request: SamplingRequest) -> StructuredOutput | None:
+        """The request's constraint (a forced tool call's included), compiled on a worker thread: a schema,
+        regex or grammar that does not compile is a 400 naming its field."""
+        found = request.structured_output()
+        if isinstance(request, ChatCompletionRequest) and (schema := forced_tool_schema(request)) is not None:
+            found = (StructuredOutput("json", json.dumps(schema)), "tools")
+        if found is None:
+            return None
+        constraint, param = found
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                None, self.llm.engine.grammars.compile, constraint
+            )
+        except StructuredOutputError as error:
+            raise APIError(400, str(error), param=param) from error
+        return constraint
+
     # ---- the rest ------------------------------------------------------------------------------
+    def _model_card(self) -> ModelCard:
+        return ModelCard(id=self.model_name, root=self.llm.engine.source.name, max_model_len=self.max_seq_len)
+
     async def list_models(self) -> Response:
-        return _json(ModelList(data=[ModelCard(id=self.model_name, max_model_len=self.max_seq_len)]))
+        return _json(ModelList(data=[self._model_card()]))
+
+    async def retrieve_model(self, model_id: str) -> Response:
+        self._check_model(model_id)
+        return _json(self._model_card())
 
     async def tokenize(self, request: TokenizeRequest) -> Response:
         self._check_model(request.model)
@@ -410,12 +501,27 @@ class OpenAIServer:
 
 
 def _sampling_params(
-    request: SamplingRequest, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
+    request: SamplingRequest,
+    max_tokens: int,
+    logprobs: int | None,
+    prompt_logprobs: int | None = None,
+    structured_output: StructuredOutput | None = None,
+    n: int | None = None,
 ) -> SamplingParams:
     try:
-        return request.sampling_params(max_tokens, logprobs, prompt_logprobs)
+        return request.sampling_params(max_tokens, logprobs, prompt_logprobs, structured_output, n)
     except ValueError as error:
         raise APIError.bad_request(error) from error
+
+
+def _best_of(out: RequestOutput, n: int) -> RequestOutput:
+    """The n candidates with the highest cumulative logprob, renumbered 0 .. n - 1."""
+
+    def cumulative(c) -> float:
+        return sum(entry[token] for token, entry in zip(c.token_ids, c.logprobs or []))
+
+    best = sorted(out.outputs, key=cumulative, reverse=True)[:n]
+    return dataclasses.replace(out, outputs=[dataclasses.replace(c, index=i) for i, c in enumerate(best)])
 
 
 async def _final_outputs(http_request: Request, generation: Generation) -> list[RequestOutput] | None:

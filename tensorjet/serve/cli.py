@@ -20,6 +20,7 @@ from tensorjet.serve.options import (
     DEFAULT_MAX_REQUEST_BODY_BYTES,
     DEFAULT_MAX_SEQUENCES,
     DEFAULT_SERVED_MODEL_NAME,
+    TOOL_CALL_PARSERS,
     ServerOptions,
 )
 
@@ -103,6 +104,15 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         help="serve no /docs, /redoc or /openapi.json (default: false)",
     )
     parser.add_argument(
+        "--tool_call_parser",
+        "--tool-call-parser",
+        choices=TOOL_CALL_PARSERS,
+        default=None,
+        help="how tool calls are read from a model's output with tool_choice auto: `hermes` (<tool_call> "
+        "tags, Qwen2.5), `llama3_json` (Llama 3.1/3.2), `mistral` ([TOOL_CALLS]) (default: the format the "
+        "chat template names, else hermes)",
+    )
+    parser.add_argument(
         "--shutdown_timeout",
         "--shutdown-timeout",
         type=_non_negative_float,
@@ -180,6 +190,7 @@ def server_options(args: argparse.Namespace) -> ServerOptions:
         "max_request_body_bytes": args.max_request_body_bytes,
         "api_key": args.api_key,
         "disable_docs": args.disable_docs,
+        "tool_call_parser": args.tool_call_parser,
     }
     if args.allowed_hosts:
         given["allowed_hosts"] = tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip())

@@ -97,6 +97,7 @@ class Generation:
         self._updates: asyncio.Queue = asyncio.Queue()
         self._queued = set(range(len(prompts)))
         client.num_queued += len(prompts)
+        self._params = params
         self._sequences = {i: p.n for i, p in enumerate(params)}  # of prompts not finished
         client.num_sequences += sum(self._sequences.values())
         self._finished: set[int] = set()
@@ -174,19 +175,20 @@ class Generation:
             self.client.num_queued -= 1
         if self._first_token is None:
             self._first_token = at
-            metrics.time_to_first_token.observe(at - self._start)
+            metrics.first_token(at - self._start)
         for completion in out.outputs:
             if completion.token_ids_diff:
                 key = (index, completion.index)
                 if key in self._last_token:
                     gap = (at - self._last_token[key]) / len(completion.token_ids_diff)
-                    metrics.inter_token_latency.observe(gap)
+                    metrics.token_gap(gap)
                 self._last_token[key] = at
         if out.finished:
             self._finished.add(index)
             self.client.num_sequences -= self._sequences.pop(index, 0)
+            metrics.engine_request_finished(out, self._params[index])
             if len(self._finished) == len(self.engine_ids):
-                metrics.e2e_latency.observe(at - self._start)
+                metrics.request_done(at - self._start)
                 self._log_end(at, "finished")
 
     def _log_end(self, at: float, outcome: str) -> None:

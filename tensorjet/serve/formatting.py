@@ -16,9 +16,11 @@ from tensorjet.serve.protocol import (
     CompletionChoice,
     CompletionLogprobs,
     DeltaMessage,
+    PromptTokensDetails,
     TopLogprob,
     Usage,
 )
+from tensorjet.serve.tools import ToolCallState
 
 
 def sse(event: BaseModel | dict) -> str:
@@ -31,7 +33,13 @@ def usage(outputs: Iterable[RequestOutput], count_generated: bool = True) -> Usa
     outputs = list(outputs)
     prompt = sum(len(o.prompt_token_ids) for o in outputs)
     completion = sum(len(c.token_ids) for o in outputs for c in o.outputs) if count_generated else 0
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    cached = sum(o.metrics.num_cached_prompt_tokens for o in outputs)
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+    )
 
 
 def _gpt2_byte_decoder() -> dict[str, int]:
@@ -144,12 +152,16 @@ class CompletionChoiceState:
 
 
 class ChatChoiceState:
-    """One /v1/chat/completions choice; its first chunk carries the assistant role."""
+    """One /v1/chat/completions choice; its first chunk carries the assistant role. With tools, its text
+    goes through a `ToolCallState`, which makes it content and tool calls."""
 
-    def __init__(self, index: int, tokens: TokenText, top_logprobs: int | None) -> None:
+    def __init__(
+        self, index: int, tokens: TokenText, top_logprobs: int | None, tools: ToolCallState | None = None
+    ) -> None:
         self.index = index
         self.tokens = tokens
         self.top_logprobs = top_logprobs  # None: no logprobs
+        self.tools = tools
         self.sent_tokens = 0
         self.started = False
 
@@ -160,13 +172,20 @@ class ChatChoiceState:
         self.sent_tokens = end
         first = not self.started
         self.started = True
-        if not first and not new_text and not ids and completion.finish_reason is None:
+        content, tool_calls = new_text, None
+        finish = completion.finish_reason
+        if self.tools is not None:
+            piece = self.tools.advance(new_text, completion.finished)
+            content, tool_calls = piece.content, piece.tool_calls
+            if finish == "stop" and self.tools.num_calls and self.tools.mode != "named":
+                finish = "tool_calls"
+        if not first and not content and not tool_calls and not ids and finish is None:
             return None
         return ChatStreamChoice(
             index=self.index,
-            delta=DeltaMessage(role="assistant" if first else None, content=new_text),
+            delta=DeltaMessage(role="assistant" if first else None, content=content, tool_calls=tool_calls),
             logprobs=self._logprobs(ids, entries),
-            finish_reason=completion.finish_reason,
+            finish_reason=finish,
         )
 
     def _logprobs(self, ids: list[int], entries: list[TokenLogprobs]) -> ChatLogprobs | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The formats serve.tools parses (kept here too: options import nothing from the server).
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral")
 DEFAULT_SERVED_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MAX_N = 16
 DEFAULT_MAX_SEQUENCES = 1024
@@ -28,6 +30,9 @@ class ServerOptions:
     # Host header values answered (a name, or `*.suffix`); empty: any. Guards against DNS rebinding.
     allowed_hosts: tuple[str, ...] = ()
     disable_docs: bool = False
+    # How tool calls are read from free output (tool_choice "auto"): one of serve.tools.TOOL_CALL_PARSERS;
+    # None: the format the chat template teaches (Hermes' tags when it names none).
+    tool_call_parser: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_n", "max_sequences", "max_request_body_bytes"):
@@ -37,3 +42,7 @@ class ServerOptions:
             raise ValueError(f"max_queue_size must be >= 0, got {self.max_queue_size}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty")
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(
+                f"tool_call_parser must be one of {TOOL_CALL_PARSERS}, got {self.tool_call_parser!r}"
+            )

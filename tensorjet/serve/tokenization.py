@@ -19,6 +19,17 @@ T = TypeVar("T")
 
 # NFC and NFKC normalization compose at most three input characters into one (Hangul jamo).
 NORMALIZATION_SLACK = 4
+# Fill in the middle as StarCoder-family tokenizers spell it, in prefix-suffix-middle order.
+FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE = "<fim_prefix>", "<fim_suffix>", "<fim_middle>"
+
+
+def fim_prompt(tokenizer, prefix: str, suffix: str) -> str | None:
+    """The prompt that asks for the text between `prefix` and `suffix`; None when the tokenizer has no
+    fill-in-the-middle tokens."""
+    vocab = tokenizer.get_vocab()
+    if not all(token in vocab for token in (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE)):
+        return None
+    return f"{FIM_PREFIX}{prefix}{FIM_SUFFIX}{suffix}{FIM_MIDDLE}"
 
 
 def max_bytes_per_token(tokenizer) -> int | None:
@@ -53,18 +64,21 @@ class Tokenization:
     async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return await self._run(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
 
-    async def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
+    async def chat_prompt(
+        self, messages: list[ChatMessage], add_generation_prompt: bool, tools: list[dict] | None = None
+    ) -> list[int]:
         """A conversation's prompt ids (400 when its text alone cannot fit the context)."""
-        self._check_bytes(
-            sum(len(m.as_template_message()["content"].encode("utf-8")) for m in messages), "messages"
-        )
-        return await self.chat(messages, add_generation_prompt)
+        self._check_bytes(sum(len(m.text.encode("utf-8")) for m in messages), "messages")
+        return await self.chat(messages, add_generation_prompt, tools)
 
-    async def chat(self, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
+    async def chat(
+        self, messages: list[ChatMessage], add_generation_prompt: bool, tools: list[dict] | None = None
+    ) -> list[int]:
+        """The template renders the tools (OpenAI's function definitions) where it has a place for them."""
         conversation = [m.as_template_message() for m in messages]
         try:
-            return await self._run(self.llm.apply_chat_template, conversation, add_generation_prompt)
-        except (ValueError, TemplateError) as error:
+            return await self._run(self.llm.apply_chat_template, conversation, add_generation_prompt, tools)
+        except (ValueError, TemplateError, TypeError) as error:
             raise APIError(400, f"cannot apply the chat template: {error}", param="messages") from error
 
     async def decode(self, ids: list[int]) -> str:
