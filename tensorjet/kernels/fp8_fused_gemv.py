@@ -47,6 +47,7 @@ from tensorjet.kernels.fp8_linear import (
     row_scale,
     scaled_mm_linear,
 )
+from tensorjet.kernels.fused_gemv import store_fused_output
 from tensorjet.kernels.gemv import cold_copies, fastest_in_graph, time_in_graph_ms
 from tensorjet.kernels.split_k import arrive_last, split_k_scratch, sum_slices
 
@@ -218,20 +219,7 @@ def _fp8_fused_gemv_kernel(
     y = y * x_scale * tl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0)
     if SILU_MUL:
         y_up = y_up * x_scale * tl.load(w_scale_ptr + N + offs_n, mask=n_mask, other=0.0)
-    if HAS_BIAS:
-        y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        if SILU_MUL:
-            y_up += tl.load(b_ptr + N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    # Round each product to the activation dtype before the next op, as the unfused layers do.
-    out = y.to(dtype)
-    if SILU_MUL:
-        gate = out.to(tl.float32)
-        up = y_up.to(dtype).to(tl.float32)
-        out = (gate / (1.0 + tl.exp(-gate)) * up).to(dtype)
-    if ADD_TO_Y:
-        residual = tl.load(y_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        out = (out.to(tl.float32) + residual).to(dtype)
-    tl.store(y_ptr + offs_n, out, mask=n_mask)
+    store_fused_output(y, y_up, b_ptr, y_ptr, offs_n, n_mask, N, HAS_BIAS, SILU_MUL, ADD_TO_Y)
 
 
 def fp8_fused_gemv(

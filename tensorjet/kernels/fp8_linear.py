@@ -18,7 +18,6 @@ The fused batch-1 decode layer's FP8 projections are `tensorjet.kernels.fp8_fuse
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +25,7 @@ import triton
 import triton.language as tl
 
 from tensorjet.dtypes import FP8_MAX
-from tensorjet.kernels._common import interpreting, next_pow2, supports_e4m3_cvt
+from tensorjet.kernels._common import interpreting, next_pow2, num_sms, supports_e4m3_cvt
 from tensorjet.kernels.gemv import cold_copies, fastest_in_graph, time_in_graph_ms
 from tensorjet.kernels.split_k import arrive_last, split_k_scratch, sum_slices
 
@@ -538,12 +537,7 @@ def _split_for(x: torch.Tensor, weight: torch.Tensor, config: Fp8GemmConfig) -> 
         return 1
     tiles = triton.cdiv(weight.shape[0], config.block_n) * triton.cdiv(x.shape[0], config.block_m)
     k_tiles = triton.cdiv(weight.shape[1], config.block_k)
-    return max(1, min(4, triton.cdiv(_sm_count(x.device), tiles), k_tiles // 2))
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(4, triton.cdiv(num_sms(x.device), tiles), k_tiles // 2))
 
 
 def select_fp8_gemm_tiles(

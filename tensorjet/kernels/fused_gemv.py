@@ -51,6 +51,38 @@ CANDIDATES = (
 
 
 @triton.jit
+def store_fused_output(
+    y,
+    y_up,
+    b_ptr,
+    y_ptr,
+    offs_n,
+    n_mask,
+    N,
+    HAS_BIAS: tl.constexpr,
+    SILU_MUL: tl.constexpr,
+    ADD_TO_Y: tl.constexpr,
+):
+    """The fused GEMVs' epilogue, from the fp32 products `y` (and the up rows' `y_up` with SILU_MUL):
+    the bias added, each product rounded to the activation dtype as the unfused layers round it,
+    silu(gate) * up, the residual at y_ptr added; the result stored at y_ptr."""
+    dtype = y_ptr.dtype.element_ty
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        if SILU_MUL:
+            y_up += tl.load(b_ptr + N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    out = y.to(dtype)
+    if SILU_MUL:
+        gate = out.to(tl.float32)
+        up = y_up.to(dtype).to(tl.float32)
+        out = (gate / (1.0 + tl.exp(-gate)) * up).to(dtype)
+    if ADD_TO_Y:
+        residual = tl.load(y_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        out = (out.to(tl.float32) + residual).to(dtype)
+    tl.store(y_ptr + offs_n, out, mask=n_mask)
+
+
+@triton.jit
 def _fused_gemv_kernel(
     x_ptr,
     w_ptr,
@@ -108,20 +140,7 @@ def _fused_gemv_kernel(
         inv_rms = tl.rsqrt(tl.sum(sum_sq, 0) / K + eps)
         y = y * inv_rms
         y_up = y_up * inv_rms
-    if HAS_BIAS:
-        y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        if SILU_MUL:
-            y_up += tl.load(b_ptr + N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    # Round each product to the activation dtype before the next op, as the unfused layers do.
-    out = y.to(y_ptr.dtype.element_ty)
-    if SILU_MUL:
-        gate = out.to(tl.float32)
-        up = y_up.to(y_ptr.dtype.element_ty).to(tl.float32)
-        out = (gate / (1.0 + tl.exp(-gate)) * up).to(y_ptr.dtype.element_ty)
-    if ADD_TO_Y:
-        residual = tl.load(y_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        out = (out.to(tl.float32) + residual).to(y_ptr.dtype.element_ty)
-    tl.store(y_ptr + offs_n, out, mask=n_mask)
+    store_fused_output(y, y_up, b_ptr, y_ptr, offs_n, n_mask, N, HAS_BIAS, SILU_MUL, ADD_TO_Y)
 
 
 def fused_gemv(

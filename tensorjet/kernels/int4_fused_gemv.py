@@ -35,6 +35,7 @@ from tensorjet.kernels._common import (
     tl_dot,
     wait_for_previous_kernel,
 )
+from tensorjet.kernels.fused_gemv import store_fused_output
 from tensorjet.kernels.gemv import fastest_in_graph, time_in_graph_ms
 from tensorjet.kernels.int4_linear import Int4Weight, cold_weights, load_codes, nibble
 from tensorjet.kernels.split_k import arrive_last, split_k_scratch, sum_slices
@@ -173,20 +174,7 @@ def _int4_fused_gemv_kernel(
         last = arrive_last(arrivals_ptr + tl.program_id(0), SPLIT_K)
         y_up, _ = sum_slices(partial_ptr + N, rows, offs_n, n_mask & SILU_MUL, last, SPLIT_K)
         y, n_mask = sum_slices(partial_ptr, rows, offs_n, n_mask, last, SPLIT_K)
-    if HAS_BIAS:
-        y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        if SILU_MUL:
-            y_up += tl.load(b_ptr + N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    # Round each product to the activation dtype before the next op, as the unfused layers do.
-    out = y.to(dtype)
-    if SILU_MUL:
-        gate = out.to(tl.float32)
-        up = y_up.to(dtype).to(tl.float32)
-        out = (gate / (1.0 + tl.exp(-gate)) * up).to(dtype)
-    if ADD_TO_Y:
-        residual = tl.load(y_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        out = (out.to(tl.float32) + residual).to(dtype)
-    tl.store(y_ptr + offs_n, out, mask=n_mask)
+    store_fused_output(y, y_up, b_ptr, y_ptr, offs_n, n_mask, N, HAS_BIAS, SILU_MUL, ADD_TO_Y)
 
 
 def int4_fused_gemv(
