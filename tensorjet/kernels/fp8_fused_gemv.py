@@ -47,9 +47,9 @@ from tensorjet.kernels.fp8_linear import (
     row_scale,
     scaled_mm_linear,
 )
-from tensorjet.kernels.fused_gemv import store_fused_output
+from tensorjet.kernels.fused_gemv import fused_output, store_fused_output
 from tensorjet.kernels.gemv import cold_copies, fastest_in_graph, time_in_graph_ms
-from tensorjet.kernels.split_k import arrive_last, split_k_scratch, sum_slices
+from tensorjet.kernels.split_k import reduce_row_slices, split_k_buffers
 
 __all__ = ["CANDIDATES", "Fp8FusedGemvConfig", "fp8_fused_gemv", "select_fp8_fused_gemv"]
 
@@ -206,16 +206,10 @@ def _fp8_fused_gemv_kernel(
         launch_next_kernel(PDL)
         y = tl.sum(acc, 1)
         y_up = tl.sum(acc_up, 1)
-    if SPLIT_K > 1:
-        # This slice's sums go to scratch; the program that arrives last adds all slices (in order)
-        # and alone runs the epilogue below (n_mask is empty for the others).
-        rows = 2 * N if SILU_MUL else N
-        tl.store(partial_ptr + tl.program_id(1) * rows + offs_n, y, mask=n_mask)
-        if SILU_MUL:
-            tl.store(partial_ptr + tl.program_id(1) * rows + N + offs_n, y_up, mask=n_mask)
-        last = arrive_last(arrivals_ptr + tl.program_id(0), SPLIT_K)
-        y_up, _ = sum_slices(partial_ptr + N, rows, offs_n, n_mask & SILU_MUL, last, SPLIT_K)
-        y, n_mask = sum_slices(partial_ptr, rows, offs_n, n_mask, last, SPLIT_K)
+    if SPLIT_K > 1:  # the block's last program to arrive adds the slices and alone runs the epilogue
+        y, y_up, n_mask = reduce_row_slices(
+            partial_ptr, arrivals_ptr, y, y_up, offs_n, n_mask, N, SILU_MUL, SPLIT_K
+        )
     y = y * x_scale * tl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0)
     if SILU_MUL:
         y_up = y_up * x_scale * tl.load(w_scale_ptr + N + offs_n, mask=n_mask, other=0.0)
@@ -256,17 +250,10 @@ def fp8_fused_gemv(
         raise ValueError("silu_mul and residual do not combine")
     n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
     x = x.contiguous()
-    if residual is not None:
-        if residual.shape != (1, n) or residual.dtype != x.dtype or not residual.is_contiguous():
-            raise ValueError(f"residual must be a contiguous [1, {n}] {x.dtype} tensor")
-        y = residual
-    else:
-        y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    y = fused_output(x, n, residual)
     pdl = pdl_enabled(x.device)
     row_blocks = triton.cdiv(n, config.block_n)
-    partial, arrivals = y, y  # unused unless split over K
-    if config.split_k > 1:
-        partial, arrivals = split_k_scratch(x.device, config.split_k * weight.shape[0], row_blocks)
+    partial, arrivals = split_k_buffers(y, config.split_k, config.split_k * weight.shape[0], row_blocks)
     _fp8_fused_gemv_kernel[(row_blocks, config.split_k)](
         x,
         weight,

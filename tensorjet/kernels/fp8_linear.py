@@ -27,7 +27,7 @@ import triton.language as tl
 from tensorjet.dtypes import FP8_MAX
 from tensorjet.kernels._common import interpreting, next_pow2, num_sms, supports_e4m3_cvt
 from tensorjet.kernels.gemv import cold_copies, fastest_in_graph, time_in_graph_ms
-from tensorjet.kernels.split_k import arrive_last, split_k_scratch, sum_slices
+from tensorjet.kernels.split_k import reduce_tile_slices, split_k_buffers
 
 __all__ = [
     "CANDIDATES",
@@ -380,15 +380,10 @@ def _fp8_matmul_kernel(
         acc = tl.dot(w, tl.trans(xq), acc, max_num_imprecise_acc=PROMOTE)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    if SPLIT_K > 1:
-        # As in `tensorjet.kernels.fp8_fused_gemv`: partial sums to scratch [SPLIT_K, M, N]; the last
-        # program of this tile to arrive adds them in order and alone stores (its counter reset).
-        offs_mn = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
-        mn_mask = m_mask[None, :] & n_mask[:, None]
-        tl.store(partial_ptr + tl.program_id(2) * M * N + offs_mn, acc, mask=mn_mask)
-        last = arrive_last(arrivals_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), SPLIT_K)
-        acc, mn_mask = sum_slices(partial_ptr, M * N, offs_mn, mn_mask, last, SPLIT_K)
-        n_mask = tl.max(mn_mask.to(tl.int32), 1) != 0  # empty but in the last program
+    if SPLIT_K > 1:  # the tile's last program to arrive adds the slices and alone stores
+        acc, n_mask = reduce_tile_slices(
+            partial_ptr, arrivals_ptr, acc, offs_m, offs_n, m_mask, n_mask, M, N, SPLIT_K
+        )
     w_scale = tl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0)
     acc = acc * x_scale[None, :] * w_scale[:, None]
     if HAS_BIAS:
@@ -423,11 +418,10 @@ def _launch_matmul(
         return y
     block_m, block_n, block_k, num_warps, num_stages = tile
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split_k)
-    partial, arrivals = y, y  # unused unless split over K
-    if split_k > 1:  # scratch for the largest batch this kernel takes: a graph's capture never grows it
-        rows = max(m, max_rows)
-        tiles = triton.cdiv(n, block_n) * triton.cdiv(rows, block_m)
-        partial, arrivals = split_k_scratch(x.device, split_k * rows * n, tiles)
+    # Scratch for the largest batch this kernel takes, so a graph's capture never grows it.
+    rows = max(m, max_rows)
+    tiles = triton.cdiv(n, block_n) * triton.cdiv(rows, block_m)
+    partial, arrivals = split_k_buffers(y, split_k, split_k * rows * n, tiles)
     _fp8_matmul_kernel[grid](
         x,
         x_scale,

@@ -28,7 +28,14 @@ import triton.language as tl
 from tensorjet.kernels._common import launch_next_kernel, pdl_enabled, pdl_launch, wait_for_previous_kernel
 from tensorjet.kernels.gemv import cold_copies, fastest_in_graph, time_in_graph_ms
 
-__all__ = ["FusedGemvConfig", "CANDIDATES", "fused_gemv", "select_fused_gemv"]
+__all__ = [
+    "FusedGemvConfig",
+    "CANDIDATES",
+    "fused_gemv",
+    "fused_output",
+    "select_fused_gemv",
+    "store_fused_output",
+]
 
 
 @dataclass(frozen=True)
@@ -143,6 +150,16 @@ def _fused_gemv_kernel(
     store_fused_output(y, y_up, b_ptr, y_ptr, offs_n, n_mask, N, HAS_BIAS, SILU_MUL, ADD_TO_Y)
 
 
+def fused_output(x: torch.Tensor, n: int, residual: torch.Tensor | None) -> torch.Tensor:
+    """Where a fused GEMV of x [1, K] writes its [1, n] result: `residual`, updated in place, or a new
+    tensor in x's dtype."""
+    if residual is None:
+        return torch.empty((1, n), dtype=x.dtype, device=x.device)
+    if residual.shape != (1, n) or residual.dtype != x.dtype or not residual.is_contiguous():
+        raise ValueError(f"residual must be a contiguous [1, {n}] {x.dtype} tensor")
+    return residual
+
+
 def fused_gemv(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -168,12 +185,7 @@ def fused_gemv(
         raise ValueError("silu_mul and residual do not combine")
     n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
     x = x.contiguous()
-    if residual is not None:
-        if residual.shape != (1, n) or residual.dtype != x.dtype or not residual.is_contiguous():
-            raise ValueError(f"residual must be a contiguous [1, {n}] {x.dtype} tensor")
-        y = residual
-    else:
-        y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    y = fused_output(x, n, residual)
     pdl = pdl_enabled(x.device)
     _fused_gemv_kernel[(triton.cdiv(n, config.block_n),)](
         x,

@@ -35,10 +35,10 @@ from tensorjet.kernels._common import (
     tl_dot,
     wait_for_previous_kernel,
 )
-from tensorjet.kernels.fused_gemv import store_fused_output
+from tensorjet.kernels.fused_gemv import fused_output, store_fused_output
 from tensorjet.kernels.gemv import fastest_in_graph, time_in_graph_ms
 from tensorjet.kernels.int4_linear import Int4Weight, cold_weights, load_codes, nibble
-from tensorjet.kernels.split_k import arrive_last, split_k_scratch, sum_slices
+from tensorjet.kernels.split_k import reduce_row_slices, split_k_buffers
 
 __all__ = ["CANDIDATES", "Int4FusedGemvConfig", "int4_fused_gemv", "select_int4_fused_gemv"]
 
@@ -164,16 +164,10 @@ def _int4_fused_gemv_kernel(
     first = tl.arange(0, 16)[None, :] == 0
     y = tl.sum(tl.where(first, acc, 0.0), 1)
     y_up = tl.sum(tl.where(first, acc_up, 0.0), 1)
-    if SPLIT_K > 1:
-        # This slice's sums go to scratch; the program that arrives last adds all slices (in order)
-        # and alone runs the epilogue below (n_mask is empty for the others).
-        rows = 2 * N if SILU_MUL else N
-        tl.store(partial_ptr + tl.program_id(1) * rows + offs_n, y, mask=n_mask)
-        if SILU_MUL:
-            tl.store(partial_ptr + tl.program_id(1) * rows + N + offs_n, y_up, mask=n_mask)
-        last = arrive_last(arrivals_ptr + tl.program_id(0), SPLIT_K)
-        y_up, _ = sum_slices(partial_ptr + N, rows, offs_n, n_mask & SILU_MUL, last, SPLIT_K)
-        y, n_mask = sum_slices(partial_ptr, rows, offs_n, n_mask, last, SPLIT_K)
+    if SPLIT_K > 1:  # the block's last program to arrive adds the slices and alone runs the epilogue
+        y, y_up, n_mask = reduce_row_slices(
+            partial_ptr, arrivals_ptr, y, y_up, offs_n, n_mask, N, SILU_MUL, SPLIT_K
+        )
     store_fused_output(y, y_up, b_ptr, y_ptr, offs_n, n_mask, N, HAS_BIAS, SILU_MUL, ADD_TO_Y)
 
 
@@ -201,17 +195,10 @@ def int4_fused_gemv(
         raise ValueError("silu_mul and residual do not combine")
     n = weight.out_features // 2 if silu_mul else weight.out_features
     x = x.contiguous()
-    if residual is not None:
-        if residual.shape != (1, n) or residual.dtype != x.dtype or not residual.is_contiguous():
-            raise ValueError(f"residual must be a contiguous [1, {n}] {x.dtype} tensor")
-        y = residual
-    else:
-        y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    y = fused_output(x, n, residual)
     pdl = pdl_enabled(x.device)
     row_blocks = triton.cdiv(n, config.block_n)
-    partial, arrivals = y, y  # unused unless split over K
-    if config.split_k > 1:
-        partial, arrivals = split_k_scratch(x.device, config.split_k * weight.out_features, row_blocks)
+    partial, arrivals = split_k_buffers(y, config.split_k, config.split_k * weight.out_features, row_blocks)
     scales = weight.scales
     _int4_fused_gemv_kernel[(row_blocks, config.split_k)](
         x,

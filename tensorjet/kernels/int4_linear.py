@@ -34,7 +34,7 @@ import triton.language as tl
 
 from tensorjet.kernels._common import dot_precision, dot_upcast, tl_dot
 from tensorjet.kernels.gemv import cold_copies, fastest_in_graph, time_in_graph_ms
-from tensorjet.kernels.split_k import arrive_last, split_k_scratch, sum_slices
+from tensorjet.kernels.split_k import reduce_tile_slices, split_k_buffers
 
 __all__ = [
     "GEMV_CANDIDATES",
@@ -273,15 +273,10 @@ def _int4_matmul_kernel(
         if SCALE_AFTER:
             part = part * scale
         acc += part
-    if SPLIT_K > 1:
-        # Partial sums to scratch [SPLIT_K, M, N]; the last program of this tile to arrive adds them
-        # in order and alone stores (`tensorjet.kernels.split_k`).
-        offs_mn = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
-        mn_mask = m_mask[None, :] & n_mask[:, None]
-        tl.store(partial_ptr + tl.program_id(2) * M * N + offs_mn, acc, mask=mn_mask)
-        last = arrive_last(arrivals_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), SPLIT_K)
-        acc, mn_mask = sum_slices(partial_ptr, M * N, offs_mn, mn_mask, last, SPLIT_K)
-        n_mask = tl.max(mn_mask.to(tl.int32), 1) != 0  # empty but in the last program
+    if SPLIT_K > 1:  # the tile's last program to arrive adds the slices and alone stores
+        acc, n_mask = reduce_tile_slices(
+            partial_ptr, arrivals_ptr, acc, offs_m, offs_n, m_mask, n_mask, M, N, SPLIT_K
+        )
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
     y_ptrs = y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
@@ -318,11 +313,10 @@ def int4_matmul(
         return y
     c = config
     grid = (triton.cdiv(n, c.block_n), triton.cdiv(m, c.block_m), c.split_k)
-    partial, arrivals = y, y  # unused unless split over K
-    if c.split_k > 1:
-        rows = max(m, max_rows)
-        tiles = triton.cdiv(n, c.block_n) * triton.cdiv(rows, c.block_m)
-        partial, arrivals = split_k_scratch(x.device, c.split_k * rows * n, tiles)
+    # Scratch for the largest batch this kernel takes, so a graph's capture never grows it.
+    rows = max(m, max_rows)
+    tiles = triton.cdiv(n, c.block_n) * triton.cdiv(rows, c.block_m)
+    partial, arrivals = split_k_buffers(y, c.split_k, c.split_k * rows * n, tiles)
     scales = weight.scales
     _int4_matmul_kernel[grid](
         x,

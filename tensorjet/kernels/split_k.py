@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["arrive_last", "split_k_scratch", "sum_slices"]
+__all__ = ["reduce_row_slices", "reduce_tile_slices", "split_k_buffers"]
 
 
 @triton.jit
@@ -37,6 +37,48 @@ def sum_slices(partial_ptr, slice_stride, offs, mask, last, SPLIT_K: tl.constexp
     for s in tl.static_range(SPLIT_K):
         total += tl.load(partial_ptr + s * slice_stride + offs, mask=mask, other=0.0, cache_modifier=".cg")
     return total, mask
+
+
+@triton.jit
+def reduce_row_slices(
+    partial_ptr, arrivals_ptr, y, y_up, offs_n, n_mask, N, SILU_MUL: tl.constexpr, SPLIT_K: tl.constexpr
+):
+    """A one-row product split over K (slice program_id(1) of row block program_id(0)): this slice's sums
+    `y` (and `y_up`, the up rows with SILU_MUL) to scratch; returns the sums of all slices and the
+    mask of what to store, empty but in the block's last program to arrive."""
+    rows = 2 * N if SILU_MUL else N
+    tl.store(partial_ptr + tl.program_id(1) * rows + offs_n, y, mask=n_mask)
+    if SILU_MUL:
+        tl.store(partial_ptr + tl.program_id(1) * rows + N + offs_n, y_up, mask=n_mask)
+    last = arrive_last(arrivals_ptr + tl.program_id(0), SPLIT_K)
+    y_up, _ = sum_slices(partial_ptr + N, rows, offs_n, n_mask & SILU_MUL, last, SPLIT_K)
+    y, n_mask = sum_slices(partial_ptr, rows, offs_n, n_mask, last, SPLIT_K)
+    return y, y_up, n_mask
+
+
+@triton.jit
+def reduce_tile_slices(
+    partial_ptr, arrivals_ptr, acc, offs_m, offs_n, m_mask, n_mask, M, N, SPLIT_K: tl.constexpr
+):
+    """A [BLOCK_N, BLOCK_M] tile of y^T split over K (slice program_id(2) of tile (program_id(0),
+    program_id(1))): this slice's sums to scratch [SPLIT_K, M, N]; returns the sums of all slices and
+    the mask of output columns to store, empty but in the tile's last program to arrive."""
+    offs_mn = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
+    mn_mask = m_mask[None, :] & n_mask[:, None]
+    tl.store(partial_ptr + tl.program_id(2) * M * N + offs_mn, acc, mask=mn_mask)
+    last = arrive_last(arrivals_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), SPLIT_K)
+    acc, mn_mask = sum_slices(partial_ptr, M * N, offs_mn, mn_mask, last, SPLIT_K)
+    return acc, tl.max(mn_mask.to(tl.int32), 1) != 0
+
+
+def split_k_buffers(
+    out: torch.Tensor, split_k: int, floats: int, counters: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scratch, arrival counters) for a launch split `split_k` ways (`split_k_scratch`); without a split
+    the kernel reads neither, and gets `out` for both pointers."""
+    if split_k == 1:
+        return out, out
+    return split_k_scratch(out.device, floats, counters)
 
 
 _scratch: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
