@@ -241,7 +241,7 @@ def test_unknown_model_path_is_a_value_error(tmp_path):
         {"dtype": "int4_awq", "quantization": "awq"},
         {"speculative_model": "x"},
         {"num_speculative_tokens": 3},
-        {"tensor_parallel_size": 2},
+        {"tensor_parallel_size": 2, "batch_invariant": True},
     ],
 )
 def test_later_features_raise_a_clear_error(option):

@@ -3,6 +3,10 @@
 The runner knows nothing about requests, sequences or policies: it gets a `StepBatch` (plain data,
 `tensorjet.runtime.step`) and returns a `StepHandle` whose result holds the tokens sampled for the
 sequences that asked for one.
+
+Under tensor parallelism (`parallel`) a runner runs in every rank's process with its rank's share of the
+weights and KV heads. Rank 0's `prepare` sends each step's values to the others (`StepChannel`), which
+run it with `run_worker_step`; only rank 0 samples.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import chain
 from typing import TYPE_CHECKING
@@ -17,10 +22,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from tensorjet.config import EngineConfig
+from tensorjet.distributed import SINGLE
 from tensorjet.dtypes import is_fp8
 from tensorjet.layers.attention import AttentionMetadata, GraphAttentionBackend
 from tensorjet.layers.batch_invariant import RowwiseAttentionBackend
-from tensorjet.models.llama import LlamaForCausalLM, head_dim_of
+from tensorjet.models.llama import LlamaForCausalLM, head_dim_of, kv_heads_of
 from tensorjet.models.loader import ModelSource, iter_weights
 from tensorjet.quant.formats import quantization_spec
 from tensorjet.runtime.device_io import to_device
@@ -30,6 +36,8 @@ from tensorjet.runtime.step import PendingPromptLogprobs, StepBatch, StepHandle,
 
 if TYPE_CHECKING:
     from tensorjet.runtime.cuda_graph import DecodeGraphs, MixedStepGraphs
+    from tensorjet.runtime.parallel import ParallelGroup
+    from tensorjet.runtime.step_channel import StepMessage
 
 logger = logging.getLogger(__name__)
 
@@ -65,15 +73,23 @@ def _explain_out_of_memory(stage: str):
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, source: ModelSource, max_seq_len: int) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        source: ModelSource,
+        max_seq_len: int,
+        parallel: ParallelGroup | None = None,
+    ) -> None:
         self.config = config
+        self.parallel = parallel  # this rank's place among the tensor-parallel ranks; None: one process
+        self.tp = SINGLE if parallel is None else parallel.tp
         self.device = config.torch_device
         self.dtype = config.torch_dtype
         self.kv_dtype = config.kv_cache_torch_dtype
         self.block_size = config.cache.block_size
         self.max_seq_len = max_seq_len
         hf_config = source.hf_config
-        self.num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+        self.num_kv_heads = kv_heads_of(hf_config)
         self.head_dim = head_dim_of(hf_config)
         self.num_layers = hf_config.num_hidden_layers
         self.sampler = Sampler(config.runtime.seed)
@@ -83,6 +99,9 @@ class ModelRunner:
         self.num_mixed_graph_steps = 0  # steps with prompt tokens replayed from a mixed-step graph
         with _explain_out_of_memory("loading the model weights"):
             self._load_model(source)
+        if parallel is not None:  # every rank has its weights: the device collectives start together
+            parallel.channel.barrier()
+        self.num_kv_heads = self.model.layers[0].self_attn.num_kv_heads  # this rank's
         self.attention_backend = self._select_attention_backend()
         with _explain_out_of_memory("sizing and allocating the KV cache"):
             self.num_blocks = self._kv_cache_blocks()
@@ -91,6 +110,24 @@ class ModelRunner:
             with _explain_out_of_memory("capturing CUDA graphs"):
                 self.decode_graphs = self._build_decode_graphs()
                 self.mixed_graphs = self._build_mixed_graphs()
+
+    # ---- tensor parallelism: the other ranks ----------------------------------------------------
+    def watch_workers(self, on_failure: Callable[[str], None]) -> None:
+        """Call `on_failure(reason)` once, from a watchdog thread, if another rank's process goes away.
+        Nothing to watch in one process."""
+        if self.parallel is not None and self.parallel.workers is not None:
+            self.parallel.workers.watch(on_failure)
+
+    def worker_failure(self) -> str | None:
+        """Why another rank's process is gone, or None (all run, or there are none)."""
+        if self.parallel is None or self.parallel.workers is None:
+            return None
+        return self.parallel.workers.failure()
+
+    def shutdown(self) -> None:
+        """Stop the other ranks' processes and leave their process group (nothing in one process)."""
+        if self.parallel is not None:
+            self.parallel.shutdown()
 
     def _load_model(self, source: ModelSource) -> None:
         start = time.perf_counter()
@@ -103,6 +140,7 @@ class ModelRunner:
                 self.dtype,
                 linear_method=linear_method_for(self.config, self.quantization),
                 kv_cache_scales=self.quantization is not None and self.quantization.kv_cache_scales,
+                tp=self.tp,
             )
         if source.kind == "dummy" or self.config.load.load_format == "dummy":
             self.model.init_dummy_weights(self.config.runtime.seed)
@@ -209,6 +247,8 @@ class ModelRunner:
         num_blocks = int(budget // self.kv_bytes_per_block)
         if cache.kv_cache_max_tokens is not None:
             num_blocks = min(num_blocks, cache.kv_cache_max_tokens // self.block_size)
+        if self.parallel is not None:  # one block table for all ranks: as many blocks as the fullest holds
+            num_blocks = self.parallel.channel.min_over_ranks(num_blocks)
         if num_blocks < 1:
             raise RuntimeError(
                 f"no GPU memory left for the KV cache after loading the model. {OUT_OF_MEMORY_ADVICE}"
@@ -303,18 +343,45 @@ class ModelRunner:
         # One copy for all of them; each part padded to 16 bytes so the kernels see aligned pointers
         # (Triton compiles a variant per pointer alignment).
         padded = [p + [0] * (len(p) % 2) for p in parts]
-        flat = to_device(list(chain.from_iterable(padded)), torch.long, self.device)
+        values = list(chain.from_iterable(padded))
+        if self.parallel is not None:  # the other ranks run the same step from the same values
+            self.parallel.channel.send_step(
+                query_lens, sampled_seq_ids, prompt_rows, len(fill_rows), max_blocks, values
+            )
+        flat = to_device(values, torch.long, self.device)
+        return self._step_inputs(
+            flat, [len(p) for p in parts], query_lens, context_lens, max_blocks, prev, sampled_seq_ids,
+            sampling_rows, prompt_rows, prompt_seqs,
+        )  # fmt: skip
+
+    def _step_inputs(
+        self,
+        flat: torch.Tensor,
+        lengths: list[int],
+        query_lens: list[int],
+        context_lens: list[int],
+        max_blocks: int,
+        prev: StepHandle | None,
+        sampled_seq_ids: list[int],
+        sampling_rows: list[SamplingRow],
+        prompt_rows: list[int],
+        prompt_seqs: list[StepSequence],
+    ) -> StepInputs:
+        """The step's device tensors from `prepare`'s values, on the device as `flat`."""
         (ids_t, pos_t, slots_t, logits_t, ctx_t, fill_rows_t, fill_from_t, tables_t) = (
-            chunk[: len(p)] for chunk, p in zip(flat.split([len(p) for p in padded]), parts)
+            chunk[:n] for chunk, n in zip(flat.split([n + n % 2 for n in lengths]), lengths)
         )
-        if fill_rows:
-            ids_t[fill_rows_t] = prev.sampled.tokens[fill_from_t]
+        if lengths[5]:  # pending tokens
+            if prev is not None:
+                ids_t[fill_rows_t] = prev.sampled.tokens[fill_from_t]
+            if self.tp.size > 1:  # rank 0 sampled them: its input ids are every rank's
+                self.tp.broadcast_from_first(ids_t)
         meta = AttentionMetadata(
             query_lens=query_lens,
             context_lens=context_lens,
             slot_mapping=slots_t,
-            block_tables=tables_t.view(len(batch.seqs), max_blocks).to(torch.int32),
-            block_size=bs,
+            block_tables=tables_t.view(len(query_lens), max_blocks).to(torch.int32),
+            block_size=self.block_size,
             context_lens_tensor=ctx_t,
         )
         return StepInputs(
@@ -332,6 +399,32 @@ class ModelRunner:
     def launch(self, batch: StepBatch, prev: StepHandle | None = None) -> StepHandle:
         """Queue the step on the device and return at once; the sampled tokens stay on the device."""
         inputs = self.prepare(batch, prev)
+        logits, prompt_logprobs = self._forward(inputs)
+        sampled = None
+        if logits is not None:
+            sampled = self.sampler.sample(logits, inputs.sampling_rows)
+            sampled.start_copy()
+        return StepHandle(inputs.sampled_seq_ids, sampled, prompt_logprobs)
+
+    @torch.inference_mode()
+    def run_worker_step(self, message: StepMessage) -> None:
+        """Run rank 0's step on this rank (tensor parallelism): the same inputs, the same forward, no
+        sampling."""
+        lengths = message.part_lengths
+        ctx_start = sum(n + n % 2 for n in lengths[:4])
+        context_lens = message.values[ctx_start : ctx_start + lengths[4]].tolist()
+        flat = message.values
+        if self.device.type == "cuda":
+            flat = flat.pin_memory().to(self.device, non_blocking=True)
+        inputs = self._step_inputs(
+            flat, lengths, message.query_lens, context_lens, message.max_blocks, None,
+            message.sampled_seq_ids, [], message.prompt_rows, [],
+        )  # fmt: skip
+        self._forward(inputs)
+
+    def _forward(self, inputs: StepInputs) -> tuple[torch.Tensor | None, PendingPromptLogprobs | None]:
+        """The step's logits of its sampled rows (None where it samples none, or on a rank other than
+        0), and its prompt logprobs."""
         prompt_logprobs = None
         if self._use_decode_graph(inputs):
             self.num_graph_steps += 1
@@ -346,13 +439,9 @@ class ModelRunner:
             if inputs.prompt_rows:
                 prompt_logprobs = self._prompt_logprobs(hidden, inputs)
             logits = None
-            if inputs.sampling_rows:
+            if inputs.sampled_seq_ids:
                 logits = self.model.compute_logits(hidden[inputs.logits_indices])
-        sampled = None
-        if logits is not None:
-            sampled = self.sampler.sample(logits, inputs.sampling_rows)
-            sampled.start_copy()
-        return StepHandle(inputs.sampled_seq_ids, sampled, prompt_logprobs)
+        return logits, prompt_logprobs
 
     def _use_decode_graph(self, inputs: StepInputs) -> bool:
         num_seqs = inputs.meta.num_seqs
@@ -366,16 +455,21 @@ class ModelRunner:
     def _use_mixed_graph(self, inputs: StepInputs) -> bool:
         return (
             self.mixed_graphs is not None
-            and bool(inputs.sampling_rows)  # one that samples nothing (only early prompt chunks) runs eagerly
+            and bool(
+                inputs.sampled_seq_ids
+            )  # a step sampling nothing (only early prompt chunks) runs eagerly
             and not inputs.prompt_rows
             and self.mixed_graphs.fits(inputs.meta.query_lens)
         )
 
-    def _prompt_logprobs(self, hidden: torch.Tensor, inputs: StepInputs) -> PendingPromptLogprobs:
+    def _prompt_logprobs(self, hidden: torch.Tensor, inputs: StepInputs) -> PendingPromptLogprobs | None:
         """Logprobs of the prompt tokens that the step's rows predict; they stay on the device."""
         requests = [seq.prompt_logprobs for seq in inputs.prompt_seqs]
         rows = torch.tensor(inputs.prompt_rows, device=self.device)
-        logprobs = self.model.compute_logits(hidden[rows]).log_softmax(-1)
+        logits = self.model.compute_logits(hidden[rows])
+        if logits is None:  # a rank other than 0: rank 0 has the logits
+            return None
+        logprobs = logits.log_softmax(-1)
         targets = list(chain.from_iterable(r.targets for r in requests))
         chosen = logprobs.gather(1, torch.tensor(targets, device=self.device)[:, None])[:, 0]
         top_values, top_ids = logprobs.topk(max(max(r.top for r in requests), 1), dim=-1)
