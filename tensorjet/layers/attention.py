@@ -138,8 +138,7 @@ class TorchDecodeRows:
     """Sequences with one query row, attended in one padded batch."""
 
     num_seqs: int
-    blocks: torch.Tensor  # [B * num_blocks] each sequence's cache blocks, padded with its last block
-    max_len: int  # the longest context
+    slots: torch.Tensor  # [B * L] each sequence's cache slots, L = its longest context, padded with its last
     mask: torch.Tensor | None  # [B, 1, 1, L] positions within each context; None for one sequence
     token_rows: torch.Tensor | None  # [B] the rows they own; None: rows 0..B-1
 
@@ -208,23 +207,18 @@ class TorchAttentionBackend:
         meta: AttentionMetadata, rows: list[int], starts: list[int], device: torch.device
     ) -> TorchDecodeRows:
         bs = meta.block_size
-        lens = [meta.context_lens[i] for i in rows]
-        max_len = max(lens)
-        num_blocks = -(-max_len // bs)
-        # Whole blocks are gathered (one index per block, not per token). A shorter sequence's missing
-        # blocks repeat its last block, so every key read is written, finite memory; the mask removes
-        # positions past its length. One sequence needs no mask at all.
-        tables = []
-        for i, n in zip(rows, lens):
-            table = meta.block_tables[i, : -(-n // bs)]
-            tables.append(torch.cat((table, table[-1:].expand(num_blocks - table.shape[0]))))
-        mask = None
-        if len(rows) > 1:
-            pos = torch.arange(num_blocks * bs, device=device)
-            mask = (pos[None, :] < torch.tensor(lens, device=device)[:, None])[:, None, None, :]
+        lens = torch.tensor([meta.context_lens[i] for i in rows], device=device)
+        pos = torch.arange(max(meta.context_lens[i] for i in rows), device=device)
+        # Past its own length a shorter sequence reads its last key again: every slot read was written
+        # (a cache fresh from torch.empty may hold NaN, which a mask would not stop: 0 * NaN is NaN),
+        # and the mask removes those positions. One sequence needs no mask at all.
+        read = torch.minimum(pos[None, :], lens[:, None] - 1)  # [B, L]
+        tables = meta.block_tables[torch.tensor(rows, device=device)].long()
+        slots = tables.gather(1, read // bs) * bs + read % bs
+        mask = (pos[None, :] < lens[:, None])[:, None, None, :] if len(rows) > 1 else None
         all_decode = len(rows) == meta.num_seqs
         token_rows = None if all_decode else torch.tensor([starts[i] for i in rows], device=device)
-        return TorchDecodeRows(len(rows), torch.stack(tables).long().view(-1), max_len, mask, token_rows)
+        return TorchDecodeRows(len(rows), slots.view(-1), mask, token_rows)
 
     def forward(
         self,
@@ -243,14 +237,14 @@ class TorchAttentionBackend:
         num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
         group = q.shape[1] // num_kv_heads
         out = torch.empty_like(q)
+        k_flat = k_cache.view(-1, num_kv_heads, head_dim)
+        v_flat = v_cache.view(-1, num_kv_heads, head_dim)
         d = state.decode
         if d is not None:
             idx, mask = d.token_rows, d.mask
             b = d.num_seqs
-            k = k_cache.index_select(0, d.blocks).view(b, -1, num_kv_heads, head_dim).to(q.dtype)
-            v = v_cache.index_select(0, d.blocks).view(b, -1, num_kv_heads, head_dim).to(q.dtype)
-            if mask is None:  # one sequence: attend to exactly its keys
-                k, v = k[:, : d.max_len], v[:, : d.max_len]
+            k = k_flat.index_select(0, d.slots).view(b, -1, num_kv_heads, head_dim).to(q.dtype)
+            v = v_flat.index_select(0, d.slots).view(b, -1, num_kv_heads, head_dim).to(q.dtype)
             o = F.scaled_dot_product_attention(
                 (q[:b] if idx is None else q[idx])[:, :, None],
                 k.transpose(1, 2),  # [B, Hk, L, D]
@@ -280,8 +274,6 @@ class TorchAttentionBackend:
                 enable_gqa=group > 1,
             )
             out[tokens] = o.transpose(1, 2)
-        k_flat = k_cache.view(-1, num_kv_heads, head_dim)
-        v_flat = v_cache.view(-1, num_kv_heads, head_dim)
         for rows in state.cached:  # query rows over a cached prefix
             n, total = rows.end - rows.start, rows.context_len
             k = k_flat[rows.slots].to(q.dtype).transpose(0, 1)  # [Hk, L, D]
