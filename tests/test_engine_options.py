@@ -171,7 +171,10 @@ def test_an_int_is_a_valid_float():
         ({"dtype": "int8"}, "dtype='int8'"),
         ({"speculative_model": "draft"}, "speculative_model='draft'"),
         ({"num_speculative_tokens": 3}, "num_speculative_tokens=3"),
-        ({"tensor_parallel_size": 2, "batch_invariant": True}, "batch_invariant=True, tensor_parallel_size=2"),
+        (
+            {"batch_invariant": True, "tensor_parallel_size": 2},
+            "batch_invariant=True, tensor_parallel_size=2",
+        ),
     ],
 )
 def test_options_of_unbuilt_features_are_refused_by_name(option, named):
