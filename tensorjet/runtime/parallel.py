@@ -49,15 +49,18 @@ class ParallelGroup:
     channel: StepChannel
     store: dist.Store
     workers: WorkerGroup | None = None  # rank 0's watch over the other ranks; None on those ranks
+    closed: bool = False
 
     def shutdown(self) -> None:
-        """Rank 0: stop the workers (they leave their loop), then leave the process group."""
+        """Rank 0: stop the workers (they leave their loop), then leave the process group. Once."""
+        if self.closed:
+            return
+        self.closed = True
         if self.workers is not None:
-            if self.workers.failure() is None:
-                try:
-                    self.channel.send_stop()
-                except RuntimeError:  # a worker went meanwhile: stop() ends the rest
-                    logger.warning("could not tell every tensor-parallel worker to stop")
+            try:
+                self.channel.send_stop()
+            except RuntimeError:  # a worker is gone: stop() ends the spawned ones left
+                logger.warning("could not tell every tensor-parallel worker to stop")
             self.workers.stop()
         if dist.is_initialized():
             dist.destroy_process_group()

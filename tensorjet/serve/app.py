@@ -55,6 +55,7 @@ def build_app(llm, served_model_name: str, max_queue_size: int | None = None) ->
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(EngineFailure, _engine_failure)
     app.add_exception_handler(Exception, _internal_error)
     app.post("/v1/completions")(server.create_completion)
     app.post("/v1/chat/completions")(server.create_chat_completion)
@@ -62,7 +63,7 @@ def build_app(llm, served_model_name: str, max_queue_size: int | None = None) ->
     app.post("/tokenize")(server.tokenize)
     app.post("/detokenize")(server.detokenize)
     app.get("/metrics")(server.metrics_text)
-    app.get("/health")(_health)
+    app.get("/health")(server.health)
     app.get("/version")(_version)
     return app
 
@@ -75,6 +76,13 @@ class OpenAIServer:
         self.metrics = metrics
         self.tokens = TokenText(llm.tokenizer)
         self.max_seq_len: int = llm.engine.max_seq_len
+
+    async def health(self) -> Response:
+        """200 while the engine can run requests; 503 with the reason once it cannot (a tensor-parallel
+        worker is gone)."""
+        if self.llm.failure is not None:
+            return JSONResponse({"status": "error", "message": str(self.llm.failure)}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     # ---- /v1/completions -----------------------------------------------------------------------
     async def create_completion(self, request: CompletionRequest, http_request: Request) -> Response:
@@ -317,16 +325,12 @@ def _event_stream(events: AsyncIterator[str], generation: Generation) -> Streami
                 yield event
         except EngineFailure as error:
             logger.error("%s: %s", generation.request_id, error)
-            yield sse(APIError(500, str(error), type="internal_error").body())
+            yield sse(error.api_error().body())
         finally:
             generation.close()
         yield "data: [DONE]\n\n"
 
     return _SSEResponse(body(), media_type="text/event-stream")
-
-
-async def _health() -> Response:
-    return JSONResponse({"status": "ok"})
 
 
 async def _version() -> Response:
@@ -361,6 +365,11 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
 async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
     kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
     return _error_response(request, APIError(error.status_code, str(error.detail), type=kind))
+
+
+async def _engine_failure(request: Request, error: EngineFailure) -> JSONResponse:
+    logger.error("%s %s: %s", request.method, request.url.path, error)
+    return JSONResponse(error.api_error().body(), error.status)
 
 
 async def _internal_error(request: Request, error: Exception) -> JSONResponse:

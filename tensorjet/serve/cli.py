@@ -7,8 +7,10 @@ gives any option from a file, and flags on the command line override it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from tensorjet.config import ENGINE_OPTIONS
@@ -104,6 +106,9 @@ def run_serve(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    # The engine stops with the app: uvicorn re-raises a SIGTERM once the app is down, which would end the
+    # process before `finally` (tensor-parallel workers then lose rank 0 instead of being stopped).
+    app.router.lifespan_context = _stops_engine(llm)
     log_banner(llm, args)
     try:
         uvicorn.run(
@@ -117,6 +122,15 @@ def run_serve(args: argparse.Namespace) -> int:
     finally:
         llm.shutdown()
     return 0
+
+
+def _stops_engine(llm):
+    @contextlib.asynccontextmanager
+    async def lifespan(app) -> AsyncIterator[None]:
+        yield
+        llm.shutdown()
+
+    return lifespan
 
 
 def _configure_logging(level: str) -> None:
