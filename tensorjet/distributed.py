@@ -38,11 +38,13 @@ class TensorParallel:
         return x
 
     def gather_to_first(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Each rank's x [rows, n] side by side on rank 0, [rows, size * n]; None on the other ranks."""
+        """Each rank's x [rows, n] side by side on rank 0, [rows, size * n]; None on the other ranks.
+        It runs as an all-gather (the other ranks drop theirs): rank 0 receives the same bytes as from a
+        gather, and NCCL's all-gather is a collective that CUDA graphs are known to capture."""
         x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(self.size)] if self.is_first else None
-        dist.gather(x, parts, dst=0, group=self.group)
-        return torch.cat(parts, dim=-1) if parts is not None else None
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x, group=self.group)
+        return torch.cat(parts, dim=-1) if self.is_first else None
 
     def broadcast_from_first(self, x: torch.Tensor) -> torch.Tensor:
         """Rank 0's x in every rank's x, in place."""
