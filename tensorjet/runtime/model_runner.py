@@ -26,7 +26,7 @@ from tensorjet.distributed import SINGLE
 from tensorjet.dtypes import is_fp8
 from tensorjet.layers.attention import AttentionMetadata, GraphAttentionBackend
 from tensorjet.layers.batch_invariant import RowwiseAttentionBackend
-from tensorjet.models.llama import LlamaForCausalLM, head_dim_of, kv_heads_of
+from tensorjet.models.llama import LlamaForCausalLM, head_dim_of
 from tensorjet.models.loader import ModelSource, iter_weights
 from tensorjet.quant.formats import quantization_spec
 from tensorjet.runtime.device_io import to_device
@@ -89,7 +89,6 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.max_seq_len = max_seq_len
         hf_config = source.hf_config
-        self.num_kv_heads = kv_heads_of(hf_config)
         self.head_dim = head_dim_of(hf_config)
         self.num_layers = hf_config.num_hidden_layers
         self.sampler = Sampler(config.runtime.seed)
@@ -101,7 +100,7 @@ class ModelRunner:
             self._load_model(source)
         if parallel is not None:  # every rank has its weights: the device collectives start together
             parallel.channel.barrier()
-        self.num_kv_heads = self.model.layers[0].self_attn.num_kv_heads  # this rank's
+        self.num_kv_heads = self.model.layers[0].self_attn.num_kv_heads  # this rank's (tensor parallelism)
         self.attention_backend = self._select_attention_backend()
         with _explain_out_of_memory("sizing and allocating the KV cache"):
             self.num_blocks = self._kv_cache_blocks()
@@ -455,9 +454,7 @@ class ModelRunner:
     def _use_mixed_graph(self, inputs: StepInputs) -> bool:
         return (
             self.mixed_graphs is not None
-            and bool(
-                inputs.sampled_seq_ids
-            )  # a step sampling nothing (only early prompt chunks) runs eagerly
+            and bool(inputs.sampled_seq_ids)  # one sampling nothing (early prompt chunks only) runs eagerly
             and not inputs.prompt_rows
             and self.mixed_graphs.fits(inputs.meta.query_lens)
         )

@@ -123,7 +123,7 @@ def start_model_runner(config: EngineConfig, source: ModelSource, max_seq_len: i
         workers.stop()
         if dist.is_initialized():
             dist.destroy_process_group()
-        if reason is not None:
+        if reason is not None and not isinstance(error, ValueError):  # a collective that lost its peer
             raise RuntimeError(f"tensor parallelism could not start: {reason}") from error
         raise
     logger.info("tensor parallelism: %d ranks (%s)", size, "torchrun" if launched else "spawned workers")
@@ -164,9 +164,9 @@ def _join(config: EngineConfig, store: dist.Store, rank: int, size: int, local_r
     if cuda:
         torch.cuda.set_device(local_rank)  # "cuda" means this rank's GPU from here on
     elif "OMP_NUM_THREADS" not in os.environ:
-        # The ranks share this machine's cores: more threads than cores spin against each other (the
-        # bundled model's steps at tensor_parallel_size=3 on 2 cores ran 7x slower).
-        torch.set_num_threads(max(1, _cores() // size))
+        # The ranks on this machine share its cores: more threads than cores spin against each other
+        # (the bundled model's steps at tensor_parallel_size=3 on 2 cores ran 7x slower).
+        torch.set_num_threads(max(1, _cores() // int(os.environ.get("LOCAL_WORLD_SIZE", size))))
     dist.init_process_group(
         "nccl" if cuda else "gloo",
         store=dist.PrefixStore("tensorjet/model", store),
