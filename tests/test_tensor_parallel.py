@@ -315,7 +315,7 @@ def test_a_small_llama_over_2_and_4_ranks_matches_hf_through_llm_and_serve(size,
 def test_the_bundled_model_over_3_ranks_matches_hf_through_llm_and_serve(hf_model, tokenizer):
     llm = LLM(device="cpu", tensor_parallel_size=3, kv_cache_max_tokens=4096)
     try:
-        prompts = _prompts(tokenizer, 3)
+        prompts = _prompts(tokenizer, 2)
         texts = _agrees_with_hf(llm, hf_model, prompts, tokenizer.eos_token_id)
         _served_agree(llm, prompts, texts)
         # 9 query and 3 key/value heads, 1536 MLP rows and the tied 49152-row embedding split 3 ways
@@ -344,7 +344,9 @@ def test_a_killed_worker_fails_health_and_pending_requests_within_10_s(tiny_dir)
             with stream as events:
                 lines = events.iter_lines()
                 assert next(line for line in lines if line.startswith("data:"))  # generating
+                deadline = time.monotonic() + 30
                 while llm.stats()["num_requests_running"] < 2:
+                    assert time.monotonic() < deadline, "the non-streaming request never started"
                     time.sleep(0.01)
                 (pid,) = llm.engine.runner.parallel.workers.pids.values()
                 os.kill(pid, signal.SIGKILL)
