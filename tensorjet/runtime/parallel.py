@@ -175,7 +175,7 @@ def _join(config: EngineConfig, store: dist.Store, rank: int, size: int, local_r
         timeout=COLLECTIVE_TIMEOUT,
     )
     control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
-    return ParallelGroup(TensorParallel(rank, size), StepChannel(control, rank), store)
+    return ParallelGroup(TensorParallel(rank, size), StepChannel(control), store)
 
 
 def _spawned_worker(config: EngineConfig, port: int, rank: int, size: int) -> None:

@@ -18,9 +18,12 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from tensorjet.runtime.device_io import to_device
+
 # Waiting for a step (an idle server) or for the other ranks to load their weights.
 CONTROL_TIMEOUT = timedelta(days=30)
 _STOP, _STEP = 0, 1
+_HOST = torch.device("cpu")
 _HEADER = 7  # kind, sequences, rows, sampled rows, prompt rows, pending tokens, block-table width
 
 
@@ -56,9 +59,8 @@ class StepMessage:
 class StepChannel:
     """Step messages from rank 0 to every other rank, over `group` (gloo, every rank in it)."""
 
-    def __init__(self, group, rank: int) -> None:
+    def __init__(self, group) -> None:
         self.group = group
-        self.rank = rank
 
     def send_step(
         self,
@@ -71,7 +73,7 @@ class StepChannel:
     ) -> None:
         counts = [len(query_lens), sum(query_lens), len(sampled_seq_ids), len(prompt_rows), num_pending]
         header = torch.tensor([_STEP, *counts, max_blocks], dtype=torch.long)
-        payload = torch.tensor(query_lens + sampled_seq_ids + prompt_rows + values, dtype=torch.long)
+        payload = to_device(query_lens + sampled_seq_ids + prompt_rows + values, torch.long, _HOST)
         self._broadcast(header)
         self._broadcast(payload)
 
