@@ -10,6 +10,7 @@ and its pending requests end with 503 within 10 s; two torchrun "nodes" on 127.0
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import socket
@@ -27,6 +28,7 @@ import transformers
 from greedy import TOP_LOGPROBS, GreedyRun, assert_all_agree, hf_greedy
 from prompts import PLAIN
 from serving import running_server
+from test_speculative import save_llama
 
 from tensorjet import LLM, SamplingParams
 from tensorjet.config import EngineConfig, FeatureNotAvailableError
@@ -326,6 +328,18 @@ def test_the_bundled_model_over_3_ranks_matches_hf_through_llm_and_serve(hf_mode
         assert llm.stats()["weight_bytes"] == (whole - norms) // 3 + norms
     finally:
         llm.shutdown()
+
+
+@pytest.mark.slow  # starts a worker process
+def test_an_engine_that_fails_to_start_stops_its_workers(tmp_path):
+    """The draft model is refused after the workers loaded their shares and wait to start their caches:
+    they are told to stop, and the process can start another tensor-parallel engine."""
+    target = save_llama(tmp_path / "target", seed=4)
+    draft = save_llama(tmp_path / "draft", seed=5, vocab=96)
+    with pytest.raises(ValueError, match="speculative_model=.*vocabulary has 96 tokens"):
+        LLM(target, device="cpu", tensor_parallel_size=2, kv_cache_max_tokens=4096, speculative_model=draft)
+    assert not [p for p in multiprocessing.active_children() if p.name.startswith("tensorjet-tp-worker")]
+    assert not torch.distributed.is_initialized()
 
 
 @pytest.mark.slow  # starts a worker process and kills it

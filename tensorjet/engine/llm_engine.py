@@ -89,12 +89,16 @@ class LLMEngine:
         self.max_seq_len = config.load.resolve_max_seq_len(max_positions_of(self.source.hf_config))
         # Tensor parallelism: the other ranks start here too, and load their shares with this one.
         self.runner = start_model_runner(config, self.source, self.max_seq_len)
-        self.speculator = build_speculator(config, self.source, self.tokenizer, self.max_seq_len)
-        # A draft model's cache shares the target's block tables: one pool of blocks sized for both.
-        runners = [self.runner, *(self.speculator.runners if self.speculator else [])]
-        num_blocks = self.runner.kv_cache_blocks(sum(r.kv_bytes_per_block for r in runners))
-        for runner in runners:
-            runner.start(num_blocks)
+        try:
+            self.speculator = build_speculator(config, self.source, self.tokenizer, self.max_seq_len)
+            # A draft model's cache shares the target's block tables: one pool of blocks sized for both.
+            runners = [self.runner, *(self.speculator.runners if self.speculator else [])]
+            num_blocks = self.runner.kv_cache_blocks(sum(r.kv_bytes_per_block for r in runners))
+            for runner in runners:
+                runner.start(num_blocks)
+        except BaseException:
+            self.runner.shutdown()  # no tensor-parallel worker is left waiting for this engine
+            raise
         self.overlap = config.overlap_scheduling
         self._in_flight: LaunchedStep | None = None  # overlap: the launched step whose tokens are pending
         self.block_manager = BlockManager(

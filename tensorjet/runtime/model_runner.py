@@ -141,6 +141,8 @@ class ModelRunner:
                 self.decode_graphs = self._build_decode_graphs()
                 self.mixed_graphs = self._build_mixed_graphs()
                 self.verify_graphs = self._build_verify_graphs()
+        if self.parallel is not None:  # past the start-up collectives: a stop message reaches the workers now
+            self.parallel.starting = False
 
     @property
     def verify_rows_per_seq(self) -> int:

@@ -49,24 +49,30 @@ class ParallelGroup:
     channel: StepChannel
     store: dist.Store
     workers: WorkerGroup | None = None  # rank 0's watch over the other ranks; None on those ranks
+    # Rank 0 told the workers to size and start their KV caches, and its own start has not finished: the
+    # ranks are in start-up collectives, which a stop message would not meet.
+    starting: bool = False
     closed: bool = False
 
     def begin_start(self) -> None:
         """Rank 0: the workers size their KV caches and start them with rank 0 (`ModelRunner`'s
         `kv_cache_blocks` then `start`, on every rank)."""
+        self.starting = True
         self.channel.send_start()
 
     def shutdown(self) -> None:
-        """Rank 0: stop the workers (they leave their loop), then leave the process group. Once."""
+        """Rank 0: stop the workers (they leave their loop), then leave the process group. Once. Midway
+        through the start the spawned workers are ended at once instead."""
         if self.closed:
             return
         self.closed = True
         if self.workers is not None:
-            try:
-                self.channel.send_stop()
-            except RuntimeError:  # a worker is gone: stop() ends the spawned ones left
-                logger.warning("could not tell every tensor-parallel worker to stop")
-            self.workers.stop()
+            if not self.starting:
+                try:
+                    self.channel.send_stop()
+                except RuntimeError:  # a worker is gone: stop() ends the spawned ones left
+                    logger.warning("could not tell every tensor-parallel worker to stop")
+            self.workers.stop(timeout=0.0 if self.starting else 10.0)
         if dist.is_initialized():
             dist.destroy_process_group()
 
