@@ -4,8 +4,10 @@ Fast: how dimensions split, which sizes are refused, and that every weight forma
 share of a checkpoint (the ranks' shares put together give the whole layer, each rank holds 1/N of it
 plus what is replicated) without starting a process. Slow (they start processes): the bundled model at
 tensor_parallel_size 3 and a small random Llama at 2 and 4 give HF transformers' greedy tokens, alone and
-batched, through `LLM` and through `serve` with the openai client; a killed worker makes `/health` fail
-and its pending requests end with 503 within 10 s; two torchrun "nodes" on 127.0.0.1 serve a request.
+batched, through `LLM` and through `serve` with the openai client, and a grammar holds its requests to a
+choice beside free ones; speculative decoding (n-gram and a draft model) at 2 agrees with one process; a
+killed worker makes `/health` fail and its pending requests end with 503 within 10 s; two torchrun
+"nodes" on 127.0.0.1 serve a request.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import transformers
 from greedy import TOP_LOGPROBS, GreedyRun, assert_all_agree, hf_greedy
 from prompts import PLAIN
 from serving import running_server
-from test_speculative import save_llama
+from test_speculative import SPECULATION, copy_heavy_prompts, save_llama, spec_options
 
 from tensorjet import LLM, SamplingParams
 from tensorjet.config import EngineConfig, FeatureNotAvailableError
@@ -43,6 +45,7 @@ from tensorjet.quant.int4 import Int4LinearMethod
 from tensorjet.runtime import parallel
 from tensorjet.runtime.kernel_selection import linear_method_for
 from tensorjet.runtime.worker_group import HEARTBEAT_TIMEOUT, WorkerGroup, heartbeat_key
+from tensorjet.sampling_params import StructuredOutput
 from tensorjet.serve.app import build_app
 from tensorjet.serve.options import ServerOptions
 
@@ -230,6 +233,7 @@ def test_a_torchrun_worker_whose_heartbeat_stops_is_reported_gone(monkeypatch):
 
 # ---- the engine over several processes (slow: each test starts them) ----------------------------------
 NEW_TOKENS = 8
+CHOICES = ("yes", "no", "maybe")
 SERVED = ServerOptions(served_model_name="tp")
 GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, logprobs=TOP_LOGPROBS)
 
@@ -294,14 +298,38 @@ def _served_agree(llm: LLM, prompts: list[list[int]], texts: list[str]) -> None:
         assert [c.text for c in sorted(many.choices, key=lambda c: c.index)] == texts
 
 
+def _constrained_beside_free(llm: LLM, prompts: list[list[int]], texts: list[str]) -> None:
+    """Half the prompts held to a choice by the grammar's token bitmask (applied on rank 0, the one that
+    samples), in one batch with the other half, whose greedy texts stay what they are alone."""
+    half = len(prompts) // 2
+    constrained = SamplingParams(
+        temperature=0, max_tokens=NEW_TOKENS, structured_output=StructuredOutput("choice", CHOICES)
+    )
+    free = SamplingParams(temperature=0, max_tokens=NEW_TOKENS)
+    outs = llm.generate(prompts, [constrained] * half + [free] * (len(prompts) - half), use_tqdm=False)
+    assert all(o.outputs[0].text in CHOICES for o in outs[:half]), [o.outputs[0].text for o in outs]
+    assert [o.outputs[0].text for o in outs[half:]] == texts[half:]
+
+
 @pytest.mark.slow  # starts 1 or 3 worker processes
-@pytest.mark.parametrize("size", [2, 4])
-def test_a_small_llama_over_2_and_4_ranks_matches_hf_through_llm_and_serve(size, tiny_dir, tokenizer):
+@pytest.mark.parametrize("size, overlap", [(2, False), (4, True)])
+def test_a_small_llama_over_2_and_4_ranks_matches_hf_through_llm_and_serve(
+    size, overlap, tiny_dir, tokenizer
+):
+    """At 4 ranks with overlap scheduling (the GPU default): tokens still on rank 0's device reach the
+    other ranks by a broadcast, and a constrained step resolves the step in flight first."""
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
     prompts = _prompts(tokenizer, 4)
-    llm = LLM(model=str(tiny_dir), device="cpu", tensor_parallel_size=size, kv_cache_max_tokens=4096)
+    llm = LLM(
+        model=str(tiny_dir),
+        device="cpu",
+        tensor_parallel_size=size,
+        kv_cache_max_tokens=4096,
+        disable_overlap_scheduler=not overlap,
+    )
     try:
         texts = _agrees_with_hf(llm, hf_model, prompts, tokenizer.eos_token_id)
+        _constrained_beside_free(llm, prompts, texts)
         _served_agree(llm, prompts, texts)
         weight_bytes = llm.stats()["weight_bytes"]
     finally:
@@ -328,6 +356,38 @@ def test_the_bundled_model_over_3_ranks_matches_hf_through_llm_and_serve(hf_mode
         assert llm.stats()["weight_bytes"] == (whole - norms) // 3 + norms
     finally:
         llm.shutdown()
+
+
+@pytest.mark.slow  # starts a worker process for each method
+@pytest.mark.parametrize("method", list(SPECULATION))
+def test_speculation_over_2_ranks_agrees_with_one_process(method, tmp_path):
+    """Verify steps under tensor parallelism: n-gram drafts travel in the step's values, a draft model's
+    (run whole on rank 0) reach the other rank by the input-id broadcast, and rank 0 alone verifies."""
+    target = save_llama(tmp_path / "target", seed=4, std=0.1)
+    prompts = copy_heavy_prompts(4)
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=TOP_LOGPROBS)
+    plain = LLM(target, device="cpu", kv_cache_max_tokens=4096)
+    try:
+        reference = [GreedyRun.of(o.outputs[0]) for o in plain.generate(prompts, params, use_tqdm=False)]
+    finally:
+        plain.shutdown()
+    llm = LLM(
+        target,
+        device="cpu",
+        tensor_parallel_size=2,
+        kv_cache_max_tokens=4096,
+        speculative_disable_by_acceptance_rate=0,
+        **spec_options(method, {"target": target}),
+    )
+    try:
+        alone = llm.generate(prompts[:1], params, use_tqdm=False)[0].outputs[0]
+        batched = llm.generate(prompts, params, use_tqdm=False)
+        stats = llm.stats()
+    finally:
+        llm.shutdown()
+    assert_all_agree([GreedyRun.of(alone)], reference[:1], what="alone vs one process")
+    assert_all_agree([GreedyRun.of(o.outputs[0]) for o in batched], reference, what="batched vs one process")
+    assert stats["speculative_verify_steps"] > 0 and stats["speculative_accepted_tokens"] > 0
 
 
 @pytest.mark.slow  # starts a worker process
