@@ -91,16 +91,19 @@ def _generate(args) -> int:
     from tensorjet.llm import LLM
 
     llm = LLM(**engine_options(args))
-    params = _sampling_params(args)
-    prompts = args.prompts
-    if args.chat_template:
-        prompts = [llm.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
-    if len(prompts) == 1:
-        asyncio.run(_stream(llm, prompts[0], params))
+    try:  # shut down: tensor-parallel workers stop and leave their process group
+        params = _sampling_params(args)
+        prompts = args.prompts
+        if args.chat_template:
+            prompts = [llm.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+        if len(prompts) == 1:
+            asyncio.run(_stream(llm, prompts[0], params))
+            return 0
+        for out in llm.generate(prompts, params, use_tqdm=True):
+            print(f"=== {out.prompt if out.prompt is not None else '(chat)'}\n{out.outputs[0].text}\n")
         return 0
-    for out in llm.generate(prompts, params, use_tqdm=True):
-        print(f"=== {out.prompt if out.prompt is not None else '(chat)'}\n{out.outputs[0].text}\n")
-    return 0
+    finally:
+        llm.shutdown()
 
 
 async def _stream(llm, prompt, params) -> str:
@@ -119,22 +122,25 @@ def _chat(args) -> int:
     from tensorjet.llm import LLM
 
     llm = LLM(**engine_options(args))
-    params = _sampling_params(args)
-    messages: list[dict[str, str]] = []
-    if args.system:
-        messages.append({"role": "system", "content": args.system})
-    print("tensorjet chat: type a message, an empty line or Ctrl-D to quit.", file=sys.stderr)
-    while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            break
-        if not line.strip():
-            break
-        messages.append({"role": "user", "content": line})
-        reply = asyncio.run(_stream(llm, llm.apply_chat_template(messages), params))
-        messages.append({"role": "assistant", "content": reply})
-    return 0
+    try:
+        params = _sampling_params(args)
+        messages: list[dict[str, str]] = []
+        if args.system:
+            messages.append({"role": "system", "content": args.system})
+        print("tensorjet chat: type a message, an empty line or Ctrl-D to quit.", file=sys.stderr)
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                break
+            if not line.strip():
+                break
+            messages.append({"role": "user", "content": line})
+            reply = asyncio.run(_stream(llm, llm.apply_chat_template(messages), params))
+            messages.append({"role": "assistant", "content": reply})
+        return 0
+    finally:
+        llm.shutdown()
 
 
 if __name__ == "__main__":

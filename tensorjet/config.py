@@ -313,13 +313,16 @@ class RuntimeConfig(_Part):
 class ParallelConfig(_Part):
     """How many devices share the model."""
 
-    tensor_parallel_size: int = option(1, "GPUs the weights are split over; only 1 is available yet")
+    tensor_parallel_size: int = option(
+        1,
+        "devices the weights are split over (Megatron-style: attention heads, MLP rows, vocabulary), one "
+        "process each: rank 0 runs the engine and starts the others (NCCL on GPUs, gloo on CPUs), or "
+        "`torchrun` starts all of them (`WORLD_SIZE` must equal it); must divide the attention heads",
+    )
 
     def validate(self) -> None:
         if self.tensor_parallel_size < 1:
             raise _fail("tensor_parallel_size", self.tensor_parallel_size, "must be >= 1")
-        if self.tensor_parallel_size > 1:
-            raise not_available("tensor parallelism", f"tensor_parallel_size={self.tensor_parallel_size}")
 
 
 @dataclass
@@ -406,6 +409,22 @@ class EngineConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+
+    def __post_init__(self) -> None:
+        size = self.parallel.tensor_parallel_size
+        if size > 1 and self.runtime.batch_invariant:
+            # The all-reduce's summation order follows the tensor's size, so rows would depend on the batch.
+            raise not_available(
+                "batch-invariant mode with tensor parallelism",
+                f"batch_invariant=True, tensor_parallel_size={size}",
+            )
+        if size > 1 and self.runtime.device.startswith("cuda:"):
+            raise _fail(
+                "device",
+                self.runtime.device,
+                f"names one GPU; with tensor_parallel_size={size} use 'cuda' or 'auto' (rank r takes GPU r "
+                "of CUDA_VISIBLE_DEVICES)",
+            )
 
     @classmethod
     def from_options(cls, **options: Any) -> EngineConfig:

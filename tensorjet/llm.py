@@ -11,9 +11,10 @@ from typing import Any
 from tqdm import tqdm
 
 from tensorjet.config import EngineConfig
-from tensorjet.engine.engine_loop import EngineLoop
+from tensorjet.engine.engine_loop import EngineDeadError, EngineLoop
 from tensorjet.engine.llm_engine import LLMEngine
 from tensorjet.outputs import RequestOutput
+from tensorjet.runtime.parallel import run_torchrun_worker, torchrun_rank
 from tensorjet.sampling_params import SamplingParams
 
 Prompt = str | list[int]
@@ -55,9 +56,16 @@ class LLM:
         speculative_disable_by_acceptance_rate: float = 0.1,
     ) -> None:
         """One keyword argument per engine option, as tensorjet.config declares them (names, order and
-        defaults are tested to match); each is described in the README's options table."""
+        defaults are tested to match); each is described in the README's options table.
+
+        In a process that torchrun started as a rank other than 0 (RANK > 0), the engine lives in rank 0:
+        this process runs its share of the model for rank 0's steps, and exits (SystemExit) when rank 0
+        shuts down, so one script or command serves on every rank."""
         options = {name: value for name, value in locals().items() if name != "self"}  # the arguments
         self.config = EngineConfig.from_options(**options)
+        launched = torchrun_rank()
+        if launched is not None and launched.rank > 0:
+            raise SystemExit(run_torchrun_worker(self.config, launched))
         self.engine = LLMEngine(self.config)
         self.loop = EngineLoop(self.engine)
         self._request_ids = itertools.count()
@@ -65,6 +73,11 @@ class LLM:
     @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    @property
+    def failure(self) -> EngineDeadError | None:
+        """Why the engine can run no more requests (a tensor-parallel rank is gone); None while it can."""
+        return self.loop.failure
 
     def generate(
         self,
@@ -161,6 +174,7 @@ class LLM:
 
     def shutdown(self) -> None:
         self.loop.shutdown()
+        self.engine.shutdown()
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

@@ -119,9 +119,9 @@ def test_flags_show_the_option_help_and_default():
 def test_an_unbuilt_feature_on_the_command_line_is_a_clean_error(command, capsys):
     from tensorjet.cli import main
 
-    assert main([command, *required_args(command), "--tensor-parallel-size", "2", "--device", "cpu"]) == 2
+    assert main([command, *required_args(command), "--dtype", "int8", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert "tensor_parallel_size=2" in err and "not available" in err and "Traceback" not in err
+    assert "dtype='int8'" in err and "not available" in err and "Traceback" not in err
 
 
 # ---- validation --------------------------------------------------------------------------------------
@@ -190,7 +190,10 @@ def test_an_int_is_a_valid_float():
     "option, named",
     [
         ({"dtype": "int8"}, "dtype='int8'"),
-        ({"tensor_parallel_size": 2}, "tensor_parallel_size=2"),
+        (
+            {"batch_invariant": True, "tensor_parallel_size": 2},
+            "batch_invariant=True, tensor_parallel_size=2",
+        ),
     ],
 )
 def test_options_of_unbuilt_features_are_refused_by_name(option, named):

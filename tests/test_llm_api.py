@@ -239,7 +239,7 @@ def test_unknown_model_path_is_a_value_error(tmp_path):
     [
         {"quantization": "gptq"},
         {"dtype": "int4_awq", "quantization": "awq"},
-        {"tensor_parallel_size": 2},
+        {"tensor_parallel_size": 2, "batch_invariant": True},
     ],
 )
 def test_later_features_raise_a_clear_error(option):

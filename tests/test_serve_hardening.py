@@ -1,7 +1,8 @@
 """The server against hostile but realistic clients, on a tiny random-weight model (it serves in
 milliseconds): nothing a request multiplies is unbounded, lax or non-finite input is a 400 naming the
-field, a 500 shows only an id, the tokenizer runs off the event loop, the API key, Host check, body
-limit and docs switch, and a SIGTERM that drains or cancels in bounded time."""
+field, a 500 shows only an id (a dead engine: a 503 saying why), the tokenizer runs off the event loop,
+the API key, Host check, body limit and docs switch, and a SIGTERM that drains or cancels in bounded
+time."""
 
 import asyncio
 import json
@@ -28,6 +29,7 @@ from schemathesis.specs.openapi.checks import (
 from serving import make_tiny_chat_model, running_server
 
 from tensorjet import LLM
+from tensorjet.engine.engine_loop import EngineDeadError
 from tensorjet.serve.app import build_app
 from tensorjet.serve.cli import build_parser, resolve_args, server_options
 from tensorjet.serve.options import API_KEY_ENV, DEFAULT_MAX_N, ServerOptions
@@ -209,6 +211,29 @@ def test_an_engine_failure_shows_a_request_id_and_is_logged_once(url, tiny_llm, 
     assert len([rec for rec in caplog.records if rec.exc_info]) == 2  # the engine loop's, one per failure
     monkeypatch.undo()
     assert post(url, "/v1/completions", {"prompt": "x", "max_tokens": 1}).status_code == 200
+
+
+def test_an_engine_that_can_run_no_request_answers_503_saying_why(long_context_model):
+    """What a tensor-parallel engine whose worker died does (`EngineLoop.fail`, from its watchdog): the
+    running stream ends with a 503 event, /health and new requests answer 503, each with the reason."""
+    llm = LLM(long_context_model, load_format="dummy", device="cpu", kv_cache_max_tokens=8192)
+    try:
+        with running_server(build_app(llm)) as base:
+            assert httpx.get(f"{base}/health").status_code == 200
+            body = {"prompt": "x", "max_tokens": 8000, "ignore_eos": True, "stream": True}
+            with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=30) as events:
+                lines = events.iter_lines()
+                assert next(line for line in lines if line.startswith("data:"))  # generating
+                llm.loop.fail(EngineDeadError("the engine stopped: worker 1 is gone"))
+                rest = [line for line in lines if line.startswith("data:")]
+            assert rest[-1] == "data: [DONE]"
+            event = json.loads(rest[-2].removeprefix("data: "))["error"]
+            assert event["type"] == "service_unavailable" and "worker 1 is gone" in event["message"]
+            assert "worker 1 is gone" in assert_error(httpx.get(f"{base}/health"), 503)["message"]
+            r = post(base, "/v1/completions", {"prompt": "x", "max_tokens": 1})
+            assert "worker 1 is gone" in assert_error(r, 503)["message"]
+    finally:
+        llm.shutdown()
 
 
 # ---- 3. the event loop never waits for the tokenizer -----------------------------------------------------

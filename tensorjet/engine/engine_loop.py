@@ -4,6 +4,10 @@ requests and receive outputs through callbacks.
 Callers never wait for a step: `submit` validates the request on the caller's thread (raising
 ValueError at once for bad input) and hands it over through a queue that the engine thread drains
 before every step. Callbacks run on the engine thread and must only hand the output over.
+
+A tensor-parallel engine whose other ranks are gone cannot step again: the loop then fails for good
+(`fail`, `failure`): every pending request ends with an `EngineDeadError`, and so does every later
+submission. A worker watchdog may call `fail` while the engine thread is stuck in a collective.
 """
 
 from __future__ import annotations
@@ -21,6 +25,10 @@ from tensorjet.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 OutputCallback = Callable[[RequestOutput | BaseException], None]
+
+
+class EngineDeadError(RuntimeError):
+    """The engine cannot run steps any more (a tensor-parallel rank is gone); no request can finish."""
 
 
 class EngineLoop:
@@ -41,6 +49,8 @@ class EngineLoop:
         self._callbacks: dict[str, OutputCallback] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.failure: EngineDeadError | None = None  # set once the engine can no longer step
+        engine.watch_workers(lambda reason: self.fail(EngineDeadError(f"the engine stopped: {reason}")))
 
     def submit(
         self,
@@ -63,9 +73,14 @@ class EngineLoop:
         """Queue several requests as one message, so the engine adds them all before its next step:
         an offline batch is scheduled the same way every run, not split by how fast it was submitted.
         Raises ValueError for bad input, with none of them queued."""
+        if self.failure is not None:
+            raise EngineDeadError(str(self.failure))
         for _, prompt, params in requests:
             self.engine.check_prompt(prompt, params)
         self._inbox.put(("add", [(*request, on_output, stream) for request in requests]))
+        if self.failure is not None:  # failed meanwhile: nobody may drain the inbox any more
+            self._fail_pending(self.failure)
+            return
         self._start()
         self._wake.set()
 
@@ -103,21 +118,51 @@ class EngineLoop:
                     continue
                 self._callbacks[request_id] = callback
 
+    def fail(self, error: EngineDeadError) -> None:
+        """Stop for good: every pending request and every later submission gets `error`. Any thread may
+        call it; it never touches the engine (whose thread may be stuck in a collective)."""
+        if self.failure is not None:
+            return
+        self.failure = error
+        self._fail_pending(error)
+        self._wake.set()
+
+    def _fail_pending(self, error: EngineDeadError) -> None:
+        while True:  # requests submitted but not yet taken in by the engine thread
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if message[0] == "add":
+                for *_, callback, _stream in message[1]:
+                    callback(error)
+        for request_id in list(self._callbacks):
+            callback = self._callbacks.pop(request_id, None)
+            if callback is not None:
+                callback(error)
+
     def _run(self) -> None:
-        while not self._stopping:
+        while not self._stopping and self.failure is None:
             self._wake.wait()
             self._wake.clear()
             self._drain_inbox()
-            while self.engine.has_unfinished_requests() and not self._stopping:
+            while self.engine.has_unfinished_requests() and not self._stopping and self.failure is None:
                 try:
                     outputs = self.engine.step()
                 except Exception as error:  # never leave callers waiting on a dead loop
                     logger.exception("engine step failed; failing all in-flight requests")
+                    if self.engine.config.parallel.tensor_parallel_size > 1:
+                        # The ranks may now disagree on which collectives ran: no step can follow.
+                        reason = self.engine.worker_failure() or f"a tensor-parallel step failed: {error}"
+                        self.fail(EngineDeadError(f"the engine stopped: {reason}"))
+                        break
                     self._fail_all(error)
                     break
                 for out in outputs:
                     self._deliver(out)
                 self._drain_inbox()
+        if self.failure is not None:  # what this thread took in while the failure was reported
+            self._fail_pending(self.failure)
 
     def _deliver(self, out: RequestOutput) -> None:
         callback = self._callbacks.get(out.request_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import repeat
@@ -21,7 +22,7 @@ from tensorjet.engine.structured_output import GrammarCompiler, StepBitmask
 from tensorjet.models.llama import max_positions_of
 from tensorjet.models.loader import ModelSource, load_tokenizer, resolve_model
 from tensorjet.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprobs
-from tensorjet.runtime.model_runner import ModelRunner
+from tensorjet.runtime.parallel import start_model_runner
 from tensorjet.runtime.sampler import SamplingRow, TokenBitmask
 from tensorjet.runtime.step import PromptLogprobsRequest, StepBatch, StepHandle, StepSequence
 from tensorjet.sampling_params import SamplingParams
@@ -86,13 +87,18 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(self.source)
         self.eos_token_ids = self._eos_token_ids()
         self.max_seq_len = config.load.resolve_max_seq_len(max_positions_of(self.source.hf_config))
-        self.runner = ModelRunner(config, self.source, self.max_seq_len)
-        self.speculator = build_speculator(config, self.source, self.tokenizer, self.max_seq_len)
-        # A draft model's cache shares the target's block tables: one pool of blocks sized for both.
-        runners = [self.runner, *(self.speculator.runners if self.speculator else [])]
-        num_blocks = self.runner.kv_cache_blocks(sum(r.kv_bytes_per_block for r in runners))
-        for runner in runners:
-            runner.start(num_blocks)
+        # Tensor parallelism: the other ranks start here too, and load their shares with this one.
+        self.runner = start_model_runner(config, self.source, self.max_seq_len)
+        try:
+            self.speculator = build_speculator(config, self.source, self.tokenizer, self.max_seq_len)
+            # A draft model's cache shares the target's block tables: one pool of blocks sized for both.
+            runners = [self.runner, *(self.speculator.runners if self.speculator else [])]
+            num_blocks = self.runner.kv_cache_blocks(sum(r.kv_bytes_per_block for r in runners))
+            for runner in runners:
+                runner.start(num_blocks)
+        except BaseException:
+            self.runner.shutdown()  # no tensor-parallel worker is left waiting for this engine
+            raise
         self.overlap = config.overlap_scheduling
         self._in_flight: LaunchedStep | None = None  # overlap: the launched step whose tokens are pending
         self.block_manager = BlockManager(
@@ -517,6 +523,20 @@ class LLMEngine:
             metrics,
             prompt_logprobs=list(first.prompt_logprobs) if first.wants_prompt_logprobs else None,
         )
+
+    # ---- tensor parallelism --------------------------------------------------------------------
+    def watch_workers(self, on_failure: Callable[[str], None]) -> None:
+        """Tensor parallelism: `on_failure(reason)`, once, from a watchdog thread, when another rank's
+        process is gone (the engine cannot step any more)."""
+        self.runner.watch_workers(on_failure)
+
+    def worker_failure(self) -> str | None:
+        """Why another tensor-parallel rank's process is gone, or None."""
+        return self.runner.worker_failure()
+
+    def shutdown(self) -> None:
+        """Stop the other tensor-parallel ranks (nothing to do in one process)."""
+        self.runner.shutdown()
 
     # ---- introspection -----------------------------------------------------------------------
     def stats(self) -> dict:

@@ -9,6 +9,11 @@ methods; the model code does not change with the format.
 Which kernels a method runs is chosen once at start-up (`tensorjet.runtime.kernel_selection`) and kept
 on the method (`LinearKernels` for the unquantized one). Merged layers (q|k|v, gate|up) keep one weight;
 each checkpoint shard loads into its rows through the parameter's `weight_loader`.
+
+Tensor parallelism is a loading rule here too: a `ColumnParallel` layer holds its rank's output rows, a
+`RowParallel` one its input columns (and sums the partial products over the ranks). A method creates
+parameters of the rank's shape (`output_sizes`, `input_size`) and its loaders cut each checkpoint tensor
+to the rank's part (`Linear.narrow_to_rank`), so every format shards the same way.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tensorjet.distributed import SINGLE, Slice, TensorParallel, split
 from tensorjet.layers.norm import RMSNorm
 from tensorjet.layers.weight_loader import copy_checked, set_weight_loader
 
@@ -174,8 +180,30 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
+@dataclass(frozen=True)
+class ColumnParallel:
+    """Output rows split over the ranks (q|k|v, gate|up, the LM head): each rank computes its rows from
+    the whole input, and its output stays split (the next layer takes it as it is)."""
+
+    tp: TensorParallel
+    unit: int = 1  # rows that stay on one rank: a head's head_dim rows
+    replicate: bool = False  # fewer units than ranks: each on size / units ranks (key and value heads)
+    pad: bool = False  # rows the ranks do not divide: the last slices zero-padded (a vocabulary)
+
+
+@dataclass(frozen=True)
+class RowParallel:
+    """Input columns split over the ranks (o, down): each rank multiplies its slice of the input and the
+    partial products are summed over the ranks (one all-reduce); a bias is added once, by rank 0."""
+
+    tp: TensorParallel
+
+
 class Linear(nn.Module):
-    """y = x W^T (+ b), W made of `output_sizes` row blocks that load from separate checkpoint tensors."""
+    """y = x W^T (+ b), W made of `output_sizes` row blocks that load from separate checkpoint tensors.
+
+    Under tensor parallelism (`parallel`) `output_sizes` and `input_size` are this rank's part of
+    `full_output_sizes` and `full_input_size`."""
 
     def __init__(
         self,
@@ -184,10 +212,26 @@ class Linear(nn.Module):
         bias: bool = False,
         dtype: torch.dtype = torch.float32,
         method: LinearMethod | None = None,
+        parallel: ColumnParallel | RowParallel | None = None,
     ) -> None:
         super().__init__()
-        self.input_size = input_size
-        self.output_sizes = [output_sizes] if isinstance(output_sizes, int) else list(output_sizes)
+        self.full_input_size = input_size
+        self.full_output_sizes = [output_sizes] if isinstance(output_sizes, int) else list(output_sizes)
+        self.parallel = parallel
+        self.tp = SINGLE if parallel is None else parallel.tp
+        self.output_slices = [Slice(0, n, n) for n in self.full_output_sizes]
+        self.input_slice = Slice(0, input_size, input_size)
+        if isinstance(parallel, ColumnParallel):
+            self.output_slices = [
+                split(n, self.tp, "output rows", parallel.unit, parallel.replicate, parallel.pad)
+                for n in self.full_output_sizes
+            ]
+        elif isinstance(parallel, RowParallel):
+            self.input_slice = split(input_size, self.tp, "input columns")
+        self.output_sizes = [part.size for part in self.output_slices]
+        self.input_size = self.input_slice.size
+        # Row-parallel over several ranks: each product is a partial sum, completed by an all-reduce.
+        self.reduce_results = isinstance(parallel, RowParallel) and self.tp.size > 1
         self.has_bias = bias
         self.bias = None
         self.method = method if method is not None else UnquantizedLinearMethod()
@@ -200,13 +244,62 @@ class Linear(nn.Module):
         start = sum(self.output_sizes[:shard_id])
         return slice(start, start + self.output_sizes[shard_id])
 
+    def full_rows(self, shard_id: int | None) -> int:
+        """How many rows the checkpoint tensor of shard `shard_id` (None: the whole layer) has."""
+        return sum(self.full_output_sizes) if shard_id is None else self.full_output_sizes[shard_id]
+
+    def narrow_to_rank(
+        self,
+        tensor: torch.Tensor,
+        shard_id: int | None,
+        output_dim: int | None = 0,
+        input_dim: int | None = 1,
+        output_pack: int = 1,
+        input_pack: int = 1,
+    ) -> torch.Tensor:
+        """This rank's part of a checkpoint tensor of shard `shard_id` (None: a whole parameter): its
+        output rows along `output_dim` (column-parallel) or its input columns along `input_dim`
+        (row-parallel); None: the tensor has no such dimension (it is the same on every rank). `*_pack`
+        is how many rows (columns) one entry along that dimension covers: 8 for 4-bit codes packed in
+        int32 words, group_size for per-group scales. The tensor as it is without tensor parallelism;
+        a ValueError where that dimension is not the layer's full size or the rank's part does not
+        fall on whole entries."""
+        if self.tp.size == 1 or self.parallel is None:
+            return tensor
+        if isinstance(self.parallel, ColumnParallel):
+            if shard_id is None and len(self.output_slices) > 1:
+                raise ValueError("is a whole merged parameter; tensor parallelism loads it shard by shard")
+            block = 0 if shard_id is None else shard_id
+            dim, pack, part, full = (
+                output_dim,
+                output_pack,
+                self.output_slices[block],
+                self.full_output_sizes[block],
+            )
+        else:
+            dim, pack, part, full = input_dim, input_pack, self.input_slice, self.full_input_size
+        if dim is None:
+            return tensor
+        return _narrow(tensor, dim, part, full, pack, self.tp.size)
+
     def weight_loader(self, param: nn.Parameter, tensor: torch.Tensor, shard_id: int | None) -> None:
-        """Load a parameter whose rows are this layer's outputs: shard `shard_id` of a merged layer into
-        its row block, or (None) the whole parameter."""
-        copy_checked(param.data[self.shard_rows(shard_id)], tensor)
+        """Load a parameter whose rows are this layer's outputs (and columns, if any, its inputs): shard
+        `shard_id` of a merged layer into its row block, or (None) the whole parameter; this rank's part
+        of it under tensor parallelism. A row-parallel bias loads on rank 0 only (the all-reduce adds it
+        once); the other ranks keep zeros."""
+        target = param.data[self.shard_rows(shard_id)]
+        if tensor.dim() == 1 and self.reduce_results and not self.tp.is_first:
+            if target.shape != tensor.shape:
+                raise ValueError(f"has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
+            target.zero_()
+            return
+        copy_checked(target, self.narrow_to_rank(tensor, shard_id, input_dim=1 if tensor.dim() > 1 else None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.method.apply(self, x)
+        y = self.method.apply(self, x)
+        if self.reduce_results:
+            self.tp.all_reduce(y)
+        return y
 
     def forward_fused(
         self,
@@ -219,10 +312,31 @@ class Linear(nn.Module):
         """This layer's product for one row with the ops around it: `norm` applied to x first, the
         result added into `residual` in place (and returned), or `act` (SiLU-and-multiply of a
         [gate; up] layer) applied to it. Where the method fuses them (`apply_fused`) they run inside
-        its kernel; otherwise as separate ops around `forward`."""
-        if self.method.supports_fused:
+        its kernel; otherwise as separate ops around `forward` (always for a row-parallel layer over
+        several ranks: its partial product is summed over them before the residual add)."""
+        if self.method.supports_fused and not self.reduce_results:
             return self.method.apply_fused(self, x, norm=norm, residual=residual, silu_mul=act is not None)
         y = self(x if norm is None else norm(x))
         if act is not None:
             return act(y)
         return y if residual is None else residual.add_(y)
+
+
+def _narrow(tensor: torch.Tensor, dim: int, part: Slice, full: int, pack: int, ranks: int) -> torch.Tensor:
+    """`part` of a dimension of `full` rows (columns) held `pack` to an entry, zero-padded to its size."""
+    entries = -(-full // pack)
+    if tensor.shape[dim] != entries:
+        raise ValueError(
+            f"has shape {tuple(tensor.shape)}: its dimension {dim} should hold the full layer's {entries}"
+        )
+    if part.start % pack or part.size % pack or (part.valid % pack and part.start + part.valid != full):
+        raise ValueError(
+            f"cannot be split over {ranks} tensor-parallel ranks: a rank's {part.size} rows or columns from "
+            f"{part.start} are not whole entries of {pack}"
+        )
+    piece = tensor.narrow(dim, part.start // pack, -(-part.valid // pack))
+    if not part.padded:
+        return piece
+    shape = list(piece.shape)
+    shape[dim] = part.size // pack - shape[dim]
+    return torch.cat([piece, piece.new_zeros(shape)], dim=dim)

@@ -3,8 +3,8 @@
 A parameter may carry `weight_loader(param, tensor, shard_id)`, set by whatever created it (a
 `LinearMethod` for a linear layer's weights): it knows the parameter's layout, so it decides where a
 checkpoint tensor goes, e.g. the rows of one shard of a merged q|k|v weight. Parameters without
-one (norms, embeddings) take the checkpoint tensor whole (`default_weight_loader`). A loader is where
-a tensor-parallel layer will take its slice of the checkpoint tensor.
+one (norms) take the checkpoint tensor whole (`default_weight_loader`). A loader is where a
+tensor-parallel layer takes its rank's slice of the checkpoint tensor (`Linear.narrow_to_rank`).
 """
 
 from __future__ import annotations

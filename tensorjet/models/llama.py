@@ -2,6 +2,11 @@
 
 Input is one step's tokens flattened across sequences ([num_tokens]); attention metadata says which
 tokens belong to which sequence. Weights load from HF-named tensors into merged q|k|v and gate|up.
+
+Under tensor parallelism (`tp`) each rank holds its share of the attention heads (key/value heads
+replicated where the ranks outnumber them), of the MLP's intermediate rows and of the vocabulary:
+q|k|v and gate|up are column-parallel, o and down row-parallel (an all-reduce after each), the embedding
+and LM head split by vocabulary, with the logits gathered on rank 0.
 """
 
 from __future__ import annotations
@@ -12,9 +17,18 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from tensorjet.distributed import SINGLE, TensorParallel
 from tensorjet.layers.activation import SiluAndMul
 from tensorjet.layers.attention import Attention, AttentionMetadata
-from tensorjet.layers.linear import Linear, LinearMethodFactory, TiedLinearMethod, UnquantizedLinearMethod
+from tensorjet.layers.embedding import VocabParallelEmbedding
+from tensorjet.layers.linear import (
+    ColumnParallel,
+    Linear,
+    LinearMethodFactory,
+    RowParallel,
+    TiedLinearMethod,
+    UnquantizedLinearMethod,
+)
 from tensorjet.layers.norm import RMSNorm
 from tensorjet.layers.rotary import RotaryEmbedding
 from tensorjet.models.loader import load_packed_weights
@@ -30,6 +44,26 @@ def max_positions_of(config: PretrainedConfig) -> int:
     return int(getattr(config, "max_position_embeddings", 4096))
 
 
+def kv_heads_of(config: PretrainedConfig) -> int:
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+def check_tensor_parallel(config: PretrainedConfig, size: int) -> None:
+    """Raise ValueError unless `size` ranks can split the model: they must divide the attention heads
+    and the MLP's intermediate size, and divide the key/value heads or be a multiple of them (each then
+    held by several ranks). The vocabulary need not divide (the last rank's rows are padded)."""
+    heads, kv_heads = config.num_attention_heads, kv_heads_of(config)
+    rules = []
+    if heads % size:
+        rules.append(f"divide num_attention_heads ({heads})")
+    if kv_heads % size and size % kv_heads:
+        rules.append(f"divide num_key_value_heads ({kv_heads}) or be a multiple of it")
+    if config.intermediate_size % size:
+        rules.append(f"divide intermediate_size ({config.intermediate_size})")
+    if rules:
+        raise ValueError(f"option tensor_parallel_size={size} must {', and '.join(rules)} of this model")
+
+
 class LlamaAttention(nn.Module):
     def __init__(
         self,
@@ -37,13 +71,11 @@ class LlamaAttention(nn.Module):
         rotary: RotaryEmbedding,
         dtype: torch.dtype,
         linear_method: LinearMethodFactory,
+        tp: TensorParallel = SINGLE,
     ) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = head_dim_of(config)
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.q_size, self.kv_size = q_size, kv_size
+        q_size, kv_size = config.num_attention_heads * self.head_dim, kv_heads_of(config) * self.head_dim
         qkv_bias = config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
         self.qkv_proj = Linear(
             config.hidden_size,
@@ -51,6 +83,7 @@ class LlamaAttention(nn.Module):
             bias=qkv_bias,
             dtype=dtype,
             method=linear_method(),
+            parallel=ColumnParallel(tp, unit=self.head_dim, replicate=True),
         )
         self.o_proj = Linear(
             q_size,
@@ -58,7 +91,10 @@ class LlamaAttention(nn.Module):
             bias=bool(getattr(config, "attention_bias", False)),
             dtype=dtype,
             method=linear_method(),
+            parallel=RowParallel(tp),
         )
+        self.q_size, self.kv_size, _ = self.qkv_proj.output_sizes  # this rank's heads
+        self.num_heads, self.num_kv_heads = self.q_size // self.head_dim, self.kv_size // self.head_dim
         self.qk_norm = config.model_type == "qwen3"
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
@@ -81,15 +117,31 @@ class LlamaAttention(nn.Module):
 
 class LlamaMLP(nn.Module):
     def __init__(
-        self, config: PretrainedConfig, dtype: torch.dtype, linear_method: LinearMethodFactory
+        self,
+        config: PretrainedConfig,
+        dtype: torch.dtype,
+        linear_method: LinearMethodFactory,
+        tp: TensorParallel = SINGLE,
     ) -> None:
         super().__init__()
         inter = config.intermediate_size
         bias = bool(getattr(config, "mlp_bias", False))
         self.gate_up_proj = Linear(
-            config.hidden_size, [inter, inter], bias=bias, dtype=dtype, method=linear_method()
+            config.hidden_size,
+            [inter, inter],
+            bias=bias,
+            dtype=dtype,
+            method=linear_method(),
+            parallel=ColumnParallel(tp),
         )
-        self.down_proj = Linear(inter, config.hidden_size, bias=bias, dtype=dtype, method=linear_method())
+        self.down_proj = Linear(
+            inter,
+            config.hidden_size,
+            bias=bias,
+            dtype=dtype,
+            method=linear_method(),
+            parallel=RowParallel(tp),
+        )
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,10 +155,11 @@ class LlamaDecoderLayer(nn.Module):
         rotary: RotaryEmbedding,
         dtype: torch.dtype,
         linear_method: LinearMethodFactory,
+        tp: TensorParallel = SINGLE,
     ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, rotary, dtype, linear_method)
-        self.mlp = LlamaMLP(config, dtype, linear_method)
+        self.self_attn = LlamaAttention(config, rotary, dtype, linear_method, tp)
+        self.mlp = LlamaMLP(config, dtype, linear_method, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
@@ -172,23 +225,27 @@ class LlamaForCausalLM(nn.Module):
         dtype: torch.dtype = torch.float32,
         linear_method: LinearMethodFactory = UnquantizedLinearMethod,
         kv_cache_scales: bool = False,
+        tp: TensorParallel = SINGLE,
     ) -> None:
         """linear_method: the weight format of the decoder layers' projections; the LM head keeps the
         unquantized one (over the token embedding where the two are tied). kv_cache_scales: the
-        checkpoint has per-layer `k_scale`/`v_scale` tensors for an FP8 KV cache."""
+        checkpoint has per-layer `k_scale`/`v_scale` tensors for an FP8 KV cache. tp: this process's
+        rank among those the weights are split over (`check_tensor_parallel` says whether they can be)."""
         super().__init__()
         if config.model_type not in SUPPORTED_ARCHITECTURES:
             raise ValueError(
                 f"model_type {config.model_type!r} is not supported; tensorjet runs "
                 f"{', '.join(SUPPORTED_ARCHITECTURES)}"
             )
+        if tp.size > 1:
+            check_tensor_parallel(config, tp.size)
         self.config = config
+        self.tp = tp
         self.rotary = RotaryEmbedding(config, head_dim_of(config), max_positions_of(config))
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
-        self.embed_tokens.weight.requires_grad_(False)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype, tp)
         self.layers = nn.ModuleList(
             [
-                LlamaDecoderLayer(config, self.rotary, dtype, linear_method)
+                LlamaDecoderLayer(config, self.rotary, dtype, linear_method, tp)
                 for _ in range(config.num_hidden_layers)
             ]
         )
@@ -198,7 +255,13 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         head_method = TiedLinearMethod(self.embed_tokens.weight) if self.tie_word_embeddings else None
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype=dtype, method=head_method)
+        self.lm_head = Linear(
+            config.hidden_size,
+            config.vocab_size,
+            dtype=dtype,
+            method=head_method,
+            parallel=ColumnParallel(tp, pad=True),
+        )
         # One-token steps run `LlamaDecoderLayer.forward_fused`; set at start-up where it pays
         # (`tensorjet.runtime.kernel_selection`), and a benchmark may flip it to compare.
         self.fused_decode = False
@@ -228,10 +291,16 @@ class LlamaForCausalLM(nn.Module):
         x, _ = self.norm(x, residual)
         return x
 
-    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
         """fp32 logits; converted straight into `out` when given (a CUDA graph's static buffer: one pass
-        over the [rows, vocab] logits instead of a conversion and then a copy)."""
+        over the [rows, vocab] logits instead of a conversion and then a copy). Under tensor parallelism
+        each rank computes its slice of the vocabulary and rank 0 gathers them; the other ranks get None."""
         logits = self.lm_head(hidden)
+        if self.tp.size > 1:
+            logits = self.tp.gather_to_first(logits)
+            if logits is None:
+                return None
+            logits = logits[:, : self.config.vocab_size]
         return logits.float() if out is None else out.copy_(logits)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -224,8 +224,8 @@ def load_packed_weights(
             raise ValueError(f"checkpoint tensor {name!r} does not belong to a {model_type} model")
         try:
             weight_loader_of(param)(param, tensor, shard_id)
-        except ValueError as error:
-            raise ValueError(f"checkpoint tensor {name!r} {error}") from None
+        except ValueError as error:  # the same kind (FeatureNotAvailableError stays one), naming the tensor
+            raise type(error)(f"checkpoint tensor {name!r} {error}") from None
         loaded.add(name)
     missing = [n for n in _checkpoint_names(params, packed_modules_mapping) if n not in loaded]
     if missing:

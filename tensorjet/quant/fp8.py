@@ -5,7 +5,9 @@ Weights arrive either as the checkpoint's floats, quantized shard by shard as th
 is the FP8 model plus one tensor), or already E4M3 with their `weight_scale` (an FP8 checkpoint). A
 per-tensor checkpoint scale is expanded to its shard's rows, so every kernel sees per-channel scales and
 a merged q|k|v or gate|up layer keeps each shard's own scale exactly. Static input scales of a merged
-layer's shards (they see the same input) are merged by taking the largest, so no shard saturates.
+layer's shards (they see the same input) are merged by taking the largest, so no shard saturates. Under
+tensor parallelism each loader takes the rank's part first (`Linear.narrow_to_rank`): a float weight is
+quantized per channel over that part, and a row-parallel layer keeps its rows' whole scales.
 
 Numerics, shared by every kernel (`tensorjet.kernels.fp8_linear`):
     y = (E4M3(x / x_scale) @ E4M3 weight^T) * x_scale * weight_scale (+ bias), accumulated in fp32.
@@ -93,6 +95,7 @@ class Fp8LinearMethod(LinearMethod):
                     f"is {tensor.dtype}: online FP8 quantization takes float weights (an FP8 checkpoint "
                     "declares itself in config.json's quantization_config)"
                 )
+            tensor = layer.narrow_to_rank(tensor, shard_id)
             rows = layer.shard_rows(shard_id)
             expected = (rows.stop - rows.start, layer.input_size)
             if tuple(tensor.shape) != expected:
@@ -108,7 +111,7 @@ class Fp8LinearMethod(LinearMethod):
         def load(param: nn.Parameter, tensor: torch.Tensor, shard_id: int | None) -> None:
             if tensor.dtype != E4M3:
                 raise ValueError(f"is {tensor.dtype}, expected {E4M3} (the checkpoint's FP8 format)")
-            copy_checked(param.data[layer.shard_rows(shard_id)], tensor)
+            copy_checked(param.data[layer.shard_rows(shard_id)], layer.narrow_to_rank(tensor, shard_id))
 
         return load
 
@@ -116,14 +119,15 @@ class Fp8LinearMethod(LinearMethod):
     def _load_weight_scale(layer: Linear):
         def load(param: nn.Parameter, tensor: torch.Tensor, shard_id: int | None) -> None:
             rows = param.data[layer.shard_rows(shard_id)]
+            channels = layer.full_rows(shard_id)
             if tensor.numel() == 1:  # per-tensor: every row of the shard
                 rows.fill_(tensor.float().item())
-            elif tensor.numel() == rows.numel():  # per-channel: [rows] or [rows, 1]
-                rows.copy_(tensor.reshape(-1))
+            elif tensor.numel() == channels:  # per-channel: [rows] or [rows, 1]
+                rows.copy_(layer.narrow_to_rank(tensor.reshape(-1), shard_id, input_dim=None))
             else:
                 raise ValueError(
                     f"has shape {tuple(tensor.shape)}: a weight_scale is per tensor (1 value) or per "
-                    f"output channel ({rows.numel()} values)"
+                    f"output channel ({channels} values)"
                 )
 
         return load

@@ -5,10 +5,13 @@ One method for every checkpoint format (`Int4Scheme.checkpoint_format`): AutoAWQ
 (v1 and v2, act order included) and compressed-tensors `pack-quantized` (what llmcompressor writes).
 Each tensor is repacked as it loads into tensorjet's layout (`tensorjet.kernels.int4_linear.Int4Weight`:
 output rows first, so a merged q|k|v or gate|up layer loads each shard into its rows,
-`Linear.shard_rows`). While loading, the parameters carry the checkpoint's names (`qweight`, `scales`,
-`qzeros`, `g_idx`; compressed-tensors' `weight_packed`, `weight_scale`, `weight_zero_point`,
-`weight_g_idx`, `weight_shape`); once every tensor is in, `process_weights_after_loading` gives them
-the kernels' names (`qweight`, `scales`, `qzeros`, `perm`):
+`Linear.shard_rows`). Under tensor parallelism each loader first takes the rank's part of the checkpoint
+tensor (`Linear.narrow_to_rank`: output rows and whole packed words for a column-parallel layer, input
+columns and whole groups for a row-parallel one, whose g_idx then counts the rank's groups from 0).
+While loading, the parameters carry the checkpoint's names (`qweight`, `scales`, `qzeros`, `g_idx`;
+compressed-tensors' `weight_packed`, `weight_scale`, `weight_zero_point`, `weight_g_idx`,
+`weight_shape`); once every tensor is in, `process_weights_after_loading` gives them the kernels' names
+(`qweight`, `scales`, `qzeros`, `perm`):
 - act order (a g_idx that is not column // group_size): the stored columns are sorted by group, so
   each group is contiguous, and `perm` says which input column each multiplies; the layers of a merged
   module must share one order (they do: they read the same input, so GPTQ orders them alike);
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tensorjet.config import FeatureNotAvailableError
 from tensorjet.kernels.int4_linear import Int4Weight, int4_linear_reference
 from tensorjet.layers.linear import Linear, LinearKernel, LinearMethod, fused_options
 from tensorjet.layers.norm import RMSNorm
@@ -36,6 +40,7 @@ from tensorjet.quant import int4_packing as packing
 Int4Kernel = Callable[[torch.Tensor, Int4Weight, torch.Tensor | None], torch.Tensor]
 
 CHECKPOINT_FORMATS = ("awq", "gptq", "compressed-tensors")
+WORD = packing.CODES_PER_WORD  # 4-bit codes per int32 word
 
 
 @dataclass(frozen=True)
@@ -136,13 +141,15 @@ class Int4LinearMethod(LinearMethod):
             _require_int32(tensor)
             rows = layer.shard_rows(shard_id)
             n, k = rows.stop - rows.start, layer.input_size
-            if fmt == "compressed-tensors":
-                copy_checked(param.data[rows], tensor)
+            if fmt == "compressed-tensors":  # [N, K / 8]
+                copy_checked(param.data[rows], layer.narrow_to_rank(tensor, shard_id, input_pack=WORD))
                 return
-            if fmt == "awq":
+            if fmt == "awq":  # [K, N / 8]
+                tensor = layer.narrow_to_rank(tensor, shard_id, output_dim=1, input_dim=0, output_pack=WORD)
                 _require_shape(tensor, (k, n // packing.CODES_PER_WORD), "[K, N / 8]")
                 codes = packing.unpack_awq(tensor).T
-            else:
+            else:  # GPTQ: [K / 8, N]
+                tensor = layer.narrow_to_rank(tensor, shard_id, output_dim=1, input_dim=0, input_pack=WORD)
                 _require_shape(tensor, (k // packing.CODES_PER_WORD, n), "[K / 8, N]")
                 codes = packing.unpack_gptq_weight(tensor)
             param.data[rows] = packing.pack_int32(codes, 1).to(param.device)
@@ -151,10 +158,14 @@ class Int4LinearMethod(LinearMethod):
 
     def _load_scales(self, layer: Linear):
         transposed = self.scheme.checkpoint_format != "compressed-tensors"  # AWQ, GPTQ: [groups, N]
+        groups_dim = self._groups_dim(0 if transposed else 1)
 
         def load(param: nn.Parameter, tensor: torch.Tensor, shard_id: int | None) -> None:
             if not tensor.is_floating_point():
                 raise ValueError(f"is {tensor.dtype}: scales are floats")
+            tensor = layer.narrow_to_rank(
+                tensor, shard_id, int(transposed), groups_dim, input_pack=self.scheme.group_size
+            )
             target = param.data[layer.shard_rows(shard_id)]
             copy_checked(target, tensor.T if transposed else tensor)
 
@@ -162,9 +173,14 @@ class Int4LinearMethod(LinearMethod):
 
     def _load_zeros(self, layer: Linear):
         scheme = self.scheme
+        transposed = scheme.checkpoint_format != "compressed-tensors"  # AWQ, GPTQ: [groups, N / 8]
+        groups_dim = self._groups_dim(0 if transposed else 1)
 
         def load(param: nn.Parameter, tensor: torch.Tensor, shard_id: int | None) -> None:
             _require_int32(tensor)
+            tensor = layer.narrow_to_rank(
+                tensor, shard_id, int(transposed), groups_dim, output_pack=WORD, input_pack=scheme.group_size
+            )
             target = param.data[layer.shard_rows(shard_id)]
             n, groups = target.shape
             if scheme.checkpoint_format == "compressed-tensors":
@@ -181,11 +197,14 @@ class Int4LinearMethod(LinearMethod):
         return load
 
     def _load_g_idx(self, layer: Linear):
+        group = self.scheme.group_columns(layer.full_input_size)
+
         def load(param: nn.Parameter, tensor: torch.Tensor, shard_id: int | None) -> None:
             if tensor.dtype not in (torch.int32, torch.int64):
                 raise ValueError(f"is {tensor.dtype}: a g_idx holds integer group indices")
+            tensor = layer.narrow_to_rank(tensor, shard_id, output_dim=None, input_dim=0)
             _require_shape(tensor, tuple(param.shape), "[K]")
-            tensor = tensor.to(param.device, torch.int32)
+            tensor = _rank_group_indices(tensor.to(param.device, torch.int32), layer, group)
             if bool((param.data < 0).all()):  # the first shard
                 param.data.copy_(tensor)
             elif not torch.equal(param.data, tensor):
@@ -199,12 +218,17 @@ class Int4LinearMethod(LinearMethod):
     def _check_weight_shape(self, layer: Linear):
         def load(param: nn.Parameter, tensor: torch.Tensor, shard_id: int | None) -> None:
             rows = layer.shard_rows(shard_id)
-            expected = [rows.stop - rows.start, layer.input_size]
+            expected = [layer.full_rows(shard_id), layer.full_input_size]
             if tensor.tolist() != expected:
                 raise ValueError(f"is {tensor.tolist()}, expected {expected} (the layer's [N, K])")
             param.data[0 if shard_id is None else shard_id] = rows.stop - rows.start
 
         return load
+
+    def _groups_dim(self, dim: int) -> int | None:
+        """The dimension of per-group tensors that a row-parallel layer splits; None per channel (one
+        group of every input column: each rank keeps it whole)."""
+        return None if self.scheme.group_size == -1 else dim
 
     # ---- after loading ------------------------------------------------------------------------
 
@@ -302,6 +326,22 @@ class Int4LinearMethod(LinearMethod):
             bound = layer.input_size**-0.5
             layer.bias.data.uniform_(-bound, bound, generator=generator)
         self.process_weights_after_loading(layer)
+
+
+def _rank_group_indices(g_idx: torch.Tensor, layer: Linear, group: int) -> torch.Tensor:
+    """A row-parallel rank's g_idx (its input columns' groups) counted from its own first group. Act order
+    that sends a column to another rank's group cannot run split: that rank holds the group's scales."""
+    first = layer.input_slice.start // group
+    if first == 0 and layer.input_slice.size == layer.full_input_size:
+        return g_idx
+    groups = -(-layer.input_slice.size // group)
+    if bool(((g_idx < first) | (g_idx >= first + groups)).any()):
+        raise FeatureNotAvailableError(
+            f"INT4 act order (a g_idx that moves input columns across groups) in a row-parallel layer is "
+            f"not available in tensorjet yet with tensor_parallel_size={layer.tp.size}; use "
+            "tensor_parallel_size=1 or a checkpoint quantized without act order (desc_act=False)"
+        )
+    return g_idx - first
 
 
 def _pop(layer: Linear, name: str) -> torch.Tensor:

@@ -7,6 +7,11 @@ sequences that asked for one (several, for a sequence whose drafts it verified).
 It starts in two phases: the constructor loads the model; `start(num_blocks)` allocates the KV cache and
 captures the graphs. In between the engine sizes one pool of blocks for every runner that shares its
 block tables (a target and its draft model) with `kv_cache_blocks`.
+
+Under tensor parallelism (`parallel`) a runner runs in every rank's process with its rank's share of the
+weights and KV heads, and every rank goes through both phases together. Rank 0's `prepare` sends each
+step's values to the others (`StepChannel`), which run it with `run_worker_step`; only rank 0 samples. A
+draft model runs whole on rank 0, beside its share of the target.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import chain
 from typing import TYPE_CHECKING
@@ -21,6 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from tensorjet.config import EngineConfig
+from tensorjet.distributed import SINGLE
 from tensorjet.dtypes import is_fp8
 from tensorjet.layers.attention import AttentionMetadata, GraphAttentionBackend
 from tensorjet.layers.batch_invariant import RowwiseAttentionBackend
@@ -35,6 +42,8 @@ from tensorjet.runtime.step import DeviceDrafts, PendingPromptLogprobs, StepBatc
 
 if TYPE_CHECKING:
     from tensorjet.runtime.cuda_graph import DecodeGraphs, MixedStepGraphs, VerifyGraphs
+    from tensorjet.runtime.parallel import ParallelGroup
+    from tensorjet.runtime.step_channel import StepMessage
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +77,10 @@ OUT_OF_MEMORY_ADVICE = (
 )
 
 
+# Where the context lengths are among `prepare`'s value parts (a worker reads them on the host).
+_CONTEXT_LENS_PART = 4
+
+
 @contextlib.contextmanager
 def _explain_out_of_memory(stage: str):
     """Turn a start-up OOM into a message that says what to lower (the guide's "Common Issues")."""
@@ -79,12 +92,20 @@ def _explain_out_of_memory(stage: str):
 
 class ModelRunner:
     """draft: this runner is a draft model's; its steps keep the distributions they sample from, and its
-    graphs hold first steps of two rows per sequence (`VerifyGraphs`)."""
+    graphs hold first steps of two rows per sequence (`VerifyGraphs`). parallel: this rank's place among
+    the tensor-parallel ranks (None: the whole model in this process)."""
 
     def __init__(
-        self, config: EngineConfig, source: ModelSource, max_seq_len: int, draft: bool = False
+        self,
+        config: EngineConfig,
+        source: ModelSource,
+        max_seq_len: int,
+        parallel: ParallelGroup | None = None,
+        draft: bool = False,
     ) -> None:
         self.config = config
+        self.parallel = parallel  # this rank's place among the tensor-parallel ranks; None: one process
+        self.tp = SINGLE if parallel is None else parallel.tp
         self.device = config.torch_device
         self.dtype = config.torch_dtype
         self.kv_dtype = config.kv_cache_torch_dtype
@@ -92,7 +113,6 @@ class ModelRunner:
         self.max_seq_len = max_seq_len
         self.draft = draft
         hf_config = source.hf_config
-        self.num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
         self.head_dim = head_dim_of(hf_config)
         self.num_layers = hf_config.num_hidden_layers
         self.sampler = Sampler(config.runtime.seed)
@@ -106,6 +126,9 @@ class ModelRunner:
         self.num_blocks = 0
         with _explain_out_of_memory("loading the model weights"):
             self._load_model(source)
+        if parallel is not None:  # every rank has its weights: the device collectives start together
+            parallel.channel.barrier()
+        self.num_kv_heads = self.model.layers[0].self_attn.num_kv_heads  # this rank's (tensor parallelism)
         self.attention_backend = self._select_attention_backend()
 
     def start(self, num_blocks: int) -> None:
@@ -118,6 +141,8 @@ class ModelRunner:
                 self.decode_graphs = self._build_decode_graphs()
                 self.mixed_graphs = self._build_mixed_graphs()
                 self.verify_graphs = self._build_verify_graphs()
+        if self.parallel is not None:  # past the start-up collectives: a stop message reaches the workers now
+            self.parallel.starting = False
 
     @property
     def verify_rows_per_seq(self) -> int:
@@ -127,6 +152,24 @@ class ModelRunner:
             return 2
         k = self.config.speculative.num_tokens
         return k + 1 if k else 0
+
+    # ---- tensor parallelism: the other ranks ----------------------------------------------------
+    def watch_workers(self, on_failure: Callable[[str], None]) -> None:
+        """Call `on_failure(reason)` once, from a watchdog thread, if another rank's process goes away.
+        Nothing to watch in one process."""
+        if self.parallel is not None and self.parallel.workers is not None:
+            self.parallel.workers.watch(on_failure)
+
+    def worker_failure(self) -> str | None:
+        """Why another rank's process is gone, or None (all run, or there are none)."""
+        if self.parallel is None or self.parallel.workers is None:
+            return None
+        return self.parallel.workers.failure()
+
+    def shutdown(self) -> None:
+        """Stop the other ranks' processes and leave their process group (nothing in one process)."""
+        if self.parallel is not None:
+            self.parallel.shutdown()
 
     def _load_model(self, source: ModelSource) -> None:
         start = time.perf_counter()
@@ -139,6 +182,7 @@ class ModelRunner:
                 self.dtype,
                 linear_method=linear_method_for(self.config, self.quantization),
                 kv_cache_scales=self.quantization is not None and self.quantization.kv_cache_scales,
+                tp=self.tp,
             )
         if source.kind == "dummy" or self.config.load.load_format == "dummy":
             self.model.init_dummy_weights(self.config.runtime.seed)
@@ -258,8 +302,11 @@ class ModelRunner:
     def kv_cache_blocks(self, bytes_per_block: int | None = None) -> int:
         """How many blocks the KV budget holds at `bytes_per_block` (default: this runner's; the sum of
         every runner sharing the block tables). On CUDA the budget is measured from this runner's
-        profiling forward, so build every runner first."""
+        profiling forward, so build every runner first. Under tensor parallelism every rank calls it (rank
+        0 first tells the others to) and gets the fewest blocks any rank holds."""
         cache = self.config.cache
+        if self.parallel is not None and self.tp.is_first:
+            self.parallel.begin_start()
         with _explain_out_of_memory("sizing and allocating the KV cache"):
             if self.device.type == "cuda":
                 budget = self._free_gpu_bytes_after_profile() * cache.kv_cache_free_gpu_mem_fraction
@@ -268,6 +315,8 @@ class ModelRunner:
         num_blocks = int(budget // (bytes_per_block or self.kv_bytes_per_block))
         if cache.kv_cache_max_tokens is not None:
             num_blocks = min(num_blocks, cache.kv_cache_max_tokens // self.block_size)
+        if self.parallel is not None:  # one block table for all ranks: as many blocks as the fullest holds
+            num_blocks = self.parallel.channel.min_over_ranks(num_blocks)
         if num_blocks < 1:
             raise RuntimeError(
                 f"no GPU memory left for the KV cache after loading the model. {OUT_OF_MEMORY_ADVICE}"
@@ -369,7 +418,7 @@ class ModelRunner:
         tables: list[int] = []
         for s in batch.seqs:
             tables += s.block_table + [-1] * (max_blocks - len(s.block_table))
-        parts = (
+        parts = (  # in the order `_step_inputs` takes them apart
             input_ids,
             positions,
             slots,
@@ -384,7 +433,34 @@ class ModelRunner:
         # One copy for all of them; each part padded to 16 bytes so the kernels see aligned pointers
         # (Triton compiles a variant per pointer alignment).
         padded = [p + [0] * (len(p) % 2) for p in parts]
-        flat = to_device(list(chain.from_iterable(padded)), torch.long, self.device)
+        values = list(chain.from_iterable(padded))
+        lengths = [len(p) for p in parts]
+        if self.parallel is not None:  # the other ranks run the same step from the same values
+            self.parallel.channel.send_step(
+                query_lens, sampled_seq_ids, prompt_rows, max_blocks, lengths, values
+            )
+        flat = to_device(values, torch.long, self.device)
+        return self._step_inputs(
+            flat, lengths, query_lens, context_lens, max_blocks, prev, batch.drafts, sampled_seq_ids,
+            sampling_rows, num_drafts, prompt_rows, prompt_seqs,
+        )  # fmt: skip
+
+    def _step_inputs(
+        self,
+        flat: torch.Tensor,
+        lengths: list[int],
+        query_lens: list[int],
+        context_lens: list[int],
+        max_blocks: int,
+        prev: StepHandle | None,
+        drafts: DeviceDrafts | None,
+        sampled_seq_ids: list[int],
+        sampling_rows: list[SamplingRow],
+        num_drafts: list[int],
+        prompt_rows: list[int],
+        prompt_seqs: list[StepSequence],
+    ) -> StepInputs:
+        """The step's device tensors from `prepare`'s values (parts of `lengths`), on the device as `flat`."""
         (
             ids_t,
             pos_t,
@@ -396,17 +472,20 @@ class ModelRunner:
             draft_rows_t,
             entries_t,
             tables_t,
-        ) = (chunk[: len(p)] for chunk, p in zip(flat.split([len(p) for p in padded]), parts))
-        if fill_rows:
+        ) = (chunk[:n] for chunk, n in zip(flat.split([n + n % 2 for n in lengths]), lengths))
+        if prev is not None and fill_rows_t.numel():
             ids_t[fill_rows_t] = prev.sampled.tokens[fill_from_t]
-        if draft_entries:
-            ids_t[draft_rows_t] = batch.drafts.tokens[entries_t]
+        if drafts is not None and entries_t.numel():
+            ids_t[draft_rows_t] = drafts.tokens[entries_t]
+        if self.tp.size > 1 and (fill_rows_t.numel() or entries_t.numel()):
+            # Rank 0 sampled them (or its draft model did): its input ids are every rank's.
+            self.tp.broadcast_from_first(ids_t)
         meta = AttentionMetadata(
             query_lens=query_lens,
             context_lens=context_lens,
             slot_mapping=slots_t,
-            block_tables=tables_t.view(len(batch.seqs), max_blocks).to(torch.int32),
-            block_size=bs,
+            block_tables=tables_t.view(len(query_lens), max_blocks).to(torch.int32),
+            block_size=self.block_size,
             context_lens_tensor=ctx_t,
         )
         return StepInputs(
@@ -419,7 +498,7 @@ class ModelRunner:
             num_drafts=num_drafts,
             draft_rows=draft_rows_t,
             draft_entries=entries_t,
-            drafts=batch.drafts,
+            drafts=drafts,
             prompt_rows=prompt_rows,
             prompt_seqs=prompt_seqs,
         )
@@ -431,6 +510,34 @@ class ModelRunner:
         """Queue the step on the device and return at once; the sampled tokens stay on the device.
         copy_to_host=False: nobody reads them on the host (a draft model's steps), so no copy is queued."""
         inputs = self.prepare(batch, prev)
+        logits, prompt_logprobs = self._forward(inputs)
+        sampled = None
+        if logits is not None:
+            bitmask = None if batch.token_bitmask is None else batch.token_bitmask()
+            sampled = self._sample(logits, inputs, bitmask)
+            if copy_to_host:
+                sampled.start_copy()
+        return StepHandle(inputs.sampled_seq_ids, sampled, prompt_logprobs)
+
+    @torch.inference_mode()
+    def run_worker_step(self, message: StepMessage) -> None:
+        """Run rank 0's step on this rank (tensor parallelism): the same inputs, the same forward, no
+        sampling (so none of what only sampling reads: rows, drafts' distributions, prompt requests)."""
+        lengths = message.part_lengths
+        ctx_start = sum(n + n % 2 for n in lengths[:_CONTEXT_LENS_PART])
+        context_lens = message.values[ctx_start : ctx_start + lengths[_CONTEXT_LENS_PART]].tolist()
+        flat = message.values
+        if self.device.type == "cuda":
+            flat = flat.pin_memory().to(self.device, non_blocking=True)
+        inputs = self._step_inputs(
+            flat, lengths, message.query_lens, context_lens, message.max_blocks, None, None,
+            message.sampled_seq_ids, [], [], message.prompt_rows, [],
+        )  # fmt: skip
+        self._forward(inputs)
+
+    def _forward(self, inputs: StepInputs) -> tuple[torch.Tensor | None, PendingPromptLogprobs | None]:
+        """The step's logits of its sampled rows (None where it samples none, or on a rank other than
+        0), and its prompt logprobs."""
         prompt_logprobs = None
         if self._use_decode_graph(inputs):
             self.num_graph_steps += 1
@@ -450,15 +557,9 @@ class ModelRunner:
             if inputs.prompt_rows:
                 prompt_logprobs = self._prompt_logprobs(hidden, inputs)
             logits = None
-            if inputs.sampling_rows:
+            if inputs.sampled_seq_ids:
                 logits = self.model.compute_logits(hidden[inputs.logits_indices])
-        sampled = None
-        if logits is not None:
-            bitmask = None if batch.token_bitmask is None else batch.token_bitmask()
-            sampled = self._sample(logits, inputs, bitmask)
-            if copy_to_host:
-                sampled.start_copy()
-        return StepHandle(inputs.sampled_seq_ids, sampled, prompt_logprobs)
+        return logits, prompt_logprobs
 
     def _sample(
         self, logits: torch.Tensor, inputs: StepInputs, bitmask: TokenBitmask | None = None
@@ -486,7 +587,7 @@ class ModelRunner:
     def _use_verify_graph(self, inputs: StepInputs) -> bool:
         return (
             self.verify_graphs is not None
-            and bool(inputs.sampling_rows)
+            and bool(inputs.sampled_seq_ids)
             and not inputs.prompt_rows
             and self.verify_graphs.fits(inputs.meta.query_lens)
         )
@@ -494,16 +595,19 @@ class ModelRunner:
     def _use_mixed_graph(self, inputs: StepInputs) -> bool:
         return (
             self.mixed_graphs is not None
-            and bool(inputs.sampling_rows)  # one that samples nothing (only early prompt chunks) runs eagerly
+            and bool(inputs.sampled_seq_ids)  # one sampling nothing (early prompt chunks only) runs eagerly
             and not inputs.prompt_rows
             and self.mixed_graphs.fits(inputs.meta.query_lens, inputs.logits_indices.shape[0])
         )
 
-    def _prompt_logprobs(self, hidden: torch.Tensor, inputs: StepInputs) -> PendingPromptLogprobs:
+    def _prompt_logprobs(self, hidden: torch.Tensor, inputs: StepInputs) -> PendingPromptLogprobs | None:
         """Logprobs of the prompt tokens that the step's rows predict; they stay on the device."""
         requests = [seq.prompt_logprobs for seq in inputs.prompt_seqs]
         rows = torch.tensor(inputs.prompt_rows, device=self.device)
-        logprobs = self.model.compute_logits(hidden[rows]).log_softmax(-1)
+        logits = self.model.compute_logits(hidden[rows])
+        if logits is None:  # a rank other than 0: rank 0 has the logits
+            return None
+        logprobs = logits.log_softmax(-1)
         targets = list(chain.from_iterable(r.targets for r in requests))
         chosen = logprobs.gather(1, torch.tensor(targets, device=self.device)[:, None])[:, 0]
         top_values, top_ids = logprobs.topk(max(max(r.top for r in requests), 1), dim=-1)

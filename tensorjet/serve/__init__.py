@@ -1,1 +1,1 @@
-"""The OpenAI-compatible HTTP server: `tensorjet serve`, or `build_app(llm, name)` for an ASGI app."""
+"""The OpenAI-compatible HTTP server: `tensorjet serve`, or `build_app(llm, options)` for an ASGI app."""

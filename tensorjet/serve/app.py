@@ -22,7 +22,7 @@ from tensorjet.engine.structured_output import StructuredOutputError
 from tensorjet.outputs import RequestOutput
 from tensorjet.sampling_params import SamplingParams, StructuredOutput
 from tensorjet.serve.engine_client import EngineClient, EngineFailure, Generation
-from tensorjet.serve.errors import InternalErrors, install_error_handlers, internal_error
+from tensorjet.serve.errors import InternalErrors, failure_error, install_error_handlers
 from tensorjet.serve.formatting import ChatChoiceState, CompletionChoiceState, TokenText, sse, usage
 from tensorjet.serve.guard import OPEN_PATHS, RequestGuard
 from tensorjet.serve.metrics import ServerMetrics
@@ -99,7 +99,7 @@ def _add_routes(app: FastAPI, server: "OpenAIServer", models: RequestModels, opt
     """The routes, typed with this server's request models: FastAPI reads them from the signatures (this
     module has no `from __future__ import annotations`, so these are classes, not names to resolve)."""
     key = (401,) if options.api_key is not None else ()
-    generation = _errors(400, *key, 404, 413, 429, 500)
+    generation = _errors(400, *key, 404, 413, 429, 500, 503)
 
     async def create_completion(request: models.completion, http_request: Request) -> Response:
         return await server.create_completion(request, http_request)
@@ -147,7 +147,7 @@ def _add_routes(app: FastAPI, server: "OpenAIServer", models: RequestModels, opt
             get,
             {200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}},
         ),
-        ("/health", _health, get, {200: {"model": HealthResponse}}),
+        ("/health", server.health, get, {**_errors(503), 200: {"model": HealthResponse}}),
         ("/version", _version, get, {200: {"model": VersionResponse}}),
     ]
     for path, endpoint, methods, responses in routes:
@@ -167,6 +167,7 @@ _STATUS_TEXT = {
     413: "The request body is larger than --max_request_body_bytes",
     429: "The queue (--max_queue_size) or the server (--max_sequences) is full; retry later",
     500: "An internal error, with an id to find it in the server log",
+    503: "The engine can run no request any more (a tensor-parallel worker is gone); the message says why",
 }
 
 
@@ -223,6 +224,13 @@ class OpenAIServer:
         self.max_seq_len: int = llm.engine.max_seq_len
         self.tokenization = Tokenization(llm, self.max_seq_len)
         self.tool_call_parser = options.tool_call_parser or detect_parser(llm.tokenizer.chat_template)
+
+    async def health(self) -> Response:
+        """200 while the engine can run requests; 503 with the reason once it cannot (a tensor-parallel
+        worker is gone)."""
+        if self.llm.failure is not None:
+            raise APIError(503, str(self.llm.failure), "service_unavailable")
+        return JSONResponse({"status": "ok"})
 
     # ---- /v1/completions -----------------------------------------------------------------------
     async def create_completion(self, request: CompletionRequest, http_request: Request) -> Response:
@@ -568,19 +576,15 @@ def _event_stream(events: AsyncIterator[str], generation: Generation) -> Streami
             async for event in events:
                 yield event
         except EngineFailure as error:
-            # The headers are sent: the error goes in the stream, its details only in the log (the engine
-            # loop has logged the traceback).
+            # The headers are sent: the error goes in the stream; a 500's details only in the log (the
+            # engine loop has logged the traceback).
             logger.error("%s failed: %s", generation.request_id, error)
-            yield sse(internal_error(generation.request_id).body())
+            yield sse(failure_error(error, generation.request_id).body())
         finally:
             generation.close()
         yield "data: [DONE]\n\n"
 
     return _SSEResponse(body(), media_type="text/event-stream")
-
-
-async def _health() -> Response:
-    return JSONResponse({"status": "ok"})
 
 
 async def _version() -> Response:

@@ -7,10 +7,13 @@ gives any option from a file, and flags on the command line override it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 from tensorjet.config import ENGINE_OPTIONS
 from tensorjet.engine_args import add_engine_args, engine_options, parse_bool
@@ -212,6 +215,9 @@ def run_serve(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    # The engine stops with the app: uvicorn re-raises a SIGTERM once the app is down, which would end the
+    # process before `finally` (tensor-parallel workers then lose rank 0 instead of being stopped).
+    app.router.lifespan_context = _stops_engine(llm, app.router.lifespan_context)
     log_banner(llm, args, options)
     try:
         uvicorn.run(
@@ -226,6 +232,18 @@ def run_serve(args: argparse.Namespace) -> int:
     finally:
         llm.shutdown()
     return 0
+
+
+def _stops_engine(llm, lifespan: Callable[[Any], contextlib.AbstractAsyncContextManager]):
+    """The app's `lifespan`, then the engine's shutdown."""
+
+    @contextlib.asynccontextmanager
+    async def stopping(app) -> AsyncIterator[None]:
+        async with lifespan(app):
+            yield
+        llm.shutdown()
+
+    return stopping
 
 
 def _configure_logging(level: str) -> None:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import partial
 
+from tensorjet.engine.engine_loop import EngineDeadError
 from tensorjet.outputs import RequestOutput
 from tensorjet.sampling_params import SamplingParams
 from tensorjet.serve.metrics import ServerMetrics
@@ -25,7 +26,12 @@ logger = logging.getLogger("tensorjet.serve")
 
 
 class EngineFailure(RuntimeError):
-    """The engine step failed while running this request (not the client's fault)."""
+    """The engine failed while running this request (not the client's fault): a 500, or a 503 once the
+    engine can run no request at all (a tensor-parallel worker is gone)."""
+
+    def __init__(self, message: str, status: int = 500) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass
@@ -57,6 +63,9 @@ class EngineClient:
         except ValueError:
             generation.release()  # submit_all already aborted what got in
             raise
+        except EngineDeadError as error:
+            generation.close()
+            raise EngineFailure(str(error), 503) from error
         except BaseException:
             generation.close()  # cancelled mid-submission: abort what got in
             raise
@@ -130,6 +139,8 @@ class Generation:
         """Every update of every prompt, in arrival order, until all are finished."""
         while len(self._finished) < len(self.engine_ids):
             index, out, at = await self._updates.get()
+            if isinstance(out, EngineDeadError):
+                raise EngineFailure(str(out), 503) from out
             if isinstance(out, BaseException):
                 raise EngineFailure(f"the engine failed while running this request: {out}") from out
             self._record(index, out, at)

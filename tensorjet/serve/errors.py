@@ -1,5 +1,6 @@
 """Every failure as an OpenAI error body: 4xx for what the client sent, naming the field where there is
-one; a 500 says only that it happened and under which id, and the log has its traceback, once."""
+one; a 500 says only that it happened and under which id, and the log has its traceback, once; a 503 (an
+engine that can run no request any more) says why."""
 
 from __future__ import annotations
 
@@ -36,6 +37,14 @@ def internal_error(request_id: str) -> APIError:
         f"internal server error (request id {request_id}); the server log has the details",
         "internal_error",
     )
+
+
+def failure_error(error: Exception, request_id: str) -> APIError:
+    """What the client sees of an error that escaped a request: an engine that can run no request says
+    why (503); anything else is a 500 that names only the request id."""
+    if isinstance(error, EngineFailure) and error.status == 503:
+        return APIError(503, str(error), "service_unavailable")
+    return internal_error(request_id)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -116,5 +125,5 @@ class InternalErrors:
             else:
                 logger.exception("%s %s failed (request id %s)", scope["method"], scope["path"], request_id)
             if not started:  # a stream already under way can only be cut short
-                error = internal_error(request_id)
-                await JSONResponse(error.body(), status_code=500)(scope, receive, send)
+                api_error = failure_error(error, request_id)
+                await JSONResponse(api_error.body(), status_code=api_error.status)(scope, receive, send)
