@@ -12,7 +12,7 @@ import torch
 from tensorjet.calibration.checkpoint import CHECKPOINT_FORMATS, symmetric
 from tensorjet.calibration.data import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, calibration_samples
 from tensorjet.calibration.pipeline import METHODS, CalibrationOptions
-from tensorjet.calibration.quantize import DEFAULT_FORMATS, quantize_to_checkpoint
+from tensorjet.calibration.quantize import DEFAULT_FORMATS, quantize_to_checkpoint, require_float
 from tensorjet.calibration.quantizer import QuantScheme
 from tensorjet.config import DTYPES
 
@@ -116,6 +116,7 @@ def run(args: argparse.Namespace) -> None:
     )
     dtype = DTYPES.get(args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     source = resolve_model(args.model)
+    require_float(source)
     max_positions = max_positions_of(source.hf_config)
     seq_len = args.seq_len or min(DEFAULT_SEQ_LEN, max_positions)
     token_ids = calibration_samples(

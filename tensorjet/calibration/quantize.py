@@ -30,13 +30,17 @@ class Calibrated:
     seconds: float  # the calibration alone (not loading or writing)
 
 
-def load_float_model(source: ModelSource, dtype: torch.dtype, seed: int = 0) -> LlamaForCausalLM:
-    """The engine's model of `source` in host memory, float weights (random ones for a dummy source)."""
+def require_float(source: ModelSource) -> None:
     if source.quantization_config is not None:
         raise ValueError(
             f"model {source.name!r} is already quantized ({source.quantization_config.get('quant_method')}); "
             "calibration starts from float weights"
         )
+
+
+def load_float_model(source: ModelSource, dtype: torch.dtype, seed: int = 0) -> LlamaForCausalLM:
+    """The engine's model of `source` in host memory, float weights (random ones for a dummy source)."""
+    require_float(source)
     with torch.device("cpu"):
         model = LlamaForCausalLM(source.hf_config, dtype)
     if source.kind == "dummy":
