@@ -119,9 +119,12 @@ def run(args: argparse.Namespace) -> None:
     require_float(source)
     max_positions = max_positions_of(source.hf_config)
     seq_len = args.seq_len or min(DEFAULT_SEQ_LEN, max_positions)
-    token_ids = calibration_samples(
-        load_tokenizer(source), args.num_samples, seq_len, args.calibration_data, max_positions
-    )
+    if args.method == "rtn":  # rounds the weights alone: no samples
+        token_ids = torch.empty(0, seq_len, dtype=torch.int64)
+    else:
+        token_ids = calibration_samples(
+            load_tokenizer(source), args.num_samples, seq_len, args.calibration_data, max_positions
+        )
     result = quantize_to_checkpoint(source, args.output, options, checkpoint_format, token_ids, device, dtype)
     size = sum(f.stat().st_size for f in args.output.iterdir() if f.is_file())
     data = "no calibration data" if args.method == "rtn" else f"{args.num_samples} x {seq_len} tokens"
