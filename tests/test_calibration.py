@@ -268,18 +268,9 @@ def test_quantized_checkpoint_computes_what_transformers_computes_from_its_publi
     the CPU test machine: it runs the same weights dequantized instead, by the formats' own rules."""
     from transformers import AutoModelForCausalLM
 
-    out = tmp_path / "checkpoint"
-    argv = [
-        "quantize",
-        str(tiny_dir),
-        "--method",
-        "gptq",
-        "--format",
-        checkpoint_format,
-        "--output",
-        str(out),
-    ]
-    assert main([*argv, *SAMPLES, "--group_size", str(GROUP)]) == 0
+    out = tmp_path / "checkpoint"  # the format is the question here, not the method: round to nearest
+    argv = ["quantize", str(tiny_dir), "--method", "rtn", "--format", checkpoint_format]
+    assert main([*argv, "--output", str(out), "--group_size", str(GROUP)]) == 0
     tensors = load_file(out / "model.safetensors")
     state = {}
     for name in list(tensors):
