@@ -5,7 +5,9 @@ group size and calibration tokens reads the cached checkpoint.
 
 The cache root is $TENSORJET_CACHE, else $XDG_CACHE_HOME/tensorjet, else ~/.cache/tensorjet (shared with
 the GGUF conversions); an entry is `calibrated/<key>`, keyed by a hash of the model's files, the
-method and its options, the calibration dtype and the calibration tokens. An entry is written beside
+method and its options, the calibration dtype and the calibration tokens (the files' hashes are
+remembered by path, size and modification time, so a load that hits the cache does not read the
+weights to hash them). An entry is written beside
 its place and renamed into it, its manifest last; one whose files do not match its manifest is made
 again, never trusted.
 """
@@ -16,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -37,6 +40,7 @@ logger = logging.getLogger(__name__)
 CALIBRATED_METHODS = ("awq", "gptq")  # the `quantization` values that calibrate a float checkpoint
 DEFAULT_BITS, DEFAULT_GROUP_SIZE = 4, 128
 MANIFEST_FILE = "calibration.json"  # written last: the key and the files the entry holds
+FILE_DIGESTS = "file_digests.json"  # model files' hashes by path, size and modification time
 # Bump when what calibration writes changes, so older entries are made again.
 CACHE_FORMAT = 1
 
@@ -103,11 +107,35 @@ def model_digest(source: ModelSource) -> str:
         files = [source.path / "config.json", *weights]
     digest = hashlib.sha256()
     for file in files:
-        digest.update(file.name.encode())
-        with open(file, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
+        digest.update(f"{file.name}:{file_digest(file)}".encode())
     return digest.hexdigest()
+
+
+def file_digest(file: Path) -> str:
+    """The sha256 of a file's bytes, remembered in the cache by path, size and modification time: a
+    second load of a large model does not read its weights twice."""
+    stat = file.stat()
+    memo_file = cache_root() / "calibrated" / FILE_DIGESTS
+    key = f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if key in memo:
+        return memo[key]
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    memo[key] = digest.hexdigest()
+    try:  # written whole, then renamed: a reader never sees half a file
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
+        staging = memo_file.with_suffix(f".{os.getpid()}.tmp")
+        staging.write_text(json.dumps(memo, indent=0))
+        staging.replace(memo_file)
+    except OSError:
+        pass  # no memo: the next load hashes again
+    return memo[key]
 
 
 def _is_complete(entry: Path, manifest: dict) -> bool:
