@@ -4,12 +4,11 @@ checkpoint into tensorjet's cache, and loads that; a later load with the same mo
 group size and calibration tokens reads the cached checkpoint.
 
 The cache root is $TENSORJET_CACHE, else $XDG_CACHE_HOME/tensorjet, else ~/.cache/tensorjet (shared with
-the GGUF conversions); an entry is `calibrated/<key>`, keyed by a hash of the model's files, the
-method and its options, the calibration dtype and the calibration tokens (the files' hashes are
-remembered by path, size and modification time, so a load that hits the cache does not read the
-weights to hash them). An entry is written beside
-its place and renamed into it, its manifest last; one whose files do not match its manifest is made
-again, never trusted.
+the GGUF conversions); an entry is `calibrated/<key>`, keyed by a hash of the model's files, the method
+and its options, the calibration dtype and the calibration tokens (the files' hashes are remembered by
+path, size and modification time, so a load that hits the cache does not read the weights to hash
+them). An entry is written beside its place and renamed into it, its manifest last; one whose files do
+not match its manifest is made again, never trusted.
 """
 
 from __future__ import annotations
