@@ -202,12 +202,7 @@ def _in_memory_logprobs(tiny_dir: Path, method: str, checkpoint_format: str) -> 
 
 @pytest.mark.parametrize(
     "method, checkpoint_format",
-    [
-        # AWQ's searches run some thousands of small products: several seconds on the 2-core CPU
-        pytest.param("awq", "awq", marks=pytest.mark.slow),
-        ("gptq", "gptq"),
-        ("rtn", "awq"),
-    ],
+    [("awq", "awq"), ("gptq", "gptq"), ("rtn", "awq")],
 )
 def test_quantize_writes_a_checkpoint_that_loads_with_the_in_memory_logits(
     tiny_dir, tmp_path, method, checkpoint_format
