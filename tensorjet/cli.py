@@ -1,4 +1,4 @@
-"""`tensorjet generate | chat | serve | bench | tune | eval`: the command line.
+"""`tensorjet generate | chat | serve | bench | tune | eval | quantize`: the command line.
 
 Every engine option is a flag spelled as in the guide (`--max_batch_size`) or with dashes
 (`--max-batch-size`).
@@ -54,12 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(gen)
 
     from tensorjet.bench.cli import register as register_bench
+    from tensorjet.calibration.cli import register as register_quantize
     from tensorjet.eval.cli import register as register_eval
     from tensorjet.serve.cli import register as register_serve
 
     register_serve(sub)
     register_bench(sub)
     register_eval(sub)
+    register_quantize(sub)
 
     chat = sub.add_parser("chat", help="interactive chat with the model's chat template")
     chat.add_argument("--model", default=None, help=MODEL_HELP)
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    if hasattr(args, "func"):  # serve, bench, tune, eval
+    if hasattr(args, "func"):  # serve, bench, tune, eval, quantize
         return args.func(args)
     try:
         if args.command == "generate":

@@ -136,7 +136,9 @@ class LoadConfig(_Part):
         "`fp8`: FP8 (E4M3) W8A8 linear layers, quantized at load (per-channel weights, dynamic per-token "
         "activations) unless the checkpoint is already FP8; `awq` / `gptq`: INT4 weight-only (W4A16) "
         "linear layers from a pre-quantized checkpoint (AutoAWQ GEMM, GPTQ, or compressed-tensors W4A16 as "
-        "llmcompressor writes it; random INT4 weights with `load_format=dummy`); default: the checkpoint's "
+        "llmcompressor writes it), or calibrated with that method as a float checkpoint loads (the "
+        "shipped calibration text, group 128; cached on disk for the next load); random INT4 weights "
+        "with `load_format=dummy`; default: the checkpoint's "
         "own format (`quantization_config` in config.json), else unquantized. Embeddings and the LM head "
         "stay in the model dtype",
     )

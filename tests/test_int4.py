@@ -57,11 +57,14 @@ def test_int8_is_still_refused_as_not_built():
         EngineConfig.from_options(dtype="int8")
 
 
-def test_calibrating_an_unquantized_checkpoint_at_load_is_not_available():
+def test_an_unquantized_checkpoint_reaches_the_runner_only_calibrated():
+    """The engine calibrates a float checkpoint before its runner loads it (tensorjet.calibration);
+    the runner itself never quantizes INT4 on the fly."""
     with pytest.raises(
-        FeatureNotAvailableError, match=r"quantization='awq' \(or dtype='int4_awq'\).*quantized"
-    ):
+        ValueError, match=r"quantization='awq' \(or dtype='int4_awq'\).*calibrated first"
+    ) as info:
         quantization_spec("awq", None)
+    assert not isinstance(info.value, FeatureNotAvailableError)
 
 
 def test_each_format_is_read_from_its_quantization_config():

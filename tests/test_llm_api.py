@@ -237,8 +237,6 @@ def test_unknown_model_path_is_a_value_error(tmp_path):
 @pytest.mark.parametrize(
     "option",
     [
-        {"quantization": "gptq"},
-        {"dtype": "int4_awq", "quantization": "awq"},
         {"tensor_parallel_size": 2, "batch_invariant": True},
     ],
 )

@@ -11,6 +11,7 @@ from itertools import repeat
 
 import torch
 
+from tensorjet.calibration.at_load import calibrated_source
 from tensorjet.config import EngineConfig
 from tensorjet.engine.block_manager import BlockManager
 from tensorjet.engine.detokenizer import IncrementalDetokenizer
@@ -83,7 +84,8 @@ class Request:
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.source: ModelSource = resolve_model(config.load.model, config.load.load_format)
+        source = resolve_model(config.load.model, config.load.load_format)
+        self.source: ModelSource = calibrated_source(config, source)  # AWQ/GPTQ asked of float weights
         self.tokenizer = load_tokenizer(self.source)
         self.eos_token_ids = self._eos_token_ids()
         self.max_seq_len = config.load.resolve_max_seq_len(max_positions_of(self.source.hf_config))

@@ -20,6 +20,7 @@ from typing import Protocol
 
 import torch
 
+from tensorjet.calibration.at_load import calibrated_source
 from tensorjet.config import EngineConfig, LoadConfig
 from tensorjet.engine.sequence import PLACEHOLDER, Sequence
 from tensorjet.models.llama import max_positions_of
@@ -95,6 +96,7 @@ class DraftModelProposer:
         except ValueError as error:
             raise ValueError(f"option speculative_model={name!r}: {error}") from None
         _check_compatible(name, source, target, target_tokenizer, max_seq_len)
+        source = calibrated_source(draft_config, source)
         self.runner = ModelRunner(draft_config, source, max_seq_len, draft=True)
         self.runners = [self.runner]
         self.max_step_tokens = config.scheduler.max_num_tokens

@@ -71,7 +71,8 @@ def quantization_spec(
     requested: str | None, checkpoint: Mapping[str, Any] | None, *, dummy: bool = False
 ) -> QuantizationSpec | None:
     """The format to run: the checkpoint's own where it declares one (`requested` must agree), else
-    `requested` applied at load (FP8 quantizes float weights; INT4 makes random weights where `dummy`),
+    `requested` applied at load (FP8 quantizes float weights; INT4 makes random weights where `dummy`;
+    INT4 of float weights is calibrated into a checkpoint before loading, `tensorjet.calibration`),
     else None (unquantized)."""
     if checkpoint is None:
         if requested is None:
@@ -80,12 +81,10 @@ def quantization_spec(
             return QuantizationSpec("fp8", "online", Fp8Scheme())
         if dummy:
             return QuantizationSpec("int4", "dummy", int4=DUMMY_INT4[requested])
-        raise FeatureNotAvailableError(
+        raise ValueError(
             f"option quantization={requested!r} (or dtype='int4_{requested}') on an unquantized checkpoint "
-            f"would calibrate {requested.upper()} as the model loads, which is not available in tensorjet "
-            "yet; load a "
-            f"checkpoint already quantized with {requested.upper()} (AutoAWQ, GPTQ, or llmcompressor's "
-            "compressed-tensors W4A16)"
+            "needs the checkpoint calibrated first: the engine does it as the model loads "
+            "(tensorjet.calibration.at_load), `tensorjet quantize` writes one"
         )
     spec = _checkpoint_spec(checkpoint)
     if requested is not None and requested not in spec.quantization_options:

@@ -1,0 +1,189 @@
+"""Calibrate-at-load: `LLM(model=<float checkpoint>, quantization="awq" | "gptq")` calibrates the model
+with the shipped calibration text (the defaults of `tensorjet quantize`) before it loads, writes the
+checkpoint into tensorjet's cache, and loads that; a later load with the same model, method, bits,
+group size and calibration tokens reads the cached checkpoint.
+
+The cache root is $TENSORJET_CACHE, else $XDG_CACHE_HOME/tensorjet, else ~/.cache/tensorjet (shared with
+the GGUF conversions); an entry is `calibrated/<key>`, keyed by a hash of the model's files, the method
+and its options, the calibration dtype and the calibration tokens (the files' hashes are remembered by
+path, size and modification time, so a load that hits the cache does not read the weights to hash
+them). An entry is written beside its place and renamed into it, its manifest last; one whose files do
+not match its manifest is made again, never trusted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from tensorjet.calibration.checkpoint import symmetric
+from tensorjet.calibration.data import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, calibration_samples
+from tensorjet.calibration.pipeline import CalibrationOptions
+from tensorjet.calibration.quantize import DEFAULT_FORMATS, quantize_to_checkpoint
+from tensorjet.calibration.quantizer import QuantScheme
+from tensorjet.config import EngineConfig
+from tensorjet.models.gguf_cache import cache_root
+from tensorjet.models.llama import max_positions_of
+from tensorjet.models.loader import ModelSource, load_tokenizer, resolve_model
+
+logger = logging.getLogger(__name__)
+
+CALIBRATED_METHODS = ("awq", "gptq")  # the `quantization` values that calibrate a float checkpoint
+DEFAULT_BITS, DEFAULT_GROUP_SIZE = 4, 128
+MANIFEST_FILE = "calibration.json"  # written last: the key and the files the entry holds
+FILE_DIGESTS = "file_digests.json"  # model files' hashes by path, size and modification time
+# Bump when what calibration writes changes, so older entries are made again.
+CACHE_FORMAT = 1
+
+
+def calibrated_source(config: EngineConfig, source: ModelSource) -> ModelSource:
+    """The checkpoint to load: `source` itself, unless `config` asks for AWQ or GPTQ on a float
+    checkpoint; then its calibrated checkpoint, from the cache or made now."""
+    method = config.quantization
+    dummy = source.kind == "dummy" or config.load.load_format == "dummy"
+    if method not in CALIBRATED_METHODS or dummy or source.quantization_config is not None:
+        return source
+    checkpoint_format = DEFAULT_FORMATS[method]
+    options = CalibrationOptions(
+        method, QuantScheme(DEFAULT_BITS, DEFAULT_GROUP_SIZE, symmetric=symmetric(checkpoint_format))
+    )
+    seq_len = min(DEFAULT_SEQ_LEN, max_positions_of(source.hf_config))
+    token_ids = calibration_samples(load_tokenizer(source), DEFAULT_NUM_SAMPLES, seq_len)
+    dtype = config.torch_dtype
+    key = cache_key(source, options, checkpoint_format, dtype, token_ids)
+    entry = cache_root() / "calibrated" / key[:24]
+    manifest = {"format": CACHE_FORMAT, "key": key, "method": method, "model": source.name}
+    if not _is_complete(entry, manifest):
+        logger.warning(
+            "calibrating %s with %s (%d x %d tokens of the shipped text) into %s; later loads read it",
+            source.name,
+            method,
+            *token_ids.shape,
+            entry,
+        )
+        _make_entry(
+            entry, manifest, source, options, checkpoint_format, token_ids, config.torch_device, dtype
+        )
+    else:
+        logger.info("reading %s's %s calibration from %s", source.name, method, entry)
+    calibrated = resolve_model(str(entry))
+    return dataclasses.replace(calibrated, name=f"{source.name} ({method}, calibrated)")
+
+
+def cache_key(
+    source: ModelSource,
+    options: CalibrationOptions,
+    checkpoint_format: str,
+    dtype: torch.dtype,
+    token_ids: torch.Tensor,
+) -> str:
+    what = {
+        "format": CACHE_FORMAT,
+        "model": model_digest(source),
+        "options": dataclasses.asdict(options),
+        "checkpoint_format": checkpoint_format,
+        "dtype": str(dtype),
+        "data": hashlib.sha256(token_ids.numpy().tobytes()).hexdigest(),
+        "data_shape": list(token_ids.shape),
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+def model_digest(source: ModelSource) -> str:
+    """A hash of the files that make the model: its config and weights (a GGUF file whole)."""
+    if source.kind == "gguf":
+        files = [source.path]
+    else:
+        weights = sorted(source.path.glob("*.safetensors")) or sorted(source.path.glob("pytorch_model*.bin"))
+        files = [source.path / "config.json", *weights]
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.name}:{file_digest(file)}".encode())
+    return digest.hexdigest()
+
+
+def file_digest(file: Path) -> str:
+    """The sha256 of a file's bytes, remembered in the cache by path, size and modification time: a
+    second load of a large model does not read its weights twice."""
+    stat = file.stat()
+    memo_file = cache_root() / "calibrated" / FILE_DIGESTS
+    key = f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if key in memo:
+        return memo[key]
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    memo[key] = digest.hexdigest()
+    try:  # written whole, then renamed: a reader never sees half a file
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
+        staging = memo_file.with_suffix(f".{os.getpid()}.tmp")
+        staging.write_text(json.dumps(memo, indent=0))
+        staging.replace(memo_file)
+    except OSError:
+        pass  # no memo: the next load hashes again
+    return memo[key]
+
+
+def _is_complete(entry: Path, manifest: dict) -> bool:
+    try:
+        recorded = json.loads((entry / MANIFEST_FILE).read_text())
+        files = recorded["files"]
+        same = all(recorded.get(name) == value for name, value in manifest.items())
+        return same and all((entry / n).stat().st_size == s for n, s in files.items())
+    except (OSError, ValueError, KeyError, AttributeError):
+        return False
+
+
+def _make_entry(
+    entry: Path,
+    manifest: dict,
+    source: ModelSource,
+    options: CalibrationOptions,
+    checkpoint_format: str,
+    token_ids: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> None:
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
+    except OSError as error:
+        raise ValueError(
+            f"cannot write the calibration cache under {entry.parent} ({error}); set TENSORJET_CACHE to a "
+            "writable directory, or write the checkpoint with `tensorjet quantize` and load that"
+        ) from None
+    try:
+        calibrated = quantize_to_checkpoint(
+            source, staging, options, checkpoint_format, token_ids, device, dtype
+        )
+        recorded = manifest | {"seconds": round(calibrated.seconds, 1)}
+        recorded["files"] = {f.name: f.stat().st_size for f in staging.iterdir()}
+        (staging / MANIFEST_FILE).write_text(json.dumps(recorded, indent=1))
+        _publish(staging, entry, manifest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _publish(staging: Path, entry: Path, manifest: dict) -> None:
+    """Rename the finished `staging` into `entry`, replacing a broken entry; where another process
+    published a complete one first, keep that."""
+    if entry.exists() and not _is_complete(entry, manifest):
+        shutil.rmtree(entry, ignore_errors=True)
+    try:
+        staging.rename(entry)
+    except OSError:
+        if not _is_complete(entry, manifest):
+            raise
