@@ -15,6 +15,7 @@ import torch
 import transformers
 
 from tensorjet.models import gguf_cache
+from tensorjet.models.cache import cache_root
 from tensorjet.models.loader import iter_weights, load_tokenizer, resolve_model
 
 TEXTS = ["The capital of France is", "  héllo\twörld 123 <|im_start|>user\n", "def f(x):\n    return x"]
@@ -54,11 +55,11 @@ def test_cache_root_follows_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("TENSORJET_CACHE", str(tmp_path / "tj"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert gguf_cache.cache_root() == tmp_path / "tj"
+    assert cache_root() == tmp_path / "tj"
     monkeypatch.delenv("TENSORJET_CACHE")
-    assert gguf_cache.cache_root() == tmp_path / "xdg" / "tensorjet"
+    assert cache_root() == tmp_path / "xdg" / "tensorjet"
     monkeypatch.delenv("XDG_CACHE_HOME")
-    assert gguf_cache.cache_root() == tmp_path / "home" / ".cache" / "tensorjet"
+    assert cache_root() == tmp_path / "home" / ".cache" / "tensorjet"
 
 
 def test_an_entry_belongs_to_the_files_content(cache, conversions, gguf_path, tmp_path):

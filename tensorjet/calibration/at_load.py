@@ -18,8 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -30,7 +28,7 @@ from tensorjet.calibration.pipeline import CalibrationOptions
 from tensorjet.calibration.quantize import DEFAULT_FORMATS, quantize_to_checkpoint
 from tensorjet.calibration.quantizer import QuantScheme
 from tensorjet.config import EngineConfig
-from tensorjet.models.gguf_cache import cache_root
+from tensorjet.models.cache import cache_root, is_complete, sha256_of, write_entry
 from tensorjet.models.llama import max_positions_of
 from tensorjet.models.loader import ModelSource, load_tokenizer, resolve_model
 
@@ -61,7 +59,7 @@ def calibrated_source(config: EngineConfig, source: ModelSource) -> ModelSource:
     key = cache_key(source, options, checkpoint_format, dtype, token_ids)
     entry = cache_root() / "calibrated" / key[:24]
     manifest = {"format": CACHE_FORMAT, "key": key, "method": method, "model": source.name}
-    if not _is_complete(entry, manifest):
+    if not is_complete(entry, MANIFEST_FILE, manifest):
         logger.warning(
             "calibrating %s with %s (%d x %d tokens of the shipped text) into %s; later loads read it",
             source.name,
@@ -122,11 +120,7 @@ def file_digest(file: Path) -> str:
         memo = {}
     if key in memo:
         return memo[key]
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    memo[key] = digest.hexdigest()
+    memo[key] = sha256_of(file)
     try:  # written whole, then renamed: a reader never sees half a file
         memo_file.parent.mkdir(parents=True, exist_ok=True)
         staging = memo_file.with_suffix(f".{os.getpid()}.tmp")
@@ -135,16 +129,6 @@ def file_digest(file: Path) -> str:
     except OSError:
         pass  # no memo: the next load hashes again
     return memo[key]
-
-
-def _is_complete(entry: Path, manifest: dict) -> bool:
-    try:
-        recorded = json.loads((entry / MANIFEST_FILE).read_text())
-        files = recorded["files"]
-        same = all(recorded.get(name) == value for name, value in manifest.items())
-        return same and all((entry / n).stat().st_size == s for n, s in files.items())
-    except (OSError, ValueError, KeyError, AttributeError):
-        return False
 
 
 def _make_entry(
@@ -157,33 +141,16 @@ def _make_entry(
     device: torch.device,
     dtype: torch.dtype,
 ) -> None:
+    def write(staging: Path) -> dict:
+        calibrated = quantize_to_checkpoint(
+            source, staging, options, checkpoint_format, token_ids, device, dtype
+        )
+        return {"seconds": round(calibrated.seconds, 1)}
+
     try:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
+        write_entry(entry, MANIFEST_FILE, manifest, write)
     except OSError as error:
         raise ValueError(
             f"cannot write the calibration cache under {entry.parent} ({error}); set TENSORJET_CACHE to a "
             "writable directory, or write the checkpoint with `tensorjet quantize` and load that"
         ) from None
-    try:
-        calibrated = quantize_to_checkpoint(
-            source, staging, options, checkpoint_format, token_ids, device, dtype
-        )
-        recorded = manifest | {"seconds": round(calibrated.seconds, 1)}
-        recorded["files"] = {f.name: f.stat().st_size for f in staging.iterdir()}
-        (staging / MANIFEST_FILE).write_text(json.dumps(recorded, indent=1))
-        _publish(staging, entry, manifest)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _publish(staging: Path, entry: Path, manifest: dict) -> None:
-    """Rename the finished `staging` into `entry`, replacing a broken entry; where another process
-    published a complete one first, keep that."""
-    if entry.exists() and not _is_complete(entry, manifest):
-        shutil.rmtree(entry, ignore_errors=True)
-    try:
-        staging.rename(entry)
-    except OSError:
-        if not _is_complete(entry, manifest):
-            raise

@@ -4,28 +4,25 @@
 Reading a GGUF takes seconds in the pure-Python readers, and a start needs it three times (config,
 tokenizer, weights). So the first use of a file converts it once into a cache entry, an HF model
 directory (config.json, the tokenizer files, model.safetensors), keyed by the file's content; later
-starts read the entry and memory-map the weights. The cache root is $TENSORJET_CACHE, else
-$XDG_CACHE_HOME/tensorjet, else ~/.cache/tensorjet; an entry is built beside its final place and
-renamed into it, and one whose files do not match its manifest is rebuilt, never trusted.
+starts read the entry and memory-map the weights. An entry is whole or absent (`cache`).
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import importlib.metadata
 import json
 import logging
-import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator
 from math import prod
 from pathlib import Path
 
 import torch
 import transformers
+
+from tensorjet.models.cache import cache_root, is_complete, sha256_of, write_entry
 
 logger = logging.getLogger(__name__)
 
@@ -50,47 +47,25 @@ _GGUF_LAYER_NAMES = {
 _GGUF_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
-def cache_root() -> Path:
-    if os.environ.get("TENSORJET_CACHE"):
-        return Path(os.environ["TENSORJET_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "tensorjet"
-
-
 def converted(gguf_path: Path) -> Path | None:
     """The cache entry of `gguf_path`, converted now if it has none (or a broken one). None where the
     cache cannot be written: the caller then reads the GGUF itself."""
-    digest = _sha256(gguf_path)
+    digest = sha256_of(gguf_path)
     entry = cache_root() / "gguf" / digest[:16]
     manifest = _manifest(digest)
-    if _is_complete(entry, manifest):
+    if is_complete(entry, MANIFEST_FILE, manifest):
         return entry
-    try:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
-    except OSError as error:
-        logger.warning("cannot write the GGUF cache (%s); reading %s directly", error, gguf_path.name)
-        return None
-    try:
+
+    def write(staging: Path) -> None:
         logger.info("converting %s into %s (once per file)", gguf_path.name, entry)
         _convert(gguf_path, staging)
-        manifest["files"] = {f.name: f.stat().st_size for f in staging.iterdir()}
-        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
-        _publish(staging, entry, manifest)
-    except OSError as error:  # a full disk, a cache made read-only meanwhile
+
+    try:
+        write_entry(entry, MANIFEST_FILE, manifest, write)
+    except OSError as error:  # a read-only cache, a full disk
         logger.warning("cannot write the GGUF cache (%s); reading %s directly", error, gguf_path.name)
         return None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return entry
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _manifest(digest: str) -> dict:
@@ -101,29 +76,6 @@ def _manifest(digest: str) -> dict:
         "transformers": transformers.__version__,
         "gguf": importlib.metadata.version("gguf"),
     }
-
-
-def _is_complete(entry: Path, manifest: dict) -> bool:
-    """Whether `entry` was written whole by this conversion: a manifest that matches `manifest`, and
-    every file it lists present at its recorded size."""
-    try:
-        recorded = json.loads((entry / MANIFEST_FILE).read_text())
-        files = recorded.pop("files")
-        return recorded == manifest and all((entry / n).stat().st_size == s for n, s in files.items())
-    except (OSError, ValueError, KeyError, AttributeError):
-        return False
-
-
-def _publish(staging: Path, entry: Path, manifest: dict) -> None:
-    """Rename the finished `staging` into `entry`, replacing a broken entry; where another process
-    published a complete one first, keep that."""
-    if entry.exists() and not _is_complete(entry, manifest):
-        shutil.rmtree(entry, ignore_errors=True)
-    try:
-        staging.rename(entry)
-    except OSError:
-        if not _is_complete(entry, manifest):
-            raise
 
 
 def _convert(gguf_path: Path, out: Path) -> None:
