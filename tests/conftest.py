@@ -71,6 +71,14 @@ def bundled_tokenizer_dir(gguf_path, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_gguf(gguf_path, tmp_path_factory) -> Path:
+    """A tiny random Llama GGUF with the bundled model's tokenizer (`tests/tiny_gguf.py`)."""
+    from tiny_gguf import write_tiny_gguf
+
+    return write_tiny_gguf(tmp_path_factory.mktemp("tiny-gguf") / "tiny.gguf", gguf_path)
+
+
+@pytest.fixture(scope="session")
 def hf_model(gguf_path):
     """HF transformers' own load of the same GGUF: the reference implementation."""
     import torch

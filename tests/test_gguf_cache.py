@@ -12,15 +12,19 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import gguf
+import numpy as np
 import pytest
+import tiny_gguf as tiny
 import torch
 import transformers
+from safetensors import safe_open
 
 from tensorjet.layers.rotary import rope_parameters
 from tensorjet.models import gguf_cache, gguf_convert
 from tensorjet.models.gguf_reader import GGUFFile
 from tensorjet.models.llama import head_dim_of, kv_heads_of, max_positions_of
 from tensorjet.models.loader import iter_weights, load_tokenizer, resolve_model
+from tensorjet.models.model_config import ModelConfig
 from tensorjet.models.tokenizer import FastTokenizer
 
 # The config fields the model is built from.
@@ -168,6 +172,62 @@ def test_a_conversion_that_cannot_be_written_leaves_nothing(cache, gguf_path, mo
 
 def _refuse(*args, **kwargs):
     raise AssertionError("the GGUF was parsed or converted again")
+
+
+def test_a_conversion_holds_the_files_tensors_config_and_tokenizer(cache, tiny_gguf, bundled_tokenizer_dir):
+    """Every block format tensorjet dequantizes itself, against gguf's own dequantization."""
+    entry = gguf_cache.converted(tiny_gguf)
+    file = GGUFFile.open(tiny_gguf)
+    heads = {"q_proj": tiny.HEADS, "k_proj": tiny.KV_HEADS}
+    with safe_open(str(entry / gguf_convert.WEIGHTS_FILE), framework="pt") as weights:
+        assert sorted(weights.keys()) == sorted(gguf_convert._hf_name(t.name) for t in file.tensors)
+        for tensor in file.tensors:
+            name = gguf_convert._hf_name(tensor.name)
+            values = np.array(gguf.quants.dequantize(file.raw(tensor), tensor.ggml_type), dtype=np.float32)
+            theirs = torch.from_numpy(values.reshape(tensor.shape))
+            projection = name.split(".")[-2]
+            if projection in heads:  # llama.cpp's rotary layout, back to HF's
+                d = theirs.shape[1]
+                theirs = theirs.reshape(heads[projection], -1, 2, d).transpose(1, 2).reshape(-1, d)
+            ours = weights.get_tensor(name)
+            assert ours.dtype == torch.float32 and torch.equal(ours, theirs), name
+    assert {t.ggml_type for t in file.tensors} == {int(f) for f in tiny.FORMATS.values()}
+
+    config = json.loads((entry / "config.json").read_text())
+    assert config | {"_model_name_or_path": None} == {
+        "model_type": "llama",
+        "_model_name_or_path": None,
+        "max_position_embeddings": 256,
+        "num_hidden_layers": tiny.LAYERS,
+        "intermediate_size": tiny.FFN,
+        "hidden_size": tiny.HIDDEN,
+        "head_dim": tiny.HIDDEN // tiny.HEADS,
+        "rope_theta": 10000.0,
+        "num_attention_heads": tiny.HEADS,
+        "num_key_value_heads": tiny.KV_HEADS,
+        "rms_norm_eps": pytest.approx(1e-5),
+        "vocab_size": 49152,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "unk_token_id": 0,
+        "pad_token_id": 2,
+        "tie_word_embeddings": True,
+    }
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (entry / name).read_text() == (bundled_tokenizer_dir / name).read_text(), name
+
+
+def test_a_second_start_reads_only_the_cache(cache, tiny_gguf, monkeypatch):
+    first = resolve_model(str(tiny_gguf))
+    assert first.converted is not None
+    monkeypatch.setattr(gguf.GGUFReader, "__init__", _refuse)
+    monkeypatch.setattr(GGUFFile, "open", _refuse)
+    monkeypatch.setattr(gguf_cache, "convert", _refuse)
+    monkeypatch.setattr(gguf_cache, "_sha256", _refuse)
+    second = resolve_model(str(tiny_gguf))
+    assert second.converted == first.converted and isinstance(second.hf_config, ModelConfig)
+    assert isinstance(load_tokenizer(second), FastTokenizer)
+    assert len(list(iter_weights(second))) == 2 + 9 * tiny.LAYERS
 
 
 # Slow: converts the bundled GGUF and reads it directly for the comparison (~30 s on 2 CPU cores).
