@@ -31,7 +31,7 @@ class LLM:
         quantization: str | None = None,
         max_seq_len: int | None = None,
         max_batch_size: int = 256,
-        max_num_tokens: int = 4096,
+        max_num_tokens: int | None = None,
         enable_chunked_context: bool = True,
         max_chunked_prefill_length: int | None = None,
         scheduler_policy: str = "max_utilization",
