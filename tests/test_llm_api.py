@@ -306,3 +306,25 @@ def test_engine_freezes_its_startup_heap_and_a_shut_down_engine_is_freed(tiny_mo
     del llm
     gc.collect()
     assert runner() is None, "a shut-down engine stayed alive"
+
+
+def test_an_engine_started_after_a_shutdown_collects_the_dropped_engine(tiny_model_dir):
+    """The first engine of a process freezes its start-up heap without a full collection; an engine
+    started after another's shutdown collects first, so the dropped engine is freed, not frozen."""
+    import gc
+    import weakref
+
+    first = LLM(model=tiny_model_dir, device="cpu", dtype="float32")
+    runner = weakref.ref(first.engine.runner)
+    first.shutdown()
+    holder = {"llm": first}  # the caller's objects hold the engine in a reference cycle
+    holder["self"] = holder
+    gc.disable()  # no automatic collection: only the next engine's start may free the first
+    try:
+        del first, holder
+        assert runner() is not None, "only a collection frees the engine"
+        second = LLM(model=tiny_model_dir, device="cpu", dtype="float32")
+        assert runner() is None, "the dropped engine was frozen with the new engine's heap"
+    finally:
+        gc.enable()
+    second.shutdown()
