@@ -231,6 +231,11 @@ def test_template_variables_reach_the_template(ours, theirs):
 
 
 def test_the_rest_of_the_api_is_transformers_own(ours, theirs):
+    text = TEXTS[3] * 10
+    assert ours.encode(text, verbose=False) == theirs.encode(text, verbose=False)
+    options = dict(truncation=True, max_length=7)
+    truncated = theirs.encode(text, **options)
+    assert ours.encode(text, **options) == truncated and len(truncated) == 7
     assert ours("The capital of France is").input_ids == theirs("The capital of France is").input_ids
     assert ours.batch_decode([[1, 2, 3], [4, 5]]) == theirs.batch_decode([[1, 2, 3], [4, 5]])
     assert ours.transformers_tokenizer is ours.transformers_tokenizer

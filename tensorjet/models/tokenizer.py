@@ -140,7 +140,12 @@ class FastTokenizer:
         return [self.backend_tokenizer.id_to_token(int(i)) for i in ids if int(i) not in skipped]
 
     # ---- text ------------------------------------------------------------------------------------
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True, **options: Any) -> list[int]:
+        """Other `options` (truncation, padding, ...) go to transformers; `verbose` (its warning about a
+        text longer than the model's maximum, which these files do not state) changes nothing here."""
+        options.pop("verbose", None)
+        if options:
+            return self.transformers_tokenizer.encode(text, add_special_tokens=add_special_tokens, **options)
         return self.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(
@@ -148,9 +153,17 @@ class FastTokenizer:
         token_ids: int | list[int],
         skip_special_tokens: bool = False,
         clean_up_tokenization_spaces: bool | None = None,
+        **options: Any,
     ) -> str:
         """`clean_up_tokenization_spaces`: transformers skips it for BPE models, as here; for others it
-        removes spaces before punctuation and contractions."""
+        removes spaces before punctuation and contractions. Other `options` go to transformers."""
+        if options:
+            return self.transformers_tokenizer.decode(
+                token_ids,
+                skip_special_tokens=skip_special_tokens,
+                clean_up_tokenization_spaces=clean_up_tokenization_spaces,
+                **options,
+            )
         ids = [token_ids] if isinstance(token_ids, int) else list(token_ids)
         text = self.backend_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
         bpe = isinstance(self.backend_tokenizer.model, tokenizers.models.BPE)
