@@ -246,6 +246,21 @@ def test_the_rest_of_the_api_is_transformers_own(ours, theirs):
 
 
 @pytest.mark.parametrize(
+    "flags",
+    [{"add_bos_token": True}, {"add_eos_token": True}, {"add_bos_token": True, "add_eos_token": True}],
+)
+def test_bos_and_eos_flags_act_as_in_transformers(bundled_tokenizer_dir, tmp_path, flags):
+    """transformers leaves a TokenizersBackend's post-processor as tokenizer.json has it."""
+    directory = tmp_path / "tokenizer"
+    shutil.copytree(bundled_tokenizer_dir, directory)
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    (directory / "tokenizer_config.json").write_text(json.dumps(config | flags))
+    ours, theirs = FastTokenizer(directory), transformers.AutoTokenizer.from_pretrained(directory)
+    for text in TEXTS[:4]:
+        assert ours.encode(text) == theirs.encode(text)
+
+
+@pytest.mark.parametrize(
     "change",
     [
         {"tokenizer_class": "GPT2Tokenizer"},

@@ -12,10 +12,10 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers
 from tokenizers.models import BPE
 
-from tensorjet.models.tokenizer import CHAT_TEMPLATE_FILE, FAST_TOKENIZER_CLASS
+from tensorjet.models.tokenizer import CHAT_TEMPLATE_FILE, FAST_TOKENIZER_CLASS, special_tokens_template
 
 # GGUF token types (llama.cpp's llama_token_type)
 _CONTROL, _USER_DEFINED = 3, 4
@@ -102,7 +102,9 @@ def write_tokenizer(metadata: dict[str, Any], out: Path) -> None:
     tokenizer.add_tokens([AddedToken(t, special=True) for t in missing])
     add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", False)) and "bos_token" in named
     add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False)) and "eos_token" in named
-    tokenizer.post_processor = _template(named, tokenizer, add_bos, add_eos)
+    tokenizer.post_processor = special_tokens_template(
+        tokenizer, named["bos_token"] if add_bos else None, named["eos_token"] if add_eos else None
+    )
     tokenizer.save(str(out / "tokenizer.json"))
 
     config = {"backend": "tokenizers", "tokenizer_class": FAST_TOKENIZER_CLASS, **named}
@@ -136,15 +138,6 @@ def _byte_level_bpe(tokens: list[str], merges: list[str]) -> Tokenizer:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     return tokenizer
-
-
-def _template(named: dict[str, str], tokenizer: Tokenizer, add_bos: bool, add_eos: bool):
-    """The post-processor that adds BOS and/or EOS to every encoded text where the file asks for it."""
-    bos, eos = named.get("bos_token"), named.get("eos_token")
-    single = f"{f'{bos}:0 ' if add_bos else ''}$A:0{f' {eos}:0' if add_eos else ''}"
-    pair = f"{single}{f' {bos}:1' if add_bos else ''} $B:1{f' {eos}:1' if add_eos else ''}"
-    special = [(t, tokenizer.token_to_id(t)) for t, on in ((bos, add_bos), (eos, add_eos)) if on]
-    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
 
 
 @cache

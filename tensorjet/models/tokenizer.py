@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import tokenizers
+from tokenizers import processors
 
 FAST_TOKENIZER_CLASS = "TokenizersBackend"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
-# tokenizer_config.json keys whose effect this class reproduces (the BOS/EOS flags are already in
-# tokenizer.json's post-processor; the rest are bookkeeping).
+# tokenizer_config.json keys whose effect this class reproduces (the BOS/EOS flags: tokenizer.json's
+# post-processor decides, for transformers too; the rest are bookkeeping).
 _KNOWN_CONFIG = {
     "backend",
     "tokenizer_class",
@@ -51,6 +52,17 @@ _TRANSFORMERS_CHAT_OPTIONS = {
     "tokenizer_kwargs",
     "sanitize_control_tokens",
 }
+
+
+def special_tokens_template(
+    tokenizer: tokenizers.Tokenizer, bos: str | None, eos: str | None
+) -> processors.TemplateProcessing:
+    """The post-processor that starts every encoded text with `bos` and ends it with `eos` (None: no
+    such token), as transformers builds it."""
+    single = f"{f'{bos}:0 ' if bos else ''}$A:0{f' {eos}:0' if eos else ''}"
+    pair = f"{single}{f' {bos}:1' if bos else ''} $B:1{f' {eos}:1' if eos else ''}"
+    special = [(token, tokenizer.token_to_id(token)) for token in (bos, eos) if token]
+    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
 
 
 def runs_without_transformers(directory: Path) -> bool:
