@@ -11,7 +11,7 @@ from typing import Any
 from tqdm import tqdm
 
 from tensorjet.config import EngineConfig
-from tensorjet.engine.engine_loop import EngineDeadError, EngineLoop
+from tensorjet.engine.engine_loop import EngineDeadError, EngineLoop, collector_paused
 from tensorjet.engine.llm_engine import LLMEngine
 from tensorjet.outputs import RequestOutput
 from tensorjet.runtime.parallel import run_torchrun_worker, torchrun_rank
@@ -66,8 +66,9 @@ class LLM:
         launched = torchrun_rank()
         if launched is not None and launched.rank > 0:
             raise SystemExit(run_torchrun_worker(self.config, launched))
-        self.engine = LLMEngine(self.config)
-        self.loop = EngineLoop(self.engine)
+        with collector_paused():
+            self.engine = LLMEngine(self.config)
+            self.loop = EngineLoop(self.engine)
         self._request_ids = itertools.count()
 
     @property

@@ -332,3 +332,21 @@ def test_an_engine_started_after_a_shutdown_collects_the_dropped_engine(tiny_mod
     finally:
         gc.enable()
     second.shutdown()
+
+
+def test_building_an_engine_runs_no_automatic_collection(tiny_model_dir, monkeypatch):
+    """Its objects are long-lived (frozen once it is built): a collection meanwhile frees nothing."""
+    import gc
+
+    from tensorjet.engine.engine_loop import EngineLoop
+
+    monkeypatch.setattr(EngineLoop, "_heap_returned", False)  # no shut-down engine's heap to collect
+    collections = []
+    record = lambda phase, info: phase == "start" and collections.append(info["generation"])  # noqa: E731
+    gc.callbacks.append(record)
+    try:
+        llm = LLM(model=tiny_model_dir, device="cpu", dtype="float32")
+    finally:
+        gc.callbacks.remove(record)
+    assert gc.isenabled() and collections == []
+    llm.shutdown()
