@@ -158,6 +158,20 @@ def test_an_unwritable_cache_is_skipped_with_one_warning(unwritable_cache, conve
     assert "cannot write the GGUF cache" in caplog.text and gguf_path.name in caplog.text
 
 
+def test_a_start_without_a_writable_cache_reads_the_file_and_warns_once(
+    unwritable_cache, tiny_gguf, monkeypatch, caplog
+):
+    """Config and tokenizer come from transformers' reading of the file (stood in for here)."""
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", lambda *a, **k: ("config", a, k))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: ("tokenizer", a, k))
+    with caplog.at_level(logging.INFO, logger=gguf_cache.__name__):
+        source = resolve_model(str(tiny_gguf))
+        tokenizer = load_tokenizer(source)
+    assert source.converted is None and source.hf_config[0] == "config"
+    assert tokenizer == ("tokenizer", (tiny_gguf.parent,), {"gguf_file": tiny_gguf.name})
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+
+
 def test_a_conversion_that_cannot_be_written_leaves_nothing(cache, gguf_path, monkeypatch, caplog):
     def disk_full(gguf_path: Path, out: Path) -> None:
         (out / gguf_convert.WEIGHTS_FILE).write_bytes(b"half")

@@ -162,18 +162,19 @@ def load_tokenizer(source: ModelSource):
     weights-only directory, or no bundled model installed): prompts must then be token ids."""
     if source.tokenizer_dir is None:
         try:
-            return _gguf_tokenizer(default_gguf())
+            bundled = default_gguf()
+            return _gguf_tokenizer(bundled, converted(bundled))
         except (ValueError, ImportError):
             return None
-    if source.path.suffix == ".gguf" and source.converted is None:
-        return _gguf_tokenizer(source.path)
+    if source.path.suffix == ".gguf" and source.converted is None:  # the cache could not be written
+        return _gguf_tokenizer(source.path, None)
     if not any((source.tokenizer_dir / f).exists() for f in _TOKENIZER_FILES):
         return None  # weights only: prompts must be token ids
     return _directory_tokenizer(source.tokenizer_dir)
 
 
-def _gguf_tokenizer(path: Path):
-    entry = converted(path)
+def _gguf_tokenizer(path: Path, entry: Path | None):
+    """From the file's cache entry, or (None) from the file itself."""
     if entry is not None:
         return _directory_tokenizer(entry)
     import transformers
