@@ -42,11 +42,10 @@ from tensorjet.kernels.fp8_linear import (
     MAX_M,
     fp8_gemm,
     fp8_gemv,
-    fp8_linear_reference,
     gemm_config,
-    quantize_weight_per_channel,
     scaled_mm_linear,
 )
+from tensorjet.kernels.fp8_reference import fp8_linear_reference, quantize_weight_per_channel
 from tensorjet.kernels.fused_gemv import CANDIDATES as BF16_FUSED_CANDIDATES
 from tensorjet.kernels.fused_gemv import fused_gemv
 from tensorjet.kernels.gemv import cold_copies, time_in_graph_ms

@@ -64,7 +64,8 @@ def kernel_peer(llm) -> dict:
 
 def _time_projection(proj) -> dict:
     from tensorjet.kernels.gemv import cold_copies, time_in_graph_ms
-    from tensorjet.kernels.int4_linear import cold_weights, dequantize
+    from tensorjet.kernels.int4_linear import cold_weights
+    from tensorjet.kernels.int4_reference import dequantize
 
     method = proj.method
     weight = method.weight

@@ -5,7 +5,8 @@ lists them all, flat, with the guide's names; `LLM(...)`'s keyword arguments, th
 and the README's options table come from it. Every check of an option's value lives here, and each
 error names the option and its limit.
 
-The parts hold the values as given; `EngineConfig` resolves the "auto"s (device, dtype, overlap).
+The parts hold the values as given; `EngineConfig` resolves the "auto"s (device, dtype, overlap) and
+fills in the defaults that depend on the device (the step's token budget).
 """
 
 from __future__ import annotations
@@ -52,6 +53,12 @@ ACCEPTANCE_WINDOW = 8
 MIN_ACCEPTANCE_STEPS = 4
 # Documented default KV budget on CPU, where there is no "free GPU memory" to take a fraction of.
 CPU_KV_CACHE_BYTES = 2 * 1024**3
+# Default step token budgets (max_num_tokens). A CPU computes a few hundred prompt tokens a second
+# (the bundled model on 2 cores: 3 to 5 ms a token; docs/performance.md), so a 4096-token step of prompt
+# chunks would hold every streaming request for many seconds; 128 keeps a step under a second there.
+# Without chunked context a step must hold whole prompts, and keeps the larger budget.
+DEFAULT_MAX_NUM_TOKENS = 4096
+CPU_MAX_NUM_TOKENS = 128
 
 
 class FeatureNotAvailableError(NotImplementedError, ValueError):
@@ -190,7 +197,12 @@ class SchedulerConfig(_Part):
     """What one step may hold and in which order requests are admitted."""
 
     max_batch_size: int = option(256, "most sequences in one step")
-    max_num_tokens: int = option(4096, "most tokens (prefill + decode) in one step")
+    max_num_tokens: int | None = option(
+        None,
+        f"most tokens (prefill + decode) in one step; default: {DEFAULT_MAX_NUM_TOKENS}, or "
+        f"{CPU_MAX_NUM_TOKENS} on a CPU with chunked context, where a prompt's tokens cost milliseconds "
+        "each: a larger step would hold the streams beside a long prompt for seconds",
+    )
     enable_chunked_context: bool = option(
         True, "split prompts longer than the chunk over several steps, beside decodes"
     )
@@ -207,7 +219,7 @@ class SchedulerConfig(_Part):
     def validate(self) -> None:
         if self.max_batch_size < 1:
             raise _fail("max_batch_size", self.max_batch_size, "must be >= 1")
-        if self.max_num_tokens < 1:
+        if self.max_num_tokens is not None and self.max_num_tokens < 1:
             raise _fail("max_num_tokens", self.max_num_tokens, "must be >= 1")
         if self.max_chunked_prefill_length is not None and self.max_chunked_prefill_length < 1:
             raise _fail("max_chunked_prefill_length", self.max_chunked_prefill_length, "must be >= 1")
@@ -413,6 +425,9 @@ class EngineConfig:
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     def __post_init__(self) -> None:
+        if self.scheduler.max_num_tokens is None:
+            chunked_on_cpu = self.torch_device.type == "cpu" and self.scheduler.enable_chunked_context
+            self.scheduler.max_num_tokens = CPU_MAX_NUM_TOKENS if chunked_on_cpu else DEFAULT_MAX_NUM_TOKENS
         size = self.parallel.tensor_parallel_size
         if size > 1 and self.runtime.batch_invariant:
             # The all-reduce's summation order follows the tensor's size, so rows would depend on the batch.

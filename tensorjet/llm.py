@@ -11,7 +11,7 @@ from typing import Any
 from tqdm import tqdm
 
 from tensorjet.config import EngineConfig
-from tensorjet.engine.engine_loop import EngineDeadError, EngineLoop
+from tensorjet.engine.engine_loop import EngineDeadError, EngineLoop, collector_paused
 from tensorjet.engine.llm_engine import LLMEngine
 from tensorjet.outputs import RequestOutput
 from tensorjet.runtime.parallel import run_torchrun_worker, torchrun_rank
@@ -31,7 +31,7 @@ class LLM:
         quantization: str | None = None,
         max_seq_len: int | None = None,
         max_batch_size: int = 256,
-        max_num_tokens: int = 4096,
+        max_num_tokens: int | None = None,
         enable_chunked_context: bool = True,
         max_chunked_prefill_length: int | None = None,
         scheduler_policy: str = "max_utilization",
@@ -66,8 +66,9 @@ class LLM:
         launched = torchrun_rank()
         if launched is not None and launched.rank > 0:
             raise SystemExit(run_torchrun_worker(self.config, launched))
-        self.engine = LLMEngine(self.config)
-        self.loop = EngineLoop(self.engine)
+        with collector_paused():
+            self.engine = LLMEngine(self.config)
+            self.loop = EngineLoop(self.engine)
         self._request_ids = itertools.count()
 
     @property

@@ -67,6 +67,25 @@ def gguf_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def bundled_tokenizer_dir(gguf_path, tmp_path_factory) -> Path:
+    """The bundled GGUF's tokenizer files as its cache entry holds them (no weights: under a second)."""
+    from tensorjet.models.gguf_reader import GGUFFile
+    from tensorjet.models.gguf_tokenizer import write_tokenizer
+
+    path = tmp_path_factory.mktemp("bundled-tokenizer")
+    write_tokenizer(GGUFFile.open(gguf_path).metadata, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(gguf_path, tmp_path_factory) -> Path:
+    """A tiny random Llama GGUF with the bundled model's tokenizer (`tests/tiny_gguf.py`)."""
+    from tiny_gguf import write_tiny_gguf
+
+    return write_tiny_gguf(tmp_path_factory.mktemp("tiny-gguf") / "tiny.gguf", gguf_path)
+
+
+@pytest.fixture(scope="session")
 def hf_model(gguf_path):
     """HF transformers' own load of the same GGUF: the reference implementation."""
     import torch

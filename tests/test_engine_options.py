@@ -8,9 +8,12 @@ import typing
 from pathlib import Path
 
 import pytest
+import torch
 
 from tensorjet.cli import build_parser
 from tensorjet.config import (
+    CPU_MAX_NUM_TOKENS,
+    DEFAULT_MAX_NUM_TOKENS,
     ENGINE_OPTIONS,
     EngineConfig,
     FeatureNotAvailableError,
@@ -214,3 +217,16 @@ def test_cuda_graphs_apply_with_the_triton_backend_only():
     assert EngineConfig().uses_step_graphs("triton")
     assert not EngineConfig().uses_step_graphs("torch")
     assert not EngineConfig.from_options(enable_cuda_graph=False).uses_step_graphs("triton")
+
+
+def test_the_step_token_budget_defaults_to_the_device_s(monkeypatch):
+    """A CPU computes prompt tokens at milliseconds each: its default step keeps streams flowing beside a
+    long prompt; a GPU's, and a CPU's without chunked context (whole prompts per step), stay large."""
+    cpu = EngineConfig.from_options(device="cpu")
+    assert cpu.scheduler.max_num_tokens == CPU_MAX_NUM_TOKENS < DEFAULT_MAX_NUM_TOKENS
+    assert cpu.scheduler.chunk_size == CPU_MAX_NUM_TOKENS
+    whole_prompts = EngineConfig.from_options(device="cpu", enable_chunked_context=False)
+    assert whole_prompts.scheduler.max_num_tokens == DEFAULT_MAX_NUM_TOKENS
+    assert EngineConfig.from_options(device="cpu", max_num_tokens=1000).scheduler.max_num_tokens == 1000
+    monkeypatch.setattr(EngineConfig, "torch_device", property(lambda self: torch.device("cuda")))
+    assert EngineConfig.from_options().scheduler.max_num_tokens == DEFAULT_MAX_NUM_TOKENS

@@ -33,11 +33,13 @@ from tensorjet.kernels.fp8_linear import (  # noqa: E402
     Fp8GemvConfig,
     fp8_gemm,
     fp8_gemv,
+    quantize_per_token_triton,
+    scaled_mm_linear,
+)
+from tensorjet.kernels.fp8_reference import (  # noqa: E402
     fp8_linear_reference,
     quantize_per_token,
-    quantize_per_token_triton,
     quantize_weight_per_channel,
-    scaled_mm_linear,
 )
 from tensorjet.kernels.norm import rms_norm  # noqa: E402
 

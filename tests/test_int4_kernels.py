@@ -15,13 +15,8 @@ from tensorjet.kernels import int4_fused_gemv as fused_module
 from tensorjet.kernels import int4_linear as linear_module
 from tensorjet.kernels.int4_fused_gemv import CANDIDATES as FUSED_CANDIDATES
 from tensorjet.kernels.int4_fused_gemv import Int4FusedGemvConfig
-from tensorjet.kernels.int4_linear import (
-    GEMV_CANDIDATES,
-    Int4MatmulConfig,
-    Int4Weight,
-    dequantize,
-    int4_linear_reference,
-)
+from tensorjet.kernels.int4_linear import GEMV_CANDIDATES, Int4MatmulConfig
+from tensorjet.kernels.int4_reference import Int4Weight, dequantize, int4_linear_reference
 from tensorjet.quant import int4_packing as packing
 
 # Inputs and references are made on the CPU; on a machine with a GPU the kernels run there, compiled.

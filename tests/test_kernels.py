@@ -25,13 +25,10 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-from tensorjet.kernels import (  # noqa: E402
-    choose_num_splits,
-    decode_attention,
-    extend_attention,
-    store_kv,
-)
+import tensorjet.kernels.decode_attention as decode_mod  # noqa: E402
 from tensorjet.kernels.activation import silu_and_mul  # noqa: E402
+from tensorjet.kernels.decode_attention import choose_num_splits, decode_attention  # noqa: E402
+from tensorjet.kernels.extend_attention import extend_attention  # noqa: E402
 from tensorjet.kernels.norm import rms_norm  # noqa: E402
 from tensorjet.kernels.reference import (  # noqa: E402
     decode_attention_ref,
@@ -41,13 +38,11 @@ from tensorjet.kernels.reference import (  # noqa: E402
     silu_and_mul_ref,
     store_kv_ref,
 )
+from tensorjet.kernels.store_kv import store_kv  # noqa: E402
 from tensorjet.layers.activation import silu_and_mul as torch_silu_and_mul  # noqa: E402
 from tensorjet.layers.attention import AttentionMetadata, TorchAttentionBackend  # noqa: E402
 from tensorjet.layers.norm import RMSNorm  # noqa: E402
 from tensorjet.layers.triton_attention import TritonAttentionBackend  # noqa: E402
-
-# The package re-exports the function `decode_attention`, which shadows the module attribute.
-decode_mod = importlib.import_module("tensorjet.kernels.decode_attention")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SCALE = max(1, int(os.environ.get("TJ_KERNEL_TEST_SCALE", "1")))

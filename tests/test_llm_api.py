@@ -28,6 +28,10 @@ def test_generate_schedules_all_its_prompts_in_the_first_step(llm):
     """The engine thread must not start on the first prompt while the rest are still being queued:
     an offline batch has to be scheduled the same way every run."""
     prompts = [f"Item {i}: the sky is" for i in range(24)]
+    budget = llm.config.scheduler.max_num_tokens  # as many as one step holds (128 tokens on a CPU)
+    while sum(len(llm.tokenizer.encode(p)) for p in prompts) > budget:
+        prompts.pop()
+    assert len(prompts) >= 12
     steps_before = llm.stats()["num_steps"]
     switch_interval = sys.getswitchinterval()
     sys.setswitchinterval(1e-6)  # hand the GIL to the engine thread as often as possible
@@ -304,3 +308,43 @@ def test_engine_freezes_its_startup_heap_and_a_shut_down_engine_is_freed(tiny_mo
     del llm
     gc.collect()
     assert runner() is None, "a shut-down engine stayed alive"
+
+
+def test_an_engine_started_after_a_shutdown_collects_the_dropped_engine(tiny_model_dir):
+    """The first engine of a process freezes its start-up heap without a full collection; an engine
+    started after another's shutdown collects first, so the dropped engine is freed, not frozen."""
+    import gc
+    import weakref
+
+    first = LLM(model=tiny_model_dir, device="cpu", dtype="float32")
+    runner = weakref.ref(first.engine.runner)
+    first.shutdown()
+    holder = {"llm": first}  # the caller's objects hold the engine in a reference cycle
+    holder["self"] = holder
+    gc.disable()  # no automatic collection: only the next engine's start may free the first
+    try:
+        del first, holder
+        assert runner() is not None, "only a collection frees the engine"
+        second = LLM(model=tiny_model_dir, device="cpu", dtype="float32")
+        assert runner() is None, "the dropped engine was frozen with the new engine's heap"
+    finally:
+        gc.enable()
+    second.shutdown()
+
+
+def test_building_an_engine_runs_no_automatic_collection(tiny_model_dir, monkeypatch):
+    """Its objects are long-lived (frozen once it is built): a collection meanwhile frees nothing."""
+    import gc
+
+    from tensorjet.engine.engine_loop import EngineLoop
+
+    monkeypatch.setattr(EngineLoop, "_heap_returned", False)  # no shut-down engine's heap to collect
+    collections = []
+    record = lambda phase, info: phase == "start" and collections.append(info["generation"])  # noqa: E731
+    gc.callbacks.append(record)
+    try:
+        llm = LLM(model=tiny_model_dir, device="cpu", dtype="float32")
+    finally:
+        gc.callbacks.remove(record)
+    assert gc.isenabled() and collections == []
+    llm.shutdown()

@@ -35,7 +35,7 @@ from test_speculative import SPECULATION, copy_heavy_prompts, save_llama, spec_o
 from tensorjet import LLM, SamplingParams
 from tensorjet.config import EngineConfig, FeatureNotAvailableError
 from tensorjet.distributed import Slice, TensorParallel, split
-from tensorjet.kernels.int4_linear import dequantize
+from tensorjet.kernels.int4_reference import dequantize
 from tensorjet.layers.linear import ColumnParallel, Linear
 from tensorjet.models.llama import LlamaForCausalLM, check_tensor_parallel
 from tensorjet.models.loader import iter_weights, load_tokenizer, resolve_model

@@ -3,12 +3,10 @@ with the shipped calibration text (the defaults of `tensorjet quantize`) before 
 checkpoint into tensorjet's cache, and loads that; a later load with the same model, method, bits,
 group size and calibration tokens reads the cached checkpoint.
 
-The cache root is $TENSORJET_CACHE, else $XDG_CACHE_HOME/tensorjet, else ~/.cache/tensorjet (shared with
-the GGUF conversions); an entry is `calibrated/<key>`, keyed by a hash of the model's files, the method
-and its options, the calibration dtype and the calibration tokens (the files' hashes are remembered by
-path, size and modification time, so a load that hits the cache does not read the weights to hash
-them). An entry is written beside its place and renamed into it, its manifest last; one whose files do
-not match its manifest is made again, never trusted.
+An entry in tensorjet's cache (`models.cache`, shared with the GGUF conversions) is
+`calibrated/<key>`, keyed by a hash of the model's files, the method and its options, the calibration
+dtype and the calibration tokens (the files' hashes are remembered, so a load that hits the cache does
+not read the weights to hash them). An entry is whole or absent.
 """
 
 from __future__ import annotations
@@ -17,7 +15,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -28,7 +25,7 @@ from tensorjet.calibration.pipeline import CalibrationOptions
 from tensorjet.calibration.quantize import DEFAULT_FORMATS, quantize_to_checkpoint
 from tensorjet.calibration.quantizer import QuantScheme
 from tensorjet.config import EngineConfig
-from tensorjet.models.cache import cache_root, is_complete, sha256_of, write_entry
+from tensorjet.models.cache import cache_root, is_complete, remembered_sha256, write_entry
 from tensorjet.models.llama import max_positions_of
 from tensorjet.models.loader import ModelSource, load_tokenizer, resolve_model
 
@@ -37,7 +34,6 @@ logger = logging.getLogger(__name__)
 CALIBRATED_METHODS = ("awq", "gptq")  # the `quantization` values that calibrate a float checkpoint
 DEFAULT_BITS, DEFAULT_GROUP_SIZE = 4, 128
 MANIFEST_FILE = "calibration.json"  # written last: the key and the files the entry holds
-FILE_DIGESTS = "file_digests.json"  # model files' hashes by path, size and modification time
 # Bump when what calibration writes changes, so older entries are made again.
 CACHE_FORMAT = 1
 
@@ -104,31 +100,8 @@ def model_digest(source: ModelSource) -> str:
         files = [source.path / "config.json", *weights]
     digest = hashlib.sha256()
     for file in files:
-        digest.update(f"{file.name}:{file_digest(file)}".encode())
+        digest.update(f"{file.name}:{remembered_sha256(file)}".encode())
     return digest.hexdigest()
-
-
-def file_digest(file: Path) -> str:
-    """The sha256 of a file's bytes, remembered in the cache by path, size and modification time: a
-    second load of a large model does not read its weights twice."""
-    stat = file.stat()
-    memo_file = cache_root() / "calibrated" / FILE_DIGESTS
-    key = f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-    try:
-        memo = json.loads(memo_file.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    if key in memo:
-        return memo[key]
-    memo[key] = sha256_of(file)
-    try:  # written whole, then renamed: a reader never sees half a file
-        memo_file.parent.mkdir(parents=True, exist_ok=True)
-        staging = memo_file.with_suffix(f".{os.getpid()}.tmp")
-        staging.write_text(json.dumps(memo, indent=0))
-        staging.replace(memo_file)
-    except OSError:
-        pass  # no memo: the next load hashes again
-    return memo[key]
 
 
 def _make_entry(

@@ -56,8 +56,10 @@ class GrammarCompiler:
 
                     if self.tokenizer is None:
                         raise StructuredOutputError("structured output needs the model's tokenizer")
+                    # xgrammar reads a transformers tokenizer; tensorjet's own loads one of the same files
+                    hf_tokenizer = getattr(self.tokenizer, "transformers_tokenizer", self.tokenizer)
                     info = xgrammar.TokenizerInfo.from_huggingface(
-                        self.tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.stop_token_ids
+                        hf_tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.stop_token_ids
                     )
                     self._compiler = xgrammar.GrammarCompiler(info)
         return self._compiler

@@ -40,13 +40,13 @@ from tensorjet.kernels._common import (
     wait_for_previous_kernel,
 )
 from tensorjet.kernels.fp8_linear import (
-    E4M3,
     PROMOTE_K,
     X_BLOCK,
     quantize_e4m3,
     row_scale,
     scaled_mm_linear,
 )
+from tensorjet.kernels.fp8_reference import E4M3
 from tensorjet.kernels.fused_gemv import fused_output, store_fused_output
 from tensorjet.kernels.gemv import cold_copies, fastest_in_graph, time_in_graph_ms
 from tensorjet.kernels.split_k import reduce_row_slices, split_k_buffers

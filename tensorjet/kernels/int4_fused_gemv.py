@@ -37,7 +37,8 @@ from tensorjet.kernels._common import (
 )
 from tensorjet.kernels.fused_gemv import fused_output, store_fused_output
 from tensorjet.kernels.gemv import fastest_in_graph, time_in_graph_ms
-from tensorjet.kernels.int4_linear import Int4Weight, cold_weights, load_codes, nibble
+from tensorjet.kernels.int4_linear import cold_weights, load_codes, nibble
+from tensorjet.kernels.int4_reference import Int4Weight
 from tensorjet.kernels.split_k import reduce_row_slices, split_k_buffers
 
 __all__ = ["CANDIDATES", "Int4FusedGemvConfig", "int4_fused_gemv", "select_int4_fused_gemv"]

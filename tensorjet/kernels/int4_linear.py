@@ -6,8 +6,8 @@ the activation dtype and `zeros` uint8 [N, groups] (None: every zero point is 8,
 one each per `group_size` columns; `perm` int32 [K] or None: stored column j multiplies input column
 perm[j] (GPTQ's act order, its groups made contiguous at load).
 
-Numerics of the reference (`int4_linear_reference`, the CPU path): w = (code - zero) * scale in fp32,
-rounded to x's dtype, then x @ w^T with fp32 accumulation. The kernels:
+Numerics of the reference (`tensorjet.kernels.int4_reference`, the CPU path): w = (code - zero) *
+scale in fp32, rounded to x's dtype, then x @ w^T with fp32 accumulation. The kernels:
 - `int4_matmul`: each [BLOCK_N, BLOCK_K] weight tile is multiplied on the tensor cores as eight
   [BLOCK_N, BLOCK_K / 8] slices, slice J holding nibble J of every word against the x columns 8i + J
   (no codes move between threads), W as the MMA's 64+-row operand and x its narrow one. A nibble
@@ -34,20 +34,18 @@ import triton.language as tl
 
 from tensorjet.kernels._common import dot_precision, dot_upcast, tl_dot
 from tensorjet.kernels.gemv import cold_copies, fastest_in_graph, time_in_graph_ms
+from tensorjet.kernels.int4_reference import Int4Weight
 from tensorjet.kernels.split_k import reduce_tile_slices, split_k_buffers
 
 __all__ = [
     "GEMV_CANDIDATES",
     "GEMV_MAX_M",
     "Int4MatmulConfig",
-    "Int4Weight",
     "cold_weights",
-    "dequantize",
     "dequantized_linear",
     "int4_dequantize",
     "int4_gemm",
     "int4_gemv",
-    "int4_linear_reference",
     "int4_matmul",
     "select_int4_gemm",
     "select_int4_gemv",
@@ -55,50 +53,6 @@ __all__ = [
 
 CODES_PER_WORD = 8
 GEMV_MAX_M = 16  # rows of x one GEMV launch handles (the tl.dot minimum)
-
-
-@dataclass(frozen=True)
-class Int4Weight:
-    """A linear layer's 4-bit weight in tensorjet's layout (see the module docstring)."""
-
-    qweight: torch.Tensor  # int32 [N, ceil(K / 8)]
-    scales: torch.Tensor  # [N, groups], the activation dtype
-    zeros: torch.Tensor | None  # uint8 [N, groups]; None: 8 everywhere
-    perm: torch.Tensor | None  # int32 [K]; None: stored column j is input column j
-    group_size: int  # a multiple of 8; one group per row (per channel): K rounded up to 8
-    in_features: int  # K
-
-    @property
-    def out_features(self) -> int:
-        return self.qweight.shape[0]
-
-
-# ---- reference ------------------------------------------------------------------------------------
-
-
-def dequantize(
-    weight: Int4Weight, dtype: torch.dtype = torch.float32, stored_order: bool = False
-) -> torch.Tensor:
-    """W [N, K] = (code - zero) * scale computed in fp32 and rounded to `dtype`; its columns in input
-    order (act order undone), or as stored with `stored_order`."""
-    n, k = weight.out_features, weight.in_features
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=weight.qweight.device)
-    codes = ((weight.qweight[:, :, None] >> shifts) & 0xF).reshape(n, -1)[:, :k].float()
-    groups = torch.arange(k, device=codes.device) // weight.group_size
-    zeros = 8.0 if weight.zeros is None else weight.zeros.float()[:, groups]
-    w = ((codes - zeros) * weight.scales.float()[:, groups]).to(dtype)
-    if weight.perm is None or stored_order:
-        return w
-    dense = torch.empty_like(w)
-    dense[:, weight.perm.long()] = w
-    return dense
-
-
-def int4_linear_reference(
-    x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    """x [M, K] @ dequantize(weight)^T (+ bias) in x's dtype."""
-    return F.linear(x, dequantize(weight, x.dtype), bias)
 
 
 # ---- the Triton product ---------------------------------------------------------------------------

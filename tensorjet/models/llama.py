@@ -12,10 +12,10 @@ and LM head split by vocabulary, with the logits gathered on rank 0.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig
 
 from tensorjet.distributed import SINGLE, TensorParallel
 from tensorjet.layers.activation import SiluAndMul
@@ -32,6 +32,9 @@ from tensorjet.layers.linear import (
 from tensorjet.layers.norm import RMSNorm
 from tensorjet.layers.rotary import RotaryEmbedding
 from tensorjet.models.loader import load_packed_weights
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 

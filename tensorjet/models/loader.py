@@ -1,6 +1,8 @@
 """Where a model comes from: a local HF directory, a GGUF file, the local HF cache, a dummy preset,
 or (no model named) the bundled SmolLM2-135M-Instruct. Offline by design: nothing is downloaded.
-A GGUF file is read through its converted form in the cache (`gguf_cache`), made on its first use.
+A GGUF file is read through its converted form in the cache (`gguf_cache`), made on its first use;
+that form's config and tokenizer load without transformers (`ModelConfig`, `FastTokenizer`), which
+the other sources import on first use.
 
 `iter_weights` yields HF-named tensors lazily, so the model copies them in one at a time;
 `load_packed_weights` routes each to its parameter's own `weight_loader`.
@@ -15,14 +17,20 @@ import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-import transformers
 from torch import nn
 
 from tensorjet.config import LOAD_FORMATS
 from tensorjet.layers.weight_loader import weight_loader_of
-from tensorjet.models.gguf_cache import WEIGHTS_FILE, converted, iter_gguf_weights
+from tensorjet.models.gguf_cache import converted
+from tensorjet.models.gguf_convert import WEIGHTS_FILE, iter_gguf_weights
+from tensorjet.models.model_config import ModelConfig
+from tensorjet.models.tokenizer import FastTokenizer, runs_without_transformers
+
+if TYPE_CHECKING:
+    import transformers
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
@@ -55,7 +63,7 @@ class ModelSource:
     name: str
     kind: str  # "hf" | "gguf" | "dummy"
     path: Path  # HF directory, .gguf file, or preset config json
-    hf_config: transformers.PretrainedConfig
+    hf_config: ModelConfig | transformers.PretrainedConfig
     tokenizer_dir: Path | None  # None: use the bundled default tokenizer
     converted: Path | None = None  # a GGUF's cache entry (an HF directory); None: read the GGUF itself
 
@@ -107,14 +115,18 @@ def _gguf_source(path: Path, name: str) -> ModelSource:
         )
     entry = converted(path)
     if entry is None:
+        import transformers
+
         config = transformers.AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
         return ModelSource(name, "gguf", path, config, path.parent)
-    return ModelSource(name, "gguf", path, transformers.AutoConfig.from_pretrained(entry), entry, entry)
+    return ModelSource(name, "gguf", path, ModelConfig.from_file(entry / "config.json"), entry, entry)
 
 
 def _hf_source(path: Path, name: str) -> ModelSource:
     if not (path / "config.json").exists():
         raise ValueError(f"model directory {str(path)!r} has no config.json")
+    import transformers
+
     config = transformers.AutoConfig.from_pretrained(path)
     return ModelSource(name, "hf", path, config, path)
 
@@ -137,6 +149,8 @@ def _preset_stem(name: str) -> str | None:
 
 
 def _preset_source(name: str) -> ModelSource:
+    import transformers
+
     path = PRESET_DIR / f"{_preset_stem(name)}.json"
     config_dict = json.loads(path.read_text())
     config = transformers.AutoConfig.for_model(**config_dict)
@@ -148,21 +162,32 @@ def load_tokenizer(source: ModelSource):
     weights-only directory, or no bundled model installed): prompts must then be token ids."""
     if source.tokenizer_dir is None:
         try:
-            return _gguf_tokenizer(default_gguf())
+            bundled = default_gguf()
+            return _gguf_tokenizer(bundled, converted(bundled))
         except (ValueError, ImportError):
             return None
-    if source.path.suffix == ".gguf" and source.converted is None:
-        return transformers.AutoTokenizer.from_pretrained(source.path.parent, gguf_file=source.path.name)
+    if source.path.suffix == ".gguf" and source.converted is None:  # the cache could not be written
+        return _gguf_tokenizer(source.path, None)
     if not any((source.tokenizer_dir / f).exists() for f in _TOKENIZER_FILES):
         return None  # weights only: prompts must be token ids
-    return transformers.AutoTokenizer.from_pretrained(source.tokenizer_dir)
+    return _directory_tokenizer(source.tokenizer_dir)
 
 
-def _gguf_tokenizer(path: Path):
-    entry = converted(path)
-    if entry is None:
-        return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    return transformers.AutoTokenizer.from_pretrained(entry)
+def _gguf_tokenizer(path: Path, entry: Path | None):
+    """From the file's cache entry, or (None) from the file itself."""
+    if entry is not None:
+        return _directory_tokenizer(entry)
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def _directory_tokenizer(directory: Path):
+    if runs_without_transformers(directory):
+        return FastTokenizer(directory)
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(directory)
 
 
 def iter_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:

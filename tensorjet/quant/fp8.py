@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tensorjet.kernels.fp8_linear import E4M3, fp8_linear_reference, quantize_weight_per_channel
+from tensorjet.kernels.fp8_reference import E4M3, fp8_linear_reference, quantize_weight_per_channel
 from tensorjet.layers.linear import Linear, LinearMethod, fused_options
 from tensorjet.layers.norm import RMSNorm
 from tensorjet.layers.weight_loader import copy_checked, set_weight_loader

@@ -3,7 +3,7 @@ point) per group of input columns; activations stay in the model dtype.
 
 One method for every checkpoint format (`Int4Scheme.checkpoint_format`): AutoAWQ's GEMM format, GPTQ
 (v1 and v2, act order included) and compressed-tensors `pack-quantized` (what llmcompressor writes).
-Each tensor is repacked as it loads into tensorjet's layout (`tensorjet.kernels.int4_linear.Int4Weight`:
+Each tensor is repacked as it loads into tensorjet's layout (`tensorjet.kernels.int4_reference.Int4Weight`:
 output rows first, so a merged q|k|v or gate|up layer loads each shard into its rows,
 `Linear.shard_rows`). Under tensor parallelism each loader first takes the rank's part of the checkpoint
 tensor (`Linear.narrow_to_rank`: output rows and whole packed words for a column-parallel layer, input
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from tensorjet.config import FeatureNotAvailableError
-from tensorjet.kernels.int4_linear import Int4Weight, int4_linear_reference
+from tensorjet.kernels.int4_reference import Int4Weight, int4_linear_reference
 from tensorjet.layers.linear import Linear, LinearKernel, LinearMethod, fused_options
 from tensorjet.layers.norm import RMSNorm
 from tensorjet.layers.weight_loader import copy_checked, set_weight_loader

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tensorjet.config import EngineConfig
-from tensorjet.kernels.fp8_linear import fp8_linear_reference, scaled_mm_linear
+from tensorjet.kernels.fp8_reference import fp8_linear_reference
 from tensorjet.layers.activation import SiluAndMul
 from tensorjet.layers.batch_invariant import row_tile_for, row_tiled
 from tensorjet.layers.linear import (
@@ -174,6 +174,8 @@ def select_fp8_kernels(model: DecoderModel, config: EngineConfig, small_batch_ge
             method.grid_weight = layer.weight.to(config.torch_dtype)
             dense: Callable = fp8_linear_reference
         else:
+            from tensorjet.kernels.fp8_linear import scaled_mm_linear
+
             _check_scaled_mm_shape(layer)
             dense = scaled_mm_linear
         if row_tile is not None:
@@ -252,7 +254,7 @@ def select_int4_kernels(model: DecoderModel, config: EngineConfig, triton: bool,
         return
     row_tile = row_tile_for(config.torch_device) if config.runtime.batch_invariant else None
     if config.torch_device.type != "cuda" and not triton:
-        from tensorjet.kernels.int4_linear import dequantize
+        from tensorjet.kernels.int4_reference import dequantize
 
         float_kernel = dense_kernel(config)
         if row_tile is not None:

@@ -28,6 +28,7 @@ from tensorjet.config import EngineConfig
 from tensorjet.distributed import TensorParallel
 from tensorjet.models.llama import check_tensor_parallel, max_positions_of
 from tensorjet.models.loader import ModelSource, resolve_model
+from tensorjet.runtime.cpu_threads import use_available_cores
 from tensorjet.runtime.model_runner import ModelRunner
 from tensorjet.runtime.step_channel import CONTROL_TIMEOUT, StepChannel
 from tensorjet.runtime.worker_group import STARTED_KEY, WorkerGroup, error_key, send_heartbeats
@@ -103,6 +104,8 @@ def start_model_runner(config: EngineConfig, source: ModelSource, max_seq_len: i
     size = config.parallel.tensor_parallel_size
     launched = torchrun_rank()
     if launched is None and size == 1:
+        if config.torch_device.type == "cpu":
+            use_available_cores()
         return ModelRunner(config, source, max_seq_len)
     if launched is not None and launched.world_size != size:
         raise ValueError(
@@ -175,10 +178,8 @@ def _join(config: EngineConfig, store: dist.Store, rank: int, size: int, local_r
     cuda = config.torch_device.type == "cuda"
     if cuda:
         torch.cuda.set_device(local_rank)  # "cuda" means this rank's GPU from here on
-    elif "OMP_NUM_THREADS" not in os.environ:
-        # The ranks on this machine share its cores: more threads than cores spin against each other
-        # (the bundled model's steps at tensor_parallel_size=3 on 2 cores ran 7x slower).
-        torch.set_num_threads(max(1, _cores() // int(os.environ.get("LOCAL_WORLD_SIZE", size))))
+    else:  # the ranks on this machine share its cores
+        use_available_cores(int(os.environ.get("LOCAL_WORLD_SIZE", size)))
     dist.init_process_group(
         "nccl" if cuda else "gloo",
         store=dist.PrefixStore("tensorjet/model", store),
@@ -236,8 +237,3 @@ def _run_worker(config: EngineConfig, store: dist.Store, rank: int, size: int, l
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
-
-
-def _cores() -> int:
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
