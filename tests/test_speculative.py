@@ -347,6 +347,7 @@ def test_sampled_tokens_verified_against_a_different_draft_follow_the_target(mod
         num_speculative_tokens=2,
         speculative_disable_by_batch_size=None,
         speculative_disable_by_acceptance_rate=0.0,
+        max_num_tokens=4096,  # steps never cut a sequence's drafts short: one verify step each
     )
     llm = LLM(models["sharp_target"], device="cpu", **options)
     try:

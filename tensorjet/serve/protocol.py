@@ -140,7 +140,12 @@ def logit_bias_type(vocab_size: int | None = None) -> Any:
         str, Field(pattern=decimal_below_pattern(vocab_size) if vocab_size else r"^(0|[1-9][0-9]*)$")
     ]
     bias = Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]
-    return Annotated[dict[key, bias], Field(max_length=MAX_LOGIT_BIAS_ENTRIES)]
+    # A key outside the pattern is an error, so the schema says so: with `patternProperties` alone,
+    # JSON Schema would allow any other key with any value.
+    only_token_ids = {"additionalProperties": False}
+    return Annotated[
+        dict[key, bias], Field(max_length=MAX_LOGIT_BIAS_ENTRIES, json_schema_extra=only_token_ids)
+    ]
 
 
 def stop_token_ids_type(vocab_size: int | None = None) -> Any:
