@@ -533,7 +533,7 @@ class LLMEngine:
         self.runner.watch_workers(on_failure)
 
     def worker_failure(self) -> str | None:
-        """Why another tensor-parallel rank's process is gone, or None."""
+        """After a failed step: why another tensor-parallel rank's process is gone, or None."""
         return self.runner.worker_failure()
 
     def shutdown(self) -> None:

@@ -161,10 +161,10 @@ class ModelRunner:
             self.parallel.workers.watch(on_failure)
 
     def worker_failure(self) -> str | None:
-        """Why another rank's process is gone, or None (all run, or there are none)."""
+        """After a failed step: why another rank's process is gone, or None (all run, or none)."""
         if self.parallel is None or self.parallel.workers is None:
             return None
-        return self.parallel.workers.failure()
+        return self.parallel.workers.failure_after_error()
 
     def shutdown(self) -> None:
         """Stop the other ranks' processes and leave their process group (nothing in one process)."""

@@ -59,6 +59,14 @@ class WorkerGroup:
                 raise RuntimeError(f"tensor-parallel workers did not start within {timeout:.0f} s")
             time.sleep(0.05)
 
+    def failure_after_error(self, grace: float = 2.0) -> str | None:
+        """Why a worker is gone, waiting up to `grace` s for a spawned one's exit to be seen: a
+        collective fails the moment a killed peer's sockets close, a little before its exit code."""
+        deadline = time.monotonic() + grace
+        while (reason := self.failure()) is None and self.processes and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return reason
+
     def failure(self) -> str | None:
         """Why a worker is gone, or None while every one runs."""
         for rank, process in self.processes.items():
