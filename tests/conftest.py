@@ -73,10 +73,11 @@ def hf_model(gguf_path):
 
 @pytest.fixture(scope="session")
 def llm():
-    """The default engine (bundled model, CPU, fp32), shared by tests that don't need special options."""
+    """The bundled model on the CPU in fp32 (its GGUF's dequantized weights, as HF loads them), shared by
+    tests that don't need special options."""
     from tensorjet import LLM
 
-    engine = LLM(device="cpu")
+    engine = LLM(device="cpu", dtype="float32")
     yield engine
     engine.shutdown()
 

@@ -29,7 +29,7 @@ from tensorjet.runtime.model_runner import ModelRunner
 
 @pytest.fixture(scope="module")
 def overlap_llm():
-    engine = LLM(device="cpu", disable_overlap_scheduler=False)
+    engine = LLM(device="cpu", dtype="float32", disable_overlap_scheduler=False)
     assert engine.engine.overlap
     yield engine
     engine.shutdown()

@@ -3,7 +3,8 @@
 
 Reading a GGUF takes seconds in the pure-Python readers, and a start needs it three times (config,
 tokenizer, weights). So the first use of a file converts it once into a cache entry, an HF model
-directory (config.json, the tokenizer files, model.safetensors), keyed by the file's content; later
+directory (config.json, the tokenizer files, model.safetensors, and the 4-bit blocks as they are in
+`gguf_blocks.BLOCKS_FILE`), keyed by the file's content; later
 starts read the entry and memory-map the weights. The cache root is $TENSORJET_CACHE, else
 $XDG_CACHE_HOME/tensorjet, else ~/.cache/tensorjet; an entry is built beside its final place and
 renamed into it, and one whose files do not match its manifest is rebuilt, never trusted.
@@ -32,7 +33,7 @@ logger = logging.getLogger(__name__)
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "conversion.json"  # written last: what the entry holds and what made it
 # Bump when the conversion's output changes, so older entries are rebuilt.
-CONVERSION_FORMAT = 1
+CONVERSION_FORMAT = 2  # 2: the 4-bit blocks too (`gguf_blocks.BLOCKS_FILE`)
 # GGUF tensor name -> HF name, for the llama-style architectures GGUF files use.
 _GGUF_LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -135,7 +136,13 @@ def _convert(gguf_path: Path, out: Path) -> None:
     config.save_pretrained(out)
     tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     tokenizer.save_pretrained(out)
-    _write_safetensors(out / WEIGHTS_FILE, gguf_path, config)
+    from gguf import GGUFReader
+
+    from tensorjet.models.gguf_blocks import BLOCKS_FILE, write_blocks
+
+    reader = GGUFReader(str(gguf_path))
+    _write_safetensors(out / WEIGHTS_FILE, reader, config)
+    write_blocks(out / BLOCKS_FILE, reader, config)
 
 
 def iter_gguf_weights(
@@ -147,12 +154,10 @@ def iter_gguf_weights(
     return _hf_tensors(GGUFReader(str(gguf_path)), config)
 
 
-def _write_safetensors(file: Path, gguf_path: Path, config: transformers.PretrainedConfig) -> None:
-    """Stream the converted tensors into one safetensors file: the header (names, shapes, offsets) is
-    known from the GGUF's tensor table, so no more than one tensor is in memory at a time."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(gguf_path))
+def _write_safetensors(file: Path, reader, config: transformers.PretrainedConfig) -> None:
+    """Stream the converted tensors of a parsed GGUF (`reader`) into one safetensors file: the header
+    (names, shapes, offsets) is known from the tensor table, so no more than one tensor is in memory at
+    a time."""
     layout = [(_hf_name(t.name), _torch_shape(t)) for t in reader.tensors]
     header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
     offset = 0
