@@ -209,22 +209,17 @@ def test_an_engine_runs_random_gguf_blocks(tiny_model_dir):
     assert alone == together
 
 
-@pytest.mark.slow  # the bundled model, twice
-def test_the_bundled_model_runs_its_blocks_within_the_fp32_perplexity(llm):
+def test_the_bundled_model_runs_its_blocks_within_the_fp32_perplexity(llm, default_llm):
     """The default engine on the CPU runs the bundled GGUF's Q4_1 blocks; its perplexity on a text is
     within 1% of the fp32 weights' (`llm`), and its greedy tokens start as theirs do."""
     from tensorjet.eval.perplexity import perplexity
 
-    compact = LLM(device="cpu")
-    try:
-        assert compact.engine.runner.weight_format == "gguf (gguf)"
-        text = " ".join(PLAIN) * 40
-        fp32 = perplexity(llm, text, context_len=256).perplexity
-        ours = perplexity(compact, text, context_len=256).perplexity
-        params = SamplingParams(temperature=0, max_tokens=4)
-        expected = [o.outputs[0].token_ids for o in llm.generate(PLAIN, params, use_tqdm=False)]
-        tokens = [o.outputs[0].token_ids for o in compact.generate(PLAIN, params, use_tqdm=False)]
-    finally:
-        compact.shutdown()
+    assert default_llm.engine.runner.weight_format == "gguf (gguf)"
+    text = " ".join(PLAIN) * 40
+    fp32 = perplexity(llm, text, context_len=256).perplexity
+    ours = perplexity(default_llm, text, context_len=256).perplexity
+    params = SamplingParams(temperature=0, max_tokens=4)
+    expected = [o.outputs[0].token_ids for o in llm.generate(PLAIN, params, use_tqdm=False)]
+    tokens = [o.outputs[0].token_ids for o in default_llm.generate(PLAIN, params, use_tqdm=False)]
     assert abs(ours / fp32 - 1) < 0.01, f"perplexity {ours:.4f} vs fp32 {fp32:.4f}"
     assert sum(a[0] == b[0] for a, b in zip(tokens, expected)) >= len(PLAIN) - 1, (tokens, expected)
