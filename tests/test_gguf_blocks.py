@@ -56,9 +56,10 @@ def test_blocks_unpack_to_exactly_the_gguf_dequantization(type_name):
 
 def test_packing_keeps_the_weights_up_to_bf16_rounding_of_scales():
     parts, reference = blocks_of(64, 128, "Q4_1", seed=1)
-    qweight, scales_and_zeros = gguf.pack_blocks(parts["qweight"], parts["scales"], parts["mins"])
+    qweight, scales_and_zeros, dense = gguf.pack_blocks(parts["qweight"], parts["scales"], parts["mins"])
     packed = kernel_dequantize(qweight, scales_and_zeros, 128).float()  # rounded to bf16 on the way out
     assert torch.equal(packed, kernel_weight(parts).bfloat16().float())
+    assert torch.equal(dense.float(), packed), "the bf16 weight of larger batches is the same weight"
     scales = parts["scales"].float().repeat_interleave(gguf.GROUP, 1)
     zeros = (parts["mins"].float() + 8 * parts["scales"].float()).repeat_interleave(gguf.GROUP, 1)
     # Each bf16 rounding moves a value by at most 2^-8 of it.
@@ -102,14 +103,19 @@ def reference_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return y if bias is None else y + bias
 
 
-@pytest.mark.parametrize("rows", [1, 7])
+@pytest.mark.parametrize("rows", [1, gguf.SMALL_BATCH_MAX_ROWS, gguf.SMALL_BATCH_MAX_ROWS + 3])
 def test_products_equal_the_dequantized_weights_product(rows):
+    """Up to SMALL_BATCH_MAX_ROWS rows the int4 kernel (the fp32 weight it builds), past them the same
+    weight rounded to bf16, kept beside the blocks."""
     torch.manual_seed(0)
     layer, weight = gguf_linear(96, [32, 48], bias=True)
-    assert not hasattr(layer, "scales") and not hasattr(layer, "mins")  # repacked, nothing else kept
+    assert not hasattr(layer, "scales") and not hasattr(layer, "mins")  # repacked
+    assert torch.equal(layer.dense_weight, weight.bfloat16())
     x = torch.randn(rows, 96)
     y = layer(x)
     assert y.dtype == torch.float32 and y.shape == (rows, 80)
+    if rows > gguf.SMALL_BATCH_MAX_ROWS:
+        weight = weight.bfloat16().float()
     # fp32 sums in another order, then the product rounded to bf16 before the bias is added
     product = reference_product(x, weight, None)
     torch.testing.assert_close(y - layer.bias, product, rtol=BF16_STEP, atol=1e-5)
@@ -132,7 +138,7 @@ def test_fused_products_carry_the_norm_residual_and_silu():
     torch.testing.assert_close(residual, expected, rtol=4 * BF16_STEP, atol=1e-5)
 
 
-def test_the_head_is_int8_rows_within_half_a_step():
+def test_the_head_is_int8_rows_within_half_a_step_for_one_row_and_bf16_past_it():
     torch.manual_seed(0)
     head = Linear(64, 48)
     head.weight.data.normal_()
@@ -141,8 +147,11 @@ def test_the_head_is_int8_rows_within_half_a_step():
     assert method.codes.dtype == torch.int8 and int(method.codes.abs().max()) == 127
     rebuilt = method.codes.float() * scales
     assert bool(((rebuilt - head.weight).abs() <= scales / 2 * (1 + 1e-6)).all())
-    x = torch.randn(3, 64)
+    x = torch.randn(1, 64)
     expected = x.bfloat16().float() @ rebuilt.T
+    torch.testing.assert_close(method.apply(head, x), expected, rtol=BF16_STEP, atol=1e-4)
+    x = torch.randn(3, 64)  # more rows than the int8 kernel pays for: the bf16 weight
+    expected = x.bfloat16().float() @ head.weight.bfloat16().float().T
     torch.testing.assert_close(method.apply(head, x), expected, rtol=BF16_STEP, atol=1e-4)
 
 
@@ -215,7 +224,7 @@ def test_the_bundled_model_runs_its_blocks_within_the_fp32_perplexity(llm, defau
     from tensorjet.eval.perplexity import perplexity
 
     assert default_llm.engine.runner.weight_format == "gguf (gguf)"
-    text = " ".join(PLAIN) * 40
+    text = " ".join(PLAIN) * 16
     fp32 = perplexity(llm, text, context_len=256).perplexity
     ours = perplexity(default_llm, text, context_len=256).perplexity
     params = SamplingParams(temperature=0, max_tokens=4)

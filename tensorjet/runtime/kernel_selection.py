@@ -49,7 +49,7 @@ from tensorjet.layers.norm import RMSNorm
 from tensorjet.layers.rotary import RotaryEmbedding
 from tensorjet.quant.formats import QuantizationSpec
 from tensorjet.quant.fp8 import Fp8Kernels, Fp8LinearMethod
-from tensorjet.quant.gguf import GgufHeadMethod, GgufLinearMethod, int4_blocks_linear
+from tensorjet.quant.gguf import GgufHeadMethod, GgufLinearMethod, blocks_product
 from tensorjet.quant.int4 import Int4Kernels, Int4LinearMethod
 
 logger = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ def select_gguf_kernels(model: DecoderModel, config: EngineConfig) -> None:
     if not layers:
         return
     if config.runtime.batch_invariant:
-        tiled = row_tiled(int4_blocks_linear, row_tile_for(config.torch_device))
+        tiled = row_tiled(blocks_product, row_tile_for(config.torch_device))
         for layer in layers:
             layer.method.product = tiled
         model.fused_decode = False
