@@ -12,7 +12,7 @@ Workloads (EOS ignored, so every side produces the requested tokens):
              `tensorjet bench` for both engines: tensorjet offline (in-process), llama.cpp served by
              `llama-server -np 32` (`tensorjet bench --url`); HF: one padded batch of 32 `generate`
   perplexity the first --ppl_chars characters of --data, 512-token windows (`tensorjet eval ppl`'s
-             numbers): GGUF blocks against fp32
+             numbers): GGUF blocks against fp32, also with every row through the decode kernels
 
 Build llama.cpp's two tools (llama-bench, llama-server) and pass their directory:
 
@@ -70,7 +70,7 @@ def bench_tensorjet(dtype: str, runs: int) -> dict:
     startup = time.perf_counter() - start
     params = SamplingParams(temperature=0, max_tokens=DECODE_TOKENS, ignore_eos=True)
     llm.generate([random_prompt(16, 99)], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
-    prefill, decode = 0.0, 0.0
+    prefill, decode, first_tokens = 0.0, 0.0, None
     for run in range(runs):
         begin = time.perf_counter()
         out = llm.generate([random_prompt(PROMPT_LEN, run)], params, use_tqdm=False)[0]
@@ -78,13 +78,14 @@ def bench_tensorjet(dtype: str, runs: int) -> dict:
         ttft = out.metrics.first_token_time - out.metrics.arrival_time
         prefill = max(prefill, PROMPT_LEN / ttft)
         decode = max(decode, (DECODE_TOKENS - 1) / (total - ttft))
+        first_tokens = first_tokens or out.outputs[0].token_ids[:8]  # HF's prompt: seed 0
     result = {
         "weight_format": llm.engine.runner.weight_format,
         "weight_bytes": llm.engine.runner.weight_bytes,
         "startup_s": startup,
         "prefill_tok_s": prefill,
         "decode_tok_s": decode,
-        "first_tokens": out.outputs[0].token_ids[:8],
+        "first_tokens": first_tokens,
     }
     llm.shutdown()
     return result
@@ -105,16 +106,30 @@ def batch_workload() -> list[str]:
     ]  # fmt: skip
 
 
-def perplexity_pair(data: Path, chars: int) -> dict:
+def perplexities(data: Path, chars: int) -> dict:
+    """fp32, GGUF blocks as the engine runs them (a prompt's rows through the bf16 weights), and GGUF
+    blocks through the decode kernels for every row (int4 projections, int8 head): what a generated
+    token is computed with."""
     from tensorjet import LLM
     from tensorjet.eval.perplexity import perplexity
+    from tensorjet.quant import gguf
 
     text = data.read_text(encoding="utf-8")
     result = {}
-    for dtype in ("auto", "float32"):
-        llm = LLM(device="cpu", dtype=dtype)
-        result[dtype] = perplexity(llm, text, max_chars=chars).to_dict()
-        llm.shutdown()
+    for key, dtype, decode_kernels in (
+        ("float32", "float32", False),
+        ("gguf", "auto", False),
+        ("gguf_decode_kernels", "auto", True),
+    ):
+        limits = gguf.SMALL_BATCH_MAX_ROWS, gguf.HEAD_INT8_MAX_ROWS
+        if decode_kernels:
+            gguf.SMALL_BATCH_MAX_ROWS = gguf.HEAD_INT8_MAX_ROWS = 1 << 30
+        try:
+            llm = LLM(device="cpu", dtype=dtype)
+            result[key] = perplexity(llm, text, max_chars=chars).to_dict()
+            llm.shutdown()
+        finally:
+            gguf.SMALL_BATCH_MAX_ROWS, gguf.HEAD_INT8_MAX_ROWS = limits
     return result
 
 
@@ -192,6 +207,14 @@ def bench_llama_cpp(tools: dict[str, Path], gguf: Path, threads: int, scratch: P
     }
 
 
+def cpu_model() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "?")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -234,8 +257,10 @@ def print_table(result: dict) -> None:
         print(f"{label:<22}" + "".join(f"{side.get(key, float('nan')):>16.1f}" for _, side in sides))
     ppl = result.get("perplexity")
     if ppl:
-        ours, ref = ppl["auto"]["perplexity"], ppl["float32"]["perplexity"]
-        print(f"{'perplexity':<22}{ours:>16.4f}{ref:>16.4f}   ({(ours / ref - 1) * 100:+.2f}% vs fp32)")
+        ref = ppl["float32"]["perplexity"]
+        for key, label in (("gguf", "perplexity"), ("gguf_decode_kernels", "  decode kernels")):
+            ours = ppl[key]["perplexity"]
+            print(f"{label:<22}{ours:>16.4f}{ref:>16.4f}   ({(ours / ref - 1) * 100:+.2f}% vs fp32)")
     llama, gguf, hf = result["llama_cpp"], result["tensorjet_gguf"], result["hf_transformers"]
     print(
         f"\ntensorjet gguf / llama.cpp: decode {gguf['decode_tok_s'] / llama['decode_tok_s']:.2f}x, "
@@ -269,7 +294,7 @@ def main() -> None:
     torch.set_num_threads(threads)
     result: dict = {
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or '?'}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {cpu_model()}",
         "torch": torch.__version__,
         "threads": threads,
         "commit": subprocess.run(
@@ -288,7 +313,7 @@ def main() -> None:
             result[key]["batch32_output_tok_s"] = report["output_throughput"]
         result["hf_transformers"] = bench_hf()
     if args.data is not None:
-        result["perplexity"] = perplexity_pair(args.data, args.ppl_chars)
+        result["perplexity"] = perplexities(args.data, args.ppl_chars)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
