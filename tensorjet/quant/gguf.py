@@ -58,8 +58,9 @@ def pack_blocks(
     qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
     scales, mins = scales.float(), mins.float()
     scales_and_zeros = torch.stack((scales.T, (mins + 8 * scales).T), dim=-1).to(torch.bfloat16)
-    s, z = (t.T.float().repeat_interleave(GROUP, dim=1) for t in scales_and_zeros.unbind(-1))
-    dense = ((codes.float() - 8) * s + z).to(torch.bfloat16)
+    rows, k = codes.shape
+    s, z = (t.T.float()[..., None] for t in scales_and_zeros.unbind(-1))  # [N, K / 32, 1]
+    dense = ((codes.view(rows, k // GROUP, GROUP).float() - 8) * s + z).view(rows, k).to(torch.bfloat16)
     return qweight, scales_and_zeros.contiguous(), dense
 
 
