@@ -13,7 +13,8 @@ as bf16, products accumulate in fp32 and come back as bf16, converted to the mod
 
 While loading, a layer holds the blocks' codes (uint8, one per byte), scales and minimums (fp16), each
 shard in its rows (`Linear.shard_rows`), each rank's part under tensor parallelism (whole blocks);
-`process_weights_after_loading` packs them into the kernel's layout (`qweight`, `scales_and_zeros`).
+`process_weights_after_loading` packs them into the kernel's layout (`qweight`, `scales_and_zeros`)
+and makes the bf16 weight (`dense_weight`).
 
 The LM head of a GGUF file is tied to its token embedding (Q8_0 in llama.cpp's 4-bit files), which is
 not a 4-bit type: `GgufHeadMethod` multiplies one row by it as int8 with a scale per row (quantized at
@@ -37,7 +38,6 @@ GROUP = 32  # weights per block and per kernel group
 # The GGUF block types this format runs -> bytes per block of 32 weights
 FOUR_BIT_TYPES = {"Q4_0": 18, "Q4_1": 20}
 ROWS_MULTIPLE = 16  # the kernel's packing takes output rows in multiples of 16
-ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)
 
 # Rows up to which the int4 kernel beats a bf16 GEMM (the 135M model's shapes on an AVX-512 CPU, one
 # thread: 121 vs 142 us at 2 rows, 170 vs 172 at 4, 338 vs 238 at 8).
@@ -180,7 +180,7 @@ class GgufHeadMethod(LinearMethod):
     CPU weight-only int8 kernel (`torch._weight_int8pack_mm`), which reads a byte a weight; more rows
     (prompt logprobs, batched decode), where that kernel is slower than a GEMM, as bf16. Activations
     enter as bf16. The embedding keeps its float rows for the lookup. (4-bit groups of 32 here cost
-    the bundled model 4% of perplexity, int8 rows 0.2%; `docs/performance.md`.)"""
+    the bundled model 4% of perplexity, int8 rows 0.1%; `docs/performance.md`.)"""
 
     def __init__(self, layer: Linear) -> None:
         self.codes, self.scales = quantize_rows(layer.weight.data)

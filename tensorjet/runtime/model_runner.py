@@ -173,11 +173,12 @@ class ModelRunner:
 
     def _load_model(self, source: ModelSource) -> None:
         start = time.perf_counter()
+        gguf_wanted = self.config.quantization == "gguf" or self.config.gguf_blocks_by_default
         self.quantization = quantization_spec(
             self.config.quantization,
             source.quantization_config,
             dummy=source.kind == "dummy",
-            gguf_types=source.gguf_tensor_types,
+            gguf_types=source.gguf_tensor_types if gguf_wanted else None,  # read only where it may run
             gguf_by_default=self.config.gguf_blocks_by_default,
         )
         with torch.device(self.device):
