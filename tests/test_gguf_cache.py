@@ -172,5 +172,6 @@ def test_later_starts_read_only_the_cache_and_equal_the_direct_load(cache, unwri
 def test_weights_that_do_not_fit_on_the_disk_are_not_written(gguf_path, tmp_path, monkeypatch):
     monkeypatch.setattr(gguf_cache.shutil, "disk_usage", lambda path: SimpleNamespace(free=10**6))
     with pytest.raises(OSError, match=r"the fp32 weights need 0\.5 GB, 0\.0 GB free"):
-        gguf_cache._write_safetensors(tmp_path / "model.safetensors", gguf_path, transformers.LlamaConfig())
+        reader = gguf.GGUFReader(str(gguf_path))
+        gguf_cache._write_safetensors(tmp_path / "model.safetensors", reader, transformers.LlamaConfig())
     assert not (tmp_path / "model.safetensors").exists()
