@@ -33,7 +33,7 @@ def random_prompts(n: int, vocab: int, seed: int) -> list[list[int]]:
 def bench_tensorjet(prompts_1, prompts_32) -> dict:
     from tensorjet import LLM, SamplingParams
 
-    llm = LLM(device="cpu")
+    llm = LLM(device="cpu", dtype="float32")  # the GGUF's fp32 weights, as HF runs them
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     warmup = random_prompts(1, 49152, seed=99)  # not the measured prompts: no prefix-cache help
     llm.generate(warmup, SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)

@@ -31,11 +31,13 @@ DTYPES = {
 # Quantized weight formats, by the `quantization` option's value. `dtype` may name one too (the guide's
 # `dtype="fp8"`, `dtype="int4_awq"`): the model's activations then stay in the default dtype and its
 # linear layers run that format.
-QUANTIZATION_METHODS = ("fp8", "awq", "gptq")
+QUANTIZATION_METHODS = ("fp8", "awq", "gptq", "gguf")
 QUANTIZED_DTYPES = {"fp8": "fp8", "int4_awq": "awq", "int4_gptq": "gptq"}  # dtype -> quantization
 # Quantized dtypes the guide names whose capability is not built yet.
 UNAVAILABLE_QUANTIZED_DTYPES = ("int8",)
 UNAVAILABLE_QUANTIZATION_METHODS = ("int8",)
+# dtypes whose activations `quantization="gguf"` runs with.
+GGUF_ACTIVATION_DTYPES = ("float32", "fp32", "bfloat16", "bf16")
 LOAD_FORMATS = ("auto", "dummy", "safetensors", "gguf", "pt")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 BLOCK_SIZES = (8, 16, 32, 64, 128)
@@ -134,9 +136,11 @@ class LoadConfig(_Part):
     )
     dtype: str = option(
         "auto",
-        "`auto` (bf16 on GPU, fp32 on CPU), `float32`, `bfloat16`, `float16`, or a weight format with the "
-        "default activation dtype: `fp8` (the same as `quantization=fp8`), `int4_awq` (`quantization=awq`), "
-        "`int4_gptq` (`quantization=gptq`); `int8` is not available yet (error)",
+        "`auto` (bf16 on GPU; fp32 on CPU, where a GGUF file with Q4_0/Q4_1 linear layers runs them as "
+        "`quantization=gguf`), `float32` (on a GGUF file: its fp32 dequantization), `bfloat16`, `float16`, "
+        "or a weight format with the default activation dtype: `fp8` (the same as `quantization=fp8`), "
+        "`int4_awq` (`quantization=awq`), `int4_gptq` (`quantization=gptq`); `int8` is not available yet "
+        "(error)",
     )
     quantization: str | None = option(
         None,
@@ -145,9 +149,11 @@ class LoadConfig(_Part):
         "linear layers from a pre-quantized checkpoint (AutoAWQ GEMM, GPTQ, or compressed-tensors W4A16 as "
         "llmcompressor writes it), or calibrated with that method as a float checkpoint loads (the "
         "shipped calibration text, group 128; cached on disk for the next load); random INT4 weights "
-        "with `load_format=dummy`; default: the checkpoint's "
-        "own format (`quantization_config` in config.json), else unquantized. Embeddings and the LM head "
-        "stay in the model dtype",
+        "with `load_format=dummy`; `gguf` (CPU only): a GGUF "
+        "file's Q4_0/Q4_1 linear layers run as their blocks, PyTorch's CPU int4 kernel (groups of 32, bf16 "
+        "activations into the product), and its LM head as int8 rows; default: the checkpoint's own format "
+        "(`quantization_config` in config.json), `gguf` for such a GGUF file on the CPU with `dtype=auto`, "
+        "else unquantized. Embeddings and (but for `gguf`) the LM head stay in the model dtype",
     )
     max_seq_len: int | None = option(
         None,
@@ -173,6 +179,13 @@ class LoadConfig(_Part):
             )
         if self.dtype in QUANTIZED_DTYPES and self.quantization not in (None, QUANTIZED_DTYPES[self.dtype]):
             raise _fail("quantization", self.quantization, f"contradicts dtype={self.dtype!r}")
+        if self.quantization == "gguf" and self.dtype not in ("auto", *GGUF_ACTIVATION_DTYPES):
+            raise _fail(
+                "dtype",
+                self.dtype,
+                "cannot run with quantization='gguf': the CPU int4 kernel takes float32 or bfloat16 "
+                f"activations ({', '.join(GGUF_ACTIVATION_DTYPES)})",
+            )
         if self.load_format not in LOAD_FORMATS:
             raise _fail("load_format", self.load_format, f"must be one of {LOAD_FORMATS}")
         if self.max_seq_len is not None and self.max_seq_len < 2:
@@ -474,6 +487,13 @@ class EngineConfig:
         if self.load.quantization is not None:
             return self.load.quantization
         return QUANTIZED_DTYPES.get(self.load.dtype)
+
+    @property
+    def gguf_blocks_by_default(self) -> bool:
+        """Whether a 4-bit GGUF file runs its own blocks (`quantization="gguf"`) with no format asked for:
+        on the CPU with dtype="auto"; dtype="float32" keeps the fp32 reference."""
+        unset = self.load.quantization is None and self.load.dtype == "auto"
+        return unset and self.torch_device.type == "cpu"
 
     @property
     def kv_cache_torch_dtype(self) -> torch.dtype:

@@ -25,7 +25,7 @@ def alone_and_together(
     them together, and the engine's stats after the run. Runs carry the top logprobs for a tie-aware
     comparison."""
     params = dataclasses.replace(params, logprobs=TOP_LOGPROBS)
-    llm = LLM(device="cpu", **tight_options)
+    llm = LLM(device="cpu", **{"dtype": "float32", **tight_options})
     try:
         alone = [GreedyRun.of(llm.generate([p], params, use_tqdm=False)[0].outputs[0]) for p in prompts]
         assert llm.stats()["num_preemptions"] == 0

@@ -3,9 +3,9 @@
 `python3 -m pytest` runs every test; `python3 -m pytest -m "not slow"` is the inner loop: the unit,
 invariant and small kernel-vs-reference tests, well under a minute on a 2-core CPU. A test is `slow`
 when it
-- requests `llm` or `hf_model`, the fixtures that load the bundled model, directly or through another
-  fixture (a server built on `llm`): marked here, at collection, so a new test that uses them is slow
-  without being told;
+- requests `llm`, `default_llm` or `hf_model`, the fixtures that load the bundled model, directly or
+  through another fixture (a server built on `llm`): marked here, at collection, so a new test that
+  uses them is slow without being told;
 - loads the bundled model otherwise (a subprocess, a fixture of its own), starts a server, runs the
   engine with its Triton kernels interpreted, or runs engines for seconds on the tiny models (the
   benchmark tool's sweeps and tuning, the FP8 KV cache's engine tests): marked where it is defined,
@@ -36,7 +36,7 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and "OMP_NUM_THREADS" not in os.e
     torch.set_num_threads(_threads)
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-BUNDLED_MODEL_FIXTURES = {"llm", "hf_model"}
+BUNDLED_MODEL_FIXTURES = {"llm", "default_llm", "hf_model"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
@@ -99,7 +99,19 @@ def hf_model(gguf_path):
 
 @pytest.fixture(scope="session")
 def llm():
-    """The default engine (bundled model, CPU, fp32), shared by tests that don't need special options."""
+    """The bundled model on the CPU in fp32 (its GGUF's dequantized weights, as HF loads them), shared by
+    tests that don't need special options."""
+    from tensorjet import LLM
+
+    engine = LLM(device="cpu", dtype="float32")
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def default_llm():
+    """The bundled model with the CPU's default options: its GGUF's 4-bit blocks (`quantization=gguf`),
+    what `tensorjet generate` runs with no options."""
     from tensorjet import LLM
 
     engine = LLM(device="cpu")

@@ -14,11 +14,11 @@ def run(args, stdin=None):
     return subprocess.run(CLI + args, input=stdin, capture_output=True, text=True, timeout=300)
 
 
-def test_generate_streams_the_greedy_completion(llm):
+def test_generate_streams_the_greedy_completion(default_llm):
     prompt = "The capital of France is"
     result = run(["generate", prompt, "--max_tokens", "12", "--device", "cpu"])
     assert result.returncode == 0, result.stderr
-    expected = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0]
+    expected = default_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0]
     assert result.stdout.strip() == expected.outputs[0].text.strip()
 
 
@@ -30,13 +30,13 @@ def test_generate_batch_shows_a_progress_bar_and_all_outputs():
     assert "generating" in result.stderr and "2/2" in result.stderr  # tqdm writes to stderr
 
 
-def test_chat_reads_turns_from_stdin(llm):
+def test_chat_reads_turns_from_stdin(default_llm):
     result = run(
         ["chat", "--max_tokens", "10", "--device", "cpu"], stdin="What is the capital of France?\n\n"
     )
     assert result.returncode == 0, result.stderr
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    expected = llm.chat(messages, SamplingParams(temperature=0, max_tokens=10), use_tqdm=False)[0]
+    expected = default_llm.chat(messages, SamplingParams(temperature=0, max_tokens=10), use_tqdm=False)[0]
     assert expected.outputs[0].text.strip() in result.stdout
 
 

@@ -111,7 +111,7 @@ def test_empty_text_is_an_error(llm):
 
 
 @pytest.mark.slow  # the bundled model, in a subprocess
-def test_cli_prints_and_writes_the_perplexity(llm, tmp_path):
+def test_cli_prints_and_writes_the_perplexity(default_llm, tmp_path):
     data = tmp_path / "text.txt"
     data.write_text(TEXT)
     out = tmp_path / "ppl.json"
@@ -120,7 +120,7 @@ def test_cli_prints_and_writes_the_perplexity(llm, tmp_path):
         + ["--device", "cpu", "--json", str(out)]
     )
     assert result.returncode == 0, result.stderr
-    expected = perplexity(llm, TEXT, context_len=CONTEXT_LEN, max_chars=MAX_CHARS, use_tqdm=False)
+    expected = perplexity(default_llm, TEXT, context_len=CONTEXT_LEN, max_chars=MAX_CHARS, use_tqdm=False)
     assert f"perplexity: {expected.perplexity:.4f} +/- {expected.perplexity_stderr:.4f}" in result.stdout
     assert f"over {expected.num_scored_tokens} scored tokens" in result.stdout
     assert "generating" in result.stderr and "2/2" in result.stderr  # tqdm writes to stderr

@@ -37,7 +37,7 @@ def test_fp8_with_an_explicit_activation_dtype():
     [
         (
             {"quantization": "int3"},
-            r"option quantization must be None or one of \('fp8', 'awq', 'gptq'\), got 'int3'",
+            r"option quantization must be None or one of \('fp8', 'awq', 'gptq', 'gguf'\), got 'int3'",
         ),
         ({"dtype": "fp8", "quantization": "awq"}, "option quantization contradicts dtype='fp8', got 'awq'"),
         ({"dtype": "float8"}, "option dtype must be 'auto' or one of"),

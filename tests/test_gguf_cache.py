@@ -21,7 +21,7 @@ from safetensors import safe_open
 
 from tensorjet.layers.rotary import rope_parameters
 from tensorjet.models import cache as on_disk
-from tensorjet.models import gguf_cache, gguf_convert
+from tensorjet.models import gguf_cache, gguf_convert, gguf_names
 from tensorjet.models.gguf_reader import GGUFFile
 from tensorjet.models.llama import head_dim_of, kv_heads_of, max_positions_of
 from tensorjet.models.loader import iter_weights, load_tokenizer, resolve_model
@@ -195,9 +195,9 @@ def test_a_conversion_holds_the_files_tensors_config_and_tokenizer(cache, tiny_g
     file = GGUFFile.open(tiny_gguf)
     heads = {"q_proj": tiny.HEADS, "k_proj": tiny.KV_HEADS}
     with safe_open(str(entry / gguf_convert.WEIGHTS_FILE), framework="pt") as weights:
-        assert sorted(weights.keys()) == sorted(gguf_convert._hf_name(t.name) for t in file.tensors)
+        assert sorted(weights.keys()) == sorted(gguf_names.hf_name(t.name) for t in file.tensors)
         for tensor in file.tensors:
-            name = gguf_convert._hf_name(tensor.name)
+            name = gguf_names.hf_name(tensor.name)
             values = np.array(gguf.quants.dequantize(file.raw(tensor), tensor.ggml_type), dtype=np.float32)
             theirs = torch.from_numpy(values.reshape(tensor.shape))
             projection = name.split(".")[-2]
@@ -243,6 +243,7 @@ def test_a_second_start_reads_only_the_cache(cache, tiny_gguf, monkeypatch):
     assert second.converted == first.converted and isinstance(second.hf_config, ModelConfig)
     assert isinstance(load_tokenizer(second), FastTokenizer)
     assert len(list(iter_weights(second))) == 2 + 9 * tiny.LAYERS
+    assert set(second.gguf_tensor_types) == {n.removesuffix(".weight") for n, _ in iter_weights(second)}
 
 
 # Slow: converts the bundled GGUF and reads it directly for the comparison (~30 s on 2 CPU cores).

@@ -41,7 +41,7 @@ def test_fp8_greedy_tokens_stay_close_to_full_precision(llm):
     ids += [llm.apply_chat_template([{"role": "user", "content": c}]) for c in CHAT]
     params = SamplingParams(temperature=0, max_tokens=4)
     full = [o.outputs[0].token_ids for o in llm.generate(ids, params, use_tqdm=False)]
-    fp8_llm = LLM(device="cpu", kv_cache_dtype="fp8")
+    fp8_llm = LLM(device="cpu", dtype="float32", kv_cache_dtype="fp8")
     fp8 = [o.outputs[0].token_ids for o in fp8_llm.generate(ids, params, use_tqdm=False)]
     fp8_llm.shutdown()
     agree = sum(a == b for a, b in zip(full, fp8))

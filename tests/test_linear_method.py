@@ -80,7 +80,7 @@ class TransposedWeightMethod(LinearMethod):
 
 def engine_with(monkeypatch, method_factory, **options) -> LLM:
     monkeypatch.setattr(model_runner, "linear_method_for", lambda config, spec: method_factory)
-    return LLM(device="cpu", **options)
+    return LLM(device="cpu", **{"dtype": "float32", **options})
 
 
 def generate(llm: LLM, prompts, max_tokens: int) -> tuple[list[list[int]], torch.Tensor, list[int]]:

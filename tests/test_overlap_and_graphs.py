@@ -29,7 +29,7 @@ from tensorjet.runtime.model_runner import ModelRunner
 
 @pytest.fixture(scope="module")
 def overlap_llm():
-    engine = LLM(device="cpu", disable_overlap_scheduler=False)
+    engine = LLM(device="cpu", dtype="float32", disable_overlap_scheduler=False)
     assert engine.engine.overlap
     yield engine
     engine.shutdown()
@@ -43,8 +43,8 @@ def _summary(outputs):
 def test_overlap_gives_the_synchronous_engines_outputs():
     """The two engines' steps hold different rows (an overlapped step still carries a sequence that the
     step before finished), so they run in batch-invariant mode, where that changes no row's bits."""
-    llm = LLM(device="cpu", batch_invariant=True)
-    overlap_llm = LLM(device="cpu", batch_invariant=True, disable_overlap_scheduler=False)
+    llm = LLM(device="cpu", dtype="float32", batch_invariant=True)
+    overlap_llm = LLM(device="cpu", dtype="float32", batch_invariant=True, disable_overlap_scheduler=False)
     assert not llm.engine.overlap and overlap_llm.engine.overlap  # the CPU default, and forced on
     prompts = PLAIN + varied_prompts(10, seed=5, max_words=60)
     params = [

@@ -34,7 +34,7 @@ def texts_and_tokens(outs) -> list[tuple[str, list[int], str | None]]:
 
 @pytest.fixture(scope="module")
 def plain():
-    llm = LLM(device="cpu", batch_invariant=True)
+    llm = LLM(device="cpu", dtype="float32", batch_invariant=True)
     yield llm
     llm.shutdown()
 
@@ -42,7 +42,7 @@ def plain():
 @pytest.mark.parametrize("method", ["draft_is_target", "ngram"])
 def test_greedy_speculation_equals_plain_greedy_alone_batched_and_preempted(method, gguf_path, plain):
     reference = texts_and_tokens(plain.generate(PROMPTS, PARAMS, use_tqdm=False))
-    llm = LLM(device="cpu", batch_invariant=True, **speculation(method, gguf_path), **TIGHT)
+    llm = LLM(device="cpu", dtype="float32", batch_invariant=True, **speculation(method, gguf_path), **TIGHT)
     try:
         alone = [texts_and_tokens(llm.generate([p], PARAMS, use_tqdm=False))[0] for p in PROMPTS[:2]]
         assert alone == reference[:2]
@@ -68,7 +68,7 @@ def test_default_numerics_agree_with_plain_greedy_up_to_near_ties(gguf_path):
     params = SamplingParams(max_tokens=24, temperature=0.0, logprobs=TOP_LOGPROBS)
     runs = {}
     for name, options in (("plain", {}), ("speculative", speculation("draft_is_target", gguf_path))):
-        llm = LLM(device="cpu", **options)
+        llm = LLM(device="cpu", dtype="float32", **options)
         try:
             runs[name] = [
                 GreedyRun.of(o.outputs[0]) for o in llm.generate(PROMPTS[:4], params, use_tqdm=False)

@@ -345,7 +345,7 @@ def test_a_small_llama_over_2_and_4_ranks_matches_hf_through_llm_and_serve(
 
 @pytest.mark.slow  # starts 2 worker processes on the bundled model
 def test_the_bundled_model_over_3_ranks_matches_hf_through_llm_and_serve(hf_model, tokenizer):
-    llm = LLM(device="cpu", tensor_parallel_size=3, kv_cache_max_tokens=4096)
+    llm = LLM(device="cpu", dtype="float32", tensor_parallel_size=3, kv_cache_max_tokens=4096)
     try:
         prompts = _prompts(tokenizer, 2)
         texts = _agrees_with_hf(llm, hf_model, prompts, tokenizer.eos_token_id)

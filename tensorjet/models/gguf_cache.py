@@ -1,10 +1,10 @@
-"""A GGUF file in HF form, converted once (`gguf_convert`): its config, its tokenizer and its weights as
-HF-named fp32 tensors (dequantized, renamed, rope un-permuted).
+"""A GGUF file in HF form, converted once (`gguf_convert`): its config, its tokenizer, its weights as
+HF-named fp32 tensors (dequantized, renamed, rope un-permuted) and its 4-bit tensors' blocks.
 
 Dequantizing every tensor takes a second or so, so the first use of a file converts it once into a
-cache entry, an HF model directory (config.json, the tokenizer files, model.safetensors), keyed by the
-file's content (its SHA-256, remembered for its path, size, modification time and inode); later starts
-read the entry and memory-map the weights. An entry is whole or absent (`cache`).
+cache entry, an HF model directory (config.json, the tokenizer files, model.safetensors, the blocks),
+keyed by the file's content (its SHA-256, remembered for its path, size, modification time and
+inode); later starts read the entry and memory-map the weights. An entry is whole or absent (`cache`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_FILE = "conversion.json"  # written last: what the entry holds and what made it
 # Bump when the conversion's output changes, so older entries are rebuilt.
-CONVERSION_FORMAT = 2
+CONVERSION_FORMAT = 3  # 3: the 4-bit blocks too (`gguf_blocks.BLOCKS_FILE`)
 # The libraries whose versions decide an entry's contents (transformers: a tokenizer that is not
 # byte-level BPE is converted through it).
 _CONVERTERS = ("gguf", "tokenizers", "transformers")

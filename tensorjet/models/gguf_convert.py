@@ -1,5 +1,6 @@
-"""A GGUF file as an HF model directory: config.json, the tokenizer files and model.safetensors (HF-named
-fp32 tensors: dequantized, renamed, rope un-permuted), from one parse of the file.
+"""A GGUF file as an HF model directory: config.json, the tokenizer files, model.safetensors (HF-named
+fp32 tensors: dequantized, renamed, rope un-permuted) and its 4-bit tensors' blocks (`gguf_blocks`), from
+one parse of the file.
 
 The config keys are transformers' own reading of a GGUF (`AutoConfig.from_pretrained(..., gguf_file=)`
 gives the same config from this config.json), for the architectures tensorjet runs; the tokenizer is
@@ -12,16 +13,17 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from math import prod
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from tensorjet.models.gguf_blocks import BLOCKS_FILE, write_blocks
 from tensorjet.models.gguf_dequant import dequantize
+from tensorjet.models.gguf_names import hf_name, hf_rows, rope_settings
 from tensorjet.models.gguf_reader import GGUFFile
 from tensorjet.models.gguf_tokenizer import UnsupportedTokenizer, write_tokenizer
 
@@ -52,21 +54,6 @@ _TOKEN_ID_KEYS = {
     "unk_token_id": "tokenizer.ggml.unknown_token_id",
     "pad_token_id": "tokenizer.ggml.padding_token_id",
 }
-# GGUF tensor name -> HF name, for the llama-style architectures GGUF files use.
-_GGUF_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_GGUF_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
 def convert(gguf_path: Path, out: Path) -> None:
@@ -83,6 +70,7 @@ def convert(gguf_path: Path, out: Path) -> None:
         tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         tokenizer.save_pretrained(out)
     write_safetensors(out / WEIGHTS_FILE, gguf, config)
+    write_blocks(out / BLOCKS_FILE, gguf, config)
 
 
 def hf_config(gguf: GGUFFile) -> dict[str, Any]:
@@ -113,15 +101,13 @@ def hf_config(gguf: GGUFFile) -> dict[str, Any]:
 
 def iter_gguf_weights(gguf_path: Path, config) -> Iterator[tuple[str, torch.Tensor]]:
     """The file's tensors, one at a time, HF-named and as fp32 (`config`: its HF config)."""
-    settings = {name: getattr(config, name) for name in ("model_type", "num_attention_heads")}
-    settings["num_key_value_heads"] = getattr(config, "num_key_value_heads", None)
-    return _hf_tensors(GGUFFile.open(gguf_path), settings)
+    return _hf_tensors(GGUFFile.open(gguf_path), rope_settings(config))
 
 
 def write_safetensors(file: Path, gguf: GGUFFile, config: dict[str, Any]) -> None:
     """Stream the converted tensors into one safetensors file: the header (names, shapes, offsets) is
     known from the GGUF's tensor table, so no more than one tensor is in memory at a time."""
-    layout = [(_hf_name(t.name), t.shape) for t in gguf.tensors]
+    layout = [(hf_name(t.name), t.shape) for t in gguf.tensors]
     header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, shape in layout:
@@ -141,31 +127,7 @@ def write_safetensors(file: Path, gguf: GGUFFile, config: dict[str, Any]) -> Non
             f.write(tensor.contiguous().numpy().data)
 
 
-def _hf_tensors(gguf: GGUFFile, config: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
+def _hf_tensors(gguf: GGUFFile, config: Mapping[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
     for tensor in gguf.tensors:
-        name = _hf_name(tensor.name)
-        weight = dequantize(gguf.raw(tensor), tensor.ggml_type, tensor.shape)
-        if config["model_type"] == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-            kv_heads = config.get("num_key_value_heads") or config["num_attention_heads"]
-            weight = _unpermute_rope(weight, config["num_attention_heads"] if "q_proj" in name else kv_heads)
-        yield name, weight
-
-
-def _hf_name(gguf_name: str) -> str:
-    base, _, kind = gguf_name.rpartition(".")
-    if base in _GGUF_TOP_NAMES:
-        return f"{_GGUF_TOP_NAMES[base]}.{kind}"
-    match = re.fullmatch(r"blk\.(\d+)\.(\w+)", base)
-    if match is None or match.group(2) not in _GGUF_LAYER_NAMES:
-        raise ValueError(f"GGUF tensor {gguf_name!r} has no known HF counterpart")
-    return f"model.layers.{match.group(1)}.{_GGUF_LAYER_NAMES[match.group(2)]}.{kind}"
-
-
-def _unpermute_rope(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """llama.cpp interleaves each head's rotary halves; HF keeps them as two halves. Undo it."""
-    rows = weight.shape[0]
-    return (
-        weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:])
-        .transpose(1, 2)
-        .reshape(weight.shape)
-    )
+        name = hf_name(tensor.name)
+        yield name, hf_rows(name, dequantize(gguf.raw(tensor), tensor.ggml_type, tensor.shape), config)

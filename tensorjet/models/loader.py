@@ -14,7 +14,7 @@ import importlib.util
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,10 +24,20 @@ from torch import nn
 
 from tensorjet.config import LOAD_FORMATS
 from tensorjet.layers.weight_loader import weight_loader_of
+from tensorjet.models.gguf_blocks import (
+    BLOCKS_FILE,
+    hf_blocks,
+    iter_blocks,
+    stored_tensor_types,
+    tensor_types,
+)
 from tensorjet.models.gguf_cache import converted
 from tensorjet.models.gguf_convert import WEIGHTS_FILE, iter_gguf_weights
+from tensorjet.models.gguf_names import rope_settings
+from tensorjet.models.gguf_reader import GGUFFile
 from tensorjet.models.model_config import ModelConfig
 from tensorjet.models.tokenizer import FastTokenizer, runs_without_transformers
+from tensorjet.quant.gguf import FOUR_BIT_TYPES
 
 if TYPE_CHECKING:
     import transformers
@@ -66,6 +76,16 @@ class ModelSource:
     hf_config: ModelConfig | transformers.PretrainedConfig
     tokenizer_dir: Path | None  # None: use the bundled default tokenizer
     converted: Path | None = None  # a GGUF's cache entry (an HF directory); None: read the GGUF itself
+
+    @property
+    def gguf_tensor_types(self) -> dict[str, str] | None:
+        """A GGUF file's tensor types, {HF module name: `F32`, `Q4_1`, `Q8_0`, ...}; None for any other
+        checkpoint (and a dummy run)."""
+        if self.kind != "gguf":
+            return None
+        if self.converted is not None:
+            return stored_tensor_types(self.converted / BLOCKS_FILE)
+        return tensor_types(GGUFFile.open(self.path))
 
     @property
     def quantization_config(self) -> dict | None:
@@ -190,9 +210,13 @@ def _directory_tokenizer(directory: Path):
     return transformers.AutoTokenizer.from_pretrained(directory)
 
 
-def iter_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_weights(source: ModelSource, gguf_blocks: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF-named tensors; with `gguf_blocks`, a GGUF's 4-bit tensors as their blocks' parts
+    (`<module>.qweight`, `.scales`, `.mins`) instead of fp32 weights."""
     if source.kind == "dummy":
         return iter(())
+    if gguf_blocks:
+        return _iter_with_blocks(source)
     if source.kind == "gguf" and source.converted is not None:
         return _iter_safetensors([source.converted / WEIGHTS_FILE])
     if source.kind == "gguf":
@@ -200,13 +224,33 @@ def iter_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
     return _iter_hf_dir(source.path)
 
 
-def _iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_with_blocks(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
+    if source.kind != "gguf":
+        raise ValueError(f"model {source.name!r} is not a GGUF file: it has no GGUF blocks")
+    blocked = {name for name, kind in source.gguf_tensor_types.items() if kind in FOUR_BIT_TYPES}
+
+    def float_tensor(name: str) -> bool:
+        return name.removesuffix(".weight") not in blocked
+
+    if source.converted is not None:
+        yield from _iter_safetensors([source.converted / WEIGHTS_FILE], float_tensor)
+        yield from iter_blocks(source.converted / BLOCKS_FILE)
+        return
+    yield from ((n, t) for n, t in iter_gguf_weights(source.path, source.hf_config) if float_tensor(n))
+    for name, _, parts in hf_blocks(GGUFFile.open(source.path), rope_settings(source.hf_config)):
+        yield from ((f"{name}.{key}", value) for key, value in parts.items())
+
+
+def _iter_safetensors(
+    files: Iterable[Path], wanted: Callable[[str], bool] = lambda name: True
+) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
 
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                if wanted(name):
+                    yield name, f.get_tensor(name)
 
 
 def _iter_hf_dir(path: Path) -> Iterator[tuple[str, torch.Tensor]]:

@@ -12,7 +12,10 @@ Recognised checkpoint formats:
   or per output channel: AutoAWQ (`quant_method: awq`, `version: gemm`), GPTQ (`quant_method: gptq`,
   `checkpoint_format` `gptq` (v1) or `gptq_v2`, act order included) and compressed-tensors W4A16
   (`format: pack-quantized`, int weights, no input quantization), as llmcompressor's GPTQ, AWQ and
-  round-to-nearest recipes write it.
+  round-to-nearest recipes write it;
+- a GGUF file's Q4_0/Q4_1 blocks (`tensorjet.quant.gguf`, CPU only): asked for as `quantization="gguf"`,
+  and the default on the CPU (`EngineConfig.gguf_blocks_by_default`) for a file whose decoder
+  projections are all 4-bit blocks.
 A format or scheme outside these stops at load with the field that is not supported; nothing falls
 back to unquantized weights.
 """
@@ -25,6 +28,7 @@ from typing import Any
 
 from tensorjet.config import FeatureNotAvailableError
 from tensorjet.quant.fp8 import Fp8Scheme
+from tensorjet.quant.gguf import FOUR_BIT_TYPES
 from tensorjet.quant.int4 import Int4Scheme
 
 # Modules a checkpoint may leave unquantized: tensorjet keeps the LM head and embeddings in the model
@@ -44,9 +48,9 @@ DUMMY_INT4 = {
 class QuantizationSpec:
     """The decoder layers' linear format and where its weights and scales come from."""
 
-    method: str  # "fp8" or "int4"
+    method: str  # "fp8", "int4" or "gguf"
     # fp8: "online" (quantized at load), "compressed-tensors" or "modelopt";
-    # int4: "awq", "gptq", "compressed-tensors", or "dummy" (random weights)
+    # int4: "awq", "gptq", "compressed-tensors", or "dummy" (random weights); gguf: "gguf" or "dummy"
     source: str
     fp8: Fp8Scheme | None = None
     kv_cache_scales: bool = False  # per-layer k_scale/v_scale tensors in the checkpoint
@@ -56,8 +60,8 @@ class QuantizationSpec:
     def quantization_options(self) -> tuple[str, ...]:
         """The values of the `quantization` option that name this format: an AWQ or a GPTQ checkpoint
         is that algorithm's; compressed-tensors INT4 does not say which algorithm made it."""
-        if self.method == "fp8":
-            return ("fp8",)
+        if self.method in ("fp8", "gguf"):
+            return (self.method,)
         if self.source in ("awq", "gptq"):
             return (self.source,)
         return ("awq", "gptq")
@@ -68,12 +72,24 @@ class UnsupportedCheckpointError(ValueError):
 
 
 def quantization_spec(
-    requested: str | None, checkpoint: Mapping[str, Any] | None, *, dummy: bool = False
+    requested: str | None,
+    checkpoint: Mapping[str, Any] | None,
+    *,
+    dummy: bool = False,
+    gguf_types: Mapping[str, str] | None = None,
+    gguf_by_default: bool = False,
 ) -> QuantizationSpec | None:
     """The format to run: the checkpoint's own where it declares one (`requested` must agree), else
     `requested` applied at load (FP8 quantizes float weights; INT4 makes random weights where `dummy`;
-    INT4 of float weights is calibrated into a checkpoint before loading, `tensorjet.calibration`),
-    else None (unquantized)."""
+    INT4 of float weights is calibrated into a checkpoint before loading, `tensorjet.calibration`;
+    `gguf` runs the blocks of a GGUF file, whose tensor types are `gguf_types`), else with
+    `gguf_by_default` a GGUF file's blocks where it has them, else None (unquantized)."""
+    if requested == "gguf":
+        return _gguf(gguf_types, dummy)
+    if requested is None and checkpoint is None and gguf_by_default and gguf_types is not None:
+        return (
+            _gguf(gguf_types, dummy) if _gguf_projection_types(gguf_types) <= FOUR_BIT_TYPES.keys() else None
+        )
     if checkpoint is None:
         if requested is None:
             return None
@@ -113,6 +129,43 @@ def _checkpoint_spec(config: Mapping[str, Any]) -> QuantizationSpec:
 
 
 WHERE = "checkpoint quantization_config"
+
+# The decoder projections of a GGUF file, as HF modules name them (`tensorjet.models.gguf_cache`).
+GGUF_PROJECTIONS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+
+
+def _gguf_projection_types(types: Mapping[str, str]) -> set[str]:
+    return {kind for name, kind in types.items() if name.endswith(GGUF_PROJECTIONS)}
+
+
+def _gguf(types: Mapping[str, str] | None, dummy: bool) -> QuantizationSpec:
+    if dummy:
+        return QuantizationSpec("gguf", "dummy")
+    if types is None:
+        raise ValueError(
+            "option quantization='gguf' runs a GGUF file's 4-bit blocks; this model is not a .gguf file"
+        )
+    other = sorted(
+        (name, kind)
+        for name, kind in types.items()
+        if name.endswith(GGUF_PROJECTIONS) and kind not in FOUR_BIT_TYPES
+    )
+    if other or not _gguf_projection_types(types):
+        found = f"tensor {other[0][0]} is {other[0][1]}" if other else "it has no decoder projections"
+        raise UnsupportedCheckpointError(
+            f"option quantization='gguf' runs GGUF files whose decoder projections are all "
+            f"{' or '.join(FOUR_BIT_TYPES)} blocks; {found} ({len(other)} such tensors). Use "
+            "dtype='float32' to run its fp32 dequantization"
+        )
+    return QuantizationSpec("gguf", "gguf")
 
 
 def _awq(config: Mapping[str, Any]) -> QuantizationSpec:

@@ -3,6 +3,8 @@
 - The weight format of the decoder layers' projections (`linear_method_for`), and for FP8 layers their
   kernels: on the CPU the reference product over the weights' exact float copy; on an FP8 GPU (sm89+)
   `torch._scaled_mm` with row-wise scales, and for decode-sized batches the FP8 GEMV where it times faster.
+- For GGUF blocks (CPU only): the LM head as int8 rows, and the fused batch-1 layer (each projection's
+  neighbouring ops beside PyTorch's int4 kernel: fewer ops a step).
 - For INT4 layers: on the CPU a float matmul over the dequantized weight (the reference's numerics); on
   a GPU the Triton W4A16 GEMV (its tile timed per weight shape) for decode batches, the Triton GEMM past
   it, and from the batch size where it times faster, the weight dequantized whole and cuBLAS.
@@ -47,6 +49,7 @@ from tensorjet.layers.norm import RMSNorm
 from tensorjet.layers.rotary import RotaryEmbedding
 from tensorjet.quant.formats import QuantizationSpec
 from tensorjet.quant.fp8 import Fp8Kernels, Fp8LinearMethod
+from tensorjet.quant.gguf import GgufHeadMethod, GgufLinearMethod, blocks_product
 from tensorjet.quant.int4 import Int4Kernels, Int4LinearMethod
 
 logger = logging.getLogger(__name__)
@@ -81,6 +84,9 @@ def linear_method_for(config: EngineConfig, spec: QuantizationSpec | None) -> Li
         return UnquantizedLinearMethod
     if spec.int4 is not None:
         return partial(Int4LinearMethod, spec.int4)
+    if spec.method == "gguf":
+        check_gguf_device(config.torch_device)
+        return GgufLinearMethod
     check_fp8_device(config.torch_device)
     return partial(Fp8LinearMethod, spec.fp8)
 
@@ -97,6 +103,15 @@ def check_fp8_device(device: torch.device, capability: tuple[int, int] | None = 
             f"capability >= {FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]}: Ada, Hopper); "
             f"{torch.cuda.get_device_name(device) if capability is None else 'this GPU'} is "
             f"{major}.{minor}"
+        )
+
+
+def check_gguf_device(device: torch.device) -> None:
+    """GGUF blocks run on the CPU's int4 kernel only; on a GPU the file's weights run dequantized."""
+    if device.type != "cpu":
+        raise ValueError(
+            f"option quantization='gguf' runs on the CPU only (PyTorch's CPU int4 kernel); device is "
+            f"{device}: leave quantization unset to run the GGUF file's weights dequantized there"
         )
 
 
@@ -118,6 +133,27 @@ def select_kernels(model: DecoderModel, config: EngineConfig, attention_backend:
     select_int4_kernels(model, config, triton=triton, timed=on_gpu and not invariant)
     if triton and not invariant:
         select_fused_decode(model, timed=on_gpu)
+    select_gguf_kernels(model, config)
+
+
+def select_gguf_kernels(model: DecoderModel, config: EngineConfig) -> None:
+    """For a model whose projections run GGUF blocks: the LM head as int8 rows (`GgufHeadMethod`), and
+    one-token steps through the decoder layers' fused path (each projection with its norm, residual add
+    or SiLU beside it: fewer ops a step). Batch-invariant mode runs the projections in fixed-shape row
+    tiles instead of the fused path, and keeps the head's float product (`select_linear_kernels`)."""
+    layers = [m for m in model.modules() if isinstance(m, Linear) and isinstance(m.method, GgufLinearMethod)]
+    if not layers:
+        return
+    if config.runtime.batch_invariant:
+        tiled = row_tiled(blocks_product, row_tile_for(config.torch_device))
+        for layer in layers:
+            layer.method.product = tiled
+        model.fused_decode = False
+        return
+    head = getattr(model, "lm_head", None)
+    if isinstance(head, Linear) and isinstance(head.method, UnquantizedLinearMethod):
+        head.method = GgufHeadMethod(head)
+    model.fused_decode = True
 
 
 def dense_kernel(config: EngineConfig) -> LinearKernel:

@@ -173,8 +173,13 @@ class ModelRunner:
 
     def _load_model(self, source: ModelSource) -> None:
         start = time.perf_counter()
+        gguf_wanted = self.config.quantization == "gguf" or self.config.gguf_blocks_by_default
         self.quantization = quantization_spec(
-            self.config.quantization, source.quantization_config, dummy=source.kind == "dummy"
+            self.config.quantization,
+            source.quantization_config,
+            dummy=source.kind == "dummy",
+            gguf_types=source.gguf_tensor_types if gguf_wanted else None,  # read only where it may run
+            gguf_by_default=self.config.gguf_blocks_by_default,
         )
         with torch.device(self.device):
             self.model = LlamaForCausalLM(
@@ -187,7 +192,8 @@ class ModelRunner:
         if source.kind == "dummy" or self.config.load.load_format == "dummy":
             self.model.init_dummy_weights(self.config.runtime.seed)
         else:  # each parameter's loader converts its tensors (an FP8 format quantizes floats as they load)
-            self.model.load_weights(iter_weights(source))
+            gguf_blocks = self.quantization is not None and self.quantization.method == "gguf"
+            self.model.load_weights(iter_weights(source, gguf_blocks=gguf_blocks))
         self.model.eval()
         self._apply_kv_scales()
         logger.info("loaded %s in %.1fs", source.name, time.perf_counter() - start)

@@ -1,0 +1,203 @@
+"""GGUF 4-bit blocks on the CPU (`quantization="gguf"`): a GGUF file's Q4_0/Q4_1 linear layers run as
+they are stored, 4 bits a weight, instead of as the fp32 weights they dequantize to (8x the bytes
+every decode step reads).
+
+A block of 32 weights is w = d * q + m (q in 0..15; `tensorjet.models.gguf_blocks`). PyTorch's CPU
+weight-only kernel (`aten._weight_int4pack_mm_for_cpu`, group size 32) computes w = (q - 8) * s + z
+with bf16 s and z per group, so each block becomes s = d, z = m + 8 d: exact up to rounding d and
+m + 8 d to bf16. It reads 4 bits a weight, so it wins where reading weights is the cost: up to
+`SMALL_BATCH_MAX_ROWS` rows (decode). Past that the product is compute-bound and a bf16 GEMM
+(AVX512-BF16 where the CPU has it) runs about twice as fast, so the layer also keeps that weight as
+bf16 (the same values, rounded to bf16): prefill and batched decode. Activations enter either product
+as bf16, products accumulate in fp32 and come back as bf16, converted to the model dtype.
+
+While loading, a layer holds the blocks' codes (uint8, one per byte), scales and minimums (fp16), each
+shard in its rows (`Linear.shard_rows`), each rank's part under tensor parallelism (whole blocks);
+`process_weights_after_loading` packs them into the kernel's layout (`qweight`, `scales_and_zeros`)
+and makes the bf16 weight (`dense_weight`).
+
+The LM head of a GGUF file is tied to its token embedding (Q8_0 in llama.cpp's 4-bit files), which is
+not a 4-bit type: `GgufHeadMethod` multiplies one row by it as int8 with a scale per row (quantized at
+start-up), more rows by its bf16 copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tensorjet.layers.activation import silu_and_mul
+from tensorjet.layers.linear import Linear, LinearMethod
+from tensorjet.layers.norm import RMSNorm
+from tensorjet.layers.weight_loader import copy_checked, set_weight_loader
+
+GROUP = 32  # weights per block and per kernel group
+# The GGUF block types this format runs -> bytes per block of 32 weights
+FOUR_BIT_TYPES = {"Q4_0": 18, "Q4_1": 20}
+ROWS_MULTIPLE = 16  # the kernel's packing takes output rows in multiples of 16
+
+# Rows up to which the int4 kernel beats a bf16 GEMM (the 135M model's shapes on an AVX-512 CPU, one
+# thread: 121 vs 142 us at 2 rows, 170 vs 172 at 4, 338 vs 238 at 8).
+SMALL_BATCH_MAX_ROWS = 4
+# The int8 head's kernel costs rows x its one-row time (3.9 ms at 1 row, 12.3 at 8 on [49152, 576]);
+# a bf16 GEMM costs 7.0 ms at 1 row, 8.5 at 8.
+HEAD_INT8_MAX_ROWS = 1
+# y [M, N] = product(x [M, K], the layer)
+Product = Callable[[torch.Tensor, Linear], torch.Tensor]
+
+
+def pack_blocks(
+    codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes [N, K] (0..15) with per-32 scales and minimums [N, K / 32] (w = scale * code + min) ->
+    the int4 kernel's (packed codes, bf16 scales_and_zeros [K / 32, N, 2]), and the weight it
+    multiplies by as bf16 [N, K]."""
+    qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+    scales, mins = scales.float(), mins.float()
+    scales_and_zeros = torch.stack((scales.T, (mins + 8 * scales).T), dim=-1).to(torch.bfloat16)
+    rows, k = codes.shape
+    s, z = (t.T.float()[..., None] for t in scales_and_zeros.unbind(-1))  # [N, K / 32, 1]
+    dense = ((codes.view(rows, k // GROUP, GROUP).float() - 8) * s + z).view(rows, k).to(torch.bfloat16)
+    return qweight, scales_and_zeros.contiguous(), dense
+
+
+def blocks_product(x: torch.Tensor, layer: Linear) -> torch.Tensor:
+    """x W^T (+ b) in x's dtype: the int4 kernel up to `SMALL_BATCH_MAX_ROWS` rows, else the bf16 GEMM."""
+    xb = x.to(torch.bfloat16)
+    if x.shape[0] <= SMALL_BATCH_MAX_ROWS:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, layer.qweight, GROUP, layer.scales_and_zeros)
+    else:
+        y = F.linear(xb, layer.dense_weight)
+    if layer.bias is not None:
+        y = y + layer.bias
+    return y.to(x.dtype)
+
+
+class GgufLinearMethod(LinearMethod):
+    """A linear layer over a GGUF file's Q4_0/Q4_1 blocks, multiplied by the CPU int4 kernel; bias (if
+    any) and outputs in the activation dtype."""
+
+    def __init__(self) -> None:
+        # The product, chosen at start-up (`tensorjet.runtime.kernel_selection`): row tiles of fixed
+        # shape in batch-invariant mode.
+        self.product: Product = blocks_product
+
+    def create_weights(self, layer: Linear, dtype: torch.dtype) -> None:
+        rows, k = sum(layer.output_sizes), layer.input_size
+        if k % GROUP or rows % ROWS_MULTIPLE:
+            raise ValueError(
+                f"option quantization='gguf': a linear layer of shape [{rows}, {k}] cannot run GGUF "
+                f"blocks (the CPU kernel takes inputs in blocks of {GROUP} and outputs in multiples of "
+                f"{ROWS_MULTIPLE})"
+            )
+        self._register(layer, "qweight", torch.zeros(rows, k, dtype=torch.uint8), 1)
+        self._register(layer, "scales", torch.zeros(rows, k // GROUP, dtype=torch.float16), GROUP)
+        self._register(layer, "mins", torch.zeros(rows, k // GROUP, dtype=torch.float16), GROUP)
+        if layer.has_bias:
+            layer.bias = nn.Parameter(torch.zeros(rows, dtype=dtype), requires_grad=False)
+            set_weight_loader(layer.bias, layer.weight_loader)
+
+    @staticmethod
+    def _register(layer: Linear, name: str, data: torch.Tensor, columns_per_entry: int) -> None:
+        param = nn.Parameter(data, requires_grad=False)
+        layer.register_parameter(name, param)
+
+        def load(param: nn.Parameter, tensor: torch.Tensor, shard_id: int | None) -> None:
+            if tensor.dtype != param.dtype:
+                raise ValueError(f"is {tensor.dtype}, expected {param.dtype} (GGUF blocks, unpacked)")
+            tensor = layer.narrow_to_rank(tensor, shard_id, input_pack=columns_per_entry)
+            copy_checked(param.data[layer.shard_rows(shard_id)], tensor)
+
+        set_weight_loader(param, load)
+
+    def process_weights_after_loading(self, layer: Linear) -> None:
+        """The int4 kernel's layout (codes packed two to a byte in its tile order, bf16 scales and
+        zeros) and the bf16 weight of larger batches."""
+        qweight, scales_and_zeros, dense = pack_blocks(layer.qweight.data, layer.scales.data, layer.mins.data)
+        del layer.scales, layer.mins
+        layer.qweight = nn.Parameter(qweight, requires_grad=False)
+        layer.scales_and_zeros = nn.Parameter(scales_and_zeros, requires_grad=False)
+        layer.dense_weight = nn.Parameter(dense, requires_grad=False)
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        return self.product(x, layer)
+
+    @property
+    def supports_fused(self) -> bool:
+        return True
+
+    def apply_fused(
+        self,
+        layer: Linear,
+        x: torch.Tensor,
+        *,
+        norm: RMSNorm | None,
+        residual: torch.Tensor | None,
+        silu_mul: bool,
+    ) -> torch.Tensor:
+        """The product with its neighbours as plain ops around it, the residual added in place: fewer
+        ops per decode step than the unfused layer."""
+        if norm is not None:
+            x = norm(x)
+        y = self.apply(layer, x)
+        if residual is not None:
+            return residual.add_(y)
+        return silu_and_mul(y) if silu_mul else y
+
+    def init_dummy_weights(self, layer: Linear, generator: torch.Generator) -> None:
+        """Random codes and scales that keep the weights within +-K^-0.5, then the kernels' layouts."""
+        layer.qweight.data.copy_(torch.randint(0, 16, layer.qweight.shape, generator=generator))
+        scale = layer.input_size**-0.5 / 8
+        layer.scales.data.fill_(scale)
+        layer.mins.data.fill_(-8 * scale)
+        if layer.bias is not None:
+            bound = layer.input_size**-0.5
+            layer.bias.data.uniform_(-bound, bound, generator=generator)
+        self.process_weights_after_loading(layer)
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float weight [N, K] as int8 codes [N, K] and a bf16 scale per row (symmetric, rounded to
+    nearest): w ~ scale * code, off by at most half a step. The scale is the row's largest magnitude
+    over 127, rounded to bf16 upwards so that every code fits in +-127."""
+    weight = weight.float()
+    exact = weight.abs().amax(dim=1) / 127
+    scales = exact.to(torch.bfloat16)
+    scales = torch.where(
+        scales.float() < exact, torch.nextafter(scales, scales.new_tensor(torch.inf)), scales
+    )
+    safe = torch.where(scales > 0, scales.float(), torch.ones_like(exact))
+    codes = torch.round(weight / safe[:, None]).clamp_(-127, 127).to(torch.int8)
+    return codes, scales
+
+
+class GgufHeadMethod(LinearMethod):
+    """The LM head of a model that runs GGUF blocks, from its float weight (the tied embedding's, or the
+    head's own) at start-up: up to `HEAD_INT8_MAX_ROWS` rows as int8 with a scale per row, PyTorch's
+    CPU weight-only int8 kernel (`torch._weight_int8pack_mm`), which reads a byte a weight; more rows
+    (prompt logprobs, batched decode), where that kernel is slower than a GEMM, as bf16. Activations
+    enter as bf16. The embedding keeps its float rows for the lookup. (4-bit groups of 32 here cost
+    the bundled model 4% of perplexity, int8 rows 0.1%; `docs/performance.md`.)"""
+
+    def __init__(self, layer: Linear) -> None:
+        self.codes, self.scales = quantize_rows(layer.weight.data)
+        self.dense_weight = layer.weight.data.to(torch.bfloat16)
+
+    def create_weights(self, layer: Linear, dtype: torch.dtype) -> None:
+        raise TypeError("GgufHeadMethod replaces a loaded LM head's method; it creates no weights")
+
+    def init_dummy_weights(self, layer: Linear, generator: torch.Generator) -> None:
+        raise TypeError("GgufHeadMethod replaces a loaded LM head's method; it has no weights of its own")
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        xb = x.to(torch.bfloat16)
+        if x.shape[0] <= HEAD_INT8_MAX_ROWS:
+            y = torch._weight_int8pack_mm(xb, self.codes, self.scales)
+        else:
+            y = F.linear(xb, self.dense_weight)
+        if layer.bias is not None:
+            y = y + layer.bias
+        return y.to(x.dtype)

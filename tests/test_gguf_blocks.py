@@ -1,0 +1,234 @@
+"""GGUF 4-bit blocks on the CPU (`quantization="gguf"`): the blocks unpack to exactly the GGUF's own
+dequantization, the kernel's packing keeps them up to bf16 rounding of the scales, every product of the
+layer equals the product with its dequantized weight, the option's rules name their field, and the
+bundled model runs its blocks by default within the perplexity of its fp32 weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+from prompts import PLAIN
+
+from tensorjet import LLM, SamplingParams
+from tensorjet.config import EngineConfig
+from tensorjet.layers.activation import silu_and_mul
+from tensorjet.layers.linear import Linear
+from tensorjet.layers.norm import RMSNorm
+from tensorjet.layers.weight_loader import weight_loader_of
+from tensorjet.models.gguf_blocks import unpack_block_rows
+from tensorjet.quant import gguf
+from tensorjet.quant.formats import UnsupportedCheckpointError, quantization_spec
+from tensorjet.runtime.kernel_selection import check_gguf_device
+
+BF16_STEP = 2.0**-8  # bf16 keeps 8 significant bits: rounding moves a value by at most this share of it
+
+
+def random_blocks(rows: int, columns: int, type_name: str, seed: int = 0) -> np.ndarray:
+    """GGUF block rows [rows, blocks * bytes] with random fp16 scales (and minimums) and codes."""
+    rng = np.random.default_rng(seed)
+    groups = columns // gguf.GROUP
+    scales = (rng.random((rows, groups, 1)) * 0.02 + 1e-3).astype(np.float16)
+    parts = [scales.view(np.uint8)]
+    if type_name == "Q4_1":
+        parts.append((-rng.random((rows, groups, 1)) * 0.1).astype(np.float16).view(np.uint8))
+    parts.append(rng.integers(0, 256, (rows, groups, 16), dtype=np.uint8))
+    return np.concatenate(parts, axis=-1).reshape(rows, -1)
+
+
+def blocks_of(rows: int, columns: int, type_name: str = "Q4_1", seed: int = 0) -> tuple[dict, torch.Tensor]:
+    """The parts of random blocks and the GGUF reader's own fp32 dequantization of them."""
+    data = random_blocks(rows, columns, type_name, seed)
+    reference = gguf_dequantize(data, GGMLQuantizationType[type_name]).reshape(rows, columns)
+    return unpack_block_rows(data, type_name, columns), torch.from_numpy(np.array(reference, np.float32))
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1"])
+def test_blocks_unpack_to_exactly_the_gguf_dequantization(type_name):
+    parts, reference = blocks_of(48, 96, type_name)
+    assert parts["qweight"].dtype == torch.uint8 and int(parts["qweight"].max()) <= 15
+    scales = parts["scales"].float().repeat_interleave(gguf.GROUP, 1)
+    mins = parts["mins"].float().repeat_interleave(gguf.GROUP, 1)
+    assert torch.equal(scales * parts["qweight"].float() + mins, reference)
+
+
+def test_packing_keeps_the_weights_up_to_bf16_rounding_of_scales():
+    parts, reference = blocks_of(64, 128, "Q4_1", seed=1)
+    qweight, scales_and_zeros, dense = gguf.pack_blocks(parts["qweight"], parts["scales"], parts["mins"])
+    packed = kernel_dequantize(qweight, scales_and_zeros, 128).float()  # rounded to bf16 on the way out
+    assert torch.equal(packed, kernel_weight(parts).bfloat16().float())
+    assert torch.equal(dense.float(), packed), "the bf16 weight of larger batches is the same weight"
+    scales = parts["scales"].float().repeat_interleave(gguf.GROUP, 1)
+    zeros = (parts["mins"].float() + 8 * parts["scales"].float()).repeat_interleave(gguf.GROUP, 1)
+    # Each bf16 rounding moves a value by at most 2^-8 of it.
+    bound = BF16_STEP * (8 * scales + zeros.abs() + reference.abs())
+    assert bool(((packed - reference).abs() <= bound).all())
+    assert (packed != reference).any(), "the bound is about rounding: some weights do round"
+
+
+def kernel_weight(parts: dict) -> torch.Tensor:
+    """The fp32 weight the int4 kernel multiplies by: (q - 8) * s + z, s = d and z = m + 8 d in bf16."""
+    scales, mins = parts["scales"].float(), parts["mins"].float()
+    s = scales.bfloat16().float().repeat_interleave(gguf.GROUP, 1)
+    z = (mins + 8 * scales).bfloat16().float().repeat_interleave(gguf.GROUP, 1)
+    return (parts["qweight"].float() - 8) * s + z
+
+
+def kernel_dequantize(qweight: torch.Tensor, scales_and_zeros: torch.Tensor, k: int) -> torch.Tensor:
+    """A packed weight [N, K] read back through the kernel itself (the identity times it), as bf16."""
+    identity = torch.eye(k, dtype=torch.bfloat16)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(identity, qweight, gguf.GROUP, scales_and_zeros).T
+
+
+def gguf_linear(input_size: int, output_sizes: list[int], bias: bool = False, seed: int = 0):
+    """A merged GgufLinearMethod layer loaded shard by shard, and the fp32 weight its kernel multiplies by."""
+    layer = Linear(input_size, output_sizes, bias=bias, method=gguf.GgufLinearMethod())
+    weights = []
+    for shard, rows in enumerate(output_sizes):
+        parts, _ = blocks_of(rows, input_size, "Q4_1", seed=seed + shard)
+        weights.append(kernel_weight(parts))
+        for name, tensor in parts.items():
+            param = getattr(layer, name)
+            weight_loader_of(param)(param, tensor, shard)
+    if bias:
+        layer.bias.data.uniform_(-0.5, 0.5)
+    layer.method.process_weights_after_loading(layer)
+    return layer, torch.cat(weights)
+
+
+def reference_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    y = x.to(torch.bfloat16).float() @ weight.T
+    return y if bias is None else y + bias
+
+
+@pytest.mark.parametrize("rows", [1, gguf.SMALL_BATCH_MAX_ROWS, gguf.SMALL_BATCH_MAX_ROWS + 3])
+def test_products_equal_the_dequantized_weights_product(rows):
+    """Up to SMALL_BATCH_MAX_ROWS rows the int4 kernel (the fp32 weight it builds), past them the same
+    weight rounded to bf16, kept beside the blocks."""
+    torch.manual_seed(0)
+    layer, weight = gguf_linear(96, [32, 48], bias=True)
+    assert not hasattr(layer, "scales") and not hasattr(layer, "mins")  # repacked
+    assert torch.equal(layer.dense_weight, weight.bfloat16())
+    x = torch.randn(rows, 96)
+    y = layer(x)
+    assert y.dtype == torch.float32 and y.shape == (rows, 80)
+    if rows > gguf.SMALL_BATCH_MAX_ROWS:
+        weight = weight.bfloat16().float()
+    # fp32 sums in another order, then the product rounded to bf16 before the bias is added
+    product = reference_product(x, weight, None)
+    torch.testing.assert_close(y - layer.bias, product, rtol=BF16_STEP, atol=1e-5)
+
+
+def test_fused_products_carry_the_norm_residual_and_silu():
+    torch.manual_seed(0)
+    norm = RMSNorm(64, 1e-5)
+    norm.weight.data.uniform_(0.5, 1.5)
+    gate_up, gate_up_weight = gguf_linear(64, [64, 64])
+    down, down_weight = gguf_linear(64, [64], seed=5)
+    x = torch.randn(1, 64)
+    act = gate_up.forward_fused(x, norm=norm, act=silu_and_mul)
+    expected = silu_and_mul(reference_product(norm(x), gate_up_weight, None))
+    torch.testing.assert_close(act, expected, rtol=4 * BF16_STEP, atol=1e-5)
+    residual = torch.randn(1, 64)
+    expected = residual + reference_product(act, down_weight, None)
+    out = down.forward_fused(act, residual=residual)
+    assert out is residual, "the residual stream is updated in place"
+    torch.testing.assert_close(residual, expected, rtol=4 * BF16_STEP, atol=1e-5)
+
+
+def test_the_head_is_int8_rows_within_half_a_step_for_one_row_and_bf16_past_it():
+    torch.manual_seed(0)
+    head = Linear(64, 48)
+    head.weight.data.normal_()
+    method = gguf.GgufHeadMethod(head)
+    scales = method.scales.float()[:, None]
+    assert method.codes.dtype == torch.int8 and int(method.codes.abs().max()) == 127
+    rebuilt = method.codes.float() * scales
+    assert bool(((rebuilt - head.weight).abs() <= scales / 2 * (1 + 1e-6)).all())
+    x = torch.randn(1, 64)
+    expected = x.bfloat16().float() @ rebuilt.T
+    torch.testing.assert_close(method.apply(head, x), expected, rtol=BF16_STEP, atol=1e-4)
+    x = torch.randn(3, 64)  # more rows than the int8 kernel pays for: the bf16 weight
+    expected = x.bfloat16().float() @ head.weight.bfloat16().float().T
+    torch.testing.assert_close(method.apply(head, x), expected, rtol=BF16_STEP, atol=1e-4)
+
+
+def test_a_shape_the_kernel_cannot_take_names_the_option():
+    with pytest.raises(ValueError, match=r"quantization='gguf'.*\[24, 64\]"):
+        Linear(64, 24, method=gguf.GgufLinearMethod())
+
+
+# ---- options ------------------------------------------------------------------------------------
+
+Q4 = {f"model.layers.0.{p}": "Q4_1" for p in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj")}
+Q4["model.embed_tokens"] = "Q8_0"
+
+
+def test_a_4_bit_gguf_runs_its_blocks_by_default_on_the_cpu_only_with_dtype_auto():
+    assert quantization_spec(None, None, gguf_types=Q4, gguf_by_default=True).method == "gguf"
+    assert quantization_spec(None, None, gguf_types=Q4, gguf_by_default=False) is None
+    mixed = Q4 | {"model.layers.0.mlp.down_proj": "Q6_K"}
+    assert quantization_spec(None, None, gguf_types=mixed, gguf_by_default=True) is None
+    assert EngineConfig.from_options(device="cpu").gguf_blocks_by_default
+    assert not EngineConfig.from_options(device="cpu", dtype="float32").gguf_blocks_by_default
+
+
+def test_gguf_blocks_of_another_type_or_model_name_the_cause():
+    mixed = Q4 | {"model.layers.0.mlp.down_proj": "Q6_K"}
+    with pytest.raises(UnsupportedCheckpointError, match=r"model\.layers\.0\.mlp\.down_proj is Q6_K"):
+        quantization_spec("gguf", None, gguf_types=mixed)
+    with pytest.raises(ValueError, match=r"quantization='gguf'.*not a \.gguf file"):
+        quantization_spec("gguf", None)
+    with pytest.raises(ValueError, match=r"quantization='gguf' runs on the CPU only"):
+        check_gguf_device(torch.device("cuda"))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "fp16", "int4_awq"])
+def test_a_dtype_the_cpu_kernel_cannot_run_names_the_field(dtype):
+    with pytest.raises(ValueError, match="option (dtype|quantization)"):
+        LLM(device="cpu", quantization="gguf", dtype=dtype)
+
+
+# ---- engines ------------------------------------------------------------------------------------
+
+
+def test_an_engine_runs_random_gguf_blocks(tiny_model_dir):
+    """A tiny model with random 4-bit blocks: the head runs as int8 rows, one-token steps run the fused
+    layer, and greedy tokens do not depend on batching in batch-invariant mode."""
+    options = dict(model=tiny_model_dir, load_format="dummy", quantization="gguf", kv_cache_max_tokens=256)
+    prompts = [[(7 * i + j) % 128 for j in range(5 + 3 * i)] for i in range(3)]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    llm = LLM(device="cpu", **options)
+    try:
+        model = llm.engine.runner.model
+        assert llm.engine.runner.weight_format == "gguf (dummy)" and model.fused_decode
+        assert isinstance(model.lm_head.method, gguf.GgufHeadMethod)
+        assert all(len(o.outputs[0].token_ids) == 6 for o in llm.generate(prompts, params, use_tqdm=False))
+    finally:
+        llm.shutdown()
+    llm = LLM(device="cpu", batch_invariant=True, **options)
+    try:
+        assert not llm.engine.runner.model.fused_decode
+        alone = [llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+        together = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    finally:
+        llm.shutdown()
+    assert alone == together
+
+
+def test_the_bundled_model_runs_its_blocks_within_the_fp32_perplexity(llm, default_llm):
+    """The default engine on the CPU runs the bundled GGUF's Q4_1 blocks; its perplexity on a text is
+    within 1% of the fp32 weights' (`llm`), and its greedy tokens start as theirs do."""
+    from tensorjet.eval.perplexity import perplexity
+
+    assert default_llm.engine.runner.weight_format == "gguf (gguf)"
+    text = " ".join(PLAIN) * 16
+    fp32 = perplexity(llm, text, context_len=256).perplexity
+    ours = perplexity(default_llm, text, context_len=256).perplexity
+    params = SamplingParams(temperature=0, max_tokens=4)
+    expected = [o.outputs[0].token_ids for o in llm.generate(PLAIN, params, use_tqdm=False)]
+    tokens = [o.outputs[0].token_ids for o in default_llm.generate(PLAIN, params, use_tqdm=False)]
+    assert abs(ours / fp32 - 1) < 0.01, f"perplexity {ours:.4f} vs fp32 {fp32:.4f}"
+    assert sum(a[0] == b[0] for a, b in zip(tokens, expected)) >= len(PLAIN) - 1, (tokens, expected)
