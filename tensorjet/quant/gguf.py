@@ -29,9 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tensorjet.layers.activation import silu_and_mul
 from tensorjet.layers.linear import Linear, LinearMethod
-from tensorjet.layers.norm import RMSNorm
 from tensorjet.layers.weight_loader import copy_checked, set_weight_loader
 
 GROUP = 32  # weights per block and per kernel group
@@ -124,28 +122,6 @@ class GgufLinearMethod(LinearMethod):
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         return self.product(x, layer)
-
-    @property
-    def supports_fused(self) -> bool:
-        return True
-
-    def apply_fused(
-        self,
-        layer: Linear,
-        x: torch.Tensor,
-        *,
-        norm: RMSNorm | None,
-        residual: torch.Tensor | None,
-        silu_mul: bool,
-    ) -> torch.Tensor:
-        """The product with its neighbours as plain ops around it, the residual added in place: fewer
-        ops per decode step than the unfused layer."""
-        if norm is not None:
-            x = norm(x)
-        y = self.apply(layer, x)
-        if residual is not None:
-            return residual.add_(y)
-        return silu_and_mul(y) if silu_mul else y
 
     def init_dummy_weights(self, layer: Linear, generator: torch.Generator) -> None:
         """Random codes and scales that keep the weights within +-K^-0.5, then the kernels' layouts."""
