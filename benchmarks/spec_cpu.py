@@ -1,5 +1,6 @@
-"""N-gram speculative decoding on the CPU with the bundled model (SmolLM2-135M-Instruct, fp32): batch-1
-output tokens/s with and without speculation, in one run, on copy-heavy prompts from tinyshakespeare.
+"""N-gram speculative decoding on the CPU with the bundled model (SmolLM2-135M-Instruct; fp32 unless
+`--dtype`): batch-1 output tokens/s with and without speculation, in one run, on copy-heavy prompts from
+tinyshakespeare.
 
 Two kinds of prompt, each over passages of the text taken at evenly spaced lines:
 - repeat: the passage, then "The same passage again:" and its first line, to be continued (in-context
@@ -72,10 +73,17 @@ def main() -> None:
     parser.add_argument("--num_speculative_tokens", type=int, default=5)
     parser.add_argument("--prompt_lookup_min", type=int, default=2)
     parser.add_argument("--prompt_lookup_max", type=int, default=4)
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        help="the engines' dtype: float32 (as HF runs the model; the same tokens with speculation), or "
+        "auto (the CPU default: the GGUF's 4-bit blocks, whose verify steps' bf16 products may round a "
+        "near-tie the other way)",
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
-    common = dict(device="cpu", kv_cache_max_tokens=8192)
+    common = dict(device="cpu", dtype=args.dtype, kv_cache_max_tokens=8192)
     plain = LLM(**common)
     spec = LLM(
         **common,
