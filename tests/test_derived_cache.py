@@ -95,6 +95,7 @@ def test_a_second_start_maps_the_derived_tensors_and_computes_the_same(cache, ti
             assert mapped_file(taken[layer][name]) == str(entry / derived_cache.TENSORS_FILE)
             assert taken[layer][name].data_ptr() % derived_cache.DATA_ALIGNMENT == 0
     assert not hasattr(cached.layers[0].self_attn.qkv_proj, "scales"), "the blocks are not loaded"
+    assert mapped_file(cached.embed_tokens.weight) is not None, "the embedding is used where it is mapped"
     torch.manual_seed(0)
     for rows in (1, 3, 8):  # the int4 kernel and the int8 head, then the bf16 GEMMs
         x = torch.randn(rows, fresh.config.hidden_size)

@@ -20,7 +20,8 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_FILE = "conversion.json"  # written last: what the entry holds and what made it
 # Bump when the conversion's output changes, so older entries are rebuilt.
-CONVERSION_FORMAT = 3  # 3: the 4-bit blocks too (`gguf_blocks.BLOCKS_FILE`)
+# 3: the 4-bit blocks too (`gguf_blocks.BLOCKS_FILE`); 4: the fp32 data 64-byte aligned
+CONVERSION_FORMAT = 4
 # The libraries whose versions decide an entry's contents (transformers: a tokenizer that is not
 # byte-level BPE is converted through it).
 _CONVERTERS = ("gguf", "tokenizers", "transformers")
