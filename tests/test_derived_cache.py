@@ -125,6 +125,23 @@ def test_an_engine_starts_from_the_cache_without_packing(cache, tiny_gguf_blocks
     assert run() == first
 
 
+def test_loading_and_deriving_run_on_one_thread(cache, tiny_gguf_blocks, monkeypatch):
+    """Memory-bound work made once: on a busy CPU a second thread only waits (`models.threads`)."""
+    seen = []
+    real = gguf.pack_blocks
+    monkeypatch.setattr(
+        gguf, "pack_blocks", lambda *args: seen.append(torch.get_num_threads()) or real(*args)
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        load_model(tiny_gguf_blocks)
+        assert torch.get_num_threads() == 2, "the engine's threads are back for its steps"
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [1] * 4 * 2
+
+
 def _set_manifest(entry: Path, **fields) -> None:
     manifest = entry / derived_cache.MANIFEST_FILE
     manifest.write_text(json.dumps(json.loads(manifest.read_text()) | fields))

@@ -27,6 +27,7 @@ from torch import nn
 from tensorjet.layers.linear import Linear
 from tensorjet.models.cache import cache_root, is_complete, write_entry
 from tensorjet.models.loader import ModelSource
+from tensorjet.models.threads import one_thread
 
 logger = logging.getLogger(__name__)
 
@@ -71,9 +72,10 @@ def load_weights(
         return
     entry, manifest = _entry_of(source, runs_as)
     cached = _read(entry, manifest, layouts)
-    model.load_weights(weights, derived=cached)
-    if cached is None:
-        _write(entry, manifest, _derived_tensors(model, layouts))
+    with one_thread():  # loading and deriving: memory-bound work, made once
+        model.load_weights(weights, derived=cached)
+        if cached is None:
+            _write(entry, manifest, _derived_tensors(model, layouts))
 
 
 def _derived_layouts(model: LoadableModel) -> LayerTensors:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tensorjet.models.cache import cache_root, is_complete, remembered_sha256, write_entry
 from tensorjet.models.gguf_convert import convert
+from tensorjet.models.threads import one_thread
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,8 @@ def converted(gguf_path: Path) -> Path | None:
 
     def write(staging: Path) -> None:
         logger.info("converting %s into %s (once per file)", gguf_path.name, entry)
-        convert(gguf_path, staging)
+        with one_thread():
+            convert(gguf_path, staging)
 
     try:
         write_entry(entry, MANIFEST_FILE, manifest, write)
