@@ -20,8 +20,8 @@ The LM head of a GGUF file is tied to its token embedding (Q8_0 in llama.cpp's 4
 not a 4-bit type: `GgufHeadMethod` multiplies one row by it as int8 with a scale per row (quantized
 once it is loaded), more rows by its bf16 copy.
 
-Both methods' tensors are derived from the checkpoint's (`LinearMethod.derived_layout`), so the
-model's cache entry keeps them and later starts memory-map them instead of packing again
+What both methods make at load they describe as derived tensors (`LinearMethod.derived_layout`): the
+cache keeps them, and later starts memory-map them instead of packing again
 (`tensorjet.models.derived_cache`; the packing follows torch's version and the CPU's vector width,
 which the entry records).
 """
@@ -43,7 +43,7 @@ GROUP = 32  # weights per block and per kernel group
 # The GGUF block types this format runs -> bytes per block of 32 weights
 FOUR_BIT_TYPES = {"Q4_0": 18, "Q4_1": 20}
 ROWS_MULTIPLE = 16  # the kernel's packing takes output rows in multiples of 16
-# What a loaded layer multiplies by: `pack_blocks`'s tensors, in its order; the LM head's
+# The tensors a loaded layer multiplies by (`pack_blocks`'s, in its order), and the LM head's
 PACKED = ("qweight", "scales_and_zeros", "dense_weight")
 HEAD_TENSORS = ("codes", "scales", "dense_weight")
 
