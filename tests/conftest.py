@@ -86,6 +86,15 @@ def tiny_gguf(gguf_path, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_gguf_blocks(gguf_path, tmp_path_factory) -> Path:
+    """The tiny GGUF with its decoder projections in Q4_0/Q4_1 blocks (`tests/tiny_gguf.py`)."""
+    from tiny_gguf import BLOCK_FORMATS, write_tiny_gguf
+
+    path = tmp_path_factory.mktemp("tiny-gguf-blocks") / "tiny-q4.gguf"
+    return write_tiny_gguf(path, gguf_path, formats=BLOCK_FORMATS)
+
+
+@pytest.fixture(scope="session")
 def hf_model(gguf_path):
     """HF transformers' own load of the same GGUF: the reference implementation."""
     import torch

@@ -15,7 +15,7 @@ from prompts import PLAIN
 from tensorjet import LLM, SamplingParams
 from tensorjet.config import EngineConfig
 from tensorjet.layers.activation import silu_and_mul
-from tensorjet.layers.linear import Linear
+from tensorjet.layers.linear import Linear, UnquantizedLinearMethod
 from tensorjet.layers.norm import RMSNorm
 from tensorjet.layers.weight_loader import weight_loader_of
 from tensorjet.models.gguf_blocks import unpack_block_rows
@@ -140,9 +140,10 @@ def test_fused_products_carry_the_norm_residual_and_silu():
 
 def test_the_head_is_int8_rows_within_half_a_step_for_one_row_and_bf16_past_it():
     torch.manual_seed(0)
-    head = Linear(64, 48)
+    method = gguf.GgufHeadMethod(UnquantizedLinearMethod())
+    head = Linear(64, 48, method=method)
     head.weight.data.normal_()
-    method = gguf.GgufHeadMethod(head)
+    method.process_weights_after_loading(head)
     scales = method.scales.float()[:, None]
     assert method.codes.dtype == torch.int8 and int(method.codes.abs().max()) == 127
     rebuilt = method.codes.float() * scales

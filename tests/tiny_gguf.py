@@ -1,6 +1,7 @@
 """A tiny random Llama as a GGUF file, with the bundled model's tokenizer (its 49k-token vocabulary,
 merges, special tokens and chat template) and one tensor in each block format tensorjet dequantizes
-itself: converting and starting it take a fraction of a second, where the bundled model takes seconds."""
+itself (`FORMATS`), or its projections in 4-bit blocks (`BLOCK_FORMATS`): converting and starting it
+take a fraction of a second, where the bundled model takes seconds."""
 
 from pathlib import Path
 
@@ -22,9 +23,21 @@ FORMATS = {
     "ffn_up": GGMLQuantizationType.Q4_1,
     "ffn_down": GGMLQuantizationType.F32,
 }
+# Every decoder projection in 4-bit blocks, as llama.cpp's Q4_0/Q4_1 files are: one that runs its
+# blocks on the CPU (`quantization="gguf"`, the default there for such a file).
+BLOCK_FORMATS = {
+    "token_embd": GGMLQuantizationType.Q8_0,
+    "attn_q": GGMLQuantizationType.Q4_1,
+    "attn_k": GGMLQuantizationType.Q4_0,
+    "attn_v": GGMLQuantizationType.Q4_1,
+    "attn_output": GGMLQuantizationType.Q4_0,
+    "ffn_gate": GGMLQuantizationType.Q4_1,
+    "ffn_up": GGMLQuantizationType.Q4_1,
+    "ffn_down": GGMLQuantizationType.Q4_0,
+}
 
 
-def write_tiny_gguf(path: Path, bundled: Path, seed: int = 0) -> Path:
+def write_tiny_gguf(path: Path, bundled: Path, seed: int = 0, formats: dict = FORMATS) -> Path:
     tokenizer = GGUFFile.open(bundled).metadata
     vocab = len(tokenizer["tokenizer.ggml.tokens"])
     rng = np.random.default_rng(seed)
@@ -54,7 +67,7 @@ def write_tiny_gguf(path: Path, bundled: Path, seed: int = 0) -> Path:
 
     def weight(name: str, kind: str, rows: int, cols: int) -> None:
         values = (rng.standard_normal((rows, cols)) * cols**-0.5).astype(np.float32)
-        qtype = FORMATS[kind]
+        qtype = formats[kind]
         if qtype == GGMLQuantizationType.F32:
             writer.add_tensor(name, values)
         elif qtype == GGMLQuantizationType.F16:

@@ -25,7 +25,7 @@ from tensorjet.calibration.pipeline import CalibrationOptions
 from tensorjet.calibration.quantize import DEFAULT_FORMATS, quantize_to_checkpoint
 from tensorjet.calibration.quantizer import QuantScheme
 from tensorjet.config import EngineConfig
-from tensorjet.models.cache import cache_root, is_complete, remembered_sha256, write_entry
+from tensorjet.models.cache import cache_root, is_complete, write_entry
 from tensorjet.models.llama import max_positions_of
 from tensorjet.models.loader import ModelSource, load_tokenizer, resolve_model
 
@@ -81,7 +81,7 @@ def cache_key(
 ) -> str:
     what = {
         "format": CACHE_FORMAT,
-        "model": model_digest(source),
+        "model": source.content_digest(),
         "options": dataclasses.asdict(options),
         "checkpoint_format": checkpoint_format,
         "dtype": str(dtype),
@@ -89,19 +89,6 @@ def cache_key(
         "data_shape": list(token_ids.shape),
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
-
-
-def model_digest(source: ModelSource) -> str:
-    """A hash of the files that make the model: its config and weights (a GGUF file whole)."""
-    if source.kind == "gguf":
-        files = [source.path]
-    else:
-        weights = sorted(source.path.glob("*.safetensors")) or sorted(source.path.glob("pytorch_model*.bin"))
-        files = [source.path / "config.json", *weights]
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(f"{file.name}:{remembered_sha256(file)}".encode())
-    return digest.hexdigest()
 
 
 def _make_entry(

@@ -38,6 +38,11 @@ class VocabParallelEmbedding(nn.Module):
                 f"has shape {tuple(tensor.shape)}, expected ({self.num_embeddings}, {param.shape[1]})"
             )
         rows = self.rows
+        if rows.size == self.num_embeddings and _fits_as_is(param, tensor):
+            # All of it, as the checkpoint holds it: taken as it is (memory-mapped where it was read so,
+            # rows read as they are looked up) rather than copied; nothing writes to it.
+            param.data = tensor
+            return
         copy_checked(param.data[: rows.valid], tensor[rows.start : rows.start + rows.valid])
         param.data[rows.valid :].zero_()
 
@@ -48,3 +53,8 @@ class VocabParallelEmbedding(nn.Module):
         outside = (local < 0) | (local >= self.rows.valid)
         x = F.embedding(local.masked_fill(outside, 0), self.weight)
         return self.tp.all_reduce(x.masked_fill_(outside[:, None], 0))
+
+
+def _fits_as_is(param: torch.Tensor, tensor: torch.Tensor) -> bool:
+    same = tensor.shape == param.shape and tensor.dtype == param.dtype and tensor.device == param.device
+    return same and tensor.is_contiguous()

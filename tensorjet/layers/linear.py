@@ -19,7 +19,7 @@ to the rank's part (`Linear.narrow_to_rank`), so every format shards the same wa
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +87,28 @@ class LinearMethod(ABC):
         act-order permutation) converts them here. Nothing by default."""
         return None
 
+    # What `process_weights_after_loading` makes from the checkpoint's tensors may be kept in the cache
+    # (`tensorjet.models.derived_cache`) and taken back at a later start instead of made again.
+    # `derived_from`: the layer's checkpoint parameters it is made from and replaces (a layer that takes
+    # it back does not load these).
+    derived_from: tuple[str, ...] = ()
+
+    def derived_layout(self, layer: Linear) -> dict[str, torch.Tensor]:
+        """The tensors `process_weights_after_loading` makes from the checkpoint's (a kernel's packed
+        layout, a copy in another dtype), by name, as meta tensors of their shapes and dtypes. Empty
+        (the default): it makes none worth keeping."""
+        return {}
+
+    def derived_tensors(self, layer: Linear) -> dict[str, torch.Tensor]:
+        """Once the layer is loaded, the tensors `derived_layout` describes."""
+        return {}
+
+    def use_derived_tensors(self, layer: Linear, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Take `derived_tensors` of an earlier start (of `derived_layout`'s shapes and dtypes, read from
+        a cache, possibly memory-mapped: used as they are, never written) instead of the `derived_from`
+        parameters; `process_weights_after_loading` is then not called."""
+        raise NotImplementedError(f"{type(self).__name__} derives no tensors")
+
     @abstractmethod
     def init_dummy_weights(self, layer: Linear, generator: torch.Generator) -> None:
         """Random weights with the real shapes, scaled so activations stay finite (benchmarks only)."""
@@ -104,6 +126,9 @@ def fused_options(norm: RMSNorm | None, residual: torch.Tensor | None, silu_mul:
 
 # Makes a layer's method: one instance per layer, as each keeps the kernels chosen for its layer.
 LinearMethodFactory = Callable[[], LinearMethod]
+# Makes a layer's method over the float one that holds and loads its weight (an LM head's format over
+# `TiedLinearMethod` or the unquantized weight).
+HeadMethodFactory = Callable[[LinearMethod], LinearMethod]
 
 
 class UnquantizedLinearMethod(LinearMethod):

@@ -15,12 +15,14 @@ from pathlib import Path
 
 from tensorjet.models.cache import cache_root, is_complete, remembered_sha256, write_entry
 from tensorjet.models.gguf_convert import convert
+from tensorjet.models.threads import one_thread
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_FILE = "conversion.json"  # written last: what the entry holds and what made it
 # Bump when the conversion's output changes, so older entries are rebuilt.
-CONVERSION_FORMAT = 3  # 3: the 4-bit blocks too (`gguf_blocks.BLOCKS_FILE`)
+# 3: the 4-bit blocks too (`gguf_blocks.BLOCKS_FILE`); 4: the fp32 data 64-byte aligned
+CONVERSION_FORMAT = 4
 # The libraries whose versions decide an entry's contents (transformers: a tokenizer that is not
 # byte-level BPE is converted through it).
 _CONVERTERS = ("gguf", "tokenizers", "transformers")
@@ -37,7 +39,8 @@ def converted(gguf_path: Path) -> Path | None:
 
     def write(staging: Path) -> None:
         logger.info("converting %s into %s (once per file)", gguf_path.name, entry)
-        convert(gguf_path, staging)
+        with one_thread():
+            convert(gguf_path, staging)
 
     try:
         write_entry(entry, MANIFEST_FILE, manifest, write)

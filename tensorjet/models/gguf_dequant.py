@@ -13,6 +13,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from tensorjet.models.threads import one_thread
+
 # ggml type ids (gguf.GGMLQuantizationType)
 F32, F16, Q4_0, Q4_1, Q8_0, BF16 = 0, 1, 2, 3, 8, 30
 _BLOCK = 32  # values per block of the 32-wide formats
@@ -31,15 +33,11 @@ def dequantize(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> torch
     block_bytes, convert = _BLOCKS[ggml_type]
     blocks = raw.reshape(-1, block_bytes)
     out = torch.empty(blocks.shape[0], _BLOCK)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         for start in range(0, blocks.shape[0], _CHUNK_BLOCKS):
             end = start + _CHUNK_BLOCKS
             # copied: the mapping is read-only, and torch wants tensors it may write
             convert(torch.from_numpy(blocks[start:end].copy()), out[start:end])
-    finally:
-        torch.set_num_threads(threads)
     return out.reshape(shape)
 
 

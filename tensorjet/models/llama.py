@@ -11,7 +11,7 @@ and LM head split by vocabulary, with the logits gathered on rank 0.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,6 +23,7 @@ from tensorjet.layers.attention import Attention, AttentionMetadata
 from tensorjet.layers.embedding import VocabParallelEmbedding
 from tensorjet.layers.linear import (
     ColumnParallel,
+    HeadMethodFactory,
     Linear,
     LinearMethodFactory,
     RowParallel,
@@ -229,11 +230,13 @@ class LlamaForCausalLM(nn.Module):
         linear_method: LinearMethodFactory = UnquantizedLinearMethod,
         kv_cache_scales: bool = False,
         tp: TensorParallel = SINGLE,
+        head_method: HeadMethodFactory | None = None,
     ) -> None:
         """linear_method: the weight format of the decoder layers' projections; the LM head keeps the
-        unquantized one (over the token embedding where the two are tied). kv_cache_scales: the
-        checkpoint has per-layer `k_scale`/`v_scale` tensors for an FP8 KV cache. tp: this process's
-        rank among those the weights are split over (`check_tensor_parallel` says whether they can be)."""
+        unquantized one (over the token embedding where the two are tied), or runs the format
+        `head_method` makes of it. kv_cache_scales: the checkpoint has per-layer `k_scale`/`v_scale`
+        tensors for an FP8 KV cache. tp: this process's rank among those the weights are split over
+        (`check_tensor_parallel` says whether they can be)."""
         super().__init__()
         if config.model_type not in SUPPORTED_ARCHITECTURES:
             raise ValueError(
@@ -257,12 +260,16 @@ class LlamaForCausalLM(nn.Module):
                 attn.add_kv_scale_parameters()
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        head_method = TiedLinearMethod(self.embed_tokens.weight) if self.tie_word_embeddings else None
+        float_head = (
+            TiedLinearMethod(self.embed_tokens.weight)
+            if self.tie_word_embeddings
+            else UnquantizedLinearMethod()
+        )
         self.lm_head = Linear(
             config.hidden_size,
             config.vocab_size,
             dtype=dtype,
-            method=head_method,
+            method=float_head if head_method is None else head_method(float_head),
             parallel=ColumnParallel(tp, pad=True),
         )
         # One-token steps run `LlamaDecoderLayer.forward_fused`; set at start-up where it pays
@@ -306,25 +313,40 @@ class LlamaForCausalLM(nn.Module):
             logits = logits[:, : self.config.vocab_size]
         return logits.float() if out is None else out.copy_(logits)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named tensors in; raises if a parameter is left unloaded or a name is unknown."""
+    def load_weights(
+        self,
+        weights: Iterable[tuple[str, torch.Tensor]],
+        derived: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    ) -> None:
+        """Copy HF-named tensors in; raises if a parameter is left unloaded or a name is unknown.
+        `derived`: by linear layer name, the tensors its method made at an earlier start
+        (`LinearMethod.derived_tensors`); such a layer takes them instead of the checkpoint tensors
+        they were made from."""
         skip = "lm_head.weight" if self.tie_word_embeddings else None  # tied: the embedding serves
         ours = (
             (_kv_scale_name(name.removeprefix("model.")), tensor)
             for name, tensor in weights
             if "rotary_emb" not in name and name != skip
         )
-        load_packed_weights(self, ours, self.packed_modules_mapping, self.config.model_type)
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.method.process_weights_after_loading(module)
+        derived = derived or {}
+        linears = {name: m for name, m in self.named_modules() if isinstance(m, Linear)}
+        in_place = set()
+        for name, tensors in derived.items():
+            layer = linears[name]
+            in_place |= {f"{name}.{param}" for param in (*layer.method.derived_from, *tensors)}
+            layer.method.use_derived_tensors(layer, tensors)
+        load_packed_weights(self, ours, self.packed_modules_mapping, self.config.model_type, in_place)
+        for name, layer in linears.items():
+            if name not in derived:
+                layer.method.process_weights_after_loading(layer)
 
     def init_dummy_weights(self, seed: int = 0) -> None:
         """Random weights with the real shapes, scaled so activations stay finite (benchmarks only); each
         linear layer's method makes them in its own format."""
         gen = torch.Generator(self.embed_tokens.weight.device).manual_seed(seed)
         linears = [m for m in self.modules() if isinstance(m, Linear)]
-        owned = {id(p) for m in linears if not isinstance(m.method, TiedLinearMethod) for p in m.parameters()}
+        # The embedding fills its rows itself, first: a tied head's method may make more from them.
+        owned = {id(p) for m in linears for p in m.parameters()} - {id(self.embed_tokens.weight)}
         for name, param in self.named_parameters():
             if id(param) in owned or param.dim() == 0:  # linear layers' own; KV scales stay 1.0
                 continue

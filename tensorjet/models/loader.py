@@ -10,11 +10,12 @@ the other sources import on first use.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +25,7 @@ from torch import nn
 
 from tensorjet.config import LOAD_FORMATS
 from tensorjet.layers.weight_loader import weight_loader_of
+from tensorjet.models.cache import remembered_sha256
 from tensorjet.models.gguf_blocks import (
     BLOCKS_FILE,
     hf_blocks,
@@ -86,6 +88,19 @@ class ModelSource:
         if self.converted is not None:
             return stored_tensor_types(self.converted / BLOCKS_FILE)
         return tensor_types(GGUFFile.open(self.path))
+
+    def content_digest(self) -> str:
+        """A hash of the files that make the model: its config and weights (a GGUF file whole); each
+        file's hash is remembered in the cache (`remembered_sha256`)."""
+        if self.kind == "gguf":
+            files = [self.path]
+        else:
+            weights = sorted(self.path.glob("*.safetensors")) or sorted(self.path.glob("pytorch_model*.bin"))
+            files = [self.path / "config.json", *weights]
+        digest = hashlib.sha256()
+        for file in files:
+            digest.update(f"{file.name}:{remembered_sha256(file)}".encode())
+        return digest.hexdigest()
 
     @property
     def quantization_config(self) -> dict | None:
@@ -270,12 +285,15 @@ def load_packed_weights(
     weights: Iterable[tuple[str, torch.Tensor]],
     packed_modules_mapping: Mapping[str, Sequence[str]],
     model_type: str,
+    in_place: Collection[str] = (),
 ) -> None:
     """Copy checkpoint tensors, named as `model`'s parameters, into them through each parameter's
     `weight_loader`. A tensor of a module that `packed_modules_mapping` merges ("q_proj" into
     "qkv_proj") goes to the merged parameter as the shard of its position in the mapping. Raises
-    where a name is unknown, a shape differs, or a parameter (or shard) is left unloaded."""
-    params = dict(model.named_parameters())
+    where a name is unknown, a shape differs, or a parameter (or shard) is left unloaded. `in_place`:
+    parameter names the model has from elsewhere (tensors derived at an earlier start), or no longer
+    has for that reason; their checkpoint tensors are passed over."""
+    params = {name: param for name, param in model.named_parameters() if name not in in_place}
     # checkpoint module -> (our merged module, shard id)
     shard_of = {
         part: (packed, i) for packed, parts in packed_modules_mapping.items() for i, part in enumerate(parts)
@@ -288,6 +306,8 @@ def load_packed_weights(
         if module in shard_of:
             packed, shard_id = shard_of[module]
             param_name = ".".join(filter(None, (parent, packed, kind)))
+        if param_name in in_place:
+            continue
         param = params.get(param_name)
         if param is None:
             raise ValueError(f"checkpoint tensor {name!r} does not belong to a {model_type} model")

@@ -17,13 +17,18 @@ shard in its rows (`Linear.shard_rows`), each rank's part under tensor paralleli
 and makes the bf16 weight (`dense_weight`).
 
 The LM head of a GGUF file is tied to its token embedding (Q8_0 in llama.cpp's 4-bit files), which is
-not a 4-bit type: `GgufHeadMethod` multiplies one row by it as int8 with a scale per row (quantized at
-start-up), more rows by its bf16 copy.
+not a 4-bit type: `GgufHeadMethod` multiplies one row by it as int8 with a scale per row (quantized
+once it is loaded), more rows by its bf16 copy.
+
+What both methods make at load they describe as derived tensors (`LinearMethod.derived_layout`): the
+cache keeps them, and later starts memory-map them instead of packing again
+(`tensorjet.models.derived_cache`; the packing follows torch's version and the CPU's vector width,
+which the entry records).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +41,9 @@ GROUP = 32  # weights per block and per kernel group
 # The GGUF block types this format runs -> bytes per block of 32 weights
 FOUR_BIT_TYPES = {"Q4_0": 18, "Q4_1": 20}
 ROWS_MULTIPLE = 16  # the kernel's packing takes output rows in multiples of 16
+# The tensors a loaded layer multiplies by (`pack_blocks`'s, in its order), and the LM head's
+PACKED = ("qweight", "scales_and_zeros", "dense_weight")
+HEAD_TENSORS = ("codes", "scales", "dense_weight")
 
 # Rows up to which the int4 kernel beats a bf16 GEMM (the 135M model's shapes on an AVX-512 CPU, one
 # thread: 121 vs 142 us at 2 rows, 170 vs 172 at 4, 338 vs 238 at 8).
@@ -91,9 +99,11 @@ class GgufLinearMethod(LinearMethod):
                 f"blocks (the CPU kernel takes inputs in blocks of {GROUP} and outputs in multiples of "
                 f"{ROWS_MULTIPLE})"
             )
-        self._register(layer, "qweight", torch.zeros(rows, k, dtype=torch.uint8), 1)
-        self._register(layer, "scales", torch.zeros(rows, k // GROUP, dtype=torch.float16), GROUP)
-        self._register(layer, "mins", torch.zeros(rows, k // GROUP, dtype=torch.float16), GROUP)
+        # Left uninitialized: loading fills every row (a shard left out stops it), and a layer that
+        # takes its derived tensors from the cache drops them unread.
+        self._register(layer, "qweight", torch.empty(rows, k, dtype=torch.uint8), 1)
+        self._register(layer, "scales", torch.empty(rows, k // GROUP, dtype=torch.float16), GROUP)
+        self._register(layer, "mins", torch.empty(rows, k // GROUP, dtype=torch.float16), GROUP)
         if layer.has_bias:
             layer.bias = nn.Parameter(torch.zeros(rows, dtype=dtype), requires_grad=False)
             set_weight_loader(layer.bias, layer.weight_loader)
@@ -114,11 +124,26 @@ class GgufLinearMethod(LinearMethod):
     def process_weights_after_loading(self, layer: Linear) -> None:
         """The int4 kernel's layout (codes packed two to a byte in its tile order, bf16 scales and
         zeros) and the bf16 weight of larger batches."""
-        qweight, scales_and_zeros, dense = pack_blocks(layer.qweight.data, layer.scales.data, layer.mins.data)
+        packed = pack_blocks(layer.qweight.data, layer.scales.data, layer.mins.data)
+        self.use_derived_tensors(layer, dict(zip(PACKED, packed)))
+
+    derived_from = ("qweight", "scales", "mins")
+
+    def derived_layout(self, layer: Linear) -> dict[str, torch.Tensor]:
+        rows, k = sum(layer.output_sizes), layer.input_size
+        return {
+            "qweight": torch.empty(rows, k // 2, dtype=torch.uint8, device="meta"),  # two codes a byte
+            "scales_and_zeros": torch.empty(k // GROUP, rows, 2, dtype=torch.bfloat16, device="meta"),
+            "dense_weight": torch.empty(rows, k, dtype=torch.bfloat16, device="meta"),
+        }
+
+    def derived_tensors(self, layer: Linear) -> dict[str, torch.Tensor]:
+        return {name: getattr(layer, name).data for name in PACKED}
+
+    def use_derived_tensors(self, layer: Linear, tensors: Mapping[str, torch.Tensor]) -> None:
         del layer.scales, layer.mins
-        layer.qweight = nn.Parameter(qweight, requires_grad=False)
-        layer.scales_and_zeros = nn.Parameter(scales_and_zeros, requires_grad=False)
-        layer.dense_weight = nn.Parameter(dense, requires_grad=False)
+        for name in PACKED:
+            setattr(layer, name, nn.Parameter(tensors[name], requires_grad=False))
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         return self.product(x, layer)
@@ -151,22 +176,49 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class GgufHeadMethod(LinearMethod):
-    """The LM head of a model that runs GGUF blocks, from its float weight (the tied embedding's, or the
-    head's own) at start-up: up to `HEAD_INT8_MAX_ROWS` rows as int8 with a scale per row, PyTorch's
-    CPU weight-only int8 kernel (`torch._weight_int8pack_mm`), which reads a byte a weight; more rows
-    (prompt logprobs, batched decode), where that kernel is slower than a GEMM, as bf16. Activations
-    enter as bf16. The embedding keeps its float rows for the lookup. (4-bit groups of 32 here cost
-    the bundled model 4% of perplexity, int8 rows 0.1%; `docs/performance.md`.)"""
+    """The LM head of a model that runs GGUF blocks, made from its float weight (the tied embedding's,
+    or the head's own) once it is loaded: up to `HEAD_INT8_MAX_ROWS` rows as int8 with a scale per row,
+    PyTorch's CPU weight-only int8 kernel (`torch._weight_int8pack_mm`), which reads a byte a weight;
+    more rows (prompt logprobs, batched decode), where that kernel is slower than a GEMM, as bf16.
+    Activations enter as bf16. The embedding keeps its float rows for the lookup. (4-bit groups of 32
+    here cost the bundled model 4% of perplexity, int8 rows 0.1%; `docs/performance.md`.)
 
-    def __init__(self, layer: Linear) -> None:
-        self.codes, self.scales = quantize_rows(layer.weight.data)
-        self.dense_weight = layer.weight.data.to(torch.bfloat16)
+    `float_method` holds and loads the float weight (`TiedLinearMethod` over the embedding where the
+    two are tied)."""
+
+    def __init__(self, float_method: LinearMethod) -> None:
+        self.float_method = float_method
+        self.codes: torch.Tensor | None = None  # set once loaded
+        self.scales: torch.Tensor | None = None
+        self.dense_weight: torch.Tensor | None = None
 
     def create_weights(self, layer: Linear, dtype: torch.dtype) -> None:
-        raise TypeError("GgufHeadMethod replaces a loaded LM head's method; it creates no weights")
+        self.float_method.create_weights(layer, dtype)
+
+    def process_weights_after_loading(self, layer: Linear) -> None:
+        codes, scales = quantize_rows(layer.weight.data)
+        dense = layer.weight.data.to(torch.bfloat16)
+        self.use_derived_tensors(layer, dict(zip(HEAD_TENSORS, (codes, scales, dense))))
+
+    def derived_layout(self, layer: Linear) -> dict[str, torch.Tensor]:
+        rows, k = layer.weight.shape
+        return {
+            "codes": torch.empty(rows, k, dtype=torch.int8, device="meta"),
+            "scales": torch.empty(rows, dtype=torch.bfloat16, device="meta"),
+            "dense_weight": torch.empty(rows, k, dtype=torch.bfloat16, device="meta"),
+        }
+
+    def derived_tensors(self, layer: Linear) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in HEAD_TENSORS}
+
+    def use_derived_tensors(self, layer: Linear, tensors: Mapping[str, torch.Tensor]) -> None:
+        for name in HEAD_TENSORS:
+            setattr(self, name, tensors[name])
 
     def init_dummy_weights(self, layer: Linear, generator: torch.Generator) -> None:
-        raise TypeError("GgufHeadMethod replaces a loaded LM head's method; it has no weights of its own")
+        """The float method's random weight (the embedding fills a tied one first), then its int8 rows."""
+        self.float_method.init_dummy_weights(layer, generator)
+        self.process_weights_after_loading(layer)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         xb = x.to(torch.bfloat16)

@@ -3,8 +3,9 @@
 - The weight format of the decoder layers' projections (`linear_method_for`), and for FP8 layers their
   kernels: on the CPU the reference product over the weights' exact float copy; on an FP8 GPU (sm89+)
   `torch._scaled_mm` with row-wise scales, and for decode-sized batches the FP8 GEMV where it times faster.
-- For GGUF blocks (CPU only): the LM head as int8 rows, and the fused batch-1 layer (each projection's
-  neighbouring ops beside PyTorch's int4 kernel: fewer ops a step).
+- For GGUF blocks (CPU only): the LM head as int8 rows (`head_method_for`, a format chosen before the
+  model is built), and the fused batch-1 layer (each projection's neighbouring ops beside PyTorch's
+  int4 kernel: fewer ops a step).
 - For INT4 layers: on the CPU a float matmul over the dequantized weight (the reference's numerics); on
   a GPU the Triton W4A16 GEMV (its tile timed per weight shape) for decode batches, the Triton GEMM past
   it, and from the batch size where it times faster, the weight dequantized whole and cuBLAS.
@@ -38,6 +39,7 @@ from tensorjet.kernels.fp8_reference import fp8_linear_reference
 from tensorjet.layers.activation import SiluAndMul
 from tensorjet.layers.batch_invariant import row_tile_for, row_tiled
 from tensorjet.layers.linear import (
+    HeadMethodFactory,
     Linear,
     LinearKernel,
     LinearKernels,
@@ -91,6 +93,15 @@ def linear_method_for(config: EngineConfig, spec: QuantizationSpec | None) -> Li
     return partial(Fp8LinearMethod, spec.fp8)
 
 
+def head_method_for(config: EngineConfig, spec: QuantizationSpec | None) -> HeadMethodFactory | None:
+    """The LM head's format: int8 rows (`GgufHeadMethod`) beside projections that run GGUF blocks,
+    but in batch-invariant mode (its float product in row tiles, `select_linear_kernels`); else None:
+    the head's float weight as it is."""
+    if spec is None or spec.method != "gguf" or config.runtime.batch_invariant:
+        return None
+    return GgufHeadMethod
+
+
 def check_fp8_device(device: torch.device, capability: tuple[int, int] | None = None) -> None:
     """FP8 runs on the CPU (the reference product) and on GPUs with FP8 tensor cores (compute capability
     8.9+: Ada, Hopper, Blackwell). Elsewhere it stops, rather than run some other format."""
@@ -137,10 +148,9 @@ def select_kernels(model: DecoderModel, config: EngineConfig, attention_backend:
 
 
 def select_gguf_kernels(model: DecoderModel, config: EngineConfig) -> None:
-    """For a model whose projections run GGUF blocks: the LM head as int8 rows (`GgufHeadMethod`), and
-    one-token steps through the decoder layers' fused path (each projection with its norm, residual add
-    or SiLU beside it: fewer ops a step). Batch-invariant mode runs the projections in fixed-shape row
-    tiles instead of the fused path, and keeps the head's float product (`select_linear_kernels`)."""
+    """For a model whose projections run GGUF blocks: one-token steps through the decoder layers' fused
+    path (each projection with its norm, residual add or SiLU beside it: fewer ops a step).
+    Batch-invariant mode runs the projections in fixed-shape row tiles instead of the fused path."""
     layers = [m for m in model.modules() if isinstance(m, Linear) and isinstance(m.method, GgufLinearMethod)]
     if not layers:
         return
@@ -150,9 +160,6 @@ def select_gguf_kernels(model: DecoderModel, config: EngineConfig) -> None:
             layer.method.product = tiled
         model.fused_decode = False
         return
-    head = getattr(model, "lm_head", None)
-    if isinstance(head, Linear) and isinstance(head.method, UnquantizedLinearMethod):
-        head.method = GgufHeadMethod(head)
     model.fused_decode = True
 
 

@@ -31,11 +31,12 @@ from tensorjet.distributed import SINGLE
 from tensorjet.dtypes import is_fp8
 from tensorjet.layers.attention import AttentionMetadata, GraphAttentionBackend
 from tensorjet.layers.batch_invariant import RowwiseAttentionBackend
+from tensorjet.models import derived_cache
 from tensorjet.models.llama import LlamaForCausalLM, head_dim_of
 from tensorjet.models.loader import ModelSource, iter_weights
 from tensorjet.quant.formats import quantization_spec
 from tensorjet.runtime.device_io import to_device
-from tensorjet.runtime.kernel_selection import linear_method_for, select_kernels
+from tensorjet.runtime.kernel_selection import head_method_for, linear_method_for, select_kernels
 from tensorjet.runtime.rejection_sampler import RejectionSampler, VerifiedTokens
 from tensorjet.runtime.sampler import SampledTokens, Sampler, SamplingRow, TokenBitmask
 from tensorjet.runtime.step import DeviceDrafts, PendingPromptLogprobs, StepBatch, StepHandle, StepSequence
@@ -188,12 +189,20 @@ class ModelRunner:
                 linear_method=linear_method_for(self.config, self.quantization),
                 kv_cache_scales=self.quantization is not None and self.quantization.kv_cache_scales,
                 tp=self.tp,
+                head_method=head_method_for(self.config, self.quantization),
             )
         if source.kind == "dummy" or self.config.load.load_format == "dummy":
             self.model.init_dummy_weights(self.config.runtime.seed)
         else:  # each parameter's loader converts its tensors (an FP8 format quantizes floats as they load)
             gguf_blocks = self.quantization is not None and self.quantization.method == "gguf"
-            self.model.load_weights(iter_weights(source, gguf_blocks=gguf_blocks))
+            runs_as = {
+                "weights": self.weight_format,
+                "dtype": str(self.dtype),
+                "tp": [self.tp.rank, self.tp.size],
+            }
+            derived_cache.load_weights(
+                self.model, iter_weights(source, gguf_blocks=gguf_blocks), source, runs_as
+            )
         self.model.eval()
         self._apply_kv_scales()
         logger.info("loaded %s in %.1fs", source.name, time.perf_counter() - start)
