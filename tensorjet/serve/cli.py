@@ -215,6 +215,7 @@ def run_serve(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    llm.make_kv_cache_resident()  # the server's memory is all its own from the start
     # The engine stops with the app: uvicorn re-raises a SIGTERM once the app is down, which would end the
     # process before `finally` (tensor-parallel workers then lose rank 0 instead of being stopped).
     app.router.lifespan_context = _stops_engine(llm, app.router.lifespan_context)
