@@ -204,10 +204,12 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from tensorjet.llm import LLM
+    from tensorjet.serve.allocators import configure_server_allocators
     from tensorjet.serve.app import build_app
 
     args = resolve_args(args)
     _configure_logging(getattr(args, "log_level", "INFO"))
+    configure_server_allocators()
     try:
         options = server_options(args)
         llm = LLM(**engine_options(args))
