@@ -30,6 +30,7 @@ _M_ARENA_MAX = -8  # mallopt's parameter number (malloc.h)
 
 
 def configure_server_allocators() -> None:
+    """Both settings, before anything allocates through them (the start of `tensorjet serve`)."""
     bound_onednn_caches()
     limit_malloc_arenas()
 
