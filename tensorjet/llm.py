@@ -170,6 +170,11 @@ class LLM:
         )
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
+    def make_kv_cache_resident(self) -> None:
+        """Take the KV cache's whole memory now, as a long-running server does at start: on a CPU the pool
+        is otherwise only reserved, and the process's resident memory grows as blocks are first used."""
+        self.engine.make_kv_cache_resident()
+
     def stats(self) -> dict:
         return self.engine.stats()  # plain counters: a read racing a step is at most one step stale
 

@@ -330,6 +330,7 @@ def test_a_small_llama_over_2_and_4_ranks_matches_hf_through_llm_and_serve(
     try:
         texts = _agrees_with_hf(llm, hf_model, prompts, tokenizer.eos_token_id)
         _constrained_beside_free(llm, prompts, texts)
+        llm.make_kv_cache_resident()  # as `tensorjet serve` does: every rank's pool, then steps go on
         _served_agree(llm, prompts, texts)
         weight_bytes = llm.stats()["weight_bytes"]
     finally:

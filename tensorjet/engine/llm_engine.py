@@ -23,6 +23,7 @@ from tensorjet.engine.structured_output import GrammarCompiler, StepBitmask
 from tensorjet.models.llama import max_positions_of
 from tensorjet.models.loader import ModelSource, load_tokenizer, resolve_model
 from tensorjet.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprobs
+from tensorjet.runtime.model_runner import ModelRunner
 from tensorjet.runtime.parallel import start_model_runner
 from tensorjet.runtime.sampler import SamplingRow, TokenBitmask
 from tensorjet.runtime.step import PromptLogprobsRequest, StepBatch, StepHandle, StepSequence
@@ -94,9 +95,8 @@ class LLMEngine:
         try:
             self.speculator = build_speculator(config, self.source, self.tokenizer, self.max_seq_len)
             # A draft model's cache shares the target's block tables: one pool of blocks sized for both.
-            runners = [self.runner, *(self.speculator.runners if self.speculator else [])]
-            num_blocks = self.runner.kv_cache_blocks(sum(r.kv_bytes_per_block for r in runners))
-            for runner in runners:
+            num_blocks = self.runner.kv_cache_blocks(sum(r.kv_bytes_per_block for r in self.runners))
+            for runner in self.runners:
                 runner.start(num_blocks)
         except BaseException:
             self.runner.shutdown()  # no tensor-parallel worker is left waiting for this engine
@@ -130,6 +130,11 @@ class LLMEngine:
             config.kv_cache_torch_dtype,
             self.max_seq_len,
         )
+
+    @property
+    def runners(self) -> list[ModelRunner]:
+        """Every runner whose KV cache shares the block tables: the target's, then a draft model's."""
+        return [self.runner, *(self.speculator.runners if self.speculator else [])]
 
     def _eos_token_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -535,6 +540,12 @@ class LLMEngine:
     def worker_failure(self) -> str | None:
         """After a failed step: why another tensor-parallel rank's process is gone, or None."""
         return self.runner.worker_failure()
+
+    def make_kv_cache_resident(self) -> None:
+        """Have every KV cache (the target's, a draft model's) take all its memory now (CPU; see
+        `ModelRunner.make_kv_cache_resident`)."""
+        for runner in self.runners:
+            runner.make_kv_cache_resident()
 
     def shutdown(self) -> None:
         """Stop the other tensor-parallel ranks (nothing to do in one process)."""

@@ -371,6 +371,19 @@ class ModelRunner:
         for i, attn in enumerate(self.model.attention_layers):
             attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
 
+    def make_kv_cache_resident(self) -> None:
+        """Write every page of a CPU KV cache once. `torch.empty` only reserves the pool; each page becomes
+        the process's when a block first lands on it, so a long-running server's resident memory would
+        creep up to the pool's size over hours of use. A server calls this at start to own the pool at
+        once; short runs (`LLM`, `tensorjet generate`) never pay for pages they do not use. Device memory
+        is the process's from its allocation: nothing to do there. Under tensor parallelism rank 0 has
+        every rank do the same."""
+        if self.device.type != "cpu":
+            return
+        if self.parallel is not None and self.tp.is_first:
+            self.parallel.channel.send_make_kv_cache_resident()
+        self.kv_cache.view(torch.uint8).zero_()
+
     def _release_kv_cache(self) -> None:
         for attn in self.model.attention_layers:
             attn.k_cache = attn.v_cache = torch.empty(0)

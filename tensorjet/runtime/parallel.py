@@ -30,7 +30,7 @@ from tensorjet.models.llama import check_tensor_parallel, max_positions_of
 from tensorjet.models.loader import ModelSource, resolve_model
 from tensorjet.runtime.cpu_threads import use_available_cores
 from tensorjet.runtime.model_runner import ModelRunner
-from tensorjet.runtime.step_channel import CONTROL_TIMEOUT, StepChannel
+from tensorjet.runtime.step_channel import CONTROL_TIMEOUT, MAKE_KV_CACHE_RESIDENT, StepChannel
 from tensorjet.runtime.worker_group import STARTED_KEY, WorkerGroup, error_key, send_heartbeats
 
 logger = logging.getLogger(__name__)
@@ -225,7 +225,10 @@ def _run_worker(config: EngineConfig, store: dist.Store, rank: int, size: int, l
         if group.channel.wait_for_start():  # False: rank 0 stopped before its KV cache was sized
             runner.start(runner.kv_cache_blocks())  # its blocks: the fewest any rank holds
             while (message := group.channel.receive()) is not None:
-                runner.run_worker_step(message)
+                if message == MAKE_KV_CACHE_RESIDENT:
+                    runner.make_kv_cache_resident()
+                else:
+                    runner.run_worker_step(message)
     except BaseException as error:
         logger.exception("tensor-parallel worker %d failed", rank)
         try:

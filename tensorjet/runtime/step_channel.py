@@ -6,7 +6,7 @@ out for its one host-to-device copy, preceded by the step's query lengths, sampl
 rows and the lengths of the values' parts. No Python objects are pickled per step. Every rank then
 builds the same device inputs and runs the same forward, so their collectives meet. Before the first
 step rank 0 says once that the KV caches are sized and started (the ranks do it together: a profiling
-forward and the graphs' captures run collectives).
+forward and the graphs' captures run collectives), and a server's rank 0 that they are made resident.
 
 The group's timeout is long on purpose: a worker waits here for the next step as long as the server
 idles. A rank that dies closes its connections, and the others' waits fail at once.
@@ -24,7 +24,9 @@ from tensorjet.runtime.device_io import to_device
 
 # Waiting for a step (an idle server) or for the other ranks to load their weights.
 CONTROL_TIMEOUT = timedelta(days=30)
-_STOP, _STEP, _START = 0, 1, 2
+_STOP, _STEP, _START, _RESIDENT = 0, 1, 2, 3
+# What `receive` returns when rank 0 made its KV cache resident (`ModelRunner.make_kv_cache_resident`).
+MAKE_KV_CACHE_RESIDENT = "make_kv_cache_resident"
 _HOST = torch.device("cpu")
 _HEADER = 7  # kind, sequences, sampled sequences, prompt rows, value parts, values, block-table width
 
@@ -44,7 +46,8 @@ class StepMessage:
 
 class StepChannel:
     """Messages from rank 0 to every other rank, over `group` (gloo, every rank in it): once, that the KV
-    caches are sized and started; then each step; at last, stop."""
+    caches are sized and started; then each step (and once, in a server, that the KV caches are made
+    resident); at last, stop."""
 
     def __init__(self, group) -> None:
         self.group = group
@@ -81,13 +84,18 @@ class StepChannel:
     def send_stop(self) -> None:
         self._broadcast(self._header(_STOP))
 
-    def receive(self) -> StepMessage | None:
-        """The next step rank 0 sends; None when it stops the engine."""
+    def send_make_kv_cache_resident(self) -> None:
+        self._broadcast(self._header(_RESIDENT))
+
+    def receive(self) -> StepMessage | str | None:
+        """The next step rank 0 sends, or MAKE_KV_CACHE_RESIDENT; None when it stops the engine."""
         header = torch.empty(_HEADER, dtype=torch.long)
         self._broadcast(header)
         kind, seqs, sampled, prompt, parts, values, max_blocks = header.tolist()
         if kind == _STOP:
             return None
+        if kind == _RESIDENT:
+            return MAKE_KV_CACHE_RESIDENT
         if kind != _STEP:
             raise RuntimeError(f"rank 0 sent message kind {kind} where a step was expected")
         payload = torch.empty(seqs + sampled + prompt + parts + values, dtype=torch.long)

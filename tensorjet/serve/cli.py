@@ -204,10 +204,12 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from tensorjet.llm import LLM
+    from tensorjet.serve.allocators import configure_server_allocators
     from tensorjet.serve.app import build_app
 
     args = resolve_args(args)
     _configure_logging(getattr(args, "log_level", "INFO"))
+    configure_server_allocators()
     try:
         options = server_options(args)
         llm = LLM(**engine_options(args))
@@ -215,6 +217,7 @@ def run_serve(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    llm.make_kv_cache_resident()  # the server's memory is all its own from the start
     # The engine stops with the app: uvicorn re-raises a SIGTERM once the app is down, which would end the
     # process before `finally` (tensor-parallel workers then lose rank 0 instead of being stopped).
     app.router.lifespan_context = _stops_engine(llm, app.router.lifespan_context)
