@@ -19,7 +19,7 @@ never sees how a backend lays its state out.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, TypeVar, runtime_checkable
 
 import torch
@@ -135,38 +135,67 @@ class GraphAttentionBackend(AttentionBackend[State], Protocol[State]):
 
 @dataclass
 class TorchDecodeRows:
-    """Sequences with one query row, attended in one padded batch."""
+    """Sequences with one query row, attended together in one padded batch of their keys.
+
+    A layer gathers the keys of each (sequence, key head) from the cache, multiplies the query heads of
+    that key head by them in one batched product (GQA without copies of the keys), and sums the values
+    straight from the cache weighted by the probabilities (`F.embedding_bag`): only the keys are copied.
+    """
 
     num_seqs: int
-    slots: torch.Tensor  # [B * L] each sequence's cache slots, L = its longest context, padded with its last
-    mask: torch.Tensor | None  # [B, 1, 1, L] positions within each context; None for one sequence
+    slots: torch.Tensor  # [B, L] each sequence's cache slots, L = the longest context, padded with its last
+    mask: torch.Tensor | None  # [B, 1, L] 0 within each context, -inf past it; None for one sequence
     token_rows: torch.Tensor | None  # [B] the rows they own; None: rows 0..B-1
+    # (num_kv_heads, group) -> `cache_rows`: the same for every layer, so made by the first
+    _rows: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def cache_rows(self, num_kv_heads: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of a cache viewed as [slots * Hk, D]: the keys of each (sequence, key head), [B * Hk * L],
+        and the values each query head sums, [B * Hq, L] (those of its key head, in the same order)."""
+        if (num_kv_heads, group) not in self._rows:
+            b, length = self.slots.shape
+            heads = torch.arange(num_kv_heads, device=self.slots.device)
+            rows = self.slots[:, None, :] * num_kv_heads + heads[None, :, None]  # [B, Hk, L]
+            value_rows = rows[:, :, None, :].expand(b, num_kv_heads, group, length)
+            self._rows[num_kv_heads, group] = (rows.reshape(-1), value_rows.reshape(-1, length))
+        return self._rows[num_kv_heads, group]
 
 
 @dataclass
 class TorchCachedRows:
-    """One sequence with several query rows over a cached prefix: rows start:end, the last of its
-    context_len tokens, whose keys and values are at `slots`."""
+    """Sequences with several query rows over a cached prefix (a prompt chunk, drafts to verify), attended
+    together: S sequences padded to N query rows and L keys each (a short one repeats its last row and
+    its last key, which the mask hides)."""
 
-    start: int
-    end: int
-    context_len: int
-    slots: torch.Tensor
+    num_seqs: int
+    max_rows: int  # N
+    query_rows: torch.Tensor  # [S * N] the token row each padded query row reads
+    slots: torch.Tensor  # [S * L] each sequence's cache slots
+    mask: torch.Tensor  # [S, 1, N, L] the keys each query row sees: positions up to its own
+    token_rows: torch.Tensor  # [R] every row the sequences own ...
+    padded_rows: torch.Tensor  # [R] ... and its place among the S * N padded rows
 
 
 @dataclass
 class TorchAttentionState:
     decode: TorchDecodeRows | None
     fresh_groups: list[torch.Tensor]  # [G, n] token rows of G fresh prompts of length n
-    cached: list[TorchCachedRows]
+    cached: TorchCachedRows | None
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Scores, probabilities and sums in fp32 at least (fp64 stays fp64)."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 class TorchAttentionBackend:
-    """Gathers each sequence's keys/values from the cache and runs masked softmax attention.
+    """Gathers keys/values from the cache and runs masked softmax attention, a few calls per layer.
 
-    Sequences with one query row are batched into one padded gather; fresh prompts (no cached prefix)
-    attend to their own new keys, those of one length in one call; any other sequence with several
-    query rows runs alone, with a causal mask offset by its cached prefix.
+    Sequences with one query row attend in one padded batch (`TorchDecodeRows`); fresh prompts (no
+    cached prefix) attend to their own new keys, those of one length in one call; the other sequences
+    with several query rows attend in one padded batch (`TorchCachedRows`). Every index and mask is
+    built once per step (`prepare`), not per layer. Padding reads only written slots (a cache fresh
+    from torch.empty may hold NaN, which a mask would not stop: 0 * NaN is NaN).
     """
 
     @staticmethod
@@ -183,23 +212,21 @@ class TorchAttentionBackend:
             starts.append(starts[-1] + q)
         decode_rows = [i for i, q in enumerate(meta.query_lens) if q == 1]
         decode = self._decode_rows(meta, decode_rows, starts, device) if decode_rows else None
-        cached: list[TorchCachedRows] = []
+        cached_seqs: list[int] = []
         fresh_by_len: dict[int, list[int]] = {}
-        bs = meta.block_size
         for i, (n, total) in enumerate(zip(meta.query_lens, meta.context_lens)):
             if n <= 1:
                 continue
             if total == n:
                 # A fresh prompt attends to its own new keys, not the cache; equal lengths share a call.
                 fresh_by_len.setdefault(n, []).append(starts[i])
-                continue
-            pos = torch.arange(total, device=device)
-            slots = meta.block_tables[i, pos // bs].long() * bs + pos % bs
-            cached.append(TorchCachedRows(starts[i], starts[i + 1], total, slots))
+            else:
+                cached_seqs.append(i)
         fresh_groups = [
             torch.tensor(group_starts, device=device)[:, None] + torch.arange(n, device=device)[None, :]
             for n, group_starts in fresh_by_len.items()
         ]
+        cached = self._cached_rows(meta, cached_seqs, starts, device) if cached_seqs else None
         return TorchAttentionState(decode, fresh_groups, cached)
 
     @staticmethod
@@ -209,16 +236,42 @@ class TorchAttentionBackend:
         bs = meta.block_size
         lens = torch.tensor([meta.context_lens[i] for i in rows], device=device)
         pos = torch.arange(max(meta.context_lens[i] for i in rows), device=device)
-        # Past its own length a shorter sequence reads its last key again: every slot read was written
-        # (a cache fresh from torch.empty may hold NaN, which a mask would not stop: 0 * NaN is NaN),
-        # and the mask removes those positions. One sequence needs no mask at all.
+        # Past its own length a shorter sequence reads its last key again, which the mask removes.
         read = torch.minimum(pos[None, :], lens[:, None] - 1)  # [B, L]
-        tables = meta.block_tables[torch.tensor(rows, device=device)].long()
-        slots = tables.gather(1, read // bs) * bs + read % bs
-        mask = (pos[None, :] < lens[:, None])[:, None, None, :] if len(rows) > 1 else None
         all_decode = len(rows) == meta.num_seqs
+        tables = meta.block_tables if all_decode else meta.block_tables[torch.tensor(rows, device=device)]
+        slots = tables.long().gather(1, read // bs) * bs + read % bs
+        mask = None
+        if len(rows) > 1:
+            mask = torch.zeros(len(rows), 1, pos.shape[0], device=device)
+            mask.masked_fill_((pos[None, :] >= lens[:, None])[:, None, :], float("-inf"))
         token_rows = None if all_decode else torch.tensor([starts[i] for i in rows], device=device)
-        return TorchDecodeRows(len(rows), slots.view(-1), mask, token_rows)
+        return TorchDecodeRows(len(rows), slots, mask, token_rows)
+
+    @staticmethod
+    def _cached_rows(
+        meta: AttentionMetadata, seqs: list[int], starts: list[int], device: torch.device
+    ) -> TorchCachedRows:
+        bs = meta.block_size
+        query_lens = [meta.query_lens[i] for i in seqs]
+        n = max(query_lens)
+        seq_index = torch.tensor(seqs, device=device)
+        lens = torch.tensor([meta.context_lens[i] for i in seqs], device=device)[:, None]  # [S, 1]
+        nums = torch.tensor(query_lens, device=device)[:, None]
+        row = torch.arange(n, device=device)[None, :]  # [1, N]
+        query_rows = torch.tensor([starts[i] for i in seqs], device=device)[:, None] + row.minimum(nums - 1)
+        pos = torch.arange(max(meta.context_lens[i] for i in seqs), device=device)[None, :]  # [1, L]
+        read = pos.minimum(lens - 1)
+        slots = meta.block_tables[seq_index].long().gather(1, read // bs) * bs + read % bs
+        # Query row j of a sequence (a padded one counts as its last) is at position len - num + j.
+        query_pos = lens - nums + row.minimum(nums - 1)  # [S, N]
+        mask = pos[:, None, :] <= query_pos[:, :, None]  # [S, N, L]
+        owned = (row < nums).view(-1)
+        padded_rows = torch.arange(len(seqs) * n, device=device)[owned]
+        return TorchCachedRows(
+            len(seqs), n, query_rows.view(-1), slots.view(-1), mask[:, None], query_rows.view(-1)[owned],
+            padded_rows,
+        )  # fmt: skip
 
     def forward(
         self,
@@ -234,31 +287,17 @@ class TorchAttentionBackend:
 
         `k_new`/`v_new` ([T, Hk, D]) are this step's keys/values: a prompt with no cached prefix
         attends to them directly (plain causal attention, no gather from the cache)."""
-        num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-        group = q.shape[1] // num_kv_heads
-        out = torch.empty_like(q)
-        k_flat = k_cache.view(-1, num_kv_heads, head_dim)
-        v_flat = v_cache.view(-1, num_kv_heads, head_dim)
+        group = q.shape[1] // k_cache.shape[2]
         d = state.decode
+        if d is not None and d.token_rows is None and q.shape[0] == d.num_seqs:
+            return self._attend_decode(q, k_cache, v_cache, d, scale)  # every row a decode
+        out = torch.empty_like(q)
         if d is not None:
-            idx, mask = d.token_rows, d.mask
-            b = d.num_seqs
-            k = k_flat.index_select(0, d.slots).view(b, -1, num_kv_heads, head_dim).to(q.dtype)
-            v = v_flat.index_select(0, d.slots).view(b, -1, num_kv_heads, head_dim).to(q.dtype)
-            o = F.scaled_dot_product_attention(
-                (q[:b] if idx is None else q[idx])[:, :, None],
-                k.transpose(1, 2),  # [B, Hk, L, D]
-                v.transpose(1, 2),
-                attn_mask=mask,
-                scale=scale,
-                enable_gqa=group > 1,
-            )
-            if idx is None and q.shape[0] == b:
-                out = o[:, :, 0]
-            elif idx is None:  # token rows 0..b-1 (callers may pass trailing padded rows)
-                out[:b] = o[:, :, 0]
+            o = self._attend_decode(q, k_cache, v_cache, d, scale)
+            if d.token_rows is None:  # token rows 0..b-1 (callers may pass trailing padded rows)
+                out[: d.num_seqs] = o
             else:
-                out[idx] = o[:, :, 0]
+                out.index_copy_(0, d.token_rows, o)
         if state.fresh_groups and k_cache.dtype != q.dtype:
             # Attend to the keys/values as the cache holds them, as if read back from it: a prompt's
             # result must not depend on whether its prefix came from the cache.
@@ -274,22 +313,57 @@ class TorchAttentionBackend:
                 enable_gqa=group > 1,
             )
             out[tokens] = o.transpose(1, 2)
-        for rows in state.cached:  # query rows over a cached prefix
-            n, total = rows.end - rows.start, rows.context_len
-            k = k_flat[rows.slots].to(q.dtype).transpose(0, 1)  # [Hk, L, D]
-            v = v_flat[rows.slots].to(q.dtype).transpose(0, 1)
-            # Query j (absolute position total - n + j) sees keys at positions <= its own.
-            mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(diagonal=total - n)
-            o = F.scaled_dot_product_attention(
-                q[rows.start : rows.end].transpose(0, 1),
-                k,
-                v,
-                attn_mask=mask,
-                scale=scale,
-                enable_gqa=group > 1,
-            )
-            out[rows.start : rows.end] = o.transpose(0, 1)
+        c = state.cached
+        if c is not None:
+            out.index_copy_(0, c.token_rows, self._attend_cached(q, k_cache, v_cache, c, scale))
         return out
+
+    @staticmethod
+    def _attend_decode(
+        q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, d: TorchDecodeRows, scale: float
+    ) -> torch.Tensor:
+        """The decode rows' attention, [B, Hq, D]."""
+        num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+        b, num_heads = d.num_seqs, q.shape[1]
+        group = num_heads // num_kv_heads
+        key_rows, value_rows = d.cache_rows(num_kv_heads, group)
+        dtype = _compute_dtype(q.dtype)
+        queries = q[:b] if d.token_rows is None else q.index_select(0, d.token_rows)
+        queries = queries.to(dtype).reshape(b * num_kv_heads, group, head_dim)
+        keys = k_cache.view(-1, head_dim).index_select(0, key_rows).to(dtype)
+        scores = torch.bmm(queries, keys.view(b * num_kv_heads, -1, head_dim).transpose(1, 2))
+        scores = scores.view(b, num_heads, -1).mul_(scale)  # [B, Hq, L]
+        if d.mask is not None:
+            scores.add_(d.mask)
+        probs = scores.softmax(-1)
+        values = v_cache.view(-1, head_dim)
+        if values.dtype == dtype:  # weighted sums of the cached rows themselves
+            out = F.embedding_bag(
+                value_rows, values, mode="sum", per_sample_weights=probs.view(b * num_heads, -1)
+            )
+        else:  # a cache in another dtype (FP8, bf16): its values gathered and converted first
+            values = values.index_select(0, key_rows).to(dtype).view(b * num_kv_heads, -1, head_dim)
+            out = torch.bmm(probs.view(b * num_kv_heads, group, -1), values)
+        return out.view(b, num_heads, head_dim).to(q.dtype)
+
+    @staticmethod
+    def _attend_cached(
+        q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, c: TorchCachedRows, scale: float
+    ) -> torch.Tensor:
+        """The rows of the sequences with a cached prefix, in `c.token_rows` order, [R, Hq, D]."""
+        num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+        s, n, num_heads = c.num_seqs, c.max_rows, q.shape[1]
+        k = k_cache.view(-1, num_kv_heads, head_dim).index_select(0, c.slots).to(q.dtype)
+        v = v_cache.view(-1, num_kv_heads, head_dim).index_select(0, c.slots).to(q.dtype)
+        o = F.scaled_dot_product_attention(
+            q.index_select(0, c.query_rows).view(s, n, num_heads, head_dim).transpose(1, 2),
+            k.view(s, -1, num_kv_heads, head_dim).transpose(1, 2),  # [S, Hk, L, D]
+            v.view(s, -1, num_kv_heads, head_dim).transpose(1, 2),
+            attn_mask=c.mask,
+            scale=scale,
+            enable_gqa=num_heads > num_kv_heads,
+        )  # [S, Hq, N, D]
+        return o.transpose(1, 2).reshape(s * n, num_heads, head_dim).index_select(0, c.padded_rows)
 
 
 def store_kv(
