@@ -308,15 +308,16 @@ def test_sample_never_reads_the_device(device, monkeypatch):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("rows", [1, 3, 40])
-def test_argmax_rows_matches_torch_including_ties(device, rows):
-    vocab = 8 * ARGMAX_CHUNK + 517  # a partial last chunk
+# a partial last chunk, whole chunks only, less than one chunk
+@pytest.mark.parametrize("vocab", [8 * ARGMAX_CHUNK + 517, 8 * ARGMAX_CHUNK, ARGMAX_CHUNK // 2 + 3])
+def test_argmax_rows_matches_torch_including_ties(device, rows, vocab):
     gen = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, vocab, generator=gen)
     x[0, vocab - 3] = 50.0  # the maximum in the partial chunk
     if rows > 1:
         # Ties across chunks and inside one: the first index wins, as in torch.
-        x[1, [5, ARGMAX_CHUNK + 7, 3 * ARGMAX_CHUNK, 3 * ARGMAX_CHUNK + 1]] = 60.0
+        x[1, [c % vocab for c in (5, ARGMAX_CHUNK + 7, 3 * ARGMAX_CHUNK, 3 * ARGMAX_CHUNK + 1)]] = 60.0
         x[2, :] = float("-inf")
-        x[2, 2 * ARGMAX_CHUNK + 9] = -1e30
+        x[2, (2 * ARGMAX_CHUNK + 9) % vocab] = -1e30
     x = x.to(device)
     assert argmax_rows(x).tolist() == x.argmax(-1).tolist()
