@@ -19,7 +19,9 @@ Build llama.cpp's two tools (llama-bench, llama-server) and pass their directory
     python benchmarks/cpu_vs_peers.py --llama_bin /path/to/llama.cpp/build/bin \\
         --data tinyshakespeare.txt [--out benchmarks/results/cpu_vs_peers.json]
 
-The results JSON is written under benchmarks/results/; the table prints last.
+`--sides` and `--workloads` run a part of it (e.g. `--sides tensorjet_gguf,hf_transformers
+--workloads batch32` while iterating). The results JSON is written under benchmarks/results/; the table
+prints last.
 """
 
 from __future__ import annotations
@@ -39,6 +41,14 @@ import torch
 
 PROMPT_LEN, DECODE_TOKENS, BATCH, BATCH_OUT = 128, 128, 32, 64
 LLAMA_TOOLS = ("llama-bench", "llama-server")
+# Results keys -> table columns
+SIDES = {
+    "tensorjet_gguf": "tensorjet gguf",
+    "tensorjet_fp32": "tensorjet fp32",
+    "hf_transformers": "HF fp32",
+    "llama_cpp": "llama.cpp",
+}
+WORKLOADS = ("batch1", "batch32")  # prefill and decode of one prompt; 32 x 64
 
 
 def random_prompt(n: int, seed: int) -> list[int]:
@@ -46,8 +56,10 @@ def random_prompt(n: int, seed: int) -> list[int]:
     return torch.randint(100, 49000, (n,), generator=g).tolist()
 
 
-def llama_tools(directory: Path) -> dict[str, Path]:
+def llama_tools(directory: Path | None) -> dict[str, Path]:
     """The llama.cpp binaries in `directory`; exits saying which are missing."""
+    if directory is None:
+        sys.exit("--llama_bin is needed to run llama.cpp (or leave llama_cpp out of --sides)")
     tools = {name: directory / name for name in LLAMA_TOOLS}
     missing = [str(path) for path in tools.values() if not os.access(path, os.X_OK)]
     if missing:
@@ -136,7 +148,7 @@ def perplexities(data: Path, chars: int) -> dict:
 # ---- HF transformers ----------------------------------------------------------------------------
 
 
-def bench_hf() -> dict:
+def bench_hf(workloads: set[str]) -> dict:
     from transformers import AutoModelForCausalLM
 
     from tensorjet.models.loader import default_gguf
@@ -146,65 +158,67 @@ def bench_hf() -> dict:
     greedy = dict(do_sample=False, pad_token_id=0)
     prompt = torch.tensor([random_prompt(PROMPT_LEN, 0)])
     batch = torch.tensor([random_prompt(PROMPT_LEN, 100 + i) for i in range(BATCH)])
+    result = {}
     with torch.no_grad():
         model.generate(prompt[:, :16], max_new_tokens=4, **greedy)  # warm-up
-        begin = time.perf_counter()
-        model.generate(prompt, max_new_tokens=1, **greedy)
-        ttft = time.perf_counter() - begin
-        begin = time.perf_counter()
-        out = model.generate(prompt, max_new_tokens=DECODE_TOKENS, min_new_tokens=DECODE_TOKENS, **greedy)
-        decode_s = time.perf_counter() - begin - ttft
-        begin = time.perf_counter()
-        model.generate(batch, max_new_tokens=BATCH_OUT, min_new_tokens=BATCH_OUT, **greedy)
-        batch_s = time.perf_counter() - begin
-    return {
-        "prefill_tok_s": PROMPT_LEN / ttft,
-        "decode_tok_s": (DECODE_TOKENS - 1) / decode_s,
-        "batch32_output_tok_s": BATCH * BATCH_OUT / batch_s,
-        "first_tokens": out[0, PROMPT_LEN : PROMPT_LEN + 8].tolist(),
-    }
+        if "batch1" in workloads:
+            begin = time.perf_counter()
+            model.generate(prompt, max_new_tokens=1, **greedy)
+            ttft = time.perf_counter() - begin
+            begin = time.perf_counter()
+            out = model.generate(prompt, max_new_tokens=DECODE_TOKENS, min_new_tokens=DECODE_TOKENS, **greedy)
+            decode_s = time.perf_counter() - begin - ttft
+            result["prefill_tok_s"] = PROMPT_LEN / ttft
+            result["decode_tok_s"] = (DECODE_TOKENS - 1) / decode_s
+            result["first_tokens"] = out[0, PROMPT_LEN : PROMPT_LEN + 8].tolist()
+        if "batch32" in workloads:
+            begin = time.perf_counter()
+            model.generate(batch, max_new_tokens=BATCH_OUT, min_new_tokens=BATCH_OUT, **greedy)
+            result["batch32_output_tok_s"] = BATCH * BATCH_OUT / (time.perf_counter() - begin)
+    return result
 
 
 # ---- llama.cpp ----------------------------------------------------------------------------------
 
 
-def bench_llama_cpp(tools: dict[str, Path], gguf: Path, threads: int, scratch: Path) -> dict:
+def bench_llama_cpp(
+    tools: dict[str, Path], gguf: Path, threads: int, scratch: Path, workloads: set[str]
+) -> dict:
     """pp128 and tg128 from llama-bench; 32 x 64 from llama-server -np 32 driven by `tensorjet bench`."""
-    command = [str(tools["llama-bench"]), "-m", str(gguf), "-p", str(PROMPT_LEN), "-n", str(DECODE_TOKENS)]
-    command += ["-t", str(threads), "-o", "json"]
-    rows = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
-    speed = {("prefill" if r["n_prompt"] else "decode"): r["avg_ts"] for r in rows}
-    build = rows[0].get("build_commit", "?")
-    port = free_port()
-    context = BATCH * (PROMPT_LEN + BATCH_OUT + 64)
-    server = subprocess.Popen(
-        [
-            str(tools["llama-server"]),
+    result = {}
+    if "batch1" in workloads:
+        command = [
+            str(tools["llama-bench"]),
             "-m",
             str(gguf),
-            "-np",
-            str(BATCH),
-            "-c",
-            str(context),
-            "-t",
-            str(threads),
+            "-p",
+            str(PROMPT_LEN),
+            "-n",
+            str(DECODE_TOKENS),
         ]
-        + ["--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_healthy(f"http://127.0.0.1:{port}/health", server)
-        report = bench_tool(["--url", f"http://127.0.0.1:{port}", *batch_workload()], scratch / "llama.json")
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-    return {
-        "build_commit": build,
-        "prefill_tok_s": speed["prefill"],
-        "decode_tok_s": speed["decode"],
-        "batch32_output_tok_s": report["output_throughput"],
-    }
+        command += ["-t", str(threads), "-o", "json"]
+        rows = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+        speed = {("prefill" if r["n_prompt"] else "decode"): r["avg_ts"] for r in rows}
+        result["build_commit"] = rows[0].get("build_commit", "?")
+        result["prefill_tok_s"], result["decode_tok_s"] = speed["prefill"], speed["decode"]
+    if "batch32" in workloads:
+        port = free_port()
+        context = BATCH * (PROMPT_LEN + BATCH_OUT + 64)
+        server = subprocess.Popen(
+            [str(tools["llama-server"]), "-m", str(gguf), "-np", str(BATCH), "-c", str(context)]
+            + ["-t", str(threads), "--host", "127.0.0.1", "--port", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_healthy(f"http://127.0.0.1:{port}/health", server)
+            url = f"http://127.0.0.1:{port}"
+            report = bench_tool(["--url", url, *batch_workload()], scratch / "llama.json")
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+        result["batch32_output_tok_s"] = report["output_throughput"]
+    return result
 
 
 def cpu_model() -> str:
@@ -242,12 +256,7 @@ def wait_healthy(url: str, server: subprocess.Popen, timeout: float = 120.0) -> 
 
 
 def print_table(result: dict) -> None:
-    sides = [
-        ("tensorjet gguf", result["tensorjet_gguf"]),
-        ("tensorjet fp32", result["tensorjet_fp32"]),
-        ("HF fp32", result["hf_transformers"]),
-        ("llama.cpp", result["llama_cpp"]),
-    ]
+    sides = [(SIDES[key], result.get(key, {})) for key in SIDES]
     print(f"\n{'':<22}" + "".join(f"{name:>16}" for name, _ in sides))
     for key, label in (
         ("prefill_tok_s", "prefill 128 (tok/s)"),
@@ -261,12 +270,15 @@ def print_table(result: dict) -> None:
         for key, label in (("gguf", "perplexity"), ("gguf_decode_kernels", "  decode kernels")):
             ours = ppl[key]["perplexity"]
             print(f"{label:<22}{ours:>16.4f}{ref:>16.4f}   ({(ours / ref - 1) * 100:+.2f}% vs fp32)")
-    llama, gguf, hf = result["llama_cpp"], result["tensorjet_gguf"], result["hf_transformers"]
-    print(
-        f"\ntensorjet gguf / llama.cpp: decode {gguf['decode_tok_s'] / llama['decode_tok_s']:.2f}x, "
-        f"32 x 64 {gguf['batch32_output_tok_s'] / llama['batch32_output_tok_s']:.2f}x; "
-        f"/ HF: 32 x 64 {gguf['batch32_output_tok_s'] / hf['batch32_output_tok_s']:.2f}x"
-    )
+    gguf = result.get("tensorjet_gguf", {})
+    for key, label in (("llama_cpp", "llama.cpp"), ("hf_transformers", "HF")):
+        ratios = [
+            f"{name} {gguf[metric] / result[key][metric]:.2f}x"
+            for metric, name in (("decode_tok_s", "decode"), ("batch32_output_tok_s", "32 x 64"))
+            if metric in gguf and metric in result.get(key, {})
+        ]
+        if ratios:
+            print(f"tensorjet gguf / {label}: {', '.join(ratios)}")
 
 
 def main() -> None:
@@ -274,7 +286,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--llama_bin", type=Path, required=True, help="directory with llama-bench, llama-server"
+        "--llama_bin", type=Path, help="directory with llama-bench, llama-server (needed for llama_cpp)"
     )
     parser.add_argument("--data", type=Path, default=None, help="text for perplexity; omitted: not measured")
     parser.add_argument("--ppl_chars", type=int, default=100_000)
@@ -285,9 +297,22 @@ def main() -> None:
         default=torch.get_num_threads(),
         help="CPU threads of every engine (llama.cpp's -t); default: PyTorch's, one per core",
     )
+    parser.add_argument(
+        "--sides",
+        default=",".join(SIDES),
+        help=f"comma-separated subset of {', '.join(SIDES)} (a quicker partial run)",
+    )
+    parser.add_argument(
+        "--workloads",
+        default=",".join(WORKLOADS),
+        help="comma-separated subset of batch1 (prefill and decode of one prompt), batch32 (32 x 64)",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu_vs_peers.json"))
     args = parser.parse_args()
-    tools = llama_tools(args.llama_bin)
+    sides, workloads = set(args.sides.split(",")), set(args.workloads.split(","))
+    if not sides <= set(SIDES) or not workloads <= set(WORKLOADS):
+        parser.error(f"--sides takes {', '.join(SIDES)}; --workloads takes {', '.join(WORKLOADS)}")
+    tools = llama_tools(args.llama_bin) if "llama_cpp" in sides else {}
     from tensorjet.models.loader import default_gguf
 
     threads = args.threads
@@ -304,14 +329,19 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        result["llama_cpp"] = bench_llama_cpp(tools, default_gguf(), threads, scratch)
+        if "llama_cpp" in sides:
+            result["llama_cpp"] = bench_llama_cpp(tools, default_gguf(), threads, scratch, workloads)
         for dtype, key in (("auto", "tensorjet_gguf"), ("float32", "tensorjet_fp32")):
-            result[key] = bench_tensorjet(dtype, args.runs)
-            report = bench_tool(
-                [*batch_workload(), "--device", "cpu", "--dtype", dtype], scratch / f"{key}.json"
-            )
-            result[key]["batch32_output_tok_s"] = report["output_throughput"]
-        result["hf_transformers"] = bench_hf()
+            if key not in sides:
+                continue
+            result[key] = bench_tensorjet(dtype, args.runs) if "batch1" in workloads else {}
+            if "batch32" in workloads:
+                report = bench_tool(
+                    [*batch_workload(), "--device", "cpu", "--dtype", dtype], scratch / f"{key}.json"
+                )
+                result[key]["batch32_output_tok_s"] = report["output_throughput"]
+        if "hf_transformers" in sides:
+            result["hf_transformers"] = bench_hf(workloads)
     if args.data is not None:
         result["perplexity"] = perplexities(args.data, args.ppl_chars)
     args.out.parent.mkdir(parents=True, exist_ok=True)
