@@ -27,7 +27,7 @@ import transformers
 
 from tensorjet.calibration.checkpoint import symmetric
 from tensorjet.calibration.pipeline import CalibrationOptions
-from tensorjet.calibration.quantize import DEFAULT_FORMATS, calibrate_source
+from tensorjet.calibration.quantize import DEFAULT_FORMATS, CalibrationJob, calibrate_source
 from tensorjet.calibration.quantizer import QuantScheme
 from tensorjet.config import DTYPES
 from tensorjet.models.loader import ModelSource, resolve_model
@@ -65,7 +65,9 @@ def run(method: str, source: ModelSource, args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    calibrated = calibrate_source(source, options, checkpoint_format, token_ids, device, dtype)
+    calibrated = calibrate_source(
+        CalibrationJob(source, options, checkpoint_format, token_ids, device, dtype)
+    )
     total = time.perf_counter() - start
     layers = source.hf_config.num_hidden_layers
     result = {

@@ -45,7 +45,7 @@ from tensorjet import LLM
 from tensorjet.calibration.checkpoint import symmetric
 from tensorjet.calibration.data import calibration_samples
 from tensorjet.calibration.pipeline import CalibrationOptions
-from tensorjet.calibration.quantize import quantize_to_checkpoint
+from tensorjet.calibration.quantize import CalibrationJob, quantize_to_checkpoint
 from tensorjet.calibration.quantizer import QuantScheme
 from tensorjet.config import FeatureNotAvailableError
 from tensorjet.eval.perplexity import DEFAULT_CONTEXT_LEN, DEFAULT_SCORE_FROM, PerplexityResult, perplexity
@@ -130,15 +130,15 @@ class Int4Maker:
         scheme = QuantScheme(4, row.group_size, symmetric=symmetric(row.checkpoint_format))
         if out.exists():
             shutil.rmtree(out)
-        calibrated = quantize_to_checkpoint(
+        job = CalibrationJob(
             self.source,
-            out,
             CalibrationOptions(row.method, scheme),
             row.checkpoint_format,
             self.token_ids,
             torch.device(self.args.device),
             torch.float32,
         )
+        calibrated = quantize_to_checkpoint(job, out)
         seconds = calibrated.seconds
         del calibrated
         gc.collect()

@@ -20,7 +20,7 @@ from tensorjet.calibration import at_load, awq, gptq
 from tensorjet.calibration.data import calibration_samples
 from tensorjet.calibration.layerwise import LayerwiseRunner
 from tensorjet.calibration.pipeline import CalibrationOptions
-from tensorjet.calibration.quantize import calibrate_source
+from tensorjet.calibration.quantize import CalibrationJob, calibrate_source
 from tensorjet.calibration.quantizer import QuantScheme, fake_quantize, quantize_rtn
 from tensorjet.cli import main
 from tensorjet.models.loader import load_tokenizer, resolve_model
@@ -182,15 +182,15 @@ def _in_memory_logprobs(tiny_dir: Path, method: str, checkpoint_format: str) -> 
     source = resolve_model(str(tiny_dir))
     scheme = QuantScheme(4, GROUP, symmetric=checkpoint_format == "gptq")
     token_ids = calibration_samples(load_tokenizer(source), *SEQ_LEN)
-    model = calibrate_source(
+    job = CalibrationJob(
         source,
         CalibrationOptions(method, scheme),
         checkpoint_format,
         token_ids,
         torch.device("cpu"),
         torch.float32,
-        progress=False,
-    ).model
+    )
+    model = calibrate_source(job, progress=False).model
     runner = LayerwiseRunner(model, torch.tensor([PROMPT]), torch.device("cpu"))
     for index in range(len(model.layers)):
         with runner.on_device(index) as layer:
@@ -303,9 +303,12 @@ def test_calibrate_at_load_caches_the_checkpoint_for_the_next_load(tiny_dir, tmp
     monkeypatch.setattr(at_load, "DEFAULT_SEQ_LEN", SEQ_LEN[1])
     calls = []
     quantize = at_load.quantize_to_checkpoint
-    monkeypatch.setattr(
-        at_load, "quantize_to_checkpoint", lambda *a, **k: calls.append(a[3]) or quantize(*a, **k)
-    )
+
+    def recording(job, *args):
+        calls.append(job.checkpoint_format)
+        return quantize(job, *args)
+
+    monkeypatch.setattr(at_load, "quantize_to_checkpoint", recording)
     runs = []
     for options in ({"quantization": "gptq"}, {"dtype": "int4_gptq"}):  # the guide's two spellings
         llm = _engine(tiny_dir, **options)

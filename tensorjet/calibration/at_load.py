@@ -17,12 +17,10 @@ import json
 import logging
 from pathlib import Path
 
-import torch
-
 from tensorjet.calibration.checkpoint import symmetric
 from tensorjet.calibration.data import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, calibration_samples
 from tensorjet.calibration.pipeline import CalibrationOptions
-from tensorjet.calibration.quantize import DEFAULT_FORMATS, quantize_to_checkpoint
+from tensorjet.calibration.quantize import DEFAULT_FORMATS, CalibrationJob, quantize_to_checkpoint
 from tensorjet.calibration.quantizer import QuantScheme
 from tensorjet.config import EngineConfig
 from tensorjet.models.cache import cache_root, is_complete, write_entry
@@ -51,8 +49,10 @@ def calibrated_source(config: EngineConfig, source: ModelSource) -> ModelSource:
     )
     seq_len = min(DEFAULT_SEQ_LEN, max_positions_of(source.hf_config))
     token_ids = calibration_samples(load_tokenizer(source), DEFAULT_NUM_SAMPLES, seq_len)
-    dtype = config.torch_dtype
-    key = cache_key(source, options, checkpoint_format, dtype, token_ids)
+    job = CalibrationJob(
+        source, options, checkpoint_format, token_ids, config.torch_device, config.torch_dtype
+    )
+    key = cache_key(job)
     entry = cache_root() / "calibrated" / key[:24]
     manifest = {"format": CACHE_FORMAT, "key": key, "method": method, "model": source.name}
     if not is_complete(entry, MANIFEST_FILE, manifest):
@@ -63,48 +63,30 @@ def calibrated_source(config: EngineConfig, source: ModelSource) -> ModelSource:
             *token_ids.shape,
             entry,
         )
-        _make_entry(
-            entry, manifest, source, options, checkpoint_format, token_ids, config.torch_device, dtype
-        )
+        _make_entry(entry, manifest, job)
     else:
         logger.info("reading %s's %s calibration from %s", source.name, method, entry)
     calibrated = resolve_model(str(entry))
     return dataclasses.replace(calibrated, name=f"{source.name} ({method}, calibrated)")
 
 
-def cache_key(
-    source: ModelSource,
-    options: CalibrationOptions,
-    checkpoint_format: str,
-    dtype: torch.dtype,
-    token_ids: torch.Tensor,
-) -> str:
+def cache_key(job: CalibrationJob) -> str:
+    """What decides a calibrated checkpoint (not the device it was calibrated on)."""
     what = {
         "format": CACHE_FORMAT,
-        "model": source.content_digest(),
-        "options": dataclasses.asdict(options),
-        "checkpoint_format": checkpoint_format,
-        "dtype": str(dtype),
-        "data": hashlib.sha256(token_ids.numpy().tobytes()).hexdigest(),
-        "data_shape": list(token_ids.shape),
+        "model": job.source.content_digest(),
+        "options": dataclasses.asdict(job.options),
+        "checkpoint_format": job.checkpoint_format,
+        "dtype": str(job.dtype),
+        "data": hashlib.sha256(job.token_ids.numpy().tobytes()).hexdigest(),
+        "data_shape": list(job.token_ids.shape),
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
-def _make_entry(
-    entry: Path,
-    manifest: dict,
-    source: ModelSource,
-    options: CalibrationOptions,
-    checkpoint_format: str,
-    token_ids: torch.Tensor,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> None:
+def _make_entry(entry: Path, manifest: dict, job: CalibrationJob) -> None:
     def write(staging: Path) -> dict:
-        calibrated = quantize_to_checkpoint(
-            source, staging, options, checkpoint_format, token_ids, device, dtype
-        )
+        calibrated = quantize_to_checkpoint(job, staging)
         return {"seconds": round(calibrated.seconds, 1)}
 
     try:

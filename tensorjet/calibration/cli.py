@@ -12,7 +12,12 @@ import torch
 from tensorjet.calibration.checkpoint import CHECKPOINT_FORMATS, symmetric
 from tensorjet.calibration.data import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, calibration_samples
 from tensorjet.calibration.pipeline import METHODS, CalibrationOptions
-from tensorjet.calibration.quantize import DEFAULT_FORMATS, quantize_to_checkpoint, require_float
+from tensorjet.calibration.quantize import (
+    DEFAULT_FORMATS,
+    CalibrationJob,
+    quantize_to_checkpoint,
+    require_float,
+)
 from tensorjet.calibration.quantizer import QuantScheme
 from tensorjet.config import DTYPES
 
@@ -125,7 +130,8 @@ def run(args: argparse.Namespace) -> None:
         token_ids = calibration_samples(
             load_tokenizer(source), args.num_samples, seq_len, args.calibration_data, max_positions
         )
-    result = quantize_to_checkpoint(source, args.output, options, checkpoint_format, token_ids, device, dtype)
+    job = CalibrationJob(source, options, checkpoint_format, token_ids, device, dtype)
+    result = quantize_to_checkpoint(job, args.output)
     size = sum(f.stat().st_size for f in args.output.iterdir() if f.is_file())
     data = "no calibration data" if args.method == "rtn" else f"{args.num_samples} x {seq_len} tokens"
     print(

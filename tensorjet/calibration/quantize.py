@@ -50,19 +50,25 @@ def load_float_model(source: ModelSource, dtype: torch.dtype, seed: int = 0) -> 
     return model.eval()
 
 
-def calibrate_source(
-    source: ModelSource,
-    options: CalibrationOptions,
-    checkpoint_format: str,
-    token_ids: torch.Tensor,
-    device: torch.device,
-    dtype: torch.dtype,
-    progress: bool = True,
-) -> Calibrated:
-    model = load_float_model(source, dtype)
-    check_packable(model, checkpoint_format)
+@dataclass(frozen=True)
+class CalibrationJob:
+    """One calibration: the float checkpoint, the method and grid, the checkpoint format it is for, the
+    sample tokens [samples, seq_len], and the device and dtype it runs in."""
+
+    source: ModelSource
+    options: CalibrationOptions
+    checkpoint_format: str
+    token_ids: torch.Tensor
+    device: torch.device
+    dtype: torch.dtype
+
+
+def calibrate_source(job: CalibrationJob, progress: bool = True) -> Calibrated:
+    device = job.device
+    model = load_float_model(job.source, job.dtype)
+    check_packable(model, job.checkpoint_format)
     start = time.perf_counter()
-    quantized = calibrate(model, token_ids, options, device, progress)
+    quantized = calibrate(model, job.token_ids, job.options, device, progress)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
@@ -71,24 +77,17 @@ def calibrate_source(
     return Calibrated(model, quantized, seconds)
 
 
-def quantize_to_checkpoint(
-    source: ModelSource,
-    out_dir: Path,
-    options: CalibrationOptions,
-    checkpoint_format: str,
-    token_ids: torch.Tensor,
-    device: torch.device,
-    dtype: torch.dtype,
-    progress: bool = True,
-) -> Calibrated:
-    """Calibrate `source` and write the checkpoint into `out_dir`."""
-    calibrated = calibrate_source(source, options, checkpoint_format, token_ids, device, dtype, progress)
-    write_checkpoint(out_dir, source, calibrated.model, calibrated.quantized, checkpoint_format, options)
+def quantize_to_checkpoint(job: CalibrationJob, out_dir: Path, progress: bool = True) -> Calibrated:
+    """Calibrate `job.source` and write the checkpoint into `out_dir`."""
+    calibrated = calibrate_source(job, progress)
+    write_checkpoint(
+        out_dir, job.source, calibrated.model, calibrated.quantized, job.checkpoint_format, job.options
+    )
     logger.info(
         "%s: %s calibration on %d x %d tokens took %.1f s; wrote %s",
-        source.name,
-        options.method,
-        *token_ids.shape,
+        job.source.name,
+        job.options.method,
+        *job.token_ids.shape,
         calibrated.seconds,
         out_dir,
     )
