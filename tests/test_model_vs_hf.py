@@ -108,3 +108,13 @@ def test_logits_match_hf_on_ragged_batch_with_cached_prefix(family):
     assert logits.shape == expected.shape
     assert not torch.isnan(logits).any()
     assert (logits - expected).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_buffer_is_built_on_the_device_in_use(family):
+    """The runner builds the model inside `with torch.device(...)`; a table made elsewhere (a scaled
+    rope's frequencies on the CPU, say) would break the build on a GPU. The meta device shows it here."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(FAMILIES[family](), torch.float32)
+    devices = {t.device.type for t in [*model.parameters(), *model.buffers()]}
+    assert devices == {"meta"}

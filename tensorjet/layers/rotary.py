@@ -34,7 +34,8 @@ def inverse_frequencies(config: PretrainedConfig, head_dim: int) -> tuple[torch.
         return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)), 1.0
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # a scaled rope: a transformers config
 
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+    # Made where the model is being built (a `with torch.device(...)` block), like the default rope's.
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.empty(0).device)
     return inv_freq.float(), float(scaling)
 
 
