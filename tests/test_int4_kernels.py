@@ -15,7 +15,7 @@ from tensorjet.kernels import int4_fused_gemv as fused_module
 from tensorjet.kernels import int4_linear as linear_module
 from tensorjet.kernels.int4_fused_gemv import CANDIDATES as FUSED_CANDIDATES
 from tensorjet.kernels.int4_fused_gemv import Int4FusedGemvConfig
-from tensorjet.kernels.int4_linear import GEMV_CANDIDATES, Int4MatmulConfig
+from tensorjet.kernels.int4_linear import GEMM_CANDIDATES, GEMV_CANDIDATES, Int4MatmulConfig
 from tensorjet.kernels.int4_reference import Int4Weight, dequantize, int4_linear_reference
 from tensorjet.quant import int4_packing as packing
 
@@ -183,6 +183,15 @@ def test_gemm_matches_the_reference(m, n, k, group_size, zeros, act_order):
     weight = _weight(n, k, _group(k, group_size), zeros=zeros, act_order=act_order)
     x = torch.randn(m + 30, k, generator=torch.Generator().manual_seed(3))  # past one 32-row tile
     torch.testing.assert_close(int4_gemm(x, weight), int4_linear_reference(x, weight), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", GEMM_CANDIDATES, ids=str)
+def test_every_gemm_tile_matches_the_reference(config):
+    """Each tile start-up timing may choose, at tens of rows (on a GPU, K split to fill its SMs)."""
+    weight = _weight(96, 1024, 128, zeros=True, act_order=False)
+    x = torch.randn(40, 1024, generator=torch.Generator().manual_seed(4))
+    y = int4_gemm(x, weight, config=config)
+    torch.testing.assert_close(y, int4_linear_reference(x, weight), rtol=1e-5, atol=1e-5)
 
 
 def test_a_group_narrower_than_the_tile_reads_a_scale_per_column():

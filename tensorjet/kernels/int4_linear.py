@@ -20,26 +20,30 @@ scale in fp32, rounded to x's dtype, then x @ w^T with fp32 accumulation. The ke
   larger tiles it is the prefill GEMM, in the reference's numerics;
 - `dequantized_linear`: the whole weight dequantized by one launch (`int4_dequantize`), then cuBLAS:
   for large prefill batches, where the GEMM's dequantization cost per row vanishes.
-`select_int4_gemv` and `select_int4_gemm` time the tiles on the GPU at start-up.
+`select_int4_gemv`, `select_int4_gemm_tiles` and `select_int4_gemm` time the tiles on the GPU at
+start-up.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from tensorjet.kernels._common import dot_precision, dot_upcast, tl_dot
+from tensorjet.kernels._common import dot_precision, dot_upcast, num_sms, tl_dot
 from tensorjet.kernels.gemv import cold_copies, fastest_in_graph, time_in_graph_ms
 from tensorjet.kernels.int4_reference import Int4Weight
 from tensorjet.kernels.split_k import reduce_tile_slices, split_k_buffers
 
 __all__ = [
     "GEMV_CANDIDATES",
+    "GEMM_CANDIDATES",
+    "GEMM_TILES",
     "GEMV_MAX_M",
+    "GemmTiles",
     "Int4MatmulConfig",
     "cold_weights",
     "dequantized_linear",
@@ -48,6 +52,7 @@ __all__ = [
     "int4_gemv",
     "int4_matmul",
     "select_int4_gemm",
+    "select_int4_gemm_tiles",
     "select_int4_gemv",
 ]
 
@@ -82,13 +87,26 @@ GEMV_CANDIDATES = (
     Int4MatmulConfig(16, 64, 128, 4, 4, split_k=4, scale_after=True),
     Int4MatmulConfig(16, 128, 128, 8, 4, split_k=4, scale_after=True),
 )
-# Tiles by batch size (rows of x up to the first value) for the prefill GEMM. (A 256-row weight tile
-# at 128 rows of x spills registers on sm_90.)
-GEMM_CONFIGS = (
+GemmTiles = tuple[tuple[int, Int4MatmulConfig], ...]  # (up to this many rows, tile), by rows
+# Tiles by batch size (rows of x up to the first value) for the GEMM, untimed (the CPU interpreter).
+# (A 256-row weight tile at 128 rows of x spills registers on sm_90.)
+GEMM_TILES: GemmTiles = (
     (32, Int4MatmulConfig(32, 128, 128, 4, 3)),
     (64, Int4MatmulConfig(64, 128, 128, 4, 3)),
     (1 << 30, Int4MatmulConfig(128, 128, 128, 8, 3)),
 )
+# The tiles `select_int4_gemm_tiles` times per weight shape and batch size on a GPU: narrower weight
+# tiles give a 4096-row weight more programs at tens of rows of x.
+GEMM_CANDIDATES = (
+    *(config for _, config in GEMM_TILES),
+    Int4MatmulConfig(32, 64, 128, 4, 4),
+    Int4MatmulConfig(64, 64, 128, 4, 4),
+    Int4MatmulConfig(64, 128, 128, 8, 3),
+    Int4MatmulConfig(128, 64, 128, 4, 3),
+)
+# The GEMM splits K (to fill the GPU's SMs) only up to this many rows of x: its scratch is sized for
+# them once, before any CUDA graph is captured.
+GEMM_SPLIT_MAX_M = 256
 
 
 @triton.jit
@@ -319,14 +337,36 @@ def int4_gemv(
     return int4_matmul(x, weight, bias, config=config, max_rows=GEMV_MAX_M)
 
 
-def gemm_config(m: int) -> Int4MatmulConfig:
-    """The tile for an M-row batch (the first of GEMM_CONFIGS whose rows cover it)."""
-    return next(config for rows, config in GEMM_CONFIGS if m <= rows)
+def gemm_config(m: int, tiles: GemmTiles = GEMM_TILES) -> Int4MatmulConfig:
+    """The tile for an M-row batch (the first of `tiles` whose rows cover it)."""
+    return next((config for rows, config in tiles if m <= rows), tiles[-1][1])
 
 
-def int4_gemm(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The product for any number of rows with the tile `gemm_config` picks for it."""
-    return int4_matmul(x, weight, bias, config=gemm_config(x.shape[0]), max_rows=0)
+def int4_gemm(
+    x: torch.Tensor,
+    weight: Int4Weight,
+    bias: torch.Tensor | None = None,
+    *,
+    config: Int4MatmulConfig | None = None,
+    tiles: GemmTiles = GEMM_TILES,
+) -> torch.Tensor:
+    """The product for any number of rows; config None: the tile of `tiles` for this many rows. Up to
+    GEMM_SPLIT_MAX_M rows on a GPU, K is split so that the tiles fill its SMs."""
+    c = config or gemm_config(x.shape[0], tiles)
+    split_k = _split_for(x, weight, c)
+    if split_k > 1:
+        return int4_matmul(x, weight, bias, config=replace(c, split_k=split_k), max_rows=GEMM_SPLIT_MAX_M)
+    return int4_matmul(x, weight, bias, config=c, max_rows=0)
+
+
+def _split_for(x: torch.Tensor, weight: Int4Weight, config: Int4MatmulConfig) -> int:
+    """Slices of K (1 to 4, each of 2+ tiles) so that tiles x slices fill the GPU's SMs once: a
+    4096-row weight in 128-row tiles is 32 programs at 64 rows of x, a quarter of an H100."""
+    if x.device.type != "cuda" or x.shape[0] > GEMM_SPLIT_MAX_M:
+        return 1
+    tiles = triton.cdiv(weight.out_features, config.block_n) * triton.cdiv(x.shape[0], config.block_m)
+    k_tiles = triton.cdiv(weight.in_features, config.block_k)
+    return max(1, min(4, triton.cdiv(num_sms(x.device), tiles), k_tiles // 2))
 
 
 # ---- dequantize, then cuBLAS ----------------------------------------------------------------------
@@ -350,30 +390,32 @@ def _dequantize_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
+    """W[offs_n, k0:k0+BLOCK_K] in column order: each word is read once per code it holds (the repeats
+    hit L1), so the dense tile is stored in whole contiguous rows."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k0 = tl.program_id(1) * BLOCK_K
-    n_mask = offs_n < N
-    words, scale, offset = load_codes(
-        qw_ptr, scale_ptr, zero_ptr, offs_n, n_mask, k0, K, stride_qn, stride_sn, GROUP, HAS_ZEROS, BLOCK_K
-    )
-    for j in tl.static_range(8):
-        cols = k0 + tl.arange(0, BLOCK_K // 8) * 8 + j
-        k_mask = cols < K
-        if HAS_PERM:
-            cols = tl.load(perm_ptr + cols, mask=k_mask, other=0)
-        w = nibble(words, offset, j) * scale
-        tl.store(
-            w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + cols[None, :],
-            w.to(w_ptr.dtype.element_ty),
-            mask=n_mask[:, None] & k_mask[None, :],
-        )
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    rows = offs_n[:, None].to(tl.int64)
+    words = tl.load(qw_ptr + rows * stride_qn + (offs_k // 8)[None, :], mask=mask, other=0)
+    codes = (words >> ((offs_k % 8) * 4)[None, :]) & 0xF
+    groups = rows * stride_sn + (offs_k // GROUP)[None, :]
+    scale = tl.load(scale_ptr + groups, mask=mask, other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        zero = tl.load(zero_ptr + groups, mask=mask, other=0).to(tl.float32)
+    else:
+        zero = 8.0
+    w = (codes.to(tl.float32) - zero) * scale
+    cols = offs_k
+    if HAS_PERM:
+        cols = tl.load(perm_ptr + offs_k, mask=offs_k < K, other=0)
+    tl.store(w_ptr + rows * stride_wn + cols[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
 
 
 def int4_dequantize(weight: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
     """`dequantize(weight, dtype)` in one launch: W [N, K], columns in input order."""
     n, k = weight.out_features, weight.in_features
     w = torch.empty((n, k), dtype=dtype, device=weight.qweight.device)
-    block_n, block_k = 64, 128
+    block_n, block_k = 32, 256
     scales = weight.scales
     _dequantize_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
         weight.qweight,
@@ -437,22 +479,46 @@ def select_int4_gemv(
     return best, timings
 
 
+def select_int4_gemm_tiles(
+    weight: Int4Weight,
+    bias: torch.Tensor | None,
+    rows: tuple[int, ...],
+    *,
+    activation_dtype: torch.dtype = torch.bfloat16,
+) -> tuple[GemmTiles, dict]:
+    """The fastest of GEMM_CANDIDATES at each of `rows` (ascending) for this weight on this GPU, timed as
+    `select_int4_gemv` times (in a CUDA graph, codes read from HBM), and the times (ms) by rows."""
+    weights = cold_weights(weight)
+    tiles, timings = [], {}
+    for m in rows:
+        x = torch.randn(m, weight.in_features, dtype=activation_dtype, device=weight.qweight.device)
+        best, timings[m] = fastest_in_graph(
+            GEMM_CANDIDATES, lambda c, w, x=x: int4_gemm(x, w, bias, config=c), weights
+        )
+        tiles.append((m, best))
+    return tuple(tiles), timings
+
+
 def select_int4_gemm(
     weight: Int4Weight,
     bias: torch.Tensor | None,
     *,
+    tiles: GemmTiles = GEMM_TILES,
     activation_dtype: torch.dtype = torch.bfloat16,
     sizes: tuple[int, ...] = (1024, 2048, 4096),
 ) -> tuple[int | None, dict]:
     """The smallest batch size in `sizes` from which dequantizing the whole weight and running cuBLAS
-    (`dequantized_linear`) times faster than the Triton GEMM; None where it never does. With timings.
-    The sizes start past the largest step a CUDA graph captures (512 tokens), so the dense weight is
-    only ever a transient of an eager prefill step (counted by the memory-profiling forward)."""
+    (`dequantized_linear`) times faster than the Triton GEMM with `tiles`; None where it never does.
+    With timings. The sizes start past the largest step a CUDA graph captures (512 tokens), so the
+    dense weight is only ever a transient of an eager prefill step (counted by the memory-profiling
+    forward)."""
     device = weight.qweight.device
     timings: dict = {}
     for m in sizes:
         x = torch.randn(m, weight.in_features, dtype=activation_dtype, device=device)
-        timings[f"gemm_m{m}"] = time_in_graph_ms(lambda w, x=x: int4_gemm(x, w, bias), [weight], launches=8)
+        timings[f"gemm_m{m}"] = time_in_graph_ms(
+            lambda w, x=x: int4_gemm(x, w, bias, tiles=tiles), [weight], launches=8
+        )
         timings[f"dequant_m{m}"] = time_in_graph_ms(
             lambda w, x=x: dequantized_linear(x, w, bias), [weight], launches=8
         )

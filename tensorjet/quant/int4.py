@@ -31,6 +31,7 @@ from torch import nn
 
 from tensorjet.config import FeatureNotAvailableError
 from tensorjet.kernels.int4_reference import Int4Weight, int4_linear_reference
+from tensorjet.kernels.int4_tinygemm import TinygemmWeight, pack_tinygemm, tinygemm_linear
 from tensorjet.layers.linear import Linear, LinearKernel, LinearMethod, fused_options
 from tensorjet.layers.norm import RMSNorm
 from tensorjet.layers.weight_loader import copy_checked, set_weight_loader
@@ -91,6 +92,14 @@ class Int4Kernels:
     # The batch-1 GEMV with the neighbouring ops fused in (`tensorjet.kernels.int4_fused_gemv`).
     fused: Callable[..., torch.Tensor] | None = None
 
+    def for_rows(self, rows: int) -> Int4Kernel:
+        """The kernel for a batch of `rows` rows of x."""
+        if self.small_batch is not None and rows <= self.small_batch_max_rows:
+            return self.small_batch
+        if self.large_batch is not None and rows >= self.large_batch_min_rows:
+            return self.large_batch
+        return self.dense
+
 
 class Int4LinearMethod(LinearMethod):
     """4-bit codes [N, ceil(K / 8)] int32, scales [N, groups], zero points [N, groups] uint8 (or none),
@@ -104,6 +113,8 @@ class Int4LinearMethod(LinearMethod):
         # in the activation dtype, and the kernel that multiplies it.
         self.float_weight: torch.Tensor | None = None
         self.float_kernel: LinearKernel | None = None
+        # Where products run through PyTorch's tinygemm instead (`use_tinygemm`): the weight in its layout.
+        self.tinygemm: TinygemmWeight | None = None
 
     def create_weights(self, layer: Linear, dtype: torch.dtype) -> None:
         scheme = self.scheme
@@ -266,26 +277,36 @@ class Int4LinearMethod(LinearMethod):
 
     # ---- products -----------------------------------------------------------------------------
 
+    def use_tinygemm(self, layer: Linear) -> None:
+        """Run every product through PyTorch's tinygemm (`tensorjet.kernels.int4_tinygemm`): the weight
+        is repacked into its layout, and tensorjet's layout is freed (one copy of the codes is kept)."""
+        tiny = pack_tinygemm(self.weight)
+        for name in ("qweight", "scales", "qzeros", "perm"):
+            delattr(layer, name)
+        layer.tinygemm_packed = nn.Parameter(tiny.packed, requires_grad=False)
+        layer.tinygemm_scales_and_zeros = nn.Parameter(tiny.scales_and_zeros, requires_grad=False)
+        self.tinygemm, self.weight = tiny, None
+
+    @property
+    def runs_tensorjet_layout(self) -> bool:
+        """Its products run the Triton kernels over tensorjet's layout (not a float or tinygemm copy)."""
+        return self.float_weight is None and self.tinygemm is None
+
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         if self.float_weight is not None:
             return self.float_kernel(x, self.float_weight, layer.bias)
+        if self.tinygemm is not None:
+            return tinygemm_linear(x, self.tinygemm, layer.bias)
         weight = self.weight
         if weight is None:
             raise RuntimeError(
                 "an INT4 layer runs once its weights are loaded (process_weights_after_loading)"
             )
-        kernels = self.kernels
-        rows = x.shape[0]
-        kernel = kernels.dense
-        if kernels.small_batch is not None and rows <= kernels.small_batch_max_rows:
-            kernel = kernels.small_batch
-        elif kernels.large_batch is not None and rows >= kernels.large_batch_min_rows:
-            kernel = kernels.large_batch
-        return kernel(x, weight, layer.bias)
+        return self.kernels.for_rows(x.shape[0])(x, weight, layer.bias)
 
     @property
     def supports_fused(self) -> bool:
-        return self.kernels.fused is not None and self.float_weight is None
+        return self.kernels.fused is not None and self.runs_tensorjet_layout
 
     def apply_fused(
         self,

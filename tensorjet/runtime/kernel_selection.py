@@ -24,6 +24,7 @@ A model declares only which projections its one-token path fuses with which neig
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
@@ -289,9 +290,10 @@ def select_int4_kernels(model: DecoderModel, config: EngineConfig, triton: bool,
     """Give every INT4 layer's method its kernels. On the CPU's torch path: the float product
     (`dense_kernel`) over the dequantized weight, made once here. On the Triton path: the Triton GEMM
     for every batch and the GEMV (its first tile untimed, under the CPU interpreter) for decode
-    batches; with `timed` (a GPU), the GEMV tile that times fastest per weight shape and, from the
-    batch size at which it times faster, the weight dequantized whole and cuBLAS. Batch-invariant mode
-    runs one kernel for every batch size, in fixed-shape row tiles."""
+    batches; with `timed` (a GPU), the GEMV tile and the GEMM tile per batch size that time fastest
+    per weight shape, from the batch size at which it times faster, the weight dequantized whole and
+    cuBLAS, and then PyTorch's tinygemm instead of all of them where it times faster across batch
+    sizes. Batch-invariant mode runs one kernel for every batch size, in fixed-shape row tiles."""
     layers = [m for m in model.modules() if isinstance(m, Linear) and isinstance(m.method, Int4LinearMethod)]
     if not layers:
         return
@@ -312,7 +314,7 @@ def select_int4_kernels(model: DecoderModel, config: EngineConfig, triton: bool,
         for layer in layers:
             layer.method.kernels = Int4Kernels(dense=row_tiled(int4_gemm, row_tile))
         return
-    chosen: dict[tuple, Int4Kernels] = {}
+    chosen: dict[tuple, tuple[Int4Kernels, bool]] = {}
     for layer in layers:
         weight = layer.method.weight
         layout = (
@@ -323,17 +325,57 @@ def select_int4_kernels(model: DecoderModel, config: EngineConfig, triton: bool,
         )
         key = (tuple(weight.qweight.shape), *layout)
         if key not in chosen:
-            chosen[key] = Int4Kernels(dense=int4_gemm, small_batch=int4_gemv, small_batch_max_rows=GEMV_MAX_M)
+            kernels = Int4Kernels(dense=int4_gemm, small_batch=int4_gemv, small_batch_max_rows=GEMV_MAX_M)
+            tinygemm = False
             if timed:
-                chosen[key] = _with_timed_int4_kernels(chosen[key], layer)
-        layer.method.kernels = chosen[key]
+                kernels = _with_timed_int4_kernels(kernels, layer)
+                tinygemm = _tinygemm_times_faster(kernels, layer, config.torch_dtype)
+            chosen[key] = kernels, tinygemm
+        layer.method.kernels, tinygemm = chosen[key]
+        if tinygemm:
+            layer.method.use_tinygemm(layer)
+
+
+# The batch sizes at which an INT4 weight's two families of kernels are compared: decode steps from
+# one sequence to a full batch, and a prefill chunk.
+TINYGEMM_ROWS = (1, 16, 64, 256, 2048)
+
+
+def _tinygemm_times_faster(kernels: Int4Kernels, layer: Linear, dtype: torch.dtype) -> bool:
+    """Whether PyTorch's tinygemm beats the chosen Triton kernels on this layer's weight over
+    TINYGEMM_ROWS: the geometric mean of its time over theirs under 1, so every batch size counts
+    alike (one family serves all sizes: two copies of the codes would double their memory)."""
+    from tensorjet.kernels.gemv import time_in_graph_ms
+    from tensorjet.kernels.int4_linear import cold_weights
+    from tensorjet.kernels.int4_tinygemm import pack_tinygemm, tinygemm_linear, tinygemm_unsupported
+
+    weight = layer.method.weight
+    reason = tinygemm_unsupported(weight, dtype)
+    if reason is not None:
+        logger.info("INT4 linear [%d, %d]: no tinygemm (%s)", weight.out_features, weight.in_features, reason)
+        return False
+    ours, theirs = cold_weights(weight), [pack_tinygemm(w) for w in cold_weights(weight)]
+    log_ratio = 0.0
+    for rows in TINYGEMM_ROWS:
+        x = torch.randn(rows, weight.in_features, dtype=dtype, device=weight.qweight.device)
+        kernel = kernels.for_rows(rows)
+        ours_ms = time_in_graph_ms(lambda w, x=x, k=kernel: k(x, w, layer.bias), ours, launches=8)
+        theirs_ms = time_in_graph_ms(lambda w, x=x: tinygemm_linear(x, w, layer.bias), theirs, launches=8)
+        log_ratio += math.log(theirs_ms / ours_ms) / len(TINYGEMM_ROWS)
+        logger.info(
+            "INT4 linear [%d, %d] at M=%d: Triton %.1f us, tinygemm %.1f us",
+            weight.out_features, weight.in_features, rows, ours_ms * 1e3, theirs_ms * 1e3,
+        )  # fmt: skip
+    return log_ratio < 0
 
 
 def _with_timed_int4_kernels(kernels: Int4Kernels, layer: Linear) -> Int4Kernels:
     from tensorjet.kernels.int4_linear import (
         dequantized_linear,
+        int4_gemm,
         int4_gemv,
         select_int4_gemm,
+        select_int4_gemm_tiles,
         select_int4_gemv,
     )
 
@@ -349,8 +391,16 @@ def _with_timed_int4_kernels(kernels: Int4Kernels, layer: Linear) -> Int4Kernels
         timings["bf16_m1"] * 1e3,
         config,
     )
-    kernels = replace(kernels, small_batch=partial(int4_gemv, config=config))
-    min_rows, timings = select_int4_gemm(weight, layer.bias)
+    tiles, gemm_ms = select_int4_gemm_tiles(weight, layer.bias, (32, 64, 128, 256, 512))
+    for rows, tile in tiles:
+        logger.info(
+            "INT4 linear [%d, %d] at M=%d: GEMM %.1f us (%s)",
+            weight.out_features, weight.in_features, rows, gemm_ms[rows] * 1e3, tile,
+        )  # fmt: skip
+    kernels = replace(
+        kernels, small_batch=partial(int4_gemv, config=config), dense=partial(int4_gemm, tiles=tiles)
+    )
+    min_rows, timings = select_int4_gemm(weight, layer.bias, tiles=tiles)
     logger.info(
         "INT4 linear [%d, %d]: dequantize + cuBLAS from %s rows (%s)",
         weight.out_features,
@@ -392,13 +442,15 @@ def select_fused_decode(model: DecoderModel, timed: bool = True) -> None:
     plain product (cuBLAS, `torch._scaled_mm` for FP8, the layer's own GEMV for INT4) plus the three
     kernels the fusion removes (two norms with their residual adds, SiLU; `FUSED_LAUNCH_US` each); the
     path is on only if the fused layer wins. Untimed (the CPU interpreter), it is on with the first
-    candidate. It stays off where a projection's weight format has no fused GEMV (or, INT4 on the CPU's
-    torch path, runs as a float product)."""
+    candidate. It stays off where a projection's weight format has no fused GEMV (or, INT4, runs as a
+    float product on the CPU's torch path or through tinygemm)."""
     layers = [layer.fused_projections() for layer in model.layers]
     methods = [proj.method for projections in layers for proj, _ in projections.values()]
     families = (Fp8LinearMethod, Int4LinearMethod, UnquantizedLinearMethod)
     family = next((f for f in families if all(isinstance(m, f) for m in methods)), None)
-    if family is None or any(isinstance(m, Int4LinearMethod) and m.float_weight is not None for m in methods):
+    if family is None or any(
+        isinstance(m, Int4LinearMethod) and not m.runs_tensorjet_layout for m in methods
+    ):
         names = ", ".join(sorted({type(m).__name__ for m in methods}))
         logger.info("fused batch-1 decode layer: off (no fused GEMV for %s on this path)", names)
         model.fused_decode = False
