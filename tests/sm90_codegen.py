@@ -111,8 +111,8 @@ def census() -> dict:
 
 
 def int4_census() -> dict:
-    """The INT4 GEMV's and fused batch-1 GEMV's main loops at each candidate tile (bf16, group 128,
-    zero points; split-K candidates share their tile's loop), with the weights each loop iteration
+    """The INT4 GEMV's, GEMM's and fused batch-1 GEMV's main loops at each candidate tile (bf16, group
+    128, zero points; split-K candidates share their tile's loop), with the weights each loop iteration
     multiplies per thread."""
     int4 = importlib.import_module("tensorjet.kernels.int4_linear")
     fused = importlib.import_module("tensorjet.kernels.int4_fused_gemv")
@@ -127,13 +127,16 @@ def int4_census() -> dict:
     layout = dict(GROUP=128, HAS_ZEROS=True, HAS_PERM=False, HAS_BIAS=False, SCALE_AFTER=True)
     layout |= dict(DOT_PREC="tf32", UPCAST=False)
     out = {}
-    for i, c in enumerate(c for c in int4.GEMV_CANDIDATES if c.split_k == 1):
+    gemms = {f"int4_gemv_{i}": c for i, c in enumerate(c for c in int4.GEMV_CANDIDATES if c.split_k == 1)}
+    gemms |= {f"int4_gemm_{i}": c for i, c in enumerate(int4.GEMM_CANDIDATES)}
+    for name, c in gemms.items():
         tiles = dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT_K=c.split_k)
+        tiles |= dict(SCALE_AFTER=c.scale_after, WHOLE_TILE=c.whole_tile)
         compiled = compile_sm90(
             int4._int4_matmul_kernel, pointers, layout | tiles, c.num_warps, c.num_stages, ("M",)
         )
-        out[f"int4_gemv_{i}"] = main_loop_census(compiled, c.block_k)
-        out[f"int4_gemv_{i}"]["weights_per_thread"] = c.block_n * c.block_k / (32 * c.num_warps)
+        out[name] = main_loop_census(compiled, c.block_k)
+        out[name]["weights_per_thread"] = c.block_n * c.block_k / (32 * c.num_warps)
     fusion = dict(NORM=True, SILU_MUL=True, ADD_TO_Y=False, X_BLOCK=4096, PDL=True)
     for i, c in enumerate(c for c in fused.CANDIDATES if c.split_k == 1):
         tiles = dict(BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT_K=c.split_k)

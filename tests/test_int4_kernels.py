@@ -185,13 +185,29 @@ def test_gemm_matches_the_reference(m, n, k, group_size, zeros, act_order):
     torch.testing.assert_close(int4_gemm(x, weight), int4_linear_reference(x, weight), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "group, act_order", [(128, False), (32, True)], ids=["one-group-tiles", "act-order-g32"]
+)
 @pytest.mark.parametrize("config", GEMM_CANDIDATES, ids=str)
-def test_every_gemm_tile_matches_the_reference(config):
+def test_every_gemm_tile_matches_the_reference(config, group, act_order):
     """Each tile start-up timing may choose, at tens of rows (on a GPU, K split to fill its SMs)."""
-    weight = _weight(96, 1024, 128, zeros=True, act_order=False)
+    weight = _weight(96, 1024, group, zeros=True, act_order=act_order)
     x = torch.randn(40, 1024, generator=torch.Generator().manual_seed(4))
     y = int4_gemm(x, weight, config=config)
     torch.testing.assert_close(y, int4_linear_reference(x, weight), rtol=1e-5, atol=1e-5)
+
+
+WHOLE_TILE = Int4MatmulConfig(16, 64, 128, 4, 3, scale_after=True, whole_tile=True)
+
+
+@pytest.mark.parametrize("m, n, k, group_size, zeros, act_order", SHAPES)
+def test_the_whole_tile_unpacking_matches_the_reference(m, n, k, group_size, zeros, act_order):
+    """Ragged K, per-channel groups, groups narrower than the tile, act order: one dot per tile."""
+    weight = _weight(n, k, _group(k, group_size), zeros=zeros, act_order=act_order)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(6))
+    bias = torch.randn(n)
+    y = int4_matmul(x, weight, bias, config=WHOLE_TILE)
+    torch.testing.assert_close(y, int4_linear_reference(x, weight, bias), rtol=1e-5, atol=1e-5)
 
 
 def test_a_group_narrower_than_the_tile_reads_a_scale_per_column():

@@ -1,6 +1,6 @@
 """PyTorch's tinygemm INT4 product over tensorjet's weights (`tensorjet.kernels.int4_tinygemm`): the
 layout conversion (zero points, act order, bias) against the reference, the shapes it refuses, and an
-INT4 layer switched to it. On the CPU the same product runs through its CPU packing."""
+INT4 layer running its small batches through it. On the CPU the same product runs through its CPU packing."""
 
 from __future__ import annotations
 
@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from tensorjet.kernels.int4_reference import Int4Weight, int4_linear_reference
-from tensorjet.kernels.int4_tinygemm import pack_tinygemm, tinygemm_linear, tinygemm_unsupported
+from tensorjet.kernels.int4_tinygemm import (
+    pack_tinygemm,
+    tinygemm_bytes,
+    tinygemm_linear,
+    tinygemm_unsupported,
+)
 from tensorjet.layers.linear import Linear
 from tensorjet.quant import int4_packing as packing
 from tensorjet.quant.int4 import Int4LinearMethod, Int4Scheme
@@ -74,14 +79,48 @@ def test_what_tinygemm_cannot_run_is_named(n, k, group, dtype, reason):
             pack_tinygemm(weight)
 
 
-def test_an_int4_layer_switched_to_tinygemm_keeps_one_copy_of_its_codes():
+def test_an_int4_layer_runs_its_small_batches_through_tinygemm_and_larger_ones_as_before():
     method = Int4LinearMethod(Int4Scheme("awq", 128, zero_points=True))
     layer = Linear(256, [64, 32], bias=True, dtype=torch.bfloat16, method=method).to(DEVICE)
     method.init_dummy_weights(layer, torch.Generator(DEVICE).manual_seed(0))
     weight = method.weight
-    x = torch.randn(4, 256, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).to(DEVICE)
-    method.use_tinygemm(layer)
+    assert method.fusable
+    method.use_tinygemm(layer, max_rows=4)
     names = {name for name, _ in layer.named_parameters()}
-    assert names == {"bias", "tinygemm_packed", "tinygemm_scales_and_zeros"}
-    assert method.weight is None and not method.runs_tensorjet_layout and not method.supports_fused
-    _assert_close_to_reference(layer(x), x, weight, layer.bias)
+    assert {"qweight", "scales", "qzeros", "tinygemm_packed", "tinygemm_scales_and_zeros"} <= names
+    assert method.weight is weight and not method.fusable and not method.supports_fused
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).to(DEVICE)
+    assert torch.equal(layer(x[:4]), tinygemm_linear(x[:4], method.tinygemm, layer.bias))
+    assert torch.equal(layer(x), method.kernels.for_rows(5)(x, weight, layer.bias))
+    _assert_close_to_reference(layer(x[:4]), x[:4], weight, layer.bias)
+
+
+def test_the_tinygemm_copy_takes_the_memory_it_is_counted_at():
+    weight = _weight(64, 256, 128, zeros=True, act_order=False)
+    tiny = pack_tinygemm(weight)
+    used = sum(t.numel() * t.element_size() for t in (tiny.packed, tiny.scales_and_zeros))
+    assert used == tinygemm_bytes(weight)
+
+
+@pytest.mark.parametrize(
+    "total_memory, expected", [(10**9, [4, 0]), (5 * 10**4, [0, 0])], ids=["fits", "too-big"]
+)
+def test_tinygemm_copies_are_made_only_within_their_share_of_the_gpu(monkeypatch, total_memory, expected):
+    """Start-up gives tinygemm copies to the layers it wins on, unless together they would take more
+    than TINYGEMM_MEMORY_SHARE of the GPU's memory (the one taker's copy: 8,704 bytes)."""
+    from types import SimpleNamespace
+
+    from tensorjet.runtime import kernel_selection
+
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=total_memory)
+    )
+    layers = []
+    for seed in range(2):
+        method = Int4LinearMethod(Int4Scheme("awq", 128, zero_points=True))
+        layer = Linear(256, [64], dtype=torch.bfloat16, method=method).to(DEVICE)
+        method.init_dummy_weights(layer, torch.Generator(DEVICE).manual_seed(seed))
+        layers.append(layer)
+    kernel_selection._use_tinygemm(layers, [4, 0], DEVICE)
+    assert [layer.method.tinygemm_max_rows for layer in layers] == expected
+    assert [layer.method.tinygemm is not None for layer in layers] == [rows > 0 for rows in expected]

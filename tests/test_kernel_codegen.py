@@ -8,7 +8,8 @@ Two properties that the GPU only shows as speed, each once measured away by an i
   transposed key operand, which made the FP8 decode loop slower than the bf16 one per key.
 And the INT4 GEMVs, whose batch-1 speed is their instruction count per weight (the dequantization is
 ALU work on every 4-bit value): each candidate tile keeps its dequantized weights in registers (no
-shared-memory round trip, no spills) and spends at most 10 instructions per weight.
+shared-memory round trip, no spills) and spends at most 10 instructions per weight; no INT4 GEMM tile
+spills registers.
 """
 
 import pytest
@@ -47,3 +48,11 @@ def test_int4_gemv_loops_stay_in_registers_and_short(census, kind):
         assert per_weight <= 10, f"{name}: {per_weight:.1f} instructions per weight: {ops}"
         staged = ops.get("STS.U16", 0) / loop["weights_per_thread"]
         assert staged < 0.5, f"{name} stores its dequantized weights to shared memory: {ops}"
+
+
+def test_int4_gemm_loops_never_spill_registers(census):
+    loops = {name: loop for name, loop in census.items() if name.startswith("int4_gemm")}
+    assert loops, "no int4_gemm loop compiled"
+    for name, loop in loops.items():
+        spills = sum(n for op, n in loop["opcodes"].items() if op.startswith(("STL", "LDL")))
+        assert not spills, f"{name} spills registers: {loop}"

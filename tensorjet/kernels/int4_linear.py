@@ -17,9 +17,13 @@ scale in fp32, rounded to x's dtype, then x @ w^T with fp32 accumulation. The ke
   whose tiles lie in one group: it multiplies the exact code - zero values and applies the group's
   scale to their fp32 sum (`scale_after`: one multiply per output instead of per weight; in bf16 it
   differs from the reference by the reference's rounding of w, under 2^-8 relative per weight). With
-  larger tiles it is the prefill GEMM, in the reference's numerics;
-- `dequantized_linear`: the whole weight dequantized by one launch (`int4_dequantize`), then cuBLAS:
-  for large prefill batches, where the GEMM's dequantization cost per row vanishes.
+  larger tiles it is the GEMM of batches past 16 rows, in the reference's numerics (or scaling after
+  the sum, where a tile chosen for it lies in one group), K split over programs up to 256 rows; a
+  tile may instead be unpacked whole (`whole_tile`: the eight nibbles of each word spread into column
+  order in registers) and multiplied by one dot;
+- `dequantized_linear`: the whole weight dequantized by one launch (`int4_dequantize`, whole tiles
+  stored in whole rows), then cuBLAS: for large prefill batches, where the GEMM's dequantization cost
+  per row vanishes.
 `select_int4_gemv`, `select_int4_gemm_tiles` and `select_int4_gemm` time the tiles on the GPU at
 start-up.
 """
@@ -74,6 +78,9 @@ class Int4MatmulConfig:
     # Where a tile lies in one group: multiply exact code - zero values and scale the group's fp32 sum
     # (one multiply per output instead of per weight; decode), else the reference's numerics.
     scale_after: bool = False
+    # Unpack the whole [BLOCK_N, BLOCK_K] weight tile in column order and multiply it by one dot,
+    # instead of eight [BLOCK_N, BLOCK_K / 8] slices of one nibble each, eight dots.
+    whole_tile: bool = False
 
 
 # sm_90 main loops (tests/sm90_codegen.py's compile, bf16, group 128): 9.6 instructions per weight at
@@ -102,7 +109,10 @@ GEMM_CANDIDATES = (
     Int4MatmulConfig(32, 64, 128, 4, 4),
     Int4MatmulConfig(64, 64, 128, 4, 4),
     Int4MatmulConfig(64, 128, 128, 8, 3),
-    Int4MatmulConfig(128, 64, 128, 4, 3),
+    # A whole tile: one dot per K step instead of eight (two barriers instead of eight), but the
+    # unpacked tile passes through shared memory to reach the MMA. (The other whole-tile shapes and
+    # the scale-after one spill registers on sm_90.)
+    Int4MatmulConfig(64, 128, 128, 8, 3, whole_tile=True),
 )
 # The GEMM splits K (to fill the GPU's SMs) only up to this many rows of x: its scratch is sized for
 # them once, before any CUDA graph is captured.
@@ -156,6 +166,18 @@ def nibble(words, offset, J: tl.constexpr):
 
 
 @triton.jit
+def unpacked_tile(words, offset, scale, SCALED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The [BLOCK_N, BLOCK_K] tile of `load_codes`'s words in column order (column 8i + J is nibble J of
+    word i), as code - zero in fp32, times its scale where SCALED."""
+    shifts = tl.arange(0, 8) * 4
+    codes = (words[:, :, None] >> shifts[None, None, :]) & 0xF
+    w = (codes | 0x4B000000).to(tl.float32, bitcast=True) - offset[:, :, None]
+    if SCALED:
+        w = w * scale[:, :, None]
+    return tl.reshape(w, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
 def x_columns(
     x_ptr,
     perm_ptr,
@@ -205,6 +227,7 @@ def _int4_matmul_kernel(
     HAS_PERM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SCALE_AFTER: tl.constexpr,
+    WHOLE_TILE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -235,13 +258,34 @@ def _int4_matmul_kernel(
             qw_ptr, scale_ptr, zero_ptr, offs_n, n_mask, k0, k_end, stride_qn, stride_sn,
             GROUP, HAS_ZEROS, BLOCK_K,
         )  # fmt: skip
-        part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for j in tl.static_range(8):
-            w = nibble(words, offset, j)
-            if not SCALE_AFTER:
-                w = w * scale
-            x = x_columns(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k0, k_end, j, HAS_PERM, BLOCK_K)
-            part += tl_dot(w.to(dtype), tl.trans(x), DOT_PREC, UPCAST)
+        if WHOLE_TILE:
+            # (a tile in one group has one scale and offset per row: broadcast over its words)
+            w = unpacked_tile(
+                words,
+                tl.broadcast_to(offset, (BLOCK_N, BLOCK_K // 8)),
+                tl.broadcast_to(scale, (BLOCK_N, BLOCK_K // 8)),
+                not SCALE_AFTER,
+                BLOCK_N,
+                BLOCK_K,
+            )
+            cols = k0 + tl.arange(0, BLOCK_K)
+            k_mask = cols < k_end
+            if HAS_PERM:
+                cols = tl.load(perm_ptr + cols, mask=k_mask, other=0)
+            x = tl.load(
+                x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + cols[None, :],
+                mask=m_mask[:, None] & k_mask[None, :],
+                other=0.0,
+            )
+            part = tl_dot(w.to(dtype), tl.trans(x), DOT_PREC, UPCAST)
+        else:
+            part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for j in tl.static_range(8):
+                w = nibble(words, offset, j)
+                if not SCALE_AFTER:
+                    w = w * scale
+                x = x_columns(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k0, k_end, j, HAS_PERM, BLOCK_K)
+                part += tl_dot(w.to(dtype), tl.trans(x), DOT_PREC, UPCAST)
         if SCALE_AFTER:
             part = part * scale
         acc += part
@@ -312,6 +356,7 @@ def int4_matmul(
         HAS_PERM=weight.perm is not None,
         HAS_BIAS=bias is not None,
         SCALE_AFTER=c.scale_after and weight.group_size % c.block_k == 0,
+        WHOLE_TILE=c.whole_tile,
         BLOCK_M=c.block_m,
         BLOCK_N=c.block_n,
         BLOCK_K=c.block_k,
@@ -390,32 +435,31 @@ def _dequantize_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """W[offs_n, k0:k0+BLOCK_K] in column order: each word is read once per code it holds (the repeats
-    hit L1), so the dense tile is stored in whole contiguous rows."""
+    """W[offs_n, k0:k0+BLOCK_K], unpacked in column order so the dense tile is stored in whole rows."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
-    rows = offs_n[:, None].to(tl.int64)
-    words = tl.load(qw_ptr + rows * stride_qn + (offs_k // 8)[None, :], mask=mask, other=0)
-    codes = (words >> ((offs_k % 8) * 4)[None, :]) & 0xF
-    groups = rows * stride_sn + (offs_k // GROUP)[None, :]
-    scale = tl.load(scale_ptr + groups, mask=mask, other=0.0).to(tl.float32)
-    if HAS_ZEROS:
-        zero = tl.load(zero_ptr + groups, mask=mask, other=0).to(tl.float32)
-    else:
-        zero = 8.0
-    w = (codes.to(tl.float32) - zero) * scale
-    cols = offs_k
+    k0 = tl.program_id(1) * BLOCK_K
+    n_mask = offs_n < N
+    words, scale, offset = load_codes(
+        qw_ptr, scale_ptr, zero_ptr, offs_n, n_mask, k0, K, stride_qn, stride_sn, GROUP, HAS_ZEROS, BLOCK_K
+    )
+    offset = tl.broadcast_to(offset, (BLOCK_N, BLOCK_K // 8))
+    w = unpacked_tile(words, offset, tl.broadcast_to(scale, (BLOCK_N, BLOCK_K // 8)), True, BLOCK_N, BLOCK_K)
+    cols = k0 + tl.arange(0, BLOCK_K)
+    k_mask = cols < K
     if HAS_PERM:
-        cols = tl.load(perm_ptr + offs_k, mask=offs_k < K, other=0)
-    tl.store(w_ptr + rows * stride_wn + cols[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
+        cols = tl.load(perm_ptr + cols, mask=k_mask, other=0)
+    tl.store(
+        w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + cols[None, :],
+        w.to(w_ptr.dtype.element_ty),
+        mask=n_mask[:, None] & k_mask[None, :],
+    )
 
 
 def int4_dequantize(weight: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
     """`dequantize(weight, dtype)` in one launch: W [N, K], columns in input order."""
     n, k = weight.out_features, weight.in_features
     w = torch.empty((n, k), dtype=dtype, device=weight.qweight.device)
-    block_n, block_k = 32, 256
+    block_n, block_k = 32, 128
     scales = weight.scales
     _dequantize_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
         weight.qweight,

@@ -18,7 +18,7 @@ import torch
 
 from tensorjet.kernels.int4_reference import Int4Weight
 
-__all__ = ["TinygemmWeight", "pack_tinygemm", "tinygemm_linear", "tinygemm_unsupported"]
+__all__ = ["TinygemmWeight", "pack_tinygemm", "tinygemm_bytes", "tinygemm_linear", "tinygemm_unsupported"]
 
 GROUP_SIZES = (32, 64, 128, 256)  # the group sizes the kernel takes
 INNER_K_TILES = 8  # the CUDA packing's K tiles per inner loop: K must be a multiple of 16 of them
@@ -49,6 +49,12 @@ def tinygemm_unsupported(weight: Int4Weight, dtype: torch.dtype) -> str | None:
     if n % ROWS_MULTIPLE:
         return f"{n} output rows (tinygemm takes multiples of {ROWS_MULTIPLE})"
     return None
+
+
+def tinygemm_bytes(weight: Int4Weight) -> int:
+    """The memory `pack_tinygemm(weight)` takes: half a byte per code, bf16 scale and zero per group."""
+    n, k = weight.out_features, weight.in_features
+    return n * k // 2 + 4 * n * -(-k // weight.group_size)
 
 
 def pack_tinygemm(weight: Int4Weight) -> TinygemmWeight:

@@ -113,8 +113,9 @@ class Int4LinearMethod(LinearMethod):
         # in the activation dtype, and the kernel that multiplies it.
         self.float_weight: torch.Tensor | None = None
         self.float_kernel: LinearKernel | None = None
-        # Where products run through PyTorch's tinygemm instead (`use_tinygemm`): the weight in its layout.
+        # Batches of up to `tinygemm_max_rows` rows run PyTorch's tinygemm (`use_tinygemm`) over this copy.
         self.tinygemm: TinygemmWeight | None = None
+        self.tinygemm_max_rows = 0
 
     def create_weights(self, layer: Linear, dtype: torch.dtype) -> None:
         scheme = self.scheme
@@ -277,25 +278,25 @@ class Int4LinearMethod(LinearMethod):
 
     # ---- products -----------------------------------------------------------------------------
 
-    def use_tinygemm(self, layer: Linear) -> None:
-        """Run every product through PyTorch's tinygemm (`tensorjet.kernels.int4_tinygemm`): the weight
-        is repacked into its layout, and tensorjet's layout is freed (one copy of the codes is kept)."""
+    def use_tinygemm(self, layer: Linear, max_rows: int) -> None:
+        """Run batches of up to `max_rows` rows through PyTorch's tinygemm
+        (`tensorjet.kernels.int4_tinygemm`): the codes are repacked into its layout, a second copy kept
+        beside tensorjet's, which larger batches run."""
         tiny = pack_tinygemm(self.weight)
-        for name in ("qweight", "scales", "qzeros", "perm"):
-            delattr(layer, name)
         layer.tinygemm_packed = nn.Parameter(tiny.packed, requires_grad=False)
         layer.tinygemm_scales_and_zeros = nn.Parameter(tiny.scales_and_zeros, requires_grad=False)
-        self.tinygemm, self.weight = tiny, None
+        self.tinygemm, self.tinygemm_max_rows = tiny, max_rows
 
     @property
-    def runs_tensorjet_layout(self) -> bool:
-        """Its products run the Triton kernels over tensorjet's layout (not a float or tinygemm copy)."""
+    def fusable(self) -> bool:
+        """Its one-row products may run the fused Triton GEMV: they run neither a float copy of the
+        weight nor tinygemm."""
         return self.float_weight is None and self.tinygemm is None
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         if self.float_weight is not None:
             return self.float_kernel(x, self.float_weight, layer.bias)
-        if self.tinygemm is not None:
+        if self.tinygemm is not None and x.shape[0] <= self.tinygemm_max_rows:
             return tinygemm_linear(x, self.tinygemm, layer.bias)
         weight = self.weight
         if weight is None:
@@ -306,7 +307,7 @@ class Int4LinearMethod(LinearMethod):
 
     @property
     def supports_fused(self) -> bool:
-        return self.kernels.fused is not None and self.runs_tensorjet_layout
+        return self.kernels.fused is not None and self.fusable
 
     def apply_fused(
         self,

@@ -24,7 +24,6 @@ A model declares only which projections its one-token path fuses with which neig
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
@@ -292,8 +291,8 @@ def select_int4_kernels(model: DecoderModel, config: EngineConfig, triton: bool,
     for every batch and the GEMV (its first tile untimed, under the CPU interpreter) for decode
     batches; with `timed` (a GPU), the GEMV tile and the GEMM tile per batch size that time fastest
     per weight shape, from the batch size at which it times faster, the weight dequantized whole and
-    cuBLAS, and then PyTorch's tinygemm instead of all of them where it times faster across batch
-    sizes. Batch-invariant mode runs one kernel for every batch size, in fixed-shape row tiles."""
+    cuBLAS, and PyTorch's tinygemm for the smallest batches where it times faster (`_use_tinygemm`).
+    Batch-invariant mode runs one kernel for every batch size, in fixed-shape row tiles."""
     layers = [m for m in model.modules() if isinstance(m, Linear) and isinstance(m.method, Int4LinearMethod)]
     if not layers:
         return
@@ -314,7 +313,9 @@ def select_int4_kernels(model: DecoderModel, config: EngineConfig, triton: bool,
         for layer in layers:
             layer.method.kernels = Int4Kernels(dense=row_tiled(int4_gemm, row_tile))
         return
-    chosen: dict[tuple, tuple[Int4Kernels, bool]] = {}
+    chosen: dict[tuple, Int4Kernels] = {}
+    tinygemm_rows: dict[tuple, int] = {}
+    keys = []
     for layer in layers:
         weight = layer.method.weight
         layout = (
@@ -324,27 +325,30 @@ def select_int4_kernels(model: DecoderModel, config: EngineConfig, triton: bool,
             layer.bias is not None,
         )
         key = (tuple(weight.qweight.shape), *layout)
+        keys.append(key)
         if key not in chosen:
-            kernels = Int4Kernels(dense=int4_gemm, small_batch=int4_gemv, small_batch_max_rows=GEMV_MAX_M)
-            tinygemm = False
+            chosen[key] = Int4Kernels(dense=int4_gemm, small_batch=int4_gemv, small_batch_max_rows=GEMV_MAX_M)
             if timed:
-                kernels = _with_timed_int4_kernels(kernels, layer)
-                tinygemm = _tinygemm_times_faster(kernels, layer, config.torch_dtype)
-            chosen[key] = kernels, tinygemm
-        layer.method.kernels, tinygemm = chosen[key]
-        if tinygemm:
-            layer.method.use_tinygemm(layer)
+                chosen[key] = _with_timed_int4_kernels(chosen[key], layer)
+                tinygemm_rows[key] = _rows_tinygemm_wins(chosen[key], layer, config.torch_dtype)
+        layer.method.kernels = chosen[key]
+    if timed:
+        _use_tinygemm(layers, [tinygemm_rows[key] for key in keys], config.torch_device)
 
 
-# The batch sizes at which an INT4 weight's two families of kernels are compared: decode steps from
-# one sequence to a full batch, and a prefill chunk.
-TINYGEMM_ROWS = (1, 16, 64, 256, 2048)
+# The batch sizes at which tinygemm is timed against the Triton kernels: it reads the codes once per
+# 16 rows of x, so it can win only at decode sizes (on an H100: 2.3-3x faster at one row, about even at
+# 16, slower from 64 rows and 10x slower at 2048).
+TINYGEMM_ROWS = (1, 4, 8, 16)
+# The most of the GPU's memory the tinygemm copies of the codes may take: a second copy is worth its
+# memory where it is small next to the KV cache it takes it from (an 8B model's 4.7 GB on an 80 GB GPU,
+# not a 70B model's 35 GB).
+TINYGEMM_MEMORY_SHARE = 0.1
 
 
-def _tinygemm_times_faster(kernels: Int4Kernels, layer: Linear, dtype: torch.dtype) -> bool:
-    """Whether PyTorch's tinygemm beats the chosen Triton kernels on this layer's weight over
-    TINYGEMM_ROWS: the geometric mean of its time over theirs under 1, so every batch size counts
-    alike (one family serves all sizes: two copies of the codes would double their memory)."""
+def _rows_tinygemm_wins(kernels: Int4Kernels, layer: Linear, dtype: torch.dtype) -> int:
+    """The largest of TINYGEMM_ROWS up to which PyTorch's tinygemm times faster than the chosen Triton
+    kernels on this layer's weight at every size (0: not even at one row, or it cannot run it)."""
     from tensorjet.kernels.gemv import time_in_graph_ms
     from tensorjet.kernels.int4_linear import cold_weights
     from tensorjet.kernels.int4_tinygemm import pack_tinygemm, tinygemm_linear, tinygemm_unsupported
@@ -353,20 +357,47 @@ def _tinygemm_times_faster(kernels: Int4Kernels, layer: Linear, dtype: torch.dty
     reason = tinygemm_unsupported(weight, dtype)
     if reason is not None:
         logger.info("INT4 linear [%d, %d]: no tinygemm (%s)", weight.out_features, weight.in_features, reason)
-        return False
-    ours, theirs = cold_weights(weight), [pack_tinygemm(w) for w in cold_weights(weight)]
-    log_ratio = 0.0
+        return 0
+    ours = cold_weights(weight)
+    theirs = [pack_tinygemm(w) for w in ours]
+    wins = 0
     for rows in TINYGEMM_ROWS:
         x = torch.randn(rows, weight.in_features, dtype=dtype, device=weight.qweight.device)
         kernel = kernels.for_rows(rows)
-        ours_ms = time_in_graph_ms(lambda w, x=x, k=kernel: k(x, w, layer.bias), ours, launches=8)
-        theirs_ms = time_in_graph_ms(lambda w, x=x: tinygemm_linear(x, w, layer.bias), theirs, launches=8)
-        log_ratio += math.log(theirs_ms / ours_ms) / len(TINYGEMM_ROWS)
+        ours_ms = time_in_graph_ms(lambda w, x=x, k=kernel: k(x, w, layer.bias), ours)
+        theirs_ms = time_in_graph_ms(lambda w, x=x: tinygemm_linear(x, w, layer.bias), theirs)
         logger.info(
             "INT4 linear [%d, %d] at M=%d: Triton %.1f us, tinygemm %.1f us",
             weight.out_features, weight.in_features, rows, ours_ms * 1e3, theirs_ms * 1e3,
         )  # fmt: skip
-    return log_ratio < 0
+        if theirs_ms >= ours_ms:
+            break
+        wins = rows
+    return wins
+
+
+def _use_tinygemm(layers: list[Linear], max_rows: list[int], device: torch.device) -> None:
+    """Give each layer whose small batches tinygemm wins (`max_rows` > 0) a tinygemm copy of its codes
+    for them, if all those copies together fit TINYGEMM_MEMORY_SHARE of the GPU's memory."""
+    from tensorjet.kernels.int4_tinygemm import tinygemm_bytes
+
+    takers = [(layer, rows) for layer, rows in zip(layers, max_rows) if rows > 0]
+    extra = sum(tinygemm_bytes(layer.method.weight) for layer, _ in takers)
+    total = torch.cuda.get_device_properties(device).total_memory
+    if extra > TINYGEMM_MEMORY_SHARE * total:
+        logger.info(
+            "INT4: tinygemm for small batches of %d layers would copy %.2f GB of codes, over %.0f%% of "
+            "the GPU's %.1f GB: the Triton kernels run every batch",
+            len(takers), extra / 1e9, 100 * TINYGEMM_MEMORY_SHARE, total / 1e9,
+        )  # fmt: skip
+        return
+    for layer, rows in takers:
+        layer.method.use_tinygemm(layer, rows)
+    if takers:
+        logger.info(
+            "INT4: tinygemm runs batches of up to %d rows in %d of %d layers (%.2f GB more codes)",
+            max(rows for _, rows in takers), len(takers), len(layers), extra / 1e9,
+        )  # fmt: skip
 
 
 def _with_timed_int4_kernels(kernels: Int4Kernels, layer: Linear) -> Int4Kernels:
