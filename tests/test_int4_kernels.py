@@ -236,6 +236,18 @@ def test_bf16_activations(group_size):
     assert bool(((y.double() - exact).abs() <= bound).all())
 
 
+def test_bf16_whole_tile_takes_the_zero_point_off_the_sum():
+    """Codes alone through the dot, z * sum(x) subtracted after: only the result's own rounding (and
+    fp32's in the subtraction) against the exact product."""
+    weight = _weight(64, 512, 128, zeros=True, act_order=True, dtype=torch.bfloat16)
+    x = torch.randn(24, 512, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    y = int4_matmul(x, weight, config=WHOLE_TILE)
+    w = dequantize(weight, torch.float32).double()
+    exact = x.double() @ w.T
+    bound = 2.0**-7 * exact.abs() + 2.0**-16 * (x.double().abs() @ w.abs().T)
+    assert bool(((y.double() - exact).abs() <= bound).all())
+
+
 def test_split_k_leaves_its_counters_at_zero_for_the_next_launch():
     weight = _weight(64, 256, 32, zeros=False, act_order=False)
     x = torch.randn(1, 256)

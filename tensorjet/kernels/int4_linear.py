@@ -20,7 +20,8 @@ scale in fp32, rounded to x's dtype, then x @ w^T with fp32 accumulation. The ke
   larger tiles it is the GEMM of batches past 16 rows, in the reference's numerics (or scaling after
   the sum, where a tile chosen for it lies in one group), K split over programs up to 256 rows; a
   tile may instead be unpacked whole (`whole_tile`: the eight nibbles of each word spread into column
-  order in registers) and multiplied by one dot;
+  order in registers) and multiplied by one dot; scaling after the sum, such a tile multiplies the
+  bare codes and takes each row's zero point off afterwards (z x the sum of x's columns);
 - `dequantized_linear`: the whole weight dequantized by one launch (`int4_dequantize`, whole tiles
   stored in whole rows), then cuBLAS: for large prefill batches, where the GEMM's dequantization cost
   per row vanishes.
@@ -109,10 +110,13 @@ GEMM_CANDIDATES = (
     Int4MatmulConfig(32, 64, 128, 4, 4),
     Int4MatmulConfig(64, 64, 128, 4, 4),
     Int4MatmulConfig(64, 128, 128, 8, 3),
-    # A whole tile: one dot per K step instead of eight (two barriers instead of eight), but the
-    # unpacked tile passes through shared memory to reach the MMA. (The other whole-tile shapes and
-    # the scale-after one spill registers on sm_90.)
+    # Whole tiles: one dot per K step instead of eight (fewer barriers, x loaded in whole rows), the
+    # unpacked tile passing through shared memory to reach the MMA. Scaling after the sum, the dot
+    # takes the bare codes. (Other whole-tile shapes spill registers on sm_90.)
     Int4MatmulConfig(64, 128, 128, 8, 3, whole_tile=True),
+    Int4MatmulConfig(64, 128, 128, 8, 3, scale_after=True, whole_tile=True),
+    Int4MatmulConfig(64, 128, 128, 4, 3, scale_after=True, whole_tile=True),
+    Int4MatmulConfig(128, 128, 128, 8, 3, scale_after=True, whole_tile=True),
 )
 # The GEMM splits K (to fill the GPU's SMs) only up to this many rows of x: its scratch is sized for
 # them once, before any CUDA graph is captured.
@@ -259,15 +263,6 @@ def _int4_matmul_kernel(
             GROUP, HAS_ZEROS, BLOCK_K,
         )  # fmt: skip
         if WHOLE_TILE:
-            # (a tile in one group has one scale and offset per row: broadcast over its words)
-            w = unpacked_tile(
-                words,
-                tl.broadcast_to(offset, (BLOCK_N, BLOCK_K // 8)),
-                tl.broadcast_to(scale, (BLOCK_N, BLOCK_K // 8)),
-                not SCALE_AFTER,
-                BLOCK_N,
-                BLOCK_K,
-            )
             cols = k0 + tl.arange(0, BLOCK_K)
             k_mask = cols < k_end
             if HAS_PERM:
@@ -277,7 +272,31 @@ def _int4_matmul_kernel(
                 mask=m_mask[:, None] & k_mask[None, :],
                 other=0.0,
             )
-            part = tl_dot(w.to(dtype), tl.trans(x), DOT_PREC, UPCAST)
+            if SCALE_AFTER:
+                # The codes alone go through the dot, exact; the tile's one zero point per row comes
+                # off the sum: sum((c - z) x) = sum(c x) - z sum(x). No arithmetic per weight but the
+                # unpacking.
+                codes = unpacked_tile(
+                    words,
+                    tl.full((BLOCK_N, BLOCK_K // 8), 8388608.0, tl.float32),
+                    scale,
+                    False,
+                    BLOCK_N,
+                    BLOCK_K,
+                )
+                part = tl_dot(codes.to(dtype), tl.trans(x), DOT_PREC, UPCAST)
+                part -= (offset - 8388608.0) * tl.sum(x.to(tl.float32), 1)[None, :]
+            else:
+                # (a tile in one group has one scale and offset per row: broadcast over its words)
+                w = unpacked_tile(
+                    words,
+                    tl.broadcast_to(offset, (BLOCK_N, BLOCK_K // 8)),
+                    tl.broadcast_to(scale, (BLOCK_N, BLOCK_K // 8)),
+                    True,
+                    BLOCK_N,
+                    BLOCK_K,
+                )
+                part = tl_dot(w.to(dtype), tl.trans(x), DOT_PREC, UPCAST)
         else:
             part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             for j in tl.static_range(8):
