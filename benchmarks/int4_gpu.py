@@ -66,17 +66,29 @@ def _time_projection(proj) -> dict:
     from tensorjet.kernels.gemv import cold_copies, time_in_graph_ms
     from tensorjet.kernels.int4_linear import cold_weights
     from tensorjet.kernels.int4_reference import dequantize
+    from tensorjet.kernels.int4_tinygemm import pack_tinygemm
+    from tensorjet.kernels.int4_tinygemm import tinygemm_linear as int4_tinygemm_linear
 
     method = proj.method
     weight = method.weight
     x = torch.randn(1, weight.in_features, dtype=torch.bfloat16, device="cuda")
     dense = dequantize(weight, torch.bfloat16)
+    if method.tinygemm is not None and method.tinygemm_max_rows >= 1:  # what one-row steps run
+        ours = [pack_tinygemm(w) for w in cold_weights(weight)]
+        tensorjet_ms = time_in_graph_ms(lambda w: int4_tinygemm_linear(x, w), ours)
+    else:
+        tensorjet_ms = time_in_graph_ms(
+            lambda w: method.kernels.small_batch(x, w, None), cold_weights(weight)
+        )
     row = {
         "shape": [weight.out_features, weight.in_features],
-        "int4_bytes": sum(p.numel() * p.element_size() for p in proj.parameters()),
-        "tensorjet_ms": time_in_graph_ms(
-            lambda w: method.kernels.small_batch(x, w, None), cold_weights(weight)
+        "int4_bytes": sum(
+            t.numel() * t.element_size()
+            for t in (weight.qweight, weight.scales, weight.zeros)
+            if t is not None
         ),
+        "tensorjet_kernel": "tinygemm" if method.tinygemm is not None else "triton",
+        "tensorjet_ms": tensorjet_ms,
         "bf16_cublas_ms": time_in_graph_ms(lambda w: torch.nn.functional.linear(x, w), cold_copies(dense)),
     }
     try:
@@ -105,7 +117,7 @@ def main() -> None:
 def print_kernel_peer(runs: dict) -> None:
     peer = runs.get("int4", {}).get("kernel_peer_m1")
     if peer:
-        print("\nbatch-1 products (us): tensorjet W4A16 GEMV / gpt-fast int4 (tinygemm) / bf16 cuBLAS")
+        print("\nbatch-1 products (us): tensorjet's one-row kernel / gpt-fast int4 (tinygemm) / bf16 cuBLAS")
         for name, row in peer.items():
             theirs = row.get("gpt_fast_int4_ms")
             cells = [row["tensorjet_ms"], theirs, row["bf16_cublas_ms"]]

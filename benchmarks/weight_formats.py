@@ -52,12 +52,18 @@ def projections(layer) -> list:
 
 def bytes_per_decode_step(llm) -> int:
     """Weights one decode step reads: every decoder-layer projection's parameters (with their scales,
-    zero points, permutations) and the LM head (not the embedding, of which a step reads one row)."""
+    zero points, permutations) and the LM head (not the embedding, of which a step reads one row). An
+    INT4 projection whose one-row products run tinygemm reads that copy of its codes alone."""
     model = llm.engine.runner.model
     total = model.lm_head.weight.numel() * model.lm_head.weight.element_size()
     for layer in model.layers:
         for proj in projections(layer):
-            total += sum(p.numel() * p.element_size() for p in proj.parameters())
+            tinygemm = getattr(proj.method, "tinygemm_max_rows", 0) >= 1
+            total += sum(
+                p.numel() * p.element_size()
+                for name, p in proj.named_parameters()
+                if name.startswith("tinygemm_") == tinygemm
+            )
     return total
 
 
