@@ -479,9 +479,7 @@ def select_fused_decode(model: DecoderModel, timed: bool = True) -> None:
     methods = [proj.method for projections in layers for proj, _ in projections.values()]
     families = (Fp8LinearMethod, Int4LinearMethod, UnquantizedLinearMethod)
     family = next((f for f in families if all(isinstance(m, f) for m in methods)), None)
-    if family is None or any(
-        isinstance(m, Int4LinearMethod) and not m.runs_tensorjet_layout for m in methods
-    ):
+    if family is None or any(isinstance(m, Int4LinearMethod) and not m.fusable for m in methods):
         names = ", ".join(sorted({type(m).__name__ for m in methods}))
         logger.info("fused batch-1 decode layer: off (no fused GEMV for %s on this path)", names)
         model.fused_decode = False
