@@ -27,7 +27,7 @@ import triton.language as tl
 from tensorjet.dtypes import FP8_MAX
 from tensorjet.kernels._common import interpreting, next_pow2, num_sms, supports_e4m3_cvt
 from tensorjet.kernels.fp8_reference import E4M3, MIN_AMAX
-from tensorjet.kernels.gemv import cold_copies, fastest_in_graph, time_in_graph_ms
+from tensorjet.kernels.gemv import cold_copies, fastest_by_rows, fastest_in_graph, time_in_graph_ms
 from tensorjet.kernels.split_k import reduce_tile_slices, split_k_buffers
 
 __all__ = [
@@ -494,17 +494,13 @@ def select_fp8_gemm_tiles(
 ) -> tuple[GemmTiles, dict]:
     """The fastest of GEMM_CANDIDATES at each of `rows` (ascending) for this weight on this GPU, timed as
     `select_fp8_gemv` times (in a CUDA graph, weights read from HBM), and the times (ms) by rows."""
-    weights = cold_copies(weight)
-    tiles, timings = [], {}
-    for m in rows:
-        x = torch.randn(m, weight.shape[1], dtype=activation_dtype, device=weight.device)
-        best, timings[m] = fastest_in_graph(
-            GEMM_CANDIDATES,
-            lambda c, w, x=x: fp8_gemm(x, w, weight_scale, bias, input_scale, config=c),
-            weights,
-        )
-        tiles.append((m, best))
-    return tuple(tiles), timings
+    return fastest_by_rows(
+        GEMM_CANDIDATES,
+        rows,
+        (weight.shape[1], activation_dtype, weight.device),
+        lambda c, x, w: fp8_gemm(x, w, weight_scale, bias, input_scale, config=c),
+        cold_copies(weight),
+    )
 
 
 def select_fp8_gemv(

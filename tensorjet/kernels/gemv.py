@@ -158,6 +158,19 @@ def fastest_in_graph(candidates, launch, weights: list[torch.Tensor]) -> tuple:
     return candidates[best], best_ms
 
 
+def fastest_by_rows(candidates, rows: tuple[int, ...], x_like: tuple, launch, weights: list) -> tuple:
+    """The fastest of `candidates` at each of `rows` (ascending): `launch(candidate, x, weight)` timed by
+    `fastest_in_graph` over `weights`, x random [rows, in_features] of `x_like` = (in_features, dtype,
+    device). Returns ((rows, candidate), ...) and the times (ms) by rows."""
+    in_features, dtype, device = x_like
+    tiles, timings = [], {}
+    for m in rows:
+        x = torch.randn(m, in_features, dtype=dtype, device=device)
+        best, timings[m] = fastest_in_graph(candidates, lambda c, w, x=x: launch(c, x, w), weights)
+        tiles.append((m, best))
+    return tuple(tiles), timings
+
+
 def select_gemv(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[GemvConfig | None, dict]:
     """Time every candidate against F.linear at M=1 and M=MAX_M on this GPU; return the fastest
     config if it beats cuBLAS at both sizes (else None), and the timings for the log.

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from tensorjet.kernels._common import dot_precision, dot_upcast, num_sms, tl_dot
-from tensorjet.kernels.gemv import cold_copies, fastest_in_graph, time_in_graph_ms
+from tensorjet.kernels.gemv import cold_copies, fastest_by_rows, fastest_in_graph, time_in_graph_ms
 from tensorjet.kernels.int4_reference import Int4Weight
 from tensorjet.kernels.split_k import reduce_tile_slices, split_k_buffers
 
@@ -551,15 +551,13 @@ def select_int4_gemm_tiles(
 ) -> tuple[GemmTiles, dict]:
     """The fastest of GEMM_CANDIDATES at each of `rows` (ascending) for this weight on this GPU, timed as
     `select_int4_gemv` times (in a CUDA graph, codes read from HBM), and the times (ms) by rows."""
-    weights = cold_weights(weight)
-    tiles, timings = [], {}
-    for m in rows:
-        x = torch.randn(m, weight.in_features, dtype=activation_dtype, device=weight.qweight.device)
-        best, timings[m] = fastest_in_graph(
-            GEMM_CANDIDATES, lambda c, w, x=x: int4_gemm(x, w, bias, config=c), weights
-        )
-        tiles.append((m, best))
-    return tuple(tiles), timings
+    return fastest_by_rows(
+        GEMM_CANDIDATES,
+        rows,
+        (weight.in_features, activation_dtype, weight.qweight.device),
+        lambda c, x, w: int4_gemm(x, w, bias, config=c),
+        cold_weights(weight),
+    )
 
 
 def select_int4_gemm(
