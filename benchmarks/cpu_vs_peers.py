@@ -317,6 +317,7 @@ def main() -> None:
 
     threads = args.threads
     torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # what tensorjet's engine thread runs on
     result: dict = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {cpu_model()}",

@@ -11,7 +11,7 @@ from typing import Any
 from tqdm import tqdm
 
 from tensorjet.config import EngineConfig
-from tensorjet.engine.engine_loop import EngineDeadError, EngineLoop, collector_paused
+from tensorjet.engine.engine_loop import EngineDeadError, EngineLoop
 from tensorjet.engine.llm_engine import LLMEngine
 from tensorjet.outputs import RequestOutput
 from tensorjet.runtime.parallel import run_torchrun_worker, torchrun_rank
@@ -66,9 +66,8 @@ class LLM:
         launched = torchrun_rank()
         if launched is not None and launched.rank > 0:
             raise SystemExit(run_torchrun_worker(self.config, launched))
-        with collector_paused():
-            self.engine = LLMEngine(self.config)
-            self.loop = EngineLoop(self.engine)
+        self.loop = EngineLoop(lambda: LLMEngine(self.config))
+        self.engine = self.loop.engine
         self._request_ids = itertools.count()
 
     @property
@@ -173,7 +172,7 @@ class LLM:
     def make_kv_cache_resident(self) -> None:
         """Take the KV cache's whole memory now, as a long-running server does at start: on a CPU the pool
         is otherwise only reserved, and the process's resident memory grows as blocks are first used."""
-        self.engine.make_kv_cache_resident()
+        self.loop.call(self.engine.make_kv_cache_resident)
 
     def stats(self) -> dict:
         return self.engine.stats()  # plain counters: a read racing a step is at most one step stale

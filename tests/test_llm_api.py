@@ -348,3 +348,35 @@ def test_building_an_engine_runs_no_automatic_collection(tiny_model_dir, monkeyp
         gc.callbacks.remove(record)
     assert gc.isenabled() and collections == []
     llm.shutdown()
+
+
+def test_the_engine_is_built_stepped_and_made_resident_on_its_own_thread(tiny_model_dir, monkeypatch):
+    """All of an engine's torch work runs on one thread, not the caller's: OpenMP gives each thread that
+    starts parallel work a team of its own, and two teams on a machine's cores throttle each other."""
+    import threading
+
+    from tensorjet.engine.llm_engine import LLMEngine
+
+    threads: dict[str, set] = {"build": set(), "step": set(), "resident": set()}
+
+    def recorded(name, method):
+        def run(self, *args, **kwargs):
+            threads[name].add(threading.get_ident())
+            return method(self, *args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(LLMEngine, "__init__", recorded("build", LLMEngine.__init__))
+    monkeypatch.setattr(LLMEngine, "step", recorded("step", LLMEngine.step))
+    monkeypatch.setattr(
+        LLMEngine, "make_kv_cache_resident", recorded("resident", LLMEngine.make_kv_cache_resident)
+    )
+    llm = LLM(model=tiny_model_dir, device="cpu", dtype="float32")
+    try:
+        llm.make_kv_cache_resident()
+        llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3), use_tqdm=False)
+    finally:
+        llm.shutdown()
+    (engine_thread,) = threads["build"]
+    assert engine_thread != threading.get_ident()
+    assert threads["step"] == {engine_thread} and threads["resident"] == {engine_thread}

@@ -1,5 +1,10 @@
 """Steps the engine on a background thread so callers (sync, asyncio, the HTTP server) just submit
-requests and receive outputs through callbacks.
+requests and receive outputs through callbacks. The same thread builds the engine, and any other work
+on it runs there too (`call`): torch's CPU kernels parallelize through OpenMP, which gives each thread
+that starts parallel work a team of worker threads of its own, and with two teams alive it manages more
+threads than there are cores and stops spinning between parallel regions (libgomp's throttling). A
+batch-1 step of the bundled model on 2 cores took 36 ms on another thread than the one that had loaded
+the model, 18 ms on the same one.
 
 Callers never wait for a step: `submit` validates the request on the caller's thread (raising
 ValueError at once for bad input) and hands it over through a queue that the engine thread drains
@@ -18,6 +23,8 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from typing import TypeVar
 
 from tensorjet.engine.llm_engine import LLMEngine
 from tensorjet.outputs import RequestOutput
@@ -26,6 +33,7 @@ from tensorjet.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 OutputCallback = Callable[[RequestOutput | BaseException], None]
+T = TypeVar("T")
 
 
 @contextlib.contextmanager
@@ -59,20 +67,35 @@ class EngineLoop:
     # Whether an engine's shutdown handed its heap back to the collector since the last freeze.
     _heap_returned = False
 
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
-        if EngineLoop._heap_returned:
-            gc.collect()
-            EngineLoop._heap_returned = False
-        gc.freeze()
-        # ("add", [(id, prompt, params, callback, stream), ...]) and ("abort", id) messages
+    def __init__(self, build: Callable[[], LLMEngine]) -> None:
+        """Builds the engine with `build` on the engine thread (its exception is raised here)."""
+        # ("add", [(id, prompt, params, callback, stream), ...]), ("abort", id) and ("call", fn, future)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._callbacks: dict[str, OutputCallback] = {}
-        self._thread: threading.Thread | None = None
         self._stopping = False
         self.failure: EngineDeadError | None = None  # set once the engine can no longer step
-        engine.watch_workers(lambda reason: self.fail(EngineDeadError(f"the engine stopped: {reason}")))
+        built: Future = Future()
+        self._thread = threading.Thread(
+            target=self._main, args=(build, built), name="tensorjet-engine", daemon=True
+        )
+        with collector_paused():  # (for the whole process: the engine thread's allocations too)
+            self._thread.start()
+            self.engine: LLMEngine = built.result()
+            if EngineLoop._heap_returned:
+                gc.collect()
+                EngineLoop._heap_returned = False
+            gc.freeze()
+        self.engine.watch_workers(lambda reason: self.fail(EngineDeadError(f"the engine stopped: {reason}")))
+
+    def _main(self, build: Callable[[], LLMEngine], built: Future) -> None:
+        try:
+            self.engine = build()
+        except BaseException as error:  # handed to the constructor, which raises it
+            built.set_exception(error)
+            return
+        built.set_result(self.engine)
+        self._run()
 
     def submit(
         self,
@@ -103,8 +126,18 @@ class EngineLoop:
         if self.failure is not None:  # failed meanwhile: nobody may drain the inbox any more
             self._fail_pending(self.failure)
             return
-        self._start()
         self._wake.set()
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """`fn()` run on the engine thread between steps; its result, or its exception raised here."""
+        if self.failure is not None:
+            raise EngineDeadError(str(self.failure))
+        done: Future = Future()
+        self._inbox.put(("call", fn, done))
+        if self.failure is not None:
+            self._fail_pending(self.failure)
+        self._wake.set()
+        return done.result()
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
@@ -113,15 +146,9 @@ class EngineLoop:
     def shutdown(self) -> None:
         self._stopping = True
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        self._thread.join(timeout=10)
         gc.unfreeze()
         EngineLoop._heap_returned = True
-
-    def _start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="tensorjet-engine", daemon=True)
-            self._thread.start()
 
     def _drain_inbox(self) -> None:
         while True:
@@ -132,6 +159,13 @@ class EngineLoop:
             if message[0] == "abort":
                 self.engine.abort_request(message[1])
                 self._callbacks.pop(message[1], None)
+                continue
+            if message[0] == "call":
+                _, fn, done = message
+                try:
+                    done.set_result(fn())
+                except Exception as error:
+                    done.set_exception(error)
                 continue
             for request_id, prompt, params, callback, stream in message[1]:
                 try:
@@ -159,6 +193,8 @@ class EngineLoop:
             if message[0] == "add":
                 for *_, callback, _stream in message[1]:
                     callback(error)
+            elif message[0] == "call":
+                message[2].set_exception(error)
         for request_id in list(self._callbacks):
             callback = self._callbacks.pop(request_id, None)
             if callback is not None:

@@ -15,7 +15,12 @@ def available_cores() -> int:
 
 
 def use_available_cores(processes: int = 1) -> None:
-    """Run torch's CPU work on this process's share of the available cores: more threads than cores spin
-    against each other (the bundled model's steps at tensor_parallel_size=3 on 2 cores ran 7x slower)."""
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, available_cores() // processes))
+    """Run the calling thread's torch CPU work on this process's share of the available cores (more
+    threads than cores spin against each other: the bundled model's steps at tensor_parallel_size=3 on 2
+    cores ran 7x slower), or on OMP_NUM_THREADS threads where it is set. Set on the thread that runs the
+    engine: OpenMP's thread count belongs to each thread, and a new one starts from the process's default
+    whatever another thread set."""
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    torch.set_num_threads(
+        int(threads) if threads.isdigit() and int(threads) > 0 else max(1, available_cores() // processes)
+    )
