@@ -75,13 +75,14 @@ class EngineLoop:
         self._callbacks: dict[str, OutputCallback] = {}
         self._stopping = False
         self.failure: EngineDeadError | None = None  # set once the engine can no longer step
+        self.engine: LLMEngine
         built: Future = Future()
         self._thread = threading.Thread(
             target=self._main, args=(build, built), name="tensorjet-engine", daemon=True
         )
         with collector_paused():  # (for the whole process: the engine thread's allocations too)
             self._thread.start()
-            self.engine: LLMEngine = built.result()
+            built.result()  # the engine (`self.engine`, set by the engine thread), or its build's exception
             if EngineLoop._heap_returned:
                 gc.collect()
                 EngineLoop._heap_returned = False
@@ -94,7 +95,7 @@ class EngineLoop:
         except BaseException as error:  # handed to the constructor, which raises it
             built.set_exception(error)
             return
-        built.set_result(self.engine)
+        built.set_result(None)
         self._run()
 
     def submit(

@@ -313,9 +313,9 @@ def select_int4_kernels(model: DecoderModel, config: EngineConfig, triton: bool,
         for layer in layers:
             layer.method.kernels = Int4Kernels(dense=row_tiled(int4_gemm, row_tile))
         return
-    chosen: dict[tuple, Int4Kernels] = {}
-    tinygemm_rows: dict[tuple, int] = {}
-    keys = []
+    # per weight shape and layout: its kernels, and the most rows tinygemm takes (timed on a GPU)
+    chosen: dict[tuple, tuple[Int4Kernels, int]] = {}
+    tinygemm_rows = []
     for layer in layers:
         weight = layer.method.weight
         layout = (
@@ -325,15 +325,17 @@ def select_int4_kernels(model: DecoderModel, config: EngineConfig, triton: bool,
             layer.bias is not None,
         )
         key = (tuple(weight.qweight.shape), *layout)
-        keys.append(key)
         if key not in chosen:
-            chosen[key] = Int4Kernels(dense=int4_gemm, small_batch=int4_gemv, small_batch_max_rows=GEMV_MAX_M)
+            kernels = Int4Kernels(dense=int4_gemm, small_batch=int4_gemv, small_batch_max_rows=GEMV_MAX_M)
+            rows = 0
             if timed:
-                chosen[key] = _with_timed_int4_kernels(chosen[key], layer)
-                tinygemm_rows[key] = _rows_tinygemm_wins(chosen[key], layer, config.torch_dtype)
-        layer.method.kernels = chosen[key]
+                kernels = _with_timed_int4_kernels(kernels, layer)
+                rows = _rows_tinygemm_wins(kernels, layer, config.torch_dtype)
+            chosen[key] = kernels, rows
+        layer.method.kernels, rows = chosen[key]
+        tinygemm_rows.append(rows)
     if timed:
-        _use_tinygemm(layers, [tinygemm_rows[key] for key in keys], config.torch_device)
+        _use_tinygemm(layers, tinygemm_rows, config.torch_device)
 
 
 # The batch sizes at which tinygemm is timed against the Triton kernels: it reads the codes once per
