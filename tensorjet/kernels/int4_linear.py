@@ -19,9 +19,10 @@ scale in fp32, rounded to x's dtype, then x @ w^T with fp32 accumulation. The ke
   differs from the reference by the reference's rounding of w, under 2^-8 relative per weight). With
   larger tiles it is the GEMM of batches past 16 rows, in the reference's numerics (or scaling after
   the sum, where a tile chosen for it lies in one group), K split over programs up to 256 rows; a
-  tile may instead be unpacked whole (`whole_tile`: the eight nibbles of each word spread into column
-  order in registers) and multiplied by one dot; scaling after the sum, such a tile multiplies the
-  bare codes and takes each row's zero point off afterwards (z x the sum of x's columns);
+  tile may instead be unpacked whole (`unpack="whole"`: the eight nibbles of each word spread into
+  column order in registers, or "gather": each column's code loaded from its word and shifted into
+  place) and multiplied by one dot; scaling after the sum, such a tile multiplies the bare codes and
+  takes each row's zero point off afterwards (z x the sum of x's columns);
 - `dequantized_linear`: the whole weight dequantized by one launch (`int4_dequantize`, whole tiles
   stored in whole rows), then cuBLAS: for large prefill batches, where the GEMM's dequantization cost
   per row vanishes.
@@ -62,6 +63,7 @@ __all__ = [
 ]
 
 CODES_PER_WORD = 8
+UNPACKINGS = ("slices", "whole", "gather")  # the kernel's UNPACK constexpr is an index into it
 GEMV_MAX_M = 16  # rows of x one GEMV launch handles (the tl.dot minimum)
 
 
@@ -79,9 +81,16 @@ class Int4MatmulConfig:
     # Where a tile lies in one group: multiply exact code - zero values and scale the group's fp32 sum
     # (one multiply per output instead of per weight; decode), else the reference's numerics.
     scale_after: bool = False
-    # Unpack the whole [BLOCK_N, BLOCK_K] weight tile in column order and multiply it by one dot,
-    # instead of eight [BLOCK_N, BLOCK_K / 8] slices of one nibble each, eight dots.
-    whole_tile: bool = False
+    # How a [BLOCK_N, BLOCK_K] weight tile reaches the tensor cores (UNPACKINGS): "slices", eight
+    # [BLOCK_N, BLOCK_K / 8] slices of one nibble each and eight dots; "whole", each loaded word's
+    # eight nibbles spread into column order in registers, one dot; "gather", each column's code
+    # loaded from its word directly (the eight columns of a word read the same address, served by L1)
+    # and shifted by its own amount, one dot.
+    unpack: str = "slices"
+
+    def __post_init__(self) -> None:
+        if self.unpack not in UNPACKINGS:
+            raise ValueError(f"unpack must be one of {UNPACKINGS}; got {self.unpack!r}")
 
 
 # sm_90 main loops (tests/sm90_codegen.py's compile, bf16, group 128): 9.6 instructions per weight at
@@ -113,10 +122,16 @@ GEMM_CANDIDATES = (
     # Whole tiles: one dot per K step instead of eight (fewer barriers, x loaded in whole rows), the
     # unpacked tile passing through shared memory to reach the MMA. Scaling after the sum, the dot
     # takes the bare codes. (Other whole-tile shapes spill registers on sm_90.)
-    Int4MatmulConfig(64, 128, 128, 8, 3, whole_tile=True),
-    Int4MatmulConfig(64, 128, 128, 8, 3, scale_after=True, whole_tile=True),
-    Int4MatmulConfig(64, 128, 128, 4, 3, scale_after=True, whole_tile=True),
-    Int4MatmulConfig(128, 128, 128, 8, 3, scale_after=True, whole_tile=True),
+    Int4MatmulConfig(64, 128, 128, 8, 3, unpack="whole"),
+    Int4MatmulConfig(64, 128, 128, 8, 3, scale_after=True, unpack="whole"),
+    Int4MatmulConfig(64, 128, 128, 4, 3, scale_after=True, unpack="whole"),
+    Int4MatmulConfig(128, 128, 128, 8, 3, scale_after=True, unpack="whole"),
+    # Gathered tiles: the codes come out of the load in column order (no shuffle). (Other gathered
+    # shapes spill registers on sm_90.)
+    Int4MatmulConfig(32, 64, 128, 4, 3, scale_after=True, unpack="gather"),
+    Int4MatmulConfig(64, 64, 128, 4, 3, scale_after=True, unpack="gather"),
+    Int4MatmulConfig(128, 64, 128, 8, 3, scale_after=True, unpack="gather"),
+    Int4MatmulConfig(128, 128, 64, 8, 3, scale_after=True, unpack="gather"),
 )
 # The GEMM splits K (to fill the GPU's SMs) only up to this many rows of x: its scratch is sized for
 # them once, before any CUDA graph is captured.
@@ -182,6 +197,44 @@ def unpacked_tile(words, offset, scale, SCALED: tl.constexpr, BLOCK_N: tl.conste
 
 
 @triton.jit
+def gathered_codes(
+    qw_ptr,
+    scale_ptr,
+    zero_ptr,
+    offs_n,
+    n_mask,
+    k0,
+    cols,
+    k_mask,
+    stride_qn,
+    stride_sn,
+    GROUP: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """The codes of W[offs_n, cols] [BLOCK_N, BLOCK_K] in fp32 (exact), each read from its word (the
+    eight columns of a word load one address) and shifted into place, with their fp32 scales and
+    `2^23 + zero point`: per row [BLOCK_N, 1] where the tile lies in one group, else per column."""
+    rows = offs_n[:, None].to(tl.int64)
+    mask = n_mask[:, None] & k_mask[None, :]
+    words = tl.load(qw_ptr + rows * stride_qn + (cols // 8)[None, :], mask=mask, other=0)
+    codes = (words >> ((cols % 8) * 4)[None, :]) & 0xF
+    codes = (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    if GROUP % BLOCK_K == 0:
+        group_ptrs = rows * stride_sn + k0 // GROUP
+        group_mask = n_mask[:, None]
+    else:
+        group_ptrs = rows * stride_sn + (cols // GROUP)[None, :]
+        group_mask = mask
+    scale = tl.load(scale_ptr + group_ptrs, mask=group_mask, other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        offset = tl.load(zero_ptr + group_ptrs, mask=group_mask, other=0).to(tl.float32) + 8388608.0
+    else:
+        offset = tl.zeros_like(scale) + (8388608.0 + 8.0)
+    return codes, scale, offset
+
+
+@triton.jit
 def x_columns(
     x_ptr,
     perm_ptr,
@@ -231,7 +284,7 @@ def _int4_matmul_kernel(
     HAS_PERM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SCALE_AFTER: tl.constexpr,
-    WHOLE_TILE: tl.constexpr,
+    UNPACK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -239,12 +292,13 @@ def _int4_matmul_kernel(
     DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """y^T [BLOCK_N, BLOCK_M] tiles = W [BLOCK_N, K] @ x^T on the tensor cores. Each weight tile is
-    multiplied as eight [BLOCK_N, BLOCK_K / 8] slices, slice J holding nibble J of every word (no
-    shuffling of codes between threads), against the x columns they multiply.
-    SCALE_AFTER (the tile lies in one group): the slices are exact code - zero values and the group's
-    scale multiplies their fp32 sum; else each value is scaled and rounded to x's dtype first (the
-    reference's numerics).
+    """y^T [BLOCK_N, BLOCK_M] tiles = W [BLOCK_N, K] @ x^T on the tensor cores. UNPACK (an index into
+    UNPACKINGS) says how each weight tile reaches the dot: as eight [BLOCK_N, BLOCK_K / 8] slices,
+    slice J holding nibble J of every word (no shuffling of codes between threads), against the x
+    columns they multiply; or whole, in column order, by one dot ("whole", "gather").
+    SCALE_AFTER (the tile lies in one group): the dot takes exact code - zero values (the whole and
+    gathered tiles: the bare codes, the zero point taken off the sum) and the group's scale multiplies
+    the fp32 sum; else each value is scaled and rounded to x's dtype first (the reference's numerics).
     SPLIT_K > 1: program_id(2) sums one slice of K (whole BLOCK_K tiles) into fp32 scratch; the last of
     a tile's programs to finish adds the slices in a fixed order and runs the epilogue."""
     tl.static_assert(not SCALE_AFTER or GROUP % BLOCK_K == 0, "SCALE_AFTER needs tiles within one group")
@@ -258,46 +312,11 @@ def _int4_matmul_kernel(
     dtype = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
-        words, scale, offset = load_codes(
-            qw_ptr, scale_ptr, zero_ptr, offs_n, n_mask, k0, k_end, stride_qn, stride_sn,
-            GROUP, HAS_ZEROS, BLOCK_K,
-        )  # fmt: skip
-        if WHOLE_TILE:
-            cols = k0 + tl.arange(0, BLOCK_K)
-            k_mask = cols < k_end
-            if HAS_PERM:
-                cols = tl.load(perm_ptr + cols, mask=k_mask, other=0)
-            x = tl.load(
-                x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + cols[None, :],
-                mask=m_mask[:, None] & k_mask[None, :],
-                other=0.0,
-            )
-            if SCALE_AFTER:
-                # The codes alone go through the dot, exact; the tile's one zero point per row comes
-                # off the sum: sum((c - z) x) = sum(c x) - z sum(x). No arithmetic per weight but the
-                # unpacking.
-                codes = unpacked_tile(
-                    words,
-                    tl.full((BLOCK_N, BLOCK_K // 8), 8388608.0, tl.float32),
-                    scale,
-                    False,
-                    BLOCK_N,
-                    BLOCK_K,
-                )
-                part = tl_dot(codes.to(dtype), tl.trans(x), DOT_PREC, UPCAST)
-                part -= (offset - 8388608.0) * tl.sum(x.to(tl.float32), 1)[None, :]
-            else:
-                # (a tile in one group has one scale and offset per row: broadcast over its words)
-                w = unpacked_tile(
-                    words,
-                    tl.broadcast_to(offset, (BLOCK_N, BLOCK_K // 8)),
-                    tl.broadcast_to(scale, (BLOCK_N, BLOCK_K // 8)),
-                    True,
-                    BLOCK_N,
-                    BLOCK_K,
-                )
-                part = tl_dot(w.to(dtype), tl.trans(x), DOT_PREC, UPCAST)
-        else:
+        if UNPACK == 0:  # slices
+            words, scale, offset = load_codes(
+                qw_ptr, scale_ptr, zero_ptr, offs_n, n_mask, k0, k_end, stride_qn, stride_sn,
+                GROUP, HAS_ZEROS, BLOCK_K,
+            )  # fmt: skip
             part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             for j in tl.static_range(8):
                 w = nibble(words, offset, j)
@@ -305,6 +324,51 @@ def _int4_matmul_kernel(
                     w = w * scale
                 x = x_columns(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k0, k_end, j, HAS_PERM, BLOCK_K)
                 part += tl_dot(w.to(dtype), tl.trans(x), DOT_PREC, UPCAST)
+        else:  # one dot over the tile, x loaded in whole rows
+            cols = k0 + tl.arange(0, BLOCK_K)
+            k_mask = cols < k_end
+            x_cols = cols
+            if HAS_PERM:
+                x_cols = tl.load(perm_ptr + cols, mask=k_mask, other=0)
+            x = tl.load(
+                x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + x_cols[None, :],
+                mask=m_mask[:, None] & k_mask[None, :],
+                other=0.0,
+            )
+            if UNPACK == 1:  # whole: each word's nibbles spread into column order
+                words, scale, offset = load_codes(
+                    qw_ptr, scale_ptr, zero_ptr, offs_n, n_mask, k0, k_end, stride_qn, stride_sn,
+                    GROUP, HAS_ZEROS, BLOCK_K,
+                )  # fmt: skip
+                if SCALE_AFTER:  # the bare codes (offset 2^23)
+                    w = unpacked_tile(
+                        words, tl.full((BLOCK_N, BLOCK_K // 8), 8388608.0, tl.float32), scale, False,
+                        BLOCK_N, BLOCK_K,
+                    )  # fmt: skip
+                else:  # (a tile in one group has one scale and offset per row: broadcast over its words)
+                    w = unpacked_tile(
+                        words,
+                        tl.broadcast_to(offset, (BLOCK_N, BLOCK_K // 8)),
+                        tl.broadcast_to(scale, (BLOCK_N, BLOCK_K // 8)),
+                        True,
+                        BLOCK_N,
+                        BLOCK_K,
+                    )
+            else:  # gather: each column's code read from its word and shifted into place
+                w, scale, offset = gathered_codes(
+                    qw_ptr, scale_ptr, zero_ptr, offs_n, n_mask, k0, cols, k_mask, stride_qn, stride_sn,
+                    GROUP, HAS_ZEROS, BLOCK_K,
+                )  # fmt: skip
+                if not SCALE_AFTER:
+                    w = (w - (offset - 8388608.0)) * scale
+            if SCALE_AFTER:
+                # The codes alone go through the dot, exact; the tile's one zero point per row comes
+                # off the sum: sum((c - z) x) = sum(c x) - z sum(x). No arithmetic per weight but the
+                # unpacking.
+                part = tl_dot(w.to(dtype), tl.trans(x), DOT_PREC, UPCAST)
+                part -= (offset - 8388608.0) * tl.sum(x.to(tl.float32), 1)[None, :]
+            else:
+                part = tl_dot(w.to(dtype), tl.trans(x), DOT_PREC, UPCAST)
         if SCALE_AFTER:
             part = part * scale
         acc += part
@@ -375,7 +439,7 @@ def int4_matmul(
         HAS_PERM=weight.perm is not None,
         HAS_BIAS=bias is not None,
         SCALE_AFTER=c.scale_after and weight.group_size % c.block_k == 0,
-        WHOLE_TILE=c.whole_tile,
+        UNPACK=UNPACKINGS.index(c.unpack),
         BLOCK_M=c.block_m,
         BLOCK_N=c.block_n,
         BLOCK_K=c.block_k,
