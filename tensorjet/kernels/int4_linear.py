@@ -126,11 +126,12 @@ GEMM_CANDIDATES = (
     Int4MatmulConfig(64, 128, 128, 8, 3, scale_after=True, unpack="whole"),
     Int4MatmulConfig(64, 128, 128, 4, 3, scale_after=True, unpack="whole"),
     Int4MatmulConfig(128, 128, 128, 8, 3, scale_after=True, unpack="whole"),
-    # Gathered tiles: the codes come out of the load in column order (no shuffle). (Other gathered
-    # shapes spill registers on sm_90.)
-    Int4MatmulConfig(32, 64, 128, 4, 3, scale_after=True, unpack="gather"),
+    # Gathered tiles: the codes come out of the load in column order (no shuffle), every load an
+    # asynchronous copy the pipeline runs ahead. (Other gathered shapes spill registers on sm_90.)
+    Int4MatmulConfig(32, 32, 128, 4, 3, scale_after=True, unpack="gather"),
+    Int4MatmulConfig(64, 64, 64, 4, 3, scale_after=True, unpack="gather"),
     Int4MatmulConfig(64, 64, 128, 4, 3, scale_after=True, unpack="gather"),
-    Int4MatmulConfig(128, 64, 128, 8, 3, scale_after=True, unpack="gather"),
+    Int4MatmulConfig(64, 64, 128, 8, 3, scale_after=True, unpack="gather"),
     Int4MatmulConfig(128, 128, 64, 8, 3, scale_after=True, unpack="gather"),
 )
 # The GEMM splits K (to fill the GPU's SMs) only up to this many rows of x: its scratch is sized for
@@ -197,7 +198,7 @@ def unpacked_tile(words, offset, scale, SCALED: tl.constexpr, BLOCK_N: tl.conste
 
 
 @triton.jit
-def gathered_codes(
+def gathered_values(
     qw_ptr,
     scale_ptr,
     zero_ptr,
@@ -212,14 +213,14 @@ def gathered_codes(
     HAS_ZEROS: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """The codes of W[offs_n, cols] [BLOCK_N, BLOCK_K] in fp32 (exact), each read from its word (the
-    eight columns of a word load one address) and shifted into place, with their fp32 scales and
-    `2^23 + zero point`: per row [BLOCK_N, 1] where the tile lies in one group, else per column."""
+    """code - zero of W[offs_n, cols] [BLOCK_N, BLOCK_K] in fp32 (exact), each code read from its word
+    (the eight columns of a word load one address, served by L1) and shifted into place, with the fp32
+    scales: per row [BLOCK_N, 1] where the tile lies in one group, else per column. Taking the zero
+    point off each weight costs the add that turns the ORed code into a float anyway (`nibble`)."""
     rows = offs_n[:, None].to(tl.int64)
     mask = n_mask[:, None] & k_mask[None, :]
     words = tl.load(qw_ptr + rows * stride_qn + (cols // 8)[None, :], mask=mask, other=0)
     codes = (words >> ((cols % 8) * 4)[None, :]) & 0xF
-    codes = (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
     if GROUP % BLOCK_K == 0:
         group_ptrs = rows * stride_sn + k0 // GROUP
         group_mask = n_mask[:, None]
@@ -231,7 +232,7 @@ def gathered_codes(
         offset = tl.load(zero_ptr + group_ptrs, mask=group_mask, other=0).to(tl.float32) + 8388608.0
     else:
         offset = tl.zeros_like(scale) + (8388608.0 + 8.0)
-    return codes, scale, offset
+    return (codes | 0x4B000000).to(tl.float32, bitcast=True) - offset, scale
 
 
 @triton.jit
@@ -340,11 +341,15 @@ def _int4_matmul_kernel(
                     qw_ptr, scale_ptr, zero_ptr, offs_n, n_mask, k0, k_end, stride_qn, stride_sn,
                     GROUP, HAS_ZEROS, BLOCK_K,
                 )  # fmt: skip
-                if SCALE_AFTER:  # the bare codes (offset 2^23)
+                if SCALE_AFTER:
+                    # The bare codes go through the dot, exact; the tile's one zero point per row
+                    # comes off the sum: sum((c - z) x) = sum(c x) - z sum(x).
                     w = unpacked_tile(
                         words, tl.full((BLOCK_N, BLOCK_K // 8), 8388608.0, tl.float32), scale, False,
                         BLOCK_N, BLOCK_K,
                     )  # fmt: skip
+                    part = tl_dot(w.to(dtype), tl.trans(x), DOT_PREC, UPCAST)
+                    part -= (offset - 8388608.0) * tl.sum(x.to(tl.float32), 1)[None, :]
                 else:  # (a tile in one group has one scale and offset per row: broadcast over its words)
                     w = unpacked_tile(
                         words,
@@ -354,20 +359,14 @@ def _int4_matmul_kernel(
                         BLOCK_N,
                         BLOCK_K,
                     )
+                    part = tl_dot(w.to(dtype), tl.trans(x), DOT_PREC, UPCAST)
             else:  # gather: each column's code read from its word and shifted into place
-                w, scale, offset = gathered_codes(
+                w, scale = gathered_values(
                     qw_ptr, scale_ptr, zero_ptr, offs_n, n_mask, k0, cols, k_mask, stride_qn, stride_sn,
                     GROUP, HAS_ZEROS, BLOCK_K,
                 )  # fmt: skip
                 if not SCALE_AFTER:
-                    w = (w - (offset - 8388608.0)) * scale
-            if SCALE_AFTER:
-                # The codes alone go through the dot, exact; the tile's one zero point per row comes
-                # off the sum: sum((c - z) x) = sum(c x) - z sum(x). No arithmetic per weight but the
-                # unpacking.
-                part = tl_dot(w.to(dtype), tl.trans(x), DOT_PREC, UPCAST)
-                part -= (offset - 8388608.0) * tl.sum(x.to(tl.float32), 1)[None, :]
-            else:
+                    w = w * scale
                 part = tl_dot(w.to(dtype), tl.trans(x), DOT_PREC, UPCAST)
         if SCALE_AFTER:
             part = part * scale
