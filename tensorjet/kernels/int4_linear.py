@@ -140,6 +140,17 @@ GEMM_SPLIT_MAX_M = 256
 
 
 @triton.jit
+def group_scales(scale_ptr, zero_ptr, group_ptrs, group_mask, HAS_ZEROS: tl.constexpr):
+    """The fp32 scales at `group_ptrs` and `2^23 + zero point` (`nibble`'s offset; 8 without zeros)."""
+    scale = tl.load(scale_ptr + group_ptrs, mask=group_mask, other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        offset = tl.load(zero_ptr + group_ptrs, mask=group_mask, other=0).to(tl.float32) + 8388608.0
+    else:
+        offset = tl.zeros_like(scale) + (8388608.0 + 8.0)
+    return scale, offset
+
+
+@triton.jit
 def load_codes(
     qw_ptr,
     scale_ptr,
@@ -168,11 +179,7 @@ def load_codes(
     else:
         group_ptrs = rows * stride_sn + ((k0 // 8 + offs_word) // (GROUP // 8))[None, :]
         group_mask = word_mask
-    scale = tl.load(scale_ptr + group_ptrs, mask=group_mask, other=0.0).to(tl.float32)
-    if HAS_ZEROS:
-        offset = tl.load(zero_ptr + group_ptrs, mask=group_mask, other=0).to(tl.float32) + 8388608.0
-    else:
-        offset = tl.zeros_like(scale) + (8388608.0 + 8.0)
+    scale, offset = group_scales(scale_ptr, zero_ptr, group_ptrs, group_mask, HAS_ZEROS)
     return words, scale, offset
 
 
@@ -227,11 +234,7 @@ def gathered_values(
     else:
         group_ptrs = rows * stride_sn + (cols // GROUP)[None, :]
         group_mask = mask
-    scale = tl.load(scale_ptr + group_ptrs, mask=group_mask, other=0.0).to(tl.float32)
-    if HAS_ZEROS:
-        offset = tl.load(zero_ptr + group_ptrs, mask=group_mask, other=0).to(tl.float32) + 8388608.0
-    else:
-        offset = tl.zeros_like(scale) + (8388608.0 + 8.0)
+    scale, offset = group_scales(scale_ptr, zero_ptr, group_ptrs, group_mask, HAS_ZEROS)
     return (codes | 0x4B000000).to(tl.float32, bitcast=True) - offset, scale
 
 
