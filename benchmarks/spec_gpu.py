@@ -297,6 +297,25 @@ def table(rows: list[dict], k: int) -> str:
     return "\n".join(lines)
 
 
+def device_name(args) -> str:
+    return torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+
+
+def write_report(args, rows: list[dict], wall: float) -> None:
+    if not args.json:
+        return
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "config": vars(args),
+        "device": device_name(args),
+        "torch": torch.__version__,
+        "wall_s": wall,
+        "rows": rows,
+        "goals": [{"goal": what, "met": met} for what, met in goals(rows)],
+    }
+    args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -322,7 +341,6 @@ def main() -> None:
     # (draft, its options, its cases: (label, fixed acceptance or None for natural, per-sequence switch on));
     # the first case also runs at the larger batch sizes.
     plans = [
-        ("self", dict(speculative_model=args.model), [("natural", None, True)]),
         (
             "1b",
             dict(speculative_model=args.small_draft),
@@ -334,6 +352,7 @@ def main() -> None:
             dict(speculative_model="[ngram]", prompt_lookup_min=1),
             [(f"a={NGRAM_RATE}", NGRAM_RATE, False), ("natural", None, True)],
         ),
+        ("self", dict(speculative_model=args.model), [("natural", None, True)]),
     ]
     for name, speculation, cases in plans:
         print(f"building the engine with draft {name} ...", flush=True)
@@ -344,19 +363,9 @@ def main() -> None:
             rows += measure_engine(engine, args, cases)
         finally:
             engine.close()
+        write_report(args, rows, time.perf_counter() - begin)  # after each engine: a cut run keeps its rows
     wall = time.perf_counter() - begin
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        report = {
-            "config": vars(args),
-            "device": device,
-            "torch": torch.__version__,
-            "wall_s": wall,
-            "rows": rows,
-            "goals": [{"goal": what, "met": met} for what, met in goals(rows)],
-        }
-        args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    device = device_name(args)
     print(f"\n{args.model} on {device}, {wall:.0f} s")
     print(table(rows, args.k))
 
