@@ -168,14 +168,12 @@ class GgufLinearMethod(LinearMethod):
     ) -> torch.Tensor:
         """The norm, the product and the residual add or SiLU as plain ops called from here, not
         through the layer's modules: less Python in each of a decode step's projections. The
-        product's bf16 output is added into the residual as it is, and SiLU-and-multiply leaves it
-        bf16, the dtype the next product takes: no conversions in between."""
+        product's bf16 output is added into the residual as it is (the same sum as converted first)."""
         y = kernel_product(x if norm is None else norm(x), layer)
-        if silu_mul:
-            return silu_and_mul(y)
         if residual is not None:
             return residual.add_(y)
-        return y.to(x.dtype)
+        y = y.to(x.dtype)
+        return silu_and_mul(y) if silu_mul else y
 
     def init_dummy_weights(self, layer: Linear, generator: torch.Generator) -> None:
         """Random codes and scales that keep the weights within +-K^-0.5, then the kernels' layouts."""
