@@ -129,12 +129,15 @@ def test_fused_products_carry_the_norm_residual_and_silu():
     down, down_weight = gguf_linear(64, [64], seed=5)
     x = torch.randn(1, 64)
     act = gate_up.forward_fused(x, norm=norm, act=silu_and_mul)
+    assert torch.equal(act, silu_and_mul(gate_up(norm(x)))), "the same numbers as the ops one by one"
     expected = silu_and_mul(reference_product(norm(x), gate_up_weight, None))
     torch.testing.assert_close(act, expected, rtol=4 * BF16_STEP, atol=1e-5)
     residual = torch.randn(1, 64)
+    unfused = residual + down(act)
     expected = residual + reference_product(act, down_weight, None)
     out = down.forward_fused(act, residual=residual)
     assert out is residual, "the residual stream is updated in place"
+    assert torch.equal(residual, unfused)
     torch.testing.assert_close(residual, expected, rtol=4 * BF16_STEP, atol=1e-5)
 
 

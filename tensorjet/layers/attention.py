@@ -133,6 +133,15 @@ class GraphAttentionBackend(AttentionBackend[State], Protocol[State]):
     ) -> AttentionGraphBuffers[State]: ...
 
 
+@dataclass(frozen=True)
+class CacheRows:
+    """`TorchDecodeRows.cache_rows`: what the decode rows read from a cache."""
+
+    keys: torch.Tensor  # [B * Hk * L]
+    values: torch.Tensor  # [B * Hq * L]
+    value_offsets: torch.Tensor  # [B * Hq] where each query head's bag of L values starts
+
+
 @dataclass
 class TorchDecodeRows:
     """Sequences with one query row, attended together in one padded batch of their keys.
@@ -147,17 +156,19 @@ class TorchDecodeRows:
     mask: torch.Tensor | None  # [B, 1, L] 0 within each context, -inf past it; None for one sequence
     token_rows: torch.Tensor | None  # [B] the rows they own; None: rows 0..B-1
     # (num_kv_heads, group) -> `cache_rows`: the same for every layer, so made by the first
-    _rows: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _rows: dict[tuple[int, int], CacheRows] = field(default_factory=dict)
 
-    def cache_rows(self, num_kv_heads: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def cache_rows(self, num_kv_heads: int, group: int) -> CacheRows:
         """Rows of a cache viewed as [slots * Hk, D]: the keys of each (sequence, key head), [B * Hk * L],
-        and the values each query head sums, [B * Hq, L] (those of its key head, in the same order)."""
+        and the values each query head sums, [B * Hq * L] (those of its key head, in the same order), in
+        bags of L from `value_offsets` [B * Hq]."""
         if (num_kv_heads, group) not in self._rows:
             b, length = self.slots.shape
             heads = torch.arange(num_kv_heads, device=self.slots.device)
             rows = self.slots[:, None, :] * num_kv_heads + heads[None, :, None]  # [B, Hk, L]
             value_rows = rows[:, :, None, :].expand(b, num_kv_heads, group, length)
-            self._rows[num_kv_heads, group] = (rows.reshape(-1), value_rows.reshape(-1, length))
+            offsets = torch.arange(0, value_rows.numel(), length, device=self.slots.device)
+            self._rows[num_kv_heads, group] = CacheRows(rows.reshape(-1), value_rows.reshape(-1), offsets)
         return self._rows[num_kv_heads, group]
 
 
@@ -198,12 +209,24 @@ class TorchAttentionBackend:
     from torch.empty may hold NaN, which a mask would not stop: 0 * NaN is NaN).
     """
 
-    @staticmethod
-    def rotate_and_store_kv(rotary, positions, q, k, v, k_cache, v_cache, slot_mapping):
+    def __init__(self) -> None:
+        # The step's slot mapping and whether it skips a row (-1): checked once, not in every layer.
+        self._slots_checked: tuple[torch.Tensor, bool] | None = None
+
+    def rotate_and_store_kv(self, rotary, positions, q, k, v, k_cache, v_cache, slot_mapping):
         """Rotate q and k at `positions`, then write k and v to the cache; returns the rotated (q, k)."""
         q, k = rotary(positions, q, k)
-        store_kv(k, v, k_cache, v_cache, slot_mapping)
+        store_kv(k, v, k_cache, v_cache, slot_mapping, self._skips_rows(slot_mapping))
         return q, k
+
+    def _skips_rows(self, slot_mapping: torch.Tensor) -> bool:
+        """Whether `slot_mapping` holds a -1, remembered while the same tensor comes back. On a GPU it
+        counts as skipping: checking would wait for the device."""
+        checked = self._slots_checked
+        if checked is None or checked[0] is not slot_mapping:
+            skips = slot_mapping.device.type != "cpu" or bool((slot_mapping < 0).any())
+            self._slots_checked = checked = (slot_mapping, skips)
+        return checked[1]
 
     def prepare(self, meta: AttentionMetadata) -> TorchAttentionState:
         device = meta.slot_mapping.device
@@ -326,11 +349,11 @@ class TorchAttentionBackend:
         num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
         b, num_heads = d.num_seqs, q.shape[1]
         group = num_heads // num_kv_heads
-        key_rows, value_rows = d.cache_rows(num_kv_heads, group)
+        rows = d.cache_rows(num_kv_heads, group)
         dtype = _compute_dtype(q.dtype)
         queries = q[:b] if d.token_rows is None else q.index_select(0, d.token_rows)
         queries = queries.to(dtype).reshape(b * num_kv_heads, group, head_dim)
-        keys = k_cache.view(-1, head_dim).index_select(0, key_rows).to(dtype)
+        keys = k_cache.view(-1, head_dim).index_select(0, rows.keys).to(dtype)
         scores = torch.bmm(queries, keys.view(b * num_kv_heads, -1, head_dim).transpose(1, 2))
         scores = scores.view(b, num_heads, -1).mul_(scale)  # [B, Hq, L]
         if d.mask is not None:
@@ -339,10 +362,10 @@ class TorchAttentionBackend:
         values = v_cache.view(-1, head_dim)
         if values.dtype == dtype:  # weighted sums of the cached rows themselves
             out = F.embedding_bag(
-                value_rows, values, mode="sum", per_sample_weights=probs.view(b * num_heads, -1)
+                rows.values, values, rows.value_offsets, mode="sum", per_sample_weights=probs.view(-1)
             )
         else:  # a cache in another dtype (FP8, bf16): its values gathered and converted first
-            values = values.index_select(0, key_rows).to(dtype).view(b * num_kv_heads, -1, head_dim)
+            values = values.index_select(0, rows.keys).to(dtype).view(b * num_kv_heads, -1, head_dim)
             out = torch.bmm(probs.view(b * num_kv_heads, group, -1), values)
         return out.view(b, num_heads, head_dim).to(q.dtype)
 
@@ -367,17 +390,23 @@ class TorchAttentionBackend:
 
 
 def store_kv(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    skips_rows: bool = True,
 ) -> None:
     """Write new keys/values into their cache slots; slot -1 marks a padded row and is skipped.
 
-    Only CUDA-graph batches are padded, and those store through the Triton kernel; here a CPU tensor
-    is checked for -1 (cheap) and a GPU one is masked (checking would wait for the device)."""
+    Only CUDA-graph batches are padded, and those store through the Triton kernel; a caller that
+    knows `slot_mapping` holds no -1 (`skips_rows=False`) gets one copy per cache, else the valid rows
+    are picked first."""
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     k, v = to_cache_dtype(k, k_cache.dtype), to_cache_dtype(v, v_cache.dtype)
     if is_fp8(k_cache.dtype):  # index_copy_ has no FP8 kernel on CPU: move the bytes
         k_cache, v_cache, k, v = (t.view(torch.uint8) for t in (k_cache, v_cache, k, v))
-    if slot_mapping.device.type == "cpu" and not bool((slot_mapping < 0).any()):
+    if not skips_rows:
         k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
         v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
         return

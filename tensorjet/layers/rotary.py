@@ -57,7 +57,9 @@ class RotaryEmbedding(nn.Module):
         if self.kernel is not None:
             return self.kernel(positions, q, k, self.cos, self.sin)
         cos, sin = self._tables(positions)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        # q and k side by side: one pass of the elementwise ops instead of one per tensor.
+        qk = _rotate(torch.cat((q, k), dim=1), cos, sin)
+        return qk.split([q.shape[1], k.shape[1]], dim=1)
 
     def _tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[T, 1, D] cos and sign-folded sin for `positions`, reused while the same tensor comes back."""

@@ -34,7 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tensorjet.layers.activation import silu_and_mul
 from tensorjet.layers.linear import Linear, LinearMethod
+from tensorjet.layers.norm import RMSNorm
 from tensorjet.layers.weight_loader import copy_checked, set_weight_loader
 
 GROUP = 32  # weights per block and per kernel group
@@ -72,14 +74,17 @@ def pack_blocks(
 
 def blocks_product(x: torch.Tensor, layer: Linear) -> torch.Tensor:
     """x W^T (+ b) in x's dtype: the int4 kernel up to `SMALL_BATCH_MAX_ROWS` rows, else the bf16 GEMM."""
+    return kernel_product(x, layer).to(x.dtype)
+
+
+def kernel_product(x: torch.Tensor, layer: Linear) -> torch.Tensor:
+    """`blocks_product` as the kernels return it: bf16 (fp32 where a bias is added)."""
     xb = x.to(torch.bfloat16)
     if x.shape[0] <= SMALL_BATCH_MAX_ROWS:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, layer.qweight, GROUP, layer.scales_and_zeros)
     else:
         y = F.linear(xb, layer.dense_weight)
-    if layer.bias is not None:
-        y = y + layer.bias
-    return y.to(x.dtype)
+    return y if layer.bias is None else y + layer.bias
 
 
 class GgufLinearMethod(LinearMethod):
@@ -147,6 +152,28 @@ class GgufLinearMethod(LinearMethod):
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         return self.product(x, layer)
+
+    @property
+    def supports_fused(self) -> bool:
+        return True
+
+    def apply_fused(
+        self,
+        layer: Linear,
+        x: torch.Tensor,
+        *,
+        norm: RMSNorm | None,
+        residual: torch.Tensor | None,
+        silu_mul: bool,
+    ) -> torch.Tensor:
+        """The norm, the product and the residual add or SiLU as plain ops called from here, not
+        through the layer's modules: less Python in each of a decode step's projections. The
+        product's bf16 output is added into the residual as it is (the same sum as converted first)."""
+        y = kernel_product(x if norm is None else norm(x), layer)
+        if residual is not None:
+            return residual.add_(y)
+        y = y.to(x.dtype)
+        return silu_and_mul(y) if silu_mul else y
 
     def init_dummy_weights(self, layer: Linear, generator: torch.Generator) -> None:
         """Random codes and scales that keep the weights within +-K^-0.5, then the kernels' layouts."""

@@ -29,7 +29,7 @@ import torch
 from tensorjet.config import EngineConfig
 from tensorjet.distributed import SINGLE
 from tensorjet.dtypes import is_fp8
-from tensorjet.layers.attention import AttentionMetadata, GraphAttentionBackend
+from tensorjet.layers.attention import AttentionMetadata, GraphAttentionBackend, TorchAttentionBackend
 from tensorjet.layers.batch_invariant import RowwiseAttentionBackend
 from tensorjet.models import derived_cache
 from tensorjet.models.llama import LlamaForCausalLM, head_dim_of
@@ -295,16 +295,14 @@ class ModelRunner:
         if choice == "auto":
             choice = "triton" if self.device.type == "cuda" else "torch"
         invariant = self.config.runtime.batch_invariant
-        backend = None
         if choice == "triton":
             from tensorjet.layers.triton_attention import TritonAttentionBackend
 
             backend = TritonAttentionBackend(batch_invariant=invariant)
-        elif invariant:
-            backend = RowwiseAttentionBackend()
-        if backend is not None:  # one backend shared by every layer
-            for attn in self.model.attention_layers:
-                attn.backend = backend
+        else:
+            backend = RowwiseAttentionBackend() if invariant else TorchAttentionBackend()
+        for attn in self.model.attention_layers:  # one backend shared by every layer
+            attn.backend = backend
         select_kernels(self.model, self.config, choice)
         return choice
 
