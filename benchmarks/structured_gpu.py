@@ -107,6 +107,11 @@ def main() -> None:
         max_batch_size=max(args.concurrency, 1),
         max_seq_len=args.prompt_len + args.max_tokens + 16,
     )
+    if llm.tokenizer is None:  # a dummy preset takes the bundled model's tokenizer, where it is installed
+        raise SystemExit(
+            f"{args.model} comes with no tokenizer, which grammars need: pass a directory holding the "
+            "model's config.json and tokenizer files (with --load_format dummy for random weights)"
+        )
     args.vocab_bound = min(llm.engine.vocab_size, len(llm.tokenizer))
     options = ServerOptions(max_sequences=max(args.concurrency, 1))
     server, url = start_server(build_app(llm, options))
