@@ -143,7 +143,9 @@ def tiny_model_dir(tmp_path_factory) -> str:
         num_key_value_heads=2,
         max_position_embeddings=256,
     )
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    with torch.random.fork_rng():  # the same weights in every run, whichever tests ran first
+        torch.manual_seed(0)
+        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
     return str(path)
 
 
