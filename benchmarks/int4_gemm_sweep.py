@@ -25,6 +25,7 @@ from dataclasses import asdict, replace
 import torch
 import triton
 import triton.language as tl
+from weight_formats import copy_rate_tbps
 
 from tensorjet.kernels.gemv import cold_copies, time_in_graph_ms
 from tensorjet.kernels.int4_linear import GEMM_CANDIDATES, _split_for, cold_weights, int4_matmul
@@ -147,10 +148,7 @@ def replace_split(config: tuple, split_k: int) -> tuple:
 def sweep(rows: list[int]) -> dict:
     device = "cuda"
     dtype = torch.bfloat16
-    big = torch.empty(2**31 // 2, dtype=torch.uint8, device=device)
-    copy = time_in_graph_ms(lambda b: b.clone(), [big], launches=4)
-    copy_rate = 2 * big.numel() / (copy * 1e-3)
-    del big
+    copy_rate = copy_rate_tbps(device) * 1e12  # bytes read + written per second
     results = {"copy_rate_bytes_per_s": copy_rate, "shapes": {}}
     for name, (n, k) in SHAPES.items():
         weight = random_weight(n, k, device, dtype)
