@@ -3,11 +3,13 @@ by a JSON schema against none constrained, through the OpenAI server (streaming 
 `tensorjet bench --url` sends them). Llama-3-8B shapes with dummy weights on the GPU by default.
 
 Every request generates exactly `--max_tokens` tokens either way: unconstrained ones ignore EOS, and the
-schema (an object holding an array of integers) never has to end, so the grammar keeps the text valid
-JSON until max_tokens cuts it. The grammar masks are filled while the device runs each step's forward
-pass (docs/architecture.md), so the goal is throughput with 50% constrained >= 95% of none constrained.
-Rounds alternate between the two loads; the medians are compared. The table comes last; --json writes
-every number.
+schema (an object holding an array of at least `--max_tokens` integers) cannot close before then, so the
+grammar keeps the text valid JSON until max_tokens cuts it. (Without the minimum, a model free to close
+the array ends its constrained requests early, and the run with half of them constrained would count
+fewer tokens from a batch that shrinks, whatever the masks cost.) The grammar masks are filled while the
+device runs each step's forward pass (docs/architecture.md), so the goal is throughput with 50%
+constrained >= 95% of none constrained. Rounds alternate between the two loads; the medians are
+compared. The table comes last; --json writes every number.
 
     python benchmarks/structured_gpu.py --json benchmarks/results/structured_gpu.json
     python benchmarks/structured_gpu.py --model /path/tiny-with-tokenizer --load_format dummy \\
@@ -33,11 +35,15 @@ from tensorjet.bench.serving import stream_events
 from tensorjet.serve.app import build_app
 from tensorjet.serve.options import ServerOptions
 
-SCHEMA = {
-    "type": "object",
-    "properties": {"values": {"type": "array", "items": {"type": "integer"}}},
-    "required": ["values"],
-}
+
+def schema(min_items: int) -> dict:
+    return {
+        "type": "object",
+        "properties": {"values": {"type": "array", "items": {"type": "integer"}, "minItems": min_items}},
+        "required": ["values"],
+    }
+
+
 GOAL = 0.95
 
 
@@ -75,7 +81,7 @@ async def run_load(url: str, args: argparse.Namespace, constrained_share: float,
         if i < round(constrained_share * args.concurrency):
             payload["response_format"] = {
                 "type": "json_schema",
-                "json_schema": {"name": "v", "schema": SCHEMA},
+                "json_schema": {"name": "v", "schema": schema(args.max_tokens)},
             }
         else:
             payload["ignore_eos"] = True
@@ -83,6 +89,9 @@ async def run_load(url: str, args: argparse.Namespace, constrained_share: float,
     start = time.perf_counter()
     tokens = await asyncio.gather(*(one_request(url, p) for p in payloads))
     elapsed = time.perf_counter() - start
+    short = sum(n < args.max_tokens for n in tokens)
+    if short:  # the comparison holds only between loads of the same tokens
+        raise SystemExit(f"{short} of {len(tokens)} requests ended before max_tokens={args.max_tokens}")
     return {"tokens": sum(tokens), "seconds": elapsed, "tokens_per_s": sum(tokens) / elapsed}
 
 
