@@ -20,9 +20,8 @@ scale in fp32, rounded to x's dtype, then x @ w^T with fp32 accumulation. The ke
   larger tiles it is the GEMM of batches past 16 rows, in the reference's numerics (or scaling after
   the sum, where a tile chosen for it lies in one group), K split over programs up to 256 rows; a
   tile may instead be unpacked whole (`unpack="whole"`: the eight nibbles of each word spread into
-  column order in registers, or "gather": each column's code loaded from its word and shifted into
-  place) and multiplied by one dot; scaling after the sum, such a tile multiplies the bare codes and
-  takes each row's zero point off afterwards (z x the sum of x's columns);
+  column order in registers) and multiplied by one dot; scaling after the sum, such a tile multiplies
+  the bare codes and takes each row's zero point off afterwards (z x the sum of x's columns);
 - `dequantized_linear`: the whole weight dequantized by one launch (`int4_dequantize`, whole tiles
   stored in whole rows), then cuBLAS: for large prefill batches, where the GEMM's dequantization cost
   per row vanishes.
@@ -63,7 +62,7 @@ __all__ = [
 ]
 
 CODES_PER_WORD = 8
-UNPACKINGS = ("slices", "whole", "gather")  # the kernel's UNPACK constexpr is an index into it
+UNPACKINGS = ("slices", "whole")  # the kernel's UNPACK constexpr is an index into it
 GEMV_MAX_M = 16  # rows of x one GEMV launch handles (the tl.dot minimum)
 
 
@@ -83,9 +82,7 @@ class Int4MatmulConfig:
     scale_after: bool = False
     # How a [BLOCK_N, BLOCK_K] weight tile reaches the tensor cores (UNPACKINGS): "slices", eight
     # [BLOCK_N, BLOCK_K / 8] slices of one nibble each and eight dots; "whole", each loaded word's
-    # eight nibbles spread into column order in registers, one dot; "gather", each column's code
-    # loaded from its word directly (the eight columns of a word read the same address, served by L1)
-    # and shifted by its own amount, one dot.
+    # eight nibbles spread into column order in registers, one dot.
     unpack: str = "slices"
 
     def __post_init__(self) -> None:
@@ -126,28 +123,10 @@ GEMM_CANDIDATES = (
     Int4MatmulConfig(64, 128, 128, 8, 3, scale_after=True, unpack="whole"),
     Int4MatmulConfig(64, 128, 128, 4, 3, scale_after=True, unpack="whole"),
     Int4MatmulConfig(128, 128, 128, 8, 3, scale_after=True, unpack="whole"),
-    # Gathered tiles: the codes come out of the load in column order (no shuffle), every load an
-    # asynchronous copy the pipeline runs ahead. (Other gathered shapes spill registers on sm_90.)
-    Int4MatmulConfig(32, 32, 128, 4, 3, scale_after=True, unpack="gather"),
-    Int4MatmulConfig(64, 64, 64, 4, 3, scale_after=True, unpack="gather"),
-    Int4MatmulConfig(64, 64, 128, 4, 3, scale_after=True, unpack="gather"),
-    Int4MatmulConfig(64, 64, 128, 8, 3, scale_after=True, unpack="gather"),
-    Int4MatmulConfig(128, 128, 64, 8, 3, scale_after=True, unpack="gather"),
 )
 # The GEMM splits K (to fill the GPU's SMs) only up to this many rows of x: its scratch is sized for
 # them once, before any CUDA graph is captured.
 GEMM_SPLIT_MAX_M = 256
-
-
-@triton.jit
-def group_scales(scale_ptr, zero_ptr, group_ptrs, group_mask, HAS_ZEROS: tl.constexpr):
-    """The fp32 scales at `group_ptrs` and `2^23 + zero point` (`nibble`'s offset; 8 without zeros)."""
-    scale = tl.load(scale_ptr + group_ptrs, mask=group_mask, other=0.0).to(tl.float32)
-    if HAS_ZEROS:
-        offset = tl.load(zero_ptr + group_ptrs, mask=group_mask, other=0).to(tl.float32) + 8388608.0
-    else:
-        offset = tl.zeros_like(scale) + (8388608.0 + 8.0)
-    return scale, offset
 
 
 @triton.jit
@@ -179,7 +158,11 @@ def load_codes(
     else:
         group_ptrs = rows * stride_sn + ((k0 // 8 + offs_word) // (GROUP // 8))[None, :]
         group_mask = word_mask
-    scale, offset = group_scales(scale_ptr, zero_ptr, group_ptrs, group_mask, HAS_ZEROS)
+    scale = tl.load(scale_ptr + group_ptrs, mask=group_mask, other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        offset = tl.load(zero_ptr + group_ptrs, mask=group_mask, other=0).to(tl.float32) + 8388608.0
+    else:
+        offset = tl.zeros_like(scale) + (8388608.0 + 8.0)
     return words, scale, offset
 
 
@@ -202,40 +185,6 @@ def unpacked_tile(words, offset, scale, SCALED: tl.constexpr, BLOCK_N: tl.conste
     if SCALED:
         w = w * scale[:, :, None]
     return tl.reshape(w, (BLOCK_N, BLOCK_K))
-
-
-@triton.jit
-def gathered_values(
-    qw_ptr,
-    scale_ptr,
-    zero_ptr,
-    offs_n,
-    n_mask,
-    k0,
-    cols,
-    k_mask,
-    stride_qn,
-    stride_sn,
-    GROUP: tl.constexpr,
-    HAS_ZEROS: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """code - zero of W[offs_n, cols] [BLOCK_N, BLOCK_K] in fp32 (exact), each code read from its word
-    (the eight columns of a word load one address, served by L1) and shifted into place, with the fp32
-    scales: per row [BLOCK_N, 1] where the tile lies in one group, else per column. Taking the zero
-    point off each weight costs the add that turns the ORed code into a float anyway (`nibble`)."""
-    rows = offs_n[:, None].to(tl.int64)
-    mask = n_mask[:, None] & k_mask[None, :]
-    words = tl.load(qw_ptr + rows * stride_qn + (cols // 8)[None, :], mask=mask, other=0)
-    codes = (words >> ((cols % 8) * 4)[None, :]) & 0xF
-    if GROUP % BLOCK_K == 0:
-        group_ptrs = rows * stride_sn + k0 // GROUP
-        group_mask = n_mask[:, None]
-    else:
-        group_ptrs = rows * stride_sn + (cols // GROUP)[None, :]
-        group_mask = mask
-    scale, offset = group_scales(scale_ptr, zero_ptr, group_ptrs, group_mask, HAS_ZEROS)
-    return (codes | 0x4B000000).to(tl.float32, bitcast=True) - offset, scale
 
 
 @triton.jit
@@ -299,9 +248,9 @@ def _int4_matmul_kernel(
     """y^T [BLOCK_N, BLOCK_M] tiles = W [BLOCK_N, K] @ x^T on the tensor cores. UNPACK (an index into
     UNPACKINGS) says how each weight tile reaches the dot: as eight [BLOCK_N, BLOCK_K / 8] slices,
     slice J holding nibble J of every word (no shuffling of codes between threads), against the x
-    columns they multiply; or whole, in column order, by one dot ("whole", "gather").
-    SCALE_AFTER (the tile lies in one group): the dot takes exact code - zero values (the whole and
-    gathered tiles: the bare codes, the zero point taken off the sum) and the group's scale multiplies
+    columns they multiply; or whole, in column order, by one dot ("whole").
+    SCALE_AFTER (the tile lies in one group): the dot takes exact code - zero values (the whole tiles:
+    the bare codes, the zero point taken off the sum) and the group's scale multiplies
     the fp32 sum; else each value is scaled and rounded to x's dtype first (the reference's numerics).
     SPLIT_K > 1: program_id(2) sums one slice of K (whole BLOCK_K tiles) into fp32 scratch; the last of
     a tile's programs to finish adds the slices in a fixed order and runs the epilogue."""
@@ -328,48 +277,39 @@ def _int4_matmul_kernel(
                     w = w * scale
                 x = x_columns(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k0, k_end, j, HAS_PERM, BLOCK_K)
                 part += tl_dot(w.to(dtype), tl.trans(x), DOT_PREC, UPCAST)
-        else:  # one dot over the tile, x loaded in whole rows
+        else:  # whole: one dot over the tile, x loaded in whole rows, each word's nibbles spread into
+            # column order
             cols = k0 + tl.arange(0, BLOCK_K)
             k_mask = cols < k_end
-            x_cols = cols
             if HAS_PERM:
-                x_cols = tl.load(perm_ptr + cols, mask=k_mask, other=0)
+                cols = tl.load(perm_ptr + cols, mask=k_mask, other=0)
             x = tl.load(
-                x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + x_cols[None, :],
+                x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + cols[None, :],
                 mask=m_mask[:, None] & k_mask[None, :],
                 other=0.0,
             )
-            if UNPACK == 1:  # whole: each word's nibbles spread into column order
-                words, scale, offset = load_codes(
-                    qw_ptr, scale_ptr, zero_ptr, offs_n, n_mask, k0, k_end, stride_qn, stride_sn,
-                    GROUP, HAS_ZEROS, BLOCK_K,
+            words, scale, offset = load_codes(
+                qw_ptr, scale_ptr, zero_ptr, offs_n, n_mask, k0, k_end, stride_qn, stride_sn,
+                GROUP, HAS_ZEROS, BLOCK_K,
+            )  # fmt: skip
+            if SCALE_AFTER:
+                # The bare codes go through the dot, exact; the tile's one zero point per row comes off
+                # the sum: sum((c - z) x) = sum(c x) - z sum(x).
+                w = unpacked_tile(
+                    words, tl.full((BLOCK_N, BLOCK_K // 8), 8388608.0, tl.float32), scale, False,
+                    BLOCK_N, BLOCK_K,
                 )  # fmt: skip
-                if SCALE_AFTER:
-                    # The bare codes go through the dot, exact; the tile's one zero point per row
-                    # comes off the sum: sum((c - z) x) = sum(c x) - z sum(x).
-                    w = unpacked_tile(
-                        words, tl.full((BLOCK_N, BLOCK_K // 8), 8388608.0, tl.float32), scale, False,
-                        BLOCK_N, BLOCK_K,
-                    )  # fmt: skip
-                    part = tl_dot(w.to(dtype), tl.trans(x), DOT_PREC, UPCAST)
-                    part -= (offset - 8388608.0) * tl.sum(x.to(tl.float32), 1)[None, :]
-                else:  # (a tile in one group has one scale and offset per row: broadcast over its words)
-                    w = unpacked_tile(
-                        words,
-                        tl.broadcast_to(offset, (BLOCK_N, BLOCK_K // 8)),
-                        tl.broadcast_to(scale, (BLOCK_N, BLOCK_K // 8)),
-                        True,
-                        BLOCK_N,
-                        BLOCK_K,
-                    )
-                    part = tl_dot(w.to(dtype), tl.trans(x), DOT_PREC, UPCAST)
-            else:  # gather: each column's code read from its word and shifted into place
-                w, scale = gathered_values(
-                    qw_ptr, scale_ptr, zero_ptr, offs_n, n_mask, k0, cols, k_mask, stride_qn, stride_sn,
-                    GROUP, HAS_ZEROS, BLOCK_K,
-                )  # fmt: skip
-                if not SCALE_AFTER:
-                    w = w * scale
+                part = tl_dot(w.to(dtype), tl.trans(x), DOT_PREC, UPCAST)
+                part -= (offset - 8388608.0) * tl.sum(x.to(tl.float32), 1)[None, :]
+            else:  # (a tile in one group has one scale and offset per row: broadcast over its words)
+                w = unpacked_tile(
+                    words,
+                    tl.broadcast_to(offset, (BLOCK_N, BLOCK_K // 8)),
+                    tl.broadcast_to(scale, (BLOCK_N, BLOCK_K // 8)),
+                    True,
+                    BLOCK_N,
+                    BLOCK_K,
+                )
                 part = tl_dot(w.to(dtype), tl.trans(x), DOT_PREC, UPCAST)
         if SCALE_AFTER:
             part = part * scale
