@@ -268,6 +268,38 @@ def test_a_sequence_whose_drafts_keep_failing_stops_speculating(models, plain):
     assert stats["speculative_verify_steps"] == 3 * MIN_ACCEPTANCE_STEPS
 
 
+def test_steps_overlap_again_once_no_sequence_speculates(models, plain):
+    """Speculating steps resolve before the next is scheduled (drafts need the last token); once every
+    sequence has stopped for low acceptance, steps are kept in flight as without a draft (overlap forced
+    on here), and the output is still the target's."""
+    prompts = copy_heavy_prompts(2, seed=8)
+    reference = tokens_of(plain.generate(prompts, greedy(), use_tqdm=False))
+    options = dict(speculative_model=models["other_draft"], num_speculative_tokens=4)
+    llm = LLM(
+        models["target"], device="cpu", batch_invariant=True, disable_overlap_scheduler=False, **options
+    )
+    engine = llm.engine
+    overlapped_after_stop = []  # per launch once no sequence speculates: was a step still in flight?
+    launch = engine._launch
+
+    def recording_launch(batch, proposals=None):
+        if not any(seq.speculates for seq in batch.seqs):
+            overlapped_after_stop.append(engine._in_flight is not None)
+        return launch(batch, proposals)
+
+    engine._launch = recording_launch
+    try:
+        assert tokens_of(llm.generate(prompts, greedy(), use_tqdm=False)) == reference
+        stats = llm.stats()
+        assert_no_blocks_in_use(llm)
+    finally:
+        llm.shutdown()
+    assert stats["speculative_stopped_sequences"] == 2
+    # (the first launch after the stop follows the verify step that stopped the last sequence, resolved
+    # at once)
+    assert len(overlapped_after_stop) > 2 and all(overlapped_after_stop[1:]), "no overlap after the stop"
+
+
 def test_seeded_sampling_reproduces_alone_and_batched(models):
     prompts = copy_heavy_prompts(4, seed=8)
     params = [

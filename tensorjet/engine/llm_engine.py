@@ -264,10 +264,10 @@ class LLMEngine:
 
         While speculating there is no overlap: drafts are proposed from known tokens, and how many a
         step accepts decides where the next one starts, so every step resolves before the next is
-        scheduled."""
+        scheduled. Once no sequence may draft (each stopped for low acceptance), steps overlap again."""
         outputs: list[RequestOutput] = []
         speculating = self.speculator is not None and self.speculator.active(
-            len(self.scheduler.running) + len(self.scheduler.waiting)
+            [*self.scheduler.running, *self.scheduler.waiting]
         )
         if self._in_flight is not None and (self._in_flight.must_resolve_before_scheduling or speculating):
             outputs += self._resolve(self._in_flight)

@@ -42,20 +42,29 @@ class Speculator:
     def runners(self) -> list[ModelRunner]:
         return self.proposer.runners
 
-    def active(self, num_seqs: int) -> bool:
-        """Whether a step with `num_seqs` sequences running or waiting speculates."""
-        return self.max_batch is None or num_seqs <= self.max_batch
+    def active(self, seqs: list[Sequence]) -> bool:
+        """Whether a step with `seqs` running or waiting speculates: not past the batch size limit, and
+        only while one of them may draft (the engine then gives up overlap to know their last tokens;
+        once every sequence has stopped speculating, steps overlap as without a draft)."""
+        if self.max_batch is not None and len(seqs) > self.max_batch:
+            return False
+        return any(self.may_draft(seq) for seq in seqs)
+
+    @staticmethod
+    def may_draft(seq: Sequence) -> bool:
+        """Whether `seq` drafts once its last token is known."""
+        params = seq.params
+        return (
+            seq.speculates
+            and seq.grammar is None
+            and not params.needs_token_history
+            and seq.num_output_tokens >= params.min_tokens
+        )
 
     def lookahead(self, seq: Sequence) -> int:
         """Draft tokens `seq` may verify this step."""
         params = seq.params
-        if (
-            not seq.speculates
-            or seq.grammar is not None
-            or params.needs_token_history
-            or seq.num_output_tokens < params.min_tokens
-            or seq.token_ids[-1] == PLACEHOLDER
-        ):
+        if not self.may_draft(seq) or seq.token_ids[-1] == PLACEHOLDER:
             return 0
         # Every draft may be accepted, and one more token follows: room for drafts + 1 tokens.
         room = min(params.max_tokens - seq.num_output_tokens, self.max_seq_len - len(seq)) - 1
