@@ -179,7 +179,8 @@ def ms_per_token(model: Transformer, step, prompt_len: int, new_tokens: int, dev
         sync()
         start = time.perf_counter()
         for i in range(new_tokens):
-            token = step(model, token, torch.tensor([prompt_len + i], device=device))
+            # (a CUDA-graph step's output is overwritten by its next replay: gpt-fast clones it too)
+            token = step(model, token, torch.tensor([prompt_len + i], device=device)).clone()
         sync()
     return (time.perf_counter() - start) / new_tokens * 1e3
 
