@@ -7,7 +7,7 @@ of a preset's shapes. It times ms per token at batch 1 after a 128-token prompt,
 
     python benchmarks/gpt_fast_peer.py --model llama-3-8b --weights int4 --json out.json
     python benchmarks/gpt_fast_peer.py --model llama-3-8b --weights bf16
-    python benchmarks/gpt_fast_peer.py --device cpu --tiny --no_compile     # the path, on the CPU
+    python benchmarks/gpt_fast_peer.py --device cpu --model tiny --no_compile   # the path, on the CPU
 
 Written from gpt-fast's design (pytorch-labs/gpt-fast, `model.py` and `quantize.py`), not its code.
 """
@@ -185,6 +185,40 @@ def ms_per_token(model: Transformer, step, prompt_len: int, new_tokens: int, dev
     return (time.perf_counter() - start) / new_tokens * 1e3
 
 
+def measure(
+    preset: str,
+    weights: str,
+    device: torch.device,
+    prompt_len: int = 128,
+    new_tokens: int = 256,
+    compile: bool = True,
+) -> dict:
+    """Build the peer on dummy weights of `preset`'s shapes and time its batch-1 decode (ms per token);
+    the model is freed before returning."""
+    begin = time.perf_counter()
+    model = Transformer(PRESETS[preset], weights, prompt_len + new_tokens + 8, device).eval()
+    step = decode_one_token
+    if compile:
+        step = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+    ms_per_token(model, step, prompt_len, 8, device)  # compiles and captures the step
+    ready_s = time.perf_counter() - begin
+    ms = ms_per_token(model, step, prompt_len, new_tokens, device)
+    del model, step
+    if device.type == "cuda":
+        torch.compiler.reset()
+        torch.cuda.empty_cache()
+    return {
+        "peer": "gpt-fast style",
+        "model": preset,
+        "weights": weights,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "compiled": compile,
+        "ms_per_token": ms,
+        "build_and_compile_s": ready_s,
+        "torch": torch.__version__,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -197,32 +231,15 @@ def main() -> None:
     parser.add_argument("--no_compile", action="store_true", help="eager (a smoke run of the path)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    device = torch.device(args.device)
-    shapes = PRESETS[args.model]
-    begin = time.perf_counter()
-    model = Transformer(shapes, args.weights, args.prompt_len + args.new_tokens + 8, device).eval()
-    step = decode_one_token
-    if not args.no_compile:
-        step = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
-    ms_per_token(model, step, args.prompt_len, 8, device)  # compiles and captures the step
-    ready_s = time.perf_counter() - begin
-    ms = ms_per_token(model, step, args.prompt_len, args.new_tokens, device)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    result = {
-        "peer": "gpt-fast style",
-        "model": args.model,
-        "weights": args.weights,
-        "device": name,
-        "compiled": not args.no_compile,
-        "ms_per_token": ms,
-        "build_and_compile_s": ready_s,
-        "torch": torch.__version__,
-    }
+    result = measure(
+        args.model, args.weights, torch.device(args.device), args.prompt_len, args.new_tokens,
+        compile=not args.no_compile,
+    )  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
-    print(f"gpt-fast style {args.model} {args.weights} on {name}: {ms:.3f} ms/token at batch 1 "
-          f"(built and compiled in {ready_s:.0f} s)")  # fmt: skip
+    print(f"gpt-fast style {args.model} {args.weights} on {result['device']}: {result['ms_per_token']:.3f} "
+          f"ms/token at batch 1 (built and compiled in {result['build_and_compile_s']:.0f} s)")  # fmt: skip
 
 
 if __name__ == "__main__":

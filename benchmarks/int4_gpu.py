@@ -6,6 +6,8 @@
 - each Llama-3-8B projection's batch-1 product alone, in CUDA graphs with cold weights: tensorjet's
   W4A16 GEMV (the tile kernel selection chose) against gpt-fast's int4 path (PyTorch's tinygemm
   `_weight_int4pack_mm`, group 128, the same shapes) and bf16 cuBLAS;
+- the peer's whole batch-1 decode in the same run, once the engines are gone: gpt-fast's compiled
+  decode step with its int4 linears (`benchmarks/gpt_fast_peer.py`), for a model it has a preset of;
 - the guide's `tensorjet bench --batch_size 64 --input_len 128 --output_len 256 --dtype int4_awq` and
   the same command with `--dtype bfloat16`: output tok/s (INT4 must not lose at batch 64);
 - 1000 in / 1000 out, `--requests` requests, FP8 KV cache in both: output tok/s and peak memory.
@@ -22,11 +24,16 @@ On the CPU (a smoke test of every code path): `--device cpu --model tests/data/q
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import torch
+from gpt_fast_peer import measure as gpt_fast_decode
 from weight_formats import add_arguments, print_table, projections, run
 
 FORMATS = {"bf16": "bfloat16", "int4": "int4_awq"}
+# The models gpt-fast's peer has the shapes of
+PEER_PRESETS = {"meta-llama/Meta-Llama-3-8B": "llama-3-8b", "meta-llama/Meta-Llama-3-70B": "llama-3-70b"}
 
 
 def tinygemm_linear(weight_bf16: torch.Tensor, group_size: int = 128, inner_k_tiles: int = 8):
@@ -110,8 +117,13 @@ def main() -> None:
             part["kernel_peer_m1"] = kernel_peer(llm)
 
     results = run(args, FORMATS, extra)
+    preset = PEER_PRESETS.get(args.model)
+    if args.device.startswith("cuda") and not args.bench_only and preset is not None:
+        results["gpt_fast_int4_decode"] = gpt_fast_decode(preset, "int4", torch.device(args.device))
+        Path(args.out).write_text(json.dumps(results, indent=2))
     print_table(results, "INT4 (W4A16, AWQ layout, g128) vs bf16 weights", args.in_out)
     print_kernel_peer(results["runs"])
+    print_decode_peer(results)
 
 
 def print_kernel_peer(runs: dict) -> None:
@@ -123,6 +135,17 @@ def print_kernel_peer(runs: dict) -> None:
             cells = [row["tensorjet_ms"], theirs, row["bf16_cublas_ms"]]
             print(f"  {name:<8} {row['shape']!s:<14}" + "".join(
                 f"{c * 1e3:>10.1f}" if c is not None else f"{'n/a':>10}" for c in cells))  # fmt: skip
+
+
+def print_decode_peer(results: dict) -> None:
+    peer = results.get("gpt_fast_int4_decode")
+    ours = results["runs"].get("int4", {}).get("decode_b1")
+    if peer and ours:
+        theirs, mine = peer["ms_per_token"], ours["ms_per_step"]
+        print(
+            f"\nbatch-1 decode, same run: tensorjet int4 {mine:.3f} ms/token, gpt-fast int4 (compiled) "
+            f"{theirs:.3f} ms/token: tensorjet {theirs / mine:.2f}x faster"
+        )
 
 
 if __name__ == "__main__":
