@@ -1,9 +1,10 @@
 """Speculation policy: which sequences draft how many tokens each step, and what came of it.
 
 A step speculates while at most `speculative_disable_by_batch_size` sequences are running or waiting
-(a large batch's step is already compute-bound, so extra rows cost what they might save). A decoding
-sequence then gets up to `num_speculative_tokens` more slots (`lookahead`), capped by its max_tokens and
-the longest sequence, and the proposer fills them. After the verify step each sequence keeps its accepted
+(a large batch's step is already compute-bound, so extra rows cost what they might save) and one of
+them may still draft (otherwise steps overlap as without speculation). A decoding sequence then gets
+up to `num_speculative_tokens` more slots (`lookahead`), capped by its max_tokens and the longest
+sequence, and the proposer fills them. After the verify step each sequence keeps its accepted
 drafts (`record`); one whose acceptance rate over its recent verify steps falls below
 `speculative_disable_by_acceptance_rate` stops speculating.
 
