@@ -267,7 +267,7 @@ class LLMEngine:
         scheduled. Once no sequence may draft (each stopped for low acceptance), steps overlap again."""
         outputs: list[RequestOutput] = []
         speculating = self.speculator is not None and self.speculator.active(
-            [*self.scheduler.running, *self.scheduler.waiting]
+            self.scheduler.running, self.scheduler.waiting
         )
         if self._in_flight is not None and (self._in_flight.must_resolve_before_scheduling or speculating):
             outputs += self._resolve(self._in_flight)

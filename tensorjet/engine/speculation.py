@@ -15,7 +15,8 @@ the mask of the grammar advanced by the drafts before it) decode one token at a 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from itertools import chain
 
 from tensorjet.config import MIN_ACCEPTANCE_STEPS, EngineConfig
 from tensorjet.engine.proposers import Proposals, Proposer, build_proposer
@@ -43,13 +44,14 @@ class Speculator:
     def runners(self) -> list[ModelRunner]:
         return self.proposer.runners
 
-    def active(self, seqs: list[Sequence]) -> bool:
-        """Whether a step with `seqs` running or waiting speculates: not past the batch size limit, and
-        only while one of them may draft (the engine then gives up overlap to know their last tokens;
-        once every sequence has stopped speculating, steps overlap as without a draft)."""
-        if self.max_batch is not None and len(seqs) > self.max_batch:
+    def active(self, *groups: Collection[Sequence]) -> bool:
+        """Whether a step with the sequences of `groups` (running, waiting) speculates: not past the
+        batch size limit, and only while one of them may draft (the engine then gives up overlap to
+        know their last tokens; once every sequence has stopped speculating, steps overlap as without a
+        draft)."""
+        if self.max_batch is not None and sum(map(len, groups)) > self.max_batch:
             return False
-        return any(self.may_draft(seq) for seq in seqs)
+        return any(self.may_draft(seq) for seq in chain(*groups))
 
     @staticmethod
     def may_draft(seq: Sequence) -> bool:

@@ -250,8 +250,8 @@ def _int4_matmul_kernel(
     slice J holding nibble J of every word (no shuffling of codes between threads), against the x
     columns they multiply; or whole, in column order, by one dot ("whole").
     SCALE_AFTER (the tile lies in one group): the dot takes exact code - zero values (the whole tiles:
-    the bare codes, the zero point taken off the sum) and the group's scale multiplies
-    the fp32 sum; else each value is scaled and rounded to x's dtype first (the reference's numerics).
+    the bare codes, the zero point taken off the sum) and the group's scale multiplies the fp32 sum;
+    else each value is scaled and rounded to x's dtype first (the reference's numerics).
     SPLIT_K > 1: program_id(2) sums one slice of K (whole BLOCK_K tiles) into fp32 scratch; the last of
     a tile's programs to finish adds the slices in a fixed order and runs the epilogue."""
     tl.static_assert(not SCALE_AFTER or GROUP % BLOCK_K == 0, "SCALE_AFTER needs tiles within one group")
@@ -277,8 +277,7 @@ def _int4_matmul_kernel(
                     w = w * scale
                 x = x_columns(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k0, k_end, j, HAS_PERM, BLOCK_K)
                 part += tl_dot(w.to(dtype), tl.trans(x), DOT_PREC, UPCAST)
-        else:  # whole: one dot over the tile, x loaded in whole rows, each word's nibbles spread into
-            # column order
+        else:  # whole: x loaded in whole rows, each word's nibbles spread into column order, one dot
             cols = k0 + tl.arange(0, BLOCK_K)
             k_mask = cols < k_end
             if HAS_PERM:
