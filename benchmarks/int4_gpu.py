@@ -65,7 +65,7 @@ def kernel_peer(llm) -> dict:
     for name, proj in zip(("qkv", "o", "gate_up", "down"), projections(layer)):
         results[name] = row = _time_projection(proj)
         timed = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k.endswith("ms"))
-        print(f"M=1 {name} {row['shape']}: {timed}", flush=True)
+        print(f"M=1 {name} {row['shape']}: {timed or row['skipped']}", flush=True)
     return results
 
 
@@ -79,6 +79,13 @@ def _time_projection(proj) -> dict:
     method = proj.method
     weight = method.weight
     x = torch.randn(1, weight.in_features, dtype=torch.bfloat16, device="cuda")
+    dense_bytes = 2 * weight.out_features * weight.in_features
+    free, _ = torch.cuda.mem_get_info()
+    if free < 4 * max(dense_bytes, 256 * 2**20):  # the peers' weights: a bf16 copy and cold copies of both
+        return {
+            "shape": [weight.out_features, weight.in_features],
+            "skipped": f"{free / 1e9:.1f} GB free beside the engine, under the peers' copies of the weight",
+        }
     dense = dequantize(weight, torch.bfloat16)
     if method.tinygemm is not None and method.tinygemm_max_rows >= 1:  # what one-row steps run
         ours = [pack_tinygemm(w) for w in cold_weights(weight)]
@@ -131,6 +138,9 @@ def print_kernel_peer(runs: dict) -> None:
     if peer:
         print("\nbatch-1 products (us): tensorjet's one-row kernel / gpt-fast int4 (tinygemm) / bf16 cuBLAS")
         for name, row in peer.items():
+            if "skipped" in row:
+                print(f"  {name:<8} {row['shape']!s:<14} skipped: {row['skipped']}")
+                continue
             theirs = row.get("gpt_fast_int4_ms")
             cells = [row["tensorjet_ms"], theirs, row["bf16_cublas_ms"]]
             print(f"  {name:<8} {row['shape']!s:<14}" + "".join(

@@ -112,8 +112,8 @@ def census() -> dict:
 
 def int4_census() -> dict:
     """The INT4 GEMV's, GEMM's and fused batch-1 GEMV's main loops at each candidate tile (bf16, group
-    128, zero points; split-K candidates share their tile's loop), with the weights each loop iteration
-    multiplies per thread."""
+    128, zero points, slices made two at a time where the GPU's launch makes them so; split-K
+    candidates share their tile's loop), with the weights each loop iteration multiplies per thread."""
     int4 = importlib.import_module("tensorjet.kernels.int4_linear")
     fused = importlib.import_module("tensorjet.kernels.int4_fused_gemv")
     pointers = {
@@ -132,12 +132,13 @@ def int4_census() -> dict:
     for name, c in gemms.items():
         tiles = dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT_K=c.split_k)
         tiles |= dict(SCALE_AFTER=c.scale_after, UNPACK=int4.UNPACKINGS.index(c.unpack))
+        tiles |= dict(PAIRS=c.scale_after and c.unpack == "slices")  # as a bf16 launch on a GPU sets it
         compiled = compile_sm90(
             int4._int4_matmul_kernel, pointers, layout | tiles, c.num_warps, c.num_stages, ("M",)
         )
         out[name] = main_loop_census(compiled, c.block_k)
         out[name]["weights_per_thread"] = c.block_n * c.block_k / (32 * c.num_warps)
-    fusion = dict(NORM=True, SILU_MUL=True, ADD_TO_Y=False, X_BLOCK=4096, PDL=True)
+    fusion = dict(NORM=True, SILU_MUL=True, ADD_TO_Y=False, X_BLOCK=4096, PDL=True, PAIRS=True)
     for i, c in enumerate(c for c in fused.CANDIDATES if c.split_k == 1):
         tiles = dict(BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT_K=c.split_k)
         types = pointers | {"norm_w_ptr": "*bf16", "eps": "fp32"}

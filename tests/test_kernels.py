@@ -556,18 +556,20 @@ def test_gemv_small_batch(dtype, m, bias, seed):
         assert_close(out, gemv_ref(x, w, b), dtype, seed, f"gemv {config}")
 
 
-@pytest.mark.parametrize("dtype,bias", cross(DTYPES, [False, True]))
-def test_fused_gemv(dtype, bias, seed):
-    """RMSNorm before, residual add after, SiLU-and-multiply of [gate; up]: each against float64.
+@pytest.mark.parametrize("dtype,m,bias", cross(DTYPES, [1, 5], [False, True]))
+def test_fused_gemv(dtype, m, bias, seed):
+    """RMSNorm before, residual add after, SiLU-and-multiply of [gate; up]: each against float64, for
+    one row (the FMA kernel) and several (the tensor-core one, each row normed by its own rms).
 
     A fused chain rounds to bf16 between its ops as the unfused layers do (three roundings for
     norm + product + SiLU-and-multiply: ~1.6% in bf16, against ~2% for the unfused kernels in a row),
     so bf16 chains get a looser bound than one op."""
-    from tensorjet.kernels.fused_gemv import CANDIDATES, fused_gemv
+    from tensorjet.kernels.fused_gemv import CANDIDATES, ROWS_CANDIDATES, fused_gemv
     from tensorjet.kernels.reference import gemv_ref
 
-    m, n, k, eps = 1, 40 * SCALE + 3, 2100 * SCALE + 9, 1e-5  # K spans several 1,024-wide tiles
-    x = (3 * torch.randn(m, k, device=DEVICE)).to(dtype)  # not unit scale: the norm must matter
+    n, k, eps = 40 * SCALE + 3, 2100 * SCALE + 9, 1e-5  # K spans several 1,024-wide tiles
+    # Not unit scale, and a different scale per row: the norm must matter, row by row.
+    x = (torch.randn(m, k, device=DEVICE) * torch.arange(1, m + 1, device=DEVICE)[:, None]).to(dtype)
     norm_w = (1 + 0.5 * torch.randn(k, device=DEVICE)).to(dtype)
     w = (torch.randn(2 * n, k, device=DEVICE) / k**0.5).to(dtype)
     b = torch.randn(2 * n, device=DEVICE).to(dtype) if bias else None
@@ -578,33 +580,36 @@ def test_fused_gemv(dtype, bias, seed):
         assert not out.isnan().any(), f"{what}: NaN in output, seed={seed}"
         assert rel_err(out, ref) < chain_tol, f"{what}: relative error {rel_err(out, ref):.3g}, seed={seed}"
 
-    for config in CANDIDATES[:2] if DEVICE.type == "cpu" else CANDIDATES:
-        out = fused_gemv(x, w, b, config)
+    tiles = [dict(config=c) for c in CANDIDATES] if m == 1 else [dict(rows_config=c) for c in ROWS_CANDIDATES]
+    for config in tiles[:2] if DEVICE.type == "cpu" else tiles:
+        out = fused_gemv(x, w, b, **config)
         assert_close(out, gemv_ref(x, w, b), dtype, seed, f"fused_gemv {config}")
 
-        out = fused_gemv(x, w, b, config, norm_weight=norm_w, eps=eps)
+        out = fused_gemv(x, w, b, **config, norm_weight=norm_w, eps=eps)
         assert_chain_close(out, gemv_ref(rms_norm_ref(x, norm_w, eps), w, b), f"+ norm {config}")
 
         residual_before = torch.randn(m, 2 * n, device=DEVICE).to(dtype)
         residual = residual_before.clone()
-        out = fused_gemv(x, w, b, config, residual=residual)
+        out = fused_gemv(x, w, b, **config, residual=residual)
         assert out is residual, "the residual is updated in place"
         ref = residual_before.double() + gemv_ref(x, w, b)
         assert_close(residual, ref, dtype, seed, f"+ residual {config}")
 
-        out = fused_gemv(x, w, b, config, norm_weight=norm_w, eps=eps, silu_mul=True)
+        out = fused_gemv(x, w, b, **config, norm_weight=norm_w, eps=eps, silu_mul=True)
         assert out.shape == (m, n)
         ref = silu_and_mul_ref(gemv_ref(rms_norm_ref(x, norm_w, eps), w, b))
         assert_chain_close(out, ref, f"+ norm + silu_mul {config}")
 
 
 def test_fused_decode_layers_match_the_unfused_model(seed):
-    """A one-token decode step through the fused GEMVs (all, or some with the separate-op fallback)
-    gives the unfused model's hidden states."""
+    """Decode steps through the fused GEMVs (all, or some with the separate-op fallback) give the
+    unfused model's hidden states: one token (the FMA kernel), and a step of several sequences and
+    tokens (a decode row beside a three-token verify run: the tensor-core kernel)."""
     from dataclasses import replace
 
     from transformers import LlamaConfig
 
+    from tensorjet.kernels.fused_gemv import MAX_FUSED_ROWS
     from tensorjet.models.llama import LlamaForCausalLM
     from tensorjet.runtime.kernel_selection import select_fused_decode
 
@@ -623,40 +628,45 @@ def test_fused_decode_layers_match_the_unfused_model(seed):
     for module in model.modules():  # non-trivial norm weights
         if module.__class__.__name__ == "RMSNorm":
             module.weight.data.uniform_(0.5, 1.5)
-    block_size, context = 4, [9]
-    num_blocks = sum(cdiv(c, block_size) for c in context)
+    block_size, max_blocks = 4, 3
     for attn in model.attention_layers:
-        attn.k_cache = torch.zeros(num_blocks, block_size, 2, 16, device=DEVICE)
+        attn.k_cache = torch.zeros(2 * max_blocks, block_size, 2, 16, device=DEVICE)
         attn.v_cache = torch.zeros_like(attn.k_cache)
-    tables, slots, first = [], [], 0
-    for c in context:
-        n = cdiv(c, block_size)
-        tables.append(list(range(first, first + n)) + [-1] * (3 - n))
-        slots.append((first + (c - 1) // block_size) * block_size + (c - 1) % block_size)
-        first += n
+    shapes = {"one token": ([9], [1]), "two sequences": ([9, 6], [1, 3])}
 
-    def step():
+    def step(context, query_lens):
+        tables, slots, positions = [], [], []
+        for i, (c, q) in enumerate(zip(context, query_lens)):
+            first = i * max_blocks
+            tables.append(list(range(first, first + max_blocks)))
+            positions += range(c - q, c)
+            slots += [(first + p // block_size) * block_size + p % block_size for p in range(c - q, c)]
         meta = AttentionMetadata(
-            query_lens=[1] * len(context),
+            query_lens=query_lens,
             context_lens=context,
             slot_mapping=torch.tensor(slots, device=DEVICE),
             block_tables=torch.tensor(tables, dtype=torch.int32, device=DEVICE),
             block_size=block_size,
         )
-        ids = torch.tensor([7], device=DEVICE)
-        return model(ids, torch.tensor([c - 1 for c in context], device=DEVICE), meta)
+        ids = torch.arange(7, 7 + len(positions), device=DEVICE)
+        return model(ids, torch.tensor(positions, device=DEVICE), meta)
 
-    unfused = step()
+    unfused = {name: step(*shape) for name, shape in shapes.items()}
     select_fused_decode(model, timed=False)
-    assert model.fused_decode
-    fused = step()
-    assert rel_err(fused, unfused) < 1e-5, f"fused vs unfused hidden states, seed={seed}"
+    assert model.fused_decode and model.fused_max_rows == MAX_FUSED_ROWS
+    for name, shape in shapes.items():
+        assert rel_err(step(*shape), unfused[name]) < 1e-5, (
+            f"fused vs unfused hidden states, {name}, seed={seed}"
+        )
     for layer in model.layers:  # a method without a fused GEMV: separate ops around its product
         for proj in (layer.self_attn.o_proj, layer.mlp.gate_up_proj):
             proj.method.kernels = replace(proj.method.kernels, fused=None)
             assert not proj.method.supports_fused
-    mixed = step()
-    assert rel_err(mixed, unfused) < 1e-5, f"partly fused vs unfused hidden states, seed={seed}"
+    for name, shape in shapes.items():
+        mixed = step(*shape)
+        assert rel_err(mixed, unfused[name]) < 1e-5, (
+            f"partly fused vs unfused hidden states, {name}, seed={seed}"
+        )
 
 
 def test_linear_dispatches_small_batches_to_its_gemv(seed):

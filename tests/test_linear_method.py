@@ -113,14 +113,17 @@ def test_prefill_and_decode_products_go_through_the_method(llm, monkeypatch):
 
 
 def test_fused_batch1_layer_goes_through_the_method(tiny_model_dir, monkeypatch):
-    """Tiny model, Triton attention (interpreted): one prompt, so its decode steps run the fused
-    batch-1 layer, every projection of it through the doubled-weight method's fused product, with
-    the unmodified engine's tokens and log-probabilities."""
+    """Tiny model, Triton attention (interpreted): one prompt longer than the fused layer takes, so its
+    prefill runs the plain products and its decode steps the fused layer, every projection of it
+    through the doubled-weight method's fused product, with the unmodified engine's tokens and
+    log-probabilities."""
+    from tensorjet.kernels.fused_gemv import MAX_FUSED_ROWS
+
     options = dict(
         model=tiny_model_dir, attention_backend="triton", enable_cuda_graph=False, max_num_tokens=32,
         max_batch_size=1,
     )  # fmt: skip
-    prompt = [[(5 * j + 3) % 128 for j in range(7)]]
+    prompt = [[(5 * j + 3) % 128 for j in range(MAX_FUSED_ROWS + 4)]]
     reference = LLM(device="cpu", **options)
     try:
         expected_tokens, expected_logprobs, _ = generate(reference, prompt, 3)

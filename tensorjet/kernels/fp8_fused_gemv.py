@@ -213,7 +213,7 @@ def _fp8_fused_gemv_kernel(
     y = y * x_scale * tl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0)
     if SILU_MUL:
         y_up = y_up * x_scale * tl.load(w_scale_ptr + N + offs_n, mask=n_mask, other=0.0)
-    store_fused_output(y, y_up, b_ptr, y_ptr, offs_n, n_mask, N, HAS_BIAS, SILU_MUL, ADD_TO_Y)
+    store_fused_output(y, y_up, b_ptr, y_ptr + offs_n, offs_n, n_mask, N, HAS_BIAS, SILU_MUL, ADD_TO_Y)
 
 
 def fp8_fused_gemv(

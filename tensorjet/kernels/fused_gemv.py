@@ -1,4 +1,4 @@
-"""Batch-1 decode projections with the ops around them fused in: y[N] = x[K] @ W[N, K]^T.
+"""Decode projections with the ops around them fused in: y[M, N] = x[M, K] @ W[N, K]^T, M <= 16.
 
 At batch 1 a decoder layer is four weight GEMVs and ~9 small kernels (norms, SiLU, residual adds,
 cuBLAS's split-K reduces), each costing ~2-3 us of run time and graph launch gap. This kernel takes
@@ -10,11 +10,14 @@ the small ones over:
 - `silu_mul`: W holds [gate; up]; each program computes matching gate and up rows and returns
   silu(gate) * up (the gate|up projection).
 
-It is an FMA GEMV, not a tensor-core one: with one row of x there is nothing to pad to a 16-row MMA
+For one row of x it is an FMA GEMV, not a tensor-core one: there is nothing to pad to a 16-row MMA
 tile, and the weight tile goes straight from global memory into registers (no shared-memory stage).
 Each program owns BLOCK_N output rows and keeps a [BLOCK_N, BLOCK_K] tile of partial sums that it
-reduces once at the end. `tensorjet.runtime.kernel_selection.select_fused_decode` times it against
-cuBLAS plus the kernels it replaces and uses it only where the whole layer comes out faster.
+reduces once at the end. For 2-16 rows (a speculative verify step, a small decode batch) the same
+fusions run around a tensor-core product with x padded to 16 rows: the norm's 1/rms becomes one
+number per row, applied to the product's row at the end.
+`tensorjet.runtime.kernel_selection.select_fused_decode` times both against the unfused layer and
+uses each only where the whole layer comes out faster.
 """
 
 from __future__ import annotations
@@ -25,15 +28,27 @@ import torch
 import triton
 import triton.language as tl
 
-from tensorjet.kernels._common import launch_next_kernel, pdl_enabled, pdl_launch, wait_for_previous_kernel
-from tensorjet.kernels.gemv import cold_copies, fastest_in_graph, time_in_graph_ms
+from tensorjet.kernels._common import (
+    dot_precision,
+    dot_upcast,
+    launch_next_kernel,
+    pdl_enabled,
+    pdl_launch,
+    tl_dot,
+    wait_for_previous_kernel,
+)
+from tensorjet.kernels.gemv import CANDIDATES as ROWS_CANDIDATES
+from tensorjet.kernels.gemv import GemvConfig, cold_copies, fastest_in_graph, time_in_graph_ms
 
 __all__ = [
     "FusedGemvConfig",
     "CANDIDATES",
+    "MAX_FUSED_ROWS",
+    "ROWS_CANDIDATES",
     "fused_gemv",
     "fused_output",
     "select_fused_gemv",
+    "select_fused_rows",
     "store_fused_output",
 ]
 
@@ -56,25 +71,29 @@ CANDIDATES = (
     FusedGemvConfig(4, 1024, 4),
 )
 
+MAX_FUSED_ROWS = 16  # rows of x the tensor-core variant takes (one tl.dot tile)
+
 
 @triton.jit
 def store_fused_output(
     y,
     y_up,
     b_ptr,
-    y_ptr,
+    y_ptrs,
     offs_n,
-    n_mask,
+    y_mask,
     N,
     HAS_BIAS: tl.constexpr,
     SILU_MUL: tl.constexpr,
     ADD_TO_Y: tl.constexpr,
 ):
-    """The fused GEMVs' epilogue, from the fp32 products `y` (and the up rows' `y_up` with SILU_MUL):
-    the bias added, each product rounded to the activation dtype as the unfused layers round it,
-    silu(gate) * up, the residual at y_ptr added; the result stored at y_ptr."""
-    dtype = y_ptr.dtype.element_ty
+    """The fused GEMVs' epilogue, from the fp32 products `y` ([BLOCK_N], or [rows, BLOCK_N]; the up
+    rows' `y_up` with SILU_MUL) for output columns `offs_n`: the bias added, each product rounded to
+    the activation dtype as the unfused layers round it, silu(gate) * up, the residual at `y_ptrs`
+    added; the result stored at `y_ptrs` (masked by `y_mask`)."""
+    dtype = y_ptrs.dtype.element_ty
     if HAS_BIAS:
+        n_mask = offs_n < N
         y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         if SILU_MUL:
             y_up += tl.load(b_ptr + N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -84,9 +103,9 @@ def store_fused_output(
         up = y_up.to(dtype).to(tl.float32)
         out = (gate / (1.0 + tl.exp(-gate)) * up).to(dtype)
     if ADD_TO_Y:
-        residual = tl.load(y_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        residual = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
         out = (out.to(tl.float32) + residual).to(dtype)
-    tl.store(y_ptr + offs_n, out, mask=n_mask)
+    tl.store(y_ptrs, out, mask=y_mask)
 
 
 @triton.jit
@@ -147,16 +166,80 @@ def _fused_gemv_kernel(
         inv_rms = tl.rsqrt(tl.sum(sum_sq, 0) / K + eps)
         y = y * inv_rms
         y_up = y_up * inv_rms
-    store_fused_output(y, y_up, b_ptr, y_ptr, offs_n, n_mask, N, HAS_BIAS, SILU_MUL, ADD_TO_Y)
+    store_fused_output(y, y_up, b_ptr, y_ptr + offs_n, offs_n, n_mask, N, HAS_BIAS, SILU_MUL, ADD_TO_Y)
+
+
+# M changes with the batch: specialising on it would compile a variant per row count.
+@triton.jit(do_not_specialize=["M"])
+def _fused_rows_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    norm_w_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_ym,
+    eps,
+    HAS_BIAS: tl.constexpr,
+    NORM: tl.constexpr,
+    SILU_MUL: tl.constexpr,
+    ADD_TO_Y: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    wait_for_previous_kernel(PDL)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    w_up_ptrs = w_ptr + (offs_n[:, None] + N).to(tl.int64) * stride_wn + offs_k[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = (k0 + offs_k) < K
+        x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if NORM:
+            x = x.to(tl.float32)
+            sum_sq += tl.sum(x * x, 1)
+            x = x * tl.load(norm_w_ptr + k0 + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+        x = x.to(w_ptr.dtype.element_ty)  # the MMA's operand type (bf16 where the weights are)
+        w_mask = n_mask[:, None] & k_mask[None, :]
+        acc += tl_dot(x, tl.trans(tl.load(w_ptrs, mask=w_mask, other=0.0)), DOT_PREC, UPCAST)
+        if SILU_MUL:
+            acc_up += tl_dot(x, tl.trans(tl.load(w_up_ptrs, mask=w_mask, other=0.0)), DOT_PREC, UPCAST)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+        w_up_ptrs += BLOCK_K
+    launch_next_kernel(PDL)
+    if NORM:
+        inv_rms = tl.rsqrt(sum_sq / K + eps)[:, None]
+        acc = acc * inv_rms
+        acc_up = acc_up * inv_rms
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    y_mask = m_mask[:, None] & n_mask[None, :]
+    store_fused_output(acc, acc_up, b_ptr, y_ptrs, offs_n, y_mask, N, HAS_BIAS, SILU_MUL, ADD_TO_Y)
 
 
 def fused_output(x: torch.Tensor, n: int, residual: torch.Tensor | None) -> torch.Tensor:
-    """Where a fused GEMV of x [1, K] writes its [1, n] result: `residual`, updated in place, or a new
+    """Where a fused GEMV of x [M, K] writes its [M, n] result: `residual`, updated in place, or a new
     tensor in x's dtype."""
+    m = x.shape[0]
     if residual is None:
-        return torch.empty((1, n), dtype=x.dtype, device=x.device)
-    if residual.shape != (1, n) or residual.dtype != x.dtype or not residual.is_contiguous():
-        raise ValueError(f"residual must be a contiguous [1, {n}] {x.dtype} tensor")
+        return torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if residual.shape != (m, n) or residual.dtype != x.dtype or not residual.is_contiguous():
+        raise ValueError(f"residual must be a contiguous [{m}, {n}] {x.dtype} tensor")
     return residual
 
 
@@ -166,20 +249,25 @@ def fused_gemv(
     bias: torch.Tensor | None = None,
     config: FusedGemvConfig = CANDIDATES[0],
     *,
+    rows_config: GemvConfig = ROWS_CANDIDATES[0],
     norm_weight: torch.Tensor | None = None,
     eps: float = 0.0,
     residual: torch.Tensor | None = None,
     silu_mul: bool = False,
 ) -> torch.Tensor:
-    """x [1, K] @ weight [N, K]^T (+ bias [N]) -> [1, N] in x's dtype, with:
+    """x [M, K] (M <= MAX_FUSED_ROWS) @ weight [N, K]^T (+ bias [N]) -> [M, N] in x's dtype, with:
 
     norm_weight [K]: RMSNorm(x) (weight `norm_weight`, epsilon `eps`) multiplied instead of x;
-    residual [1, N]: the product added into `residual` in place, which is returned;
-    silu_mul: weight and bias hold [gate; up] (2N rows); returns silu(x W_gate^T) * (x W_up^T) [1, N].
+    residual [M, N]: the product added into `residual` in place, which is returned;
+    silu_mul: weight and bias hold [gate; up] (2N rows); returns silu(x W_gate^T) * (x W_up^T) [M, N].
+
+    One row runs the FMA kernel in `config`'s tiles, more rows the tensor-core one in `rows_config`'s.
     """
-    if x.dim() != 2 or x.shape[0] != 1 or weight.shape[1] != x.shape[1] or weight.stride(1) != 1:
+    m = x.shape[0] if x.dim() == 2 else 0
+    if x.dim() != 2 or not 1 <= m <= MAX_FUSED_ROWS or weight.shape[1] != x.shape[1] or weight.stride(1) != 1:
         raise ValueError(
-            f"fused_gemv takes x [1, K] and a row-major weight [N, K]; got {x.shape}, {weight.shape}"
+            f"fused_gemv takes x [M, K] with 1 <= M <= {MAX_FUSED_ROWS} and a row-major weight [N, K]; "
+            f"got {tuple(x.shape)}, {tuple(weight.shape)}"
         )
     if silu_mul and residual is not None:
         raise ValueError("silu_mul and residual do not combine")
@@ -187,28 +275,68 @@ def fused_gemv(
     x = x.contiguous()
     y = fused_output(x, n, residual)
     pdl = pdl_enabled(x.device)
-    _fused_gemv_kernel[(triton.cdiv(n, config.block_n),)](
+    operands = (
         x,
         weight,
         bias if bias is not None else weight,
         norm_weight if norm_weight is not None else weight,
         y,
-        n,
-        x.shape[1],
-        weight.stride(0),
-        eps,
+    )
+    fusions = dict(
         HAS_BIAS=bias is not None,
         NORM=norm_weight is not None,
         SILU_MUL=silu_mul,
         ADD_TO_Y=residual is not None,
-        BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k,
+    )
+    if m == 1:
+        _fused_gemv_kernel[(triton.cdiv(n, config.block_n),)](
+            *operands,
+            n,
+            x.shape[1],
+            weight.stride(0),
+            eps,
+            **fusions,
+            BLOCK_N=config.block_n,
+            BLOCK_K=config.block_k,
+            PDL=pdl,
+            num_warps=config.num_warps,
+            **({} if config.num_stages is None else {"num_stages": config.num_stages}),
+            **pdl_launch(pdl),
+        )
+        return y
+    _fused_rows_kernel[(triton.cdiv(n, rows_config.block_n),)](
+        *operands,
+        m,
+        n,
+        x.shape[1],
+        x.stride(0),
+        weight.stride(0),
+        y.stride(0),
+        eps,
+        **fusions,
+        BLOCK_M=MAX_FUSED_ROWS,
+        BLOCK_N=rows_config.block_n,
+        BLOCK_K=rows_config.block_k,
+        DOT_PREC=dot_precision(x.dtype),
+        UPCAST=dot_upcast(x.dtype),
         PDL=pdl,
-        num_warps=config.num_warps,
-        **({} if config.num_stages is None else {"num_stages": config.num_stages}),
+        num_warps=rows_config.num_warps,
+        num_stages=rows_config.num_stages,
         **pdl_launch(pdl),
     )
     return y
+
+
+def _fusion_inputs(weight: torch.Tensor, rows: int, norm: bool, residual: bool, silu_mul: bool) -> dict:
+    """`fused_gemv`'s fusion arguments for timing `rows` rows: unit norm weights, a zero residual."""
+    n, k = weight.shape
+    like = dict(dtype=weight.dtype, device=weight.device)
+    return dict(
+        norm_weight=torch.ones(k, **like) if norm else None,
+        eps=1e-5,
+        residual=torch.zeros(rows, n, **like) if residual else None,
+        silu_mul=silu_mul,
+    )
 
 
 def select_fused_gemv(
@@ -222,16 +350,41 @@ def select_fused_gemv(
     """The fastest candidate for this projection with its fusions, and the timings (ms) of it and of
     cuBLAS's plain `F.linear`, both at M=1 inside a CUDA graph with weights read from HBM."""
     weights = cold_copies(weight)
-    n, k = weight.shape
-    x = torch.randn(1, k, dtype=weight.dtype, device=weight.device)
-    fusion = dict(
-        norm_weight=torch.ones(k, dtype=weight.dtype, device=weight.device) if norm else None,
-        eps=1e-5,
-        residual=torch.zeros(1, n, dtype=weight.dtype, device=weight.device) if residual else None,
-        silu_mul=silu_mul,
-    )
+    x = torch.randn(1, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    fusion = _fusion_inputs(weight, 1, norm, residual, silu_mul)
     timings = {"cublas": time_in_graph_ms(lambda w: torch.nn.functional.linear(x, w, bias), weights)}
     best, timings["fused"] = fastest_in_graph(
         CANDIDATES, lambda c, w: fused_gemv(x, w, bias, c, **fusion), weights
     )
+    return best, timings
+
+
+def select_fused_rows(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    plain,
+    rows: tuple[int, ...],
+    *,
+    norm: bool = False,
+    residual: bool = False,
+    silu_mul: bool = False,
+) -> tuple[GemvConfig, dict[int, tuple[float, float]]]:
+    """The fastest tensor-core candidate for this projection with its fusions at MAX_FUSED_ROWS rows,
+    and by each of `rows`, the times (ms) of it and of the layer's `plain(x, weight, bias)` product,
+    inside a CUDA graph with weights read from HBM."""
+    weights = cold_copies(weight)
+    like = dict(dtype=weight.dtype, device=weight.device)
+    fusion = _fusion_inputs(weight, MAX_FUSED_ROWS, norm, residual, silu_mul)
+    x = torch.randn(MAX_FUSED_ROWS, weight.shape[1], **like)
+    best, _ = fastest_in_graph(
+        ROWS_CANDIDATES, lambda c, w: fused_gemv(x, w, bias, rows_config=c, **fusion), weights
+    )
+    timings = {}
+    for m in rows:
+        x = torch.randn(m, weight.shape[1], **like)
+        fusion = _fusion_inputs(weight, m, norm, residual, silu_mul)
+        fused = time_in_graph_ms(
+            lambda w, x=x, f=fusion: fused_gemv(x, w, bias, rows_config=best, **f), weights
+        )
+        timings[m] = (fused, time_in_graph_ms(lambda w, x=x: plain(x, w, bias), weights))
     return best, timings

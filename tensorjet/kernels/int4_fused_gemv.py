@@ -37,7 +37,14 @@ from tensorjet.kernels._common import (
 )
 from tensorjet.kernels.fused_gemv import fused_output, store_fused_output
 from tensorjet.kernels.gemv import fastest_in_graph, time_in_graph_ms
-from tensorjet.kernels.int4_linear import cold_weights, load_codes, nibble
+from tensorjet.kernels.int4_linear import (
+    code_pairs,
+    cold_weights,
+    load_codes,
+    negated_offset_pairs,
+    nibble,
+    packed_pairs,
+)
 from tensorjet.kernels.int4_reference import Int4Weight
 from tensorjet.kernels.split_k import reduce_row_slices, split_k_buffers
 
@@ -75,6 +82,23 @@ def _normed(x, norm_w, inv_rms, OUT_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _x_slice(
+    x_ptr, perm_ptr, norm_w_ptr, inv_rms, k0, k_end, J: tl.constexpr, HAS_PERM: tl.constexpr,
+    NORM: tl.constexpr, BLOCK_K: tl.constexpr, dtype: tl.constexpr,
+):  # fmt: skip
+    """The x columns nibble J of each word multiplies (normed where NORM), as the MMA's [BLOCK_K / 8, 16]
+    operand: the one row broadcast to its 16 columns (every column of the product is the same)."""
+    cols = k0 + tl.arange(0, BLOCK_K // 8) * 8 + J
+    k_mask = cols < k_end
+    if HAS_PERM:
+        cols = tl.load(perm_ptr + cols, mask=k_mask, other=0)
+    x = tl.load(x_ptr + cols, mask=k_mask, other=0.0).to(tl.float32)
+    if NORM:
+        x = _normed(x, tl.load(norm_w_ptr + cols, mask=k_mask, other=0.0), inv_rms, dtype)
+    return tl.trans(tl.broadcast_to(x.to(dtype)[None, :], (16, BLOCK_K // 8)))
+
+
+@triton.jit
 def _int4_fused_gemv_kernel(
     x_ptr,
     qw_ptr,
@@ -99,6 +123,7 @@ def _int4_fused_gemv_kernel(
     SILU_MUL: tl.constexpr,
     ADD_TO_Y: tl.constexpr,
     SCALE_AFTER: tl.constexpr,
+    PAIRS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     X_BLOCK: tl.constexpr,
@@ -137,25 +162,37 @@ def _int4_fused_gemv_kernel(
             )  # fmt: skip
         part = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
         part_up = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
-        for j in tl.static_range(8):
-            cols = k0 + tl.arange(0, BLOCK_K // 8) * 8 + j
-            k_mask = cols < k_end
-            if HAS_PERM:
-                cols = tl.load(perm_ptr + cols, mask=k_mask, other=0)
-            x = tl.load(x_ptr + cols, mask=k_mask, other=0.0).to(tl.float32)
-            if NORM:
-                x = _normed(x, tl.load(norm_w_ptr + cols, mask=k_mask, other=0.0), inv_rms, dtype)
-            # the row broadcast to the MMA's 16 columns (every column of the product is the same)
-            xt = tl.trans(tl.broadcast_to(x.to(dtype)[None, :], (16, BLOCK_K // 8)))
-            w = nibble(words, offset, j)
-            if not SCALE_AFTER:
-                w = w * scale
-            part += tl_dot(w.to(dtype), xt, DOT_PREC, UPCAST)
-            if SILU_MUL:
-                w_up = nibble(words_up, offset_up, j)
+        if PAIRS:
+            neg = negated_offset_pairs(offset, (BLOCK_N, BLOCK_K // 8), dtype)
+            neg_up = negated_offset_pairs(offset_up, (BLOCK_N, BLOCK_K // 8), dtype)
+            for j in tl.static_range(4):
+                lo, hi = code_pairs(words, neg, j, dtype)
+                xt_lo = _x_slice(
+                    x_ptr, perm_ptr, norm_w_ptr, inv_rms, k0, k_end, j, HAS_PERM, NORM, BLOCK_K, dtype
+                )
+                xt_hi = _x_slice(
+                    x_ptr, perm_ptr, norm_w_ptr, inv_rms, k0, k_end, j + 4, HAS_PERM, NORM, BLOCK_K, dtype
+                )
+                part += tl_dot(lo, xt_lo, DOT_PREC, UPCAST)
+                part += tl_dot(hi, xt_hi, DOT_PREC, UPCAST)
+                if SILU_MUL:
+                    lo_up, hi_up = code_pairs(words_up, neg_up, j, dtype)
+                    part_up += tl_dot(lo_up, xt_lo, DOT_PREC, UPCAST)
+                    part_up += tl_dot(hi_up, xt_hi, DOT_PREC, UPCAST)
+        else:
+            for j in tl.static_range(8):
+                xt = _x_slice(
+                    x_ptr, perm_ptr, norm_w_ptr, inv_rms, k0, k_end, j, HAS_PERM, NORM, BLOCK_K, dtype
+                )
+                w = nibble(words, offset, j)
                 if not SCALE_AFTER:
-                    w_up = w_up * scale_up
-                part_up += tl_dot(w_up.to(dtype), xt, DOT_PREC, UPCAST)
+                    w = w * scale
+                part += tl_dot(w.to(dtype), xt, DOT_PREC, UPCAST)
+                if SILU_MUL:
+                    w_up = nibble(words_up, offset_up, j)
+                    if not SCALE_AFTER:
+                        w_up = w_up * scale_up
+                    part_up += tl_dot(w_up.to(dtype), xt, DOT_PREC, UPCAST)
         if SCALE_AFTER:
             part = part * scale
             part_up = part_up * scale_up
@@ -169,7 +206,7 @@ def _int4_fused_gemv_kernel(
         y, y_up, n_mask = reduce_row_slices(
             partial_ptr, arrivals_ptr, y, y_up, offs_n, n_mask, N, SILU_MUL, SPLIT_K
         )
-    store_fused_output(y, y_up, b_ptr, y_ptr, offs_n, n_mask, N, HAS_BIAS, SILU_MUL, ADD_TO_Y)
+    store_fused_output(y, y_up, b_ptr, y_ptr + offs_n, offs_n, n_mask, N, HAS_BIAS, SILU_MUL, ADD_TO_Y)
 
 
 def int4_fused_gemv(
@@ -198,6 +235,7 @@ def int4_fused_gemv(
     x = x.contiguous()
     y = fused_output(x, n, residual)
     pdl = pdl_enabled(x.device)
+    scale_after = weight.group_size % config.block_k == 0
     row_blocks = triton.cdiv(n, config.block_n)
     partial, arrivals = split_k_buffers(y, config.split_k, config.split_k * weight.out_features, row_blocks)
     scales = weight.scales
@@ -224,7 +262,8 @@ def int4_fused_gemv(
         NORM=norm_weight is not None,
         SILU_MUL=silu_mul,
         ADD_TO_Y=residual is not None,
-        SCALE_AFTER=weight.group_size % config.block_k == 0,
+        SCALE_AFTER=scale_after,
+        PAIRS=packed_pairs(x, scale_after),
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
         X_BLOCK=min(next_pow2(k), X_BLOCK),

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from tensorjet.kernels._common import dot_precision, dot_upcast, num_sms, tl_dot
+from tensorjet.kernels._common import dot_precision, dot_upcast, interpreting, num_sms, tl_dot
 from tensorjet.kernels.gemv import cold_copies, fastest_by_rows, fastest_in_graph, time_in_graph_ms
 from tensorjet.kernels.int4_reference import Int4Weight
 from tensorjet.kernels.split_k import reduce_tile_slices, split_k_buffers
@@ -175,6 +175,51 @@ def nibble(words, offset, J: tl.constexpr):
     return (codes | 0x4B000000).to(tl.float32, bitcast=True) - offset
 
 
+def packed_pairs(x: torch.Tensor, scale_after: bool) -> bool:
+    """Whether the slices take `code_pairs`' two-nibbles-at-once path: compiled (its PTX does not run
+    under the interpreter), with 16-bit activations, multiplying exact code - zero values."""
+    return scale_after and x.is_cuda and not interpreting() and x.dtype in (torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def negated_offset_pairs(offset, shape: tl.constexpr, dtype: tl.constexpr):
+    """-(MAGIC + zero) in `dtype` twice in an int32 word, broadcast to `shape`: `code_pairs`' subtrahend,
+    from `load_codes`' per-row offset (2^23 + zero; MAGIC is 128 in bf16, 1024 in fp16)."""
+    magic = 128.0 if dtype == tl.bfloat16 else 1024.0
+    half = (-(offset - 8388608.0 + magic)).to(dtype).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return tl.broadcast_to(half | (half << 16), shape)
+
+
+@triton.jit
+def code_pairs(words, neg_pairs, J: tl.constexpr, dtype: tl.constexpr):
+    """(nibble J, nibble J + 4) of each word (J < 4) as exact code - zero values in `dtype` (bf16 or
+    fp16), both from one 32-bit pair: the two nibbles ANDed into the low mantissa bits of MAGIC twice
+    (the last mantissa bit of 128.0 in bf16, of 1024.0 in fp16, is worth 1), then one packed FMA adds
+    `neg_pairs` (`negated_offset_pairs`). A shift, a LOP3 and an FMA for two weights, against four
+    instructions per weight through fp32 (`nibble`)."""
+    shifted = words >> (4 * J)
+    if dtype == tl.bfloat16:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t, one; mov.b32 one, 0x3f803f80; lop3.b32 t, $2, 0x000f000f, 0x43004300, 0xea; "
+            "fma.rn.bf16x2 t, t, one, $3; mov.b32 {$0, $1}, t; }",
+            "=h,=h,r,r",
+            [shifted, neg_pairs],
+            dtype=(tl.bfloat16, tl.bfloat16),
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t, one; mov.b32 one, 0x3c003c00; lop3.b32 t, $2, 0x000f000f, 0x64006400, 0xea; "
+            "fma.rn.f16x2 t, t, one, $3; mov.b32 {$0, $1}, t; }",
+            "=h,=h,r,r",
+            [shifted, neg_pairs],
+            dtype=(tl.float16, tl.float16),
+            is_pure=True,
+            pack=1,
+        )
+
+
 @triton.jit
 def unpacked_tile(words, offset, scale, SCALED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The [BLOCK_N, BLOCK_K] tile of `load_codes`'s words in column order (column 8i + J is nibble J of
@@ -238,6 +283,7 @@ def _int4_matmul_kernel(
     HAS_BIAS: tl.constexpr,
     SCALE_AFTER: tl.constexpr,
     UNPACK: tl.constexpr,
+    PAIRS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -251,7 +297,8 @@ def _int4_matmul_kernel(
     columns they multiply; or whole, in column order, by one dot ("whole").
     SCALE_AFTER (the tile lies in one group): the dot takes exact code - zero values (the whole tiles:
     the bare codes, the zero point taken off the sum) and the group's scale multiplies the fp32 sum;
-    else each value is scaled and rounded to x's dtype first (the reference's numerics).
+    else each value is scaled and rounded to x's dtype first (the reference's numerics). PAIRS (with
+    SCALE_AFTER, compiled, 16-bit x): the slices are made two at a time (`code_pairs`).
     SPLIT_K > 1: program_id(2) sums one slice of K (whole BLOCK_K tiles) into fp32 scratch; the last of
     a tile's programs to finish adds the slices in a fixed order and runs the epilogue."""
     tl.static_assert(not SCALE_AFTER or GROUP % BLOCK_K == 0, "SCALE_AFTER needs tiles within one group")
@@ -271,12 +318,23 @@ def _int4_matmul_kernel(
                 GROUP, HAS_ZEROS, BLOCK_K,
             )  # fmt: skip
             part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            for j in tl.static_range(8):
-                w = nibble(words, offset, j)
-                if not SCALE_AFTER:
-                    w = w * scale
-                x = x_columns(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k0, k_end, j, HAS_PERM, BLOCK_K)
-                part += tl_dot(w.to(dtype), tl.trans(x), DOT_PREC, UPCAST)
+            if PAIRS:
+                neg = negated_offset_pairs(offset, (BLOCK_N, BLOCK_K // 8), dtype)
+                for j in tl.static_range(4):
+                    lo, hi = code_pairs(words, neg, j, dtype)
+                    x = x_columns(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k0, k_end, j, HAS_PERM, BLOCK_K)
+                    part += tl_dot(lo, tl.trans(x), DOT_PREC, UPCAST)
+                    x = x_columns(
+                        x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k0, k_end, j + 4, HAS_PERM, BLOCK_K
+                    )
+                    part += tl_dot(hi, tl.trans(x), DOT_PREC, UPCAST)
+            else:
+                for j in tl.static_range(8):
+                    w = nibble(words, offset, j)
+                    if not SCALE_AFTER:
+                        w = w * scale
+                    x = x_columns(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k0, k_end, j, HAS_PERM, BLOCK_K)
+                    part += tl_dot(w.to(dtype), tl.trans(x), DOT_PREC, UPCAST)
         else:  # whole: x loaded in whole rows, each word's nibbles spread into column order, one dot
             cols = k0 + tl.arange(0, BLOCK_K)
             k_mask = cols < k_end
@@ -352,6 +410,7 @@ def int4_matmul(
     if m == 0:
         return y
     c = config
+    scale_after = c.scale_after and weight.group_size % c.block_k == 0
     grid = (triton.cdiv(n, c.block_n), triton.cdiv(m, c.block_m), c.split_k)
     # Scratch for the largest batch this kernel takes, so a graph's capture never grows it.
     rows = max(m, max_rows)
@@ -379,8 +438,9 @@ def int4_matmul(
         HAS_ZEROS=weight.zeros is not None,
         HAS_PERM=weight.perm is not None,
         HAS_BIAS=bias is not None,
-        SCALE_AFTER=c.scale_after and weight.group_size % c.block_k == 0,
+        SCALE_AFTER=scale_after,
         UNPACK=UNPACKINGS.index(c.unpack),
+        PAIRS=packed_pairs(x, scale_after),
         BLOCK_M=c.block_m,
         BLOCK_N=c.block_n,
         BLOCK_K=c.block_k,

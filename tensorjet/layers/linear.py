@@ -45,9 +45,15 @@ class LinearKernels:
     # (`tensorjet.kernels.gemv.gemv`).
     small_batch: LinearKernel | None = None
     small_batch_max_rows: int = 0
-    # The batch-1 GEMV with the neighbouring ops fused in (`tensorjet.kernels.fused_gemv.fused_gemv`),
+    # The decode GEMV with the neighbouring ops fused in (`tensorjet.kernels.fused_gemv.fused_gemv`),
     # set where the fused decode layer pays.
     fused: FusedLinearKernel | None = None
+
+    def product(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x @ weight^T (+ bias) through the kernel chosen for x's row count."""
+        if self.small_batch is not None and x.shape[0] <= self.small_batch_max_rows:
+            return self.small_batch(x, weight, bias)
+        return self.dense(x, weight, bias)
 
 
 class LinearMethod(ABC):
@@ -63,7 +69,7 @@ class LinearMethod(ABC):
 
     @property
     def supports_fused(self) -> bool:
-        """Whether `apply_fused` runs this layer's fused batch-1 product. Where not (a format without
+        """Whether `apply_fused` runs this layer's fused decode product. Where not (a format without
         a fused kernel), `Linear.forward_fused` runs the neighbouring ops around `apply` instead."""
         return False
 
@@ -76,8 +82,9 @@ class LinearMethod(ABC):
         residual: torch.Tensor | None,
         silu_mul: bool,
     ) -> torch.Tensor:
-        """One row through the product with `norm` applied to x first, the result added into `residual`
-        in place (and returned), or SiLU-and-multiply applied to a [gate; up] result."""
+        """A decode step's rows (one, or up to the model's `fused_max_rows` where the format's fused
+        kernel takes several) through the product with `norm` applied to x first, the result added
+        into `residual` in place (and returned), or SiLU-and-multiply applied to a [gate; up] result."""
         raise NotImplementedError(
             f"{type(self).__name__} has no fused batch-1 product (supports_fused is False)"
         )
@@ -154,10 +161,7 @@ class UnquantizedLinearMethod(LinearMethod):
                 param.data.uniform_(-bound, bound, generator=generator)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        kernels = self.kernels
-        if kernels.small_batch is not None and x.shape[0] <= kernels.small_batch_max_rows:
-            return kernels.small_batch(x, layer.weight, layer.bias)
-        return kernels.dense(x, layer.weight, layer.bias)
+        return self.kernels.product(x, layer.weight, layer.bias)
 
     @property
     def supports_fused(self) -> bool:
@@ -334,9 +338,9 @@ class Linear(nn.Module):
         residual: torch.Tensor | None = None,
         act: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """This layer's product for one row with the ops around it: `norm` applied to x first, the
-        result added into `residual` in place (and returned), or `act` (SiLU-and-multiply of a
-        [gate; up] layer) applied to it. Where the method fuses them (`apply_fused`) they run inside
+        """This layer's product for a decode step's few rows with the ops around it: `norm` applied to
+        x first, the result added into `residual` in place (and returned), or `act` (SiLU-and-multiply
+        of a [gate; up] layer) applied to it. Where the method fuses them (`apply_fused`) they run inside
         its kernel; otherwise as separate ops around `forward` (always for a row-parallel layer over
         several ranks: its partial product is summed over them before the residual add)."""
         if self.method.supports_fused and not self.reduce_results:

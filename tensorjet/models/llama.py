@@ -187,8 +187,8 @@ class LlamaDecoderLayer(nn.Module):
         }
 
     def forward_fused(self, positions, hidden: torch.Tensor, meta: AttentionMetadata) -> None:
-        """The same layer for one token as four projections that carry the norms, residual adds and
-        SiLU (`Linear.forward_fused`); `hidden` is the residual stream, updated in place."""
+        """The same layer for a step of a few tokens as four projections that carry the norms, residual
+        adds and SiLU (`Linear.forward_fused`); `hidden` is the residual stream, updated in place."""
         attn, mlp = self.self_attn, self.mlp
         qkv = attn.qkv_proj.forward_fused(hidden, norm=self.input_layernorm)
         attn.o_proj.forward_fused(attn.attend(positions, qkv, meta), residual=hidden)
@@ -272,9 +272,10 @@ class LlamaForCausalLM(nn.Module):
             method=float_head if head_method is None else head_method(float_head),
             parallel=ColumnParallel(tp, pad=True),
         )
-        # One-token steps run `LlamaDecoderLayer.forward_fused`; set at start-up where it pays
-        # (`tensorjet.runtime.kernel_selection`), and a benchmark may flip it to compare.
+        # Steps of up to `fused_max_rows` tokens run `LlamaDecoderLayer.forward_fused`; set at start-up
+        # where it pays (`tensorjet.runtime.kernel_selection`), and a benchmark may flip it to compare.
         self.fused_decode = False
+        self.fused_max_rows = 1
 
     @property
     def attention_layers(self) -> list[Attention]:
@@ -291,7 +292,7 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Returns the final hidden states, [num_tokens, hidden]."""
         x = self.embed_tokens(input_ids)
-        if self.fused_decode and input_ids.shape[0] == 1:
+        if self.fused_decode and input_ids.shape[0] <= self.fused_max_rows:
             for layer in self.layers:
                 layer.forward_fused(positions, x, meta)
             return self.norm(x)

@@ -59,6 +59,9 @@ logger = logging.getLogger(__name__)
 # What one kernel fused away at batch 1 saves: its run time plus its launch gap in a CUDA graph
 # (~1.5-2 + ~1 us for a norm or SiLU on the H200; `benchmarks/profile_kernels.py`).
 FUSED_LAUNCH_US = 2.5
+# Row counts at which the multi-row fused layer is timed against the unfused one: it runs up to the
+# largest of a run of wins from the smallest.
+FUSED_ROWS_LADDER = (2, 4, 8, 16)
 FP8_MIN_CAPABILITY = (8, 9)
 
 
@@ -75,6 +78,7 @@ class DecoderModel(Protocol):
 
     layers: Sequence[FusedDecoderLayer]
     fused_decode: bool
+    fused_max_rows: int
 
     def modules(self) -> Iterator[nn.Module]: ...
 
@@ -514,12 +518,52 @@ def select_fused_decode(model: DecoderModel, timed: bool = True) -> None:
             "on" if use else "off",
             time.perf_counter() - start,
         )
+    rows_configs, model.fused_max_rows = {}, 1
+    if family is UnquantizedLinearMethod:  # the one format whose fused kernel takes several rows
+        rows_configs, model.fused_max_rows = _select_fused_rows(layers[0], timed)
     # The GEMVs are bound either way, so a benchmark can flip `fused_decode` to compare.
-    kernels = {name: partial(fused_kernel, config=config) for name, config in configs.items()}
+    kernels = {
+        name: partial(
+            fused_kernel, config=config, **({"rows_config": rows_configs[name]} if rows_configs else {})
+        )
+        for name, config in configs.items()
+    }
     for projections in layers:
         for name, (proj, _) in projections.items():
             proj.method.kernels = replace(proj.method.kernels, fused=kernels[name])
     model.fused_decode = use
+
+
+def _select_fused_rows(projections: dict[str, tuple[Linear, dict]], timed: bool) -> tuple[dict, int]:
+    """The tensor-core fused kernel's tiles for each projection, and up to how many rows a step runs
+    the fused layer: timed, the largest of `FUSED_ROWS_LADDER` up to which the fused layer beats each
+    projection's own product plus the three kernels the fusion removes (1 where it loses at 2 rows);
+    untimed (the CPU interpreter), the first candidate up to the kernel's limit."""
+    from tensorjet.kernels.fused_gemv import MAX_FUSED_ROWS, ROWS_CANDIDATES, select_fused_rows
+
+    if not timed:
+        return dict.fromkeys(projections, ROWS_CANDIDATES[0]), MAX_FUSED_ROWS
+    configs = {}
+    fused_us = dict.fromkeys(FUSED_ROWS_LADDER, 0.0)
+    unfused_us = dict.fromkeys(FUSED_ROWS_LADDER, 3 * FUSED_LAUNCH_US)
+    for name, (proj, fusion) in projections.items():
+        configs[name], timings = select_fused_rows(
+            proj.weight, proj.bias, proj.method.kernels.product, FUSED_ROWS_LADDER, **fusion
+        )
+        for rows, (fused_ms, plain_ms) in timings.items():
+            fused_us[rows] += fused_ms * 1e3
+            unfused_us[rows] += plain_ms * 1e3
+    max_rows = 1
+    for rows in FUSED_ROWS_LADDER:
+        if fused_us[rows] >= unfused_us[rows]:
+            break
+        max_rows = rows
+    logger.info(
+        "fused decode layer by rows: %s -> up to %d rows",
+        ", ".join(f"{rows}: {fused_us[rows]:.1f} vs {unfused_us[rows]:.1f} us" for rows in FUSED_ROWS_LADDER),
+        max_rows,
+    )
+    return configs, max_rows
 
 
 def _int4_fused_gemv_family() -> tuple[Callable, Sequence, Callable]:
