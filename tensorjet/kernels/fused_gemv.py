@@ -321,10 +321,20 @@ def fused_gemv(
         UPCAST=dot_upcast(x.dtype),
         PDL=pdl,
         num_warps=rows_config.num_warps,
-        num_stages=rows_config.num_stages,
+        num_stages=_stages_that_fit(rows_config, x.element_size(), silu_mul, x.device),
         **pdl_launch(pdl),
     )
     return y
+
+
+def _stages_that_fit(config: GemvConfig, element_size: int, silu_mul: bool, device: torch.device) -> int:
+    """config.num_stages, or fewer where that many copies of the x and weight tiles (two weight tiles
+    with silu_mul) would not fit the GPU's shared memory (fp32 tiles, or a smaller GPU)."""
+    if device.type != "cuda":
+        return config.num_stages
+    per_stage = (MAX_FUSED_ROWS + config.block_n * (2 if silu_mul else 1)) * config.block_k * element_size
+    budget = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+    return max(1, min(config.num_stages, budget // per_stage - 1))  # one stage's worth left for the rest
 
 
 def _fusion_inputs(weight: torch.Tensor, rows: int, norm: bool, residual: bool, silu_mul: bool) -> dict:
