@@ -70,22 +70,27 @@ def kernel_peer(llm) -> dict:
 
 
 def _time_projection(proj) -> dict:
+    method = proj.method
+    weight = method.weight
+    x = torch.randn(1, weight.in_features, dtype=torch.bfloat16, device="cuda")
+    try:
+        return _time_against_peers(method, weight, x)
+    except torch.OutOfMemoryError:  # the engine's KV cache leaves no room for the peers' weight copies
+        torch.cuda.empty_cache()
+        free, _ = torch.cuda.mem_get_info()
+        return {
+            "shape": [weight.out_features, weight.in_features],
+            "skipped": f"out of memory for the peers' copies of the weight ({free / 1e9:.1f} GB free)",
+        }
+
+
+def _time_against_peers(method, weight, x: torch.Tensor) -> dict:
     from tensorjet.kernels.gemv import cold_copies, time_in_graph_ms
     from tensorjet.kernels.int4_linear import cold_weights
     from tensorjet.kernels.int4_reference import dequantize
     from tensorjet.kernels.int4_tinygemm import pack_tinygemm
     from tensorjet.kernels.int4_tinygemm import tinygemm_linear as int4_tinygemm_linear
 
-    method = proj.method
-    weight = method.weight
-    x = torch.randn(1, weight.in_features, dtype=torch.bfloat16, device="cuda")
-    dense_bytes = 2 * weight.out_features * weight.in_features
-    free, _ = torch.cuda.mem_get_info()
-    if free < 4 * max(dense_bytes, 256 * 2**20):  # the peers' weights: a bf16 copy and cold copies of both
-        return {
-            "shape": [weight.out_features, weight.in_features],
-            "skipped": f"{free / 1e9:.1f} GB free beside the engine, under the peers' copies of the weight",
-        }
     dense = dequantize(weight, torch.bfloat16)
     if method.tinygemm is not None and method.tinygemm_max_rows >= 1:  # what one-row steps run
         ours = [pack_tinygemm(w) for w in cold_weights(weight)]
