@@ -107,6 +107,28 @@ def census() -> dict:
     compiled = compile_sm90(extend._extend_kernel, bf16_extend, constexprs, warps, stages, ("stride_bt",))
     out["extend_bf16"] = main_loop_census(compiled, block_n)
     out |= int4_census()
+    out |= fused_rows_census()
+    return out
+
+
+def fused_rows_census() -> dict:
+    """The 2-16-row fused GEMV's main loop at each candidate tile (bf16), with each of its fusions."""
+    fused = importlib.import_module("tensorjet.kernels.fused_gemv")
+    pointers = {p: "*bf16" for p in ("x_ptr", "w_ptr", "b_ptr", "norm_w_ptr", "y_ptr")} | {"eps": "fp32"}
+    fusions = {
+        "norm": dict(NORM=True, SILU_MUL=False, ADD_TO_Y=False),
+        "norm_silu": dict(NORM=True, SILU_MUL=True, ADD_TO_Y=False),
+        "residual": dict(NORM=False, SILU_MUL=False, ADD_TO_Y=True),
+    }
+    out = {}
+    for i, c in enumerate(fused.ROWS_CANDIDATES):
+        tiles = dict(BLOCK_M=fused.MAX_FUSED_ROWS, BLOCK_N=c.block_n, BLOCK_K=c.block_k)
+        for name, fusion in fusions.items():
+            constexprs = tiles | fusion | dict(HAS_BIAS=False, DOT_PREC="tf32", UPCAST=False, PDL=True)
+            compiled = compile_sm90(
+                fused._fused_rows_kernel, pointers, constexprs, c.num_warps, c.num_stages, ("M",)
+            )
+            out[f"fused_rows_{i}_{name}"] = main_loop_census(compiled, c.block_k)
     return out
 
 

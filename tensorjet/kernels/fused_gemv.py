@@ -37,7 +37,6 @@ from tensorjet.kernels._common import (
     tl_dot,
     wait_for_previous_kernel,
 )
-from tensorjet.kernels.gemv import CANDIDATES as ROWS_CANDIDATES
 from tensorjet.kernels.gemv import GemvConfig, cold_copies, fastest_in_graph, time_in_graph_ms
 
 __all__ = [
@@ -72,6 +71,18 @@ CANDIDATES = (
 )
 
 MAX_FUSED_ROWS = 16  # rows of x the tensor-core variant takes (one tl.dot tile)
+
+# The tensor-core variant's tiles. Every program prepares the same 16 x BLOCK_K tile of x (normed where
+# the norm is fused), so wide weight tiles spread that work over more weights: on sm_90 the normed
+# loop costs 3-4 instructions per weight at 64-128 rows, against 5-11 at 16-32 (tests/sm90_codegen.py's
+# compile); (32, 256) is one of the plain GEMV's tiles.
+ROWS_CANDIDATES = (
+    GemvConfig(64, 128, 4, 4),
+    GemvConfig(64, 256, 4, 3),
+    GemvConfig(128, 128, 8, 4),
+    GemvConfig(128, 64, 4, 5),
+    GemvConfig(32, 256, 4, 3),
+)
 
 
 @triton.jit
@@ -206,13 +217,13 @@ def _fused_rows_kernel(
     w_up_ptrs = w_ptr + (offs_n[:, None] + N).to(tl.int64) * stride_wn + offs_k[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    sum_sq = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)  # reduced once, after the loop
     for k0 in range(0, K, BLOCK_K):
         k_mask = (k0 + offs_k) < K
         x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if NORM:
             x = x.to(tl.float32)
-            sum_sq += tl.sum(x * x, 1)
+            sum_sq += x * x
             x = x * tl.load(norm_w_ptr + k0 + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
         x = x.to(w_ptr.dtype.element_ty)  # the MMA's operand type (bf16 where the weights are)
         w_mask = n_mask[:, None] & k_mask[None, :]
@@ -224,7 +235,7 @@ def _fused_rows_kernel(
         w_up_ptrs += BLOCK_K
     launch_next_kernel(PDL)
     if NORM:
-        inv_rms = tl.rsqrt(sum_sq / K + eps)[:, None]
+        inv_rms = tl.rsqrt(tl.sum(sum_sq, 1) / K + eps)[:, None]
         acc = acc * inv_rms
         acc_up = acc_up * inv_rms
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
