@@ -653,7 +653,7 @@ def test_fused_decode_layers_match_the_unfused_model(seed):
 
     unfused = {name: step(*shape) for name, shape in shapes.items()}
     select_fused_decode(model, timed=False)
-    assert model.fused_decode and model.fused_max_rows == MAX_FUSED_ROWS
+    assert model.fused_decode and model.fused_rows == range(2, MAX_FUSED_ROWS + 1)
     for name, shape in shapes.items():
         assert rel_err(step(*shape), unfused[name]) < 1e-5, (
             f"fused vs unfused hidden states, {name}, seed={seed}"
@@ -667,6 +667,23 @@ def test_fused_decode_layers_match_the_unfused_model(seed):
         assert rel_err(mixed, unfused[name]) < 1e-5, (
             f"partly fused vs unfused hidden states, {name}, seed={seed}"
         )
+
+
+@pytest.mark.parametrize(
+    "wins,expected",
+    [
+        ((True, True, True, True), range(2, 17)),
+        ((False, False, True, True), range(5, 17)),  # loses where the plain product reads few rows
+        ((False, True, False, True), range(9, 17)),  # the larger of equally long runs
+        ((True, False, True, True), range(5, 17)),  # the longer run
+        ((False, False, False, False), range(0)),
+    ],
+)
+def test_fused_row_range_covers_the_longest_run_of_wins(wins, expected):
+    from tensorjet.runtime.kernel_selection import FUSED_ROWS_LADDER, fused_row_range
+
+    assert FUSED_ROWS_LADDER == (2, 4, 8, 16)
+    assert fused_row_range(FUSED_ROWS_LADDER, wins) == expected
 
 
 def test_linear_dispatches_small_batches_to_its_gemv(seed):

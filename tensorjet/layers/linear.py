@@ -82,8 +82,8 @@ class LinearMethod(ABC):
         residual: torch.Tensor | None,
         silu_mul: bool,
     ) -> torch.Tensor:
-        """A decode step's rows (one, or up to the model's `fused_max_rows` where the format's fused
-        kernel takes several) through the product with `norm` applied to x first, the result added
+        """A decode step's rows (one, or as many as the model's `fused_rows` allow where the format's
+        fused kernel takes several) through the product with `norm` applied to x first, the result added
         into `residual` in place (and returned), or SiLU-and-multiply applied to a [gate; up] result."""
         raise NotImplementedError(
             f"{type(self).__name__} has no fused batch-1 product (supports_fused is False)"

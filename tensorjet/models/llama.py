@@ -272,10 +272,11 @@ class LlamaForCausalLM(nn.Module):
             method=float_head if head_method is None else head_method(float_head),
             parallel=ColumnParallel(tp, pad=True),
         )
-        # Steps of up to `fused_max_rows` tokens run `LlamaDecoderLayer.forward_fused`; set at start-up
-        # where it pays (`tensorjet.runtime.kernel_selection`), and a benchmark may flip it to compare.
+        # One-token steps, and steps of as many tokens as `fused_rows` holds, run
+        # `LlamaDecoderLayer.forward_fused`; set at start-up where it pays
+        # (`tensorjet.runtime.kernel_selection`), and a benchmark may flip it to compare.
         self.fused_decode = False
-        self.fused_max_rows = 1
+        self.fused_rows = range(0)
 
     @property
     def attention_layers(self) -> list[Attention]:
@@ -292,7 +293,8 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Returns the final hidden states, [num_tokens, hidden]."""
         x = self.embed_tokens(input_ids)
-        if self.fused_decode and input_ids.shape[0] <= self.fused_max_rows:
+        rows = input_ids.shape[0]
+        if self.fused_decode and (rows == 1 or rows in self.fused_rows):
             for layer in self.layers:
                 layer.forward_fused(positions, x, meta)
             return self.norm(x)

@@ -78,7 +78,7 @@ class DecoderModel(Protocol):
 
     layers: Sequence[FusedDecoderLayer]
     fused_decode: bool
-    fused_max_rows: int
+    fused_rows: range
 
     def modules(self) -> Iterator[nn.Module]: ...
 
@@ -518,9 +518,9 @@ def select_fused_decode(model: DecoderModel, timed: bool = True) -> None:
             "on" if use else "off",
             time.perf_counter() - start,
         )
-    rows_configs, model.fused_max_rows = {}, 1
+    rows_configs, model.fused_rows = {}, range(0)
     if family is UnquantizedLinearMethod:  # the one format whose fused kernel takes several rows
-        rows_configs, model.fused_max_rows = _select_fused_rows(layers[0], timed)
+        rows_configs, model.fused_rows = _select_fused_rows(layers[0], timed)
     # The GEMVs are bound either way, so a benchmark can flip `fused_decode` to compare.
     kernels = {
         name: partial(
@@ -534,15 +534,16 @@ def select_fused_decode(model: DecoderModel, timed: bool = True) -> None:
     model.fused_decode = use
 
 
-def _select_fused_rows(projections: dict[str, tuple[Linear, dict]], timed: bool) -> tuple[dict, int]:
-    """The tensor-core fused kernel's tiles for each projection, and up to how many rows a step runs
-    the fused layer: timed, the largest of `FUSED_ROWS_LADDER` up to which the fused layer beats each
-    projection's own product plus the three kernels the fusion removes (1 where it loses at 2 rows);
-    untimed (the CPU interpreter), the first candidate up to the kernel's limit."""
+def _select_fused_rows(projections: dict[str, tuple[Linear, dict]], timed: bool) -> tuple[dict, range]:
+    """The tensor-core fused kernel's tiles for each projection, and the step sizes (2-16 rows) that
+    run the fused layer: timed, those up to the sizes of the longest run of `FUSED_ROWS_LADDER` at
+    which the fused layer beats each projection's own product plus the three kernels the fusion
+    removes (its x tile is padded to 16 rows, so it wins at the larger sizes if anywhere); untimed
+    (the CPU interpreter), the first candidate at every size."""
     from tensorjet.kernels.fused_gemv import MAX_FUSED_ROWS, ROWS_CANDIDATES, select_fused_rows
 
     if not timed:
-        return dict.fromkeys(projections, ROWS_CANDIDATES[0]), MAX_FUSED_ROWS
+        return dict.fromkeys(projections, ROWS_CANDIDATES[0]), range(2, MAX_FUSED_ROWS + 1)
     configs = {}
     fused_us = dict.fromkeys(FUSED_ROWS_LADDER, 0.0)
     unfused_us = dict.fromkeys(FUSED_ROWS_LADDER, 3 * FUSED_LAUNCH_US)
@@ -553,17 +554,32 @@ def _select_fused_rows(projections: dict[str, tuple[Linear, dict]], timed: bool)
         for rows, (fused_ms, plain_ms) in timings.items():
             fused_us[rows] += fused_ms * 1e3
             unfused_us[rows] += plain_ms * 1e3
-    max_rows = 1
-    for rows in FUSED_ROWS_LADDER:
-        if fused_us[rows] >= unfused_us[rows]:
-            break
-        max_rows = rows
+    wins = [fused_us[rows] < unfused_us[rows] for rows in FUSED_ROWS_LADDER]
+    chosen = fused_row_range(FUSED_ROWS_LADDER, wins)
     logger.info(
-        "fused decode layer by rows: %s -> up to %d rows",
+        "fused decode layer by rows: %s -> %s",
         ", ".join(f"{rows}: {fused_us[rows]:.1f} vs {unfused_us[rows]:.1f} us" for rows in FUSED_ROWS_LADDER),
-        max_rows,
+        f"{chosen.start}-{chosen.stop - 1} rows" if chosen else "one row only",
     )
-    return configs, max_rows
+    return configs, chosen
+
+
+def fused_row_range(ladder: Sequence[int], wins: Sequence[bool]) -> range:
+    """The step sizes the longest run of winning `ladder` sizes covers (of equally long runs, the one
+    at the larger sizes): from just past the size before the run (2 at the start) to the run's last
+    size; empty where nothing wins."""
+    best, start = (0, 0), None
+    for i, won in enumerate([*wins, False]):
+        if won and start is None:
+            start = i
+        elif not won and start is not None:
+            best = max(best, (i - start, start))
+            start = None
+    length, first = best
+    if not length:
+        return range(0)
+    low = ladder[first - 1] + 1 if first else 2
+    return range(low, ladder[first + length - 1] + 1)
 
 
 def _int4_fused_gemv_family() -> tuple[Callable, Sequence, Callable]:
