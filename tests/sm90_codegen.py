@@ -111,24 +111,33 @@ def census() -> dict:
     return out
 
 
+H100_SHARED_MEMORY = 232448  # bytes a block may opt into on sm_90
+
+
 def fused_rows_census() -> dict:
-    """The 2-16-row fused GEMV's main loop at each candidate tile (bf16), with each of its fusions."""
+    """The 2-16-row fused GEMV's main loop at each candidate tile with each of its fusions (bf16), and
+    the shared memory each takes in bf16 and fp32 at the stages `stages_that_fit` gives it."""
     fused = importlib.import_module("tensorjet.kernels.fused_gemv")
-    pointers = {p: "*bf16" for p in ("x_ptr", "w_ptr", "b_ptr", "norm_w_ptr", "y_ptr")} | {"eps": "fp32"}
     fusions = {
         "norm": dict(NORM=True, SILU_MUL=False, ADD_TO_Y=False),
         "norm_silu": dict(NORM=True, SILU_MUL=True, ADD_TO_Y=False),
         "residual": dict(NORM=False, SILU_MUL=False, ADD_TO_Y=True),
     }
     out = {}
-    for i, c in enumerate(fused.ROWS_CANDIDATES):
-        tiles = dict(BLOCK_M=fused.MAX_FUSED_ROWS, BLOCK_N=c.block_n, BLOCK_K=c.block_k)
-        for name, fusion in fusions.items():
-            constexprs = tiles | fusion | dict(HAS_BIAS=False, DOT_PREC="tf32", UPCAST=False, PDL=True)
-            compiled = compile_sm90(
-                fused._fused_rows_kernel, pointers, constexprs, c.num_warps, c.num_stages, ("M",)
-            )
-            out[f"fused_rows_{i}_{name}"] = main_loop_census(compiled, c.block_k)
+    for dtype, size, precision in (("bf16", 2, "tf32"), ("fp32", 4, "ieee")):
+        pointers = {p: f"*{dtype}" for p in ("x_ptr", "w_ptr", "b_ptr", "norm_w_ptr", "y_ptr")}
+        pointers["eps"] = "fp32"
+        for i, c in enumerate(fused.ROWS_CANDIDATES):
+            tiles = dict(BLOCK_M=fused.MAX_FUSED_ROWS, BLOCK_N=c.block_n, BLOCK_K=c.block_k)
+            for name, fusion in fusions.items():
+                stages = fused.stages_that_fit(c, size, fusion["SILU_MUL"], H100_SHARED_MEMORY)
+                constexprs = tiles | fusion | dict(HAS_BIAS=False, DOT_PREC=precision, UPCAST=False, PDL=True)
+                compiled = compile_sm90(
+                    fused._fused_rows_kernel, pointers, constexprs, c.num_warps, stages, ("M",)
+                )
+                key = f"fused_rows_{dtype}_{i}_{name}"
+                out[key] = main_loop_census(compiled, c.block_k) if dtype == "bf16" else {"opcodes": {}}
+                out[key]["shared_memory"] = compiled.metadata.shared
     return out
 
 

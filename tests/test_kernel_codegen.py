@@ -9,7 +9,8 @@ Two properties that the GPU only shows as speed, each once measured away by an i
 And the INT4 GEMVs, whose batch-1 speed their instruction count per weight bounds (the dequantization is
 ALU work on every 4-bit value): each candidate tile keeps its dequantized weights in registers (no
 shared-memory round trip, no spills) and spends at most 10 instructions per weight; no INT4 GEMM tile
-spills registers. Nor does any tile of the 2-16-row fused GEMV, with any of its fusions.
+spills registers. Nor does any tile of the 2-16-row fused GEMV, with any of its fusions, and each fits
+the GPU's shared memory at the pipeline depth it is launched with (fp32 tiles too).
 """
 
 import pytest
@@ -58,9 +59,12 @@ def test_int4_gemm_loops_never_spill_registers(census):
         assert not spills, f"{name} spills registers: {loop}"
 
 
-def test_fused_rows_loops_never_spill_registers(census):
+def test_fused_rows_loops_never_spill_and_fit_shared_memory(census):
+    from sm90_codegen import H100_SHARED_MEMORY
+
     loops = {name: loop for name, loop in census.items() if name.startswith("fused_rows")}
     assert loops, "no fused_rows loop compiled"
     for name, loop in loops.items():
         spills = sum(n for op, n in loop["opcodes"].items() if op.startswith(("STL", "LDL")))
         assert not spills, f"{name} spills registers: {loop}"
+        assert loop["shared_memory"] <= H100_SHARED_MEMORY, f"{name} takes {loop['shared_memory']} bytes"

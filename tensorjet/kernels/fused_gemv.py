@@ -332,20 +332,25 @@ def fused_gemv(
         UPCAST=dot_upcast(x.dtype),
         PDL=pdl,
         num_warps=rows_config.num_warps,
-        num_stages=_stages_that_fit(rows_config, x.element_size(), silu_mul, x.device),
+        num_stages=_stages_on(x.device, rows_config, x.element_size(), silu_mul),
         **pdl_launch(pdl),
     )
     return y
 
 
-def _stages_that_fit(config: GemvConfig, element_size: int, silu_mul: bool, device: torch.device) -> int:
+def stages_that_fit(config: GemvConfig, element_size: int, silu_mul: bool, shared_memory: int) -> int:
     """config.num_stages, or fewer where that many copies of the x and weight tiles (two weight tiles
-    with silu_mul) would not fit the GPU's shared memory (fp32 tiles, or a smaller GPU)."""
+    with silu_mul) would not fit `shared_memory` bytes (fp32 tiles, or a smaller GPU)."""
+    per_stage = (MAX_FUSED_ROWS + config.block_n * (2 if silu_mul else 1)) * config.block_k * element_size
+    # The pipeline keeps num_stages - 1 copies; 16 KiB is left for the rest of the kernel.
+    return max(1, min(config.num_stages, (shared_memory - 16 * 2**10) // per_stage + 1))
+
+
+def _stages_on(device: torch.device, config: GemvConfig, element_size: int, silu_mul: bool) -> int:
     if device.type != "cuda":
         return config.num_stages
-    per_stage = (MAX_FUSED_ROWS + config.block_n * (2 if silu_mul else 1)) * config.block_k * element_size
-    budget = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
-    return max(1, min(config.num_stages, budget // per_stage - 1))  # one stage's worth left for the rest
+    shared_memory = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+    return stages_that_fit(config, element_size, silu_mul, shared_memory)
 
 
 def _fusion_inputs(weight: torch.Tensor, rows: int, norm: bool, residual: bool, silu_mul: bool) -> dict:
