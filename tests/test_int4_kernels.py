@@ -169,7 +169,9 @@ def _group(k: int, group_size: int) -> int:
 
 
 @pytest.mark.parametrize("m, n, k, group_size, zeros, act_order", SHAPES)
-@pytest.mark.parametrize("config", [GEMV_CANDIDATES[0], GEMV_CANDIDATES[3], GEMV_CANDIDATES[4]], ids=str)
+@pytest.mark.parametrize(
+    "config", [GEMV_CANDIDATES[0], GEMV_CANDIDATES[3], GEMV_CANDIDATES[4], GEMV_CANDIDATES[-2]], ids=str
+)
 def test_gemv_matches_the_reference(m, n, k, group_size, zeros, act_order, config):
     weight = _weight(n, k, _group(k, group_size), zeros=zeros, act_order=act_order)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(2))
@@ -281,7 +283,9 @@ def test_a_wrong_input_width_is_refused():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    "config", [FUSED_CANDIDATES[0], Int4FusedGemvConfig(32, 128, split_k=3)], ids=["plain", "split3"]
+    "config",
+    [FUSED_CANDIDATES[0], Int4FusedGemvConfig(32, 128, split_k=3), FUSED_CANDIDATES[-2]],
+    ids=["plain", "split3", "two-warps-split2"],
 )
 @pytest.mark.parametrize("group_size", [64, 256], ids=["scaled-weights", "scale-after"])
 def test_fused_gemv_matches_the_chain_of_separate_kernels(dtype, config, group_size):

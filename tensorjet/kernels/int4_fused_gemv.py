@@ -72,6 +72,10 @@ CANDIDATES = (
     Int4FusedGemvConfig(128, 128, 8, 4, split_k=2),
     Int4FusedGemvConfig(64, 128, 4, 4, split_k=4),
     Int4FusedGemvConfig(128, 128, 8, 4, split_k=4),
+    # 32 rows on 2 warps: mma.sync instead of wgmma (`tensorjet.kernels.int4_linear.GEMV_CANDIDATES`).
+    Int4FusedGemvConfig(32, 128, 2, 4),
+    Int4FusedGemvConfig(32, 128, 2, 4, split_k=2),
+    Int4FusedGemvConfig(32, 128, 2, 4, split_k=4),
 )
 
 

@@ -100,6 +100,11 @@ GEMV_CANDIDATES = (
     Int4MatmulConfig(16, 128, 128, 8, 4, split_k=2, scale_after=True),
     Int4MatmulConfig(16, 64, 128, 4, 4, split_k=4, scale_after=True),
     Int4MatmulConfig(16, 128, 128, 8, 4, split_k=4, scale_after=True),
+    # 32 rows on 2 warps: under a warpgroup's 64 rows the dots compile to mma.sync (HMMA), with no
+    # wgmma fence and wait between the slices' products.
+    Int4MatmulConfig(16, 32, 128, 2, 4, scale_after=True),
+    Int4MatmulConfig(16, 32, 128, 2, 4, split_k=2, scale_after=True),
+    Int4MatmulConfig(16, 32, 128, 2, 4, split_k=4, scale_after=True),
 )
 GemmTiles = tuple[tuple[int, Int4MatmulConfig], ...]  # (up to this many rows, tile), by rows
 # Tiles by batch size (rows of x up to the first value) for the GEMM, untimed (the CPU interpreter).
