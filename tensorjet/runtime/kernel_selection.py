@@ -59,8 +59,8 @@ logger = logging.getLogger(__name__)
 # What one kernel fused away at batch 1 saves: its run time plus its launch gap in a CUDA graph
 # (~1.5-2 + ~1 us for a norm or SiLU on the H200; `benchmarks/profile_kernels.py`).
 FUSED_LAUNCH_US = 2.5
-# Row counts at which the multi-row fused layer is timed against the unfused one: it runs up to the
-# largest of a run of wins from the smallest.
+# Row counts at which the multi-row fused layer is timed against the unfused one: it runs at the step
+# sizes the longest run of wins covers (`fused_row_range`).
 FUSED_ROWS_LADDER = (2, 4, 8, 16)
 FP8_MIN_CAPABILITY = (8, 9)
 
@@ -480,7 +480,8 @@ def select_fused_decode(model: DecoderModel, timed: bool = True) -> None:
     kernels the fusion removes (two norms with their residual adds, SiLU; `FUSED_LAUNCH_US` each); the
     path is on only if the fused layer wins. Untimed (the CPU interpreter), it is on with the first
     candidate. It stays off where a projection's weight format has no fused GEMV (or, INT4, runs as a
-    float product on the CPU's torch path or through tinygemm)."""
+    float product on the CPU's torch path or through tinygemm). Unquantized weights also get the
+    2-16-row variant, for the step sizes where it wins (`_select_fused_rows`)."""
     layers = [layer.fused_projections() for layer in model.layers]
     methods = [proj.method for projections in layers for proj, _ in projections.values()]
     families = (Fp8LinearMethod, Int4LinearMethod, UnquantizedLinearMethod)
