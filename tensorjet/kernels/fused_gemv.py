@@ -22,6 +22,7 @@ uses each only where the whole layer comes out faster.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -346,7 +347,9 @@ def stages_that_fit(config: GemvConfig, element_size: int, silu_mul: bool, share
     return max(1, min(config.num_stages, (shared_memory - 16 * 2**10) // per_stage + 1))
 
 
+@functools.cache
 def _stages_on(device: torch.device, config: GemvConfig, element_size: int, silu_mul: bool) -> int:
+    """`stages_that_fit` on `device`, looked up once per launch shape (eager steps launch it per step)."""
     if device.type != "cuda":
         return config.num_stages
     shared_memory = torch.cuda.get_device_properties(device).shared_memory_per_block_optin

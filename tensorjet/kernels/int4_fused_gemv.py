@@ -37,14 +37,7 @@ from tensorjet.kernels._common import (
 )
 from tensorjet.kernels.fused_gemv import fused_output, store_fused_output
 from tensorjet.kernels.gemv import fastest_in_graph, time_in_graph_ms
-from tensorjet.kernels.int4_linear import (
-    code_pairs,
-    cold_weights,
-    load_codes,
-    negated_offset_pairs,
-    nibble,
-    packed_pairs,
-)
+from tensorjet.kernels.int4_linear import cold_weights, load_codes, packed_pairs, slice_pair
 from tensorjet.kernels.int4_reference import Int4Weight
 from tensorjet.kernels.split_k import reduce_row_slices, split_k_buffers
 
@@ -166,37 +159,20 @@ def _int4_fused_gemv_kernel(
             )  # fmt: skip
         part = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
         part_up = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
-        if PAIRS:
-            neg = negated_offset_pairs(offset, (BLOCK_N, BLOCK_K // 8), dtype)
-            neg_up = negated_offset_pairs(offset_up, (BLOCK_N, BLOCK_K // 8), dtype)
-            for j in tl.static_range(4):
-                lo, hi = code_pairs(words, neg, j, dtype)
-                xt_lo = _x_slice(
-                    x_ptr, perm_ptr, norm_w_ptr, inv_rms, k0, k_end, j, HAS_PERM, NORM, BLOCK_K, dtype
-                )
-                xt_hi = _x_slice(
-                    x_ptr, perm_ptr, norm_w_ptr, inv_rms, k0, k_end, j + 4, HAS_PERM, NORM, BLOCK_K, dtype
-                )
-                part += tl_dot(lo, xt_lo, DOT_PREC, UPCAST)
-                part += tl_dot(hi, xt_hi, DOT_PREC, UPCAST)
-                if SILU_MUL:
-                    lo_up, hi_up = code_pairs(words_up, neg_up, j, dtype)
-                    part_up += tl_dot(lo_up, xt_lo, DOT_PREC, UPCAST)
-                    part_up += tl_dot(hi_up, xt_hi, DOT_PREC, UPCAST)
-        else:
-            for j in tl.static_range(8):
-                xt = _x_slice(
-                    x_ptr, perm_ptr, norm_w_ptr, inv_rms, k0, k_end, j, HAS_PERM, NORM, BLOCK_K, dtype
-                )
-                w = nibble(words, offset, j)
-                if not SCALE_AFTER:
-                    w = w * scale
-                part += tl_dot(w.to(dtype), xt, DOT_PREC, UPCAST)
-                if SILU_MUL:
-                    w_up = nibble(words_up, offset_up, j)
-                    if not SCALE_AFTER:
-                        w_up = w_up * scale_up
-                    part_up += tl_dot(w_up.to(dtype), xt, DOT_PREC, UPCAST)
+        for j in tl.static_range(4):
+            xt_lo = _x_slice(
+                x_ptr, perm_ptr, norm_w_ptr, inv_rms, k0, k_end, j, HAS_PERM, NORM, BLOCK_K, dtype
+            )
+            xt_hi = _x_slice(
+                x_ptr, perm_ptr, norm_w_ptr, inv_rms, k0, k_end, j + 4, HAS_PERM, NORM, BLOCK_K, dtype
+            )
+            lo, hi = slice_pair(words, offset, scale, j, PAIRS, not SCALE_AFTER, dtype)
+            part += tl_dot(lo, xt_lo, DOT_PREC, UPCAST)
+            part += tl_dot(hi, xt_hi, DOT_PREC, UPCAST)
+            if SILU_MUL:
+                lo, hi = slice_pair(words_up, offset_up, scale_up, j, PAIRS, not SCALE_AFTER, dtype)
+                part_up += tl_dot(lo, xt_lo, DOT_PREC, UPCAST)
+                part_up += tl_dot(hi, xt_hi, DOT_PREC, UPCAST)
         if SCALE_AFTER:
             part = part * scale
             part_up = part_up * scale_up

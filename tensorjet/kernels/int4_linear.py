@@ -226,6 +226,22 @@ def code_pairs(words, neg_pairs, J: tl.constexpr, dtype: tl.constexpr):
 
 
 @triton.jit
+def slice_pair(words, offset, scale, J: tl.constexpr, PAIRS: tl.constexpr, SCALED: tl.constexpr, dtype):
+    """Slices J and J + 4 of `load_codes`' tile (nibbles J and J + 4 of every word, J < 4) as the dot's
+    operands in `dtype`: both at once from `code_pairs` with PAIRS, else each through fp32 (`nibble`),
+    times its scale where SCALED."""
+    if PAIRS:
+        return code_pairs(words, negated_offset_pairs(offset, words.shape, dtype), J, dtype)
+    else:
+        lo = nibble(words, offset, J)
+        hi = nibble(words, offset, J + 4)
+        if SCALED:
+            lo = lo * scale
+            hi = hi * scale
+        return lo.to(dtype), hi.to(dtype)
+
+
+@triton.jit
 def unpacked_tile(words, offset, scale, SCALED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The [BLOCK_N, BLOCK_K] tile of `load_codes`'s words in column order (column 8i + J is nibble J of
     word i), as code - zero in fp32, times its scale where SCALED."""
@@ -323,23 +339,12 @@ def _int4_matmul_kernel(
                 GROUP, HAS_ZEROS, BLOCK_K,
             )  # fmt: skip
             part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            if PAIRS:
-                neg = negated_offset_pairs(offset, (BLOCK_N, BLOCK_K // 8), dtype)
-                for j in tl.static_range(4):
-                    lo, hi = code_pairs(words, neg, j, dtype)
-                    x = x_columns(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k0, k_end, j, HAS_PERM, BLOCK_K)
-                    part += tl_dot(lo, tl.trans(x), DOT_PREC, UPCAST)
-                    x = x_columns(
-                        x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k0, k_end, j + 4, HAS_PERM, BLOCK_K
-                    )
-                    part += tl_dot(hi, tl.trans(x), DOT_PREC, UPCAST)
-            else:
-                for j in tl.static_range(8):
-                    w = nibble(words, offset, j)
-                    if not SCALE_AFTER:
-                        w = w * scale
-                    x = x_columns(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k0, k_end, j, HAS_PERM, BLOCK_K)
-                    part += tl_dot(w.to(dtype), tl.trans(x), DOT_PREC, UPCAST)
+            for j in tl.static_range(4):
+                lo, hi = slice_pair(words, offset, scale, j, PAIRS, not SCALE_AFTER, dtype)
+                x = x_columns(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k0, k_end, j, HAS_PERM, BLOCK_K)
+                part += tl_dot(lo, tl.trans(x), DOT_PREC, UPCAST)
+                x = x_columns(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k0, k_end, j + 4, HAS_PERM, BLOCK_K)
+                part += tl_dot(hi, tl.trans(x), DOT_PREC, UPCAST)
         else:  # whole: x loaded in whole rows, each word's nibbles spread into column order, one dot
             cols = k0 + tl.arange(0, BLOCK_K)
             k_mask = cols < k_end
