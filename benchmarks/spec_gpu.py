@@ -343,6 +343,7 @@ def main() -> None:
         "--batch_sizes", default="1,64", help="batch 1 for every case, the others for one each"
     )
     parser.add_argument("--kv_cache_max_tokens", type=int, default=None)
+    parser.add_argument("--drafts", default="1b,ngram,self", help="which drafts to run, of 1b, ngram, self")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -365,6 +366,8 @@ def main() -> None:
         ("self", dict(speculative_model=args.model), [("natural", None, True)]),
     ]
     for name, speculation, cases in plans:
+        if name not in args.drafts.split(","):
+            continue
         print(f"building the engine with draft {name} ...", flush=True)
         start = time.perf_counter()
         engine = Engine.build(name, args, **speculation)

@@ -83,22 +83,40 @@ def main_loop_census(compiled, keys_per_iteration: int) -> dict:
 
 
 def census() -> dict:
-    """The FP8 decode stage 1 and the bf16 extend kernel at the library's configurations for
-    Llama-3-8B's attention (head_dim 128, group 4, pages of 16)."""
+    """The decode stage 1 (bf16 and FP8 caches, one and eight query rows per sequence) and the bf16
+    extend kernel at the library's configurations for Llama-3-8B's attention (head_dim 128, group 4,
+    pages of 16)."""
     decode = importlib.import_module("tensorjet.kernels.decode_attention")
     extend = importlib.import_module("tensorjet.kernels.extend_attention")
     out = {}
-    pointers = ["block_tables_ptr", "context_lens_ptr", "rows_ptr", "q_start_ptr", "q_lens_ptr"]
+    pointers = [
+        "block_tables_ptr",
+        "context_lens_ptr",
+        "rows_ptr",
+        "query_lens_ptr",
+        "q_start_ptr",
+        "q_lens_ptr",
+    ]
     types = {p: "*i32" for p in pointers} | {"qk_scale": "fp32", "mid_o_ptr": "*fp32", "mid_lse_ptr": "*fp32"}
     fp8_decode = types | {"q_ptr": "*bf16", "out_ptr": "*bf16", "k_words_ptr": "*i16", "v_words_ptr": "*i16"}
-    constexprs = dict(GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_N=decode.FP8_BLOCK_N)
-    constexprs |= dict(PAGE_SIZE=16, HAS_ROWS=False, DIRECT=True, DOT_PREC="tf32", UPCAST=False)
-    constexprs |= dict(F16_COMPUTE=True, CVT_ASM=True, PDL=True)
-    compiled = compile_sm90(
-        decode._decode_fp8_stage1_kernel, fp8_decode, constexprs, decode.FP8_NUM_WARPS, decode.FP8_NUM_STAGES,
-        not_specialized=("stride_bt",),
-    )  # fmt: skip
-    out["decode_fp8"] = main_loop_census(compiled, decode.FP8_BLOCK_N)
+    bf16_decode = types | {p: "*bf16" for p in ("q_ptr", "out_ptr", "k_cache_ptr", "v_cache_ptr")}
+    # One query row per sequence, and up to 8 (drafts to verify: 8 rows x group 4 in a 32-row tile).
+    for rows, block_m in ((1, 16), (8, 32)):
+        constexprs = dict(GROUP=4, BLOCK_M=block_m, HEAD_DIM=128, BLOCK_D=128, PAGE_SIZE=16)
+        constexprs |= dict(HAS_ROWS=rows > 1, QROWS=rows, MULTI_ROW=rows > 1, DIRECT=True, PDL=True)
+        constexprs |= dict(DOT_PREC="tf32", UPCAST=False)
+        suffix = "" if rows == 1 else f"_{rows}_rows"
+        compiled = compile_sm90(
+            decode._decode_fp8_stage1_kernel, fp8_decode,
+            constexprs | dict(BLOCK_N=decode.FP8_BLOCK_N, F16_COMPUTE=True, CVT_ASM=True),
+            decode.FP8_NUM_WARPS, decode.FP8_NUM_STAGES, not_specialized=("stride_bt",),
+        )  # fmt: skip
+        out[f"decode_fp8{suffix}"] = main_loop_census(compiled, decode.FP8_BLOCK_N)
+        compiled = compile_sm90(
+            decode._decode_stage1_kernel, bf16_decode, constexprs | dict(BLOCK_N=decode.BLOCK_N),
+            decode.NUM_WARPS, decode.NUM_STAGES, not_specialized=("stride_bt",),
+        )  # fmt: skip
+        out[f"decode_bf16{suffix}"] = main_loop_census(compiled, decode.BLOCK_N)
 
     block_m, block_n, warps, stages = extend._block_sizes(128, torch.bfloat16, torch.device("cuda"))
     bf16_extend = types | {p: "*bf16" for p in ("q_ptr", "out_ptr", "k_cache_ptr", "v_cache_ptr")}

@@ -24,12 +24,23 @@ def census() -> dict:
     return run_census_in_subprocess()
 
 
-def test_fp8_decode_loop_double_buffers_and_never_loads_single_bytes(census):
-    loop = census["decode_fp8"]
+@pytest.mark.parametrize("rows", ["", "_8_rows"])
+def test_fp8_decode_loop_double_buffers_and_never_loads_single_bytes(census, rows):
+    loop = census[f"decode_fp8{rows}"]
     assert loop["kv_buffers"] and min(loop["kv_buffers"]) >= 2, f"K/V not double-buffered: {loop}"
     byte_loads = {op: n for op, n in loop["opcodes"].items() if op.startswith(("LDS.U8", "LDS.S8"))}
     assert not byte_loads, f"the FP8 decode loop loads shared memory byte by byte: {byte_loads}"
     assert loop["opcodes"].get("F2FP.F16.E4M3.UNPACK_B", 0) > 0, "E4M3 pairs are not converted by one cvt"
+    spills = sum(n for op, n in loop["opcodes"].items() if op.startswith(("STL", "LDL")))
+    assert not spills, f"the FP8 decode loop spills registers: {loop}"
+
+
+@pytest.mark.parametrize("rows", ["", "_8_rows"])
+def test_bf16_decode_loop_never_spills(census, rows):
+    """One query row per sequence and eight (a verify step's rows in one 32-row tile) alike."""
+    loop = census[f"decode_bf16{rows}"]
+    spills = sum(n for op, n in loop["opcodes"].items() if op.startswith(("STL", "LDL")))
+    assert not spills, f"the decode loop spills registers: {loop}"
 
 
 def test_bf16_extend_loop_double_buffers(census):

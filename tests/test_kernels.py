@@ -176,6 +176,43 @@ def test_decode_attention_heuristic_splits(seed, monkeypatch):
     assert_close(out, ref, dtype, seed, "heuristic splits")
 
 
+@pytest.mark.parametrize(
+    "dtype,block_size,num_kv_heads,group,head_dim,cache",
+    cross(DTYPES, DECODE_CONFIGS, ["model dtype", "fp8"]),
+)
+def test_decode_attention_several_query_rows(dtype, block_size, num_kv_heads, group, head_dim, cache, seed):
+    """Sequences with a few query rows each (drafts to verify: 1 to 6 rows, one with none), against the
+    causal float64 reference over the same rows: each row sees the keys up to its own position. The rows
+    sit apart from each other with a gap row between sequences, which must stay NaN."""
+    bs = block_size
+    pairs = [(6, 6), (1, bs - 1), (4, bs), (3, 3 * bs + 5), (5, 300 * SCALE), (0, 9)]  # (rows, context)
+    pairs += [
+        (int(n), int(n) + int(c))
+        for n, c in zip(torch.randint(1, 7, (SCALE,)), torch.randint(0, 99, (SCALE,)))
+    ]
+    qlens = [n for n, _ in pairs]
+    clens = [c for _, c in pairs]
+    cache_dtype = FP8 if cache == "fp8" else dtype
+    k_cache, v_cache, tables = make_paged_kv(clens, bs, num_kv_heads, head_dim, cache_dtype)
+    first_rows = [sum(qlens[:i]) + i for i in range(len(qlens))]  # a gap row after each sequence
+    num_rows = first_rows[-1] + qlens[-1] + 1
+    q = torch.randn(num_rows, num_kv_heads * group, head_dim, device=DEVICE).to(dtype)
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.int32, device=DEVICE)  # noqa: E731
+    rows, query_lens, context_lens = as_tensor(first_rows), as_tensor(qlens), as_tensor(clens)
+    scale = head_dim**-0.5
+    ref = extend_attention_ref(q, k_cache, v_cache, tables, first_rows, qlens, clens, scale)
+    owned = torch.tensor([any(r <= t < r + n for r, n in zip(first_rows, qlens)) for t in range(num_rows)])
+    for num_splits in (1, 5):
+        out = nan_like(q)
+        decode_attention(
+            q, k_cache, v_cache, tables, context_lens, scale, out, num_splits=num_splits, rows=rows,
+            query_lens=query_lens, max_query_len=max(qlens),
+        )  # fmt: skip
+        what = f"{cache} cache, num_splits={num_splits}"
+        assert out[~owned.to(out.device)].isnan().all(), f"{what}: a row no sequence owns was written"
+        assert_close(out[owned], ref[owned], dtype, seed, what)
+
+
 def test_choose_num_splits():
     cpu = torch.device("cpu")  # 132 SMs assumed
     assert choose_num_splits(256, 8, 4096, cpu) == 1  # big batch fills the GPU alone

@@ -39,6 +39,9 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 MIXED_STEP = [(1, 37), (4, 29), (6, 50), (1, 3), (9, 9), (4, 17)]
 # Another step over other sequences of the same cache: a CUDA graph captured on one replays the other.
 OTHER_STEP = [(6, 21), (1, 44), (1, 8), (4, 4), (4, 40)]
+# Verify steps: up to 5 drafts (6 rows) per sequence, some sequences without any.
+VERIFY_STEP = [(1, 37), (4, 29), (6, 50), (1, 3), (6, 6), (2, 17)]
+OTHER_VERIFY_STEP = [(6, 21), (1, 44), (3, 8), (4, 4), (5, 40)]
 
 
 class PagedSteps:
@@ -150,22 +153,35 @@ def _replayer(run):
     return replay
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_mixed_query_rows_replay_from_graph_buffers(dtype, seed):
-    """The Triton backend's graph buffers (what `MixedStepGraphs` captures) hold a step with 1, 4 and 6
-    query rows per sequence over cached contexts; a graph captured on another step replays it exactly
-    as the eager backend runs it, for a smaller shape (views of the buffers) and the full capacity."""
-    cache = PagedSteps([OTHER_STEP, MIXED_STEP], dtype)
+# Graph families: (steps, the capacity, a smaller shape, the most rows a sequence decodes with). A
+# mixed-step shape (`MixedStepGraphs`) sends multi-row sequences to the extend kernel; a verify shape
+# (`VerifyGraphs`: a few rows each) runs every sequence through the decode kernel.
+GRAPH_FAMILIES = {
+    "mixed": ([OTHER_STEP, MIXED_STEP], StepShape(41, 8, 4, 40), StepShape(33, 8, 4, 32), 1),
+    "verify": ([OTHER_VERIFY_STEP, VERIFY_STEP], StepShape(97, 16, 16, 6), StepShape(49, 8, 8, 6), 6),
+}
+
+
+@pytest.mark.parametrize(
+    "dtype,family", [(d, f) for d in (torch.float32, torch.bfloat16) for f in GRAPH_FAMILIES]
+)
+def test_mixed_query_rows_replay_from_graph_buffers(dtype, family, seed):
+    """The Triton backend's graph buffers (what `MixedStepGraphs` and `VerifyGraphs` capture) hold a step
+    with 1 to 9 query rows per sequence over cached contexts; a graph captured on another step replays it
+    exactly as the eager backend runs the same kernels, for a smaller shape (views of the buffers) and the
+    full capacity."""
+    step_rows, capacity, smaller, max_decode_rows = GRAPH_FAMILIES[family]
+    cache = PagedSteps(step_rows, dtype)
     k_cache, v_cache = cache.kv[0, 0], cache.kv[1, 0]
     backend = TritonAttentionBackend()
-    capacity = StepShape(num_rows=41, num_seqs=8, num_multi_row_seqs=4, max_query_len=40)
     buffers = backend.graph_buffers(
         capacity, max_context_len=MAX_CONTEXT, block_size=BLOCK, num_kv_heads=HK, device=DEVICE
     )
+    assert (buffers.state(capacity).extend is None) == (family == "verify"), "which kernel a family takes"
     q_static = torch.zeros(capacity.num_rows, HK * GROUP, D, dtype=dtype, device=DEVICE)
     steps = [cache.metadata(i) for i in range(2)]
     queries = [torch.randn(sum(m.query_lens), HK * GROUP, D, device=DEVICE).to(dtype) for m in steps]
-    for shape in (StepShape(33, 8, 4, 32), capacity):
+    for shape in (smaller, capacity):
 
         def run(shape=shape):
             state = buffers.state(shape)
@@ -180,7 +196,8 @@ def test_mixed_query_rows_replay_from_graph_buffers(dtype, seed):
             q_static[:n].copy_(q)
             q_static[n:].fill_(NAN)  # padding rows: nothing may read them into an owned row
             out = replay()
-            eager = backend.forward(q, k_cache, v_cache, backend.prepare(meta), SCALE)
+            eager_state = backend.prepare(meta, max_decode_rows=max_decode_rows)
+            eager = backend.forward(q, k_cache, v_cache, eager_state, SCALE)
             what = f"shape {shape}, step {list(zip(meta.query_lens, meta.context_lens))}, seed={seed}"
             assert not out[:n].isnan().any(), f"NaN in an owned row: {what}"
             errors = per_sequence_errors(out[:n], eager, meta.query_lens)

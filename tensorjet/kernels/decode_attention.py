@@ -1,10 +1,13 @@
 """Split-KV flash-decoding over the paged KV cache, with GQA head packing.
 
-One query per sequence. Stage 1 runs one program per (sequence, kv head, kv split): it loads that KV
-head's keys/values for its slice of the context once and computes all `group` query heads that share
-the head at once (a [group, head_dim] x [head_dim, BLOCK_N] dot), keeping an online softmax; it writes
-a partial output (already normalised) and its log-sum-exp (base 2). Stage 2 merges the splits. With a
-single split, stage 1 writes the final output directly and stage 2 is skipped.
+One query per sequence, or a few (`query_lens`: drafts to verify, the last rows of a sequence, each
+seeing the keys up to its own position). Stage 1 runs one program per (sequence, kv head, kv split): it
+loads that KV head's keys/values for its slice of the context once and computes all `group` query heads
+that share the head, for each of the sequence's query rows, at once (a [rows x group, head_dim] x
+[head_dim, BLOCK_N] dot), keeping an online softmax; it writes a partial output (already normalised) and
+its log-sum-exp (base 2). Stage 2 merges the splits. With a single split, stage 1 writes the final
+output directly and stage 2 is skipped. A tensor-core dot takes at least 16 rows, so a few query rows
+per sequence cost no more than one: a verify step reads its keys once, in as many splits as a decode.
 
 An FP8 cache has its own stage 1 (`_decode_fp8_stage1_kernel`): it reads the cache as int16 words and
 turns each into two fp16 values at once (`e4m3_pairs`), the low bytes being the even head dimensions
@@ -116,9 +119,30 @@ def _tile_slots(table, offs_n, n_mask, PAGE_SIZE: tl.constexpr):
 
 
 @triton.jit
-def _online_softmax(qk, n_mask, m_i, l_i):
+def _query_rows(q_len_ptr, seq, kv_head, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, MULTI_ROW: tl.constexpr):
+    """The tile's rows: row i is query row i // GROUP of the sequence at head kv_head * GROUP + i % GROUP;
+    (query row of each, head of each, rows in use, the sequence's query length)."""
+    offs_m = tl.arange(0, BLOCK_M)
+    j = offs_m // GROUP
+    heads = kv_head * GROUP + offs_m % GROUP
+    q_len = tl.load(q_len_ptr + seq) if MULTI_ROW else 1
+    return j, heads, j < q_len, q_len
+
+
+@triton.jit
+def _visible(offs_n, end, ctx_len, q_len, j, MULTI_ROW: tl.constexpr):
+    """Which keys of the tile count for each row: those of the split, and with several query rows only
+    those up to the row's own position (row j of q_len sits at ctx_len - q_len + j)."""
+    visible = (offs_n < end)[None, :]
+    if MULTI_ROW:
+        visible = visible & (offs_n[None, :] <= (ctx_len - q_len + j)[:, None])
+    return visible
+
+
+@triton.jit
+def _online_softmax(qk, visible, m_i, l_i):
     """One tile of base-2 scores into the running max and sum: (p, rescale factor, new max, new sum)."""
-    qk = tl.where(n_mask[None, :], qk, float("-inf"))
+    qk = tl.where(visible, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(qk - m_new[:, None])
@@ -133,8 +157,9 @@ def _write_split(
     seq,
     row,
     split,
+    j,
     heads,
-    g_mask,
+    m_mask,
     offs_d,
     d_mask,
     out_ptr,
@@ -147,20 +172,22 @@ def _write_split(
     stride_mo_s,
     stride_ml_b,
     stride_ml_h,
+    QROWS: tl.constexpr,
     DIRECT: tl.constexpr,
 ):
-    """The normalised output: straight to `out` with one split, else a partial and its log-sum-exp."""
+    """The normalised output: straight to `out` with one split, else a partial and its log-sum-exp
+    (partials of query row j of a sequence at entry seq * QROWS + j)."""
     o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-    mask = g_mask[:, None] & d_mask[None, :]
+    mask = m_mask[:, None] & d_mask[None, :]
     if DIRECT:
-        out = out_ptr + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
+        out = out_ptr + (row + j)[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(out, o.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))  # empty split: -inf
-        seq64 = seq.to(tl.int64)
-        mid = mid_o_ptr + seq64 * stride_mo_b + heads[:, None] * stride_mo_h + split * stride_mo_s
+        entry = seq.to(tl.int64) * QROWS + j
+        mid = mid_o_ptr + entry[:, None] * stride_mo_b + heads[:, None] * stride_mo_h + split * stride_mo_s
         tl.store(mid + offs_d[None, :], o, mask=mask)
-        tl.store(mid_lse_ptr + seq64 * stride_ml_b + heads * stride_ml_h + split, lse, mask=g_mask)
+        tl.store(mid_lse_ptr + entry * stride_ml_b + heads * stride_ml_h + split, lse, mask=m_mask)
 
 
 # The block-table width changes every step: specialising on it (== 1, % 16) would recompile.
@@ -172,6 +199,7 @@ def _decode_stage1_kernel(
     block_tables_ptr,
     context_lens_ptr,
     rows_ptr,
+    query_lens_ptr,
     out_ptr,
     mid_o_ptr,
     mid_lse_ptr,
@@ -193,12 +221,14 @@ def _decode_stage1_kernel(
     stride_ml_b,
     stride_ml_h,
     GROUP: tl.constexpr,
-    BLOCK_G: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     HAS_ROWS: tl.constexpr,
+    QROWS: tl.constexpr,
+    MULTI_ROW: tl.constexpr,
     DIRECT: tl.constexpr,
     DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -207,21 +237,20 @@ def _decode_stage1_kernel(
     wait_for_previous_kernel(PDL)
     seq, kv_head, split, row, start, end = _program_keys(context_lens_ptr, rows_ptr, HAS_ROWS, BLOCK_N)
 
-    offs_g = tl.arange(0, BLOCK_G)
+    j, heads, m_mask, q_len = _query_rows(query_lens_ptr, seq, kv_head, GROUP, BLOCK_M, MULTI_ROW)
+    ctx_len = tl.load(context_lens_ptr + seq)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n0 = tl.arange(0, BLOCK_N)
-    heads = kv_head * GROUP + offs_g
-    g_mask = offs_g < GROUP
     d_mask = offs_d < HEAD_DIM
     q = tl.load(
-        q_ptr + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-        mask=g_mask[:, None] & d_mask[None, :],
+        q_ptr + (row + j)[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=m_mask[:, None] & d_mask[None, :],
         other=0.0,
     )
 
-    m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     k_base = k_cache_ptr + kv_head * stride_kh
     v_base = v_cache_ptr + kv_head * stride_vh
@@ -234,15 +263,16 @@ def _decode_stage1_kernel(
         k_rows = page * stride_kb + slot * stride_ko
         k = tl.load(k_base + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         qk = tl_dot(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale
-        p, alpha, m_i, l_i = _online_softmax(qk, n_mask, m_i, l_i)
+        visible = _visible(offs_n, end, ctx_len, q_len, j, MULTI_ROW)
+        p, alpha, m_i, l_i = _online_softmax(qk, visible, m_i, l_i)
         v_rows = page * stride_vb + slot * stride_vo
         v = tl.load(v_base + v_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl_dot(p.to(v.dtype), v, DOT_PREC, UPCAST)
 
     launch_next_kernel(PDL)
     _write_split(
-        acc, m_i, l_i, seq, row, split, heads, g_mask, offs_d, d_mask, out_ptr, mid_o_ptr, mid_lse_ptr,
-        stride_ot, stride_oh, stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h, DIRECT,
+        acc, m_i, l_i, seq, row, split, j, heads, m_mask, offs_d, d_mask, out_ptr, mid_o_ptr, mid_lse_ptr,
+        stride_ot, stride_oh, stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h, QROWS, DIRECT,
     )  # fmt: skip
 
 
@@ -254,6 +284,7 @@ def _decode_fp8_stage1_kernel(
     block_tables_ptr,
     context_lens_ptr,
     rows_ptr,
+    query_lens_ptr,
     out_ptr,
     mid_o_ptr,
     mid_lse_ptr,
@@ -275,12 +306,14 @@ def _decode_fp8_stage1_kernel(
     stride_ml_b,
     stride_ml_h,
     GROUP: tl.constexpr,
-    BLOCK_G: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     HAS_ROWS: tl.constexpr,
+    QROWS: tl.constexpr,
+    MULTI_ROW: tl.constexpr,
     DIRECT: tl.constexpr,
     DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -294,23 +327,22 @@ def _decode_fp8_stage1_kernel(
     wait_for_previous_kernel(PDL)
     seq, kv_head, split, row, start, end = _program_keys(context_lens_ptr, rows_ptr, HAS_ROWS, BLOCK_N)
 
-    offs_g = tl.arange(0, BLOCK_G)
+    j, heads, m_mask, q_len = _query_rows(query_lens_ptr, seq, kv_head, GROUP, BLOCK_M, MULTI_ROW)
+    ctx_len = tl.load(context_lens_ptr + seq)
     offs_w = tl.arange(0, BLOCK_D // 2)
     offs_n0 = tl.arange(0, BLOCK_N)
-    heads = kv_head * GROUP + offs_g
-    g_mask = offs_g < GROUP
     w_mask = offs_w < HEAD_DIM // 2
-    q_even_ptr = q_ptr + row * stride_qt + heads[:, None] * stride_qh + 2 * offs_w[None, :]
-    q_mask = g_mask[:, None] & w_mask[None, :]
+    q_even_ptr = q_ptr + (row + j)[:, None] * stride_qt + heads[:, None] * stride_qh + 2 * offs_w[None, :]
+    q_mask = m_mask[:, None] & w_mask[None, :]
     q_even = tl.load(q_even_ptr, mask=q_mask, other=0.0)
     q_odd = tl.load(q_even_ptr + 1, mask=q_mask, other=0.0)
     if F16_COMPUTE:
         q_even, q_odd = as_f16(q_even), as_f16(q_odd)
 
-    m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc_even = tl.zeros([BLOCK_G, BLOCK_D // 2], dtype=tl.float32)
-    acc_odd = tl.zeros([BLOCK_G, BLOCK_D // 2], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_even = tl.zeros([BLOCK_M, BLOCK_D // 2], dtype=tl.float32)
+    acc_odd = tl.zeros([BLOCK_M, BLOCK_D // 2], dtype=tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     k_base = k_words_ptr + kv_head * stride_kh
     v_base = v_words_ptr + kv_head * stride_vh
@@ -325,7 +357,8 @@ def _decode_fp8_stage1_kernel(
         k_lo, k_hi = e4m3_pairs(k_words, CVT_ASM)
         qk = tl_dot(q_even, tl.trans(k_lo.to(q_even.dtype)), DOT_PREC, UPCAST)
         qk += tl_dot(q_odd, tl.trans(k_hi.to(q_odd.dtype)), DOT_PREC, UPCAST)
-        p, alpha, m_i, l_i = _online_softmax(qk * qk_scale, n_mask, m_i, l_i)
+        visible = _visible(offs_n, end, ctx_len, q_len, j, MULTI_ROW)
+        p, alpha, m_i, l_i = _online_softmax(qk * qk_scale, visible, m_i, l_i)
         v_rows = page * stride_vb + slot * stride_vo
         v_words = tl.load(v_base + v_rows[:, None] + offs_w[None, :], mask=kv_mask, other=0)
         v_lo, v_hi = e4m3_pairs(v_words, CVT_ASM)
@@ -334,12 +367,12 @@ def _decode_fp8_stage1_kernel(
         acc_odd = acc_odd * alpha[:, None] + tl_dot(p, v_hi.to(p.dtype), DOT_PREC, UPCAST)
 
     launch_next_kernel(PDL)
-    acc = tl.join(acc_even, acc_odd).reshape(BLOCK_G, BLOCK_D)  # interleave: columns 2w, 2w + 1
+    acc = tl.join(acc_even, acc_odd).reshape(BLOCK_M, BLOCK_D)  # interleave: columns 2w, 2w + 1
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     _write_split(
-        acc, m_i, l_i, seq, row, split, heads, g_mask, offs_d, d_mask, out_ptr, mid_o_ptr, mid_lse_ptr,
-        stride_ot, stride_oh, stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h, DIRECT,
+        acc, m_i, l_i, seq, row, split, j, heads, m_mask, offs_d, d_mask, out_ptr, mid_o_ptr, mid_lse_ptr,
+        stride_ot, stride_oh, stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h, QROWS, DIRECT,
     )  # fmt: skip
 
 
@@ -348,6 +381,7 @@ def _decode_stage2_kernel(
     mid_o_ptr,
     mid_lse_ptr,
     rows_ptr,
+    query_lens_ptr,
     out_ptr,
     num_splits,
     stride_mo_b,
@@ -361,14 +395,21 @@ def _decode_stage2_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
     HAS_ROWS: tl.constexpr,
+    QROWS: tl.constexpr,
+    MULTI_ROW: tl.constexpr,
     PDL: tl.constexpr,
 ):
+    """Merges the splits of query row j of a sequence (program entry = seq * QROWS + j)."""
     wait_for_previous_kernel(PDL)
     launch_next_kernel(PDL)  # a short merge: the projection after it may start fetching its weights
-    seq = tl.program_id(0).to(tl.int64)
+    entry = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
+    seq, j = entry // QROWS, entry % QROWS
+    if MULTI_ROW:
+        if j >= tl.load(query_lens_ptr + seq):
+            return
     if HAS_ROWS:
-        row = tl.load(rows_ptr + seq).to(tl.int64)
+        row = tl.load(rows_ptr + seq).to(tl.int64) + j
     else:
         row = seq
     offs_s = tl.arange(0, BLOCK_S)
@@ -376,13 +417,17 @@ def _decode_stage2_kernel(
     s_mask = offs_s < num_splits
     d_mask = offs_d < HEAD_DIM
     lse = tl.load(
-        mid_lse_ptr + seq * stride_ml_b + head * stride_ml_h + offs_s, mask=s_mask, other=float("-inf")
+        mid_lse_ptr + entry * stride_ml_b + head * stride_ml_h + offs_s, mask=s_mask, other=float("-inf")
     )
     m = tl.max(lse, 0)
     m = tl.where(m == float("-inf"), 0.0, m)  # all splits empty (context_len 0): output zeros
     w = tl.exp2(lse - m)
     o = tl.load(
-        mid_o_ptr + seq * stride_mo_b + head * stride_mo_h + offs_s[:, None] * stride_mo_s + offs_d[None, :],
+        mid_o_ptr
+        + entry * stride_mo_b
+        + head * stride_mo_h
+        + offs_s[:, None] * stride_mo_s
+        + offs_d[None, :],
         mask=s_mask[:, None] & d_mask[None, :],
         other=0.0,
     )
@@ -405,11 +450,13 @@ def decode_attention(
     num_splits: int | None = None,
     max_context_len: int | None = None,
     rows: torch.Tensor | None = None,
+    query_lens: torch.Tensor | None = None,
+    max_query_len: int = 1,
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
 ) -> torch.Tensor:
-    """Attention of one query per sequence over its paged context.
+    """Attention of one query per sequence over its paged context, or of a few (`query_lens`).
 
     q: [num_seqs, Hq, D] (extra trailing rows, e.g. CUDA-graph padding, are ignored; with `rows`,
     any [T, Hq, D] where sequence i's query is q[rows[i]]);
@@ -417,12 +464,20 @@ def decode_attention(
     (-1 padded); context_lens: int32 [num_seqs] (0 gives a zero output). Returns `out` (allocated
     like q when None); only the rows of the batch are written.
 
+    query_lens (with rows): int32 [num_seqs], sequence i's queries are rows rows[i] .. rows[i] +
+    query_lens[i] - 1, the last of its context_lens[i] positions, each attending causally (up to its own
+    position); at most `max_query_len` each (0 writes nothing).
+
     num_splits: KV splits per sequence; None picks `choose_num_splits(...)` from `max_context_len`
     (read from context_lens with a device sync when not given).
     """
     num_seqs = block_tables.shape[0] if rows is None else rows.shape[0]
     if rows is None:
         assert q.shape[0] >= num_seqs, "q must hold one query per sequence (or pass rows=)"
+    multi_row = query_lens is not None
+    assert rows is not None or not multi_row, "several query rows per sequence need their first rows"
+    # Rounded up to a power of two: steps of 2-8 rows share a few compiled variants.
+    qrows = next_pow2(max_query_len) if multi_row else 1
     if out is None:
         out = torch.empty_like(q)
     if num_seqs == 0:
@@ -448,12 +503,14 @@ def decode_attention(
         mid_o = mid_lse = out  # unused placeholders
         mo_strides, ml_strides = (0, 0, 0), (0, 0)
     else:
-        mid_o = torch.empty((num_seqs, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=device)
-        mid_lse = torch.empty((num_seqs, num_q_heads, num_splits), dtype=torch.float32, device=device)
+        entries = num_seqs * qrows  # query row j of sequence i: entry i * qrows + j
+        mid_o = torch.empty((entries, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=device)
+        mid_lse = torch.empty((entries, num_q_heads, num_splits), dtype=torch.float32, device=device)
         mo_strides, ml_strides = mid_o.stride()[:3], mid_lse.stride()[:2]
     kv_fp8 = is_fp8(k_cache.dtype)
     has_rows = rows is not None
     rows_arg = rows if has_rows else context_lens
+    query_lens_arg = as_int32(query_lens, device) if multi_row else context_lens
     block_d = next_pow2(head_dim)
     pdl = pdl_enabled(device)
     if kv_fp8:
@@ -475,6 +532,7 @@ def decode_attention(
         block_tables,
         context_lens,
         rows_arg,
+        query_lens_arg,
         out,
         mid_o,
         mid_lse,
@@ -489,12 +547,14 @@ def decode_attention(
         *mo_strides,
         *ml_strides,
         GROUP=group,
-        BLOCK_G=max(16, next_pow2(group)),
+        BLOCK_M=max(16, next_pow2(qrows * group)),
         HEAD_DIM=head_dim,
         BLOCK_D=block_d,
         BLOCK_N=block_n,
         PAGE_SIZE=page_size,
         HAS_ROWS=has_rows,
+        QROWS=qrows,
+        MULTI_ROW=multi_row,
         DIRECT=direct,
         DOT_PREC=dot_precision(q.dtype),
         UPCAST=dot_upcast(q.dtype),
@@ -505,10 +565,11 @@ def decode_attention(
         **pdl_launch(pdl),
     )
     if not direct:
-        _decode_stage2_kernel[(num_seqs, num_q_heads)](
+        _decode_stage2_kernel[(num_seqs * qrows, num_q_heads)](
             mid_o,
             mid_lse,
             rows_arg,
+            query_lens_arg,
             out,
             num_splits,
             *mo_strides,
@@ -519,6 +580,8 @@ def decode_attention(
             BLOCK_D=block_d,
             BLOCK_S=next_pow2(num_splits),
             HAS_ROWS=has_rows,
+            QROWS=qrows,
+            MULTI_ROW=multi_row,
             PDL=pdl,
             num_warps=4 if block_d >= 128 else 2,
             **pdl_launch(pdl),

@@ -1,15 +1,17 @@
 """`TritonAttentionBackend`: the Triton kernels behind the `AttentionBackend` interface.
 
-Per step, `prepare` routes each sequence by its query rows: one row goes to split-KV flash-decoding
-(`decode_attention`), several (a prompt chunk, or drafts to verify) to the extend kernel, which attends
-them causally over the cached prefix plus themselves (`extend_attention`). It builds every int32 index
-tensor they need with one host-to-device copy. `forward` then runs each kind's kernel on its rows of one
-output tensor; a batch of one kind launches only that kind's kernels and needs no gather at all.
+Per step, `prepare` routes each sequence by its query rows: up to `MAX_DECODE_QUERY_ROWS` (one, or
+drafts to verify) go to split-KV flash-decoding (`decode_attention`), which reads a sequence's keys once
+for all its rows and splits long contexts across the GPU; more (a prompt chunk) to the extend kernel,
+which attends them causally over the cached prefix plus themselves (`extend_attention`). It builds every
+int32 index tensor they need with one host-to-device copy. `forward` then runs each kind's kernel on its
+rows of one output tensor; a batch of one kind launches only that kind's kernels and needs no gather.
 
 For CUDA graphs, `graph_buffers` holds the same state in static tensors (`TritonGraphBuffers`): a shape
-whose sequences all have one row keeps the plain decode layout (sequence i is token row i); any other
-shape gives every sequence an explicit row, sends padded single-row sequences to the shape's last row
-and zeroes the output rows that no sequence owns.
+whose sequences all have one row keeps the plain decode layout (sequence i is token row i); a shape of
+at most MAX_DECODE_QUERY_ROWS rows per sequence (a verify step) runs every sequence as a decode with its
+own first row and row count; any other shape sends its multi-row sequences to the extend kernel. The
+last two send padded sequences to the shape's last row and zero the output rows that no sequence owns.
 """
 
 from __future__ import annotations
@@ -23,16 +25,21 @@ from tensorjet.kernels.extend_attention import extend_attention
 from tensorjet.kernels.rotary import rotary_and_store_kv
 from tensorjet.layers.attention import AttentionMetadata, StepShape
 
+# Sequences with up to this many query rows (a decode, or drafts to verify) run the decode kernel.
+MAX_DECODE_QUERY_ROWS = 8
+
 
 @dataclass
 class DecodeRows:
-    """Sequences with one query row."""
+    """Sequences with one query row, or a few (`query_lens`)."""
 
     block_tables: torch.Tensor  # [n, max_blocks] int32
     context_lens: torch.Tensor  # [n] int32
-    rows: torch.Tensor | None  # [n] int32 token row of each; None: sequence i is row i
+    rows: torch.Tensor | None  # [n] int32 (first) token row of each; None: sequence i is row i
     max_context_len: int
     num_splits: int | None = None  # fixed by a CUDA graph's shape; None: chosen per step
+    query_lens: torch.Tensor | None = None  # [n] int32 query rows of each; None: one each
+    max_query_len: int = 1
 
 
 @dataclass
@@ -74,23 +81,31 @@ class TritonAttentionBackend:
             self._ones = torch.ones(n, dtype=torch.int32, device=device)
         return self._row_ids[:n], self._ones[:n]
 
-    def prepare(self, meta: AttentionMetadata) -> TritonAttentionState:
+    def prepare(
+        self, meta: AttentionMetadata, max_decode_rows: int = MAX_DECODE_QUERY_ROWS
+    ) -> TritonAttentionState:
+        """max_decode_rows: the most query rows a sequence run as a decode may have (a CUDA graph's
+        shape fixes which kernel its sequences take; batch-invariant mode decodes single rows only)."""
         device = meta.slot_mapping.device
         qlens, clens = list(meta.query_lens), list(meta.context_lens)
         starts = [0]
         for n in qlens:
             starts.append(starts[-1] + n)
-        decode_seqs = [i for i, n in enumerate(qlens) if n == 1]
-        extend_seqs = [i for i, n in enumerate(qlens) if n > 1]
+        if self.batch_invariant:
+            max_decode_rows = 1
+        decode_seqs = [i for i, n in enumerate(qlens) if n <= max_decode_rows]
+        extend_seqs = [i for i, n in enumerate(qlens) if n > max_decode_rows]
         num_seqs = len(qlens)
+        max_decode_query = max((qlens[i] for i in decode_seqs), default=1)
 
-        # One int32 buffer, one copy: [all context lens | decode: seq ids, token rows | extend: seq ids,
-        # query starts, query lens].
+        # One int32 buffer, one copy: [all context lens | decode: seq ids, token rows, query lens |
+        # extend: seq ids, query starts, query lens].
         host = list(clens)
         offsets = {}
         for name, values in (
             ("dec_seq", decode_seqs),
             ("dec_row", [starts[i] for i in decode_seqs]),
+            ("dec_qlen", [qlens[i] for i in decode_seqs] if max_decode_query > 1 else []),
             ("ext_seq", extend_seqs),
             ("ext_start", [starts[i] for i in extend_seqs]),
             ("ext_qlen", [qlens[i] for i in extend_seqs]),
@@ -112,12 +127,15 @@ class TritonAttentionBackend:
 
         decode = extend = None
         if decode_seqs:
-            pure = len(decode_seqs) == num_seqs  # every sequence decodes: token row i is sequence i
+            every = len(decode_seqs) == num_seqs
+            pure = every and max_decode_query == 1  # token row i is sequence i
             decode = DecodeRows(
-                block_tables=tables if pure else tables[part("dec_seq").long()],
-                context_lens=all_ctx if pure else all_ctx[part("dec_seq").long()],
+                block_tables=tables if every else tables[part("dec_seq").long()],
+                context_lens=all_ctx if every else all_ctx[part("dec_seq").long()],
                 rows=None if pure else part("dec_row"),
                 max_context_len=max(clens[i] for i in decode_seqs),
+                query_lens=part("dec_qlen") if max_decode_query > 1 else None,
+                max_query_len=max_decode_query,
             )
         if extend_seqs:
             pure = len(extend_seqs) == num_seqs
@@ -170,6 +188,8 @@ class TritonAttentionBackend:
                 out,
                 num_splits=num_splits,
                 rows=d.rows,
+                query_lens=d.query_lens,
+                max_query_len=d.max_query_len,
             )
         e = state.extend
         if e is not None:
@@ -209,9 +229,11 @@ class TritonAttentionBackend:
 
 class TritonGraphBuffers:
     """`TritonAttentionState` in static tensors sized for `capacity`; smaller shapes use their leading
-    rows. A capacity with no multi-row sequences holds the plain decode layout; any other holds
-    `capacity.num_seqs` single-row and `capacity.num_multi_row_seqs` multi-row sequences, the extend
-    kernel's grid covering `max_query_len` rows for each (programs past a sequence's rows exit at once).
+    rows. A capacity with no multi-row sequences holds the plain decode layout. One of at most
+    MAX_DECODE_QUERY_ROWS rows per sequence runs `capacity.num_seqs` sequences as decodes, each with its
+    first row and row count. Any other holds `capacity.num_seqs` single-row and
+    `capacity.num_multi_row_seqs` multi-row sequences, the extend kernel's grid covering
+    `max_query_len` rows for each (programs past a sequence's rows exit at once).
     """
 
     def __init__(
@@ -229,15 +251,18 @@ class TritonGraphBuffers:
         self.device = device
         width = -(-max_context_len // block_size)
         seqs, multi = capacity.num_seqs, capacity.num_multi_row_seqs
+        # Few rows per sequence (drafts to verify): every sequence decodes; else multi-row ones extend.
+        self.few_rows = multi > 0 and self.decodes_all(capacity)
         with torch.device(device):
             self.decode = DecodeRows(
                 block_tables=torch.zeros(seqs, width, dtype=torch.int32),
                 context_lens=torch.zeros(seqs, dtype=torch.int32),
                 rows=torch.zeros(seqs, dtype=torch.int32) if multi else None,
                 max_context_len=max_context_len,
+                query_lens=torch.zeros(seqs, dtype=torch.int32) if self.few_rows else None,
             )
             self.extend = None
-            if multi:
+            if multi and not self.few_rows:
                 self.extend = ExtendRows(
                     block_tables=torch.zeros(multi, width, dtype=torch.int32),
                     context_lens=torch.zeros(multi, dtype=torch.int32),
@@ -245,9 +270,14 @@ class TritonGraphBuffers:
                     query_lens=torch.zeros(multi, dtype=torch.int32),
                     max_query_len=capacity.max_query_len,
                 )
+            if multi:
                 self.row_ids = torch.arange(seqs, dtype=torch.int32)  # a step's rows when all decode
         # Splits per shape are fixed at capture; a split past a row's context exits at once.
         self._splits: dict[StepShape, int] = {}
+
+    def decodes_all(self, shape: StepShape) -> bool:
+        """Whether a step of this shape runs every sequence through the decode kernel."""
+        return shape.max_query_len <= MAX_DECODE_QUERY_ROWS and not self.backend.batch_invariant
 
     def state(self, shape: StepShape) -> TritonAttentionState:
         if shape not in self._splits:
@@ -261,9 +291,11 @@ class TritonGraphBuffers:
             rows=None if d.rows is None else d.rows[:n],
             max_context_len=self.max_context_len,
             num_splits=self._splits[shape],
+            query_lens=None if d.query_lens is None else d.query_lens[:n],
+            max_query_len=shape.max_query_len if self.few_rows else 1,
         )
         if self.extend is None:
-            return TritonAttentionState(decode, None)
+            return TritonAttentionState(decode, None, zero_padding=self.few_rows)
         e, m = self.extend, shape.num_multi_row_seqs
         extend = ExtendRows(
             block_tables=e.block_tables[:m],
@@ -275,17 +307,24 @@ class TritonGraphBuffers:
         return TritonAttentionState(decode, extend, zero_padding=True)
 
     def fill(self, meta: AttentionMetadata, shape: StepShape) -> None:
-        if self.extend is None:
+        if self.extend is None and not self.few_rows:
             self._fill_decode_layout(meta, shape)
             return
-        step = self.backend.prepare(meta)
+        step = self.backend.prepare(meta, max_decode_rows=shape.max_query_len if self.few_rows else 1)
         d, n = step.decode, 0
         if d is not None:
             n = d.context_lens.shape[0]
             self._copy_rows(self.decode, d, n)
             self.decode.rows[:n].copy_(self.row_ids[:n] if d.rows is None else d.rows)
+            if self.few_rows and d.query_lens is None:
+                self.decode.query_lens[:n].fill_(1)
+            elif self.few_rows:
+                self.decode.query_lens[:n].copy_(d.query_lens)
         self.decode.context_lens[n : shape.num_seqs].fill_(0)  # padded: no keys to read ...
         self.decode.rows[n : shape.num_seqs].fill_(shape.num_rows - 1)  # ... output to the padding row
+        if self.few_rows:
+            self.decode.query_lens[n : shape.num_seqs].fill_(0)  # (or none at all)
+            return
         e, m = step.extend, 0
         if e is not None:
             m = e.context_lens.shape[0]
