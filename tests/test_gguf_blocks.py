@@ -15,12 +15,14 @@ from prompts import PLAIN
 from tensorjet import LLM, SamplingParams
 from tensorjet.config import EngineConfig
 from tensorjet.layers.activation import silu_and_mul
+from tensorjet.layers.attention import AttentionMetadata
 from tensorjet.layers.linear import Linear, UnquantizedLinearMethod
 from tensorjet.layers.norm import RMSNorm
 from tensorjet.layers.weight_loader import weight_loader_of
 from tensorjet.models.gguf_blocks import unpack_block_rows
 from tensorjet.quant import gguf
 from tensorjet.quant.formats import UnsupportedCheckpointError, quantization_spec
+from tensorjet.quant.gguf_decode import GgufDecodeStep
 from tensorjet.runtime.kernel_selection import check_gguf_device
 
 BF16_STEP = 2.0**-8  # bf16 keeps 8 significant bits: rounding moves a value by at most this share of it
@@ -220,6 +222,43 @@ def test_an_engine_runs_random_gguf_blocks(tiny_model_dir):
     finally:
         llm.shutdown()
     assert alone == together
+
+
+@pytest.mark.parametrize("blocks", [[0, 1, 2], [2, 0, 1]], ids=["in_order", "scattered"])
+def test_the_decode_step_matches_the_fused_layers(tiny_model_dir, blocks):
+    """One-token steps run `GgufDecodeStep`: its hidden state and the keys and values it caches are the
+    fused decoder layers' up to bf16 rounding, whether the sequence's blocks lie in order in the cache
+    (read as a slice) or not (gathered)."""
+    llm = LLM(
+        device="cpu", model=tiny_model_dir, load_format="dummy", quantization="gguf", kv_cache_max_tokens=256
+    )
+    try:
+        model, block = llm.engine.runner.model, llm.engine.runner.block_size
+        step = model.decode_step
+        assert isinstance(step, GgufDecodeStep)
+        n = 2 * block + 3  # the prompt; the step's token is the next
+        slots = [blocks[p // block] * block + p % block for p in range(n + 1)]
+        table = torch.tensor([blocks], dtype=torch.int32)
+        ids = torch.randint(0, 128, (n + 1,), generator=torch.Generator().manual_seed(0))
+        caches = [c.flatten(0, 1) for a in model.attention_layers for c in (a.k_cache, a.v_cache)]
+
+        def decode() -> tuple[torch.Tensor, list[torch.Tensor]]:
+            meta = AttentionMetadata([1], [n + 1], torch.tensor(slots[n:]), table, block)
+            hidden = model(ids[n:], torch.tensor([n]), meta)
+            return hidden, [cache[slots[n]].clone() for cache in caches]
+
+        with torch.inference_mode():
+            model(
+                ids[:n], torch.arange(n), AttentionMetadata([n], [n], torch.tensor(slots[:n]), table, block)
+            )
+            ours, our_rows = decode()
+            model.decode_step = None
+            fused, fused_rows = decode()
+    finally:
+        llm.shutdown()
+    torch.testing.assert_close(ours, fused, rtol=0.05, atol=0.05)
+    for row, expected in zip(our_rows, fused_rows):
+        torch.testing.assert_close(row, expected, rtol=0.05, atol=0.05)
 
 
 def test_the_bundled_model_runs_its_blocks_within_the_fp32_perplexity(llm, default_llm):

@@ -11,7 +11,7 @@ and LM head split by vocabulary, with the logits gathered on rank 0.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -277,6 +277,11 @@ class LlamaForCausalLM(nn.Module):
         # (`tensorjet.runtime.kernel_selection`), and a benchmark may flip it to compare.
         self.fused_decode = False
         self.fused_rows = range(0)
+        # One-token steps of one sequence through `tensorjet.quant.gguf_decode.GgufDecodeStep` (GGUF
+        # blocks on the CPU), set at start-up where it runs the model.
+        self.decode_step: Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor] | None = (
+            None
+        )
 
     @property
     def attention_layers(self) -> list[Attention]:
@@ -292,8 +297,10 @@ class LlamaForCausalLM(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         """Returns the final hidden states, [num_tokens, hidden]."""
-        x = self.embed_tokens(input_ids)
         rows = input_ids.shape[0]
+        if rows == 1 and self.decode_step is not None:
+            return self.decode_step(input_ids, positions, meta)
+        x = self.embed_tokens(input_ids)
         if self.fused_decode and (rows == 1 or rows in self.fused_rows):
             for layer in self.layers:
                 layer.forward_fused(positions, x, meta)

@@ -52,6 +52,7 @@ from tensorjet.layers.rotary import RotaryEmbedding
 from tensorjet.quant.formats import QuantizationSpec
 from tensorjet.quant.fp8 import Fp8Kernels, Fp8LinearMethod
 from tensorjet.quant.gguf import GgufHeadMethod, GgufLinearMethod, blocks_product
+from tensorjet.quant.gguf_decode import GgufDecodeStep
 from tensorjet.quant.int4 import Int4Kernels, Int4LinearMethod
 
 logger = logging.getLogger(__name__)
@@ -73,12 +74,13 @@ class FusedDecoderLayer(Protocol):
 
 
 class DecoderModel(Protocol):
-    """What kernel selection needs of a model: its modules, its decoder layers, and the switch that
-    sends one-token steps through the fused layer."""
+    """What kernel selection needs of a model: its modules, its decoder layers, and the switches that
+    send one-token steps through the fused layer or a whole-model step (`decode_step`)."""
 
     layers: Sequence[FusedDecoderLayer]
     fused_decode: bool
     fused_rows: range
+    decode_step: Callable | None
 
     def modules(self) -> Iterator[nn.Module]: ...
 
@@ -152,9 +154,10 @@ def select_kernels(model: DecoderModel, config: EngineConfig, attention_backend:
 
 
 def select_gguf_kernels(model: DecoderModel, config: EngineConfig) -> None:
-    """For a model whose projections run GGUF blocks: one-token steps through the decoder layers' fused
-    path (each projection with its norm, residual add or SiLU beside it: fewer ops a step).
-    Batch-invariant mode runs the projections in fixed-shape row tiles instead of the fused path."""
+    """For a model whose projections run GGUF blocks: one-token steps through `GgufDecodeStep` where it
+    runs the model, else the decoder layers' fused path (each projection with its norm, residual add or
+    SiLU beside it: fewer ops a step). Batch-invariant mode runs the projections in fixed-shape row
+    tiles instead of either."""
     layers = [m for m in model.modules() if isinstance(m, Linear) and isinstance(m.method, GgufLinearMethod)]
     if not layers:
         return
@@ -165,6 +168,8 @@ def select_gguf_kernels(model: DecoderModel, config: EngineConfig) -> None:
         model.fused_decode = False
         return
     model.fused_decode = True
+    if GgufDecodeStep.runs(model, config.kv_cache_torch_dtype):
+        model.decode_step = GgufDecodeStep(model)
 
 
 def dense_kernel(config: EngineConfig) -> LinearKernel:
