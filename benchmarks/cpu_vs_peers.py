@@ -12,7 +12,8 @@ Workloads (EOS ignored, so every side produces the requested tokens):
              `tensorjet bench` for both engines: tensorjet offline (in-process), llama.cpp served by
              `llama-server -np 32` (`tensorjet bench --url`); HF: one padded batch of 32 `generate`
   perplexity the first --ppl_chars characters of --data, 512-token windows (`tensorjet eval ppl`'s
-             numbers): GGUF blocks against fp32, also with every row through the decode kernels
+             numbers): GGUF blocks against fp32, also with every row through the decode kernels, and
+             with every scored token through the one-token decode step (teacher-forced)
 
 Build llama.cpp's two tools (llama-bench, llama-server) and pass their directory:
 
@@ -142,7 +143,51 @@ def perplexities(data: Path, chars: int) -> dict:
             llm.shutdown()
         finally:
             gguf.SMALL_BATCH_MAX_ROWS, gguf.HEAD_INT8_MAX_ROWS = limits
+    llm = LLM(device="cpu")
+    result["gguf_decode_step"] = {"perplexity": decode_step_perplexity(llm, text[:chars])}
+    llm.shutdown()
     return result
+
+
+def decode_step_perplexity(llm, text: str) -> float:
+    """The perplexity `tensorjet eval ppl` reports (same windows, same scored positions), with each scored
+    token's logits from a one-token step, as in decoding: each window's unscored head is prefilled, then
+    its tokens are fed one at a time (teacher-forced) into the idle engine's cache."""
+    import math
+
+    from tensorjet.eval.perplexity import (
+        DEFAULT_CONTEXT_LEN,
+        DEFAULT_SCORE_FROM,
+        first_scored_position,
+        tokenizer_adds_bos,
+        windows_of,
+    )
+    from tensorjet.layers.attention import AttentionMetadata
+
+    tokenizer, runner = llm.tokenizer, llm.engine.runner
+    model, block = runner.model, runner.block_size
+    n, first = DEFAULT_CONTEXT_LEN, first_scored_position(DEFAULT_CONTEXT_LEN, DEFAULT_SCORE_FROM)
+    bos = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
+    windows = windows_of(tokenizer.encode(text, add_special_tokens=False), n, bos)
+    table = torch.arange(-(-n // block), dtype=torch.int32)[None]  # the cache's first blocks, in order
+
+    def meta(rows: int, length: int) -> AttentionMetadata:
+        return AttentionMetadata([rows], [length], torch.arange(length - rows, length), table, block)
+
+    def score() -> list[float]:
+        nlls = []
+        with torch.inference_mode():
+            for window in windows:
+                ids = torch.tensor(window)
+                hidden = model(ids[: first + 1], torch.arange(first + 1), meta(first + 1, first + 1))
+                for pos in range(first + 1, n):
+                    logits = model.compute_logits(hidden[-1:])[0]
+                    nlls.append(-torch.log_softmax(logits.double(), -1)[window[pos]].item())
+                    hidden = model(ids[pos : pos + 1], torch.tensor([pos]), meta(1, pos + 1))
+        return nlls
+
+    nlls = llm.loop.call(score)  # on the engine's thread, which owns the model
+    return math.exp(math.fsum(nlls) / len(nlls))
 
 
 # ---- HF transformers ----------------------------------------------------------------------------
@@ -267,7 +312,11 @@ def print_table(result: dict) -> None:
     ppl = result.get("perplexity")
     if ppl:
         ref = ppl["float32"]["perplexity"]
-        for key, label in (("gguf", "perplexity"), ("gguf_decode_kernels", "  decode kernels")):
+        for key, label in (
+            ("gguf", "perplexity"),
+            ("gguf_decode_kernels", "  decode kernels"),
+            ("gguf_decode_step", "  decode step"),
+        ):
             ours = ppl[key]["perplexity"]
             print(f"{label:<22}{ours:>16.4f}{ref:>16.4f}   ({(ours / ref - 1) * 100:+.2f}% vs fp32)")
     gguf = result.get("tensorjet_gguf", {})
