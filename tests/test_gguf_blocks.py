@@ -20,9 +20,9 @@ from tensorjet.layers.linear import Linear, UnquantizedLinearMethod
 from tensorjet.layers.norm import RMSNorm
 from tensorjet.layers.weight_loader import weight_loader_of
 from tensorjet.models.gguf_blocks import unpack_block_rows
+from tensorjet.models.gguf_decode import GgufDecodeStep
 from tensorjet.quant import gguf
 from tensorjet.quant.formats import UnsupportedCheckpointError, quantization_spec
-from tensorjet.quant.gguf_decode import GgufDecodeStep
 from tensorjet.runtime.kernel_selection import check_gguf_device
 
 BF16_STEP = 2.0**-8  # bf16 keeps 8 significant bits: rounding moves a value by at most this share of it

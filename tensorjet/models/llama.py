@@ -277,7 +277,7 @@ class LlamaForCausalLM(nn.Module):
         # (`tensorjet.runtime.kernel_selection`), and a benchmark may flip it to compare.
         self.fused_decode = False
         self.fused_rows = range(0)
-        # One-token steps of one sequence through `tensorjet.quant.gguf_decode.GgufDecodeStep` (GGUF
+        # One-token steps of one sequence through `tensorjet.models.gguf_decode.GgufDecodeStep` (GGUF
         # blocks on the CPU), set at start-up where it runs the model.
         self.decode_step: Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor] | None = (
             None

@@ -49,10 +49,10 @@ from tensorjet.layers.linear import (
 )
 from tensorjet.layers.norm import RMSNorm
 from tensorjet.layers.rotary import RotaryEmbedding
+from tensorjet.models.gguf_decode import GgufDecodeStep
 from tensorjet.quant.formats import QuantizationSpec
 from tensorjet.quant.fp8 import Fp8Kernels, Fp8LinearMethod
 from tensorjet.quant.gguf import GgufHeadMethod, GgufLinearMethod, blocks_product
-from tensorjet.quant.gguf_decode import GgufDecodeStep
 from tensorjet.quant.int4 import Int4Kernels, Int4LinearMethod
 
 logger = logging.getLogger(__name__)
