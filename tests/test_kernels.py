@@ -716,11 +716,28 @@ def test_fused_decode_layers_match_the_unfused_model(seed):
         ((False, False, False, False), range(0)),
     ],
 )
-def test_fused_row_range_covers_the_longest_run_of_wins(wins, expected):
-    from tensorjet.runtime.kernel_selection import FUSED_ROWS_LADDER, fused_row_range
+def test_fused_rows_cover_the_longest_run_of_wins(wins, expected):
+    from tensorjet.runtime.kernel_selection import FUSED_ROWS_LADDER, winning_rows
 
     assert FUSED_ROWS_LADDER == (2, 4, 8, 16)
-    assert fused_row_range(FUSED_ROWS_LADDER, wins) == expected
+    assert winning_rows(FUSED_ROWS_LADDER, wins, smallest=2) == expected
+
+
+@pytest.mark.parametrize(
+    "wins,expected",
+    [
+        ((True, True, True, True, True), range(1, 17)),
+        ((True, True, True, True, False), range(1, 9)),  # cuBLAS takes 9-16 rows
+        ((False, True, True, True, False), range(2, 9)),  # cuBLAS's one-row kernel wins, not its 2-8
+        ((False, False, False, False, False), range(0)),
+    ],
+)
+def test_gemv_rows_cover_the_longest_run_of_wins(wins, expected):
+    from tensorjet.kernels.gemv import SELECTION_ROWS
+    from tensorjet.runtime.kernel_selection import winning_rows
+
+    assert SELECTION_ROWS == (1, 2, 4, 8, 16)
+    assert winning_rows(SELECTION_ROWS, wins, smallest=1) == expected
 
 
 def test_linear_dispatches_small_batches_to_its_gemv(seed):
@@ -736,11 +753,13 @@ def test_linear_dispatches_small_batches_to_its_gemv(seed):
         calls.append(args[0].shape[0])
         return gemv(*args, **kwargs)
 
-    layer.method.kernels = LinearKernels(small_batch=counted, small_batch_max_rows=4)
-    for rows in (1, 4, 9):
-        x = torch.randn(rows, 40, device=DEVICE)
-        assert rel_err(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias)) < 1e-5
-    assert calls == [1, 4], "rows above small_batch_max_rows must go to F.linear"
+    for rows_range, expected in ((range(1, 5), [1, 4]), (range(2, 9), [4])):
+        calls.clear()
+        layer.method.kernels = LinearKernels(small_batch=counted, small_batch_rows=rows_range)
+        for rows in (1, 4, 9):
+            x = torch.randn(rows, 40, device=DEVICE)
+            assert rel_err(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias)) < 1e-5
+        assert calls == expected, f"rows outside {rows_range} must go to F.linear"
 
 
 # ---- programmatic dependent launch ------------------------------------------------------------------

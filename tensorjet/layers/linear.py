@@ -41,17 +41,17 @@ class LinearKernels:
     """The kernels an unquantized layer's products run, chosen at start-up for its weight shape."""
 
     dense: LinearKernel = F.linear  # every batch the GEMV does not take; `onednn_linear` on CPU fp32
-    # A decode GEMV for up to `small_batch_max_rows` rows, where it measured faster than cuBLAS
+    # A decode GEMV for the row counts in `small_batch_rows`, where it measured faster than cuBLAS
     # (`tensorjet.kernels.gemv.gemv`).
     small_batch: LinearKernel | None = None
-    small_batch_max_rows: int = 0
+    small_batch_rows: range = range(0)
     # The decode GEMV with the neighbouring ops fused in (`tensorjet.kernels.fused_gemv.fused_gemv`),
     # set where the fused decode layer pays.
     fused: FusedLinearKernel | None = None
 
     def product(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x @ weight^T (+ bias) through the kernel chosen for x's row count."""
-        if self.small_batch is not None and x.shape[0] <= self.small_batch_max_rows:
+        if self.small_batch is not None and x.shape[0] in self.small_batch_rows:
             return self.small_batch(x, weight, bias)
         return self.dense(x, weight, bias)
 

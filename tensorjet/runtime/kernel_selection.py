@@ -61,7 +61,7 @@ logger = logging.getLogger(__name__)
 # (~1.5-2 + ~1 us for a norm or SiLU on the H200; `benchmarks/profile_kernels.py`).
 FUSED_LAUNCH_US = 2.5
 # Row counts at which the multi-row fused layer is timed against the unfused one: it runs at the step
-# sizes the longest run of wins covers (`fused_row_range`).
+# sizes the longest run of wins covers (`winning_rows`).
 FUSED_ROWS_LADDER = (2, 4, 8, 16)
 FP8_MIN_CAPABILITY = (8, 9)
 
@@ -458,21 +458,20 @@ def _with_timed_int4_kernels(kernels: Int4Kernels, layer: Linear) -> Int4Kernels
 def _with_timed_gemv(
     kernels: LinearKernels, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> LinearKernels:
-    from tensorjet.kernels.gemv import MAX_M, gemv, select_gemv
+    from tensorjet.kernels.gemv import SELECTION_ROWS, gemv, select_gemv
 
     config, timings = select_gemv(weight, bias)
-    gbps = weight.numel() * weight.element_size() / timings["gemv_m1"] / 1e6
+    rows = winning_rows(SELECTION_ROWS, [g < c for g, c in timings.values()], smallest=1)
     logger.info(
-        "linear %s: GEMV %.1f us (%.0f GB/s) vs cuBLAS %.1f us at M=1 -> %s",
+        "linear %s: GEMV %s vs cuBLAS by rows: %s -> GEMV for %s",
         tuple(weight.shape),
-        timings["gemv_m1"] * 1e3,
-        gbps,
-        timings["cublas_m1"] * 1e3,
-        config or "cuBLAS",
+        config,
+        ", ".join(f"{m}: {g * 1e3:.1f} vs {c * 1e3:.1f} us" for m, (g, c) in timings.items()),
+        f"{rows.start}-{rows.stop - 1} rows" if rows else "no rows",
     )
-    if config is None:
+    if not rows:
         return kernels
-    return replace(kernels, small_batch=partial(gemv, config=config), small_batch_max_rows=MAX_M)
+    return replace(kernels, small_batch=partial(gemv, config=config), small_batch_rows=rows)
 
 
 def select_fused_decode(model: DecoderModel, timed: bool = True) -> None:
@@ -561,7 +560,7 @@ def _select_fused_rows(projections: dict[str, tuple[Linear, dict]], timed: bool)
             fused_us[rows] += fused_ms * 1e3
             unfused_us[rows] += plain_ms * 1e3
     wins = [fused_us[rows] < unfused_us[rows] for rows in FUSED_ROWS_LADDER]
-    chosen = fused_row_range(FUSED_ROWS_LADDER, wins)
+    chosen = winning_rows(FUSED_ROWS_LADDER, wins, smallest=2)
     logger.info(
         "fused decode layer by rows: %s -> %s",
         ", ".join(f"{rows}: {fused_us[rows]:.1f} vs {unfused_us[rows]:.1f} us" for rows in FUSED_ROWS_LADDER),
@@ -570,10 +569,10 @@ def _select_fused_rows(projections: dict[str, tuple[Linear, dict]], timed: bool)
     return configs, chosen
 
 
-def fused_row_range(ladder: Sequence[int], wins: Sequence[bool]) -> range:
+def winning_rows(ladder: Sequence[int], wins: Sequence[bool], smallest: int) -> range:
     """The step sizes the longest run of winning `ladder` sizes covers (of equally long runs, the one
-    at the larger sizes): from just past the size before the run (2 at the start) to the run's last
-    size; empty where nothing wins."""
+    at the larger sizes): from just past the size before the run (`smallest` at the start) to the run's
+    last size; empty where nothing wins."""
     best, start = (0, 0), None
     for i, won in enumerate([*wins, False]):
         if won and start is None:
@@ -584,7 +583,7 @@ def fused_row_range(ladder: Sequence[int], wins: Sequence[bool]) -> range:
     length, first = best
     if not length:
         return range(0)
-    low = ladder[first - 1] + 1 if first else 2
+    low = ladder[first - 1] + 1 if first else smallest
     return range(low, ladder[first + length - 1] + 1)
 
 
