@@ -261,6 +261,32 @@ def test_the_decode_step_matches_the_fused_layers(tiny_model_dir, blocks):
         torch.testing.assert_close(row, expected, rtol=0.05, atol=0.05)
 
 
+def test_steps_of_several_tokens_run_the_fused_layers_with_the_same_sums(tiny_model_dir):
+    """Prompt chunks and batched decodes run the decoder layers' fused path (norms, residual adds and
+    SiLU beside the products): the same hidden states as the unfused layers, bit for bit."""
+    llm = LLM(
+        device="cpu", model=tiny_model_dir, load_format="dummy", quantization="gguf", kv_cache_max_tokens=256
+    )
+    try:
+        model, block = llm.engine.runner.model, llm.engine.runner.block_size
+        n = block + 5
+        assert model.fused_decode and n in model.fused_rows and 2 in model.fused_rows
+        ids = torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(0))
+        table = torch.tensor([[0, 1]], dtype=torch.int32)
+
+        def prompt() -> torch.Tensor:
+            meta = AttentionMetadata([n], [n], torch.arange(n), table, block)
+            return model(ids, torch.arange(n), meta)
+
+        with torch.inference_mode():
+            fused = prompt()
+            model.fused_rows = range(0)
+            unfused = prompt()
+    finally:
+        llm.shutdown()
+    assert torch.equal(fused, unfused)
+
+
 def test_the_bundled_model_runs_its_blocks_within_the_fp32_perplexity(llm, default_llm):
     """The default engine on the CPU runs the bundled GGUF's Q4_1 blocks; its perplexity on a text is
     within 1% of the fp32 weights' (`llm`), and its greedy tokens start as theirs do."""

@@ -24,6 +24,7 @@ A model declares only which projections its one-token path fuses with which neig
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
@@ -155,9 +156,9 @@ def select_kernels(model: DecoderModel, config: EngineConfig, attention_backend:
 
 def select_gguf_kernels(model: DecoderModel, config: EngineConfig) -> None:
     """For a model whose projections run GGUF blocks: one-token steps through `GgufDecodeStep` where it
-    runs the model, else the decoder layers' fused path (each projection with its norm, residual add or
-    SiLU beside it: fewer ops a step). Batch-invariant mode runs the projections in fixed-shape row
-    tiles instead of either."""
+    runs the model, and every step of several tokens (batched decode, prompt chunks) through the decoder
+    layers' fused path (each projection with its norm, residual add or SiLU beside it: fewer ops a step,
+    the same sums). Batch-invariant mode runs the projections in fixed-shape row tiles instead."""
     layers = [m for m in model.modules() if isinstance(m, Linear) and isinstance(m.method, GgufLinearMethod)]
     if not layers:
         return
@@ -168,6 +169,7 @@ def select_gguf_kernels(model: DecoderModel, config: EngineConfig) -> None:
         model.fused_decode = False
         return
     model.fused_decode = True
+    model.fused_rows = range(2, sys.maxsize)
     if GgufDecodeStep.runs(model, config.kv_cache_torch_dtype):
         model.decode_step = GgufDecodeStep(model)
 
