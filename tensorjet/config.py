@@ -56,11 +56,12 @@ MIN_ACCEPTANCE_STEPS = 4
 # Documented default KV budget on CPU, where there is no "free GPU memory" to take a fraction of.
 CPU_KV_CACHE_BYTES = 2 * 1024**3
 # Default step token budgets (max_num_tokens). A CPU computes a few hundred prompt tokens a second
-# (the bundled model on 2 cores: 3 to 5 ms a token; docs/performance.md), so a 4096-token step of prompt
-# chunks would hold every streaming request for many seconds; 128 keeps a step under a second there.
+# (the bundled model on 2 cores: 1 to 2 ms a token; docs/performance.md), so a 4096-token step of prompt
+# chunks would hold every streaming request for seconds; 512 keeps a step near half a second there,
+# where 128 cost a prompt token about 1.5x as much (smaller products, each step's fixed costs).
 # Without chunked context a step must hold whole prompts, and keeps the larger budget.
 DEFAULT_MAX_NUM_TOKENS = 4096
-CPU_MAX_NUM_TOKENS = 128
+CPU_MAX_NUM_TOKENS = 512
 
 
 class FeatureNotAvailableError(NotImplementedError, ValueError):
