@@ -58,7 +58,8 @@ CPU_KV_CACHE_BYTES = 2 * 1024**3
 # Default step token budgets (max_num_tokens). A CPU computes a few hundred prompt tokens a second
 # (the bundled model on 2 cores: 1 to 2 ms a token; docs/performance.md), so a 4096-token step of prompt
 # chunks would hold every streaming request for seconds; 512 keeps a step near half a second there,
-# where 128 cost a prompt token about 1.5x as much (smaller products, each step's fixed costs).
+# where 128 cost a prompt token about 1.5x as much (smaller products, each step's fixed costs). (llama.cpp
+# computes prompts in micro-batches of 512 by default, and its server takes up to 2048 tokens a step.)
 # Without chunked context a step must hold whole prompts, and keeps the larger budget.
 DEFAULT_MAX_NUM_TOKENS = 4096
 CPU_MAX_NUM_TOKENS = 512
