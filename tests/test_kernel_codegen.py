@@ -19,6 +19,11 @@ from sm90_codegen import run_census_in_subprocess
 pytestmark = [pytest.mark.codegen, pytest.mark.slow]  # ptxas compiles Llama-3-8B's configurations
 
 
+def spills(loop: dict) -> int:
+    """Local-memory stores and loads in a loop: registers spilled."""
+    return sum(n for op, n in loop["opcodes"].items() if op.startswith(("STL", "LDL")))
+
+
 @pytest.fixture(scope="module")
 def census() -> dict:
     return run_census_in_subprocess()
@@ -31,16 +36,14 @@ def test_fp8_decode_loop_double_buffers_and_never_loads_single_bytes(census, row
     byte_loads = {op: n for op, n in loop["opcodes"].items() if op.startswith(("LDS.U8", "LDS.S8"))}
     assert not byte_loads, f"the FP8 decode loop loads shared memory byte by byte: {byte_loads}"
     assert loop["opcodes"].get("F2FP.F16.E4M3.UNPACK_B", 0) > 0, "E4M3 pairs are not converted by one cvt"
-    spills = sum(n for op, n in loop["opcodes"].items() if op.startswith(("STL", "LDL")))
-    assert not spills, f"the FP8 decode loop spills registers: {loop}"
+    assert not spills(loop), f"the FP8 decode loop spills registers: {loop}"
 
 
 @pytest.mark.parametrize("rows", ["", "_8_rows"])
 def test_bf16_decode_loop_never_spills(census, rows):
     """One query row per sequence and eight (a verify step's rows in one 32-row tile) alike."""
     loop = census[f"decode_bf16{rows}"]
-    spills = sum(n for op, n in loop["opcodes"].items() if op.startswith(("STL", "LDL")))
-    assert not spills, f"the decode loop spills registers: {loop}"
+    assert not spills(loop), f"the decode loop spills registers: {loop}"
 
 
 def test_bf16_extend_loop_double_buffers(census):
@@ -54,8 +57,7 @@ def test_int4_gemv_loops_stay_in_registers_and_short(census, kind):
     assert loops, f"no {kind} loop compiled"
     for name, loop in loops.items():
         ops = loop["opcodes"]
-        spills = sum(n for op, n in ops.items() if op.startswith(("STL", "LDL")))
-        assert not spills, f"{name} spills registers: {loop}"
+        assert not spills(loop), f"{name} spills registers: {loop}"
         per_weight = loop["loop_instructions"] / loop["weights_per_thread"]
         assert per_weight <= 10, f"{name}: {per_weight:.1f} instructions per weight: {ops}"
         staged = ops.get("STS.U16", 0) / loop["weights_per_thread"]
@@ -66,8 +68,7 @@ def test_int4_gemm_loops_never_spill_registers(census):
     loops = {name: loop for name, loop in census.items() if name.startswith("int4_gemm")}
     assert loops, "no int4_gemm loop compiled"
     for name, loop in loops.items():
-        spills = sum(n for op, n in loop["opcodes"].items() if op.startswith(("STL", "LDL")))
-        assert not spills, f"{name} spills registers: {loop}"
+        assert not spills(loop), f"{name} spills registers: {loop}"
 
 
 def test_fused_rows_loops_never_spill_and_fit_shared_memory(census):
@@ -76,6 +77,5 @@ def test_fused_rows_loops_never_spill_and_fit_shared_memory(census):
     loops = {name: loop for name, loop in census.items() if name.startswith("fused_rows")}
     assert loops, "no fused_rows loop compiled"
     for name, loop in loops.items():
-        spills = sum(n for op, n in loop["opcodes"].items() if op.startswith(("STL", "LDL")))
-        assert not spills, f"{name} spills registers: {loop}"
+        assert not spills(loop), f"{name} spills registers: {loop}"
         assert loop["shared_memory"] <= H100_SHARED_MEMORY, f"{name} takes {loop['shared_memory']} bytes"

@@ -252,7 +252,9 @@ class TritonGraphBuffers:
         width = -(-max_context_len // block_size)
         seqs, multi = capacity.num_seqs, capacity.num_multi_row_seqs
         # Few rows per sequence (drafts to verify): every sequence decodes; else multi-row ones extend.
-        self.few_rows = multi > 0 and self.decodes_all(capacity)
+        self.few_rows = (
+            multi > 0 and capacity.max_query_len <= MAX_DECODE_QUERY_ROWS and not backend.batch_invariant
+        )
         with torch.device(device):
             self.decode = DecodeRows(
                 block_tables=torch.zeros(seqs, width, dtype=torch.int32),
@@ -274,10 +276,6 @@ class TritonGraphBuffers:
                 self.row_ids = torch.arange(seqs, dtype=torch.int32)  # a step's rows when all decode
         # Splits per shape are fixed at capture; a split past a row's context exits at once.
         self._splits: dict[StepShape, int] = {}
-
-    def decodes_all(self, shape: StepShape) -> bool:
-        """Whether a step of this shape runs every sequence through the decode kernel."""
-        return shape.max_query_len <= MAX_DECODE_QUERY_ROWS and not self.backend.batch_invariant
 
     def state(self, shape: StepShape) -> TritonAttentionState:
         if shape not in self._splits:
@@ -316,7 +314,7 @@ class TritonGraphBuffers:
             n = d.context_lens.shape[0]
             self._copy_rows(self.decode, d, n)
             self.decode.rows[:n].copy_(self.row_ids[:n] if d.rows is None else d.rows)
-            if self.few_rows and d.query_lens is None:
+            if self.few_rows and d.query_lens is None:  # a step of single rows: one each
                 self.decode.query_lens[:n].fill_(1)
             elif self.few_rows:
                 self.decode.query_lens[:n].copy_(d.query_lens)
