@@ -14,8 +14,11 @@ For one row of x it is an FMA GEMV, not a tensor-core one: there is nothing to p
 tile, and the weight tile goes straight from global memory into registers (no shared-memory stage).
 Each program owns BLOCK_N output rows and keeps a [BLOCK_N, BLOCK_K] tile of partial sums that it
 reduces once at the end. For 2-16 rows (a speculative verify step, a small decode batch) the same
-fusions run around a tensor-core product with x padded to 16 rows: the norm's 1/rms becomes one
-number per row, applied to the product's row at the end.
+fusions run around a tensor-core product W_tile @ x^T, x padded to 16 rows: the weight rows are the
+MMA's long side, so on sm_90 they fill a warpgroup MMA's 64 rows, as cuBLAS's small-batch kernels lay
+it out (x @ W_tile^T, x as the 16-row side, read Llama-3-8B's qkv weight at 1.7 TB/s against 2.6 on an
+H100, benchmarks/gemv_rows_sweep.py). The norm's 1/rms becomes one number per row, applied to the
+product's row at the end.
 `tensorjet.runtime.kernel_selection.select_fused_decode` times both against the unfused layer and
 uses each only where the whole layer comes out faster.
 """
@@ -75,14 +78,12 @@ MAX_FUSED_ROWS = 16  # rows of x the tensor-core variant takes (one tl.dot tile)
 
 # The tensor-core variant's tiles. Every program prepares the same 16 x BLOCK_K tile of x (normed where
 # the norm is fused), so wide weight tiles spread that work over more weights: on sm_90 the normed
-# loop costs 3-4 instructions per weight at 64-128 rows, against 5-11 at 16-32 (tests/sm90_codegen.py's
-# compile); (32, 256) is one of the plain GEMV's tiles.
+# loop costs 3-4 instructions per weight at 64-128 rows (tests/sm90_codegen.py's compile). (64, 256)
+# was the fastest for every Llama-3-8B and Llama-3.2-1B projection at 2-16 rows on an H100.
 ROWS_CANDIDATES = (
-    GemvConfig(64, 128, 4, 4),
     GemvConfig(64, 256, 4, 3),
-    GemvConfig(128, 128, 8, 4),
-    GemvConfig(128, 64, 4, 5),
-    GemvConfig(32, 256, 4, 3),
+    GemvConfig(64, 128, 4, 4),
+    GemvConfig(128, 128, 4, 4),
 )
 
 
@@ -216,8 +217,8 @@ def _fused_rows_kernel(
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
     w_up_ptrs = w_ptr + (offs_n[:, None] + N).to(tl.int64) * stride_wn + offs_k[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # W_tile @ x^T: transposed at the end
+    acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     sum_sq = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)  # reduced once, after the loop
     for k0 in range(0, K, BLOCK_K):
         k_mask = (k0 + offs_k) < K
@@ -228,13 +229,15 @@ def _fused_rows_kernel(
             x = x * tl.load(norm_w_ptr + k0 + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
         x = x.to(w_ptr.dtype.element_ty)  # the MMA's operand type (bf16 where the weights are)
         w_mask = n_mask[:, None] & k_mask[None, :]
-        acc += tl_dot(x, tl.trans(tl.load(w_ptrs, mask=w_mask, other=0.0)), DOT_PREC, UPCAST)
+        acc += tl_dot(tl.load(w_ptrs, mask=w_mask, other=0.0), tl.trans(x), DOT_PREC, UPCAST)
         if SILU_MUL:
-            acc_up += tl_dot(x, tl.trans(tl.load(w_up_ptrs, mask=w_mask, other=0.0)), DOT_PREC, UPCAST)
+            acc_up += tl_dot(tl.load(w_up_ptrs, mask=w_mask, other=0.0), tl.trans(x), DOT_PREC, UPCAST)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
         w_up_ptrs += BLOCK_K
     launch_next_kernel(PDL)
+    acc = tl.trans(acc)
+    acc_up = tl.trans(acc_up)
     if NORM:
         inv_rms = tl.rsqrt(tl.sum(sum_sq, 1) / K + eps)[:, None]
         acc = acc * inv_rms
@@ -343,8 +346,9 @@ def stages_that_fit(config: GemvConfig, element_size: int, silu_mul: bool, share
     """config.num_stages, or fewer where that many copies of the x and weight tiles (two weight tiles
     with silu_mul) would not fit `shared_memory` bytes (fp32 tiles, or a smaller GPU)."""
     per_stage = (MAX_FUSED_ROWS + config.block_n * (2 if silu_mul else 1)) * config.block_k * element_size
-    # The pipeline keeps num_stages - 1 copies; 16 KiB is left for the rest of the kernel.
-    return max(1, min(config.num_stages, (shared_memory - 16 * 2**10) // per_stage + 1))
+    # The pipeline keeps num_stages copies (both MMA operands are read from shared memory); 16 KiB is
+    # left for the rest of the kernel.
+    return max(1, min(config.num_stages, (shared_memory - 16 * 2**10) // per_stage))
 
 
 @functools.cache
