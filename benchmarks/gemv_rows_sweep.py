@@ -6,7 +6,7 @@ weights read against the copy rate measured in the same run:
 - cuBLAS (`F.linear`), with the separate RMSNorm / SiLU-and-multiply kernel the fused layer removes;
 - the plain GEMV (`tensorjet.kernels.gemv`, tensor cores, x padded to 16 rows);
 - the fused GEMV with the projection's fusion: one row through the FMA kernel, several through the
-  tensor-core kernel with x as the MMA's A operand (`x_by_w`) or the weight tile (`w_by_x`).
+  tensor-core kernel (W_tile @ x^T).
 
     python benchmarks/gemv_rows_sweep.py [--rows 1,2,4,6,8,16] [--json $OUT/gemv_rows.json]
 """
@@ -85,13 +85,13 @@ def sweep_projection(n: int, k: int, fusion: dict, rows: list[int]) -> dict:
                     CANDIDATES, lambda c, w, x=x, o=options: fused_gemv(x, w, None, c, **o), weights
                 )
                 timings["fused"] = (ms, str(config))
-            for w_by_x in (False, True) if m > 1 else ():
+            else:
                 config, ms = fastest_in_graph(
-                    [c for c in ROWS_CANDIDATES if c.w_by_x == w_by_x],
+                    ROWS_CANDIDATES,
                     lambda c, w, x=x, o=options: fused_gemv(x, w, None, rows_config=c, **o),
                     weights,
                 )
-                timings["fused_" + ("w_by_x" if w_by_x else "x_by_w")] = (ms, str(config))
+                timings["fused"] = (ms, str(config))
         out[m] = timings
     del weights, weight
     torch.cuda.empty_cache()
