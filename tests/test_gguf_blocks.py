@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 from prompts import PLAIN
@@ -159,6 +160,22 @@ def test_the_head_is_int8_rows_within_half_a_step_for_one_row_and_bf16_past_it()
     x = torch.randn(3, 64)  # more rows than the int8 kernel pays for: the bf16 weight
     expected = x.bfloat16().float() @ head.weight.bfloat16().float().T
     torch.testing.assert_close(method.apply(head, x), expected, rtol=BF16_STEP, atol=1e-4)
+    assert method.packed is not None, "the bf16 weight in oneDNN's layout, made by the first such call"
+
+
+@pytest.mark.parametrize("rows", [5, 32, 300])
+def test_the_packed_bf16_weight_gives_the_plain_weights_products(rows):
+    """`pack_dense`'s layout multiplies like `F.linear` over the plain bf16 weight, up to the rounding
+    of the bf16 result."""
+    torch.manual_seed(0)
+    weight = torch.randn(80, 96).bfloat16()
+    packed = gguf.pack_dense(weight)
+    assert packed is not None
+    x = torch.randn(rows, 96).bfloat16()
+    y = gguf.dense_product(x, weight, packed)
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, 80)
+    torch.testing.assert_close(y.float(), x.float() @ weight.float().T, rtol=BF16_STEP, atol=1e-3)
+    torch.testing.assert_close(y, F.linear(x, weight), rtol=BF16_STEP, atol=0)
 
 
 def test_a_shape_the_kernel_cannot_take_names_the_option():
