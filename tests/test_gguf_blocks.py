@@ -279,13 +279,15 @@ def test_the_decode_step_matches_the_fused_layers(tiny_model_dir, blocks):
 
 
 def test_steps_of_several_tokens_run_the_fused_layers_with_the_same_sums(tiny_model_dir):
-    """Prompt chunks and batched decodes run the decoder layers' fused path (norms, residual adds and
-    SiLU beside the products): the same hidden states as the unfused layers, bit for bit."""
+    """Without `GgufDecodeStep`, prompt chunks and batched decodes run the decoder layers' fused path
+    (norms, residual adds and SiLU beside the products): the same hidden states as the unfused layers,
+    bit for bit."""
     llm = LLM(
         device="cpu", model=tiny_model_dir, load_format="dummy", quantization="gguf", kv_cache_max_tokens=256
     )
     try:
         model, block = llm.engine.runner.model, llm.engine.runner.block_size
+        model.decode_step = None
         n = block + 5
         assert model.fused_decode and n in model.fused_rows and 2 in model.fused_rows
         ids = torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(0))
@@ -302,6 +304,61 @@ def test_steps_of_several_tokens_run_the_fused_layers_with_the_same_sums(tiny_mo
     finally:
         llm.shutdown()
     assert torch.equal(fused, unfused)
+
+
+@pytest.mark.parametrize("rows", [3, 12], ids=["int4_products", "packed_bf16_products"])
+def test_steps_of_several_tokens_through_the_decode_step_match_the_fused_layers(tiny_model_dir, rows):
+    """`GgufDecodeStep` runs steps of several tokens too: a step holding a decode row, a prompt chunk
+    over a cached prefix and a fresh prompt gives the fused decoder layers' hidden states and cached
+    keys and values up to bf16 rounding (the int4 kernel's products up to `SMALL_BATCH_MAX_ROWS` rows,
+    oneDNN's over the packed bf16 weights past them)."""
+    llm = LLM(
+        device="cpu", model=tiny_model_dir, load_format="dummy", quantization="gguf", kv_cache_max_tokens=256
+    )
+    try:
+        model, block = llm.engine.runner.model, llm.engine.runner.block_size
+        step = model.decode_step
+        assert isinstance(step, GgufDecodeStep)
+        gen = torch.Generator().manual_seed(0)
+        # Sequence 0: 9 tokens cached, one decode row; 1: a prefix of `block + 2` cached (its blocks out
+        # of order), a chunk of 2; 2 (12 rows): a fresh prompt of the rest.
+        tables = torch.tensor([[0, -1], [2, 1], [5, 4]], dtype=torch.int32)
+        cached, chunk = [9, block + 2], [1, 2]
+        fresh = rows - sum(chunk) if rows > 3 else 0
+        query_lens = chunk + ([fresh] if fresh else [])
+        context_lens = [cached[0] + 1, cached[1] + 2] + ([fresh] if fresh else [])
+
+        def slot(seq: int, pos: int) -> int:
+            return int(tables[seq, pos // block]) * block + pos % block
+
+        ids = {s: torch.randint(0, 128, (n,), generator=gen) for s, n in enumerate(context_lens)}
+        prefix_slots = [slot(s, p) for s in range(2) for p in range(cached[s])]
+        step_slots = [slot(s, p) for s, n in enumerate(context_lens) for p in range(n - query_lens[s], n)]
+        step_ids = torch.cat([ids[s][n - query_lens[s] :] for s, n in enumerate(context_lens)])
+        positions = torch.cat([torch.arange(n - query_lens[s], n) for s, n in enumerate(context_lens)])
+        caches = [c.flatten(0, 1) for a in model.attention_layers for c in (a.k_cache, a.v_cache)]
+
+        def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+            meta = AttentionMetadata(query_lens, context_lens, torch.tensor(step_slots), tables, block)
+            hidden = model(step_ids, positions, meta)
+            return hidden, [cache[step_slots].clone() for cache in caches]
+
+        with torch.inference_mode():
+            model.decode_step = None  # the prefixes through the fused layers
+            prefix_meta = AttentionMetadata(cached, cached, torch.tensor(prefix_slots), tables, block)
+            prefix_ids = torch.cat([ids[s][: cached[s]] for s in range(2)])
+            model(prefix_ids, torch.cat([torch.arange(n) for n in cached]), prefix_meta)
+            fused, fused_rows = run()
+            model.decode_step = step
+            ours, our_rows = run()
+            packed = all(p.packed is not None for p in (step.layers[0].qkv, step.layers[0].down))
+    finally:
+        llm.shutdown()
+    assert ours.shape == (rows, model.config.hidden_size)
+    assert packed == (rows > gguf.SMALL_BATCH_MAX_ROWS)
+    torch.testing.assert_close(ours, fused, rtol=0.05, atol=0.05)
+    for row, expected in zip(our_rows, fused_rows):
+        torch.testing.assert_close(row, expected, rtol=0.05, atol=0.05)
 
 
 def test_the_bundled_model_runs_its_blocks_within_the_fp32_perplexity(llm, default_llm):

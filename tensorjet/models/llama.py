@@ -277,8 +277,9 @@ class LlamaForCausalLM(nn.Module):
         # (`tensorjet.runtime.kernel_selection`), and a benchmark may flip it to compare.
         self.fused_decode = False
         self.fused_rows = range(0)
-        # One-token steps of one sequence through `tensorjet.models.gguf_decode.GgufDecodeStep` (GGUF
-        # blocks on the CPU), set at start-up where it runs the model.
+        # Every step through a whole-model step where one is set at start-up: GGUF blocks on the CPU run
+        # `tensorjet.models.gguf_decode.GgufDecodeStep` (one token of one sequence, and steps of several
+        # tokens: batched decode, prompt chunks).
         self.decode_step: Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor] | None = (
             None
         )
@@ -298,7 +299,7 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Returns the final hidden states, [num_tokens, hidden]."""
         rows = input_ids.shape[0]
-        if rows == 1 and self.decode_step is not None:
+        if self.decode_step is not None:
             return self.decode_step(input_ids, positions, meta)
         x = self.embed_tokens(input_ids)
         if self.fused_decode and (rows == 1 or rows in self.fused_rows):
