@@ -243,5 +243,5 @@ class GgufDecodeStep:
             x = F.layer_norm(stream, (2 * hidden,), layer.post_norm, None, self.eps)[:, :hidden]
             gate_up = layer.gate_up.rows(x.to(torch.bfloat16))
             act = F.silu(gate_up[:, : self.inter]) * gate_up[:, self.inter :]
-            halves.addcmul_(self.sign, layer.down.rows(act)[:, None])
+            halves.addcmul_(self.sign, layer.down.rows(act.to(torch.bfloat16))[:, None])
         return F.layer_norm(stream, (2 * hidden,), self.final_norm, None, self.eps)[:, :hidden]
