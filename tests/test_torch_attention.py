@@ -115,6 +115,19 @@ def test_decodes_after_prompt_rows(seed):
     assert rel_err(out, ref) < TOL[torch.float32], f"seed={seed}"
 
 
+@pytest.mark.parametrize(
+    "query_lens, contexts",
+    [([1, 4, 4, 4, 2], [9, 4, 4, 4, 2]), ([3, 1, 3, 3, 5, 3], [3, 10, 3, 3, 5, 3])],
+    ids=["one_after_another", "apart"],
+)
+def test_fresh_prompts_of_one_length_attend_together(query_lens, contexts, seed):
+    """Fresh prompts of one length attend in one call, read as a slice of the step's rows where they
+    lie one after another and gathered where other rows lie between them."""
+    out, ref = attend(query_lens, contexts, num_kv_heads=2, group=2)
+    assert not out.isnan().any(), f"a row left unwritten, seed={seed}"
+    assert rel_err(out, ref) < TOL[torch.float32], f"seed={seed}"
+
+
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn])
 def test_cache_in_another_dtype(cache_dtype, seed):
     """fp32 queries over a bf16 or FP8 cache: the cached values as they are stored, converted."""

@@ -190,7 +190,9 @@ class TorchCachedRows:
 @dataclass
 class TorchAttentionState:
     decode: TorchDecodeRows | None
-    fresh_groups: list[torch.Tensor]  # [G, n] token rows of G fresh prompts of length n
+    # G fresh prompts of length n: their token rows, G * n of them (a slice where they lie one after
+    # another, as a step's prompts mostly do: views instead of gathers), G and n
+    fresh_groups: list[tuple[torch.Tensor | slice, int, int]]
     cached: TorchCachedRows | None
 
 
@@ -246,7 +248,7 @@ class TorchAttentionBackend:
             else:
                 cached_seqs.append(i)
         fresh_groups = [
-            torch.tensor(group_starts, device=device)[:, None] + torch.arange(n, device=device)[None, :]
+            (_rows_of(group_starts, n, device), len(group_starts), n)
             for n, group_starts in fresh_by_len.items()
         ]
         cached = self._cached_rows(meta, cached_seqs, starts, device) if cached_seqs else None
@@ -326,16 +328,19 @@ class TorchAttentionBackend:
             # result must not depend on whether its prefix came from the cache.
             k_new = to_cache_dtype(k_new, k_cache.dtype).to(q.dtype)
             v_new = to_cache_dtype(v_new, v_cache.dtype).to(q.dtype)
-        for tokens in state.fresh_groups:  # [G, n] token rows of G fresh prompts of length n
+        for tokens, g, n in state.fresh_groups:  # G fresh prompts of length n
             o = F.scaled_dot_product_attention(
-                q[tokens].transpose(1, 2),
-                k_new[tokens].transpose(1, 2),
-                v_new[tokens].transpose(1, 2),
+                q[tokens].view(g, n, *q.shape[1:]).transpose(1, 2),
+                k_new[tokens].view(g, n, *k_new.shape[1:]).transpose(1, 2),
+                v_new[tokens].view(g, n, *v_new.shape[1:]).transpose(1, 2),
                 is_causal=True,
                 scale=scale,
                 enable_gqa=group > 1,
             )
-            out[tokens] = o.transpose(1, 2)
+            if isinstance(tokens, slice):
+                out[tokens].view(g, n, *q.shape[1:]).copy_(o.transpose(1, 2))
+            else:
+                out[tokens] = o.transpose(1, 2).reshape(g * n, *q.shape[1:])
         c = state.cached
         if c is not None:
             out.index_copy_(0, c.token_rows, self._attend_cached(q, k_cache, v_cache, c, scale))
@@ -387,6 +392,14 @@ class TorchAttentionBackend:
             enable_gqa=num_heads > num_kv_heads,
         )  # [S, Hq, N, D]
         return o.transpose(1, 2).reshape(s * n, num_heads, head_dim).index_select(0, c.padded_rows)
+
+
+def _rows_of(starts: list[int], n: int, device: torch.device) -> torch.Tensor | slice:
+    """The n rows from each of `starts`, in order: a slice where each start follows the previous one's
+    rows, else their indices."""
+    if starts == list(range(starts[0], starts[0] + len(starts) * n, n)):
+        return slice(starts[0], starts[0] + len(starts) * n)
+    return (torch.tensor(starts, device=device)[:, None] + torch.arange(n, device=device)).view(-1)
 
 
 def store_kv(
