@@ -311,7 +311,7 @@ def test_steps_of_several_tokens_through_the_decode_step_match_the_fused_layers(
     """`GgufDecodeStep` runs steps of several tokens too: a step holding a decode row, a prompt chunk
     over a cached prefix and a fresh prompt gives the fused decoder layers' hidden states and cached
     keys and values up to bf16 rounding (the int4 kernel's products up to `SMALL_BATCH_MAX_ROWS` rows,
-    past them the bf16 weights, packed for oneDNN from the second such step)."""
+    past them the bf16 weights, packed for oneDNN by a step of several sequences past them)."""
     llm = LLM(
         device="cpu", model=tiny_model_dir, load_format="dummy", quantization="gguf", kv_cache_max_tokens=256
     )
@@ -332,7 +332,6 @@ def test_steps_of_several_tokens_through_the_decode_step_match_the_fused_layers(
             return int(tables[seq, pos // block]) * block + pos % block
 
         ids = {s: torch.randint(0, 128, (n,), generator=gen) for s, n in enumerate(context_lens)}
-        prefix_slots = [slot(s, p) for s in range(2) for p in range(cached[s])]
         step_slots = [slot(s, p) for s, n in enumerate(context_lens) for p in range(n - query_lens[s], n)]
         step_ids = torch.cat([ids[s][n - query_lens[s] :] for s, n in enumerate(context_lens)])
         positions = torch.cat([torch.arange(n - query_lens[s], n) for s, n in enumerate(context_lens)])
@@ -343,22 +342,28 @@ def test_steps_of_several_tokens_through_the_decode_step_match_the_fused_layers(
             hidden = model(step_ids, positions, meta)
             return hidden, [cache[step_slots].clone() for cache in caches]
 
+        def packed() -> bool:
+            return all(p.packed is not None for p in (step.layers[0].qkv, step.layers[0].down))
+
         with torch.inference_mode():
-            model.decode_step = None  # the prefixes through the fused layers
-            prefix_meta = AttentionMetadata(cached, cached, torch.tensor(prefix_slots), tables, block)
-            prefix_ids = torch.cat([ids[s][: cached[s]] for s in range(2)])
-            model(prefix_ids, torch.cat([torch.arange(n) for n in cached]), prefix_meta)
+            for s in range(2):  # the prefixes, each a step of its own: 0's through `step`, 1's fused
+                model.decode_step = step if s == 0 else None
+                pos = torch.arange(cached[s])
+                slots = torch.tensor([slot(s, p) for p in range(cached[s])])
+                meta = AttentionMetadata([cached[s]], [cached[s]], slots, tables[s:], block)
+                model(ids[s][: cached[s]], pos, meta)
+            lone_prompt_packed = packed()
+            model.decode_step = None
             fused, fused_rows = run()
             model.decode_step = step
             ours, our_rows = run()
-            ours_again, _ = run()  # past four rows the second step packs the weights
-            packed = all(p.packed is not None for p in (step.layers[0].qkv, step.layers[0].down))
+            step_packed = packed()
     finally:
         llm.shutdown()
     assert ours.shape == (rows, model.config.hidden_size)
-    assert packed == (rows > gguf.SMALL_BATCH_MAX_ROWS)
-    for hidden in (ours, ours_again):
-        torch.testing.assert_close(hidden, fused, rtol=0.05, atol=0.05)
+    assert not lone_prompt_packed, "a first prompt of one sequence does not wait for the packing"
+    assert step_packed == (rows > gguf.SMALL_BATCH_MAX_ROWS)
+    torch.testing.assert_close(ours, fused, rtol=0.05, atol=0.05)
     for row, expected in zip(our_rows, fused_rows):
         torch.testing.assert_close(row, expected, rtol=0.05, atol=0.05)
 

@@ -23,7 +23,7 @@ as [h; -h] per row and each RMSNorm one `layer_norm` (a fifth of `rms_norm`'s ti
 path's CPU), SiLU-and-multiply in bf16 straight from the product's output (no fp32 copy of the [rows,
 2 * intermediate] gate|up), the rotary tables gathered once, keys and values written to their slots by
 one `index_copy_` each, and attention through the layer's backend. Past `SMALL_BATCH_MAX_ROWS` rows the
-products run the bf16 weights in oneDNN's blocked layout (`pack_dense`), made at the second such step:
+products run the bf16 weights in oneDNN's blocked layout (`pack_dense`), made once batching starts:
 a 32-row decode step's products take about 20% less than through `F.linear`, which reorders the weight
 on every call.
 """
@@ -123,9 +123,11 @@ class GgufDecodeStep:
         # Each layer's caches as [slots, kv heads, head_dim], made again when the runner binds new ones.
         self._caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._caches_of: torch.Tensor | None = None
-        # Steps past `SMALL_BATCH_MAX_ROWS` rows so far: the second packs the products' bf16 weights
-        # (`pack_dense`, ~0.1 s), so that a first prompt (start-up's first token) does not wait for it.
+        # The products' bf16 weights are packed (`pack_dense`, ~0.1 s) by the first step past
+        # `SMALL_BATCH_MAX_ROWS` rows that holds several sequences, or by the second such step: a lone
+        # first prompt (start-up's first token) does not wait for it.
         self._dense_steps = 0
+        self._packed = False
 
     @staticmethod
     def runs(model: LlamaForCausalLM, kv_cache_dtype: torch.dtype) -> bool:
@@ -217,12 +219,13 @@ class GgufDecodeStep:
         cos, sin = self.cos[positions], self.sin[positions]
         cos = torch.cat((cos, cos), -1)[:, None]
         sin = torch.cat((sin.neg(), sin), -1)[:, None]
-        if rows > gguf.SMALL_BATCH_MAX_ROWS and self._dense_steps < 2:
+        if rows > gguf.SMALL_BATCH_MAX_ROWS and not self._packed:
             self._dense_steps += 1
-            if self._dense_steps == 2:
+            if self._dense_steps > 1 or meta.num_seqs > 1:
                 for layer in self.layers:
                     for product in (layer.qkv, layer.o, layer.gate_up, layer.down):
                         product.pack()
+                self._packed = True
         attn0 = self.layers[0].attn
         if meta.state is None:
             meta.state = attn0.backend.prepare(meta)
