@@ -155,10 +155,10 @@ def select_kernels(model: DecoderModel, config: EngineConfig, attention_backend:
 
 
 def select_gguf_kernels(model: DecoderModel, config: EngineConfig) -> None:
-    """For a model whose projections run GGUF blocks: one-token steps through `GgufDecodeStep` where it
-    runs the model, and every step of several tokens (batched decode, prompt chunks) through the decoder
-    layers' fused path (each projection with its norm, residual add or SiLU beside it: fewer ops a step,
-    the same sums). Batch-invariant mode runs the projections in fixed-shape row tiles instead."""
+    """For a model whose projections run GGUF blocks: every step through `GgufDecodeStep` where it runs
+    the model (one token, batched decode, prompt chunks: a layer in few ops over all rows), else through
+    the decoder layers' fused path (each projection with its norm, residual add or SiLU beside it: fewer
+    ops a step, the same sums). Batch-invariant mode runs the projections in fixed-shape row tiles."""
     layers = [m for m in model.modules() if isinstance(m, Linear) and isinstance(m.method, GgufLinearMethod)]
     if not layers:
         return
