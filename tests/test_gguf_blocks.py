@@ -241,125 +241,115 @@ def test_an_engine_runs_random_gguf_blocks(tiny_model_dir):
     assert alone == together
 
 
-@pytest.mark.parametrize("blocks", [[0, 1, 2], [2, 0, 1]], ids=["in_order", "scattered"])
-def test_the_decode_step_matches_the_fused_layers(tiny_model_dir, blocks):
-    """One-token steps run `GgufDecodeStep`: its hidden state and the keys and values it caches are the
-    fused decoder layers' up to bf16 rounding, whether the sequence's blocks lie in order in the cache
-    (read as a slice) or not (gathered)."""
+@pytest.fixture
+def tiny_gguf_llm(tiny_model_dir):
+    """The tiny model's engine on GGUF blocks (dummy weights) on the CPU, shut down after the test."""
     llm = LLM(
         device="cpu", model=tiny_model_dir, load_format="dummy", quantization="gguf", kv_cache_max_tokens=256
     )
-    try:
-        model, block = llm.engine.runner.model, llm.engine.runner.block_size
-        step = model.decode_step
-        assert isinstance(step, GgufDecodeStep)
-        n = 2 * block + 3  # the prompt; the step's token is the next
-        slots = [blocks[p // block] * block + p % block for p in range(n + 1)]
-        table = torch.tensor([blocks], dtype=torch.int32)
-        ids = torch.randint(0, 128, (n + 1,), generator=torch.Generator().manual_seed(0))
-        caches = [c.flatten(0, 1) for a in model.attention_layers for c in (a.k_cache, a.v_cache)]
+    yield llm
+    llm.shutdown()
 
-        def decode() -> tuple[torch.Tensor, list[torch.Tensor]]:
-            meta = AttentionMetadata([1], [n + 1], torch.tensor(slots[n:]), table, block)
-            hidden = model(ids[n:], torch.tensor([n]), meta)
-            return hidden, [cache[slots[n]].clone() for cache in caches]
 
-        with torch.inference_mode():
-            model(
-                ids[:n], torch.arange(n), AttentionMetadata([n], [n], torch.tensor(slots[:n]), table, block)
-            )
-            ours, our_rows = decode()
-            model.decode_step = None
-            fused, fused_rows = decode()
-    finally:
-        llm.shutdown()
+@pytest.mark.parametrize("blocks", [[0, 1, 2], [2, 0, 1]], ids=["in_order", "scattered"])
+def test_the_decode_step_matches_the_fused_layers(tiny_gguf_llm, blocks):
+    """One-token steps run `GgufDecodeStep`: its hidden state and the keys and values it caches are the
+    fused decoder layers' up to bf16 rounding, whether the sequence's blocks lie in order in the cache
+    (read as a slice) or not (gathered)."""
+    model, block = tiny_gguf_llm.engine.runner.model, tiny_gguf_llm.engine.runner.block_size
+    step = model.decode_step
+    assert isinstance(step, GgufDecodeStep)
+    n = 2 * block + 3  # the prompt; the step's token is the next
+    slots = [blocks[p // block] * block + p % block for p in range(n + 1)]
+    table = torch.tensor([blocks], dtype=torch.int32)
+    ids = torch.randint(0, 128, (n + 1,), generator=torch.Generator().manual_seed(0))
+    caches = [c.flatten(0, 1) for a in model.attention_layers for c in (a.k_cache, a.v_cache)]
+
+    def decode() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        meta = AttentionMetadata([1], [n + 1], torch.tensor(slots[n:]), table, block)
+        hidden = model(ids[n:], torch.tensor([n]), meta)
+        return hidden, [cache[slots[n]].clone() for cache in caches]
+
+    with torch.inference_mode():
+        model(ids[:n], torch.arange(n), AttentionMetadata([n], [n], torch.tensor(slots[:n]), table, block))
+        ours, our_rows = decode()
+        model.decode_step = None
+        fused, fused_rows = decode()
     torch.testing.assert_close(ours, fused, rtol=0.05, atol=0.05)
     for row, expected in zip(our_rows, fused_rows):
         torch.testing.assert_close(row, expected, rtol=0.05, atol=0.05)
 
 
-def test_steps_of_several_tokens_run_the_fused_layers_with_the_same_sums(tiny_model_dir):
+def test_steps_of_several_tokens_run_the_fused_layers_with_the_same_sums(tiny_gguf_llm):
     """Without `GgufDecodeStep`, prompt chunks and batched decodes run the decoder layers' fused path
     (norms, residual adds and SiLU beside the products): the same hidden states as the unfused layers,
     bit for bit."""
-    llm = LLM(
-        device="cpu", model=tiny_model_dir, load_format="dummy", quantization="gguf", kv_cache_max_tokens=256
-    )
-    try:
-        model, block = llm.engine.runner.model, llm.engine.runner.block_size
-        model.decode_step = None
-        n = block + 5
-        assert model.fused_decode and n in model.fused_rows and 2 in model.fused_rows
-        ids = torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(0))
-        table = torch.tensor([[0, 1]], dtype=torch.int32)
+    model, block = tiny_gguf_llm.engine.runner.model, tiny_gguf_llm.engine.runner.block_size
+    model.decode_step = None
+    n = block + 5
+    assert model.fused_decode and n in model.fused_rows and 2 in model.fused_rows
+    ids = torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(0))
+    table = torch.tensor([[0, 1]], dtype=torch.int32)
 
-        def prompt() -> torch.Tensor:
-            meta = AttentionMetadata([n], [n], torch.arange(n), table, block)
-            return model(ids, torch.arange(n), meta)
+    def prompt() -> torch.Tensor:
+        meta = AttentionMetadata([n], [n], torch.arange(n), table, block)
+        return model(ids, torch.arange(n), meta)
 
-        with torch.inference_mode():
-            fused = prompt()
-            model.fused_rows = range(0)
-            unfused = prompt()
-    finally:
-        llm.shutdown()
+    with torch.inference_mode():
+        fused = prompt()
+        model.fused_rows = range(0)
+        unfused = prompt()
     assert torch.equal(fused, unfused)
 
 
 @pytest.mark.parametrize("rows", [3, 12], ids=["int4_products", "packed_bf16_products"])
-def test_steps_of_several_tokens_through_the_decode_step_match_the_fused_layers(tiny_model_dir, rows):
+def test_steps_of_several_tokens_through_the_decode_step_match_the_fused_layers(tiny_gguf_llm, rows):
     """`GgufDecodeStep` runs steps of several tokens too: a step holding a decode row, a prompt chunk
     over a cached prefix and a fresh prompt gives the fused decoder layers' hidden states and cached
     keys and values up to bf16 rounding (the int4 kernel's products up to `SMALL_BATCH_MAX_ROWS` rows,
     past them the bf16 weights, packed for oneDNN by a step of several sequences past them)."""
-    llm = LLM(
-        device="cpu", model=tiny_model_dir, load_format="dummy", quantization="gguf", kv_cache_max_tokens=256
-    )
-    try:
-        model, block = llm.engine.runner.model, llm.engine.runner.block_size
-        step = model.decode_step
-        assert isinstance(step, GgufDecodeStep)
-        gen = torch.Generator().manual_seed(0)
-        # Sequence 0: 9 tokens cached, one decode row; 1: a prefix of `block + 2` cached (its blocks out
-        # of order), a chunk of 2; 2 (12 rows): a fresh prompt of the rest.
-        tables = torch.tensor([[0, -1], [2, 1], [5, 4]], dtype=torch.int32)
-        cached, chunk = [9, block + 2], [1, 2]
-        fresh = rows - sum(chunk) if rows > 3 else 0
-        query_lens = chunk + ([fresh] if fresh else [])
-        context_lens = [cached[0] + 1, cached[1] + 2] + ([fresh] if fresh else [])
+    model, block = tiny_gguf_llm.engine.runner.model, tiny_gguf_llm.engine.runner.block_size
+    step = model.decode_step
+    assert isinstance(step, GgufDecodeStep)
+    gen = torch.Generator().manual_seed(0)
+    # Sequence 0: 9 tokens cached, one decode row; 1: a prefix of `block + 2` cached (its blocks out
+    # of order), a chunk of 2; 2 (12 rows): a fresh prompt of the rest.
+    tables = torch.tensor([[0, -1], [2, 1], [5, 4]], dtype=torch.int32)
+    cached, chunk = [9, block + 2], [1, 2]
+    fresh = rows - sum(chunk) if rows > 3 else 0
+    query_lens = chunk + ([fresh] if fresh else [])
+    context_lens = [cached[0] + 1, cached[1] + 2] + ([fresh] if fresh else [])
 
-        def slot(seq: int, pos: int) -> int:
-            return int(tables[seq, pos // block]) * block + pos % block
+    def slot(seq: int, pos: int) -> int:
+        return int(tables[seq, pos // block]) * block + pos % block
 
-        ids = {s: torch.randint(0, 128, (n,), generator=gen) for s, n in enumerate(context_lens)}
-        step_slots = [slot(s, p) for s, n in enumerate(context_lens) for p in range(n - query_lens[s], n)]
-        step_ids = torch.cat([ids[s][n - query_lens[s] :] for s, n in enumerate(context_lens)])
-        positions = torch.cat([torch.arange(n - query_lens[s], n) for s, n in enumerate(context_lens)])
-        caches = [c.flatten(0, 1) for a in model.attention_layers for c in (a.k_cache, a.v_cache)]
+    ids = {s: torch.randint(0, 128, (n,), generator=gen) for s, n in enumerate(context_lens)}
+    step_slots = [slot(s, p) for s, n in enumerate(context_lens) for p in range(n - query_lens[s], n)]
+    step_ids = torch.cat([ids[s][n - query_lens[s] :] for s, n in enumerate(context_lens)])
+    positions = torch.cat([torch.arange(n - query_lens[s], n) for s, n in enumerate(context_lens)])
+    caches = [c.flatten(0, 1) for a in model.attention_layers for c in (a.k_cache, a.v_cache)]
 
-        def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
-            meta = AttentionMetadata(query_lens, context_lens, torch.tensor(step_slots), tables, block)
-            hidden = model(step_ids, positions, meta)
-            return hidden, [cache[step_slots].clone() for cache in caches]
+    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        meta = AttentionMetadata(query_lens, context_lens, torch.tensor(step_slots), tables, block)
+        hidden = model(step_ids, positions, meta)
+        return hidden, [cache[step_slots].clone() for cache in caches]
 
-        def packed() -> bool:
-            return all(p.packed is not None for p in (step.layers[0].qkv, step.layers[0].down))
+    def packed() -> bool:
+        return all(p.packed is not None for p in (step.layers[0].qkv, step.layers[0].down))
 
-        with torch.inference_mode():
-            for s in range(2):  # the prefixes, each a step of its own: 0's through `step`, 1's fused
-                model.decode_step = step if s == 0 else None
-                pos = torch.arange(cached[s])
-                slots = torch.tensor([slot(s, p) for p in range(cached[s])])
-                meta = AttentionMetadata([cached[s]], [cached[s]], slots, tables[s:], block)
-                model(ids[s][: cached[s]], pos, meta)
-            lone_prompt_packed = packed()
-            model.decode_step = None
-            fused, fused_rows = run()
-            model.decode_step = step
-            ours, our_rows = run()
-            step_packed = packed()
-    finally:
-        llm.shutdown()
+    with torch.inference_mode():
+        for s in range(2):  # the prefixes, each a step of its own: 0's through `step`, 1's fused
+            model.decode_step = step if s == 0 else None
+            pos = torch.arange(cached[s])
+            slots = torch.tensor([slot(s, p) for p in range(cached[s])])
+            meta = AttentionMetadata([cached[s]], [cached[s]], slots, tables[s:], block)
+            model(ids[s][: cached[s]], pos, meta)
+        lone_prompt_packed = packed()
+        model.decode_step = None
+        fused, fused_rows = run()
+        model.decode_step = step
+        ours, our_rows = run()
+        step_packed = packed()
     assert ours.shape == (rows, model.config.hidden_size)
     assert not lone_prompt_packed, "a first prompt of one sequence does not wait for the packing"
     assert step_packed == (rows > gguf.SMALL_BATCH_MAX_ROWS)
