@@ -25,12 +25,11 @@ import tempfile
 from pathlib import Path
 
 import torch
+from spec_gpu import SMALL_DRAFT, TARGET, target_step_kind  # benchmarks/ is on the path
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from tensorjet import LLM, SamplingParams
 
-TARGET = "meta-llama/Meta-Llama-3-8B"
-SMALL_DRAFT = "meta-llama/Llama-3.2-1B"
 DEVICE_CATEGORIES = {"kernel", "gpu_memcpy", "gpu_memset"}
 
 
@@ -47,9 +46,7 @@ def annotate(obj, name: str, label) -> None:
 
 
 def target_label(batch, *_) -> str:
-    if any(s.num_drafts for s in batch.seqs):
-        return "verify_launch"
-    return "decode_launch" if all(len(s.token_ids) == 1 for s in batch.seqs) else "other_launch"
+    return f"{target_step_kind(batch)}_launch"
 
 
 def instrument(llm: LLM) -> None:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from tensorjet.layers.attention import store_kv
 from tensorjet.quant import gguf
-from tensorjet.quant.gguf import GROUP, GgufLinearMethod, blocks_product
+from tensorjet.quant.gguf import GgufLinearMethod, blocks_product
 
 if TYPE_CHECKING:
     from tensorjet.layers.attention import Attention, AttentionMetadata
@@ -57,23 +57,15 @@ class _Product:
         self.bias = None if layer.bias is None else layer.bias.data
         self.packed: torch.Tensor | None = None  # `pack`'s
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x [1, K] bf16 -> [1, N] bf16 (fp32 with a bias)."""
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, GROUP, self.scales_and_zeros)
-        return y if self.bias is None else y + self.bias
-
     def pack(self) -> None:
         """Make the bf16 weight's oneDNN layout, which `rows` multiplies by from then on."""
         self.packed = gguf.pack_dense(self.dense_weight)
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M, K] bf16 -> [M, N] bf16 (fp32 with a bias): the int4 kernel up to
-        `SMALL_BATCH_MAX_ROWS` rows, else the bf16 GEMM (`blocks_product`'s choice)."""
-        if x.shape[0] <= gguf.SMALL_BATCH_MAX_ROWS:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, GROUP, self.scales_and_zeros)
-        else:
-            y = gguf.dense_product(x, self.dense_weight, self.packed)
-        return y if self.bias is None else y + self.bias
+        """x [M, K] bf16 -> [M, N] bf16 (fp32 with a bias), as `blocks_product` chooses its kernel."""
+        return gguf.blocks_matmul(
+            x, self.qweight, self.scales_and_zeros, self.dense_weight, self.packed, self.bias
+        )
 
 
 class _Layer(NamedTuple):
@@ -177,7 +169,7 @@ class GgufDecodeStep:
         read = self._reader(meta, slot, length)
         for layer, (k_cache, v_cache) in zip(self.layers, self._bound_caches()):
             x = F.layer_norm(flat, (2 * hidden,), layer.input_norm, None, self.eps)[:, :hidden]
-            qkv = layer.qkv(x.to(torch.bfloat16))[0]
+            qkv = layer.qkv.rows(x.to(torch.bfloat16))[0]
             qk = qkv[: self.qk_size].float().view(-1, d)
             qk = torch.addcmul(qk * cos, qk.view(-1, 2, d // 2).flip(1).view(-1, d), sin)
             k_cache[slot].copy_(qk[self.num_heads :])
@@ -185,11 +177,11 @@ class GgufDecodeStep:
             keys, values = read(k_cache), read(v_cache)  # [L, kv heads, D]
             scores = torch.bmm(qk[: self.num_heads].view(-1, group, d), keys.permute(1, 2, 0))
             out = torch.bmm(scores.softmax(-1), values.transpose(0, 1)).view(1, -1)
-            stream.addcmul_(self.sign, layer.o(out.to(torch.bfloat16)))
+            stream.addcmul_(self.sign, layer.o.rows(out.to(torch.bfloat16)))
             x = F.layer_norm(flat, (2 * hidden,), layer.post_norm, None, self.eps)[:, :hidden]
-            gate_up = layer.gate_up(x.to(torch.bfloat16))
+            gate_up = layer.gate_up.rows(x.to(torch.bfloat16))
             act = F.silu(gate_up[:, : self.inter]) * gate_up[:, self.inter :]
-            stream.addcmul_(self.sign, layer.down(act.to(torch.bfloat16)))
+            stream.addcmul_(self.sign, layer.down.rows(act.to(torch.bfloat16)))
         return F.layer_norm(flat, (2 * hidden,), self.final_norm, None, self.eps)[:, :hidden]
 
     @staticmethod

@@ -95,12 +95,26 @@ def blocks_product(x: torch.Tensor, layer: Linear) -> torch.Tensor:
 
 def kernel_product(x: torch.Tensor, layer: Linear) -> torch.Tensor:
     """`blocks_product` as the kernels return it: bf16 (fp32 where a bias is added)."""
-    xb = x.to(torch.bfloat16)
+    return blocks_matmul(
+        x.to(torch.bfloat16), layer.qweight, layer.scales_and_zeros, layer.dense_weight, None, layer.bias
+    )
+
+
+def blocks_matmul(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales_and_zeros: torch.Tensor,
+    dense_weight: torch.Tensor,
+    packed: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """x [M, K] bf16 times a projection's weights -> [M, N] bf16 (fp32 with a bias): the int4 kernel up
+    to `SMALL_BATCH_MAX_ROWS` rows, else the bf16 GEMM (through `packed`, `pack_dense`'s, where made)."""
     if x.shape[0] <= SMALL_BATCH_MAX_ROWS:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, layer.qweight, GROUP, layer.scales_and_zeros)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, qweight, GROUP, scales_and_zeros)
     else:
-        y = F.linear(xb, layer.dense_weight)
-    return y if layer.bias is None else y + layer.bias
+        y = dense_product(x, dense_weight, packed)
+    return y if bias is None else y + bias
 
 
 class GgufLinearMethod(LinearMethod):
