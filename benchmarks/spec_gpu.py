@@ -7,6 +7,8 @@ Dummy weights make acceptance meaningless, so it is controlled:
   is never right (acceptance 0: the row that shows the per-sequence switch turning speculation off), and
   with the benchmark-only fixed-acceptance mode (`RejectionSampler.fixed_acceptance`: each draft kept with
   probability a, whatever the logits) at a = 1.0, 0.9, 0.7, 0.5, 0.3;
+- `1b-fp8`: the same draft with FP8 linear layers (`speculative_model_quantization="fp8"`), half the
+  bytes a draft step reads, at a = 1.0 and 0.7;
 - `ngram`: prompt lookup over prompts that repeat themselves, at a fixed acceptance of 0.7.
 
 Each engine times, in the same run, its plain decode step (speculation switched off), its draft steps
@@ -274,6 +276,10 @@ def goals(rows: list[dict]) -> list[tuple[str, bool | None]]:
     return [
         ("every batch-1 speed-up >= 90% of its ideal*", min(ratios) >= 0.9 if ratios else None),
         ("1B-shape draft at a = 1.0 >= 2.8x", check(find("1b", "a=1.0"), lambda r: r["speedup"] >= 2.8)),
+        (
+            "1B-shape draft, FP8 weights, at a = 1.0 >= 2.8x",
+            check(find("1b-fp8", "a=1.0"), lambda r: r["speedup"] >= 2.8),
+        ),
         ("n-gram at a = 0.7 >= 2.5x", check(find("ngram", f"a={NGRAM_RATE}"), lambda r: r["speedup"] >= 2.5)),
         ("acceptance 0 at most 5% slower", check(find("1b", "natural"), lambda r: r["speedup"] >= 0.95)),
         ("batch 64 never below 0.97x", all(r["speedup"] >= 0.97 for r in large) if large else None),
@@ -349,7 +355,9 @@ def main() -> None:
         "--batch_sizes", default="1,64", help="batch 1 for every case, the others for one each"
     )
     parser.add_argument("--kv_cache_max_tokens", type=int, default=None)
-    parser.add_argument("--drafts", default="1b,ngram,self", help="which drafts to run, of 1b, ngram, self")
+    parser.add_argument(
+        "--drafts", default="1b,1b-fp8,ngram,self", help="which drafts to run, of 1b, 1b-fp8, ngram, self"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -363,6 +371,11 @@ def main() -> None:
             dict(speculative_model=args.small_draft),
             [("a=0.7", 0.7, False), ("natural", None, True)]
             + [(f"a={a}", a, False) for a in FIXED_RATES if a != 0.7],
+        ),
+        (
+            "1b-fp8",
+            dict(speculative_model=args.small_draft, speculative_model_quantization="fp8"),
+            [("a=1.0", 1.0, False), ("a=0.7", 0.7, False)],
         ),
         (
             "ngram",

@@ -49,6 +49,7 @@ class LLM:
         batch_invariant: bool = False,
         tensor_parallel_size: int = 1,
         speculative_model: str | None = None,
+        speculative_model_quantization: str | None = None,
         num_speculative_tokens: int | None = None,
         prompt_lookup_min: int = 2,
         prompt_lookup_max: int = 4,

@@ -161,6 +161,15 @@ def test_an_unbuilt_feature_on_the_command_line_is_a_clean_error(command, capsys
             {"speculative_model": "[ngram]", "num_speculative_tokens": 17},
             r"num_speculative_tokens must be in \[1, 16\]",
         ),
+        (
+            {"speculative_model": "draft", "speculative_model_quantization": "fp4"},
+            r"speculative_model_quantization must be None or one of \('fp8'",
+        ),
+        (
+            {"speculative_model": "[ngram]", "speculative_model_quantization": "fp8"},
+            "speculative_model_quantization needs a draft model as speculative_model",
+        ),
+        ({"speculative_model_quantization": "fp8"}, "speculative_model_quantization needs a draft model"),
         ({"prompt_lookup_min": 0}, "prompt_lookup_min must be >= 1"),
         (
             {"prompt_lookup_min": 3, "prompt_lookup_max": 2},
@@ -193,6 +202,10 @@ def test_an_int_is_a_valid_float():
     "option, named",
     [
         ({"dtype": "int8"}, "dtype='int8'"),
+        (
+            {"speculative_model": "draft", "speculative_model_quantization": "int8"},
+            "speculative_model_quantization='int8'",
+        ),
         (
             {"batch_invariant": True, "tensor_parallel_size": 2},
             "batch_invariant=True, tensor_parallel_size=2",

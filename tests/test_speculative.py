@@ -156,6 +156,27 @@ def test_an_fp8_target_gets_an_fp8_draft(models):
         llm.shutdown()
 
 
+def test_a_draft_of_its_own_weight_format_beside_a_float_target(models, plain):
+    """speculative_model_quantization="fp8" quantizes the draft alone: the target keeps its float weights
+    and its greedy output, and the FP8 copy of the target still proposes mostly the target's tokens."""
+    prompts = copy_heavy_prompts(3, seed=10)
+    reference = tokens_of(plain.generate(prompts, greedy(16), use_tqdm=False))
+    llm = LLM(
+        models["target"],
+        device="cpu",
+        batch_invariant=True,
+        speculative_model_quantization="fp8",
+        **spec_options("draft_is_target", models),
+    )
+    try:
+        assert tokens_of(llm.generate(prompts, greedy(16), use_tqdm=False)) == reference
+        assert llm.engine.speculator.runners[0].weight_format == "fp8 (online)"
+        assert llm.engine.runner.weight_format == plain.engine.runner.weight_format != "fp8 (online)"
+        assert llm.stats()["speculative_acceptance_rate"] > 0.5
+    finally:
+        llm.shutdown()
+
+
 def test_prefix_cache_hits_and_shared_prefixes_stay_exact(models, plain, self_draft):
     """Prompts sharing two blocks, run twice: the second run's prompts come from the prefix cache (the
     target's KV) while the draft recomputes its own; only verified blocks are ever cached."""

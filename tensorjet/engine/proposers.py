@@ -158,15 +158,15 @@ def _device_drafts(handles: list[StepHandle]) -> DeviceDrafts:
 
 def _draft_config(config: EngineConfig, max_seq_len: int) -> EngineConfig:
     """The target's options for the draft model: the same activation dtype and requested weight format
-    (FP8 for an FP8 target; else its checkpoint's own; with dtype="auto" the device's default, so a 4-bit
-    GGUF draft runs its blocks on the CPU as such a target does), dummy weights for a dummy target, and
-    graphs no larger than a speculating step."""
+    (`speculative_model_quantization`, else the target's: FP8 for an FP8 target; else its checkpoint's own;
+    with dtype="auto" the device's default, so a 4-bit GGUF draft runs its blocks on the CPU as such a
+    target does), dummy weights for a dummy target, and graphs no larger than a speculating step."""
     load = config.load
     draft_load = LoadConfig(
         model=config.speculative.speculative_model,
         load_format="dummy" if load.load_format == "dummy" else "auto",
         dtype="auto" if load.dtype == "auto" else str(config.torch_dtype).removeprefix("torch."),
-        quantization=config.quantization,
+        quantization=config.speculative.speculative_model_quantization or config.quantization,
         max_seq_len=max_seq_len,
     )
     scheduler = dataclasses.replace(config.scheduler, max_batch_size=config.speculative_batch_size)
