@@ -214,7 +214,8 @@ def select_linear_kernels(model: DecoderModel, dense: LinearKernel, small_batch_
 def select_fp8_kernels(model: DecoderModel, config: EngineConfig, small_batch_gemv: bool) -> None:
     """Give every FP8 layer's method its kernels. CPU: the reference product over an exact float copy of
     the E4M3 weights. GPU: `torch._scaled_mm` (row-wise scales) for every batch, and with
-    `small_batch_gemv` the FP8 GEMV where it times faster at one row (`select_fp8_gemv`). Batch-invariant
+    `small_batch_gemv` the FP8 GEMV for the batch sizes from one row up where it times faster
+    (`select_fp8_gemv`). Batch-invariant
     mode cuts every product into fixed-shape row tiles."""
     layers = [m for m in model.modules() if isinstance(m, Linear) and isinstance(m.method, Fp8LinearMethod)]
     if not layers:
@@ -253,20 +254,24 @@ def _check_scaled_mm_shape(layer: Linear) -> None:
 
 
 def _with_timed_fp8_gemv(kernels: Fp8Kernels, layer: Linear) -> Fp8Kernels:
-    from tensorjet.kernels.fp8_linear import MAX_M, fp8_gemv, select_fp8_gemv
+    from tensorjet.kernels.fp8_linear import fp8_gemv, select_fp8_gemv
+    from tensorjet.kernels.gemv import SELECTION_ROWS
 
     config, timings = select_fp8_gemv(layer.weight, layer.weight_scale, layer.bias, layer.input_scale)
+    # From one row up only: the GEMV serves every batch up to its largest winning size.
+    rows = winning_rows(SELECTION_ROWS, [g < s for g, s in timings.values()], smallest=1)
+    rows = rows if rows and rows.start == 1 else range(0)
     logger.info(
-        "FP8 linear %s: GEMV %.1f us (%.0f GB/s) vs scaled_mm %.1f us at M=1 -> %s",
+        "FP8 linear %s: GEMV %s (%.0f GB/s at M=1) vs scaled_mm by rows: %s -> GEMV for %s",
         tuple(layer.weight.shape),
-        timings["gemv_m1"] * 1e3,
-        layer.weight.numel() / timings["gemv_m1"] / 1e6,
-        timings["scaled_mm_m1"] * 1e3,
-        config or "scaled_mm",
+        config,
+        layer.weight.numel() / timings[1][0] / 1e6,
+        ", ".join(f"{m}: {g * 1e3:.1f} vs {s * 1e3:.1f} us" for m, (g, s) in timings.items()),
+        f"1-{rows.stop - 1} rows" if rows else "no rows",
     )
-    if config is None:
+    if not rows:
         return kernels
-    return replace(kernels, small_batch=partial(fp8_gemv, config=config), small_batch_max_rows=MAX_M)
+    return replace(kernels, small_batch=partial(fp8_gemv, config=config), small_batch_max_rows=rows.stop - 1)
 
 
 def _with_timed_fp8_gemm(kernels: Fp8Kernels, layer: Linear) -> Fp8Kernels:
