@@ -157,9 +157,10 @@ def print_decode_peer(results: dict) -> None:
     ours = results["runs"].get("int4", {}).get("decode_b1")
     if peer and ours:
         theirs, mine = peer["ms_per_token"], ours["ms_per_step"]
+        verdict = f"{theirs / mine:.2f}x faster" if mine <= theirs else f"{mine / theirs:.2f}x slower"
         print(
             f"\nbatch-1 decode, same run: tensorjet int4 {mine:.3f} ms/token, gpt-fast int4 (compiled) "
-            f"{theirs:.3f} ms/token: tensorjet {theirs / mine:.2f}x faster"
+            f"{theirs:.3f} ms/token: tensorjet {verdict}"
         )
 
 
