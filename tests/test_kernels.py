@@ -740,6 +740,21 @@ def test_gemv_rows_cover_the_longest_run_of_wins(wins, expected):
     assert winning_rows(SELECTION_ROWS, wins, smallest=1) == expected
 
 
+@pytest.mark.parametrize(
+    "wins,expected",
+    [
+        ((True, True, True, True, True), range(1, 17)),
+        ((True, True, False, True, True), range(1, 3)),  # up to the first loss, not the longer run after
+        ((False, True, True, True, True), range(0)),  # loses at one row: never used
+    ],
+)
+def test_fp8_gemv_rows_run_from_one_row_to_the_first_loss(wins, expected):
+    from tensorjet.kernels.gemv import SELECTION_ROWS
+    from tensorjet.runtime.kernel_selection import rows_from_one
+
+    assert rows_from_one(SELECTION_ROWS, wins) == expected
+
+
 def test_linear_dispatches_small_batches_to_its_gemv(seed):
     from tensorjet.kernels.gemv import gemv
     from tensorjet.layers.linear import Linear, LinearKernels

@@ -215,8 +215,7 @@ def select_fp8_kernels(model: DecoderModel, config: EngineConfig, small_batch_ge
     """Give every FP8 layer's method its kernels. CPU: the reference product over an exact float copy of
     the E4M3 weights. GPU: `torch._scaled_mm` (row-wise scales) for every batch, and with
     `small_batch_gemv` the FP8 GEMV for the batch sizes from one row up where it times faster
-    (`select_fp8_gemv`). Batch-invariant
-    mode cuts every product into fixed-shape row tiles."""
+    (`select_fp8_gemv`). Batch-invariant mode cuts every product into fixed-shape row tiles."""
     layers = [m for m in model.modules() if isinstance(m, Linear) and isinstance(m.method, Fp8LinearMethod)]
     if not layers:
         return
@@ -258,9 +257,7 @@ def _with_timed_fp8_gemv(kernels: Fp8Kernels, layer: Linear) -> Fp8Kernels:
     from tensorjet.kernels.gemv import SELECTION_ROWS
 
     config, timings = select_fp8_gemv(layer.weight, layer.weight_scale, layer.bias, layer.input_scale)
-    # From one row up only: the GEMV serves every batch up to its largest winning size.
-    rows = winning_rows(SELECTION_ROWS, [g < s for g, s in timings.values()], smallest=1)
-    rows = rows if rows and rows.start == 1 else range(0)
+    rows = rows_from_one(SELECTION_ROWS, [gemv_ms < mm_ms for gemv_ms, mm_ms in timings.values()])
     logger.info(
         "FP8 linear %s: GEMV %s (%.0f GB/s at M=1) vs scaled_mm by rows: %s -> GEMV for %s",
         tuple(layer.weight.shape),
@@ -574,6 +571,14 @@ def _select_fused_rows(projections: dict[str, tuple[Linear, dict]], timed: bool)
         f"{chosen.start}-{chosen.stop - 1} rows" if chosen else "one row only",
     )
     return configs, chosen
+
+
+def rows_from_one(ladder: Sequence[int], wins: Sequence[bool]) -> range:
+    """The step sizes from one row up to the last `ladder` size of the run of wins that starts at the
+    first (a kernel that serves every batch up to its largest size: the FP8 GEMV); empty where the first
+    size loses."""
+    leading = next((i for i, won in enumerate(wins) if not won), len(wins))
+    return range(1, ladder[leading - 1] + 1) if leading else range(0)
 
 
 def winning_rows(ladder: Sequence[int], wins: Sequence[bool], smallest: int) -> range:
