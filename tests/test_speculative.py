@@ -460,6 +460,17 @@ def test_a_draft_with_another_vocabulary_is_refused_by_name(models):
         LLM(models["target"], device="cpu", speculative_model=models["other_vocab"])
 
 
+def test_a_draft_format_its_checkpoint_cannot_take_is_refused_by_name(models):
+    named = r"speculative_model_quantization='gguf' \(draft model .*not a \.gguf file"
+    with pytest.raises(ValueError, match=named):
+        LLM(
+            models["target"],
+            device="cpu",
+            speculative_model=models["other_draft"],
+            speculative_model_quantization="gguf",
+        )
+
+
 def test_a_missing_draft_model_is_refused_by_name(models, tmp_path):
     with pytest.raises(ValueError, match=r"speculative_model=.*does not exist"):
         LLM(models["target"], device="cpu", speculative_model=str(tmp_path / "no-such-model"))

@@ -96,8 +96,17 @@ class DraftModelProposer:
         except ValueError as error:
             raise ValueError(f"option speculative_model={name!r}: {error}") from None
         _check_compatible(name, source, target, target_tokenizer, max_seq_len)
-        source = calibrated_source(draft_config, source)
-        self.runner = ModelRunner(draft_config, source, max_seq_len, draft=True)
+        draft_format = config.speculative.speculative_model_quantization
+        try:
+            source = calibrated_source(draft_config, source)
+            self.runner = ModelRunner(draft_config, source, max_seq_len, draft=True)
+        except ValueError as error:
+            if draft_format is None:
+                raise
+            # The draft's own format was asked for: say so, not only the draft's `quantization`.
+            raise ValueError(
+                f"option speculative_model_quantization={draft_format!r} (draft model {name!r}): {error}"
+            ) from error
         self.runners = [self.runner]
         self.max_step_tokens = config.scheduler.max_num_tokens
 
