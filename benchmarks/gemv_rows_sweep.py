@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 import torch
+from weight_formats import copy_rate_tbps
 
 from tensorjet.kernels import gemv as plain_gemv
 from tensorjet.kernels.activation import silu_and_mul
@@ -40,13 +41,6 @@ def projections(hidden: int, intermediate: int, q: int, kv: int, vocab: int) -> 
         "down_proj": (hidden, intermediate, dict(residual=True)),
         "lm_head": (vocab, hidden, {}),
     }
-
-
-def copy_rate_tbps() -> float:
-    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = time_in_graph_ms(lambda s: dst.copy_(s), [src], launches=8)
-    return 2 * src.numel() / ms / 1e9
 
 
 def fusion_inputs(m: int, n: int, k: int, fusion: dict) -> dict:
@@ -108,7 +102,7 @@ def main() -> None:
         raise SystemExit("gemv_rows_sweep.py times GPU kernels inside CUDA graphs: it needs a CUDA GPU")
     torch.manual_seed(0)
     rows = [int(r) for r in args.rows.split(",")]
-    copy = copy_rate_tbps()
+    copy = copy_rate_tbps("cuda")
     results = {"gpu": torch.cuda.get_device_name(), "copy_tbps": copy, "models": {}}
     print(f"{results['gpu']}: copy rate {copy:.2f} TB/s; per projection and rows, us and TB/s of weights")
     for model in args.models.split(","):
