@@ -9,6 +9,8 @@ Dummy weights make acceptance meaningless, so it is controlled:
   probability a, whatever the logits) at a = 1.0, 0.9, 0.7, 0.5, 0.3;
 - `1b-fp8`: the same draft with FP8 linear layers (`speculative_model_quantization="fp8"`), half the
   bytes a draft step reads, at a = 1.0 and 0.7;
+- `1b-int4`: the same draft with 4-bit linear layers (`speculative_model_quantization="awq"`, dummy codes
+  in the AWQ layout: group 128 with zero points), a quarter of the bytes, at a = 1.0 and 0.7;
 - `ngram`: prompt lookup over prompts that repeat themselves, at a fixed acceptance of 0.7.
 
 Each engine times, in the same run, its plain decode step (speculation switched off), its draft steps
@@ -280,6 +282,10 @@ def goals(rows: list[dict]) -> list[tuple[str, bool | None]]:
             "1B-shape draft, FP8 weights, at a = 1.0 >= 2.8x",
             check(find("1b-fp8", "a=1.0"), lambda r: r["speedup"] >= 2.8),
         ),
+        (
+            "1B-shape draft, INT4 weights, at a = 1.0 >= 2.8x",
+            check(find("1b-int4", "a=1.0"), lambda r: r["speedup"] >= 2.8),
+        ),
         ("n-gram at a = 0.7 >= 2.5x", check(find("ngram", f"a={NGRAM_RATE}"), lambda r: r["speedup"] >= 2.5)),
         ("acceptance 0 at most 5% slower", check(find("1b", "natural"), lambda r: r["speedup"] >= 0.95)),
         ("batch 64 never below 0.97x", all(r["speedup"] >= 0.97 for r in large) if large else None),
@@ -288,7 +294,7 @@ def goals(rows: list[dict]) -> list[tuple[str, bool | None]]:
 
 def table(rows: list[dict], k: int) -> str:
     header = (
-        f"{'draft':<6} {'run':<8} {'batch':>5} {'a':>5} {'acc.rate':>8} {'tok/step':>8} {'drafts':>6} "
+        f"{'draft':<7} {'run':<8} {'batch':>5} {'a':>5} {'acc.rate':>8} {'tok/step':>8} {'drafts':>6} "
         f"{'t_decode':>9} {'t_draft':>8} {'t_verify':>9} {'speed-up':>8} {'ideal':>6} {'of ideal':>8} "
         f"{'ideal*':>6}"
     )
@@ -304,7 +310,7 @@ def table(rows: list[dict], k: int) -> str:
         s = r["speculative"]
         tokens_per_step = None if s["mean_accepted"] is None else s["mean_accepted"] + 1
         cells = [
-            f"{r['draft']:<6} {r['label']:<8} {r['batch']:>5} {fmt(r['a']):>5}",
+            f"{r['draft']:<7} {r['label']:<8} {r['batch']:>5} {fmt(r['a']):>5}",
             f"{fmt(s['acceptance_rate'], '.1%'):>8} {fmt(tokens_per_step):>8}",
             f"{fmt(s['drafts_per_step'], '.1f'):>6}",
             f"{fmt(r['plain']['t_decode_ms'], '.3f'):>9} {fmt(s['t_draft_ms'], '.3f'):>8}",
@@ -356,7 +362,9 @@ def main() -> None:
     )
     parser.add_argument("--kv_cache_max_tokens", type=int, default=None)
     parser.add_argument(
-        "--drafts", default="1b,1b-fp8,ngram,self", help="which drafts to run, of 1b, 1b-fp8, ngram, self"
+        "--drafts",
+        default="1b,1b-fp8,1b-int4,ngram,self",
+        help="which drafts to run, of 1b, 1b-fp8, 1b-int4, ngram, self",
     )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -375,6 +383,11 @@ def main() -> None:
         (
             "1b-fp8",
             dict(speculative_model=args.small_draft, speculative_model_quantization="fp8"),
+            [("a=1.0", 1.0, False), ("a=0.7", 0.7, False)],
+        ),
+        (
+            "1b-int4",
+            dict(speculative_model=args.small_draft, speculative_model_quantization="awq"),
             [("a=1.0", 1.0, False), ("a=0.7", 0.7, False)],
         ),
         (
