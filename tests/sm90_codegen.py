@@ -189,7 +189,7 @@ def int4_census() -> dict:
         out[name]["weights_per_thread"] = c.block_n * c.block_k / (32 * c.num_warps)
     fusion = dict(NORM=True, SILU_MUL=True, ADD_TO_Y=False, X_BLOCK=4096, PDL=True, PAIRS=True)
     for i, c in enumerate(c for c in fused.CANDIDATES if c.split_k == 1):
-        tiles = dict(BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT_K=c.split_k)
+        tiles = dict(BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT_K=c.split_k, FMA=c.fma)
         types = pointers | {"norm_w_ptr": "*bf16", "eps": "fp32"}
         compiled = compile_sm90(
             fused._int4_fused_gemv_kernel, types, layout | fusion | tiles, c.num_warps, c.num_stages

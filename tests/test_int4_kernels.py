@@ -284,8 +284,14 @@ def test_a_wrong_input_width_is_refused():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "config",
-    [FUSED_CANDIDATES[0], Int4FusedGemvConfig(32, 128, split_k=3), FUSED_CANDIDATES[-2]],
-    ids=["plain", "split3", "two-warps-split2"],
+    [
+        FUSED_CANDIDATES[0],
+        Int4FusedGemvConfig(32, 128, split_k=3),
+        Int4FusedGemvConfig(32, 128, 2, 4, split_k=2),
+        Int4FusedGemvConfig(64, 128, fma=True),
+        Int4FusedGemvConfig(16, 128, split_k=3, fma=True),
+    ],
+    ids=["plain", "split3", "two-warps-split2", "fma", "fma-split3"],
 )
 @pytest.mark.parametrize("group_size", [64, 256], ids=["scaled-weights", "scale-after"])
 def test_fused_gemv_matches_the_chain_of_separate_kernels(dtype, config, group_size):
@@ -293,6 +299,11 @@ def test_fused_gemv_matches_the_chain_of_separate_kernels(dtype, config, group_s
     zero points: each against the reference product with the separate norm / add / SiLU kernels."""
     n, k, eps = 24, 200, 1e-5  # ragged K: a tile and a half (split three ways: one slice empty)
     weight = _weight(2 * n, k, group_size, zeros=True, act_order=True, dtype=dtype)
+    if config.fma and group_size % config.block_k:
+        assert config not in fused_module.candidates_for(weight)
+        with pytest.raises(ValueError, match="FMA tile needs groups of whole tiles"):
+            int4_fused_gemv(torch.randn(1, k).to(dtype), weight, None, config)
+        return
     gen = torch.Generator().manual_seed(4)
     x = (3 * torch.randn(1, k, generator=gen)).to(dtype)  # not unit scale: the norm must matter
     norm_w = (1 + 0.5 * torch.randn(k, generator=gen)).to(dtype)

@@ -8,9 +8,12 @@ numerics), optionally with:
 - `silu_mul`: W holds [gate; up]; returns silu(gate) * up (the gate|up projection).
 An act-order weight reads x (and the norm weight) at its permutation's columns.
 
-Each program multiplies [BLOCK_N, BLOCK_K] tiles on the tensor cores as `int4_matmul` does (eight
-slices, one nibble of each word; where a tile lies in one group, exact code - zero products summed in
-fp32 and the group's scale applied to the sum), with the one row of x broadcast to the MMA's 16 columns.
+Each program multiplies [BLOCK_N, BLOCK_K] tiles either on the tensor cores as `int4_matmul` does
+(eight slices, one nibble of each word; where a tile lies in one group, exact code - zero products
+summed in fp32 and the group's scale applied to the sum), with the one row of x broadcast to the MMA's
+16 columns, or (`fma`, tiles within one group) on fp32 FMAs: each nibble shifted into the top of the
+mantissa of 1.0 is the float 1 + code / 16 (a shift and a LOP3), so a word's eight codes cost three
+instructions each with the FMA, against eight to nine through the MMA's operands, and no shared memory.
 SPLIT_K programs per row block each sum a slice of K into fp32 scratch, and the last to finish (an
 atomic counter per row block) adds the slices in a fixed order and runs the epilogue, so the whole
 projection stays one launch (as `tensorjet.kernels.fp8_fused_gemv` does).
@@ -41,7 +44,7 @@ from tensorjet.kernels.int4_linear import cold_weights, load_codes, packed_pairs
 from tensorjet.kernels.int4_reference import Int4Weight
 from tensorjet.kernels.split_k import reduce_row_slices, split_k_buffers
 
-__all__ = ["CANDIDATES", "Int4FusedGemvConfig", "int4_fused_gemv", "select_int4_fused_gemv"]
+__all__ = ["CANDIDATES", "Int4FusedGemvConfig", "candidates_for", "int4_fused_gemv", "select_int4_fused_gemv"]
 
 X_BLOCK = 4096  # the pass over x for its sum of squares reads it this many elements at a time
 
@@ -53,11 +56,13 @@ class Int4FusedGemvConfig:
     num_warps: int = 4
     num_stages: int = 3
     split_k: int = 1  # programs per row block, each over a slice of K
+    # fp32 FMAs on codes made floats in place of the tensor cores (tiles within one group only)
+    fma: bool = False
 
 
 # As `tensorjet.kernels.int4_linear.GEMV_CANDIDATES`: 64 rows on 4 warps or 128 rows on 8 (one
 # warpgroup per 64 rows keeps the dequantized tile in registers), split over K for the 4096-row weights.
-# (fp32 FMAs instead of the MMA compile to 12-17 instructions per weight on sm_90, against 8-9 here.)
+# (With RMSNorm and SiLU fused these compile to 5.0-5.8 instructions per weight on sm_90.)
 CANDIDATES = (
     Int4FusedGemvConfig(64, 128, 4, 4),
     Int4FusedGemvConfig(128, 128, 8, 4),
@@ -69,6 +74,15 @@ CANDIDATES = (
     Int4FusedGemvConfig(32, 128, 2, 4),
     Int4FusedGemvConfig(32, 128, 2, 4, split_k=2),
     Int4FusedGemvConfig(32, 128, 2, 4, split_k=4),
+    # fp32 FMAs (sm_90, RMSNorm and SiLU fused: 4.8-5.6 instructions per weight, no spills; 128 rows on
+    # 4 warps spill).
+    Int4FusedGemvConfig(64, 128, 4, 1, fma=True),
+    Int4FusedGemvConfig(128, 128, 8, 1, fma=True),
+    Int4FusedGemvConfig(256, 128, 4, 1, fma=True),
+    Int4FusedGemvConfig(32, 128, 2, 1, fma=True),
+    Int4FusedGemvConfig(64, 128, 4, 1, split_k=4, fma=True),
+    Int4FusedGemvConfig(128, 128, 8, 1, split_k=2, fma=True),
+    Int4FusedGemvConfig(32, 128, 2, 1, split_k=2, fma=True),
 )
 
 
@@ -79,12 +93,12 @@ def _normed(x, norm_w, inv_rms, OUT_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _x_slice(
+def _x_columns(
     x_ptr, perm_ptr, norm_w_ptr, inv_rms, k0, k_end, J: tl.constexpr, HAS_PERM: tl.constexpr,
     NORM: tl.constexpr, BLOCK_K: tl.constexpr, dtype: tl.constexpr,
 ):  # fmt: skip
-    """The x columns nibble J of each word multiplies (normed where NORM), as the MMA's [BLOCK_K / 8, 16]
-    operand: the one row broadcast to its 16 columns (every column of the product is the same)."""
+    """The x columns nibble J of each word multiplies, [BLOCK_K / 8] in fp32, normed where NORM and
+    rounded to `dtype` as the product's operand is."""
     cols = k0 + tl.arange(0, BLOCK_K // 8) * 8 + J
     k_mask = cols < k_end
     if HAS_PERM:
@@ -92,7 +106,71 @@ def _x_slice(
     x = tl.load(x_ptr + cols, mask=k_mask, other=0.0).to(tl.float32)
     if NORM:
         x = _normed(x, tl.load(norm_w_ptr + cols, mask=k_mask, other=0.0), inv_rms, dtype)
+    return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _x_slice(
+    x_ptr, perm_ptr, norm_w_ptr, inv_rms, k0, k_end, J: tl.constexpr, HAS_PERM: tl.constexpr,
+    NORM: tl.constexpr, BLOCK_K: tl.constexpr, dtype: tl.constexpr,
+):  # fmt: skip
+    """`_x_columns` as the MMA's [BLOCK_K / 8, 16] operand: the one row broadcast to its 16 columns
+    (every column of the product is the same)."""
+    x = _x_columns(x_ptr, perm_ptr, norm_w_ptr, inv_rms, k0, k_end, J, HAS_PERM, NORM, BLOCK_K, dtype)
     return tl.trans(tl.broadcast_to(x.to(dtype)[None, :], (16, BLOCK_K // 8)))
+
+
+@triton.jit
+def _x_by_nibble(
+    x_ptr, perm_ptr, norm_w_ptr, inv_rms, k0, k_end, HAS_PERM: tl.constexpr, NORM: tl.constexpr,
+    BLOCK_K: tl.constexpr, dtype: tl.constexpr,
+):  # fmt: skip
+    """x[k0 : k0 + BLOCK_K] as `_x_columns` makes each slice, loaded (and normed) once as one row and
+    split into the eight [BLOCK_K / 8] slices, nibble 0's first: one contiguous load instead of eight
+    gathers, each value normed by one thread instead of by every thread whose words it multiplies."""
+    cols = k0 + tl.arange(0, BLOCK_K)
+    k_mask = cols < k_end
+    if HAS_PERM:
+        cols = tl.load(perm_ptr + cols, mask=k_mask, other=0)
+    x = tl.load(x_ptr + cols, mask=k_mask, other=0.0).to(tl.float32)
+    if NORM:
+        x = _normed(x, tl.load(norm_w_ptr + cols, mask=k_mask, other=0.0), inv_rms, dtype)
+    x = tl.reshape(x.to(dtype).to(tl.float32), (BLOCK_K // 8, 2, 2, 2))  # column 8i + 4a + 2b + c
+    c0, c1 = tl.split(x)
+    c0b0, c0b1 = tl.split(c0)
+    c1b0, c1b1 = tl.split(c1)
+    x0, x4 = tl.split(c0b0)
+    x2, x6 = tl.split(c0b1)
+    x1, x5 = tl.split(c1b0)
+    x3, x7 = tl.split(c1b1)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _sixteenth_codes(words, J: tl.constexpr):
+    """1 + code / 16 in fp32 for nibble J of each word, exactly: the code moved to the top four bits
+    of the mantissa of 1.0 (one shift and a LOP3). Sums of these times x keep the codes' share at
+    fp32 precision, which codes in the low mantissa bits would lose."""
+    if 4 * J <= 19:
+        moved = words << (19 - 4 * J)
+    else:
+        moved = words >> (4 * J - 19)
+    return ((moved & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _fma_tile(words, x_cols, J: tl.constexpr, part):
+    """part [BLOCK_N, BLOCK_K / 8] + (1 + code / 16) x for nibble J of each word (`_sixteenth_codes`)."""
+    return part + _sixteenth_codes(words, J) * x_cols[None, :]
+
+
+@triton.jit
+def _fma_sum(part, offset, x_word_sums, scale):
+    """A tile's sum((code - zero) x) x scale per row [BLOCK_N, 1], from `_fma_tile`'s sums of
+    (1 + code / 16) x: each word's share of (1 + zero / 16) sum(x) comes off first, then x 16."""
+    zero = offset - 8388608.0  # `load_codes`' offset is 2^23 + zero
+    part -= (1.0 + zero * 0.0625) * x_word_sums[None, :]
+    return tl.sum(part, 1, keep_dims=True) * (16.0 * scale)
 
 
 @triton.jit
@@ -125,10 +203,12 @@ def _int4_fused_gemv_kernel(
     BLOCK_K: tl.constexpr,
     X_BLOCK: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    FMA: tl.constexpr,
     DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
     PDL: tl.constexpr,
 ):
+    tl.static_assert(not FMA or GROUP % BLOCK_K == 0, "the FMA path needs tiles within one group")
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
@@ -144,8 +224,9 @@ def _int4_fused_gemv_kernel(
             x = tl.load(x_ptr + k0 + offs_x, mask=k0 + offs_x < K, other=0.0).to(tl.float32)
             sum_sq += x * x
         inv_rms = tl.rsqrt(tl.sum(sum_sq, 0) / K + eps)
-    acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+    # [BLOCK_N, 16] as the MMA leaves its sums (column 0 read at the end); one column with FMAs
+    acc = tl.zeros((BLOCK_N, 1 if FMA else 16), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N, 1 if FMA else 16), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         words, scale, offset = load_codes(
             qw_ptr, scale_ptr, zero_ptr, offs_n, n_mask, k0, k_end, stride_qn, stride_sn,
@@ -157,27 +238,44 @@ def _int4_fused_gemv_kernel(
                 qw_ptr, scale_ptr, zero_ptr, offs_n + N, n_mask, k0, k_end, stride_qn, stride_sn,
                 GROUP, HAS_ZEROS, BLOCK_K,
             )  # fmt: skip
-        part = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
-        part_up = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
-        for j in tl.static_range(4):
-            xt_lo = _x_slice(
-                x_ptr, perm_ptr, norm_w_ptr, inv_rms, k0, k_end, j, HAS_PERM, NORM, BLOCK_K, dtype
+        if FMA:
+            part = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
+            part_up = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
+            x_by_nibble = _x_by_nibble(
+                x_ptr, perm_ptr, norm_w_ptr, inv_rms, k0, k_end, HAS_PERM, NORM, BLOCK_K, dtype
             )
-            xt_hi = _x_slice(
-                x_ptr, perm_ptr, norm_w_ptr, inv_rms, k0, k_end, j + 4, HAS_PERM, NORM, BLOCK_K, dtype
-            )
-            lo, hi = slice_pair(words, offset, scale, j, PAIRS, not SCALE_AFTER, dtype)
-            part += tl_dot(lo, xt_lo, DOT_PREC, UPCAST)
-            part += tl_dot(hi, xt_hi, DOT_PREC, UPCAST)
+            x_word_sums = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
+            for j in tl.static_range(8):
+                x_cols = x_by_nibble[j]
+                x_word_sums += x_cols
+                part = _fma_tile(words, x_cols, j, part)
+                if SILU_MUL:
+                    part_up = _fma_tile(words_up, x_cols, j, part_up)
+            acc += _fma_sum(part, offset, x_word_sums, scale)
             if SILU_MUL:
-                lo, hi = slice_pair(words_up, offset_up, scale_up, j, PAIRS, not SCALE_AFTER, dtype)
-                part_up += tl_dot(lo, xt_lo, DOT_PREC, UPCAST)
-                part_up += tl_dot(hi, xt_hi, DOT_PREC, UPCAST)
-        if SCALE_AFTER:
-            part = part * scale
-            part_up = part_up * scale_up
-        acc += part
-        acc_up += part_up
+                acc_up += _fma_sum(part_up, offset_up, x_word_sums, scale_up)
+        else:
+            part = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+            part_up = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+            for j in tl.static_range(4):
+                xt_lo = _x_slice(
+                    x_ptr, perm_ptr, norm_w_ptr, inv_rms, k0, k_end, j, HAS_PERM, NORM, BLOCK_K, dtype
+                )
+                xt_hi = _x_slice(
+                    x_ptr, perm_ptr, norm_w_ptr, inv_rms, k0, k_end, j + 4, HAS_PERM, NORM, BLOCK_K, dtype
+                )
+                lo, hi = slice_pair(words, offset, scale, j, PAIRS, not SCALE_AFTER, dtype)
+                part += tl_dot(lo, xt_lo, DOT_PREC, UPCAST)
+                part += tl_dot(hi, xt_hi, DOT_PREC, UPCAST)
+                if SILU_MUL:
+                    lo, hi = slice_pair(words_up, offset_up, scale_up, j, PAIRS, not SCALE_AFTER, dtype)
+                    part_up += tl_dot(lo, xt_lo, DOT_PREC, UPCAST)
+                    part_up += tl_dot(hi, xt_hi, DOT_PREC, UPCAST)
+            if SCALE_AFTER:
+                part = part * scale
+                part_up = part_up * scale_up
+            acc += part
+            acc_up += part_up
     launch_next_kernel(PDL)
     first = tl.arange(0, 16)[None, :] == 0
     y = tl.sum(tl.where(first, acc, 0.0), 1)
@@ -216,6 +314,10 @@ def int4_fused_gemv(
     y = fused_output(x, n, residual)
     pdl = pdl_enabled(x.device)
     scale_after = weight.group_size % config.block_k == 0
+    if config.fma and not scale_after:
+        raise ValueError(
+            f"the FMA tile needs groups of whole tiles: group {weight.group_size}, tile {config.block_k}"
+        )
     row_blocks = triton.cdiv(n, config.block_n)
     partial, arrivals = split_k_buffers(y, config.split_k, config.split_k * weight.out_features, row_blocks)
     scales = weight.scales
@@ -248,6 +350,7 @@ def int4_fused_gemv(
         BLOCK_K=config.block_k,
         X_BLOCK=min(next_pow2(k), X_BLOCK),
         SPLIT_K=config.split_k,
+        FMA=config.fma,
         DOT_PREC=dot_precision(x.dtype),
         UPCAST=dot_upcast(x.dtype),
         PDL=pdl,
@@ -256,6 +359,11 @@ def int4_fused_gemv(
         **pdl_launch(pdl),
     )
     return y
+
+
+def candidates_for(weight: Int4Weight) -> tuple[Int4FusedGemvConfig, ...]:
+    """The candidates that can multiply `weight`: the FMA tiles only where groups hold whole tiles."""
+    return tuple(c for c in CANDIDATES if not c.fma or weight.group_size % c.block_k == 0)
 
 
 def select_int4_fused_gemv(
@@ -283,6 +391,6 @@ def select_int4_fused_gemv(
     weights = cold_weights(weight)
     timings = {"plain": time_in_graph_ms(lambda w: plain(x, w, bias), weights)}
     best, timings["fused"] = fastest_in_graph(
-        CANDIDATES, lambda c, w: int4_fused_gemv(x, w, bias, c, **fusion), weights
+        candidates_for(weight), lambda c, w: int4_fused_gemv(x, w, bias, c, **fusion), weights
     )
     return best, timings
