@@ -368,7 +368,8 @@ class SpeculativeConfig(_Part):
     speculative_model_quantization: str | None = option(
         None,
         "the draft model's weight format, as `quantization` takes it (`fp8`: the draft's linear layers in "
-        "FP8, half the bytes each draft step reads); default: the target's",
+        "FP8, half the bytes each draft step reads; `awq` or `gptq`: in 4 bits, a quarter); default: the "
+        "target's",
     )
     num_speculative_tokens: int | None = option(
         None,
