@@ -177,6 +177,32 @@ def test_a_draft_of_its_own_weight_format_beside_a_float_target(models, plain):
         llm.shutdown()
 
 
+def test_a_dummy_draft_in_four_bits_keeps_the_targets_tokens(models):
+    """speculative_model_quantization="awq" on dummy weights makes the draft's 4-bit codes directly (as
+    the GPU benchmark's INT4 draft does): the draft runs its INT4 products, the target its own."""
+    prompts = copy_heavy_prompts(2, seed=11)
+    common = dict(device="cpu", batch_invariant=True, load_format="dummy", dtype="bfloat16")
+    plain_dummy = LLM(models["target"], **common)
+    try:
+        reference = tokens_of(plain_dummy.generate(prompts, greedy(12), use_tqdm=False))
+    finally:
+        plain_dummy.shutdown()
+    llm = LLM(
+        models["target"],
+        speculative_model=models["other_draft"],
+        speculative_model_quantization="awq",
+        speculative_disable_by_acceptance_rate=0.0,
+        **common,
+    )
+    try:
+        assert tokens_of(llm.generate(prompts, greedy(12), use_tqdm=False)) == reference
+        assert llm.engine.speculator.runners[0].weight_format == "int4 (dummy)"
+        assert llm.engine.runner.weight_format == "bfloat16"
+        assert llm.stats()["speculative_verify_steps"] > 0
+    finally:
+        llm.shutdown()
+
+
 def test_prefix_cache_hits_and_shared_prefixes_stay_exact(models, plain, self_draft):
     """Prompts sharing two blocks, run twice: the second run's prompts come from the prefix cache (the
     target's KV) while the draft recomputes its own; only verified blocks are ever cached."""
