@@ -104,6 +104,15 @@ SPECULATION = {
 }
 
 
+def plain_tokens(model: str, prompts: list, max_tokens: int, **options) -> list:
+    """Greedy tokens of `model` without speculation, from an engine of its own with `options`."""
+    llm = LLM(model, device="cpu", batch_invariant=True, **options)
+    try:
+        return tokens_of(llm.generate(prompts, greedy(max_tokens), use_tqdm=False))
+    finally:
+        llm.shutdown()
+
+
 def spec_options(method: str, models: dict) -> dict:
     options = dict(SPECULATION[method])
     options.setdefault("speculative_model", models["target"])
@@ -136,11 +145,7 @@ def test_greedy_speculation_is_token_exact_alone_batched_and_under_preemption(me
 def test_an_fp8_target_gets_an_fp8_draft(models):
     """dtype="fp8" applies to the draft model too; its drafts are still the target's own choices."""
     prompts = copy_heavy_prompts(3, seed=10)
-    plain = LLM(models["target"], device="cpu", dtype="fp8", batch_invariant=True)
-    try:
-        reference = tokens_of(plain.generate(prompts, greedy(16), use_tqdm=False))
-    finally:
-        plain.shutdown()
+    reference = plain_tokens(models["target"], prompts, 16, dtype="fp8")
     llm = LLM(
         models["target"],
         device="cpu",
@@ -181,18 +186,16 @@ def test_a_dummy_draft_in_four_bits_keeps_the_targets_tokens(models):
     """speculative_model_quantization="awq" on dummy weights makes the draft's 4-bit codes directly (as
     the GPU benchmark's INT4 draft does): the draft runs its INT4 products, the target its own."""
     prompts = copy_heavy_prompts(2, seed=11)
-    common = dict(device="cpu", batch_invariant=True, load_format="dummy", dtype="bfloat16")
-    plain_dummy = LLM(models["target"], **common)
-    try:
-        reference = tokens_of(plain_dummy.generate(prompts, greedy(12), use_tqdm=False))
-    finally:
-        plain_dummy.shutdown()
+    dummy = dict(load_format="dummy", dtype="bfloat16")
+    reference = plain_tokens(models["target"], prompts, 12, **dummy)
     llm = LLM(
         models["target"],
+        device="cpu",
+        batch_invariant=True,
         speculative_model=models["other_draft"],
         speculative_model_quantization="awq",
         speculative_disable_by_acceptance_rate=0.0,
-        **common,
+        **dummy,
     )
     try:
         assert tokens_of(llm.generate(prompts, greedy(12), use_tqdm=False)) == reference

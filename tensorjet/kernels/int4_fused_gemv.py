@@ -93,20 +93,28 @@ def _normed(x, norm_w, inv_rms, OUT_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _x_columns(
-    x_ptr, perm_ptr, norm_w_ptr, inv_rms, k0, k_end, J: tl.constexpr, HAS_PERM: tl.constexpr,
-    NORM: tl.constexpr, BLOCK_K: tl.constexpr, dtype: tl.constexpr,
+def _x_at(
+    x_ptr, perm_ptr, norm_w_ptr, inv_rms, cols, k_mask, HAS_PERM: tl.constexpr, NORM: tl.constexpr,
+    dtype: tl.constexpr,
 ):  # fmt: skip
-    """The x columns nibble J of each word multiplies, [BLOCK_K / 8] in fp32, normed where NORM and
-    rounded to `dtype` as the product's operand is."""
-    cols = k0 + tl.arange(0, BLOCK_K // 8) * 8 + J
-    k_mask = cols < k_end
+    """x at stored columns `cols` (through the act-order permutation where there is one; 0 where
+    masked) in fp32, normed where NORM and rounded to `dtype` as the product's operand is."""
     if HAS_PERM:
         cols = tl.load(perm_ptr + cols, mask=k_mask, other=0)
     x = tl.load(x_ptr + cols, mask=k_mask, other=0.0).to(tl.float32)
     if NORM:
         x = _normed(x, tl.load(norm_w_ptr + cols, mask=k_mask, other=0.0), inv_rms, dtype)
     return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _x_columns(
+    x_ptr, perm_ptr, norm_w_ptr, inv_rms, k0, k_end, J: tl.constexpr, HAS_PERM: tl.constexpr,
+    NORM: tl.constexpr, BLOCK_K: tl.constexpr, dtype: tl.constexpr,
+):  # fmt: skip
+    """The x columns nibble J of each word multiplies, [BLOCK_K / 8] (`_x_at`)."""
+    cols = k0 + tl.arange(0, BLOCK_K // 8) * 8 + J
+    return _x_at(x_ptr, perm_ptr, norm_w_ptr, inv_rms, cols, cols < k_end, HAS_PERM, NORM, dtype)
 
 
 @triton.jit
@@ -129,13 +137,8 @@ def _x_by_nibble(
     split into the eight [BLOCK_K / 8] slices, nibble 0's first: one contiguous load instead of eight
     gathers, each value normed by one thread instead of by every thread whose words it multiplies."""
     cols = k0 + tl.arange(0, BLOCK_K)
-    k_mask = cols < k_end
-    if HAS_PERM:
-        cols = tl.load(perm_ptr + cols, mask=k_mask, other=0)
-    x = tl.load(x_ptr + cols, mask=k_mask, other=0.0).to(tl.float32)
-    if NORM:
-        x = _normed(x, tl.load(norm_w_ptr + cols, mask=k_mask, other=0.0), inv_rms, dtype)
-    x = tl.reshape(x.to(dtype).to(tl.float32), (BLOCK_K // 8, 2, 2, 2))  # column 8i + 4a + 2b + c
+    x = _x_at(x_ptr, perm_ptr, norm_w_ptr, inv_rms, cols, cols < k_end, HAS_PERM, NORM, dtype)
+    x = tl.reshape(x, (BLOCK_K // 8, 2, 2, 2))  # column 8i + 4a + 2b + c
     c0, c1 = tl.split(x)
     c0b0, c0b1 = tl.split(c0)
     c1b0, c1b1 = tl.split(c1)
