@@ -12,8 +12,8 @@ Each program multiplies [BLOCK_N, BLOCK_K] tiles either on the tensor cores as `
 (eight slices, one nibble of each word; where a tile lies in one group, exact code - zero products
 summed in fp32 and the group's scale applied to the sum), with the one row of x broadcast to the MMA's
 16 columns, or (`fma`, tiles within one group) on fp32 FMAs: each nibble shifted into the top of the
-mantissa of 1.0 is the float 1 + code / 16 (a shift and a LOP3), so a word's eight codes cost three
-instructions each with the FMA, against eight to nine through the MMA's operands, and no shared memory.
+mantissa of 1.0 is the float 1 + code / 16 (a shift and a LOP3), so each weight costs three
+instructions with its FMA and never passes through shared memory on its way to an MMA operand.
 SPLIT_K programs per row block each sum a slice of K into fp32 scratch, and the last to finish (an
 atomic counter per row block) adds the slices in a fixed order and runs the epilogue, so the whole
 projection stays one launch (as `tensorjet.kernels.fp8_fused_gemv` does).
@@ -108,23 +108,14 @@ def _x_at(
 
 
 @triton.jit
-def _x_columns(
-    x_ptr, perm_ptr, norm_w_ptr, inv_rms, k0, k_end, J: tl.constexpr, HAS_PERM: tl.constexpr,
-    NORM: tl.constexpr, BLOCK_K: tl.constexpr, dtype: tl.constexpr,
-):  # fmt: skip
-    """The x columns nibble J of each word multiplies, [BLOCK_K / 8] (`_x_at`)."""
-    cols = k0 + tl.arange(0, BLOCK_K // 8) * 8 + J
-    return _x_at(x_ptr, perm_ptr, norm_w_ptr, inv_rms, cols, cols < k_end, HAS_PERM, NORM, dtype)
-
-
-@triton.jit
 def _x_slice(
     x_ptr, perm_ptr, norm_w_ptr, inv_rms, k0, k_end, J: tl.constexpr, HAS_PERM: tl.constexpr,
     NORM: tl.constexpr, BLOCK_K: tl.constexpr, dtype: tl.constexpr,
 ):  # fmt: skip
-    """`_x_columns` as the MMA's [BLOCK_K / 8, 16] operand: the one row broadcast to its 16 columns
-    (every column of the product is the same)."""
-    x = _x_columns(x_ptr, perm_ptr, norm_w_ptr, inv_rms, k0, k_end, J, HAS_PERM, NORM, BLOCK_K, dtype)
+    """The x columns nibble J of each word multiplies (`_x_at`), as the MMA's [BLOCK_K / 8, 16]
+    operand: the one row broadcast to its 16 columns (every column of the product is the same)."""
+    cols = k0 + tl.arange(0, BLOCK_K // 8) * 8 + J
+    x = _x_at(x_ptr, perm_ptr, norm_w_ptr, inv_rms, cols, cols < k_end, HAS_PERM, NORM, dtype)
     return tl.trans(tl.broadcast_to(x.to(dtype)[None, :], (16, BLOCK_K // 8)))
 
 
@@ -133,7 +124,7 @@ def _x_by_nibble(
     x_ptr, perm_ptr, norm_w_ptr, inv_rms, k0, k_end, HAS_PERM: tl.constexpr, NORM: tl.constexpr,
     BLOCK_K: tl.constexpr, dtype: tl.constexpr,
 ):  # fmt: skip
-    """x[k0 : k0 + BLOCK_K] as `_x_columns` makes each slice, loaded (and normed) once as one row and
+    """x[k0 : k0 + BLOCK_K] as `_x_slice` takes each slice, loaded (and normed) once as one row and
     split into the eight [BLOCK_K / 8] slices, nibble 0's first: one contiguous load instead of eight
     gathers, each value normed by one thread instead of by every thread whose words it multiplies."""
     cols = k0 + tl.arange(0, BLOCK_K)
