@@ -1,5 +1,6 @@
 """Speculative decoding on the GPU: measured speed-up against acceptance, beside the ideal one its step
-times imply. Llama-3-8B target with dummy weights, in one call (under 9 minutes on an H100).
+times imply. Llama-3-8B target with dummy weights; `--drafts` splits the run over calls where one call's
+time is short (each draft's engine takes 1-3 minutes on an H100).
 
 Dummy weights make acceptance meaningless, so it is controlled:
 - `self`: the draft is the target's own weights (the same preset and seed): every draft is accepted;
