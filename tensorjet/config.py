@@ -80,6 +80,14 @@ def _fail(name: str, value: object, rule: str) -> ValueError:
     return ValueError(f"option {name} {rule}, got {value!r}")
 
 
+def check_quantization_method(name: str, method: str | None) -> None:
+    """A weight-format option (`quantization` or the draft's): None, or a method that is built."""
+    if method in UNAVAILABLE_QUANTIZATION_METHODS:
+        raise not_available(f"{method} quantization", f"{name}={method!r}")
+    if method is not None and method not in QUANTIZATION_METHODS:
+        raise _fail(name, method, f"must be None or one of {QUANTIZATION_METHODS}")
+
+
 def option(default: Any, help: str) -> Any:
     """A field that is an engine option; `help` is its line in `--help` and in the README."""
     return field(default=default, metadata={"help": help})
@@ -169,10 +177,7 @@ class LoadConfig(_Part):
         super().__post_init__()
 
     def validate(self) -> None:
-        if self.quantization in UNAVAILABLE_QUANTIZATION_METHODS:
-            raise not_available(f"{self.quantization} quantization", f"quantization={self.quantization!r}")
-        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
-            raise _fail("quantization", self.quantization, f"must be None or one of {QUANTIZATION_METHODS}")
+        check_quantization_method("quantization", self.quantization)
         if self.dtype in UNAVAILABLE_QUANTIZED_DTYPES:
             raise not_available(f"{self.dtype} weights", f"dtype={self.dtype!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES and self.dtype not in QUANTIZED_DTYPES:
@@ -399,13 +404,7 @@ class SpeculativeConfig(_Part):
             raise _fail(
                 "speculative_model_quantization", draft_format, "needs a draft model as speculative_model"
             )
-        if draft_format in UNAVAILABLE_QUANTIZATION_METHODS:
-            raise not_available(
-                f"{draft_format} quantization", f"speculative_model_quantization={draft_format!r}"
-            )
-        if draft_format is not None and draft_format not in QUANTIZATION_METHODS:
-            methods = QUANTIZATION_METHODS
-            raise _fail("speculative_model_quantization", draft_format, f"must be None or one of {methods}")
+        check_quantization_method("speculative_model_quantization", draft_format)
         if k is not None and model is None:
             raise _fail("num_speculative_tokens", k, "needs speculative_model (a draft model or '[ngram]')")
         if k is not None and not 1 <= k <= MAX_SPECULATIVE_TOKENS:
