@@ -1,5 +1,5 @@
 """Every INT4 GEMM tile against bf16 cuBLAS and tinygemm, per Llama-3-8B projection and batch size, on one
-GPU: which way of unpacking the codes (tensorjet's "slices", "whole") wins where, and by how
+GPU: which way of unpacking the codes (tensorjet's "slices", "whole", "spread") wins where, and by how
 much the best misses the bytes it reads at the copy rate.
 
 Beside tensorjet's kernel it times a probe in the other common layout, the codes packed along K into
@@ -184,7 +184,7 @@ def sweep(rows: list[int]) -> dict:
 
 
 def print_table(results: dict) -> None:
-    families = ("slices", "whole", "kn")
+    families = ("slices", "whole", "spread", "kn")
     print(
         f"\ncopy rate {results['copy_rate_bytes_per_s'] / 1e12:.2f} TB/s; "
         "times in us (the best tile of each family)"
@@ -200,7 +200,7 @@ def print_table(results: dict) -> None:
                 f: min((t for label, t in timed.items() if label.startswith(f + ":")), default=float("nan"))
                 for f in families
             }
-            ours = {label: t for label, t in timed.items() if label.split(":")[0] in families[:3]}
+            ours = {label: t for label, t in timed.items() if label.split(":")[0] in families[:-1]}
             best_label = min(ours, key=ours.get)
             print(
                 f"{name:<8}{m:>5}{shape['limit_us']:>11.1f}{timed['cublas_bf16']:>12.1f}{timed['tinygemm']:>10.1f}"

@@ -192,9 +192,14 @@ def test_gemm_matches_the_reference(m, n, k, group_size, zeros, act_order):
 )
 @pytest.mark.parametrize("config", GEMM_CANDIDATES, ids=str)
 def test_every_gemm_tile_matches_the_reference(config, group, act_order):
-    """Each tile start-up timing may choose, at tens of rows (on a GPU, K split to fill its SMs)."""
+    """Each tile start-up timing may choose, at tens of rows (on a GPU, K split to fill its SMs); a
+    tile that needs groups of whole tiles refuses a narrower group."""
     weight = _weight(96, 1024, group, zeros=True, act_order=act_order)
     x = torch.randn(40, 1024, generator=torch.Generator().manual_seed(4))
+    if not config.fits(weight):
+        with pytest.raises(ValueError, match="needs groups of whole tiles; got group_size 32"):
+            int4_gemm(x, weight, config=config)
+        return
     y = int4_gemm(x, weight, config=config)
     torch.testing.assert_close(y, int4_linear_reference(x, weight), rtol=1e-5, atol=1e-5)
 
@@ -209,6 +214,38 @@ def test_whole_tiles_match_the_reference(m, n, k, group_size, zeros, act_order, 
     config = Int4MatmulConfig(16, 64, 128, 4, 3, scale_after=scale_after, unpack="whole")
     y = int4_matmul(x, weight, bias, config=config)
     torch.testing.assert_close(y, int4_linear_reference(x, weight, bias), rtol=1e-5, atol=1e-5)
+
+
+# (M, N, K, group size or -1 per channel, zero points, act order): groups of whole 128-column tiles
+SPREAD_SHAPES = [
+    (1, 48, 256, 128, False, False),
+    (3, 64, 384, 128, True, True),
+    (20, 40, 256, -1, True, False),  # per channel; N not a multiple of the tile
+    (33, 64, 200, 128, True, False),  # ragged K: the last tile masked
+]
+
+
+@pytest.mark.parametrize("split_k", [1, 2])
+@pytest.mark.parametrize("m, n, k, group_size, zeros, act_order", SPREAD_SHAPES)
+def test_spread_tiles_match_the_reference(m, n, k, group_size, zeros, act_order, split_k):
+    """x the first operand, the bare codes through the dot, scale and zero point after the sum."""
+    weight = _weight(n, k, _group(k, group_size), zeros=zeros, act_order=act_order)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(8))
+    bias = torch.randn(n)
+    config = Int4MatmulConfig(16, 32, 128, 4, 3, split_k=split_k, unpack="spread")
+    y = int4_matmul(x, weight, bias, config=config)
+    torch.testing.assert_close(y, int4_linear_reference(x, weight, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_spread_tiles_take_the_zero_point_off_the_sum():
+    """Only the result's own rounding (and fp32's in the subtraction of (128 + z) x the sum of x)."""
+    weight = _weight(64, 512, 128, zeros=True, act_order=True, dtype=torch.bfloat16)
+    x = torch.randn(24, 512, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
+    y = int4_matmul(x, weight, config=Int4MatmulConfig(16, 64, 128, 4, 3, unpack="spread"))
+    w = dequantize(weight, torch.float32).double()
+    exact = x.double() @ w.T
+    bound = 2.0**-7 * exact.abs() + 2.0**-14 * (x.double().abs() @ w.abs().T)
+    assert bool(((y.double() - exact).abs() <= bound).all())
 
 
 def test_an_unknown_unpacking_is_refused():

@@ -62,7 +62,7 @@ __all__ = [
 ]
 
 CODES_PER_WORD = 8
-UNPACKINGS = ("slices", "whole")  # the kernel's UNPACK constexpr is an index into it
+UNPACKINGS = ("slices", "whole", "spread")  # the kernel's UNPACK constexpr is an index into it
 GEMV_MAX_M = 16  # rows of x one GEMV launch handles (the tl.dot minimum)
 
 
@@ -82,12 +82,18 @@ class Int4MatmulConfig:
     scale_after: bool = False
     # How a [BLOCK_N, BLOCK_K] weight tile reaches the tensor cores (UNPACKINGS): "slices", eight
     # [BLOCK_N, BLOCK_K / 8] slices of one nibble each and eight dots; "whole", each loaded word's
-    # eight nibbles spread into column order in registers, one dot.
+    # eight nibbles spread into column order in registers, one dot; "spread", the same tile as the
+    # MMA's second operand (x its first), each word's nibbles spread within one thread (`spread_words`),
+    # the bare codes multiplied and the scale and zero point applied to the sum (tiles in one group).
     unpack: str = "slices"
 
     def __post_init__(self) -> None:
         if self.unpack not in UNPACKINGS:
             raise ValueError(f"unpack must be one of {UNPACKINGS}; got {self.unpack!r}")
+
+    def fits(self, weight: Int4Weight) -> bool:
+        """Whether this tile can multiply `weight`: a spread tile must lie in one group."""
+        return self.unpack != "spread" or weight.group_size % self.block_k == 0
 
 
 # sm_90 main loops (tests/sm90_codegen.py's compile, bf16, group 128): 9.6 instructions per weight at
@@ -128,10 +134,20 @@ GEMM_CANDIDATES = (
     Int4MatmulConfig(64, 128, 128, 8, 3, scale_after=True, unpack="whole"),
     Int4MatmulConfig(64, 128, 128, 4, 3, scale_after=True, unpack="whole"),
     Int4MatmulConfig(128, 128, 128, 8, 3, scale_after=True, unpack="whole"),
+    # Spread tiles: x the first operand, the weight tile stored once per step as the second in 16-byte
+    # rows (no per-value shared-memory stores); under a warpgroup's 64 rows of x, mma.sync.
+    Int4MatmulConfig(16, 128, 128, 4, 4, unpack="spread"),
+    Int4MatmulConfig(32, 128, 128, 4, 4, unpack="spread"),
+    Int4MatmulConfig(64, 128, 128, 4, 3, unpack="spread"),
+    Int4MatmulConfig(64, 256, 128, 8, 3, unpack="spread"),
 )
 # The GEMM splits K (to fill the GPU's SMs) only up to this many rows of x: its scratch is sized for
 # them once, before any CUDA graph is captured.
 GEMM_SPLIT_MAX_M = 256
+# At most this many slices: a program's loop over K is a chain of dependent steps, so the narrow
+# products at tens of rows run fastest with as many programs as the SMs hold (an H100 timing:
+# 6-8 slices of spread tiles 256 weight rows wide, 20-40% faster than 4).
+GEMM_MAX_SPLIT_K = 8
 
 
 @triton.jit
@@ -148,13 +164,18 @@ def load_codes(
     GROUP: tl.constexpr,
     HAS_ZEROS: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    WHOLE_TILES: tl.constexpr = False,
 ):
     """The codes of W[offs_n, k0:k0+BLOCK_K] as int32 words [BLOCK_N, BLOCK_K // 8] (word i: columns
     k0 + 8i .. k0 + 8i + 7; none at or past k_end), with their fp32 scales and `2^23 + zero point`
     (`nibble`'s offset): per row [BLOCK_N, 1] where the tile lies in one group (GROUP % BLOCK_K == 0),
-    else per word [BLOCK_N, BLOCK_K // 8] (a group is whole words)."""
+    else per word [BLOCK_N, BLOCK_K // 8] (a group is whole words). WHOLE_TILES: k_end is a multiple
+    of BLOCK_K, so only rows are masked (a mask constant along a row lets loads be vectorized)."""
     offs_word = tl.arange(0, BLOCK_K // 8)
-    word_mask = n_mask[:, None] & (k0 + offs_word * 8 < k_end)[None, :]
+    if WHOLE_TILES:
+        word_mask = n_mask[:, None] & (offs_word < BLOCK_K // 8)[None, :]
+    else:
+        word_mask = n_mask[:, None] & (k0 + offs_word * 8 < k_end)[None, :]
     rows = offs_n[:, None].to(tl.int64)
     words = tl.load(qw_ptr + rows * stride_qn + (k0 // 8 + offs_word)[None, :], mask=word_mask, other=0)
     if GROUP % BLOCK_K == 0:
@@ -223,6 +244,120 @@ def code_pairs(words, neg_pairs, J: tl.constexpr, dtype: tl.constexpr):
             is_pure=True,
             pack=1,
         )
+
+
+@triton.jit
+def magic_pair(words, J: tl.constexpr, dtype: tl.constexpr):
+    """(MAGIC + nibble J, MAGIC + nibble J + 4) of each word (J < 4) in `dtype`, exactly, both from one
+    LOP3 that ORs them into the low mantissa bits of MAGIC twice (`code_pairs` without its subtraction;
+    MAGIC is 128 in bf16, 1024 in fp16, whose last mantissa bit is worth 1). Compiled, 16-bit only."""
+    shifted = words >> (4 * J)
+    if dtype == tl.bfloat16:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t; lop3.b32 t, $2, 0x000f000f, 0x43004300, 0xea; mov.b32 {$0, $1}, t; }",
+            "=h,=h,r",
+            [shifted],
+            dtype=(tl.bfloat16, tl.bfloat16),
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t; lop3.b32 t, $2, 0x000f000f, 0x64006400, 0xea; mov.b32 {$0, $1}, t; }",
+            "=h,=h,r",
+            [shifted],
+            dtype=(tl.float16, tl.float16),
+            is_pure=True,
+            pack=1,
+        )
+
+
+@triton.jit
+def plain_pair(words, J: tl.constexpr, dtype: tl.constexpr):
+    """(nibble J, nibble J + 4) of each word (J < 4) in `dtype`, each converted on its own (through
+    fp32: the interpreter's int -> bf16 conversion is not exact)."""
+    shifted = words >> (4 * J)
+    return (shifted & 0xF).to(tl.float32).to(dtype), ((shifted >> 16) & 0xF).to(tl.float32).to(dtype)
+
+
+@triton.jit
+def spread_words(words, PAIRS: tl.constexpr, dtype: tl.constexpr):
+    """`load_codes`' words [BLOCK_N, BLOCK_K / 8] as MAGIC + code [BLOCK_N, BLOCK_K] in column order,
+    built by joins so that each word's eight values stay in the thread that loaded it: the tile reaches
+    shared memory in 16-byte rows, not one value per store. PAIRS (compiled, 16-bit dtype): two
+    nibbles per LOP3 (`magic_pair`); else `plain_pair`, MAGIC 0 (fp32 keeps no large term to cancel)."""
+    if PAIRS:
+        lo0, hi0 = magic_pair(words, 0, dtype)
+        lo1, hi1 = magic_pair(words, 1, dtype)
+        lo2, hi2 = magic_pair(words, 2, dtype)
+        lo3, hi3 = magic_pair(words, 3, dtype)
+    else:
+        lo0, hi0 = plain_pair(words, 0, dtype)
+        lo1, hi1 = plain_pair(words, 1, dtype)
+        lo2, hi2 = plain_pair(words, 2, dtype)
+        lo3, hi3 = plain_pair(words, 3, dtype)
+    # [..., a] = nibble j + 4a; then [..., a, b] = nibble j + 2b + 4a; then [..., a, b, c] = nibble
+    # c + 2b + 4a, which the reshape lays out in order.
+    even = tl.join(tl.join(lo0, hi0), tl.join(lo2, hi2))
+    odd = tl.join(tl.join(lo1, hi1), tl.join(lo3, hi3))
+    return tl.reshape(tl.join(even, odd), (words.shape[0], words.shape[1] * 8))
+
+
+@triton.jit
+def spread_sum(
+    x_ptr,
+    qw_ptr,
+    scale_ptr,
+    zero_ptr,
+    perm_ptr,
+    offs_m,
+    offs_n,
+    m_mask,
+    n_mask,
+    k_begin,
+    k_end,
+    stride_xm,
+    stride_qn,
+    stride_sn,
+    GROUP: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
+    HAS_PERM: tl.constexpr,
+    PAIRS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    WHOLE_TILES: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """The "spread" product over K from k_begin to k_end, as y^T [BLOCK_N, BLOCK_M] in fp32: per tile
+    (within one group) the dot of x with MAGIC + code, less (MAGIC + zero) x the sum of x's columns,
+    times the group's scale: sum((c - z) s x) = s (sum((M + c) x) - (M + z) sum(x)). WHOLE_TILES: K
+    is a multiple of BLOCK_K, so no column is masked."""
+    dtype = x_ptr.dtype.element_ty
+    magic = (1024.0 if dtype == tl.float16 else 128.0) if PAIRS else 0.0
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        k_mask = (cols < k_end) | WHOLE_TILES
+        if HAS_PERM:
+            cols = tl.load(perm_ptr + cols, mask=k_mask, other=0)
+        x = tl.load(
+            x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + cols[None, :],
+            mask=m_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        words, scale, offset = load_codes(
+            qw_ptr, scale_ptr, zero_ptr, offs_n, n_mask, k0, k_end, stride_qn, stride_sn,
+            GROUP, HAS_ZEROS, BLOCK_K, WHOLE_TILES,
+        )  # fmt: skip
+        w = spread_words(words, PAIRS, dtype)
+        part = tl_dot(x, tl.trans(w), DOT_PREC, UPCAST)
+        # (`offset` is 2^23 + zero per row, [BLOCK_N, 1])
+        offset = tl.reshape(offset, (BLOCK_N,)) - 8388608.0 + magic
+        part -= tl.sum(x.to(tl.float32), 1)[:, None] * offset[None, :]
+        acc += part * tl.reshape(scale, (BLOCK_N,))[None, :]
+    return tl.trans(acc)
 
 
 @triton.jit
@@ -309,6 +444,7 @@ def _int4_matmul_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    WHOLE_TILES: tl.constexpr,
     DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -321,7 +457,8 @@ def _int4_matmul_kernel(
     else each value is scaled and rounded to x's dtype first (the reference's numerics). PAIRS (with
     SCALE_AFTER, compiled, 16-bit x): the slices are made two at a time (`code_pairs`).
     SPLIT_K > 1: program_id(2) sums one slice of K (whole BLOCK_K tiles) into fp32 scratch; the last of
-    a tile's programs to finish adds the slices in a fixed order and runs the epilogue."""
+    a tile's programs to finish adds the slices in a fixed order and runs the epilogue. WHOLE_TILES:
+    K is a multiple of BLOCK_K (the spread tiles then mask rows only)."""
     tl.static_assert(not SCALE_AFTER or GROUP % BLOCK_K == 0, "SCALE_AFTER needs tiles within one group")
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -332,55 +469,65 @@ def _int4_matmul_kernel(
     k_end = tl.minimum(K, k_begin + k_per_split)
     dtype = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k0 in range(k_begin, k_end, BLOCK_K):
-        if UNPACK == 0:  # slices
-            words, scale, offset = load_codes(
-                qw_ptr, scale_ptr, zero_ptr, offs_n, n_mask, k0, k_end, stride_qn, stride_sn,
-                GROUP, HAS_ZEROS, BLOCK_K,
-            )  # fmt: skip
-            part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            for j in tl.static_range(4):
-                lo, hi = slice_pair(words, offset, scale, j, PAIRS, not SCALE_AFTER, dtype)
-                x = x_columns(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k0, k_end, j, HAS_PERM, BLOCK_K)
-                part += tl_dot(lo, tl.trans(x), DOT_PREC, UPCAST)
-                x = x_columns(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k0, k_end, j + 4, HAS_PERM, BLOCK_K)
-                part += tl_dot(hi, tl.trans(x), DOT_PREC, UPCAST)
-        else:  # whole: x loaded in whole rows, each word's nibbles spread into column order, one dot
-            cols = k0 + tl.arange(0, BLOCK_K)
-            k_mask = cols < k_end
-            if HAS_PERM:
-                cols = tl.load(perm_ptr + cols, mask=k_mask, other=0)
-            x = tl.load(
-                x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + cols[None, :],
-                mask=m_mask[:, None] & k_mask[None, :],
-                other=0.0,
-            )
-            words, scale, offset = load_codes(
-                qw_ptr, scale_ptr, zero_ptr, offs_n, n_mask, k0, k_end, stride_qn, stride_sn,
-                GROUP, HAS_ZEROS, BLOCK_K,
-            )  # fmt: skip
-            if SCALE_AFTER:
-                # The bare codes go through the dot, exact; the tile's one zero point per row comes off
-                # the sum: sum((c - z) x) = sum(c x) - z sum(x).
-                w = unpacked_tile(
-                    words, tl.full((BLOCK_N, BLOCK_K // 8), 8388608.0, tl.float32), scale, False,
-                    BLOCK_N, BLOCK_K,
+    if UNPACK == 2:  # spread: x the first operand, its own loop
+        tl.static_assert(GROUP % BLOCK_K == 0, "spread tiles must lie in one group")
+        acc = spread_sum(
+            x_ptr, qw_ptr, scale_ptr, zero_ptr, perm_ptr, offs_m, offs_n, m_mask, n_mask, k_begin, k_end,
+            stride_xm, stride_qn, stride_sn, GROUP, HAS_ZEROS, HAS_PERM, PAIRS, BLOCK_M, BLOCK_N, BLOCK_K,
+            WHOLE_TILES, DOT_PREC, UPCAST,
+        )  # fmt: skip
+    else:
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            if UNPACK == 0:  # slices
+                words, scale, offset = load_codes(
+                    qw_ptr, scale_ptr, zero_ptr, offs_n, n_mask, k0, k_end, stride_qn, stride_sn,
+                    GROUP, HAS_ZEROS, BLOCK_K,
                 )  # fmt: skip
-                part = tl_dot(w.to(dtype), tl.trans(x), DOT_PREC, UPCAST)
-                part -= (offset - 8388608.0) * tl.sum(x.to(tl.float32), 1)[None, :]
-            else:  # (a tile in one group has one scale and offset per row: broadcast over its words)
-                w = unpacked_tile(
-                    words,
-                    tl.broadcast_to(offset, (BLOCK_N, BLOCK_K // 8)),
-                    tl.broadcast_to(scale, (BLOCK_N, BLOCK_K // 8)),
-                    True,
-                    BLOCK_N,
-                    BLOCK_K,
+                part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+                for j in tl.static_range(4):
+                    lo, hi = slice_pair(words, offset, scale, j, PAIRS, not SCALE_AFTER, dtype)
+                    x = x_columns(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k0, k_end, j, HAS_PERM, BLOCK_K)
+                    part += tl_dot(lo, tl.trans(x), DOT_PREC, UPCAST)
+                    x = x_columns(
+                        x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k0, k_end, j + 4, HAS_PERM, BLOCK_K
+                    )
+                    part += tl_dot(hi, tl.trans(x), DOT_PREC, UPCAST)
+            else:  # whole: x loaded in whole rows, each word's nibbles spread into column order, one dot
+                cols = k0 + tl.arange(0, BLOCK_K)
+                k_mask = cols < k_end
+                if HAS_PERM:
+                    cols = tl.load(perm_ptr + cols, mask=k_mask, other=0)
+                x = tl.load(
+                    x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + cols[None, :],
+                    mask=m_mask[:, None] & k_mask[None, :],
+                    other=0.0,
                 )
-                part = tl_dot(w.to(dtype), tl.trans(x), DOT_PREC, UPCAST)
-        if SCALE_AFTER:
-            part = part * scale
-        acc += part
+                words, scale, offset = load_codes(
+                    qw_ptr, scale_ptr, zero_ptr, offs_n, n_mask, k0, k_end, stride_qn, stride_sn,
+                    GROUP, HAS_ZEROS, BLOCK_K,
+                )  # fmt: skip
+                if SCALE_AFTER:
+                    # The bare codes go through the dot, exact; the tile's one zero point per row comes off
+                    # the sum: sum((c - z) x) = sum(c x) - z sum(x).
+                    w = unpacked_tile(
+                        words, tl.full((BLOCK_N, BLOCK_K // 8), 8388608.0, tl.float32), scale, False,
+                        BLOCK_N, BLOCK_K,
+                    )  # fmt: skip
+                    part = tl_dot(w.to(dtype), tl.trans(x), DOT_PREC, UPCAST)
+                    part -= (offset - 8388608.0) * tl.sum(x.to(tl.float32), 1)[None, :]
+                else:  # (a tile in one group has one scale and offset per row: broadcast over its words)
+                    w = unpacked_tile(
+                        words,
+                        tl.broadcast_to(offset, (BLOCK_N, BLOCK_K // 8)),
+                        tl.broadcast_to(scale, (BLOCK_N, BLOCK_K // 8)),
+                        True,
+                        BLOCK_N,
+                        BLOCK_K,
+                    )
+                    part = tl_dot(w.to(dtype), tl.trans(x), DOT_PREC, UPCAST)
+            if SCALE_AFTER:
+                part = part * scale
+            acc += part
     if SPLIT_K > 1:  # the tile's last program to arrive adds the slices and alone stores
         acc, n_mask = reduce_tile_slices(
             partial_ptr, arrivals_ptr, acc, offs_m, offs_n, m_mask, n_mask, M, N, SPLIT_K
@@ -420,6 +567,11 @@ def int4_matmul(
     if m == 0:
         return y
     c = config
+    if not c.fits(weight):
+        raise ValueError(
+            f"a {c.unpack!r} tile of {c.block_k} columns needs groups of whole tiles; "
+            f"got group_size {weight.group_size}"
+        )
     scale_after = c.scale_after and weight.group_size % c.block_k == 0
     grid = (triton.cdiv(n, c.block_n), triton.cdiv(m, c.block_m), c.split_k)
     # Scratch for the largest batch this kernel takes, so a graph's capture never grows it.
@@ -450,11 +602,12 @@ def int4_matmul(
         HAS_BIAS=bias is not None,
         SCALE_AFTER=scale_after,
         UNPACK=UNPACKINGS.index(c.unpack),
-        PAIRS=packed_pairs(x, scale_after),
+        PAIRS=packed_pairs(x, scale_after or c.unpack == "spread"),
         BLOCK_M=c.block_m,
         BLOCK_N=c.block_n,
         BLOCK_K=c.block_k,
         SPLIT_K=c.split_k,
+        WHOLE_TILES=weight.in_features % c.block_k == 0,
         DOT_PREC=dot_precision(x.dtype),
         UPCAST=dot_upcast(x.dtype),
         num_warps=c.num_warps,
@@ -499,13 +652,13 @@ def int4_gemm(
 
 
 def _split_for(x: torch.Tensor, weight: Int4Weight, config: Int4MatmulConfig) -> int:
-    """Slices of K (1 to 4, each of 2+ tiles) so that tiles x slices fill the GPU's SMs once: a
-    4096-row weight in 128-row tiles is 32 programs at 64 rows of x, a quarter of an H100."""
+    """Slices of K (1 to GEMM_MAX_SPLIT_K, each of 2+ tiles) so that tiles x slices fill the GPU's SMs
+    once: a 4096-row weight in 128-row tiles is 32 programs at 64 rows of x, a quarter of an H100."""
     if x.device.type != "cuda" or x.shape[0] > GEMM_SPLIT_MAX_M:
         return 1
     tiles = triton.cdiv(weight.out_features, config.block_n) * triton.cdiv(x.shape[0], config.block_m)
     k_tiles = triton.cdiv(weight.in_features, config.block_k)
-    return max(1, min(4, triton.cdiv(num_sms(x.device), tiles), k_tiles // 2))
+    return max(1, min(GEMM_MAX_SPLIT_K, triton.cdiv(num_sms(x.device), tiles), k_tiles // 2))
 
 
 # ---- dequantize, then cuBLAS ----------------------------------------------------------------------
@@ -624,10 +777,10 @@ def select_int4_gemm_tiles(
     *,
     activation_dtype: torch.dtype = torch.bfloat16,
 ) -> tuple[GemmTiles, dict]:
-    """The fastest of GEMM_CANDIDATES at each of `rows` (ascending) for this weight on this GPU, timed as
+    """The fastest of GEMM_CANDIDATES that fit this weight at each of `rows` (ascending) on this GPU, timed as
     `select_int4_gemv` times (in a CUDA graph, codes read from HBM), and the times (ms) by rows."""
     return fastest_by_rows(
-        GEMM_CANDIDATES,
+        [config for config in GEMM_CANDIDATES if config.fits(weight)],
         rows,
         (weight.in_features, activation_dtype, weight.qweight.device),
         lambda c, x, w: int4_gemm(x, w, bias, config=c),
