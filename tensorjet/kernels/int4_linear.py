@@ -21,7 +21,11 @@ scale in fp32, rounded to x's dtype, then x @ w^T with fp32 accumulation. The ke
   the sum, where a tile chosen for it lies in one group), K split over programs up to 256 rows; a
   tile may instead be unpacked whole (`unpack="whole"`: the eight nibbles of each word spread into
   column order in registers) and multiplied by one dot; scaling after the sum, such a tile multiplies
-  the bare codes and takes each row's zero point off afterwards (z x the sum of x's columns);
+  the bare codes and takes each row's zero point off afterwards (z x the sum of x's columns); or, in
+  one group, "spread" (`unpack="spread"`): x the MMA's first operand and the weight tile its second,
+  each word's codes turned into 128 + code inside the thread that loaded it, two per LOP3, so the tile
+  reaches shared memory in 16-byte rows (the other tiles store it a value at a time); (128 + z) x the
+  sum of x's columns comes off the sum, then the group's scale multiplies it;
 - `dequantized_linear`: the whole weight dequantized by one launch (`int4_dequantize`, whole tiles
   stored in whole rows), then cuBLAS: for large prefill batches, where the GEMM's dequantization cost
   per row vanishes.
