@@ -9,7 +9,7 @@ MMA's first operand. The probe lives here, not in the library: it tells whether 
 a second copy of the codes.
 
     python benchmarks/int4_gemm_sweep.py [--rows 16,32,64,128,256] [--json FILE]
-    python benchmarks/int4_gemm_sweep.py --check   # the probe against the reference, any device
+    python benchmarks/int4_gemm_sweep.py --check   # the tiles and the probe against the reference
 
 Times are per launch inside CUDA graphs, codes read from HBM (cold copies), K split to fill the SMs
 as the engine splits it. The table comes last.
@@ -28,7 +28,7 @@ import triton.language as tl
 from weight_formats import copy_rate_tbps
 
 from tensorjet.kernels.gemv import cold_copies, time_in_graph_ms
-from tensorjet.kernels.int4_linear import GEMM_CANDIDATES, _split_for, cold_weights, int4_matmul
+from tensorjet.kernels.int4_linear import GEMM_CANDIDATES, _split_for, cold_weights, int4_gemm, int4_matmul
 from tensorjet.kernels.int4_reference import Int4Weight, dequantize, int4_linear_reference
 from tensorjet.kernels.int4_tinygemm import pack_tinygemm, tinygemm_linear
 
@@ -129,16 +129,26 @@ def random_weight(n: int, k: int, device: str, dtype: torch.dtype) -> Int4Weight
 
 
 def check(device: str) -> None:
-    """The probe (every config, split or not) against the reference on small shapes."""
+    """Every GEMM tile (K split as the engine splits it at each size) and the probe (every config, split
+    or not) against the reference on small shapes."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     weight = random_weight(256, 512, device, dtype)  # (the probe does not mask N or K)
+    for m in (17, 40, 64, 130):
+        x = torch.randn(m, 512, device=device, dtype=dtype)
+        expected = int4_linear_reference(x, weight).float()
+        for config in GEMM_CANDIDATES:
+            got = int4_gemm(x, weight, config=config).float()
+            torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
     kn = kn_layout(weight)
     x = torch.randn(40, 512, device=device, dtype=dtype)
     expected = int4_linear_reference(x, weight).float()
     for config in PROBE_CONFIGS:
         got = kn_probe(x, kn, replace_split(config, min(config[3], 2))).float()
         torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
-    print(f"probe matches the reference on {device} for {len(PROBE_CONFIGS)} configs")
+    print(
+        f"{len(GEMM_CANDIDATES)} GEMM tiles and the probe's {len(PROBE_CONFIGS)} configs match the "
+        f"reference on {device}"
+    )
 
 
 def replace_split(config: tuple, split_k: int) -> tuple:
@@ -213,7 +223,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default="16,32,64,128,256")
     parser.add_argument("--json", default=None)
-    parser.add_argument("--check", action="store_true", help="check the probe against the reference only")
+    parser.add_argument("--check", action="store_true", help="check the tiles and the probe, nothing timed")
     args = parser.parse_args()
     if args.check:
         check("cuda" if torch.cuda.is_available() else "cpu")
