@@ -342,15 +342,7 @@ def spread_sum(
     magic = (1024.0 if dtype == tl.float16 else 128.0) if PAIRS else 0.0
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        k_mask = (cols < k_end) | WHOLE_TILES
-        if HAS_PERM:
-            cols = tl.load(perm_ptr + cols, mask=k_mask, other=0)
-        x = tl.load(
-            x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + cols[None, :],
-            mask=m_mask[:, None] & k_mask[None, :],
-            other=0.0,
-        )
+        x = x_rows(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k0, k_end, HAS_PERM, BLOCK_K, WHOLE_TILES)
         words, scale, offset = load_codes(
             qw_ptr, scale_ptr, zero_ptr, offs_n, n_mask, k0, k_end, stride_qn, stride_sn,
             GROUP, HAS_ZEROS, BLOCK_K, WHOLE_TILES,
@@ -409,6 +401,33 @@ def x_columns(
     multiplies (through the act-order permutation where there is one); 0 past k_end."""
     cols = k0 + tl.arange(0, BLOCK_K // 8) * 8 + J
     k_mask = cols < k_end
+    if HAS_PERM:
+        cols = tl.load(perm_ptr + cols, mask=k_mask, other=0)
+    return tl.load(
+        x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + cols[None, :],
+        mask=m_mask[:, None] & k_mask[None, :],
+        other=0.0,
+    )
+
+
+@triton.jit
+def x_rows(
+    x_ptr,
+    perm_ptr,
+    offs_m,
+    m_mask,
+    stride_xm,
+    k0,
+    k_end,
+    HAS_PERM: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    WHOLE_TILES: tl.constexpr = False,
+):
+    """x[offs_m, columns k0 .. k0 + BLOCK_K - 1] [BLOCK_M, BLOCK_K] in whole rows (through the act-order
+    permutation where there is one); 0 past k_end. WHOLE_TILES: k_end is a multiple of BLOCK_K, so
+    only rows are masked."""
+    cols = k0 + tl.arange(0, BLOCK_K)
+    k_mask = (cols < k_end) | WHOLE_TILES
     if HAS_PERM:
         cols = tl.load(perm_ptr + cols, mask=k_mask, other=0)
     return tl.load(
@@ -497,15 +516,7 @@ def _int4_matmul_kernel(
                     )
                     part += tl_dot(hi, tl.trans(x), DOT_PREC, UPCAST)
             else:  # whole: x loaded in whole rows, each word's nibbles spread into column order, one dot
-                cols = k0 + tl.arange(0, BLOCK_K)
-                k_mask = cols < k_end
-                if HAS_PERM:
-                    cols = tl.load(perm_ptr + cols, mask=k_mask, other=0)
-                x = tl.load(
-                    x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + cols[None, :],
-                    mask=m_mask[:, None] & k_mask[None, :],
-                    other=0.0,
-                )
+                x = x_rows(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k0, k_end, HAS_PERM, BLOCK_K)
                 words, scale, offset = load_codes(
                     qw_ptr, scale_ptr, zero_ptr, offs_n, n_mask, k0, k_end, stride_qn, stride_sn,
                     GROUP, HAS_ZEROS, BLOCK_K,
