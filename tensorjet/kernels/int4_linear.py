@@ -82,7 +82,8 @@ class Int4MatmulConfig:
     num_stages: int = 3
     split_k: int = 1  # programs per output tile, each summing a slice of K
     # Where a tile lies in one group: multiply exact code - zero values and scale the group's fp32 sum
-    # (one multiply per output instead of per weight; decode), else the reference's numerics.
+    # (one multiply per output instead of per weight; decode), else the reference's numerics. (Spread
+    # tiles always scale after the sum: they take only weights whose groups hold whole tiles.)
     scale_after: bool = False
     # How a [BLOCK_N, BLOCK_K] weight tile reaches the tensor cores (UNPACKINGS): "slices", eight
     # [BLOCK_N, BLOCK_K / 8] slices of one nibble each and eight dots; "whole", each loaded word's
