@@ -59,6 +59,10 @@ class Int4FusedGemvConfig:
     # fp32 FMAs on codes made floats in place of the tensor cores (tiles within one group only)
     fma: bool = False
 
+    def fits(self, weight: Int4Weight) -> bool:
+        """Whether this tile can multiply `weight`: an FMA tile must lie in one group."""
+        return not self.fma or weight.group_size % self.block_k == 0
+
 
 # As `tensorjet.kernels.int4_linear.GEMV_CANDIDATES`: 64 rows on 4 warps or 128 rows on 8 (one
 # warpgroup per 64 rows keeps the dequantized tile in registers), split over K for the 4096-row weights.
@@ -308,7 +312,7 @@ def int4_fused_gemv(
     y = fused_output(x, n, residual)
     pdl = pdl_enabled(x.device)
     scale_after = weight.group_size % config.block_k == 0
-    if config.fma and not scale_after:
+    if not config.fits(weight):
         raise ValueError(
             f"the FMA tile needs groups of whole tiles: group {weight.group_size}, tile {config.block_k}"
         )
@@ -357,7 +361,7 @@ def int4_fused_gemv(
 
 def candidates_for(weight: Int4Weight) -> tuple[Int4FusedGemvConfig, ...]:
     """The candidates that can multiply `weight`: the FMA tiles only where groups hold whole tiles."""
-    return tuple(c for c in CANDIDATES if not c.fma or weight.group_size % c.block_k == 0)
+    return tuple(c for c in CANDIDATES if c.fits(weight))
 
 
 def select_int4_fused_gemv(

@@ -228,27 +228,24 @@ def code_pairs(words, neg_pairs, J: tl.constexpr, dtype: tl.constexpr):
     (the last mantissa bit of 128.0 in bf16, of 1024.0 in fp16, is worth 1), then one packed FMA adds
     `neg_pairs` (`negated_offset_pairs`). A shift, a LOP3 and an FMA for two weights, against four
     instructions per weight through fp32 (`nibble`)."""
-    shifted = words >> (4 * J)
-    if dtype == tl.bfloat16:
-        return tl.inline_asm_elementwise(
-            "{ .reg .b32 t, one; mov.b32 one, 0x3f803f80; lop3.b32 t, $2, 0x000f000f, 0x43004300, 0xea; "
-            "fma.rn.bf16x2 t, t, one, $3; mov.b32 {$0, $1}, t; }",
-            "=h,=h,r,r",
-            [shifted, neg_pairs],
-            dtype=(tl.bfloat16, tl.bfloat16),
-            is_pure=True,
-            pack=1,
-        )
-    else:
-        return tl.inline_asm_elementwise(
-            "{ .reg .b32 t, one; mov.b32 one, 0x3c003c00; lop3.b32 t, $2, 0x000f000f, 0x64006400, 0xea; "
-            "fma.rn.f16x2 t, t, one, $3; mov.b32 {$0, $1}, t; }",
-            "=h,=h,r,r",
-            [shifted, neg_pairs],
-            dtype=(tl.float16, tl.float16),
-            is_pure=True,
-            pack=1,
-        )
+    bf16: tl.constexpr = dtype == tl.bfloat16
+    one: tl.constexpr = "0x3f803f80" if bf16 else "0x3c003c00"  # 1.0 twice
+    magic: tl.constexpr = "0x43004300" if bf16 else "0x64006400"
+    fma: tl.constexpr = "fma.rn.bf16x2" if bf16 else "fma.rn.f16x2"
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 t, one; mov.b32 one, "
+        + one
+        + "; lop3.b32 t, $2, 0x000f000f, "
+        + magic
+        + ", 0xea; "
+        + fma
+        + " t, t, one, $3; mov.b32 {$0, $1}, t; }",
+        "=h,=h,r,r",
+        [words >> (4 * J), neg_pairs],
+        dtype=(tl.bfloat16, tl.bfloat16) if bf16 else (tl.float16, tl.float16),
+        is_pure=True,
+        pack=1,
+    )
 
 
 @triton.jit
@@ -256,25 +253,15 @@ def magic_pair(words, J: tl.constexpr, dtype: tl.constexpr):
     """(MAGIC + nibble J, MAGIC + nibble J + 4) of each word (J < 4) in `dtype`, exactly, both from one
     LOP3 that ORs them into the low mantissa bits of MAGIC twice (`code_pairs` without its subtraction;
     MAGIC is 128 in bf16, 1024 in fp16, whose last mantissa bit is worth 1). Compiled, 16-bit only."""
-    shifted = words >> (4 * J)
-    if dtype == tl.bfloat16:
-        return tl.inline_asm_elementwise(
-            "{ .reg .b32 t; lop3.b32 t, $2, 0x000f000f, 0x43004300, 0xea; mov.b32 {$0, $1}, t; }",
-            "=h,=h,r",
-            [shifted],
-            dtype=(tl.bfloat16, tl.bfloat16),
-            is_pure=True,
-            pack=1,
-        )
-    else:
-        return tl.inline_asm_elementwise(
-            "{ .reg .b32 t; lop3.b32 t, $2, 0x000f000f, 0x64006400, 0xea; mov.b32 {$0, $1}, t; }",
-            "=h,=h,r",
-            [shifted],
-            dtype=(tl.float16, tl.float16),
-            is_pure=True,
-            pack=1,
-        )
+    magic: tl.constexpr = "0x43004300" if dtype == tl.bfloat16 else "0x64006400"
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 t; lop3.b32 t, $2, 0x000f000f, " + magic + ", 0xea; mov.b32 {$0, $1}, t; }",
+        "=h,=h,r",
+        [words >> (4 * J)],
+        dtype=(tl.bfloat16, tl.bfloat16) if dtype == tl.bfloat16 else (tl.float16, tl.float16),
+        is_pure=True,
+        pack=1,
+    )
 
 
 @triton.jit
