@@ -45,7 +45,7 @@ import triton.language as tl
 from tensorjet.kernels._common import dot_precision, dot_upcast, interpreting, num_sms, tl_dot
 from tensorjet.kernels.gemv import cold_copies, fastest_by_rows, fastest_in_graph, time_in_graph_ms
 from tensorjet.kernels.int4_reference import Int4Weight
-from tensorjet.kernels.split_k import reduce_tile_slices, split_k_buffers
+from tensorjet.kernels.split_k import reduce_slices, reduce_tile_slices, split_k_buffers
 
 __all__ = [
     "GEMV_CANDIDATES",
@@ -322,7 +322,7 @@ def spread_sum(
     DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """The "spread" product over K from k_begin to k_end, as y^T [BLOCK_N, BLOCK_M] in fp32: per tile
+    """The "spread" product over K from k_begin to k_end, as y [BLOCK_M, BLOCK_N] in fp32: per tile
     (within one group) the dot of x with MAGIC + code, less (MAGIC + zero) x the sum of x's columns,
     times the group's scale: sum((c - z) s x) = s (sum((M + c) x) - (M + z) sum(x)). WHOLE_TILES: K
     is a multiple of BLOCK_K, so no column is masked."""
@@ -341,7 +341,7 @@ def spread_sum(
         offset = tl.reshape(offset, (BLOCK_N,)) - 8388608.0 + magic
         part -= tl.sum(x.to(tl.float32), 1)[:, None] * offset[None, :]
         acc += part * tl.reshape(scale, (BLOCK_N,))[None, :]
-    return tl.trans(acc)
+    return acc
 
 
 @triton.jit
@@ -479,58 +479,71 @@ def _int4_matmul_kernel(
     k_begin = tl.program_id(2) * k_per_split
     k_end = tl.minimum(K, k_begin + k_per_split)
     dtype = x_ptr.dtype.element_ty
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    if UNPACK == 2:  # spread: x the first operand, its own loop
+    if UNPACK == 2:  # spread: x the first operand, y's tile [BLOCK_M, BLOCK_N] (not transposed)
         tl.static_assert(GROUP % BLOCK_K == 0, "spread tiles must lie in one group")
         acc = spread_sum(
             x_ptr, qw_ptr, scale_ptr, zero_ptr, perm_ptr, offs_m, offs_n, m_mask, n_mask, k_begin, k_end,
             stride_xm, stride_qn, stride_sn, GROUP, HAS_ZEROS, HAS_PERM, PAIRS, BLOCK_M, BLOCK_N, BLOCK_K,
             WHOLE_TILES, DOT_PREC, UPCAST,
         )  # fmt: skip
-    else:
-        for k0 in range(k_begin, k_end, BLOCK_K):
-            if UNPACK == 0:  # slices
-                words, scale, offset = load_codes(
-                    qw_ptr, scale_ptr, zero_ptr, offs_n, n_mask, k0, k_end, stride_qn, stride_sn,
-                    GROUP, HAS_ZEROS, BLOCK_K,
-                )  # fmt: skip
-                part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-                for j in tl.static_range(4):
-                    lo, hi = slice_pair(words, offset, scale, j, PAIRS, not SCALE_AFTER, dtype)
-                    x = x_columns(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k0, k_end, j, HAS_PERM, BLOCK_K)
-                    part += tl_dot(lo, tl.trans(x), DOT_PREC, UPCAST)
-                    x = x_columns(
-                        x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k0, k_end, j + 4, HAS_PERM, BLOCK_K
-                    )
-                    part += tl_dot(hi, tl.trans(x), DOT_PREC, UPCAST)
-            else:  # whole: x loaded in whole rows, each word's nibbles spread into column order, one dot
-                x = x_rows(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k0, k_end, HAS_PERM, BLOCK_K)
-                words, scale, offset = load_codes(
-                    qw_ptr, scale_ptr, zero_ptr, offs_n, n_mask, k0, k_end, stride_qn, stride_sn,
-                    GROUP, HAS_ZEROS, BLOCK_K,
-                )  # fmt: skip
-                if SCALE_AFTER:
-                    # The bare codes go through the dot, exact; the tile's one zero point per row comes off
-                    # the sum: sum((c - z) x) = sum(c x) - z sum(x).
-                    w = unpacked_tile(
-                        words, tl.full((BLOCK_N, BLOCK_K // 8), 8388608.0, tl.float32), scale, False,
-                        BLOCK_N, BLOCK_K,
-                    )  # fmt: skip
-                    part = tl_dot(w.to(dtype), tl.trans(x), DOT_PREC, UPCAST)
-                    part -= (offset - 8388608.0) * tl.sum(x.to(tl.float32), 1)[None, :]
-                else:  # (a tile in one group has one scale and offset per row: broadcast over its words)
-                    w = unpacked_tile(
-                        words,
-                        tl.broadcast_to(offset, (BLOCK_N, BLOCK_K // 8)),
-                        tl.broadcast_to(scale, (BLOCK_N, BLOCK_K // 8)),
-                        True,
-                        BLOCK_N,
-                        BLOCK_K,
-                    )
-                    part = tl_dot(w.to(dtype), tl.trans(x), DOT_PREC, UPCAST)
+        mn_mask = m_mask[:, None] & n_mask[None, :]
+        if SPLIT_K > 1:
+            acc, mn_mask = reduce_slices(
+                partial_ptr,
+                arrivals_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1),
+                acc,
+                offs_m[:, None].to(tl.int64) * N + offs_n[None, :],
+                mn_mask,
+                M * N,
+                SPLIT_K,
+            )
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mn_mask)
+        return
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        if UNPACK == 0:  # slices
+            words, scale, offset = load_codes(
+                qw_ptr, scale_ptr, zero_ptr, offs_n, n_mask, k0, k_end, stride_qn, stride_sn,
+                GROUP, HAS_ZEROS, BLOCK_K,
+            )  # fmt: skip
+            part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for j in tl.static_range(4):
+                lo, hi = slice_pair(words, offset, scale, j, PAIRS, not SCALE_AFTER, dtype)
+                x = x_columns(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k0, k_end, j, HAS_PERM, BLOCK_K)
+                part += tl_dot(lo, tl.trans(x), DOT_PREC, UPCAST)
+                x = x_columns(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k0, k_end, j + 4, HAS_PERM, BLOCK_K)
+                part += tl_dot(hi, tl.trans(x), DOT_PREC, UPCAST)
+        else:  # whole: x loaded in whole rows, each word's nibbles spread into column order, one dot
+            x = x_rows(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k0, k_end, HAS_PERM, BLOCK_K)
+            words, scale, offset = load_codes(
+                qw_ptr, scale_ptr, zero_ptr, offs_n, n_mask, k0, k_end, stride_qn, stride_sn,
+                GROUP, HAS_ZEROS, BLOCK_K,
+            )  # fmt: skip
             if SCALE_AFTER:
-                part = part * scale
-            acc += part
+                # The bare codes go through the dot, exact; the tile's one zero point per row comes off
+                # the sum: sum((c - z) x) = sum(c x) - z sum(x).
+                w = unpacked_tile(
+                    words, tl.full((BLOCK_N, BLOCK_K // 8), 8388608.0, tl.float32), scale, False,
+                    BLOCK_N, BLOCK_K,
+                )  # fmt: skip
+                part = tl_dot(w.to(dtype), tl.trans(x), DOT_PREC, UPCAST)
+                part -= (offset - 8388608.0) * tl.sum(x.to(tl.float32), 1)[None, :]
+            else:  # (a tile in one group has one scale and offset per row: broadcast over its words)
+                w = unpacked_tile(
+                    words,
+                    tl.broadcast_to(offset, (BLOCK_N, BLOCK_K // 8)),
+                    tl.broadcast_to(scale, (BLOCK_N, BLOCK_K // 8)),
+                    True,
+                    BLOCK_N,
+                    BLOCK_K,
+                )
+                part = tl_dot(w.to(dtype), tl.trans(x), DOT_PREC, UPCAST)
+        if SCALE_AFTER:
+            part = part * scale
+        acc += part
     if SPLIT_K > 1:  # the tile's last program to arrive adds the slices and alone stores
         acc, n_mask = reduce_tile_slices(
             partial_ptr, arrivals_ptr, acc, offs_m, offs_n, m_mask, n_mask, M, N, SPLIT_K

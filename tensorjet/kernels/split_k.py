@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["reduce_row_slices", "reduce_tile_slices", "split_k_buffers"]
+__all__ = ["reduce_row_slices", "reduce_slices", "reduce_tile_slices", "split_k_buffers"]
 
 
 @triton.jit
@@ -57,6 +57,16 @@ def reduce_row_slices(
 
 
 @triton.jit
+def reduce_slices(partial_ptr, counter_ptr, acc, offs, mask, slice_stride, SPLIT_K: tl.constexpr):
+    """This program's slice sums `acc` of a tile split over K (slice program_id(2)) to scratch at
+    `offs` (slice s at partial_ptr + s * slice_stride); returns the sums of all slices and the mask of
+    what to store, empty but in the tile's last program to arrive at `counter_ptr`."""
+    tl.store(partial_ptr + tl.program_id(2) * slice_stride + offs, acc, mask=mask)
+    last = arrive_last(counter_ptr, SPLIT_K)
+    return sum_slices(partial_ptr, slice_stride, offs, mask, last, SPLIT_K)
+
+
+@triton.jit
 def reduce_tile_slices(
     partial_ptr, arrivals_ptr, acc, offs_m, offs_n, m_mask, n_mask, M, N, SPLIT_K: tl.constexpr
 ):
@@ -65,9 +75,8 @@ def reduce_tile_slices(
     the mask of output columns to store, empty but in the tile's last program to arrive."""
     offs_mn = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
     mn_mask = m_mask[None, :] & n_mask[:, None]
-    tl.store(partial_ptr + tl.program_id(2) * M * N + offs_mn, acc, mask=mn_mask)
-    last = arrive_last(arrivals_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), SPLIT_K)
-    acc, mn_mask = sum_slices(partial_ptr, M * N, offs_mn, mn_mask, last, SPLIT_K)
+    counter_ptr = arrivals_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    acc, mn_mask = reduce_slices(partial_ptr, counter_ptr, acc, offs_mn, mn_mask, M * N, SPLIT_K)
     return acc, tl.max(mn_mask.to(tl.int32), 1) != 0
 
 
