@@ -15,7 +15,7 @@ from tensorjet.kernels import int4_fused_gemv as fused_module
 from tensorjet.kernels import int4_linear as linear_module
 from tensorjet.kernels.int4_fused_gemv import CANDIDATES as FUSED_CANDIDATES
 from tensorjet.kernels.int4_fused_gemv import Int4FusedGemvConfig
-from tensorjet.kernels.int4_linear import GEMM_CANDIDATES, GEMV_CANDIDATES, Int4MatmulConfig
+from tensorjet.kernels.int4_linear import GEMM_CANDIDATES, GEMV_CANDIDATES, Int4MatmulConfig, even_split
 from tensorjet.kernels.int4_reference import Int4Weight, dequantize, int4_linear_reference
 from tensorjet.quant import int4_packing as packing
 
@@ -225,14 +225,16 @@ SPREAD_SHAPES = [
 ]
 
 
+@pytest.mark.parametrize("scale_after", [True, False])
 @pytest.mark.parametrize("split_k", [1, 2])
 @pytest.mark.parametrize("m, n, k, group_size, zeros, act_order", SPREAD_SHAPES)
-def test_spread_tiles_match_the_reference(m, n, k, group_size, zeros, act_order, split_k):
-    """x the first operand, the bare codes through the dot, scale and zero point after the sum."""
+def test_spread_tiles_match_the_reference(m, n, k, group_size, zeros, act_order, split_k, scale_after):
+    """x the first operand; the bare codes through the dot, scale and zero point after the sum, or the
+    dequantized tile through the dot, one accumulator over K."""
     weight = _weight(n, k, _group(k, group_size), zeros=zeros, act_order=act_order)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(8))
     bias = torch.randn(n)
-    config = Int4MatmulConfig(16, 32, 128, 4, 3, split_k=split_k, unpack="spread")
+    config = Int4MatmulConfig(16, 32, 128, 4, 3, split_k=split_k, scale_after=scale_after, unpack="spread")
     y = int4_matmul(x, weight, bias, config=config)
     torch.testing.assert_close(y, int4_linear_reference(x, weight, bias), rtol=1e-5, atol=1e-5)
 
@@ -241,11 +243,36 @@ def test_bf16_spread_tiles_take_the_zero_point_off_the_sum():
     """Only the result's own rounding (and fp32's in the subtraction of (128 + z) x the sum of x)."""
     weight = _weight(64, 512, 128, zeros=True, act_order=True, dtype=torch.bfloat16)
     x = torch.randn(24, 512, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
-    y = int4_matmul(x, weight, config=Int4MatmulConfig(16, 64, 128, 4, 3, unpack="spread"))
+    config = Int4MatmulConfig(16, 64, 128, 4, 3, scale_after=True, unpack="spread")
+    y = int4_matmul(x, weight, config=config)
     w = dequantize(weight, torch.float32).double()
     exact = x.double() @ w.T
     bound = 2.0**-7 * exact.abs() + 2.0**-14 * (x.double().abs() @ w.abs().T)
     assert bool(((y.double() - exact).abs() <= bound).all())
+
+
+def test_bf16_dequantized_spread_tiles_round_each_weight_once():
+    """Scaling before the sum, each weight is (code - zero) x scale rounded to bf16 (compiled, by two
+    packed FMAs per pair of codes), then summed in fp32: off the exact product by at most an ulp of each
+    weight and of the result. (The interpreter rounds to bf16 towards zero, a full ulp; a zero point
+    off by one would be off by an eighth of sum |x| |w|.)"""
+    weight = _weight(64, 512, 128, zeros=True, act_order=True, dtype=torch.bfloat16)
+    x = torch.randn(24, 512, generator=torch.Generator().manual_seed(10)).to(torch.bfloat16)
+    y = int4_matmul(x, weight, config=Int4MatmulConfig(16, 64, 128, 4, 3, unpack="spread"))
+    w = dequantize(weight, torch.float32).double()
+    exact = x.double() @ w.T
+    bound = 2.0**-7 * exact.abs() + 2.0**-7 * (x.double().abs() @ w.abs().T)
+    assert bool(((y.double() - exact).abs() <= bound).all())
+
+
+@pytest.mark.parametrize(
+    "tiles, k_tiles, split",
+    [(96, 32, 2), (64, 32, 4), (64, 112, 4), (224, 32, 1), (32, 32, 8), (44, 7, 3), (8, 2, 1)],
+)
+def test_k_is_split_to_fill_the_sms_in_even_slices(tiles, k_tiles, split):
+    """132 SMs: enough slices to fill them, rounded up to a count that divides K's tiles (3 slices of
+    7 tiles: none divides, the fill stands; 2 tiles of K: never a slice of one tile)."""
+    assert even_split(tiles, k_tiles, 132) == split
 
 
 def test_an_unknown_unpacking_is_refused():
