@@ -154,6 +154,10 @@ GEMM_CANDIDATES = (
     Int4MatmulConfig(64, 64, 128, 4, 4, unpack="spread"),
     Int4MatmulConfig(64, 128, 128, 4, 3, unpack="spread"),
     Int4MatmulConfig(64, 128, 128, 8, 3, unpack="spread"),
+    # Each row tile of x unpacks the whole weight again: 128-row tiles halve that from 128 rows (on an
+    # H100 at 128-512 rows, 0-16% less time than the best 64-row tile, by projection and size).
+    Int4MatmulConfig(128, 64, 128, 4, 4, unpack="spread"),
+    Int4MatmulConfig(128, 128, 128, 8, 4, unpack="spread"),
 )
 # The GEMM splits K (to fill the GPU's SMs) only up to this many rows of x: its scratch is sized for
 # them once, before any CUDA graph is captured.
