@@ -1,5 +1,5 @@
 """Every INT4 GEMM tile against bf16 cuBLAS and tinygemm, per Llama-3-8B projection and batch size, on one
-GPU: which way of unpacking the codes (tensorjet's "slices", "whole", "spread") wins where, and by how
+GPU: which way of unpacking the codes (tensorjet's "slices", "spread") wins where, and by how
 much the best misses the bytes it reads at the copy rate.
 
 Beside tensorjet's kernel it times a probe in the other common layout, the codes packed along K into
@@ -194,7 +194,7 @@ def sweep(rows: list[int]) -> dict:
 
 
 def print_table(results: dict) -> None:
-    families = ("slices", "whole", "spread", "kn")
+    families = ("slices", "spread", "kn")
     print(
         f"\ncopy rate {results['copy_rate_bytes_per_s'] / 1e12:.2f} TB/s; "
         "times in us (the best tile of each family)"

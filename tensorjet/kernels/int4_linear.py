@@ -18,11 +18,8 @@ scale in fp32, rounded to x's dtype, then x @ w^T with fp32 accumulation. The ke
   scale to their fp32 sum (`scale_after`: one multiply per output instead of per weight; in bf16 it
   differs from the reference by the reference's rounding of w, under 2^-8 relative per weight). With
   larger tiles it is the GEMM of batches past 16 rows, in the reference's numerics (or scaling after
-  the sum, where a tile chosen for it lies in one group), K split over programs up to 256 rows; a
-  tile may instead be unpacked whole (`unpack="whole"`: the eight nibbles of each word spread into
-  column order in registers) and multiplied by one dot; scaling after the sum, such a tile multiplies
-  the bare codes and takes each row's zero point off afterwards (z x the sum of x's columns); or, in
-  one group, "spread" (`unpack="spread"`): x the MMA's first operand and the weight tile its second,
+  the sum, where a tile chosen for it lies in one group), K split over programs up to 256 rows; or,
+  in one group, "spread" (`unpack="spread"`): x the MMA's first operand and the weight tile its second,
   each word's codes turned into 128 + code inside the thread that loaded it, two per LOP3, so the tile
   reaches shared memory in 16-byte rows (the other tiles store it a value at a time); scaling after the
   sum, (128 + z) x the sum of x's columns comes off each tile's sum, then the group's scale multiplies
@@ -69,7 +66,7 @@ __all__ = [
 ]
 
 CODES_PER_WORD = 8
-UNPACKINGS = ("slices", "whole", "spread")  # the kernel's UNPACK constexpr is an index into it
+UNPACKINGS = ("slices", "spread")  # the kernel's UNPACK constexpr is an index into it
 GEMV_MAX_M = 16  # rows of x one GEMV launch handles (the tl.dot minimum)
 
 
@@ -89,10 +86,9 @@ class Int4MatmulConfig:
     # tiles take only weights whose groups hold whole tiles.)
     scale_after: bool = False
     # How a [BLOCK_N, BLOCK_K] weight tile reaches the tensor cores (UNPACKINGS): "slices", eight
-    # [BLOCK_N, BLOCK_K / 8] slices of one nibble each and eight dots; "whole", each loaded word's
-    # eight nibbles spread into column order in registers, one dot; "spread", the same tile as the
-    # MMA's second operand (x its first), each word's nibbles spread within one thread (`spread_words`),
-    # the bare codes multiplied and the scale and zero point applied to the sum (tiles in one group).
+    # [BLOCK_N, BLOCK_K / 8] slices of one nibble each and eight dots; "spread", the tile in column
+    # order as the MMA's second operand (x its first), each word's nibbles spread within one thread
+    # (`spread_words`), one dot (tiles in one group).
     unpack: str = "slices"
 
     def __post_init__(self) -> None:
@@ -135,13 +131,6 @@ GEMM_CANDIDATES = (
     Int4MatmulConfig(32, 64, 128, 4, 4),
     Int4MatmulConfig(64, 64, 128, 4, 4),
     Int4MatmulConfig(64, 128, 128, 8, 3),
-    # Whole tiles: one dot per K step instead of eight (fewer barriers, x loaded in whole rows), the
-    # unpacked tile passing through shared memory to reach the MMA. Scaling after the sum, the dot
-    # takes the bare codes. (Other whole-tile shapes spill registers on sm_90.)
-    Int4MatmulConfig(64, 128, 128, 8, 3, unpack="whole"),
-    Int4MatmulConfig(64, 128, 128, 8, 3, scale_after=True, unpack="whole"),
-    Int4MatmulConfig(64, 128, 128, 4, 3, scale_after=True, unpack="whole"),
-    Int4MatmulConfig(128, 128, 128, 8, 3, scale_after=True, unpack="whole"),
     # Spread tiles: x the first operand, the weight tile stored once per step as the second in 16-byte
     # rows (no per-value shared-memory stores); under a warpgroup's 64 rows of x, mma.sync. Scaling
     # after the sum (exact products), or dequantized in the 16-bit dtype and summed in one accumulator.
@@ -200,12 +189,11 @@ def load_codes(
     GROUP: tl.constexpr,
     HAS_ZEROS: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    WHOLE_TILES: tl.constexpr = False,
 ):
     """`load_words`' words with their fp32 scales and `2^23 + zero point` (`nibble`'s offset): per row
     [BLOCK_N, 1] where the tile lies in one group (GROUP % BLOCK_K == 0), else per word
     [BLOCK_N, BLOCK_K // 8] (a group is whole words)."""
-    words, word_mask = load_words(qw_ptr, offs_n, n_mask, k0, k_end, stride_qn, BLOCK_K, WHOLE_TILES)
+    words, word_mask = load_words(qw_ptr, offs_n, n_mask, k0, k_end, stride_qn, BLOCK_K, False)
     rows = offs_n[:, None].to(tl.int64)
     if GROUP % BLOCK_K == 0:
         group_ptrs = rows * stride_sn + k0 // GROUP
@@ -489,7 +477,7 @@ def x_rows(
     k_end,
     HAS_PERM: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    WHOLE_TILES: tl.constexpr = False,
+    WHOLE_TILES: tl.constexpr,
 ):
     """x[offs_m, columns k0 .. k0 + BLOCK_K - 1] [BLOCK_M, BLOCK_K] in whole rows (through the act-order
     permutation where there is one); 0 past k_end. WHOLE_TILES: k_end is a multiple of BLOCK_K, so
@@ -542,9 +530,9 @@ def _int4_matmul_kernel(
     """y^T [BLOCK_N, BLOCK_M] tiles = W [BLOCK_N, K] @ x^T on the tensor cores. UNPACK (an index into
     UNPACKINGS) says how each weight tile reaches the dot: as eight [BLOCK_N, BLOCK_K / 8] slices,
     slice J holding nibble J of every word (no shuffling of codes between threads), against the x
-    columns they multiply; or whole, in column order, by one dot ("whole").
-    SCALE_AFTER (the tile lies in one group): the dot takes exact code - zero values (the whole tiles:
-    the bare codes, the zero point taken off the sum) and the group's scale multiplies the fp32 sum;
+    columns they multiply; or "spread" (`spread_sum`, y's tile [BLOCK_M, BLOCK_N]).
+    SCALE_AFTER (the tile lies in one group): the dot takes exact code - zero values (the spread
+    tiles: the bare codes, the zero point taken off the sum) and the group's scale multiplies the fp32 sum;
     else each value is scaled and rounded to x's dtype first (the reference's numerics). PAIRS (with
     SCALE_AFTER, compiled, 16-bit x): the slices are made two at a time (`code_pairs`).
     SPLIT_K > 1: program_id(2) sums one slice of K (whole BLOCK_K tiles) into fp32 scratch; the last of
@@ -559,7 +547,7 @@ def _int4_matmul_kernel(
     k_begin = tl.program_id(2) * k_per_split
     k_end = tl.minimum(K, k_begin + k_per_split)
     dtype = x_ptr.dtype.element_ty
-    if UNPACK == 2:  # spread: x the first operand, y's tile [BLOCK_M, BLOCK_N] (not transposed)
+    if UNPACK == 1:  # spread: x the first operand, y's tile [BLOCK_M, BLOCK_N] (not transposed)
         tl.static_assert(GROUP % BLOCK_K == 0, "spread tiles must lie in one group")
         acc = spread_sum(
             x_ptr, qw_ptr, scale_ptr, zero_ptr, perm_ptr, offs_m, offs_n, m_mask, n_mask, k_begin, k_end,
@@ -584,43 +572,17 @@ def _int4_matmul_kernel(
         return
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
-        if UNPACK == 0:  # slices
-            words, scale, offset = load_codes(
-                qw_ptr, scale_ptr, zero_ptr, offs_n, n_mask, k0, k_end, stride_qn, stride_sn,
-                GROUP, HAS_ZEROS, BLOCK_K,
-            )  # fmt: skip
-            part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            for j in tl.static_range(4):
-                lo, hi = slice_pair(words, offset, scale, j, PAIRS, not SCALE_AFTER, dtype)
-                x = x_columns(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k0, k_end, j, HAS_PERM, BLOCK_K)
-                part += tl_dot(lo, tl.trans(x), DOT_PREC, UPCAST)
-                x = x_columns(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k0, k_end, j + 4, HAS_PERM, BLOCK_K)
-                part += tl_dot(hi, tl.trans(x), DOT_PREC, UPCAST)
-        else:  # whole: x loaded in whole rows, each word's nibbles spread into column order, one dot
-            x = x_rows(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k0, k_end, HAS_PERM, BLOCK_K)
-            words, scale, offset = load_codes(
-                qw_ptr, scale_ptr, zero_ptr, offs_n, n_mask, k0, k_end, stride_qn, stride_sn,
-                GROUP, HAS_ZEROS, BLOCK_K,
-            )  # fmt: skip
-            if SCALE_AFTER:
-                # The bare codes go through the dot, exact; the tile's one zero point per row comes off
-                # the sum: sum((c - z) x) = sum(c x) - z sum(x).
-                w = unpacked_tile(
-                    words, tl.full((BLOCK_N, BLOCK_K // 8), 8388608.0, tl.float32), scale, False,
-                    BLOCK_N, BLOCK_K,
-                )  # fmt: skip
-                part = tl_dot(w.to(dtype), tl.trans(x), DOT_PREC, UPCAST)
-                part -= (offset - 8388608.0) * tl.sum(x.to(tl.float32), 1)[None, :]
-            else:  # (a tile in one group has one scale and offset per row: broadcast over its words)
-                w = unpacked_tile(
-                    words,
-                    tl.broadcast_to(offset, (BLOCK_N, BLOCK_K // 8)),
-                    tl.broadcast_to(scale, (BLOCK_N, BLOCK_K // 8)),
-                    True,
-                    BLOCK_N,
-                    BLOCK_K,
-                )
-                part = tl_dot(w.to(dtype), tl.trans(x), DOT_PREC, UPCAST)
+        words, scale, offset = load_codes(
+            qw_ptr, scale_ptr, zero_ptr, offs_n, n_mask, k0, k_end, stride_qn, stride_sn,
+            GROUP, HAS_ZEROS, BLOCK_K,
+        )  # fmt: skip
+        part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for j in tl.static_range(4):
+            lo, hi = slice_pair(words, offset, scale, j, PAIRS, not SCALE_AFTER, dtype)
+            x = x_columns(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k0, k_end, j, HAS_PERM, BLOCK_K)
+            part += tl_dot(lo, tl.trans(x), DOT_PREC, UPCAST)
+            x = x_columns(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k0, k_end, j + 4, HAS_PERM, BLOCK_K)
+            part += tl_dot(hi, tl.trans(x), DOT_PREC, UPCAST)
         if SCALE_AFTER:
             part = part * scale
         acc += part
