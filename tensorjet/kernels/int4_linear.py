@@ -338,22 +338,14 @@ def spread_words(words, zero, scale, SCALED: tl.constexpr, PAIRS: tl.constexpr, 
         lo1, hi1 = plain_pair(words, 1, dtype)
         lo2, hi2 = plain_pair(words, 2, dtype)
         lo3, hi3 = plain_pair(words, 3, dtype)
-        if SCALED:
-            lo0, hi0 = dequantized(lo0, zero, scale, dtype), dequantized(hi0, zero, scale, dtype)
-            lo1, hi1 = dequantized(lo1, zero, scale, dtype), dequantized(hi1, zero, scale, dtype)
-            lo2, hi2 = dequantized(lo2, zero, scale, dtype), dequantized(hi2, zero, scale, dtype)
-            lo3, hi3 = dequantized(lo3, zero, scale, dtype), dequantized(hi3, zero, scale, dtype)
     # [..., a] = nibble j + 4a; then [..., a, b] = nibble j + 2b + 4a; then [..., a, b, c] = nibble
     # c + 2b + 4a, which the reshape lays out in order.
     even = tl.join(tl.join(lo0, hi0), tl.join(lo2, hi2))
     odd = tl.join(tl.join(lo1, hi1), tl.join(lo3, hi3))
-    return tl.reshape(tl.join(even, odd), (words.shape[0], words.shape[1] * 8))
-
-
-@triton.jit
-def dequantized(codes, zero, scale, dtype: tl.constexpr):
-    """(codes - zero) x scale in fp32, rounded to `dtype` (`zero`, `scale`: per row, [BLOCK_N])."""
-    return ((codes.to(tl.float32) - zero[:, None]) * scale[:, None]).to(dtype)
+    tile = tl.reshape(tl.join(even, odd), (words.shape[0], words.shape[1] * 8))
+    if SCALED and not PAIRS:  # the codes dequantized in fp32, rounded to `dtype` once
+        tile = ((tile.to(tl.float32) - zero[:, None]) * scale[:, None]).to(dtype)
+    return tile
 
 
 @triton.jit
@@ -441,6 +433,19 @@ def unpacked_tile(words, offset, scale, SCALED: tl.constexpr, BLOCK_N: tl.conste
 
 
 @triton.jit
+def x_at(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, cols, k_mask, HAS_PERM: tl.constexpr):
+    """x[offs_m, cols] [BLOCK_M, len(cols)] (stored columns, through the act-order permutation where
+    there is one); 0 where a row or column is masked."""
+    if HAS_PERM:
+        cols = tl.load(perm_ptr + cols, mask=k_mask, other=0)
+    return tl.load(
+        x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + cols[None, :],
+        mask=m_mask[:, None] & k_mask[None, :],
+        other=0.0,
+    )
+
+
+@triton.jit
 def x_columns(
     x_ptr,
     perm_ptr,
@@ -454,16 +459,9 @@ def x_columns(
     BLOCK_K: tl.constexpr,
 ):
     """x[offs_m, columns k0 + 8i + J] [BLOCK_M, BLOCK_K // 8]: the input columns nibble J of each word
-    multiplies (through the act-order permutation where there is one); 0 past k_end."""
+    multiplies; 0 past k_end."""
     cols = k0 + tl.arange(0, BLOCK_K // 8) * 8 + J
-    k_mask = cols < k_end
-    if HAS_PERM:
-        cols = tl.load(perm_ptr + cols, mask=k_mask, other=0)
-    return tl.load(
-        x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + cols[None, :],
-        mask=m_mask[:, None] & k_mask[None, :],
-        other=0.0,
-    )
+    return x_at(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, cols, cols < k_end, HAS_PERM)
 
 
 @triton.jit
@@ -479,18 +477,10 @@ def x_rows(
     BLOCK_K: tl.constexpr,
     WHOLE_TILES: tl.constexpr,
 ):
-    """x[offs_m, columns k0 .. k0 + BLOCK_K - 1] [BLOCK_M, BLOCK_K] in whole rows (through the act-order
-    permutation where there is one); 0 past k_end. WHOLE_TILES: k_end is a multiple of BLOCK_K, so
-    only rows are masked."""
+    """x[offs_m, columns k0 .. k0 + BLOCK_K - 1] [BLOCK_M, BLOCK_K] in whole rows; 0 past k_end.
+    WHOLE_TILES: k_end is a multiple of BLOCK_K, so only rows are masked."""
     cols = k0 + tl.arange(0, BLOCK_K)
-    k_mask = (cols < k_end) | WHOLE_TILES
-    if HAS_PERM:
-        cols = tl.load(perm_ptr + cols, mask=k_mask, other=0)
-    return tl.load(
-        x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + cols[None, :],
-        mask=m_mask[:, None] & k_mask[None, :],
-        other=0.0,
-    )
+    return x_at(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, cols, (cols < k_end) | WHOLE_TILES, HAS_PERM)
 
 
 # M changes with the batch: specialising on M == 1 would compile a second variant of every config.
