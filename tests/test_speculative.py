@@ -465,8 +465,11 @@ def test_ngram_lookup_takes_the_longest_match_at_its_first_occurrence():
     assert proposer.lookup(sequence([9, 7, 8, 4, 6, 7, 8, 1, 2, 3, 5, 6, 7, 8]), 4) == [1, 2, 3, 5]
     # Only [7, 8] matches: its first occurrence is followed by 4.
     assert proposer.lookup(sequence([9, 7, 8, 4, 5, 7, 8, 1, 2, 7, 8]), 2) == [4, 5]
-    # Fewer tokens than asked for after the match.
-    assert proposer.lookup(sequence([1, 2, 3, 1, 2]), 5) == [3, 1, 2]
+    # Fewer tokens than asked for after the match: it overlaps the suffix, a run that repeats every
+    # 3 tokens, and goes on repeating.
+    assert proposer.lookup(sequence([1, 2, 3, 1, 2]), 5) == [3, 1, 2, 3, 1]
+    assert proposer.lookup(sequence([4, 5, 5]), 4) == [5, 5, 5, 5]
+    assert proposer.lookup(sequence([6, 1, 2, 1, 2, 1]), 6) == [2, 1, 2, 1, 2, 1]
     assert proposer.lookup(sequence([1, 2, 3, 4]), 3) == []
     assert (
         NgramProposer(min_n=2, max_n=3).lookup(sequence([5, 1, 6, 2, 1]), 3) == []

@@ -3,8 +3,9 @@ speculating sequence of a step at once, after the scheduler gave each its slots:
 
 - `NgramProposer` (`speculative_model="[ngram]"`): prompt lookup. The longest n-gram (from
   `prompt_lookup_max` down to `prompt_lookup_min` tokens) that ends the sequence and occurred before is
-  found, and the tokens that followed its first occurrence are proposed. No model, drafts on the host,
-  each a point mass for rejection sampling.
+  found, and the tokens that followed its first occurrence are proposed (a match that overlaps the
+  suffix itself is a repeating run, continued for all k drafts). No model, drafts on the host, each a
+  point mass for rejection sampling.
 - `DraftModelProposer` (`speculative_model=PATH_OR_PRESET`): a smaller model with the target's
   vocabulary, run by its own `ModelRunner` over its own KV cache, which shares the target's block tables
   (one pool of blocks, sized for both). It catches up on the tokens its cache lacks, then samples k
@@ -69,7 +70,8 @@ class NgramProposer:
         return Proposals({seq_id: len(d) for seq_id, d in found.items()}, token_ids=found)
 
     def lookup(self, seq: Sequence, k: int) -> list[int]:
-        """Up to k tokens that followed the first earlier occurrence of the longest n-gram ending `seq`."""
+        """k tokens that followed the first earlier occurrence of the longest n-gram ending `seq`, or
+        none where no n-gram of `prompt_lookup_min`+ tokens occurred before."""
         tokens = seq.token_ids
         index = seq.proposer_state
         if not isinstance(index, _NgramIndex):
@@ -83,8 +85,19 @@ class NgramProposer:
             suffix = tokens[-n:]
             end = index.first_end.get(hash(tuple(suffix)))
             if end is not None and tokens[end - n + 1 : end + 1] == suffix:  # not a hash collision
-                return tokens[end + 1 : end + 1 + k]
+                return _continuation(tokens, end, k)
         return []
+
+
+def _continuation(tokens: list[int], end: int, k: int) -> list[int]:
+    """k tokens following position `end`. Where they would run past the sequence, the match overlaps
+    its own suffix: the sequence repeats with period len(tokens) - 1 - end, and the proposal goes on
+    repeating it rather than stopping short."""
+    drafts = tokens[end + 1 : end + 1 + k]
+    period = len(tokens) - 1 - end
+    while len(drafts) < k:
+        drafts.append(drafts[len(drafts) - period])
+    return drafts
 
 
 class DraftModelProposer:
