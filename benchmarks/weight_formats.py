@@ -4,7 +4,8 @@
 - the copy rate of the device (a device-to-device copy: bytes read + written per second);
 - batch-1 decode (128-token prompt, 256 new tokens): ms per token, against its limit, the bytes a step
   reads (every decoder-layer projection's parameters + the LM head) / the copy rate; batch-64 decode;
-- `in_out` in / `in_out` out, `requests` requests, FP8 KV cache in both: output tok/s, peak memory;
+- `in_out` in / `in_out` out, `requests` requests, FP8 KV cache in both (`--bf16_kv`: the bf16 engine's
+  in bf16, as the default engine keeps it): output tok/s, peak memory;
 - the guide's `tensorjet bench --batch_size 64 --input_len 128 --output_len 256 --dtype ...`.
 Writes JSON after each part (what is done survives a time limit) and prints a table last. On the CPU
 (`--device cpu` with a tiny model) every code path runs at small sizes: a smoke test.
@@ -67,7 +68,7 @@ def bytes_per_decode_step(llm) -> int:
     return total
 
 
-def engine(model: str, dtype: str, device: str, **options):
+def engine(model: str, dtype: str, device: str, kv_cache_dtype: str = "fp8", **options):
     from tensorjet import LLM
 
     return LLM(
@@ -76,7 +77,7 @@ def engine(model: str, dtype: str, device: str, **options):
         dtype=dtype,
         device=device,
         max_num_tokens=8192,
-        kv_cache_dtype="fp8",
+        kv_cache_dtype=kv_cache_dtype,
         max_batch_size=MAX_BATCH,
         **options,
     )
@@ -107,6 +108,11 @@ def add_arguments(parser: argparse.ArgumentParser, formats: dict[str, str], out:
     parser.add_argument("--only", choices=sorted(formats), default=None, help="one weight format alone")
     parser.add_argument("--skip_bench", action="store_true", help="skip the guide's bench command")
     parser.add_argument("--bench_only", action="store_true", help="only the guide's bench command")
+    parser.add_argument(
+        "--bf16_kv",
+        action="store_true",
+        help="the bf16-weights engine keeps its KV cache in bf16 (the default engine), not in FP8",
+    )
     parser.add_argument("--out", default=out)
 
 
@@ -142,7 +148,8 @@ def _engine_parts(args, dtype: str, part: dict, copy: float, on_gpu: bool, small
     begin = time.perf_counter()
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
-    llm = engine(args.model, dtype, args.device)
+    part["kv_cache_dtype"] = "auto" if args.bf16_kv and dtype == "bfloat16" else "fp8"
+    llm = engine(args.model, dtype, args.device, part["kv_cache_dtype"])
     part["load_and_capture_s"] = time.perf_counter() - begin
     stats = llm.stats()
     part["weight_gb"] = stats["weight_bytes"] / 1e9
@@ -181,6 +188,7 @@ def print_table(results: dict, title: str, in_out: int) -> None:
     where = f"{results['model']} (dummy) on {results['device']}, copy {results['copy_tbps']:.2f} TB/s"
     print(f"\n{title}, {where}")
     rows = [
+        ("KV cache", lambda r: "bf16" if r["kv_cache_dtype"] == "auto" else r["kv_cache_dtype"]),
         ("weights GB", lambda r: f"{r['weight_gb']:.2f}"),
         ("decode step reads GB", lambda r: f"{r['decode_step_gb']:.2f}"),
         ("batch-1 ms/token", lambda r: f"{r['decode_b1']['ms_per_step']:.3f}"),
