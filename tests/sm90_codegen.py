@@ -182,7 +182,7 @@ def int4_census() -> dict:
         tiles = dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT_K=c.split_k)
         tiles |= dict(SCALE_AFTER=c.scale_after, UNPACK=int4.UNPACKINGS.index(c.unpack), WHOLE_TILES=True)
         # as a bf16 launch on a GPU sets it
-        tiles |= dict(PAIRS=(c.scale_after and c.unpack == "slices") or c.unpack == "spread")
+        tiles |= dict(PAIRS=c.scale_after or c.unpack == "spread")
         compiled = compile_sm90(
             int4._int4_matmul_kernel, pointers, layout | tiles, c.num_warps, c.num_stages, ("M",)
         )

@@ -21,11 +21,10 @@ scale in fp32, rounded to x's dtype, then x @ w^T with fp32 accumulation. The ke
   the sum, where a tile chosen for it lies in one group), K split over programs up to 256 rows; or,
   in one group, "spread" (`unpack="spread"`): x the MMA's first operand and the weight tile its second,
   each word's codes turned into 128 + code inside the thread that loaded it, two per LOP3, so the tile
-  reaches shared memory in 16-byte rows (the other tiles store it a value at a time); scaling after the
-  sum, (128 + z) x the sum of x's columns comes off each tile's sum, then the group's scale multiplies
-  it; otherwise two packed FMAs more per pair turn the values into (code - zero) x scale in the 16-bit
-  dtype (the reference's rounding) and every tile's product adds to one accumulator: no per-tile work
-  on the sum (on an H100 the fastest tiles at 32-256 rows);
+  reaches shared memory in 16-byte rows (the other tiles store it a value at a time); two packed FMAs
+  more per pair turn the values into (code - zero) x scale in the 16-bit dtype (the reference's
+  rounding) and every tile's product adds to one accumulator: no per-tile work on the sum (on an H100
+  the fastest tiles at 32-256 rows);
 - `dequantized_linear`: the whole weight dequantized by one launch (`int4_dequantize`, whole tiles
   stored in whole rows), then cuBLAS: for large prefill batches, where the GEMM's dequantization cost
   per row vanishes.
@@ -81,19 +80,22 @@ class Int4MatmulConfig:
     num_warps: int = 4
     num_stages: int = 3
     split_k: int = 1  # programs per output tile, each summing a slice of K
-    # Where a tile lies in one group: multiply exact code - zero values and scale the group's fp32 sum
-    # (one multiply per output instead of per weight; decode), else the reference's numerics. (Spread
-    # tiles take only weights whose groups hold whole tiles.)
+    # Slices within one group: multiply exact code - zero values and scale the group's fp32 sum (one
+    # multiply per output instead of per weight; decode), else the reference's numerics.
     scale_after: bool = False
     # How a [BLOCK_N, BLOCK_K] weight tile reaches the tensor cores (UNPACKINGS): "slices", eight
-    # [BLOCK_N, BLOCK_K / 8] slices of one nibble each and eight dots; "spread", the tile in column
-    # order as the MMA's second operand (x its first), each word's nibbles spread within one thread
-    # (`spread_words`), one dot (tiles in one group).
+    # [BLOCK_N, BLOCK_K / 8] slices of one nibble each and eight dots; "spread", the dequantized tile
+    # in column order as the MMA's second operand (x its first), each word's nibbles spread within one
+    # thread (`spread_words`), one dot (tiles in one group).
     unpack: str = "slices"
 
     def __post_init__(self) -> None:
         if self.unpack not in UNPACKINGS:
             raise ValueError(f"unpack must be one of {UNPACKINGS}; got {self.unpack!r}")
+        if self.unpack == "spread" and self.scale_after:
+            # Timed on an H100 (8B shapes, 32-256 rows), scaling the bare codes' sum per tile took
+            # 1.2-1.4x the time of dequantizing the tile first, at every size.
+            raise ValueError("spread tiles hold dequantized weights: scale_after applies to slices only")
 
     def fits(self, weight: Int4Weight) -> bool:
         """Whether this tile can multiply `weight`: a spread tile must lie in one group."""
@@ -131,13 +133,9 @@ GEMM_CANDIDATES = (
     Int4MatmulConfig(32, 64, 128, 4, 4),
     Int4MatmulConfig(64, 64, 128, 4, 4),
     Int4MatmulConfig(64, 128, 128, 8, 3),
-    # Spread tiles: x the first operand, the weight tile stored once per step as the second in 16-byte
-    # rows (no per-value shared-memory stores); under a warpgroup's 64 rows of x, mma.sync. Scaling
-    # after the sum (exact products), or dequantized in the 16-bit dtype and summed in one accumulator.
-    Int4MatmulConfig(16, 128, 128, 4, 4, scale_after=True, unpack="spread"),
-    Int4MatmulConfig(32, 128, 128, 4, 4, scale_after=True, unpack="spread"),
-    Int4MatmulConfig(64, 128, 128, 4, 3, scale_after=True, unpack="spread"),
-    Int4MatmulConfig(64, 256, 128, 8, 3, scale_after=True, unpack="spread"),
+    # Spread tiles: x the first operand, the weight tile dequantized in the 16-bit dtype and stored
+    # once per step as the second in 16-byte rows (no per-value shared-memory stores), summed in one
+    # accumulator; under a warpgroup's 64 rows of x, mma.sync.
     Int4MatmulConfig(16, 128, 128, 4, 4, unpack="spread"),
     Int4MatmulConfig(32, 128, 128, 4, 4, unpack="spread"),
     Int4MatmulConfig(64, 64, 128, 4, 4, unpack="spread"),
@@ -290,22 +288,6 @@ def code_pairs(words, neg_pairs, scale_pairs, SCALED: tl.constexpr, J: tl.conste
 
 
 @triton.jit
-def magic_pair(words, J: tl.constexpr, dtype: tl.constexpr):
-    """(MAGIC + nibble J, MAGIC + nibble J + 4) of each word (J < 4) in `dtype`, exactly, both from one
-    LOP3 that ORs them into the low mantissa bits of MAGIC twice (`code_pairs` without its subtraction;
-    MAGIC is 128 in bf16, 1024 in fp16, whose last mantissa bit is worth 1). Compiled, 16-bit only."""
-    magic: tl.constexpr = "0x43004300" if dtype == tl.bfloat16 else "0x64006400"
-    return tl.inline_asm_elementwise(
-        "{ .reg .b32 t; lop3.b32 t, $2, 0x000f000f, " + magic + ", 0xea; mov.b32 {$0, $1}, t; }",
-        "=h,=h,r",
-        [words >> (4 * J)],
-        dtype=(tl.bfloat16, tl.bfloat16) if dtype == tl.bfloat16 else (tl.float16, tl.float16),
-        is_pure=True,
-        pack=1,
-    )
-
-
-@triton.jit
 def plain_pair(words, J: tl.constexpr, dtype: tl.constexpr):
     """(nibble J, nibble J + 4) of each word (J < 4) in `dtype`, each converted on its own (through
     fp32: the interpreter's int -> bf16 conversion is not exact)."""
@@ -314,25 +296,19 @@ def plain_pair(words, J: tl.constexpr, dtype: tl.constexpr):
 
 
 @triton.jit
-def spread_words(words, zero, scale, SCALED: tl.constexpr, PAIRS: tl.constexpr, dtype: tl.constexpr):
-    """`load_codes`' words [BLOCK_N, BLOCK_K / 8] as a [BLOCK_N, BLOCK_K] tile in column order, built by
-    joins so that each word's eight values stay in the thread that loaded it: the tile reaches shared
-    memory in 16-byte rows, not one value per store. The values: MAGIC + code, or with SCALED the
-    dequantized weight (code - zero) x scale (`zero`, `scale`: fp32 [BLOCK_N], the tile's one group).
-    PAIRS (compiled, 16-bit dtype): two nibbles per LOP3 (`magic_pair`, `code_pairs`); else through
-    fp32 (`plain_pair`), MAGIC 0 (fp32 keeps no large term to cancel)."""
-    if PAIRS and SCALED:
+def spread_words(words, zero, scale, PAIRS: tl.constexpr, dtype: tl.constexpr):
+    """`load_codes`' words [BLOCK_N, BLOCK_K / 8] as the dequantized [BLOCK_N, BLOCK_K] tile, (code -
+    zero) x scale in `dtype` (`zero`, `scale`: fp32 [BLOCK_N], the tile's one group), in column order,
+    built by joins so that each word's eight values stay in the thread that loaded it: the tile reaches
+    shared memory in 16-byte rows, not one value per store. PAIRS (compiled, 16-bit dtype): two
+    nibbles per LOP3 and two packed FMAs (`code_pairs`); else through fp32 (`plain_pair`)."""
+    if PAIRS:
         neg_pairs = negated_offset_pairs(zero[:, None] + 8388608.0, words.shape, dtype)
         scale_pairs = tl.broadcast_to(both_halves(scale, dtype)[:, None], words.shape)
         lo0, hi0 = code_pairs(words, neg_pairs, scale_pairs, True, 0, dtype)
         lo1, hi1 = code_pairs(words, neg_pairs, scale_pairs, True, 1, dtype)
         lo2, hi2 = code_pairs(words, neg_pairs, scale_pairs, True, 2, dtype)
         lo3, hi3 = code_pairs(words, neg_pairs, scale_pairs, True, 3, dtype)
-    elif PAIRS:
-        lo0, hi0 = magic_pair(words, 0, dtype)
-        lo1, hi1 = magic_pair(words, 1, dtype)
-        lo2, hi2 = magic_pair(words, 2, dtype)
-        lo3, hi3 = magic_pair(words, 3, dtype)
     else:
         lo0, hi0 = plain_pair(words, 0, dtype)
         lo1, hi1 = plain_pair(words, 1, dtype)
@@ -343,7 +319,7 @@ def spread_words(words, zero, scale, SCALED: tl.constexpr, PAIRS: tl.constexpr, 
     even = tl.join(tl.join(lo0, hi0), tl.join(lo2, hi2))
     odd = tl.join(tl.join(lo1, hi1), tl.join(lo3, hi3))
     tile = tl.reshape(tl.join(even, odd), (words.shape[0], words.shape[1] * 8))
-    if SCALED and not PAIRS:  # the codes dequantized in fp32, rounded to `dtype` once
+    if not PAIRS:  # the codes dequantized in fp32, rounded to `dtype` once
         tile = ((tile.to(tl.float32) - zero[:, None]) * scale[:, None]).to(dtype)
     return tile
 
@@ -368,7 +344,6 @@ def spread_sum(
     HAS_ZEROS: tl.constexpr,
     HAS_PERM: tl.constexpr,
     PAIRS: tl.constexpr,
-    SCALE_AFTER: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -376,13 +351,11 @@ def spread_sum(
     DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """The "spread" product over K from k_begin to k_end, as y [BLOCK_M, BLOCK_N] in fp32. SCALE_AFTER:
-    per tile (within one group) the dot of x with MAGIC + code, less (MAGIC + zero) x the sum of x's
-    columns, times the group's scale: sum((c - z) s x) = s (sum((M + c) x) - (M + z) sum(x)); else the
-    dot of x with the dequantized tile, (code - zero) x scale in the 16-bit dtype, as the reference.
-    WHOLE_TILES: K is a multiple of BLOCK_K, so no column is masked."""
+    """The "spread" product over K from k_begin to k_end, as y [BLOCK_M, BLOCK_N] in fp32: per tile
+    (within one group) the dot of x with the dequantized tile, (code - zero) x scale in the 16-bit
+    dtype as the reference rounds it, into one accumulator. WHOLE_TILES: K is a multiple of BLOCK_K,
+    so no column is masked."""
     dtype = x_ptr.dtype.element_ty
-    magic = (1024.0 if dtype == tl.float16 else 128.0) if PAIRS else 0.0
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     scale, zero = group_terms(scale_ptr, zero_ptr, offs_n, n_mask, k_begin, stride_sn, GROUP, HAS_ZEROS)
     for k0 in range(k_begin, k_end, BLOCK_K):
@@ -393,13 +366,7 @@ def spread_sum(
         next_scale, next_zero = group_terms(
             scale_ptr, zero_ptr, offs_n, n_mask, k_next, stride_sn, GROUP, HAS_ZEROS
         )
-        if SCALE_AFTER:
-            w = spread_words(words, zero, scale, False, PAIRS, dtype)
-            part = tl_dot(x, tl.trans(w), DOT_PREC, UPCAST)
-            part -= tl.sum(x.to(tl.float32), 1)[:, None] * (zero + magic)[None, :]
-            acc += part * scale[None, :]
-        else:  # one accumulator over K: no per-tile scaling of the sum, nor the sum of x's columns
-            acc += tl_dot(x, tl.trans(spread_words(words, zero, scale, True, PAIRS, dtype)), DOT_PREC, UPCAST)
+        acc += tl_dot(x, tl.trans(spread_words(words, zero, scale, PAIRS, dtype)), DOT_PREC, UPCAST)
         scale, zero = next_scale, next_zero
     return acc
 
@@ -520,11 +487,11 @@ def _int4_matmul_kernel(
     """y^T [BLOCK_N, BLOCK_M] tiles = W [BLOCK_N, K] @ x^T on the tensor cores. UNPACK (an index into
     UNPACKINGS) says how each weight tile reaches the dot: as eight [BLOCK_N, BLOCK_K / 8] slices,
     slice J holding nibble J of every word (no shuffling of codes between threads), against the x
-    columns they multiply; or "spread" (`spread_sum`, y's tile [BLOCK_M, BLOCK_N]).
-    SCALE_AFTER (the tile lies in one group): the dot takes exact code - zero values (the spread
-    tiles: the bare codes, the zero point taken off the sum) and the group's scale multiplies the fp32 sum;
-    else each value is scaled and rounded to x's dtype first (the reference's numerics). PAIRS (with
-    SCALE_AFTER, compiled, 16-bit x): the slices are made two at a time (`code_pairs`).
+    columns they multiply; or "spread" (`spread_sum`, y's tile [BLOCK_M, BLOCK_N], dequantized tiles).
+    SCALE_AFTER (slices; the tile lies in one group): the dot takes exact code - zero values and the
+    group's scale multiplies the fp32 sum; else each value is scaled and rounded to x's dtype first (the
+    reference's numerics). PAIRS (compiled, 16-bit x; slices with SCALE_AFTER, or spread tiles): two
+    nibbles at a time (`code_pairs`).
     SPLIT_K > 1: program_id(2) sums one slice of K (whole BLOCK_K tiles) into fp32 scratch; the last of
     a tile's programs to finish adds the slices in a fixed order and runs the epilogue. WHOLE_TILES:
     K is a multiple of BLOCK_K (the spread tiles then mask rows only)."""
@@ -541,8 +508,8 @@ def _int4_matmul_kernel(
         tl.static_assert(GROUP % BLOCK_K == 0, "spread tiles must lie in one group")
         acc = spread_sum(
             x_ptr, qw_ptr, scale_ptr, zero_ptr, perm_ptr, offs_m, offs_n, m_mask, n_mask, k_begin, k_end,
-            stride_xm, stride_qn, stride_sn, GROUP, HAS_ZEROS, HAS_PERM, PAIRS, SCALE_AFTER, BLOCK_M, BLOCK_N,
-            BLOCK_K, WHOLE_TILES, DOT_PREC, UPCAST,
+            stride_xm, stride_qn, stride_sn, GROUP, HAS_ZEROS, HAS_PERM, PAIRS, BLOCK_M, BLOCK_N, BLOCK_K,
+            WHOLE_TILES, DOT_PREC, UPCAST,
         )  # fmt: skip
         mn_mask = m_mask[:, None] & n_mask[None, :]
         if SPLIT_K > 1:
