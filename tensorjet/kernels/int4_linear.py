@@ -388,15 +388,13 @@ def slice_pair(words, offset, scale, J: tl.constexpr, PAIRS: tl.constexpr, SCALE
 
 
 @triton.jit
-def unpacked_tile(words, offset, scale, SCALED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def unpacked_tile(words, offset, scale, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The [BLOCK_N, BLOCK_K] tile of `load_codes`'s words in column order (column 8i + J is nibble J of
-    word i), as code - zero in fp32, times its scale where SCALED."""
+    word i), as (code - zero) x scale in fp32."""
     shifts = tl.arange(0, 8) * 4
     codes = (words[:, :, None] >> shifts[None, None, :]) & 0xF
     w = (codes | 0x4B000000).to(tl.float32, bitcast=True) - offset[:, :, None]
-    if SCALED:
-        w = w * scale[:, :, None]
-    return tl.reshape(w, (BLOCK_N, BLOCK_K))
+    return tl.reshape(w * scale[:, :, None], (BLOCK_N, BLOCK_K))
 
 
 @triton.jit
@@ -713,7 +711,7 @@ def _dequantize_kernel(
         qw_ptr, scale_ptr, zero_ptr, offs_n, n_mask, k0, K, stride_qn, stride_sn, GROUP, HAS_ZEROS, BLOCK_K
     )
     offset = tl.broadcast_to(offset, (BLOCK_N, BLOCK_K // 8))
-    w = unpacked_tile(words, offset, tl.broadcast_to(scale, (BLOCK_N, BLOCK_K // 8)), True, BLOCK_N, BLOCK_K)
+    w = unpacked_tile(words, offset, tl.broadcast_to(scale, (BLOCK_N, BLOCK_K // 8)), BLOCK_N, BLOCK_K)
     cols = k0 + tl.arange(0, BLOCK_K)
     k_mask = cols < K
     if HAS_PERM:
