@@ -23,9 +23,12 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from tensorjet.layers.attention import AttentionMetadata, StepShape, TorchAttentionBackend  # noqa: E402
+from tensorjet.layers.step_layout import Layout  # noqa: E402
 from tensorjet.layers.triton_attention import TritonAttentionBackend  # noqa: E402
 from tensorjet.models.llama import LlamaForCausalLM  # noqa: E402
 from tensorjet.runtime.cuda_graph import MixedStepGraphs  # noqa: E402
+from tensorjet.runtime.device_io import StepUpload  # noqa: E402
+from tensorjet.runtime.step_values import StepValues  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BLOCK, HK, GROUP, D = 8, 2, 2, 32
@@ -84,7 +87,6 @@ class PagedSteps:
             slot_mapping=slots.to(DEVICE),
             block_tables=torch.tensor(padded, dtype=torch.int32, device=DEVICE),
             block_size=BLOCK,
-            context_lens_tensor=torch.tensor([c for _, c in step], device=DEVICE),
         )
 
     def new_kv(self, meta: AttentionMetadata, layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,6 +134,25 @@ def test_mixed_query_rows_match_dense_causal_attention(backend_name, dtype, seed
     assert max(errors) < TOL[dtype], f"(query rows, context) {MIXED_STEP}: errors {errors}, seed={seed}"
 
 
+class GraphInputs:
+    """A backend's graph buffers used as a graph family uses them (`StepGraphs.upload`): for each shape
+    its parts at the start of one input buffer, written by one upload, and the step's block tables
+    loaded into the backend's static ones."""
+
+    def __init__(self, buffers) -> None:
+        self.buffers = buffers
+        self.buffer = torch.zeros(1 << 14, dtype=torch.uint8, device=DEVICE)
+        self.upload = StepUpload(DEVICE)
+
+    def state(self, shape: StepShape):
+        return self.buffers.state(shape, Layout(self.buffers.parts(shape)).views(self.buffer))
+
+    def fill(self, meta: AttentionMetadata, shape: StepShape) -> None:
+        values, order, num_decoding = self.buffers.host_values(meta.query_lens, meta.context_lens, shape)
+        self.upload([Layout(self.buffers.parts(shape))], values, out=self.buffer)
+        self.buffers.load_block_tables(meta.block_tables[order], num_decoding)
+
+
 def _replayer(run):
     """`run()` captured in a CUDA graph (after a warm-up that compiles its kernels), returning a
     function that replays it; without a GPU, a function that runs it eagerly."""
@@ -174,8 +195,10 @@ def test_mixed_query_rows_replay_from_graph_buffers(dtype, family, seed):
     cache = PagedSteps(step_rows, dtype)
     k_cache, v_cache = cache.kv[0, 0], cache.kv[1, 0]
     backend = TritonAttentionBackend()
-    buffers = backend.graph_buffers(
-        capacity, max_context_len=MAX_CONTEXT, block_size=BLOCK, num_kv_heads=HK, device=DEVICE
+    buffers = GraphInputs(
+        backend.graph_buffers(
+            capacity, max_context_len=MAX_CONTEXT, block_size=BLOCK, num_kv_heads=HK, device=DEVICE
+        )
     )
     assert (buffers.state(capacity).extend is None) == (family == "verify"), "which kernel a family takes"
     q_static = torch.zeros(capacity.num_rows, HK * GROUP, D, dtype=dtype, device=DEVICE)
@@ -242,15 +265,30 @@ def test_mixed_step_graph_gives_eager_logits_for_every_query_row(seed):
     assert len(graphs.graphs) == (1 if DEVICE.type == "cuda" else 0)
 
     meta = cache.metadata(0)
-    assert graphs.fits(meta.query_lens)
     num_rows = sum(meta.query_lens)
     ids = torch.randint(0, config.vocab_size, (num_rows,), device=DEVICE)
     positions = torch.cat([torch.arange(c - n, c) for n, c in MIXED_STEP]).to(DEVICE)
     every_row = torch.arange(num_rows, device=DEVICE)
+    values = StepValues(
+        query_lens=meta.query_lens,
+        context_lens=meta.context_lens,
+        block_tables=cache.tables[: len(MIXED_STEP)],
+        input_ids=ids.tolist(),
+        positions=positions.tolist(),
+        slots=meta.slot_mapping.tolist(),
+        logits_indices=every_row.tolist(),
+        fill_rows=[],
+        fill_from=[],
+        draft_rows=[],
+        draft_entries=[],
+    )
+    size = graphs.size_for(values)
+    assert size is not None, "the step fits a mixed-step graph"
     with torch.inference_mode():
         # Both runs write the step's keys/values into the same slots, so they see the same cache.
         eager = model.compute_logits(model(ids, positions, cache.metadata(0))[every_row])
-        replayed = graphs.run(ids, positions, every_row, meta).clone()
+        graphs.upload(size, values, StepUpload(DEVICE))
+        replayed = graphs.replay(size, num_rows).clone()
     assert not replayed.isnan().any(), f"NaN in the replayed logits, seed={seed}"
     errors = per_sequence_errors(replayed, eager, meta.query_lens)
     assert max(errors) < 1e-5, f"(query rows, context) {MIXED_STEP}: graph vs eager {errors}, seed={seed}"

@@ -360,10 +360,14 @@ def test_the_bundled_model_over_3_ranks_matches_hf_through_llm_and_serve(hf_mode
 
 
 @pytest.mark.slow  # starts a worker process for each method
-@pytest.mark.parametrize("method", list(SPECULATION))
-def test_speculation_over_2_ranks_agrees_with_one_process(method, tmp_path):
+@pytest.mark.parametrize(
+    "method, graphs", [(method, False) for method in SPECULATION] + [("draft_is_target", True)]
+)
+def test_speculation_over_2_ranks_agrees_with_one_process(method, graphs, tmp_path):
     """Verify steps under tensor parallelism: n-gram drafts travel in the step's values, a draft model's
-    (run whole on rank 0) reach the other rank by the input-id broadcast, and rank 0 alone verifies."""
+    (run whole on rank 0) reach the other rank by the input-id broadcast, and rank 0 alone verifies.
+    With graphs (the Triton backend; on the CPU their static buffers run eagerly) every rank uploads the
+    step into the same graph's buffer, and the broadcast draft tokens land in it."""
     target = save_llama(tmp_path / "target", seed=4, std=0.1)
     prompts = copy_heavy_prompts(4)
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=TOP_LOGPROBS)
@@ -379,6 +383,7 @@ def test_speculation_over_2_ranks_agrees_with_one_process(method, tmp_path):
         kv_cache_max_tokens=4096,
         speculative_disable_by_acceptance_rate=0,
         **spec_options(method, {"target": target}),
+        **(dict(attention_backend="triton", enable_cuda_graph=True) if graphs else {}),
     )
     try:
         alone = llm.generate(prompts[:1], params, use_tqdm=False)[0].outputs[0]
@@ -389,6 +394,7 @@ def test_speculation_over_2_ranks_agrees_with_one_process(method, tmp_path):
     assert_all_agree([GreedyRun.of(alone)], reference[:1], what="alone vs one process")
     assert_all_agree([GreedyRun.of(o.outputs[0]) for o in batched], reference, what="batched vs one process")
     assert stats["speculative_verify_steps"] > 0 and stats["speculative_accepted_tokens"] > 0
+    assert (stats["num_verify_graph_steps"] > 0) == graphs
 
 
 @pytest.mark.slow  # starts a worker process

@@ -53,7 +53,6 @@ def metadata(query_lens: list[int], contexts: list[int], block_tables: torch.Ten
         slot_mapping=torch.cat(slots),
         block_tables=block_tables,
         block_size=BLOCK,
-        context_lens_tensor=torch.tensor(contexts),
     )
 
 

@@ -9,9 +9,9 @@ the block table.
 
 A backend (`AttentionBackend`) turns the step's `AttentionMetadata` into its own typed state once per
 step (`prepare`); every layer's `forward` reads that state. A backend whose steps CUDA graphs replay
-(`GraphAttentionBackend`) also owns the static buffers a graph captures (`AttentionGraphBuffers`): the
-state for each captured `StepShape`, and `fill`, which puts a step's state there, so the graph code
-never sees how a backend lays its state out.
+(`GraphAttentionBackend`) also says what a graph captures (`AttentionGraphBuffers`): the parts of the
+graph's input buffer it reads for each captured `StepShape` and their values for a step, so the graph
+code never sees how a backend lays its state out.
 
 `TorchAttentionBackend` is the reference: plain PyTorch, runs anywhere. The Triton backend
 (`tensorjet.layers.triton_attention`) must give the same result.
@@ -19,6 +19,7 @@ never sees how a backend lays its state out.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar, runtime_checkable
 
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tensorjet.dtypes import is_fp8, to_cache_dtype
+from tensorjet.layers.step_layout import Part
 from tensorjet.layers.weight_loader import scalar_weight_loader, set_weight_loader
 
 
@@ -39,8 +41,6 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] int64 cache slot of each new token, -1: write nothing
     block_tables: torch.Tensor  # [num_seqs, max_blocks] int32, -1 padded
     block_size: int
-    # context_lens on the device (the runner's copy; a decode-only CUDA graph takes it from here).
-    context_lens_tensor: torch.Tensor | None = None
     # The backend's `prepare(self)`: made by the first layer that runs, read by all (a CUDA graph sets
     # its static state here instead).
     state: object | None = None
@@ -106,15 +106,30 @@ class AttentionBackend(Protocol[State]):
 
 
 class AttentionGraphBuffers(Protocol[State]):
-    """A backend's static state for CUDA graphs, sized for the largest `StepShape` captured."""
+    """A backend's state for CUDA graphs, sized for the largest `StepShape` captured. Its per-step values
+    are parts of the graph's one input buffer (written on the host and moved with the step's other
+    inputs in one copy); its block tables are static tensors of its own."""
 
-    def state(self, shape: StepShape) -> State:
-        """The state a graph of `shape` captures: views of the static buffers, launch sizes fixed."""
+    def parts(self, shape: StepShape) -> list[Part]:
+        """The parts a graph of `shape` reads, each at a length fixed by the shape."""
         ...
 
-    def fill(self, meta: AttentionMetadata, shape: StepShape) -> None:
-        """Copy a step's state into the buffers of `shape`; what the step leaves empty is padding that
-        reads no keys."""
+    def state(self, shape: StepShape, parts: Mapping[str, torch.Tensor]) -> State:
+        """The state a graph of `shape` captures over `parts` (views of the input buffer), launch sizes
+        fixed."""
+        ...
+
+    def host_values(
+        self, query_lens: list[int], context_lens: list[int], shape: StepShape
+    ) -> tuple[dict[str, list[int]], list[int], int]:
+        """A step's values of the parts of `shape`, padded so that what the step leaves empty reads no
+        keys; the order in which `load_block_tables` takes the sequences' tables, and how many of them
+        (the first) decode."""
+        ...
+
+    def load_block_tables(self, tables: torch.Tensor, num_decoding: int) -> None:
+        """The step's block tables ([sequences, blocks] on the device, in `host_values`' order) into the
+        static ones."""
         ...
 
 

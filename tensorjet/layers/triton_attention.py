@@ -16,6 +16,7 @@ last two send padded sequences to the shape's last row and zero the output rows 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,7 @@ from tensorjet.kernels.decode_attention import choose_num_splits, decode_attenti
 from tensorjet.kernels.extend_attention import extend_attention
 from tensorjet.kernels.rotary import rotary_and_store_kv
 from tensorjet.layers.attention import AttentionMetadata, StepShape
+from tensorjet.layers.step_layout import Part
 
 # Sequences with up to this many query rows (a decode, or drafts to verify) run the decode kernel.
 MAX_DECODE_QUERY_ROWS = 8
@@ -228,12 +230,18 @@ class TritonAttentionBackend:
 
 
 class TritonGraphBuffers:
-    """`TritonAttentionState` in static tensors sized for `capacity`; smaller shapes use their leading
-    rows. A capacity with no multi-row sequences holds the plain decode layout. One of at most
-    MAX_DECODE_QUERY_ROWS rows per sequence runs `capacity.num_seqs` sequences as decodes, each with its
-    first row and row count. Any other holds `capacity.num_seqs` single-row and
-    `capacity.num_multi_row_seqs` multi-row sequences, the extend kernel's grid covering
-    `max_query_len` rows for each (programs past a sequence's rows exit at once).
+    """`TritonAttentionState` for CUDA graphs. A step's per-sequence lengths and rows are int32 parts
+    (`parts`) of the graph's one input buffer, written on the host (`host_values`) and moved with the
+    step's other inputs in one copy; the block tables, as wide as the longest context allows, are static
+    tensors sized for `capacity` that `load_block_tables` fills from the step's compact tables. Smaller
+    shapes use their leading rows.
+
+    A capacity with no multi-row sequences holds the plain decode layout (sequence i is token row i).
+    One of at most MAX_DECODE_QUERY_ROWS rows per sequence runs `capacity.num_seqs` sequences as decodes,
+    each with its first row and row count. Any other holds `capacity.num_seqs` single-row and
+    `capacity.num_multi_row_seqs` multi-row sequences, the extend kernel's grid covering `max_query_len`
+    rows for each (programs past a sequence's rows exit at once). Padded sequences read no keys and
+    write to the shape's last row.
     """
 
     def __init__(
@@ -250,99 +258,97 @@ class TritonGraphBuffers:
         self.num_kv_heads = num_kv_heads
         self.device = device
         width = -(-max_context_len // block_size)
-        seqs, multi = capacity.num_seqs, capacity.num_multi_row_seqs
+        multi = capacity.num_multi_row_seqs
         # Few rows per sequence (drafts to verify): every sequence decodes; else multi-row ones extend.
         self.few_rows = (
             multi > 0 and capacity.max_query_len <= MAX_DECODE_QUERY_ROWS and not backend.batch_invariant
         )
-        with torch.device(device):
-            self.decode = DecodeRows(
-                block_tables=torch.zeros(seqs, width, dtype=torch.int32),
-                context_lens=torch.zeros(seqs, dtype=torch.int32),
-                rows=torch.zeros(seqs, dtype=torch.int32) if multi else None,
-                max_context_len=max_context_len,
-                query_lens=torch.zeros(seqs, dtype=torch.int32) if self.few_rows else None,
-            )
-            self.extend = None
-            if multi and not self.few_rows:
-                self.extend = ExtendRows(
-                    block_tables=torch.zeros(multi, width, dtype=torch.int32),
-                    context_lens=torch.zeros(multi, dtype=torch.int32),
-                    query_start_loc=torch.zeros(multi, dtype=torch.int32),
-                    query_lens=torch.zeros(multi, dtype=torch.int32),
-                    max_query_len=capacity.max_query_len,
-                )
-            if multi:
-                self.row_ids = torch.arange(seqs, dtype=torch.int32)  # a step's rows when all decode
+        self.extends = multi > 0 and not self.few_rows
+        self.block_tables = torch.zeros(capacity.num_seqs, width, dtype=torch.int32, device=device)
+        self.extend_block_tables = (
+            torch.zeros(multi, width, dtype=torch.int32, device=device) if self.extends else None
+        )
         # Splits per shape are fixed at capture; a split past a row's context exits at once.
         self._splits: dict[StepShape, int] = {}
 
-    def state(self, shape: StepShape) -> TritonAttentionState:
+    def parts(self, shape: StepShape) -> list[Part]:
+        """The int32 parts a graph of `shape` reads, each as long as the shape allows."""
+        n, m = shape.num_seqs, shape.num_multi_row_seqs
+        parts = [Part("context_lens", n, torch.int32)]
+        if m:
+            parts.append(Part("rows", n, torch.int32))  # each decoding sequence's first token row
+        if self.few_rows:
+            parts.append(Part("query_lens", n, torch.int32))
+        if self.extends:
+            parts += [
+                Part("extend_context_lens", m, torch.int32),
+                Part("extend_query_start_loc", m, torch.int32),
+                Part("extend_query_lens", m, torch.int32),
+            ]
+        return parts
+
+    def state(self, shape: StepShape, parts: Mapping[str, torch.Tensor]) -> TritonAttentionState:
+        """The state a graph of `shape` captures: `parts` are its parts' views in the input buffer."""
         if shape not in self._splits:
             self._splits[shape] = choose_num_splits(
                 shape.num_seqs, self.num_kv_heads, self.max_context_len, self.device
             )
-        d, n = self.decode, shape.num_seqs
         decode = DecodeRows(
-            block_tables=d.block_tables[:n],
-            context_lens=d.context_lens[:n],
-            rows=None if d.rows is None else d.rows[:n],
+            block_tables=self.block_tables[: shape.num_seqs],
+            context_lens=parts["context_lens"],
+            rows=parts.get("rows"),
             max_context_len=self.max_context_len,
             num_splits=self._splits[shape],
-            query_lens=None if d.query_lens is None else d.query_lens[:n],
+            query_lens=parts.get("query_lens"),
             max_query_len=shape.max_query_len if self.few_rows else 1,
         )
-        if self.extend is None:
+        if not self.extends:
             return TritonAttentionState(decode, None, zero_padding=self.few_rows)
-        e, m = self.extend, shape.num_multi_row_seqs
         extend = ExtendRows(
-            block_tables=e.block_tables[:m],
-            context_lens=e.context_lens[:m],
-            query_start_loc=e.query_start_loc[:m],
-            query_lens=e.query_lens[:m],
+            block_tables=self.extend_block_tables[: shape.num_multi_row_seqs],
+            context_lens=parts["extend_context_lens"],
+            query_start_loc=parts["extend_query_start_loc"],
+            query_lens=parts["extend_query_lens"],
             max_query_len=shape.max_query_len,
         )
         return TritonAttentionState(decode, extend, zero_padding=True)
 
-    def fill(self, meta: AttentionMetadata, shape: StepShape) -> None:
-        if self.extend is None and not self.few_rows:
-            self._fill_decode_layout(meta, shape)
-            return
-        step = self.backend.prepare(meta, max_decode_rows=shape.max_query_len if self.few_rows else 1)
-        d, n = step.decode, 0
-        if d is not None:
-            n = d.context_lens.shape[0]
-            self._copy_rows(self.decode, d, n)
-            self.decode.rows[:n].copy_(self.row_ids[:n] if d.rows is None else d.rows)
-            if self.few_rows and d.query_lens is None:  # a step of single rows: one each
-                self.decode.query_lens[:n].fill_(1)
-            elif self.few_rows:
-                self.decode.query_lens[:n].copy_(d.query_lens)
-        self.decode.context_lens[n : shape.num_seqs].fill_(0)  # padded: no keys to read ...
-        self.decode.rows[n : shape.num_seqs].fill_(shape.num_rows - 1)  # ... output to the padding row
+    def host_values(
+        self, query_lens: list[int], context_lens: list[int], shape: StepShape
+    ) -> tuple[dict[str, list[int]], list[int], int]:
+        """A step's values of the parts of `shape`, padded; the order in which `load_block_tables` wants
+        the sequences' tables, and how many of them (the first) decode."""
+        n, pad_row = len(query_lens), shape.num_rows - 1
+        seq_pad = shape.num_seqs - n
+        if not shape.num_multi_row_seqs:  # the plain decode layout
+            return {"context_lens": context_lens + [0] * seq_pad}, list(range(n)), n
+        starts = [0] * n
+        for i in range(1, n):
+            starts[i] = starts[i - 1] + query_lens[i - 1]
         if self.few_rows:
-            self.decode.query_lens[n : shape.num_seqs].fill_(0)  # (or none at all)
-            return
-        e, m = step.extend, 0
-        if e is not None:
-            m = e.context_lens.shape[0]
-            self._copy_rows(self.extend, e, m)
-            self.extend.query_start_loc[:m].copy_(e.query_start_loc)
-            self.extend.query_lens[:m].copy_(e.query_lens)
-        self.extend.query_lens[m : shape.num_multi_row_seqs].fill_(0)  # padded: no query rows
+            values = {
+                "context_lens": context_lens + [0] * seq_pad,
+                "rows": starts + [pad_row] * seq_pad,
+                "query_lens": query_lens + [0] * seq_pad,
+            }
+            return values, list(range(n)), n
+        decodes = [i for i in range(n) if query_lens[i] == 1]
+        extends = [i for i in range(n) if query_lens[i] > 1]
+        seq_pad = shape.num_seqs - len(decodes)
+        ext_pad = shape.num_multi_row_seqs - len(extends)
+        values = {
+            "context_lens": [context_lens[i] for i in decodes] + [0] * seq_pad,
+            "rows": [starts[i] for i in decodes] + [pad_row] * seq_pad,
+            "extend_context_lens": [context_lens[i] for i in extends] + [0] * ext_pad,
+            "extend_query_start_loc": [starts[i] for i in extends] + [0] * ext_pad,
+            "extend_query_lens": [query_lens[i] for i in extends] + [0] * ext_pad,
+        }
+        return values, decodes + extends, len(decodes)
 
-    def _fill_decode_layout(self, meta: AttentionMetadata, shape: StepShape) -> None:
-        """A decode-only step straight from the runner's tensors: no `prepare` (and no copy) needed."""
-        n = meta.num_seqs
-        tables = meta.block_tables
-        self.decode.context_lens[:n].copy_(meta.context_lens_tensor)
-        self.decode.block_tables[:n, : tables.shape[1]].copy_(tables)
-        if shape.num_seqs > n:  # padded rows read no keys (stale tables are harmless)
-            self.decode.context_lens[n : shape.num_seqs].fill_(0)
-
-    @staticmethod
-    def _copy_rows(static: DecodeRows | ExtendRows, step: DecodeRows | ExtendRows, n: int) -> None:
-        """The first n sequences' tables and context lengths (tables keep stale columns past the step's
-        width, which nothing reads)."""
-        static.block_tables[:n, : step.block_tables.shape[1]].copy_(step.block_tables)
-        static.context_lens[:n].copy_(step.context_lens)
+    def load_block_tables(self, tables: torch.Tensor, num_decoding: int) -> None:
+        """The step's tables ([sequences, blocks], in `host_values`' order, its first `num_decoding`
+        decoding) into the static ones; columns past the step's width keep stale blocks nobody reads."""
+        width = tables.shape[1]
+        self.block_tables[:num_decoding, :width].copy_(tables[:num_decoding])
+        if tables.shape[0] > num_decoding:
+            self.extend_block_tables[: tables.shape[0] - num_decoding, :width].copy_(tables[num_decoding:])

@@ -3,8 +3,12 @@
 A decode step of a large model is hundreds of small kernel launches; launched one by one from Python
 the GPU waits on the CPU (our eager batch-1 step was 40 ms against a 3.8 ms bandwidth limit). Here the
 whole decode forward plus the LM head is captured once per batch-size bucket and replayed with one
-launch. Inputs live in static buffers sized for the largest bucket; a batch of n sequences is padded
-to the next bucket with rows that write no KV (slot -1) and attend to nothing (context length 0).
+launch. Every number a graph reads (token ids, positions, cache slots, sampled rows, the attention
+backend's lengths and rows) sits in one static input buffer, at a layout fixed per bucket; a step's
+values, padded to its bucket, reach it with one host-to-device copy (`StepUpload`), and only the block
+tables take a second, device-side copy into the backend's static tables. A batch of n sequences is
+padded to the next bucket with rows that write no KV (slot -1) and attend to nothing (context length
+0).
 
 Buckets: 1, 2, 4, 8, then every 16 up to `max_batch_size`. `cuda_graph_cache_size` caps how many
 decode graphs are kept: that many buckets are picked evenly from the ladder (the largest always
@@ -17,8 +21,9 @@ does. With speculative decoding, steps whose sequences have a few rows each (dra
 `VerifyGraphs`, one per batch-size bucket. Steps that no graph holds run eagerly. All graphs share one
 memory pool (each ladder captured largest first, so smaller graphs reuse its blocks).
 
-The attention backend owns its part of the static state (`GraphAttentionBackend.graph_buffers`): this
-module says which `StepShape` each graph holds and hands each step's metadata to the backend's buffers.
+The attention backend says what its part of a graph's inputs is (`GraphAttentionBackend.graph_buffers`):
+this module says which `StepShape` each graph holds and lays out and uploads the backend's values with
+its own.
 
 Without a GPU there is nothing to capture: the same padded static-buffer path then runs eagerly, so
 the CPU tests exercise the bucketing and padding that the GPU replays.
@@ -32,6 +37,9 @@ import time
 import torch
 
 from tensorjet.layers.attention import AttentionMetadata, GraphAttentionBackend, StepShape
+from tensorjet.layers.step_layout import Layout, Part
+from tensorjet.runtime.device_io import StepUpload
+from tensorjet.runtime.step_values import StepValues
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +58,8 @@ def graph_batch_sizes(max_batch_size: int, cache_size: int | None = None) -> lis
 
 
 def _graph_metadata(slot_mapping: torch.Tensor, block_size: int, state: object) -> AttentionMetadata:
-    """A captured step's metadata: its attention state is the backend's static one (its per-step
-    lengths are not read: `state` stands in for the backend's prepare())."""
+    """A captured step's metadata: its attention state is the backend's static one (its per-step lengths
+    are not read: `state` stands in for the backend's prepare())."""
     return AttentionMetadata(
         query_lens=[],
         context_lens=[],
@@ -62,8 +70,131 @@ def _graph_metadata(slot_mapping: torch.Tensor, block_size: int, state: object) 
     )
 
 
-class DecodeGraphs:
-    """Static input buffers plus one captured decode graph (or, on CPU, an eager run) per bucket."""
+class StepGraphs:
+    """One static input buffer and one captured graph (or, on CPU, an eager run) per size.
+
+    The graph of a size holds `shapes[size]`: its rows' ids, positions and slots, the rows whose logits
+    it computes (`sampled_rows[size]` of them, at `logits_rows`; every row's when `sampled_rows` is None)
+    and the attention backend's parts, laid out in that order from the buffer's start. A step's lookups
+    (pending tokens, drafts) and block tables follow at lengths of its own: the graph does not read
+    them, the runner and the backend's table copy do."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        backend: GraphAttentionBackend,
+        shapes: dict[int, StepShape],
+        sampled_rows: dict[int, int] | None,
+        block_size: int,
+        num_kv_heads: int,
+        max_seq_len: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.device = device
+        self.block_size = block_size
+        self.sizes = sorted(shapes)
+        self.shapes = shapes
+        self.sampled_rows = sampled_rows
+        self.capture = device.type == "cuda"
+        largest = shapes[self.sizes[-1]]  # the largest in every dimension
+        self.attention = backend.graph_buffers(
+            largest,
+            max_context_len=max_seq_len,
+            block_size=block_size,
+            num_kv_heads=num_kv_heads,
+            device=device,
+        )
+        self.layouts = {size: Layout(self._graph_parts(size)) for size in self.sizes}
+        most_blocks = largest.num_seqs * -(-max_seq_len // block_size)
+        most = Layout(
+            [
+                Part("fill_rows", largest.num_seqs),
+                Part("fill_from", largest.num_seqs),
+                Part("draft_rows", largest.num_rows),
+                Part("draft_entries", largest.num_rows),
+                Part("block_tables", most_blocks, torch.int32),
+            ],
+            start=self.layouts[self.sizes[-1]].end,
+        )
+        self.buffer = torch.zeros(most.end, dtype=torch.uint8, device=device)
+        self.inputs = {size: layout.views(self.buffer) for size, layout in self.layouts.items()}
+        for inputs in self.inputs.values():
+            inputs["slots"].fill_(-1)  # a capture's warm-up run writes no KV
+        logits_rows = largest.num_rows if sampled_rows is None else sampled_rows[self.sizes[-1]]
+        self.logits = torch.empty(logits_rows, model.config.vocab_size, dtype=torch.float32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+
+    def _graph_parts(self, size: int) -> list[Part]:
+        rows = self.shapes[size].num_rows
+        parts = [Part("input_ids", rows), Part("positions", rows), Part("slots", rows)]
+        if self.sampled_rows is not None:
+            parts.append(Part("logits_rows", self.sampled_rows[size]))
+        return parts + self.attention.parts(self.shapes[size])
+
+    def _forward(self, size: int) -> None:
+        shape, inputs = self.shapes[size], self.inputs[size]
+        meta = _graph_metadata(inputs["slots"], self.block_size, self.attention.state(shape, inputs))
+        hidden = self.model(inputs["input_ids"], inputs["positions"], meta)
+        if self.sampled_rows is None:
+            self.model.compute_logits(hidden, out=self.logits[: shape.num_rows])
+        else:
+            rows = self.sampled_rows[size]
+            self.model.compute_logits(hidden[inputs["logits_rows"]], out=self.logits[:rows])
+
+    def upload(self, size: int, values: StepValues, upload: StepUpload) -> dict[str, torch.Tensor]:
+        """A step's values into the buffer of the graph of `size` with one copy, then its block tables
+        into the backend's. Rows past the step's are padding (slot -1: no KV written; their outputs
+        never read), padded sampled rows read the last row, padded sequences read no keys. Returns the
+        views of the graph's parts (padded) and of the step's lookups that it has."""
+        shape = self.shapes[size]
+        pad = shape.num_rows - values.num_rows
+        host = {
+            "input_ids": values.input_ids + [0] * pad,
+            "positions": values.positions + [0] * pad,
+            "slots": values.slots + [-1] * pad,
+        }
+        if self.sampled_rows is not None:
+            unsampled = self.sampled_rows[size] - len(values.logits_indices)
+            host["logits_rows"] = values.logits_indices + [shape.num_rows - 1] * unsampled
+        attention, order, num_decoding = self.attention.host_values(
+            values.query_lens, values.context_lens, shape
+        )
+        host.update(attention)
+        for name in StepValues.LOOKUP_PARTS:
+            host[name] = getattr(values, name)
+        host["block_tables"] = values.flat_block_tables(order)
+        graph_layout = self.layouts[size]
+        step_layout = Layout([*values.lookup_parts(), values.block_table_part()], start=graph_layout.end)
+        upload([graph_layout, step_layout], host, out=self.buffer)
+        parts = dict(self.inputs[size])
+        for name in StepValues.LOOKUP_PARTS:
+            if host[name]:
+                parts[name] = step_layout.view(self.buffer, name)
+        tables = step_layout.view(self.buffer, "block_tables").view(values.num_seqs, values.max_blocks)
+        self.attention.load_block_tables(tables, num_decoding)
+        return parts
+
+    def replay(self, size: int, num_logits: int) -> torch.Tensor:
+        """Run the graph of `size` on the uploaded step: the logits of its first `num_logits` sampled
+        rows, a view into a static buffer, valid until the next run."""
+        if self.capture:
+            self.graphs[size].replay()
+        else:
+            self._forward(size)
+        return self.logits[:num_logits]
+
+    def capture_all(self, pool=None):
+        """Capture every size into `pool` (a new one when None); returns the pool."""
+        if self.capture:
+            return _capture(self.graphs, self.sizes, self._forward, pool, self.kind, self.unit)
+        return None
+
+
+class DecodeGraphs(StepGraphs):
+    """Steps of one query row per sequence, every sequence sampling: one graph per batch-size bucket."""
+
+    kind, unit = "decode", "batch sizes"
 
     def __init__(
         self,
@@ -76,26 +207,9 @@ class DecodeGraphs:
         device: torch.device,
         cache_size: int | None = None,
     ) -> None:
-        self.model = model
-        self.device = device
-        self.block_size = block_size
-        self.sizes = graph_batch_sizes(max_batch_size, cache_size)
-        self.shapes = {bs: StepShape(bs, bs, num_multi_row_seqs=0, max_query_len=1) for bs in self.sizes}
-        self.capture = device.type == "cuda"
-        n = self.sizes[-1]
-        with torch.device(device):
-            self.input_ids = torch.zeros(n, dtype=torch.long)
-            self.positions = torch.zeros(n, dtype=torch.long)
-            self.slot_mapping = torch.full((n,), -1, dtype=torch.long)
-            self.logits = torch.empty(n, model.config.vocab_size, dtype=torch.float32)
-        self.attention = backend.graph_buffers(
-            self.shapes[n],
-            max_context_len=max_seq_len,
-            block_size=block_size,
-            num_kv_heads=num_kv_heads,
-            device=device,
-        )
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        sizes = graph_batch_sizes(max_batch_size, cache_size)
+        shapes = {bs: StepShape(bs, bs, num_multi_row_seqs=0, max_query_len=1) for bs in sizes}
+        super().__init__(model, backend, shapes, None, block_size, num_kv_heads, max_seq_len, device)
         self.pool = None
 
     @property
@@ -105,32 +219,15 @@ class DecodeGraphs:
     def bucket(self, num_seqs: int) -> int:
         return next(bs for bs in self.sizes if bs >= num_seqs)
 
-    def _forward(self, bs: int) -> None:
-        meta = _graph_metadata(self.slot_mapping[:bs], self.block_size, self.attention.state(self.shapes[bs]))
-        hidden = self.model(self.input_ids[:bs], self.positions[:bs], meta)
-        self.model.compute_logits(hidden, out=self.logits[:bs])
+    def size_for(self, values: StepValues) -> int | None:
+        n = values.num_seqs
+        if n > self.max_batch_size or values.num_rows != n or len(values.logits_indices) != n:
+            return None
+        return self.bucket(n)
 
-    def capture_all(self, pool=None) -> None:
-        """Capture every bucket into `pool` (a new one when None; `self.pool` afterwards)."""
-        if self.capture:
-            self.pool = _capture(self.graphs, self.sizes, self._forward, pool, "decode", "batch sizes")
-
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Logits [n, vocab] of n decode rows; a view into a static buffer, valid until the next run.
-        `meta` is the step's own metadata (host lengths, device tables and context lengths)."""
-        n = input_ids.shape[0]
-        bs = self.bucket(n)
-        self.input_ids[:n].copy_(input_ids)
-        self.positions[:n].copy_(positions)
-        self.slot_mapping[:n].copy_(meta.slot_mapping)
-        if bs > n:  # padded rows write no KV (stale ids/positions are harmless; attention pads its own)
-            self.slot_mapping[n:bs].fill_(-1)
-        self.attention.fill(meta, self.shapes[bs])
-        if self.capture:
-            self.graphs[bs].replay()
-        else:
-            self._forward(bs)
-        return self.logits[:n]
+    def capture_all(self, pool=None):
+        self.pool = super().capture_all(pool)
+        return self.pool
 
 
 MIXED_TOKEN_BUCKETS = (32, 64, 128, 256, 512)  # token counts of the mixed steps replayed from graphs
@@ -149,78 +246,7 @@ def mixed_token_buckets(max_num_tokens: int) -> list[int]:
     return [t for t in MIXED_TOKEN_BUCKETS if t < largest] + [largest]
 
 
-class _MultiRowGraphs:
-    """Static buffers and one graph per bucket for steps with multi-row sequences. Bucket b's graph runs
-    `shapes[b].num_rows` token rows (the last always padding) and reads `sampled_rows[b]` logits rows;
-    every launch size is fixed by its `StepShape`, so the attention state lives in the backend's static
-    buffers, which pad what a step leaves empty. Padded sampled rows read the padding row's logits; token
-    rows past the step's own are padding too: slot -1 (no KV written), outputs never read. The largest
-    bucket is the largest in every dimension."""
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        backend: GraphAttentionBackend,
-        shapes: dict[int, StepShape],
-        sampled_rows: dict[int, int],
-        block_size: int,
-        num_kv_heads: int,
-        max_seq_len: int,
-        device: torch.device,
-    ) -> None:
-        self.model = model
-        self.device = device
-        self.block_size = block_size
-        self.sizes = sorted(shapes)
-        self.shapes = shapes
-        self.sampled_rows = sampled_rows
-        self.capture = device.type == "cuda"
-        largest = shapes[self.sizes[-1]]
-        with torch.device(device):
-            self.input_ids = torch.zeros(largest.num_rows, dtype=torch.long)
-            self.positions = torch.zeros(largest.num_rows, dtype=torch.long)
-            self.slot_mapping = torch.full((largest.num_rows,), -1, dtype=torch.long)
-            self.logits_rows = torch.zeros(sampled_rows[self.sizes[-1]], dtype=torch.long)
-            self.logits = torch.empty(
-                sampled_rows[self.sizes[-1]], model.config.vocab_size, dtype=torch.float32
-            )
-        self.attention = backend.graph_buffers(
-            largest,
-            max_context_len=max_seq_len,
-            block_size=block_size,
-            num_kv_heads=num_kv_heads,
-            device=device,
-        )
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-
-    def _forward(self, size: int) -> None:
-        rows, sampled = self.shapes[size].num_rows, self.sampled_rows[size]
-        meta = _graph_metadata(
-            self.slot_mapping[:rows], self.block_size, self.attention.state(self.shapes[size])
-        )
-        hidden = self.model(self.input_ids[:rows], self.positions[:rows], meta)
-        self.model.compute_logits(hidden[self.logits_rows[:sampled]], out=self.logits[:sampled])
-
-    def _run(self, size: int, input_ids, positions, logits_indices, meta: AttentionMetadata) -> torch.Tensor:
-        n = input_ids.shape[0]
-        shape = self.shapes[size]
-        pad_row = shape.num_rows - 1
-        self.input_ids[:n].copy_(input_ids)
-        self.positions[:n].copy_(positions)
-        self.slot_mapping[:n].copy_(meta.slot_mapping)
-        self.slot_mapping[n : shape.num_rows].fill_(-1)
-        self.attention.fill(meta, shape)
-        num_sampled = logits_indices.shape[0]
-        self.logits_rows[:num_sampled].copy_(logits_indices)
-        self.logits_rows[num_sampled : self.sampled_rows[size]].fill_(pad_row)
-        if self.capture:
-            self.graphs[size].replay()
-        else:
-            self._forward(size)
-        return self.logits[:num_sampled]
-
-
-class MixedStepGraphs(_MultiRowGraphs):
+class MixedStepGraphs(StepGraphs):
     """Steps with multi-row sequences (prompt chunks, drafts to verify), up to `MIXED_TOKEN_BUCKETS[-1]`
     tokens and `MIXED_MAX_MULTI_ROW_SEQS` such sequences, replayed from one graph per token-count bucket.
 
@@ -228,6 +254,8 @@ class MixedStepGraphs(_MultiRowGraphs):
     sequences, MIXED_MAX_MULTI_ROW_SEQS of them multi-row, up to T rows each, and reads that many sampled
     rows' logits.
     """
+
+    kind, unit = "mixed-step", "token counts"
 
     def __init__(
         self,
@@ -265,23 +293,21 @@ class MixedStepGraphs(_MultiRowGraphs):
             and num_sampled <= self.sampled_rows[self.bucket(tokens)]
         )
 
-    def capture_all(self, pool=None) -> None:
-        if self.capture:
-            _capture(self.graphs, self.sizes, self._forward, pool, "mixed-step", "token counts")
-
-    def run(self, input_ids, positions, logits_indices, meta: AttentionMetadata) -> torch.Tensor:
-        """Logits of the step's sampled rows (`logits_indices`); a view into a static buffer, valid
-        until the next run. `meta` is the step's own metadata (host lengths, device tables)."""
-        return self._run(self.bucket(input_ids.shape[0]), input_ids, positions, logits_indices, meta)
+    def size_for(self, values: StepValues) -> int | None:
+        if not values.logits_indices or not self.fits(values.query_lens, len(values.logits_indices)):
+            return None
+        return self.bucket(values.num_rows)
 
 
-class VerifyGraphs(_MultiRowGraphs):
+class VerifyGraphs(StepGraphs):
     """Steps whose sequences have at most `rows_per_seq` query rows each, every row's logits read: a
     target verifying up to rows_per_seq - 1 drafts per sequence, or a draft model's first step of a round
     (the last token and, after a fully accepted round, its own last draft). One graph per batch-size
     bucket (`graph_batch_sizes`, up to VERIFY_MAX_SEQS) of n sequences: n * rows_per_seq + 1 token rows,
     all n possibly multi-row, so a step pads only to its bucket, not to a token count of the mixed ladder.
     """
+
+    unit = "batch sizes"
 
     def __init__(
         self,
@@ -295,6 +321,7 @@ class VerifyGraphs(_MultiRowGraphs):
         device: torch.device,
     ) -> None:
         self.rows_per_seq = rows_per_seq
+        self.kind = f"{rows_per_seq}-row"
         sizes = graph_batch_sizes(min(max_batch_size, VERIFY_MAX_SEQS))
         shapes = {n: StepShape(n * rows_per_seq + 1, n, n, max_query_len=rows_per_seq) for n in sizes}
         sampled = {n: n * rows_per_seq for n in sizes}
@@ -303,14 +330,10 @@ class VerifyGraphs(_MultiRowGraphs):
     def fits(self, query_lens: list[int]) -> bool:
         return len(query_lens) <= self.sizes[-1] and max(query_lens) <= self.rows_per_seq
 
-    def capture_all(self, pool=None) -> None:
-        if self.capture:
-            _capture(self.graphs, self.sizes, self._forward, pool, f"{self.rows_per_seq}-row", "batch sizes")
-
-    def run(self, input_ids, positions, logits_indices, meta: AttentionMetadata) -> torch.Tensor:
-        """Logits of the step's sampled rows; a view into a static buffer, valid until the next run."""
-        size = next(n for n in self.sizes if n >= meta.num_seqs)
-        return self._run(size, input_ids, positions, logits_indices, meta)
+    def size_for(self, values: StepValues) -> int | None:
+        if not values.logits_indices or not self.fits(values.query_lens):
+            return None
+        return next(n for n in self.sizes if n >= values.num_seqs)
 
 
 @torch.inference_mode()

@@ -31,18 +31,20 @@ from tensorjet.distributed import SINGLE
 from tensorjet.dtypes import is_fp8
 from tensorjet.layers.attention import AttentionMetadata, GraphAttentionBackend, TorchAttentionBackend
 from tensorjet.layers.batch_invariant import RowwiseAttentionBackend
+from tensorjet.layers.step_layout import Layout, Part
 from tensorjet.models import derived_cache
 from tensorjet.models.llama import LlamaForCausalLM, head_dim_of
 from tensorjet.models.loader import ModelSource, iter_weights
 from tensorjet.quant.formats import quantization_spec
-from tensorjet.runtime.device_io import to_device
+from tensorjet.runtime.device_io import StepUpload
 from tensorjet.runtime.kernel_selection import head_method_for, linear_method_for, select_kernels
 from tensorjet.runtime.rejection_sampler import RejectionSampler, VerifiedTokens
 from tensorjet.runtime.sampler import SampledTokens, Sampler, SamplingRow, TokenBitmask
 from tensorjet.runtime.step import DeviceDrafts, PendingPromptLogprobs, StepBatch, StepHandle, StepSequence
+from tensorjet.runtime.step_values import StepValues
 
 if TYPE_CHECKING:
-    from tensorjet.runtime.cuda_graph import DecodeGraphs, MixedStepGraphs, VerifyGraphs
+    from tensorjet.runtime.cuda_graph import DecodeGraphs, MixedStepGraphs, StepGraphs, VerifyGraphs
     from tensorjet.runtime.parallel import ParallelGroup
     from tensorjet.runtime.step_channel import StepMessage
 
@@ -55,8 +57,12 @@ class StepInputs:
 
     input_ids: torch.Tensor
     positions: torch.Tensor
-    meta: AttentionMetadata  # its context_lens_tensor: [num_seqs] int64, cached prefix + new tokens
+    # The graph that replays the step (its family and size; its buffers hold the inputs), or None: the
+    # step runs eagerly with `meta` and `logits_indices`.
+    graph: tuple[StepGraphs, int] | None
+    meta: AttentionMetadata | None
     logits_indices: torch.Tensor  # rows of the flattened step whose logits are sampled
+    num_logits: int  # how many
     sampled_seq_ids: list[int]  # whose they are (one entry per sequence) ...
     sampling_rows: list[SamplingRow]
     num_drafts: list[int]  # ... and how many drafts each verifies (its logits rows: 1 + that)
@@ -71,15 +77,13 @@ class StepInputs:
         return any(self.num_drafts)
 
 
+_NONE = torch.empty(0, dtype=torch.long)  # a graph step's lookups that it has none of
+
 OUT_OF_MEMORY_ADVICE = (
     "Lower max_num_tokens (activation memory) or max_batch_size, lower kv_cache_free_gpu_mem_fraction "
     "or set kv_cache_max_tokens (KV pool), set cuda_graph_cache_size lower or enable_cuda_graph=False, "
     "or use a smaller or quantized model."
 )
-
-
-# Where the context lengths are among `prepare`'s value parts (a worker reads them on the host).
-_CONTEXT_LENS_PART = 4
 
 
 @contextlib.contextmanager
@@ -117,6 +121,7 @@ class ModelRunner:
         self.head_dim = head_dim_of(hf_config)
         self.num_layers = hf_config.num_hidden_layers
         self.sampler = Sampler(config.runtime.seed)
+        self.upload = StepUpload(self.device)
         self.verifier = RejectionSampler(self.sampler)
         self.decode_graphs: DecodeGraphs | None = None
         self.mixed_graphs: MixedStepGraphs | None = None
@@ -389,95 +394,58 @@ class ModelRunner:
 
     # ---- one step ----------------------------------------------------------------------------
     def prepare(self, batch: StepBatch, prev: StepHandle | None = None) -> StepInputs:
-        """Flatten the step's tokens into device tensors with one host-to-device copy.
+        """The step's inputs on the device, moved there with one host-to-device copy.
 
         A sequence's last token may be pending (`last_token_pending`): `prev`, the step in flight,
         samples it, and its input id is taken from `prev.sampled.tokens` on the device."""
         bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_lens: list[int] = []
-        context_lens: list[int] = []
-        logits_indices: list[int] = []
+        values = StepValues()
         sampled_seq_ids: list[int] = []
         sampling_rows: list[SamplingRow] = []
-        fill_rows: list[int] = []  # input rows whose token is still on the device ...
-        fill_from: list[int] = []  # ... at this index of prev's sampled tokens
         num_drafts: list[int] = []
-        draft_rows: list[int] = []
-        draft_entries: list[int] = []  # a draft row's entry in batch.drafts
         prompt_rows: list[int] = []
         prompt_seqs: list[StepSequence] = []
         for seq in batch.seqs:
-            start, n, offset = seq.start, len(seq.token_ids), len(input_ids)
+            start, n, offset = seq.start, len(seq.token_ids), len(values.input_ids)
             end = start + n
             request = seq.prompt_logprobs
             if request is not None:
                 first_row = offset + request.first - start
                 prompt_rows += range(first_row, first_row + len(request.targets))
                 prompt_seqs.append(seq)
-            input_ids += seq.token_ids
+            values.input_ids += seq.token_ids
             if seq.last_token_pending:
                 if prev is None or seq.seq_id not in prev.row_of:
                     raise RuntimeError(f"sequence {seq.seq_id} has a pending token and no step in flight")
-                fill_rows.append(offset + n - 1)
-                fill_from.append(prev.row_of[seq.seq_id])
-            positions += range(start, end)
+                values.fill_rows.append(offset + n - 1)
+                values.fill_from.append(prev.row_of[seq.seq_id])
+            values.positions += range(start, end)
             table = seq.block_table
-            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
-            query_lens.append(n)
-            context_lens.append(end)
+            values.slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            values.block_tables.append(table)
+            values.query_lens.append(n)
+            values.context_lens.append(end)
             if seq.sampling is not None:
                 m = seq.num_drafts
                 sampled_seq_ids.append(seq.seq_id)
                 sampling_rows.append(seq.sampling)
                 num_drafts.append(m)
                 if m:  # the row before each draft and the last row
-                    logits_indices += range(offset + n - 1 - m, offset + n)
-                    draft_rows += range(offset + n - m, offset + n)
+                    values.logits_indices += range(offset + n - 1 - m, offset + n)
+                    values.draft_rows += range(offset + n - m, offset + n)
                     if batch.drafts is not None:
-                        draft_entries += batch.drafts.index[seq.seq_id][:m]
+                        values.draft_entries += batch.drafts.index[seq.seq_id][:m]
                 else:
-                    logits_indices.append(offset + n - 1)
-        max_blocks = max(len(s.block_table) for s in batch.seqs)
-        tables: list[int] = []
-        for s in batch.seqs:
-            tables += s.block_table + [-1] * (max_blocks - len(s.block_table))
-        parts = (  # in the order `_step_inputs` takes them apart
-            input_ids,
-            positions,
-            slots,
-            logits_indices,
-            context_lens,
-            fill_rows,
-            fill_from,
-            draft_rows,
-            draft_entries,
-            tables,
-        )
-        # One copy for all of them; each part padded to 16 bytes so the kernels see aligned pointers
-        # (Triton compiles a variant per pointer alignment).
-        padded = [p + [0] * (len(p) % 2) for p in parts]
-        values = list(chain.from_iterable(padded))
-        lengths = [len(p) for p in parts]
+                    values.logits_indices.append(offset + n - 1)
         if self.parallel is not None:  # the other ranks run the same step from the same values
-            self.parallel.channel.send_step(
-                query_lens, sampled_seq_ids, prompt_rows, max_blocks, lengths, values
-            )
-        flat = to_device(values, torch.long, self.device)
-        return self._step_inputs(
-            flat, lengths, query_lens, context_lens, max_blocks, prev, batch.drafts, sampled_seq_ids,
-            sampling_rows, num_drafts, prompt_rows, prompt_seqs,
-        )  # fmt: skip
+            self.parallel.channel.send_step(values, sampled_seq_ids, prompt_rows)
+        return self._device_inputs(
+            values, prev, batch.drafts, sampled_seq_ids, sampling_rows, num_drafts, prompt_rows, prompt_seqs
+        )
 
-    def _step_inputs(
+    def _device_inputs(
         self,
-        flat: torch.Tensor,
-        lengths: list[int],
-        query_lens: list[int],
-        context_lens: list[int],
-        max_blocks: int,
+        values: StepValues,
         prev: StepHandle | None,
         drafts: DeviceDrafts | None,
         sampled_seq_ids: list[int],
@@ -486,48 +454,71 @@ class ModelRunner:
         prompt_rows: list[int],
         prompt_seqs: list[StepSequence],
     ) -> StepInputs:
-        """The step's device tensors from `prepare`'s values (parts of `lengths`), on the device as `flat`."""
-        (
-            ids_t,
-            pos_t,
-            slots_t,
-            logits_t,
-            ctx_t,
-            fill_rows_t,
-            fill_from_t,
-            draft_rows_t,
-            entries_t,
-            tables_t,
-        ) = (chunk[:n] for chunk, n in zip(flat.split([n + n % 2 for n in lengths]), lengths))
-        if prev is not None and fill_rows_t.numel():
-            ids_t[fill_rows_t] = prev.sampled.tokens[fill_from_t]
-        if drafts is not None and entries_t.numel():
-            ids_t[draft_rows_t] = drafts.tokens[entries_t]
-        if self.tp.size > 1 and (fill_rows_t.numel() or entries_t.numel()):
+        """Upload the step's values: into the buffer of the graph that will replay it, or into a fresh
+        one for an eager step. Then take pending tokens and device drafts into its input ids."""
+        graph = None if prompt_rows else self._graph_for(values)
+        if graph is not None:
+            graphs, size = graph
+            parts = graphs.upload(size, values, self.upload)
+            logits_t, meta = parts.get("logits_rows"), None
+        else:
+            parts = self._upload_packed(values)
+            logits_t = parts["logits_indices"]
+            meta = AttentionMetadata(
+                query_lens=values.query_lens,
+                context_lens=values.context_lens,
+                slot_mapping=parts["slots"],
+                block_tables=parts["block_tables"].view(values.num_seqs, values.max_blocks),
+                block_size=self.block_size,
+            )
+        ids_t = parts["input_ids"]  # a graph's: padded past the step's rows
+        if prev is not None and values.fill_rows:
+            ids_t[parts["fill_rows"]] = prev.sampled.tokens[parts["fill_from"]]
+        if drafts is not None and values.draft_entries:
+            ids_t[parts["draft_rows"]] = drafts.tokens[parts["draft_entries"]]
+        if self.tp.size > 1 and (values.fill_rows or values.draft_entries):
             # Rank 0 sampled them (or its draft model did): its input ids are every rank's.
             self.tp.broadcast_from_first(ids_t)
-        meta = AttentionMetadata(
-            query_lens=query_lens,
-            context_lens=context_lens,
-            slot_mapping=slots_t,
-            block_tables=tables_t.view(len(query_lens), max_blocks).to(torch.int32),
-            block_size=self.block_size,
-            context_lens_tensor=ctx_t,
-        )
         return StepInputs(
             input_ids=ids_t,
-            positions=pos_t,
+            positions=parts["positions"],
+            graph=graph,
             meta=meta,
             logits_indices=logits_t,
+            num_logits=len(values.logits_indices),
             sampled_seq_ids=sampled_seq_ids,
             sampling_rows=sampling_rows,
             num_drafts=num_drafts,
-            draft_rows=draft_rows_t,
-            draft_entries=entries_t,
+            draft_rows=parts.get("draft_rows", _NONE),
+            draft_entries=parts.get("draft_entries", _NONE),
             drafts=drafts,
             prompt_rows=prompt_rows,
             prompt_seqs=prompt_seqs,
         )
+
+    def _upload_packed(self, values: StepValues) -> dict[str, torch.Tensor]:
+        """An eager step's values in a fresh device buffer, each part at exactly its length."""
+        rows = values.num_rows
+        layout = Layout(
+            [
+                Part("input_ids", rows),
+                Part("positions", rows),
+                Part("slots", rows),
+                Part("logits_indices", len(values.logits_indices)),
+                *values.lookup_parts(),
+                values.block_table_part(),
+            ]
+        )
+        host = {name: getattr(values, name) for name in StepValues.MESSAGE_PARTS}
+        host["block_tables"] = values.flat_block_tables()
+        return layout.views(self.upload([layout], host))
+
+    def _graph_for(self, values: StepValues) -> tuple[StepGraphs, int] | None:
+        """The graph family and size that replays the step, if one holds it."""
+        for graphs in (self.decode_graphs, self.verify_graphs, self.mixed_graphs):
+            if graphs is not None and (size := graphs.size_for(values)) is not None:
+                return graphs, size
+        return None
 
     @torch.inference_mode()
     def launch(
@@ -549,42 +540,30 @@ class ModelRunner:
     def run_worker_step(self, message: StepMessage) -> None:
         """Run rank 0's step on this rank (tensor parallelism): the same inputs, the same forward, no
         sampling (so none of what only sampling reads: rows, drafts' distributions, prompt requests)."""
-        lengths = message.part_lengths
-        ctx_start = sum(n + n % 2 for n in lengths[:_CONTEXT_LENS_PART])
-        context_lens = message.values[ctx_start : ctx_start + lengths[_CONTEXT_LENS_PART]].tolist()
-        flat = message.values
-        if self.device.type == "cuda":
-            flat = flat.pin_memory().to(self.device, non_blocking=True)
-        inputs = self._step_inputs(
-            flat, lengths, message.query_lens, context_lens, message.max_blocks, None, None,
-            message.sampled_seq_ids, [], [], message.prompt_rows, [],
-        )  # fmt: skip
+        inputs = self._device_inputs(
+            message.values, None, None, message.sampled_seq_ids, [], [], message.prompt_rows, []
+        )
         self._forward(inputs)
 
     def _forward(self, inputs: StepInputs) -> tuple[torch.Tensor | None, PendingPromptLogprobs | None]:
         """The step's logits of its sampled rows (None where it samples none, or on a rank other than
         0), and its prompt logprobs."""
+        if inputs.graph is not None:
+            graphs, size = inputs.graph
+            if graphs is self.decode_graphs:
+                self.num_graph_steps += 1
+            elif graphs is self.verify_graphs:
+                self.num_verify_graph_steps += 1
+            else:
+                self.num_mixed_graph_steps += 1
+            return graphs.replay(size, inputs.num_logits), None
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
         prompt_logprobs = None
-        if self._use_decode_graph(inputs):
-            self.num_graph_steps += 1
-            logits = self.decode_graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
-        elif self._use_verify_graph(inputs):
-            self.num_verify_graph_steps += 1
-            logits = self.verify_graphs.run(
-                inputs.input_ids, inputs.positions, inputs.logits_indices, inputs.meta
-            )
-        elif self._use_mixed_graph(inputs):
-            self.num_mixed_graph_steps += 1
-            logits = self.mixed_graphs.run(
-                inputs.input_ids, inputs.positions, inputs.logits_indices, inputs.meta
-            )
-        else:
-            hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
-            if inputs.prompt_rows:
-                prompt_logprobs = self._prompt_logprobs(hidden, inputs)
-            logits = None
-            if inputs.sampled_seq_ids:
-                logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        if inputs.prompt_rows:
+            prompt_logprobs = self._prompt_logprobs(hidden, inputs)
+        logits = None
+        if inputs.sampled_seq_ids:
+            logits = self.model.compute_logits(hidden[inputs.logits_indices])
         return logits, prompt_logprobs
 
     def _sample(
@@ -599,31 +578,6 @@ class ModelRunner:
         draft_tokens = inputs.input_ids[inputs.draft_rows]
         return self.verifier.verify(
             logits, inputs.sampling_rows, inputs.num_drafts, draft_tokens, draft_probs, bitmask
-        )
-
-    def _use_decode_graph(self, inputs: StepInputs) -> bool:
-        num_seqs = inputs.meta.num_seqs
-        return (
-            self.decode_graphs is not None
-            and num_seqs <= self.decode_graphs.max_batch_size
-            and not inputs.prompt_rows
-            and inputs.input_ids.shape[0] == num_seqs  # one query row each
-        )
-
-    def _use_verify_graph(self, inputs: StepInputs) -> bool:
-        return (
-            self.verify_graphs is not None
-            and bool(inputs.sampled_seq_ids)
-            and not inputs.prompt_rows
-            and self.verify_graphs.fits(inputs.meta.query_lens)
-        )
-
-    def _use_mixed_graph(self, inputs: StepInputs) -> bool:
-        return (
-            self.mixed_graphs is not None
-            and bool(inputs.sampled_seq_ids)  # one sampling nothing (early prompt chunks only) runs eagerly
-            and not inputs.prompt_rows
-            and self.mixed_graphs.fits(inputs.meta.query_lens, inputs.logits_indices.shape[0])
         )
 
     def _prompt_logprobs(self, hidden: torch.Tensor, inputs: StepInputs) -> PendingPromptLogprobs | None:

@@ -1,9 +1,9 @@
 """Rank 0 tells the other tensor-parallel ranks what to run, one step at a time.
 
 A step crosses as two int64 tensors broadcast over a gloo group (so it works across nodes and never
-touches the devices' streams): a fixed-size header of counts, then the values `ModelRunner.prepare` laid
-out for its one host-to-device copy, preceded by the step's query lengths, sampled sequences, prompt
-rows and the lengths of the values' parts. No Python objects are pickled per step. Every rank then
+touches the devices' streams): a fixed-size header of counts, then the step's values (`StepValues`: per
+sequence its lengths and block table, per row its token, position and slot), the sequences that sample
+and the prompt rows. No Python objects are pickled per step. Every rank then
 builds the same device inputs and runs the same forward, so their collectives meet. Before the first
 step rank 0 says once that the KV caches are sized and started (the ranks do it together: a profiling
 forward and the graphs' captures run collectives), and a server's rank 0 that they are made resident.
@@ -16,11 +16,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
+from itertools import chain, islice
 
 import torch
 import torch.distributed as dist
 
 from tensorjet.runtime.device_io import to_device
+from tensorjet.runtime.step_values import StepValues
 
 # Waiting for a step (an idle server) or for the other ranks to load their weights.
 CONTROL_TIMEOUT = timedelta(days=30)
@@ -28,20 +30,16 @@ _STOP, _STEP, _START, _RESIDENT = 0, 1, 2, 3
 # What `receive` returns when rank 0 made its KV cache resident (`ModelRunner.make_kv_cache_resident`).
 MAKE_KV_CACHE_RESIDENT = "make_kv_cache_resident"
 _HOST = torch.device("cpu")
-_HEADER = 7  # kind, sequences, sampled sequences, prompt rows, value parts, values, block-table width
+_HEADER = 6  # kind, sequences, sampled sequences, prompt rows, block-table width, values
 
 
 @dataclass
 class StepMessage:
-    """One step as the workers need it. `values`: the runner's flattened host values (`ModelRunner.prepare`),
-    its part i `part_lengths[i]` long, each padded to an even length."""
+    """One step as the workers need it: its values and which sequences sample, with prompt rows."""
 
-    query_lens: list[int]
+    values: StepValues
     sampled_seq_ids: list[int]
     prompt_rows: list[int]
-    max_blocks: int
-    part_lengths: list[int]
-    values: torch.Tensor  # int64, on the host
 
 
 class StepChannel:
@@ -64,22 +62,22 @@ class StepChannel:
             raise RuntimeError(f"rank 0 sent message kind {kind} before starting the KV cache")
         return kind == _START
 
-    def send_step(
-        self,
-        query_lens: list[int],
-        sampled_seq_ids: list[int],
-        prompt_rows: list[int],
-        max_blocks: int,
-        part_lengths: list[int],
-        values: list[int],
-    ) -> None:
-        counts = [len(query_lens), len(sampled_seq_ids), len(prompt_rows), len(part_lengths), len(values)]
-        header = torch.tensor([_STEP, *counts, max_blocks], dtype=torch.long)
-        payload = to_device(
-            query_lens + sampled_seq_ids + prompt_rows + part_lengths + values, torch.long, _HOST
+    def send_step(self, values: StepValues, sampled_seq_ids: list[int], prompt_rows: list[int]) -> None:
+        parts = [getattr(values, name) for name in StepValues.MESSAGE_PARTS]
+        payload = list(
+            chain(
+                values.query_lens,
+                values.context_lens,
+                sampled_seq_ids,
+                prompt_rows,
+                map(len, parts),
+                *parts,
+                values.flat_block_tables(),
+            )
         )
-        self._broadcast(header)
-        self._broadcast(payload)
+        counts = [values.num_seqs, len(sampled_seq_ids), len(prompt_rows), values.max_blocks, len(payload)]
+        self._broadcast(torch.tensor([_STEP, *counts], dtype=torch.long))
+        self._broadcast(to_device(payload, torch.long, _HOST))
 
     def send_stop(self) -> None:
         self._broadcast(self._header(_STOP))
@@ -91,26 +89,27 @@ class StepChannel:
         """The next step rank 0 sends, or MAKE_KV_CACHE_RESIDENT; None when it stops the engine."""
         header = torch.empty(_HEADER, dtype=torch.long)
         self._broadcast(header)
-        kind, seqs, sampled, prompt, parts, values, max_blocks = header.tolist()
+        kind, seqs, sampled, prompt, max_blocks, size = header.tolist()
         if kind == _STOP:
             return None
         if kind == _RESIDENT:
             return MAKE_KV_CACHE_RESIDENT
         if kind != _STEP:
             raise RuntimeError(f"rank 0 sent message kind {kind} where a step was expected")
-        payload = torch.empty(seqs + sampled + prompt + parts + values, dtype=torch.long)
+        payload = torch.empty(size, dtype=torch.long)
         self._broadcast(payload)
-        query_lens, sampled_ids, prompt_rows, lengths, values_t = payload.split(
-            [seqs, sampled, prompt, parts, values]
-        )
-        return StepMessage(
-            query_lens.tolist(),
-            sampled_ids.tolist(),
-            prompt_rows.tolist(),
-            max_blocks,
-            lengths.tolist(),
-            values_t,
-        )
+        numbers = iter(payload.tolist())
+
+        def take(n: int) -> list[int]:
+            return list(islice(numbers, n))
+
+        query_lens, context_lens = take(seqs), take(seqs)
+        sampled_ids, prompt_rows = take(sampled), take(prompt)
+        lengths = take(len(StepValues.MESSAGE_PARTS))
+        parts = {name: take(n) for name, n in zip(StepValues.MESSAGE_PARTS, lengths)}
+        tables = [take(max_blocks) for _ in range(seqs)]
+        values = StepValues(query_lens=query_lens, context_lens=context_lens, block_tables=tables, **parts)
+        return StepMessage(values, sampled_ids, prompt_rows)
 
     def barrier(self) -> None:
         dist.barrier(group=self.group)
