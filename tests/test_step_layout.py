@@ -36,3 +36,23 @@ def test_an_upload_into_a_static_buffer_leaves_its_other_bytes_and_checks_each_l
     assert torch.all(buffer[layout.end :] == 7), "bytes past the layout are not the upload's"
     with pytest.raises(ValueError, match="part 'lens' holds 2 values, got 3"):
         StepUpload(torch.device("cpu"))([layout], {"rows": [5, 6], "lens": [1, 2, 3]}, out=buffer)
+
+
+def test_uploads_take_two_staging_buffers_in_turn_each_growing_to_its_largest_step():
+    """What a GPU's page-locked staging does (there each is rewritten only after its copy ran)."""
+    upload = StepUpload(torch.device("cpu"))
+    small, big = Layout([Part("a", 4)]), Layout([Part("a", 1000)])
+    outs = [
+        upload([small], {"a": [1, 2, 3, 4]}),
+        upload([big], {"a": list(range(1000))}),
+        upload([small], {"a": [5, 6, 7, 8]}),
+        upload([big], {"a": list(range(1000, 2000))}),
+    ]
+    assert [small.view(outs[0], "a").tolist(), small.view(outs[2], "a").tolist()] == [
+        [1, 2, 3, 4],
+        [5, 6, 7, 8],
+    ]
+    assert big.view(outs[1], "a").tolist() == list(range(1000))
+    assert big.view(outs[3], "a").tolist() == list(range(1000, 2000))
+    first, second = upload._staging
+    assert first is not second and first.shape[0] == 4096 and second.shape[0] >= big.end

@@ -57,13 +57,15 @@ class HostCopy:
 class StepUpload:
     """A step's values laid out (`Layout`) and moved to the device with one copy.
 
-    On a GPU they are written into page-locked host memory first. Two such buffers serve in turn, and
-    one is written again only once the copy that read it has run, so a step never overwrites bytes a
-    queued copy still reads (with overlap scheduling the next step is written while this one's copy may
-    still wait behind the step in flight). Elsewhere they are written straight into the destination."""
+    They are written into host staging memory first (page-locked on a GPU, so the copy is queued without
+    waiting). Two staging buffers serve in turn, and on a GPU one is written again only once the copy
+    that read it has run, so a step never overwrites bytes a queued copy still reads (with overlap
+    scheduling the next step is written while this one's copy may still wait behind the step in flight).
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        self.cuda = device.type == "cuda"
         self._staging: list[torch.Tensor | None] = [None, None]
         self._copied: list[torch.cuda.Event | None] = [None, None]
         self._turn = 0
@@ -76,25 +78,28 @@ class StepUpload:
     ) -> torch.Tensor:
         """`values` in `layouts` (each part's values under its name; the layouts one after another from
         byte 0) on the device, in `out` (uint8, at least as long as they reach; a fresh buffer when
-        None), which is returned. Bytes between parts are copied as they were."""
+        None), which is returned. Bytes between parts are not the step's."""
         end = layouts[-1].end
         if out is None:
             out = torch.empty(end, dtype=torch.uint8, device=self.device)
-        if self.device.type != "cuda":
-            for layout in layouts:
-                layout.write(out.numpy(), values)
-            return out
         turn, self._turn = self._turn, 1 - self._turn
-        staging = self._staging[turn]
-        if self._copied[turn] is not None:
-            self._copied[turn].synchronize()
-        if staging is None or staging.shape[0] < end:
-            size = max(end, 2 * (0 if staging is None else staging.shape[0]), 4096)
-            staging = self._staging[turn] = torch.empty(size, dtype=torch.uint8, pin_memory=True)
-            self._copied[turn] = torch.cuda.Event()
+        staging = self._staging_buffer(turn, end)
         host = staging.numpy()
         for layout in layouts:
             layout.write(host, values)
-        out[:end].copy_(staging[:end], non_blocking=True)
-        self._copied[turn].record()
+        out[:end].copy_(staging[:end], non_blocking=self.cuda)
+        if self.cuda:
+            self._copied[turn].record()
         return out
+
+    def _staging_buffer(self, turn: int, size: int) -> torch.Tensor:
+        """Staging buffer `turn`, free to write (its last copy done) and at least `size` bytes."""
+        staging = self._staging[turn]
+        if self._copied[turn] is not None:
+            self._copied[turn].synchronize()
+        if staging is None or staging.shape[0] < size:
+            size = max(size, 2 * (0 if staging is None else staging.shape[0]), 4096)
+            staging = self._staging[turn] = torch.empty(size, dtype=torch.uint8, pin_memory=self.cuda)
+            if self.cuda:
+                self._copied[turn] = torch.cuda.Event()
+        return staging
