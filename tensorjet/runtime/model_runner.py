@@ -58,16 +58,16 @@ class StepInputs:
     input_ids: torch.Tensor
     positions: torch.Tensor
     # The graph that replays the step (its family and size; its buffers hold the inputs), or None: the
-    # step runs eagerly with `meta` and `logits_indices`.
+    # step runs eagerly with `meta` and `logits_indices` (the rows whose logits are sampled).
     graph: tuple[StepGraphs, int] | None
     meta: AttentionMetadata | None
-    logits_indices: torch.Tensor  # rows of the flattened step whose logits are sampled
-    num_logits: int  # how many
+    logits_indices: torch.Tensor | None
+    num_logits: int  # how many rows' logits are sampled
     sampled_seq_ids: list[int]  # whose they are (one entry per sequence) ...
     sampling_rows: list[SamplingRow]
     num_drafts: list[int]  # ... and how many drafts each verifies (its logits rows: 1 + that)
-    draft_rows: torch.Tensor  # the rows holding drafts, in order
-    draft_entries: torch.Tensor  # their entries in the batch's DeviceDrafts (empty without)
+    draft_rows: torch.Tensor | None  # the rows holding drafts, in order (None or empty: none)
+    draft_entries: torch.Tensor | None  # their entries in the batch's DeviceDrafts (None or empty: none)
     drafts: DeviceDrafts | None
     prompt_rows: list[int]  # rows whose prompt logprobs are reported ...
     prompt_seqs: list[StepSequence]  # ... for these sequences' requests, in order
@@ -76,8 +76,6 @@ class StepInputs:
     def verifies(self) -> bool:
         return any(self.num_drafts)
 
-
-_NONE = torch.empty(0, dtype=torch.long)  # a graph step's lookups that it has none of
 
 OUT_OF_MEMORY_ADVICE = (
     "Lower max_num_tokens (activation memory) or max_batch_size, lower kv_cache_free_gpu_mem_fraction "
@@ -460,7 +458,7 @@ class ModelRunner:
         if graph is not None:
             graphs, size = graph
             parts = graphs.upload(size, values, self.upload)
-            logits_t, meta = parts.get("logits_rows"), None
+            logits_t, meta = None, None
         else:
             parts = self._upload_packed(values)
             logits_t = parts["logits_indices"]
@@ -489,8 +487,8 @@ class ModelRunner:
             sampled_seq_ids=sampled_seq_ids,
             sampling_rows=sampling_rows,
             num_drafts=num_drafts,
-            draft_rows=parts.get("draft_rows", _NONE),
-            draft_entries=parts.get("draft_entries", _NONE),
+            draft_rows=parts.get("draft_rows"),  # a graph step's: only those it has
+            draft_entries=parts.get("draft_entries"),
             drafts=drafts,
             prompt_rows=prompt_rows,
             prompt_seqs=prompt_seqs,
