@@ -17,11 +17,9 @@ share of steps replayed from a graph.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import tempfile
-import time
 from collections import defaultdict
 
 import torch
@@ -29,6 +27,8 @@ import transformers
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton backend's host side; no kernel runs
+
+from profile_step import timed  # noqa: E402
 
 from tensorjet import LLM, SamplingParams  # noqa: E402
 
@@ -60,28 +60,16 @@ def without_forward(llm: LLM) -> None:
 
 
 def timed_calls(llm: LLM) -> dict[str, float]:
-    """Wrap the step's parts; returns the dict their seconds add up in."""
+    """Wrap the step's parts; returns the dict their seconds add up in, by method name."""
     seconds: dict[str, float] = defaultdict(float)
     engine, runner = llm.engine, llm.engine.runner
-    targets = {
-        "engine step": (engine, "step"),
-        "prepare": (runner, "prepare"),
-        "replay": (runner, "_forward"),
-        "sampling": (runner, "_sample"),
-    }
-    for label, (obj, name) in targets.items():
-        original = getattr(obj, name)
-
-        @functools.wraps(original)
-        def wrapper(*args, original=original, label=label, **kwargs):
-            start = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                seconds[label] += time.perf_counter() - start
-
-        setattr(obj, name, wrapper)
+    timed(engine, "step", seconds)
+    for name in ("prepare", "_forward", "_sample"):
+        timed(runner, name, seconds)
     return seconds
+
+
+LABELS = {"step": "engine step", "prepare": "prepare", "_forward": "replay", "_sample": "sampling"}
 
 
 def measure(llm: LLM, rounds: int, tokens: int, prompt: list[int]) -> dict:
@@ -97,7 +85,7 @@ def measure(llm: LLM, rounds: int, tokens: int, prompt: list[int]) -> dict:
         while llm.engine.has_unfinished_requests():
             llm.engine.step()
             steps += 1
-        per_step = {label: s / steps * 1e3 for label, s in seconds.items()}
+        per_step = {LABELS[name]: s / steps * 1e3 for name, s in seconds.items()}
         per_step["tokens per step"] = tokens / steps
         per_step["graphed"] = (graph_steps(llm) - graphed) / steps
         if i and (best is None or per_step["engine step"] < best["engine step"]):
