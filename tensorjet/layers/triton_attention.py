@@ -253,7 +253,6 @@ class TritonGraphBuffers:
         num_kv_heads: int,
         device: torch.device,
     ) -> None:
-        self.backend = backend
         self.max_context_len = max_context_len
         self.num_kv_heads = num_kv_heads
         self.device = device
