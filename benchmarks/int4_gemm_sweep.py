@@ -179,8 +179,8 @@ def sweep(rows: list[int]) -> dict:
             timed["tinygemm"] = time_in_graph_ms(lambda w, x=x: tinygemm_linear(x, w), tiny)
             for config in GEMM_CANDIDATES:
                 split = replace(config, split_k=_split_for(x, weight, config))
-                c = config
-                label = f"{c.unpack}:{c.block_m}x{c.block_n}x{c.block_k}w{c.num_warps}"
+                tile = f"{config.block_m}x{config.block_n}x{config.block_k}"
+                label = f"{config.unpack}:{tile}w{config.num_warps}"
                 timed[label] = time_in_graph_ms(
                     lambda w, c=split, x=x: int4_matmul(x, w, config=c, max_rows=512), weights
                 )

@@ -30,7 +30,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,8 +41,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from cpu_vs_peers import free_port
 from gpu_suite import decode_latency, release_gpu_memory, set_model, throughput, warm_up
-from weight_formats import bytes_per_decode_step, copy_rate_tbps
+from weight_formats import bytes_per_decode_step, copy_rate_tbps, engine
 
 # TensorRT-LLM's published output tok/s per GPU, 1000 in / 1000 out (Llama-3.3-70B FP8).
 PUBLISHED_PER_GPU = {
@@ -55,12 +55,6 @@ LARGE_MESSAGE = 256 * 2**20
 
 
 # ---- all-reduce ------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _allreduce_rank(rank: int, size: int, port: int, messages: list[int], cuda: bool, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
@@ -112,7 +106,7 @@ def allreduce_times(size: int, hidden: int, cuda: bool) -> dict:
     messages = {"batch 1": hidden * 2, "batch 64": 64 * hidden * 2, "256 MB": LARGE_MESSAGE}
     context = mp.get_context("spawn")
     results = context.SimpleQueue()
-    port = _free_port()
+    port = free_port()
     mp.start_processes(
         _allreduce_rank,
         args=(size, port, sorted(messages.values()), cuda, results),
@@ -127,20 +121,6 @@ def allreduce_times(size: int, hidden: int, cuda: bool) -> dict:
 
 
 # ---- engines ---------------------------------------------------------------------------------------
-def engine(model: str, dtype: str, device: str, size: int, **options):
-    from tensorjet import LLM
-
-    return LLM(
-        model=model,
-        load_format="dummy",
-        dtype=dtype,
-        device=device,
-        tensor_parallel_size=size,
-        kv_cache_dtype="fp8" if dtype == "fp8" else "auto",
-        **options,
-    )
-
-
 def random_checkpoint(preset: str, directory: Path, layers: int) -> str:
     """A checkpoint of `preset`'s shapes with `layers` layers and random fp32 weights, saved like a
     downloaded one: dummy weights are drawn per rank, so only loaded weights are the same model at every
@@ -198,7 +178,8 @@ def engine_parts(args, size: int, copy: float, allreduce: dict | None, part: dic
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     begin = time.perf_counter()
-    llm = engine(args.model, args.dtype, args.device, size, max_num_tokens=8192, max_batch_size=512)
+    kv_cache_dtype = "fp8" if args.dtype == "fp8" else "auto"
+    llm = engine(args.model, args.dtype, args.device, kv_cache_dtype, tensor_parallel_size=size)
     try:
         part["load_and_capture_s"] = time.perf_counter() - begin
         part["weight_gb_rank0"] = llm.stats()["weight_bytes"] / 1e9
@@ -257,7 +238,7 @@ def _workers(server_pid: int) -> list[int]:
 
 def kill_worker_under_load(args, size: int) -> dict:
     """Serve at `size`, load it with 64 streams from `tensorjet bench --url`, kill one worker."""
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     serve = [sys.executable, "-m", "tensorjet.cli", "serve", args.model, "--load_format", "dummy"]
     serve += ["--dtype", args.dtype, "--device", args.device, "--tensor_parallel_size", str(size)]

@@ -163,16 +163,17 @@ class StepGraphs:
         host.update(attention)
         for name in StepValues.LOOKUP_PARTS:
             host[name] = getattr(values, name)
-        host["block_tables"] = values.flat_block_tables(order)
+        tables = host["block_tables"] = values.flat_block_tables(order)
         graph_layout = self.layouts[size]
-        step_layout = Layout([*values.lookup_parts(), values.block_table_part()], start=graph_layout.end)
+        step_parts = [*values.lookup_parts(), values.block_table_part(tables)]
+        step_layout = Layout(step_parts, start=graph_layout.end)
         upload([graph_layout, step_layout], host, out=self.buffer)
         parts = dict(self.inputs[size])
         for name in StepValues.LOOKUP_PARTS:
             if host[name]:
                 parts[name] = step_layout.view(self.buffer, name)
-        tables = step_layout.view(self.buffer, "block_tables").view(values.num_seqs, values.max_blocks)
-        self.attention.load_block_tables(tables, num_decoding)
+        on_device = step_layout.view(self.buffer, "block_tables").view(values.num_seqs, -1)
+        self.attention.load_block_tables(on_device, num_decoding)
         return parts
 
     def replay(self, size: int, num_logits: int) -> torch.Tensor:

@@ -466,7 +466,7 @@ class ModelRunner:
                 query_lens=values.query_lens,
                 context_lens=values.context_lens,
                 slot_mapping=parts["slots"],
-                block_tables=parts["block_tables"].view(values.num_seqs, values.max_blocks),
+                block_tables=parts["block_tables"].view(values.num_seqs, -1),
                 block_size=self.block_size,
             )
         ids_t = parts["input_ids"]  # a graph's: padded past the step's rows
@@ -497,6 +497,8 @@ class ModelRunner:
     def _upload_packed(self, values: StepValues) -> dict[str, torch.Tensor]:
         """An eager step's values in a fresh device buffer, each part at exactly its length."""
         rows = values.num_rows
+        host = {name: getattr(values, name) for name in StepValues.MESSAGE_PARTS}
+        tables = host["block_tables"] = values.flat_block_tables()
         layout = Layout(
             [
                 Part("input_ids", rows),
@@ -504,11 +506,9 @@ class ModelRunner:
                 Part("slots", rows),
                 Part("logits_indices", len(values.logits_indices)),
                 *values.lookup_parts(),
-                values.block_table_part(),
+                values.block_table_part(tables),
             ]
         )
-        host = {name: getattr(values, name) for name in StepValues.MESSAGE_PARTS}
-        host["block_tables"] = values.flat_block_tables()
         return layout.views(self.upload([layout], host))
 
     def _graph_for(self, values: StepValues) -> tuple[StepGraphs, int] | None:

@@ -64,6 +64,7 @@ class StepChannel:
 
     def send_step(self, values: StepValues, sampled_seq_ids: list[int], prompt_rows: list[int]) -> None:
         parts = [getattr(values, name) for name in StepValues.MESSAGE_PARTS]
+        tables = values.flat_block_tables()
         payload = list(
             chain(
                 values.query_lens,
@@ -72,10 +73,11 @@ class StepChannel:
                 prompt_rows,
                 map(len, parts),
                 *parts,
-                values.flat_block_tables(),
+                tables,
             )
         )
-        counts = [values.num_seqs, len(sampled_seq_ids), len(prompt_rows), values.max_blocks, len(payload)]
+        width = len(tables) // values.num_seqs
+        counts = [values.num_seqs, len(sampled_seq_ids), len(prompt_rows), width, len(payload)]
         self._broadcast(torch.tensor([_STEP, *counts], dtype=torch.long))
         self._broadcast(to_device(payload, torch.long, _HOST))
 

@@ -54,14 +54,10 @@ class StepValues:
     def num_rows(self) -> int:
         return len(self.input_ids)
 
-    @property
-    def max_blocks(self) -> int:
-        return max(len(table) for table in self.block_tables)
-
     def flat_block_tables(self, order: list[int] | None = None) -> list[int]:
         """The block tables of the sequences in `order` (default: batch order), each padded with -1 to
-        `max_blocks`, one after another."""
-        width = self.max_blocks
+        the longest one's length, one after another."""
+        width = max(len(table) for table in self.block_tables)
         flat: list[int] = []
         for i in range(self.num_seqs) if order is None else order:
             table = self.block_tables[i]
@@ -72,5 +68,6 @@ class StepValues:
     def lookup_parts(self) -> list[Part]:
         return [Part(name, len(getattr(self, name))) for name in self.LOOKUP_PARTS]
 
-    def block_table_part(self) -> Part:
-        return Part("block_tables", self.num_seqs * self.max_blocks, torch.int32)
+    def block_table_part(self, flat: list[int]) -> Part:
+        """The part holding `flat_block_tables()`' result (its width read off the flat list)."""
+        return Part("block_tables", len(flat), torch.int32)
